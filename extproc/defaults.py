@@ -1,0 +1,169 @@
+"""Every default and limit of the router, each with its reason and precedent.
+
+Modules import these names; the config file and environment variables
+override the ones that belong to an operator (see ``extproc.config``).
+"""
+
+# --- Routing -----------------------------------------------------------------
+
+#: Token budget (prompt + output) at or below which a request goes to the short
+#: pool. 8K is the low end of the 8K-16K range production splits use and the
+#: context most chat traffic fits: 99.99% of the Azure 2023 conversation trace
+#: and 54% of Mooncake's conversation trace are under it (../shared/data/README.md).
+B_SHORT = 8192
+
+#: max_model_len of the short pool. Equal to B_SHORT by default: a request the
+#: policy calls short must fit, and vLLM rejects prompt + max_tokens above it.
+SHORT_MAX_MODEL_LEN = 8192
+
+#: max_model_len of the long pool: Llama-3.1's 128K context, the usual
+#: worst-case setting that the whole fleet is provisioned for today.
+LONG_MAX_MODEL_LEN = 131072
+
+#: Pool names; they are the values of the routing header and Envoy cluster names.
+SHORT_POOL = "short"
+LONG_POOL = "long"
+
+#: Request header Envoy routes on. The ``x-`` prefix marks it as private to
+#: this deployment, like Envoy's own ``x-envoy-*`` headers.
+ROUTING_HEADER = "x-budget-pool"
+
+#: Response header that tells the client (and access logs) what was decided:
+#: ``pool=short; est=1234; budget=2258; cat=prose``.
+DECISION_HEADER = "x-budget-decision"
+
+#: Envoy dynamic-metadata namespace for the decision (read by access logs as
+#: %DYNAMIC_METADATA(token_budget_router:pool)%). Envoy's own filters use their
+#: reverse-DNS filter name; ours is the project name.
+METADATA_NAMESPACE = "token_budget_router"
+
+# --- Margins -----------------------------------------------------------------
+
+#: How many learned relative errors (EMA of |est - true| / true) the policy adds
+#: to the prompt estimate before comparing with B_short. Two "sigmas" of an
+#: absolute-error EMA cover ~95% of a half-normal error, which keeps harmful
+#: misroutes (long request sent short) near 0.2% at 8K on the calib data.
+MARGIN_SIGMAS = 2.0
+
+#: Floor of the relative margin, so a lucky streak of small errors never makes
+#: the policy trust the estimate blindly. 2% is below the typical error of a
+#: well-calibrated (model, category) and above tokenizer-version drift.
+MIN_MARGIN = 0.02
+
+#: A prompt is "surely" over the long pool's max_model_len when even its
+#: estimate minus this relative margin is over it; only then do we answer 400
+#: ourselves. 25% is above the p99 relative error of the 4 bytes/token prior
+#: on the calib data, so no request vLLM would accept is refused here.
+REJECT_MARGIN = 0.25
+
+# --- Output budget -----------------------------------------------------------
+
+#: Output tokens assumed when the request gives no max_tokens and nothing has
+#: been learned yet. 1024 is a common serving default for chat (vLLM's
+#: generation_config and many gateways cap at 1K-4K).
+DEFAULT_OUTPUT_TOKENS = 1024
+
+#: Quantile of usage.completion_tokens learned per category as the output
+#: budget when the request does not give one. p95 keeps the harmful-misroute
+#: rate from under-estimated outputs near 5% of the uncapped share only.
+OUTPUT_QUANTILE = 0.95
+
+#: Completions observed per category before the learned quantile replaces
+#: DEFAULT_OUTPUT_TOKENS: a p95 needs ~20 points for its first meaningful value.
+OUTPUT_MIN_SAMPLES = 20
+
+# --- Estimator ---------------------------------------------------------------
+
+#: Prior bytes per token until a (model, category) has samples: the classic
+#: "~4 characters per token" rule for English with GPT/Llama BPE tokenizers,
+#: measured 4.5-4.9 bytes/token for prose and 3.2-4.3 for code and JSON.
+PRIOR_BYTES_PER_TOKEN = 4.0
+
+#: Relative error assumed before any sample: the prior is off by 24-41% at p90
+#: per category on the calib data, so start wide and let samples narrow it.
+PRIOR_REL_ERROR = 0.20
+
+#: Weight of a new sample in the relative-error EMA: ~50 samples of memory,
+#: enough to follow a tokenizer change within a minute of traffic while
+#: smoothing single outliers (like TCP's RTT estimator using 1/8 for srtt).
+ERROR_EMA_WEIGHT = 0.02
+
+#: Forgetting factor of the per-(model, category) recursive least squares fit.
+#: 0.998 gives an effective memory of ~500 samples, long enough to average
+#: over text lengths, short enough to track a model swap behind the same name.
+RLS_FORGETTING = 0.998
+
+#: Samples before a (model, category) is "confident": the adaptive sampler
+#: learns from every response until then (the RLS has ~6 parameters; 5x that
+#: gives a stable fit).
+MIN_SAMPLES_CONFIDENT = 32
+
+#: Distinct model names tracked. Past this, new names share the "*" bucket, so
+#: a flood of made-up model names cannot grow memory without limit (like a
+#: bounded LRU in a cache; real deployments serve a handful of models).
+MAX_MODELS = 64
+
+# --- Learning from responses -------------------------------------------------
+
+#: Share of routed requests whose response phase we watch once every category
+#: is confident. 5% of 1K req/s is 50 samples/s: plenty to track drift while
+#: most requests cost only the request phase (one ext_proc stream closed early).
+SAMPLE_RATE = 0.05
+
+#: Add stream_options.include_usage to streamed requests that lack it (and hide
+#: the extra usage-only chunk from the client). Off by default: it rewrites the
+#: request body, which operators should opt into.
+INJECT_INCLUDE_USAGE = False
+
+#: Largest response body we keep looking into for usage. vLLM puts usage at the
+#: end of a JSON body; 4 MiB matches gRPC's default message limit.
+MAX_RESPONSE_SCAN_BYTES = 4 * 1024 * 1024
+
+# --- Limits and timeouts -----------------------------------------------------
+
+#: Largest request body accepted (413 above it). 8 MiB holds ~2M bytes of
+#: prompt text, more than any 128K-token prompt (at most ~4-5 bytes/token)
+#: even with JSON escaping; OpenAI's API caps request bodies in the same range.
+MAX_BODY_BYTES = 8 * 1024 * 1024
+
+#: Envoy's per-connection buffer must hold a whole buffered body; Envoy's 1 MiB
+#: default answers 413 for long prompts. Body limit plus 1 MiB for headers.
+ENVOY_BUFFER_BYTES = MAX_BODY_BYTES + 1024 * 1024
+
+#: gRPC message limit on the ext_proc channel: the body travels in one
+#: ProcessingRequest, so it must exceed MAX_BODY_BYTES (gRPC's 4 MiB default
+#: gives a 500). Headers and framing get 1 MiB.
+GRPC_MAX_MESSAGE_BYTES = MAX_BODY_BYTES + 1024 * 1024
+
+#: Envoy's per-message deadline for the processor. Envoy's 200 ms default gives
+#: 504s under a CPU burst on small hosts; 1 s is still far below a first token.
+MESSAGE_TIMEOUT_MS = 1000
+
+#: Circuit-breaker limits on the ext_proc cluster: one stream per in-flight
+#: request, and Envoy's default of 1024 overflows at fleet load.
+EXTPROC_MAX_REQUESTS = 100_000
+
+#: Route timeout for pools. Envoy's 15 s default cuts long SSE streams; a 128K
+#: generation at 20 tok/s takes ~2 h. 0 disables it; the idle timeout below
+#: still reaps dead streams.
+ROUTE_TIMEOUT_S = 0
+
+#: Idle timeout of a stream to a pool: longer than the slowest prefill of a
+#: 128K prompt queued behind others (minutes), like Envoy's 5 min default.
+STREAM_IDLE_TIMEOUT_S = 300
+
+#: Graceful shutdown: how long in-flight ext_proc streams may finish.
+#: Kubernetes' default terminationGracePeriodSeconds is 30 s; stay below it.
+DRAIN_SECONDS = 20.0
+
+#: Calibration snapshot period. Losing 30 s of learning on a crash is cheap
+#: (the sampler refills it in seconds) and writing a few KB every 30 s is free.
+SNAPSHOT_INTERVAL_S = 30.0
+
+# --- Ports (loopback demo defaults) ------------------------------------------
+
+ENVOY_PORT = 10000          # Envoy's own docs use 10000 for the listener
+ENVOY_ADMIN_PORT = 9901     # Envoy's documented admin port
+ROUTER_PORT = 50051         # gRPC's conventional example port; worker i: +i
+SHORT_POOL_PORT = 8101
+LONG_POOL_PORT = 8102
