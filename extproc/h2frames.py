@@ -1,0 +1,820 @@
+"""A minimal, sans-I/O HTTP/2 server connection for gRPC (RFC 9113).
+
+Bytes in (``receive_data``) -> events out; method calls (``send_headers``,
+``send_data``, ``reset_stream``, ...) -> bytes out (``data_to_send``). No
+sockets, no asyncio: ``extproc.transport`` is the I/O shell, and the tests
+drive this class directly with arbitrary chunkings of a byte stream.
+
+Scope is what a gRPC server behind Envoy needs, done correctly:
+
+* h2c with prior knowledge (the 24-byte preface, then SETTINGS); no Upgrade,
+  no TLS (Envoy talks to the router on loopback / a pod network).
+* SETTINGS and their ACK, PING, WINDOW_UPDATE with flow control both ways
+  (large receive windows so a 9 MiB gRPC message streams without stalls,
+  outbound DATA queued per stream until the peer opens its windows),
+  HEADERS + CONTINUATION, PADDED / PRIORITY flags, RST_STREAM, GOAWAY
+  (graceful two-step drain like grpc-go / nghttp2), stream-ID rules.
+* Header blocks are decoded with ``hpack`` (the dynamic table must follow the
+  peer's encoder). We encode with *literal without indexing* only, so our
+  encoder is stateless and the common blocks are precomputed constants.
+* Any connection error becomes GOAWAY(code) + a ``ConnectionTerminated``
+  event; the caller closes the socket. Nothing here raises on peer input.
+
+Not supported (not needed by gRPC): server push, priorities (parsed and
+ignored, as RFC 9113 deprecates them), HTTP/1.1 Upgrade, CONNECT.
+"""
+
+from __future__ import annotations
+
+import struct
+from typing import Iterable
+
+import hpack
+from hpack.exceptions import HPACKError, InvalidTableIndex
+
+# --- Protocol constants (RFC 9113 section 6 / 7 / 11) --------------------------
+
+PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
+
+DATA, HEADERS, PRIORITY, RST_STREAM, SETTINGS, PUSH_PROMISE, PING, GOAWAY, WINDOW_UPDATE, CONTINUATION = range(10)
+
+FLAG_END_STREAM = 0x1
+FLAG_ACK = 0x1
+FLAG_END_HEADERS = 0x4
+FLAG_PADDED = 0x8
+FLAG_PRIORITY = 0x20
+
+NO_ERROR = 0x0
+PROTOCOL_ERROR = 0x1
+INTERNAL_ERROR = 0x2
+FLOW_CONTROL_ERROR = 0x3
+SETTINGS_TIMEOUT = 0x4
+STREAM_CLOSED = 0x5
+FRAME_SIZE_ERROR = 0x6
+REFUSED_STREAM = 0x7
+CANCEL = 0x8
+COMPRESSION_ERROR = 0x9
+ENHANCE_YOUR_CALM = 0xB
+
+SETTINGS_HEADER_TABLE_SIZE = 0x1
+SETTINGS_ENABLE_PUSH = 0x2
+SETTINGS_MAX_CONCURRENT_STREAMS = 0x3
+SETTINGS_INITIAL_WINDOW_SIZE = 0x4
+SETTINGS_MAX_FRAME_SIZE = 0x5
+SETTINGS_MAX_HEADER_LIST_SIZE = 0x6
+
+#: RFC 9113 6.5.2 / 6.9: the defaults every peer starts from.
+DEFAULT_WINDOW = 65_535
+DEFAULT_MAX_FRAME_SIZE = 16_384
+MAX_WINDOW = 2**31 - 1
+MAX_FRAME_SIZE_LIMIT = 2**24 - 1
+
+# --- Our limits (each a named choice with its reason) --------------------------
+
+#: Largest frame payload we accept (advertised in SETTINGS_MAX_FRAME_SIZE).
+#: 1 MiB lets a peer send an 8 MiB request body in 8 frames instead of 512
+#: (fewer Python iterations), while still bounding one frame's buffer.
+#: grpc-go advertises 16 KiB, nghttp2 up to 16 MiB; Envoy honours the setting.
+LOCAL_MAX_FRAME_SIZE = 1 << 20
+
+#: Per-stream receive window (SETTINGS_INITIAL_WINDOW_SIZE). 16 MiB is larger
+#: than the biggest gRPC message we accept (9 MiB, extproc.defaults
+#: GRPC_MAX_MESSAGE_BYTES), so a whole body arrives without a WINDOW_UPDATE
+#: round trip. Envoy's own default stream window is 256 MiB; grpc-go's BDP
+#: estimator grows to 16 MiB.
+LOCAL_INITIAL_WINDOW = 16 << 20
+
+#: Connection receive window, opened by a WINDOW_UPDATE right after our
+#: SETTINGS (the connection window cannot be set by SETTINGS). 64 MiB lets
+#: several large bodies stream concurrently on Envoy's single connection;
+#: Envoy's default connection window is 256 MiB.
+LOCAL_CONNECTION_WINDOW = 64 << 20
+
+#: Concurrent streams we allow (SETTINGS_MAX_CONCURRENT_STREAMS): one ext_proc
+#: stream per in-flight HTTP request on Envoy's one connection per worker.
+#: 4096 is above any plausible in-flight count per router worker, and bounds
+#: per-connection memory (grpc C-core has no default cap; h2o uses 100).
+LOCAL_MAX_CONCURRENT_STREAMS = 4096
+
+#: Largest decoded header list (SETTINGS_MAX_HEADER_LIST_SIZE), RFC 7541
+#: accounting (name + value + 32 per field). 16 KiB like grpc C-core's hard
+#: metadata limit and h11's 16 KiB header buffer; ext_proc metadata is < 1 KiB.
+LOCAL_MAX_HEADER_LIST_SIZE = 16 << 10
+
+#: Largest *encoded* header block we buffer across CONTINUATION frames.
+#: Twice the decoded limit covers any sane encoding; past it the peer is
+#: flooding CONTINUATIONs (CVE-2024-27316 class) and we drop the connection.
+MAX_HEADER_BLOCK_BYTES = 2 * LOCAL_MAX_HEADER_LIST_SIZE
+
+#: HPACK dynamic table we let the peer use: the RFC 7541 default of 4096.
+LOCAL_HEADER_TABLE_SIZE = 4096
+
+#: We send a WINDOW_UPDATE once this fraction of a receive window has been
+#: consumed: half, like nghttp2 and grpc-go, so updates are rare but the
+#: sender never stalls.
+WINDOW_UPDATE_RATIO = 0.5
+
+#: Opaque data of the PING that follows the first (drain-announcing) GOAWAY;
+#: its ACK tells us every stream the peer opened before seeing it has arrived.
+DRAIN_PING = b"drain\x00\x00\x00"
+
+_HDR = struct.Struct(">BHBBL")  # 24-bit length as (byte, short), type, flags, stream id
+_pack_hdr = _HDR.pack
+_unpack_hdr = _HDR.unpack_from
+_U32 = struct.Struct(">L")
+_SETTING = struct.Struct(">HL")
+
+
+class ProtocolError(Exception):
+    """A connection error (RFC 9113 5.4.1): the connection must end."""
+
+    def __init__(self, code: int, reason: str):
+        super().__init__(reason)
+        self.code = code
+        self.reason = reason
+
+
+# --- Events -------------------------------------------------------------------
+
+
+class Event:
+    __slots__ = ()
+
+
+class RequestReceived(Event):
+    """A new stream: its decoded request headers (str pairs, in order)."""
+
+    __slots__ = ("stream_id", "headers", "end_stream")
+
+    def __init__(self, stream_id: int, headers: list[tuple[str, str]], end_stream: bool):
+        self.stream_id = stream_id
+        self.headers = headers
+        self.end_stream = end_stream
+
+    def __repr__(self) -> str:
+        return f"RequestReceived({self.stream_id}, {self.headers!r}, end_stream={self.end_stream})"
+
+
+class DataReceived(Event):
+    """Body bytes of a stream; ``end_stream`` set on the last one (request
+    trailers are reported as empty data with end_stream=True)."""
+
+    __slots__ = ("stream_id", "data", "end_stream")
+
+    def __init__(self, stream_id: int, data: bytes, end_stream: bool):
+        self.stream_id = stream_id
+        self.data = data
+        self.end_stream = end_stream
+
+    def __repr__(self) -> str:
+        return f"DataReceived({self.stream_id}, <{len(self.data)} bytes>, end_stream={self.end_stream})"
+
+
+class StreamReset(Event):
+    """The stream ended abnormally: the peer reset it, or we did on a stream
+    error (``remote`` False). The stream is gone."""
+
+    __slots__ = ("stream_id", "error_code", "remote")
+
+    def __init__(self, stream_id: int, error_code: int, remote: bool = True):
+        self.stream_id = stream_id
+        self.error_code = error_code
+        self.remote = remote
+
+    def __repr__(self) -> str:
+        return f"StreamReset({self.stream_id}, {self.error_code}, remote={self.remote})"
+
+
+class GoAwayReceived(Event):
+    """The peer will open no more streams (ours above last_stream_id are dead)."""
+
+    __slots__ = ("error_code", "last_stream_id")
+
+    def __init__(self, error_code: int, last_stream_id: int):
+        self.error_code = error_code
+        self.last_stream_id = last_stream_id
+
+
+class ConnectionTerminated(Event):
+    """A connection error: GOAWAY has been queued; flush and close the socket."""
+
+    __slots__ = ("error_code", "reason")
+
+    def __init__(self, error_code: int, reason: str):
+        self.error_code = error_code
+        self.reason = reason
+
+    def __repr__(self) -> str:
+        return f"ConnectionTerminated({self.error_code}, {self.reason!r})"
+
+
+# --- Frame reading ------------------------------------------------------------
+
+
+class FrameReader:
+    """Splits a byte stream into (type, flags, stream_id, payload) frames.
+
+    Checks the client preface first. Raises ProtocolError on a bad preface or
+    a frame larger than ``max_frame_size`` (before buffering its payload).
+    """
+
+    __slots__ = ("_buf", "_preface", "max_frame_size")
+
+    def __init__(self, max_frame_size: int = LOCAL_MAX_FRAME_SIZE, expect_preface: bool = True):
+        self._buf = bytearray()
+        self._preface = expect_preface
+        self.max_frame_size = max_frame_size
+
+    def feed(self, data: bytes) -> list[tuple[int, int, int, bytes]]:
+        buf = self._buf
+        buf += data
+        frames: list[tuple[int, int, int, bytes]] = []
+        pos = 0
+        n = len(buf)
+        if self._preface:
+            if n < len(PREFACE):
+                if not PREFACE.startswith(bytes(buf)):
+                    raise ProtocolError(PROTOCOL_ERROR, "invalid connection preface")
+                return frames
+            if buf[: len(PREFACE)] != PREFACE:
+                raise ProtocolError(PROTOCOL_ERROR, "invalid connection preface")
+            self._preface = False
+            pos = len(PREFACE)
+        max_size = self.max_frame_size
+        while n - pos >= 9:
+            hi, lo, ftype, flags, sid = _unpack_hdr(buf, pos)
+            length = (hi << 16) | lo
+            if length > max_size:
+                raise ProtocolError(FRAME_SIZE_ERROR, f"frame of {length} bytes exceeds SETTINGS_MAX_FRAME_SIZE {max_size}")
+            end = pos + 9 + length
+            if end > n:
+                break
+            frames.append((ftype, flags, sid & 0x7FFFFFFF, bytes(buf[pos + 9 : end])))
+            pos = end
+        if pos:
+            del buf[:pos]
+        return frames
+
+    @property
+    def buffered(self) -> int:
+        return len(self._buf)
+
+
+# --- Frame writing --------------------------------------------------------------
+
+
+def frame(ftype: int, flags: int, stream_id: int, payload: bytes = b"") -> bytes:
+    n = len(payload)
+    return _pack_hdr(n >> 16, n & 0xFFFF, ftype, flags, stream_id) + payload
+
+
+def settings_frame(settings: Iterable[tuple[int, int]]) -> bytes:
+    return frame(SETTINGS, 0, 0, b"".join(_SETTING.pack(k, v) for k, v in settings))
+
+
+def window_update_frame(stream_id: int, increment: int) -> bytes:
+    return frame(WINDOW_UPDATE, 0, stream_id, _U32.pack(increment))
+
+
+def rst_stream_frame(stream_id: int, code: int) -> bytes:
+    return frame(RST_STREAM, 0, stream_id, _U32.pack(code))
+
+
+def goaway_frame(last_stream_id: int, code: int, debug: bytes = b"") -> bytes:
+    return frame(GOAWAY, 0, 0, struct.pack(">LL", last_stream_id, code) + debug)
+
+
+def ping_frame(opaque: bytes, ack: bool = False) -> bytes:
+    return frame(PING, FLAG_ACK if ack else 0, 0, opaque)
+
+
+# --- Stateless HPACK encoding (literal without indexing, no Huffman) -------------
+
+
+def _hpack_int(value: int, prefix_bits: int, first: int = 0) -> bytes:
+    limit = (1 << prefix_bits) - 1
+    if value < limit:
+        return bytes((first | value,))
+    out = bytearray((first | limit,))
+    value -= limit
+    while value >= 128:
+        out.append((value & 0x7F) | 0x80)
+        value >>= 7
+    out.append(value)
+    return bytes(out)
+
+
+#: RFC 7541 Appendix A static-table indexes of the names we send.
+_STATIC_NAME_INDEX = {":status": 8, "content-type": 31}
+
+
+def encode_headers(headers: Iterable[tuple[str, str]]) -> bytes:
+    """HPACK block using only 'literal without indexing' (and the static
+    ':status: 200'), so it never touches the dynamic table: the encoder is
+    stateless and a block can be computed once and reused on any connection."""
+    out = bytearray()
+    for name, value in headers:
+        if name == ":status" and value == "200":
+            out.append(0x88)
+            continue
+        v = value.encode("latin-1") if isinstance(value, str) else value
+        idx = _STATIC_NAME_INDEX.get(name)
+        if idx is not None:
+            out += _hpack_int(idx, 4)
+        else:
+            n = name.encode("ascii") if isinstance(name, str) else name
+            out.append(0)
+            out += _hpack_int(len(n), 7)
+            out += n
+        out += _hpack_int(len(v), 7)
+        out += v
+    return bytes(out)
+
+
+# --- Connection state -----------------------------------------------------------
+
+
+class _Stream:
+    __slots__ = ("sid", "send_window", "recv_unacked", "recv_window", "remote_closed", "local_closed", "pending", "headers_done")
+
+    def __init__(self, sid: int, send_window: int):
+        self.sid = sid
+        self.send_window = send_window
+        self.recv_window = LOCAL_INITIAL_WINDOW
+        self.recv_unacked = 0
+        self.remote_closed = False
+        self.local_closed = False
+        self.pending: list | None = None  # queued (is_data, bytes, end_stream) awaiting window
+        self.headers_done = False  # request headers received (next HEADERS = trailers)
+
+
+class H2ServerConnection:
+    """Server side of one HTTP/2 connection, sans-I/O."""
+
+    def __init__(
+        self,
+        *,
+        max_concurrent_streams: int = LOCAL_MAX_CONCURRENT_STREAMS,
+        max_header_list_size: int = LOCAL_MAX_HEADER_LIST_SIZE,
+    ):
+        self._reader = FrameReader(LOCAL_MAX_FRAME_SIZE)
+        self._decoder = hpack.Decoder(max_header_list_size=max_header_list_size)
+        self._decoder.max_allowed_table_size = LOCAL_HEADER_TABLE_SIZE
+        self._out = bytearray()
+        self.streams: dict[int, _Stream] = {}
+        self._max_concurrent = max_concurrent_streams
+        self.highest_stream_id = 0
+        # Outbound (what the peer lets us send).
+        self.peer_max_frame_size = DEFAULT_MAX_FRAME_SIZE
+        self.peer_initial_window = DEFAULT_WINDOW
+        self.send_window = DEFAULT_WINDOW
+        self._blocked: dict[int, _Stream] = {}  # streams with queued output, insertion-ordered
+        # Inbound.
+        self._recv_window = DEFAULT_WINDOW + (LOCAL_CONNECTION_WINDOW - DEFAULT_WINDOW)
+        self._recv_unacked = 0
+        self._cont: tuple[int, int, bytearray] | None = None  # (sid, flags of HEADERS, fragment)
+        self._got_settings = False
+        # Lifecycle.
+        self.closed = False  # connection error or final GOAWAY with nothing left
+        self.peer_goaway = False
+        self.draining = False  # first GOAWAY sent
+        self.last_stream_id: int | None = None  # final GOAWAY sent: streams above are refused
+        self._out += settings_frame(
+            (
+                (SETTINGS_MAX_CONCURRENT_STREAMS, max_concurrent_streams),
+                (SETTINGS_INITIAL_WINDOW_SIZE, LOCAL_INITIAL_WINDOW),
+                (SETTINGS_MAX_FRAME_SIZE, LOCAL_MAX_FRAME_SIZE),
+                (SETTINGS_MAX_HEADER_LIST_SIZE, max_header_list_size),
+                (SETTINGS_ENABLE_PUSH, 0),
+            )
+        )
+        self._out += window_update_frame(0, LOCAL_CONNECTION_WINDOW - DEFAULT_WINDOW)
+
+    # -- output -------------------------------------------------------------
+
+    def data_to_send(self) -> bytes:
+        if not self._out:
+            return b""
+        out = bytes(self._out)
+        self._out.clear()
+        return out
+
+    # -- input --------------------------------------------------------------
+
+    def receive_data(self, data: bytes) -> list[Event]:
+        """Feed bytes from the socket; returns the events they produced."""
+        events: list[Event] = []
+        if self.closed:
+            return events
+        try:
+            frames = self._reader.feed(data)
+            for ftype, flags, sid, payload in frames:
+                self._handle_frame(ftype, flags, sid, payload, events)
+                if self.closed:
+                    break
+        except ProtocolError as e:
+            self._connection_error(e.code, e.reason, events)
+        except Exception as e:  # never let a malformed frame crash the process
+            self._connection_error(INTERNAL_ERROR, f"internal error: {e!r}", events)
+        return events
+
+    def _connection_error(self, code: int, reason: str, events: list[Event]) -> None:
+        if self.closed:
+            return
+        self._out += goaway_frame(self.highest_stream_id, code, reason.encode("utf-8", "replace")[:256])
+        self.closed = True
+        for sid in list(self.streams):
+            events.append(StreamReset(sid, code, remote=False))
+        self.streams.clear()
+        self._blocked.clear()
+        events.append(ConnectionTerminated(code, reason))
+
+    def _handle_frame(self, ftype: int, flags: int, sid: int, payload: bytes, events: list[Event]) -> None:
+        if self._cont is not None and ftype != CONTINUATION:
+            raise ProtocolError(PROTOCOL_ERROR, "expected CONTINUATION")
+        if not self._got_settings:
+            if ftype != SETTINGS or flags & FLAG_ACK:
+                raise ProtocolError(PROTOCOL_ERROR, "first frame must be SETTINGS")
+            self._got_settings = True
+        if ftype == DATA:
+            self._on_data(flags, sid, payload, events)
+        elif ftype == HEADERS:
+            self._on_headers(flags, sid, payload, events)
+        elif ftype == CONTINUATION:
+            self._on_continuation(flags, sid, payload, events)
+        elif ftype == RST_STREAM:
+            self._on_rst_stream(sid, payload, events)
+        elif ftype == SETTINGS:
+            self._on_settings(flags, sid, payload)
+        elif ftype == PING:
+            if sid != 0:
+                raise ProtocolError(PROTOCOL_ERROR, "PING on a stream")
+            if len(payload) != 8:
+                raise ProtocolError(FRAME_SIZE_ERROR, "PING payload is not 8 bytes")
+            if not flags & FLAG_ACK:
+                self._out += ping_frame(payload, ack=True)
+            elif payload == DRAIN_PING and self.draining and self.last_stream_id is None:
+                self.finish_drain()
+        elif ftype == WINDOW_UPDATE:
+            self._on_window_update(sid, payload, events)
+        elif ftype == GOAWAY:
+            if sid != 0:
+                raise ProtocolError(PROTOCOL_ERROR, "GOAWAY on a stream")
+            if len(payload) < 8:
+                raise ProtocolError(FRAME_SIZE_ERROR, "GOAWAY shorter than 8 bytes")
+            last, code = struct.unpack_from(">LL", payload)
+            self.peer_goaway = True
+            events.append(GoAwayReceived(code, last & 0x7FFFFFFF))
+        elif ftype == PRIORITY:
+            if sid == 0:
+                raise ProtocolError(PROTOCOL_ERROR, "PRIORITY on stream 0")
+            if len(payload) != 5:
+                self._stream_error(sid, FRAME_SIZE_ERROR, events)
+        elif ftype == PUSH_PROMISE:
+            raise ProtocolError(PROTOCOL_ERROR, "PUSH_PROMISE from a client")
+        # Unknown frame types are ignored (RFC 9113 4.1 / 5.5).
+
+    def _strip_padding(self, flags: int, payload: bytes) -> bytes:
+        if flags & FLAG_PADDED:
+            if not payload:
+                raise ProtocolError(FRAME_SIZE_ERROR, "PADDED frame without pad length")
+            pad = payload[0]
+            if pad >= len(payload):
+                raise ProtocolError(PROTOCOL_ERROR, "padding exceeds the frame payload")
+            return payload[1 : len(payload) - pad]
+        return payload
+
+    def _on_data(self, flags: int, sid: int, payload: bytes, events: list[Event]) -> None:
+        if sid == 0:
+            raise ProtocolError(PROTOCOL_ERROR, "DATA on stream 0")
+        n = len(payload)
+        # Connection flow control counts every DATA byte (padding included),
+        # even on streams we have closed (RFC 9113 6.9).
+        self._recv_window -= n
+        if self._recv_window < 0:
+            raise ProtocolError(FLOW_CONTROL_ERROR, "peer overran the connection window")
+        self._recv_unacked += n
+        if self._recv_unacked >= LOCAL_CONNECTION_WINDOW * WINDOW_UPDATE_RATIO:
+            self._out += window_update_frame(0, self._recv_unacked)
+            self._recv_window += self._recv_unacked
+            self._recv_unacked = 0
+        data = self._strip_padding(flags, payload)
+        stream = self.streams.get(sid)
+        if stream is None:
+            if sid > self.highest_stream_id:
+                raise ProtocolError(PROTOCOL_ERROR, f"DATA on idle stream {sid}")
+            return  # a stream we already closed or reset: ignore (RFC 9113 5.1)
+        if stream.remote_closed:
+            self._stream_error(sid, STREAM_CLOSED, events)
+            return
+        stream.recv_window -= n
+        if stream.recv_window < 0:
+            self._stream_error(sid, FLOW_CONTROL_ERROR, events)
+            return
+        end = bool(flags & FLAG_END_STREAM)
+        if end:
+            stream.remote_closed = True
+        else:
+            stream.recv_unacked += n
+            if stream.recv_unacked >= LOCAL_INITIAL_WINDOW * WINDOW_UPDATE_RATIO:
+                self._out += window_update_frame(sid, stream.recv_unacked)
+                stream.recv_window += stream.recv_unacked
+                stream.recv_unacked = 0
+        events.append(DataReceived(sid, data, end))
+        if end and stream.local_closed:
+            self._forget(sid)
+
+    def _on_headers(self, flags: int, sid: int, payload: bytes, events: list[Event]) -> None:
+        if sid == 0:
+            raise ProtocolError(PROTOCOL_ERROR, "HEADERS on stream 0")
+        block = self._strip_padding(flags, payload)
+        if flags & FLAG_PRIORITY:
+            if len(block) < 5:
+                raise ProtocolError(FRAME_SIZE_ERROR, "HEADERS priority fields truncated")
+            if (_U32.unpack_from(block)[0] & 0x7FFFFFFF) == sid:
+                raise ProtocolError(PROTOCOL_ERROR, "stream depends on itself")
+            block = block[5:]
+        if flags & FLAG_END_HEADERS:
+            self._on_header_block(flags, sid, block, events)
+        else:
+            if len(block) > MAX_HEADER_BLOCK_BYTES:
+                raise ProtocolError(ENHANCE_YOUR_CALM, "header block too large")
+            self._cont = (sid, flags, bytearray(block))
+
+    def _on_continuation(self, flags: int, sid: int, payload: bytes, events: list[Event]) -> None:
+        if self._cont is None or self._cont[0] != sid:
+            raise ProtocolError(PROTOCOL_ERROR, "unexpected CONTINUATION")
+        _, hflags, buf = self._cont
+        buf += payload
+        if len(buf) > MAX_HEADER_BLOCK_BYTES:
+            raise ProtocolError(ENHANCE_YOUR_CALM, "header block too large")
+        if flags & FLAG_END_HEADERS:
+            self._cont = None
+            self._on_header_block(hflags, sid, bytes(buf), events)
+
+    def _decode(self, block: bytes) -> list[tuple[str, str]]:
+        try:
+            return self._decoder.decode(block)
+        except (HPACKError, InvalidTableIndex, UnicodeDecodeError, IndexError, ValueError) as e:
+            raise ProtocolError(COMPRESSION_ERROR, f"HPACK decoding failed: {e}") from None
+
+    def _on_header_block(self, flags: int, sid: int, block: bytes, events: list[Event]) -> None:
+        # Always decode, even for streams we will ignore: the HPACK dynamic
+        # table must follow the peer's encoder.
+        headers = self._decode(block)
+        end = bool(flags & FLAG_END_STREAM)
+        stream = self.streams.get(sid)
+        if stream is not None:  # trailers
+            if stream.remote_closed:
+                self._stream_error(sid, STREAM_CLOSED, events)
+                return
+            if not end:
+                self._stream_error(sid, PROTOCOL_ERROR, events)
+                return
+            stream.remote_closed = True
+            events.append(DataReceived(sid, b"", True))
+            if stream.local_closed:
+                self._forget(sid)
+            return
+        if sid % 2 == 0:
+            raise ProtocolError(PROTOCOL_ERROR, f"client opened even stream {sid}")
+        if sid <= self.highest_stream_id:
+            return  # closed stream (e.g. reset by us); ignore
+        self.highest_stream_id = sid
+        if self.last_stream_id is not None or self.peer_goaway or self.closed:
+            self._out += rst_stream_frame(sid, REFUSED_STREAM)
+            return
+        if len(self.streams) >= self._max_concurrent:
+            self._out += rst_stream_frame(sid, REFUSED_STREAM)
+            return
+        if not _valid_request_headers(headers):
+            self._out += rst_stream_frame(sid, PROTOCOL_ERROR)
+            return
+        stream = _Stream(sid, self.peer_initial_window)
+        stream.headers_done = True
+        stream.remote_closed = end
+        self.streams[sid] = stream
+        events.append(RequestReceived(sid, headers, end))
+
+    def _on_rst_stream(self, sid: int, payload: bytes, events: list[Event]) -> None:
+        if sid == 0:
+            raise ProtocolError(PROTOCOL_ERROR, "RST_STREAM on stream 0")
+        if len(payload) != 4:
+            raise ProtocolError(FRAME_SIZE_ERROR, "RST_STREAM payload is not 4 bytes")
+        if sid > self.highest_stream_id:
+            raise ProtocolError(PROTOCOL_ERROR, f"RST_STREAM on idle stream {sid}")
+        if sid in self.streams:
+            self._forget(sid)
+            events.append(StreamReset(sid, _U32.unpack(payload)[0], remote=True))
+
+    def _on_settings(self, flags: int, sid: int, payload: bytes) -> None:
+        if sid != 0:
+            raise ProtocolError(PROTOCOL_ERROR, "SETTINGS on a stream")
+        if flags & FLAG_ACK:
+            if payload:
+                raise ProtocolError(FRAME_SIZE_ERROR, "SETTINGS ACK with a payload")
+            return
+        if len(payload) % 6:
+            raise ProtocolError(FRAME_SIZE_ERROR, "SETTINGS payload not a multiple of 6")
+        for off in range(0, len(payload), 6):
+            key, value = _SETTING.unpack_from(payload, off)
+            if key == SETTINGS_INITIAL_WINDOW_SIZE:
+                if value > MAX_WINDOW:
+                    raise ProtocolError(FLOW_CONTROL_ERROR, "SETTINGS_INITIAL_WINDOW_SIZE too large")
+                delta = value - self.peer_initial_window
+                self.peer_initial_window = value
+                for s in self.streams.values():
+                    s.send_window += delta
+                    if s.send_window > MAX_WINDOW:
+                        raise ProtocolError(FLOW_CONTROL_ERROR, "stream window overflow")
+            elif key == SETTINGS_MAX_FRAME_SIZE:
+                if not DEFAULT_MAX_FRAME_SIZE <= value <= MAX_FRAME_SIZE_LIMIT:
+                    raise ProtocolError(PROTOCOL_ERROR, "SETTINGS_MAX_FRAME_SIZE out of range")
+                self.peer_max_frame_size = value
+            elif key == SETTINGS_ENABLE_PUSH:
+                if value > 1:
+                    raise ProtocolError(PROTOCOL_ERROR, "SETTINGS_ENABLE_PUSH not 0 or 1")
+            # HEADER_TABLE_SIZE: our encoder never indexes, nothing to do.
+            # MAX_CONCURRENT_STREAMS / MAX_HEADER_LIST_SIZE: we never push;
+            # our response headers are tiny. Unknown settings are ignored.
+        self._out += frame(SETTINGS, FLAG_ACK, 0)
+        self._flush_blocked()
+
+    def _on_window_update(self, sid: int, payload: bytes, events: list[Event]) -> None:
+        if len(payload) != 4:
+            raise ProtocolError(FRAME_SIZE_ERROR, "WINDOW_UPDATE payload is not 4 bytes")
+        inc = _U32.unpack(payload)[0] & 0x7FFFFFFF
+        if sid == 0:
+            if inc == 0:
+                raise ProtocolError(PROTOCOL_ERROR, "WINDOW_UPDATE of 0 on the connection")
+            self.send_window += inc
+            if self.send_window > MAX_WINDOW:
+                raise ProtocolError(FLOW_CONTROL_ERROR, "connection window overflow")
+            self._flush_blocked()
+            return
+        stream = self.streams.get(sid)
+        if stream is None:
+            if sid > self.highest_stream_id:
+                raise ProtocolError(PROTOCOL_ERROR, f"WINDOW_UPDATE on idle stream {sid}")
+            return
+        if inc == 0:
+            self._stream_error(sid, PROTOCOL_ERROR, events)
+            return
+        stream.send_window += inc
+        if stream.send_window > MAX_WINDOW:
+            self._stream_error(sid, FLOW_CONTROL_ERROR, events)
+            return
+        if stream.pending:
+            self._flush_stream(stream)
+
+    def _stream_error(self, sid: int, code: int, events: list[Event]) -> None:
+        self._out += rst_stream_frame(sid, code)
+        if sid in self.streams:
+            self._forget(sid)
+            events.append(StreamReset(sid, code, remote=False))
+
+    def _forget(self, sid: int) -> None:
+        self.streams.pop(sid, None)
+        self._blocked.pop(sid, None)
+
+    # -- sending ------------------------------------------------------------
+
+    def send_headers(self, sid: int, block: bytes, end_stream: bool = False) -> None:
+        """Send a pre-encoded HPACK block (see ``encode_headers``). Trailers
+        wait behind queued DATA of the same stream."""
+        stream = self.streams.get(sid)
+        if stream is None or stream.local_closed:
+            return
+        if end_stream:
+            stream.local_closed = True
+        if stream.pending:
+            stream.pending.append((False, block, end_stream))
+        else:
+            self._write_headers(sid, block, end_stream)
+        if end_stream and stream.remote_closed and not stream.pending:
+            self._forget(sid)
+
+    def _write_headers(self, sid: int, block: bytes, end_stream: bool) -> None:
+        max_size = self.peer_max_frame_size
+        flags = FLAG_END_STREAM if end_stream else 0
+        if len(block) <= max_size:
+            self._out += frame(HEADERS, flags | FLAG_END_HEADERS, sid, block)
+            return
+        self._out += frame(HEADERS, flags, sid, block[:max_size])
+        pos = max_size
+        while pos < len(block):
+            chunk = block[pos : pos + max_size]
+            pos += max_size
+            self._out += frame(CONTINUATION, FLAG_END_HEADERS if pos >= len(block) else 0, sid, chunk)
+
+    def send_data(self, sid: int, data: bytes, end_stream: bool = False) -> None:
+        """Send DATA within the peer's windows; the rest is queued and sent
+        when WINDOW_UPDATE / SETTINGS open them."""
+        stream = self.streams.get(sid)
+        if stream is None or stream.local_closed:
+            return
+        if end_stream:
+            stream.local_closed = True
+        if stream.pending is None:
+            stream.pending = []
+        stream.pending.append((True, data, end_stream))
+        self._flush_stream(stream)
+
+    def _flush_stream(self, stream: _Stream) -> None:
+        pending = stream.pending
+        sid = stream.sid
+        while pending:
+            is_data, payload, end = pending[0]
+            if not is_data:
+                self._write_headers(sid, payload, end)
+                pending.pop(0)
+                continue
+            max_size = self.peer_max_frame_size
+            while True:
+                allowed = min(stream.send_window, self.send_window, max_size)
+                if len(payload) <= allowed or not payload:  # empty DATA costs no window
+                    self._out += frame(DATA, FLAG_END_STREAM if end else 0, sid, payload)
+                    stream.send_window -= len(payload)
+                    self.send_window -= len(payload)
+                    pending.pop(0)
+                    break
+                if allowed <= 0:
+                    pending[0] = (True, payload, end)
+                    self._blocked[sid] = stream
+                    return
+                self._out += frame(DATA, 0, sid, payload[:allowed])
+                stream.send_window -= allowed
+                self.send_window -= allowed
+                payload = payload[allowed:]
+        self._blocked.pop(sid, None)
+        if stream.local_closed and stream.remote_closed:
+            self._forget(sid)
+
+    def _flush_blocked(self) -> None:
+        for stream in list(self._blocked.values()):
+            if self.send_window <= 0:
+                return
+            self._flush_stream(stream)
+
+    def reset_stream(self, sid: int, code: int = CANCEL) -> None:
+        """RST_STREAM a stream (e.g. after our trailers with the request still
+        open: NO_ERROR tells the peer to stop sending, RFC 9113 8.1)."""
+        if sid in self.streams or (0 < sid <= self.highest_stream_id):
+            self._out += rst_stream_frame(sid, code)
+        self._forget(sid)
+
+    def pending_output(self, sid: int) -> bool:
+        s = self.streams.get(sid)
+        return bool(s and s.pending)
+
+    # -- shutdown -----------------------------------------------------------
+
+    def start_drain(self) -> None:
+        """Graceful shutdown, step 1: GOAWAY(2^31-1, NO_ERROR) tells the peer to
+        stop opening streams; the PING's ACK proves it saw it. Streams it opened
+        meanwhile are still served (like grpc-go and nghttp2's two-step GOAWAY)."""
+        if self.draining or self.closed:
+            return
+        self.draining = True
+        self._out += goaway_frame(MAX_WINDOW, NO_ERROR)
+        self._out += ping_frame(DRAIN_PING)
+
+    def finish_drain(self) -> None:
+        """Step 2: the final GOAWAY naming the last stream we will process."""
+        if self.last_stream_id is not None or self.closed:
+            return
+        self.draining = True
+        self.last_stream_id = self.highest_stream_id
+        self._out += goaway_frame(self.last_stream_id, NO_ERROR)
+
+    def close(self, code: int = NO_ERROR, reason: str = "") -> None:
+        """Immediate close: GOAWAY(code); the caller closes the socket."""
+        if self.closed:
+            return
+        self._out += goaway_frame(self.highest_stream_id, code, reason.encode()[:256])
+        self.closed = True
+        self.streams.clear()
+        self._blocked.clear()
+
+    @property
+    def idle(self) -> bool:
+        return not self.streams
+
+
+def _valid_request_headers(headers: list[tuple[str, str]]) -> bool:
+    """RFC 9113 8.3: pseudo-headers first, known, not repeated; :method and
+    :path present; no uppercase or connection-specific fields."""
+    seen_regular = False
+    pseudo: set[str] = set()
+    for name, value in headers:
+        if name.startswith(":"):
+            if seen_regular or name in pseudo or name not in (":method", ":path", ":scheme", ":authority"):
+                return False
+            pseudo.add(name)
+        else:
+            seen_regular = True
+            if name != name.lower() or name in ("connection", "keep-alive", "proxy-connection", "transfer-encoding", "upgrade"):
+                return False
+            if name == "te" and value != "trailers":
+                return False
+    return ":method" in pseudo and ":path" in pseudo

@@ -1,0 +1,542 @@
+"""gRPC transports for the ext_proc service.
+
+Two interchangeable servers with one signature:
+
+* ``serve_fast``: a purpose-built gRPC-over-h2c server on asyncio
+  (``asyncio.Protocol`` + the sans-I/O ``extproc.h2frames``). It costs a
+  fraction of grpc.aio's CPU per stream (docs/bench.md), which is what the
+  router's throughput is made of: every routed request is one short stream.
+* ``serve_grpcio``: the same service on grpc.aio, the reference baseline and
+  fallback.
+
+Both call the router's per-stream state machine (``StreamHandler``): one
+handler per ext_proc stream; ``receive`` returns the responses to send and
+whether to close the stream with OK right after them.
+
+What ``serve_fast`` implements of gRPC (PROTOCOL-HTTP2.md): 5-byte message
+framing, uncompressed messages only (a compressed one gets UNIMPLEMENTED, an
+unknown grpc-encoding the same, as the spec asks), trailers with grpc-status
+and percent-encoded grpc-message, trailers-only error responses, a max
+message size (RESOURCE_EXHAUSTED), unknown method -> UNIMPLEMENTED, non-gRPC
+content-type -> HTTP 415, grpc-timeout deadlines (DEADLINE_EXCEEDED), client
+cancellation (RST_STREAM -> ``handler.abort()``), and the unary
+``grpc.health.v1.Health/Check`` that Envoy's gRPC health checker calls.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from typing import Callable, Iterable, Protocol
+from urllib.parse import quote
+
+from envoy.service.ext_proc.v3 import external_processor_pb2 as pb
+from grpc_health.v1 import health_pb2
+
+from . import h2frames as h2
+
+log = logging.getLogger("extproc.transport")
+
+PROCESS_METHOD = "/envoy.service.ext_proc.v3.ExternalProcessor/Process"
+HEALTH_CHECK_METHOD = "/grpc.health.v1.Health/Check"
+HEALTH_WATCH_METHOD = "/grpc.health.v1.Health/Watch"
+EXT_PROC_SERVICE = "envoy.service.ext_proc.v3.ExternalProcessor"
+
+#: Health services answered SERVING by default: "" (the whole server, what
+#: Envoy's grpc_health_check asks when no service_name is set) and ext_proc.
+DEFAULT_HEALTH_SERVICES = ("", EXT_PROC_SERVICE)
+
+# gRPC status codes (grpc/doc/statuscodes.md).
+OK = 0
+CANCELLED = 1
+UNKNOWN = 2
+DEADLINE_EXCEEDED = 4
+NOT_FOUND = 5
+RESOURCE_EXHAUSTED = 8
+UNIMPLEMENTED = 12
+INTERNAL = 13
+UNAVAILABLE = 14
+
+#: Until the stop() grace period starts counting, how long we wait for the
+#: ACK of the drain PING before sending the final GOAWAY anyway. 1 s is far
+#: above a loopback/pod RTT; grpc-go waits for the ACK with no timer but
+#: bounds the whole drain, as stop() does here.
+DRAIN_PING_TIMEOUT_S = 1.0
+
+#: Largest grpc-timeout we honour as a deadline (the header allows 8 digits
+#: of hours). Anything longer is treated as no deadline; 1 day is beyond any
+#: ext_proc stream, whose lifetime is one HTTP request.
+MAX_DEADLINE_S = 86_400.0
+
+
+class StreamHandler(Protocol):
+    def receive(self, req: pb.ProcessingRequest) -> tuple[list[pb.ProcessingResponse], bool]: ...
+    def abort(self) -> None: ...
+    def finish(self) -> None: ...
+
+
+NewStream = Callable[[], StreamHandler]
+
+# --- precomputed header blocks (stateless HPACK, see h2frames.encode_headers) ---
+
+_RESPONSE_HEADERS = h2.encode_headers(
+    [(":status", "200"), ("content-type", "application/grpc"), ("grpc-accept-encoding", "identity")]
+)
+_TRAILERS_OK = h2.encode_headers([("grpc-status", "0")])
+_HTTP_415 = h2.encode_headers([(":status", "415"), ("content-type", "text/plain")])
+_HEALTH_RESPONSES = {
+    status: (lambda b: len(b).to_bytes(5, "big") + b)(health_pb2.HealthCheckResponse(status=status).SerializeToString())
+    for status in (health_pb2.HealthCheckResponse.SERVING, health_pb2.HealthCheckResponse.NOT_SERVING)
+}
+
+
+def _status_block(code: int, message: str, *, trailers_only: bool) -> bytes:
+    fields = []
+    if trailers_only:
+        fields += [(":status", "200"), ("content-type", "application/grpc")]
+    fields.append(("grpc-status", str(code)))
+    if message:
+        # grpc-message is percent-encoded UTF-8 (PROTOCOL-HTTP2.md).
+        fields.append(("grpc-message", quote(message, safe=" !\"#$&'()*+,-./:;<=>?@[\\]^_`{|}~")))
+    return h2.encode_headers(fields)
+
+
+def _parse_timeout(value: str) -> float | None:
+    """grpc-timeout: up to 8 digits + unit (H M S m u n)."""
+    if not 2 <= len(value) <= 9 or not value[:-1].isdigit():
+        return None
+    scale = {"H": 3600.0, "M": 60.0, "S": 1.0, "m": 1e-3, "u": 1e-6, "n": 1e-9}.get(value[-1])
+    if scale is None:
+        return None
+    seconds = int(value[:-1]) * scale
+    return seconds if seconds <= MAX_DEADLINE_S else None
+
+
+# --- per-stream state -------------------------------------------------------------
+
+_KIND_PROCESS = 0
+_KIND_HEALTH = 1
+
+
+class _Call:
+    __slots__ = ("sid", "kind", "handler", "buf", "headers_sent", "done", "timer", "messages")
+
+    def __init__(self, sid: int, kind: int):
+        self.sid = sid
+        self.kind = kind
+        self.handler: StreamHandler | None = None
+        self.buf = bytearray()
+        self.headers_sent = False
+        self.done = False
+        self.timer: asyncio.TimerHandle | None = None
+        self.messages: list[bytes] | None = None  # unary: the request message
+
+
+class _GrpcConnection(asyncio.Protocol):
+    """One HTTP/2 connection (Envoy keeps one per worker thread)."""
+
+    def __init__(self, server: "FastServer"):
+        self.server = server
+        self.conn = h2.H2ServerConnection()
+        self.calls: dict[int, _Call] = {}
+        self.transport: asyncio.Transport | None = None
+        self._drain_timer: asyncio.TimerHandle | None = None
+
+    # -- asyncio.Protocol ------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+        self.server._connections.add(self)
+        transport.write(self.conn.data_to_send())  # type: ignore[attr-defined]
+        if self.server._draining:
+            self.start_drain()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.server._connections.discard(self)
+        if self._drain_timer:
+            self._drain_timer.cancel()
+        for call in list(self.calls.values()):
+            self._abort_call(call)
+        self.calls.clear()
+        self.server._connection_closed()
+
+    def data_received(self, data: bytes) -> None:
+        conn = self.conn
+        for ev in conn.receive_data(data):
+            t = type(ev)
+            if t is h2.DataReceived:
+                call = self.calls.get(ev.stream_id)
+                if call is not None:
+                    self._on_data(call, ev.data, ev.end_stream)
+            elif t is h2.RequestReceived:
+                self._on_request(ev)
+            elif t is h2.StreamReset:
+                call = self.calls.pop(ev.stream_id, None)
+                if call is not None:
+                    self._abort_call(call)
+            elif t is h2.ConnectionTerminated:
+                log.warning("closing HTTP/2 connection: %s (code %d)", ev.reason, ev.error_code)
+            # GoAwayReceived: in-flight streams continue; we close when idle.
+        self._flush()
+
+    # -- helpers -------------------------------------------------------------
+
+    def _flush(self) -> None:
+        out = self.conn.data_to_send()
+        transport = self.transport
+        if transport is None:
+            return
+        if out:
+            transport.write(out)
+        conn = self.conn
+        if conn.closed or ((conn.last_stream_id is not None or conn.peer_goaway) and conn.idle):
+            transport.close()
+
+    def _abort_call(self, call: _Call) -> None:
+        call.done = True
+        if call.timer:
+            call.timer.cancel()
+        if call.handler is not None:
+            try:
+                call.handler.abort()
+            except Exception:
+                log.exception("handler.abort() failed")
+
+    def _end_call(self, call: _Call, code: int, message: str = "") -> None:
+        """Send the status (trailers, or trailers-only) and end the stream; if
+        the client is still sending, RST_STREAM(NO_ERROR) tells it to stop."""
+        if call.done:
+            return
+        call.done = True
+        if call.timer:
+            call.timer.cancel()
+        self.calls.pop(call.sid, None)
+        conn = self.conn
+        if code == OK and call.headers_sent:
+            block = _TRAILERS_OK
+        else:
+            block = _status_block(code, message, trailers_only=not call.headers_sent)
+        conn.send_headers(call.sid, block, end_stream=True)
+        stream = conn.streams.get(call.sid)
+        if stream is not None and not stream.remote_closed and not stream.pending:
+            conn.reset_stream(call.sid, h2.NO_ERROR)
+
+    def _fail(self, call: _Call, code: int, message: str) -> None:
+        handler = call.handler
+        call.handler = None
+        self._end_call(call, code, message)
+        if handler is not None:
+            try:
+                handler.abort()
+            except Exception:
+                log.exception("handler.abort() failed")
+
+    # -- streams ---------------------------------------------------------------
+
+    def _on_request(self, ev: h2.RequestReceived) -> None:
+        sid = ev.stream_id
+        path = method = ctype = encoding = timeout = None
+        for name, value in ev.headers:
+            if name == ":path":
+                path = value
+            elif name == ":method":
+                method = value
+            elif name == "content-type":
+                ctype = value
+            elif name == "grpc-encoding":
+                encoding = value
+            elif name == "grpc-timeout":
+                timeout = value
+        conn = self.conn
+        if method != "POST" or ctype is None or not (ctype == "application/grpc" or ctype.startswith(("application/grpc+", "application/grpc;"))):
+            conn.send_headers(sid, _HTTP_415, end_stream=True)
+            if not ev.end_stream:
+                conn.reset_stream(sid, h2.NO_ERROR)
+            return
+        if path == PROCESS_METHOD:
+            call = _Call(sid, _KIND_PROCESS)
+        elif path == HEALTH_CHECK_METHOD:
+            call = _Call(sid, _KIND_HEALTH)
+            call.messages = []
+        else:
+            call = _Call(sid, _KIND_PROCESS)
+            self.calls[sid] = call
+            self._end_call(call, UNIMPLEMENTED, f"unknown method {path}")
+            return
+        self.calls[sid] = call
+        if encoding is not None and encoding != "identity":
+            self._end_call(call, UNIMPLEMENTED, f"grpc-encoding {encoding} is not supported; send uncompressed messages")
+            return
+        if timeout is not None:
+            seconds = _parse_timeout(timeout)
+            if seconds is not None:
+                call.timer = asyncio.get_running_loop().call_later(seconds, self._deadline, call)
+        if call.kind == _KIND_PROCESS:
+            try:
+                call.handler = self.server.new_stream()
+            except Exception:
+                log.exception("new_stream() failed")
+                self._end_call(call, INTERNAL, "could not start the stream handler")
+                return
+        if ev.end_stream:
+            self._on_data(call, b"", True)
+
+    def _deadline(self, call: _Call) -> None:
+        if call.done:
+            return
+        call.timer = None
+        self._fail(call, DEADLINE_EXCEEDED, "deadline exceeded")
+        self.conn.reset_stream(call.sid, h2.CANCEL)
+        self._flush()
+
+    def _on_data(self, call: _Call, data: bytes, end_stream: bool) -> None:
+        if call.done:
+            return
+        buf = call.buf
+        if data:
+            buf += data
+        max_bytes = self.server.max_message_bytes
+        while len(buf) >= 5:
+            if buf[0] != 0:
+                if buf[0] == 1:
+                    self._fail(call, UNIMPLEMENTED, "compressed messages are not supported (grpc-encoding identity only)")
+                else:
+                    self._fail(call, INTERNAL, f"invalid message flags {buf[0]:#x}")
+                return
+            length = int.from_bytes(buf[1:5], "big")
+            if length > max_bytes:
+                self._fail(call, RESOURCE_EXHAUSTED, f"message of {length} bytes exceeds the limit of {max_bytes}")
+                return
+            if len(buf) < 5 + length:
+                break
+            if len(buf) == 5 + length:
+                msg = bytes(buf[5:]) if length else b""
+                buf.clear()
+            else:
+                msg = bytes(buf[5 : 5 + length])
+                del buf[: 5 + length]
+            if call.kind == _KIND_PROCESS:
+                self._on_process_message(call, msg)
+            else:
+                call.messages.append(msg)  # type: ignore[union-attr]
+            if call.done:
+                return
+        if end_stream:
+            if buf:
+                self._fail(call, INTERNAL, "stream ended inside a message")
+            elif call.kind == _KIND_PROCESS:
+                handler = call.handler
+                try:
+                    if handler is not None:
+                        handler.finish()
+                except Exception:
+                    log.exception("handler.finish() failed")
+                    self._end_call(call, INTERNAL, "stream handler failed")
+                    return
+                self._end_call(call, OK)
+            else:
+                self._on_health(call)
+
+    def _on_process_message(self, call: _Call, msg: bytes) -> None:
+        try:
+            req = pb.ProcessingRequest.FromString(msg)
+        except Exception:
+            self._fail(call, INTERNAL, "could not parse ProcessingRequest")
+            return
+        try:
+            responses, close = call.handler.receive(req)  # type: ignore[union-attr]
+        except Exception:
+            log.exception("stream handler failed")
+            self._fail(call, INTERNAL, "stream handler failed")
+            return
+        if responses:
+            parts = []
+            for r in responses:
+                b = r.SerializeToString()
+                parts.append(len(b).to_bytes(5, "big"))
+                parts.append(b)
+            conn = self.conn
+            if not call.headers_sent:
+                call.headers_sent = True
+                conn.send_headers(call.sid, _RESPONSE_HEADERS)
+            conn.send_data(call.sid, b"".join(parts))
+        if close:
+            call.handler = None
+            self._end_call(call, OK)
+
+    def _on_health(self, call: _Call) -> None:
+        msgs = call.messages or []
+        if len(msgs) != 1:
+            self._end_call(call, INTERNAL if not msgs else UNIMPLEMENTED, "Check takes exactly one request message")
+            return
+        try:
+            req = health_pb2.HealthCheckRequest.FromString(msgs[0])
+        except Exception:
+            self._end_call(call, INTERNAL, "could not parse HealthCheckRequest")
+            return
+        if req.service not in self.server.health_services:
+            self._end_call(call, NOT_FOUND, f"unknown service {req.service!r}")
+            return
+        status = (
+            health_pb2.HealthCheckResponse.NOT_SERVING if self.server._draining else health_pb2.HealthCheckResponse.SERVING
+        )
+        call.headers_sent = True
+        self.conn.send_headers(call.sid, _RESPONSE_HEADERS)
+        self.conn.send_data(call.sid, _HEALTH_RESPONSES[status])
+        self._end_call(call, OK)
+
+    # -- shutdown -------------------------------------------------------------
+
+    def start_drain(self) -> None:
+        self.conn.start_drain()
+        self._flush()
+        self._drain_timer = asyncio.get_running_loop().call_later(DRAIN_PING_TIMEOUT_S, self.finish_drain)
+
+    def finish_drain(self) -> None:
+        self.conn.finish_drain()
+        self._flush()
+
+    def cancel_all(self) -> None:
+        """Grace period over: abort what is left and close."""
+        for call in list(self.calls.values()):
+            self._fail(call, UNAVAILABLE, "server shutting down")
+        self.calls.clear()
+        self.conn.close(h2.NO_ERROR, "server shutting down")
+        self._flush()
+        if self.transport is not None:
+            self.transport.close()
+
+
+class FastServer:
+    """Handle returned by ``serve_fast``."""
+
+    def __init__(self, new_stream: NewStream, max_message_bytes: int, health_services: Iterable[str]):
+        self.new_stream = new_stream
+        self.max_message_bytes = max_message_bytes
+        self.health_services = frozenset(health_services)
+        self._server: asyncio.base_events.Server | None = None
+        self._connections: set[_GrpcConnection] = set()
+        self._draining = False
+        self._idle = asyncio.Event()
+        self.port = 0
+
+    def _connection_closed(self) -> None:
+        if not self._connections:
+            self._idle.set()
+
+    async def stop(self, grace_seconds: float | None = None) -> None:
+        """Refuse new connections and streams, let in-flight streams finish for
+        up to ``grace_seconds``, then cancel the rest and close."""
+        self._draining = True
+        if self._server is not None:
+            self._server.close()
+        conns = list(self._connections)
+        for c in conns:
+            c.start_drain()
+        if self._connections:
+            self._idle.clear()
+            try:
+                await asyncio.wait_for(self._idle.wait(), timeout=grace_seconds or 0.0)
+            except asyncio.TimeoutError:
+                pass
+        for c in list(self._connections):
+            c.cancel_all()
+        if self._server is not None:
+            await self._server.wait_closed()
+
+    @property
+    def active_streams(self) -> int:
+        return sum(len(c.calls) for c in self._connections)
+
+
+async def serve_fast(
+    new_stream: NewStream,
+    host: str,
+    port: int,
+    *,
+    max_message_bytes: int,
+    health_services: Iterable[str] = DEFAULT_HEALTH_SERVICES,
+) -> FastServer:
+    """Start the purpose-built h2c gRPC server; ``port=0`` picks a free port
+    (read it back from ``server.port``)."""
+    server = FastServer(new_stream, max_message_bytes, health_services)
+    loop = asyncio.get_running_loop()
+    server._server = await loop.create_server(lambda: _GrpcConnection(server), host, port, reuse_address=True)
+    server.port = server._server.sockets[0].getsockname()[1]
+    return server
+
+
+# --- grpc.aio baseline -------------------------------------------------------------
+
+
+class GrpcioServer:
+    def __init__(self, server, health_servicer, port: int):
+        self._server = server
+        self._health = health_servicer
+        self.port = port
+
+    async def stop(self, grace_seconds: float | None = None) -> None:
+        await self._health.enter_graceful_shutdown()
+        await self._server.stop(grace_seconds)
+
+
+async def serve_grpcio(
+    new_stream: NewStream,
+    host: str,
+    port: int,
+    *,
+    max_message_bytes: int,
+    health_services: Iterable[str] = DEFAULT_HEALTH_SERVICES,
+) -> GrpcioServer:
+    """The same service on grpc.aio (baseline / fallback)."""
+    import grpc
+    from grpc_health.v1 import health, health_pb2_grpc
+
+    async def process(request_iterator, context):
+        handler = new_stream()
+        closed = False
+        try:
+            async for req in request_iterator:
+                responses, close = handler.receive(req)
+                for r in responses:
+                    yield r
+                if close:
+                    closed = True
+                    return
+            closed = True
+            handler.finish()
+        finally:
+            if not closed:
+                handler.abort()
+
+    rpc = grpc.stream_stream_rpc_method_handler(
+        process,
+        request_deserializer=pb.ProcessingRequest.FromString,
+        response_serializer=pb.ProcessingResponse.SerializeToString,
+    )
+    generic = grpc.method_handlers_generic_handler(EXT_PROC_SERVICE, {"Process": rpc})
+    server = grpc.aio.server(
+        options=[
+            ("grpc.max_receive_message_length", max_message_bytes),
+            ("grpc.max_send_message_length", max_message_bytes),
+            ("grpc.so_reuseport", 0),
+        ]
+    )
+    server.add_generic_rpc_handlers((generic,))
+    health_servicer = health.aio.HealthServicer()
+    for name in health_services:
+        await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    bound = server.add_insecure_port(f"{host}:{port}")
+    await server.start()
+    return GrpcioServer(server, health_servicer, bound)
+
+
+async def serve(transport: str, new_stream: NewStream, host: str, port: int, **kw):
+    """Pick a transport by name: "fast" or "grpcio" (config: [router] transport)."""
+    if transport == "fast":
+        return await serve_fast(new_stream, host, port, **kw)
+    if transport == "grpcio":
+        return await serve_grpcio(new_stream, host, port, **kw)
+    raise ValueError(f"unknown transport {transport!r}; expected 'fast' or 'grpcio'")
