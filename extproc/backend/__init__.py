@@ -1,0 +1,8 @@
+"""Simulated OpenAI/vLLM-compatible backend pools (``budget-router backend``).
+
+* ``engine``: pure continuous-batching timing model (injectable clock);
+* ``tokens``: prompt token counting with a Llama-3-like chat template;
+* ``server``: aiohttp shell serving /v1/chat/completions, /v1/completions,
+  /v1/models, /health and /metrics;
+* ``cli``: the ``backend`` subcommand.
+"""

@@ -1,0 +1,154 @@
+"""``budget-router backend``: run one simulated vLLM pool.
+
+The project CLI calls ``add_parser(subparsers)``; ``python -m
+extproc.backend.cli ...`` runs the same command standalone.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import sys
+
+from . import engine as eng
+from . import tokens
+from .server import DEFAULT_MODEL, BackendSettings, serve
+
+#: vLLM's default bind is 0.0.0.0; the simulator binds loopback by default
+#: because it is only ever a local stand-in for a GPU pool.
+DEFAULT_HOST = "127.0.0.1"
+
+#: vLLM's default port.
+DEFAULT_PORT = 8000
+
+
+def _positive_float(text: str) -> float:
+    val = float(text)
+    if not val > 0:
+        raise argparse.ArgumentTypeError("must be > 0")
+    return val
+
+
+def _nonneg_float(text: str) -> float:
+    val = float(text)
+    if val < 0:
+        raise argparse.ArgumentTypeError("must be >= 0")
+    return val
+
+
+def _positive_int(text: str) -> int:
+    val = int(text)
+    if val < 1:
+        raise argparse.ArgumentTypeError("must be >= 1")
+    return val
+
+
+def _nonneg_int(text: str) -> int:
+    val = int(text)
+    if val < 0:
+        raise argparse.ArgumentTypeError("must be >= 0")
+    return val
+
+
+def configure_parser(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    p.add_argument("--host", default=DEFAULT_HOST, help="bind address (default %(default)s)")
+    p.add_argument("--port", type=int, default=DEFAULT_PORT,
+                   help="bind port (default %(default)s; 0 picks a free port)")
+    p.add_argument("--name", default="backend",
+                   help="pool name, sent as the x-pool-name response header")
+    p.add_argument("--model", default=DEFAULT_MODEL,
+                   help="served model name (any requested name is accepted and echoed)")
+    p.add_argument("--max-model-len", type=_positive_int, default=eng.DEFAULT_MAX_MODEL_LEN,
+                   help="context length, prompt + output (default %(default)s)")
+    p.add_argument("--max-num-seqs", type=_positive_int, default=eng.DEFAULT_MAX_NUM_SEQS,
+                   help="running sequences per step (default %(default)s, vLLM's)")
+    p.add_argument("--kv-tokens", type=_positive_int, default=eng.DEFAULT_KV_CACHE_TOKENS,
+                   help="KV-cache capacity in tokens (default %(default)s: Llama-3-8B "
+                        "on one 80 GB GPU); must be >= --max-model-len")
+    p.add_argument("--block-size", type=_positive_int, default=eng.DEFAULT_BLOCK_SIZE,
+                   help="KV block size in tokens (default %(default)s, vLLM's)")
+    p.add_argument("--max-num-batched-tokens", type=_positive_int,
+                   default=eng.DEFAULT_MAX_NUM_BATCHED_TOKENS,
+                   help="token budget per step (default %(default)s)")
+    p.add_argument("--max-waiting", type=_nonneg_int, default=None,
+                   help="waiting-queue bound before HTTP 503 "
+                        f"(default {eng.WAITING_PER_SEQ_SLOT} x --max-num-seqs)")
+    p.add_argument("--prefill-tps", type=_positive_float, default=eng.DEFAULT_PREFILL_TPS,
+                   help="prefill throughput, tokens/s (default %(default)s)")
+    p.add_argument("--decode-tps", type=_positive_float, default=eng.DEFAULT_DECODE_TPS,
+                   help="decode rate of a lone sequence, tokens/s (default %(default)s)")
+    p.add_argument("--decode-seq-cost", type=_nonneg_float,
+                   default=eng.DEFAULT_DECODE_SECONDS_PER_SEQ,
+                   help="extra step seconds per running sequence (default %(default)s)")
+    p.add_argument("--decode-ctx-cost", type=_nonneg_float,
+                   default=eng.DEFAULT_DECODE_SECONDS_PER_CTX_TOKEN,
+                   help="extra step seconds per cached context token (default %(default)s)")
+    p.add_argument("--time-scale", type=_nonneg_float, default=1.0,
+                   help="wall seconds per simulated second; 0 answers at once "
+                        "(default %(default)s)")
+    p.add_argument("--tokenizer", default=tokens.DEFAULT_TOKENIZER,
+                   help="tiktoken encoding name (default %(default)s)")
+    p.add_argument("--template-overhead", type=_nonneg_int, default=tokens.REQUEST_OVERHEAD,
+                   help="chat template tokens per request (default %(default)s: "
+                        "Llama-3 BOS + assistant header)")
+    p.add_argument("--per-message-overhead", type=_nonneg_int,
+                   default=tokens.PER_MESSAGE_OVERHEAD,
+                   help="chat template tokens per message (default %(default)s, Llama-3)")
+    p.add_argument("--completion-bos", type=_nonneg_int, default=tokens.COMPLETION_BOS_TOKENS,
+                   help="tokens added to a /v1/completions text prompt (default %(default)s)")
+    return p
+
+
+def add_parser(subparsers) -> argparse.ArgumentParser:
+    p = subparsers.add_parser(
+        "backend", help="run a simulated OpenAI/vLLM-compatible pool",
+        description="Simulated vLLM pool: real token counts, modelled timing.")
+    configure_parser(p)
+    p.set_defaults(func=main)
+    return p
+
+
+def settings_from_args(args: argparse.Namespace) -> BackendSettings:
+    engine_config = eng.EngineConfig(
+        max_model_len=args.max_model_len,
+        max_num_seqs=args.max_num_seqs,
+        kv_cache_tokens=args.kv_tokens,
+        block_size=args.block_size,
+        max_num_batched_tokens=args.max_num_batched_tokens,
+        prefill_tps=args.prefill_tps,
+        decode_tps=args.decode_tps,
+        decode_seconds_per_seq=args.decode_seq_cost,
+        decode_seconds_per_ctx_token=args.decode_ctx_cost,
+        max_waiting=args.max_waiting,
+    ).validate()
+    template = tokens.ChatTemplate(request_overhead=args.template_overhead,
+                                   per_message_overhead=args.per_message_overhead,
+                                   completion_bos=args.completion_bos)
+    return BackendSettings(name=args.name, model=args.model, time_scale=args.time_scale,
+                           tokenizer=args.tokenizer, template=template,
+                           engine=engine_config)
+
+
+def main(args: argparse.Namespace) -> int:
+    try:
+        settings = settings_from_args(args)
+        tokens.get_encoding(settings.tokenizer)
+    except (eng.ConfigError, ValueError) as exc:
+        print(f"budget-router backend: error: {exc}", file=sys.stderr)
+        return 2
+    print(f"backend {settings.name!r}: serving {settings.model} on "
+          f"http://{args.host}:{args.port} (max_model_len={args.max_model_len}, "
+          f"max_num_seqs={args.max_num_seqs}, kv_tokens={args.kv_tokens}, "
+          f"time_scale={args.time_scale})", file=sys.stderr, flush=True)
+    try:
+        asyncio.run(serve(settings, args.host, args.port))
+    except KeyboardInterrupt:
+        pass
+    return 0
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(prog="budget-router")
+    add_parser(parser.add_subparsers(dest="command", required=True))
+    ns = parser.parse_args()
+    sys.exit(ns.func(ns))
