@@ -70,7 +70,7 @@ def configure_parser(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     p.add_argument("--max-num-batched-tokens", type=_positive_int,
                    default=eng.DEFAULT_MAX_NUM_BATCHED_TOKENS,
                    help="token budget per step (default %(default)s)")
-    p.add_argument("--max-waiting", type=_nonneg_int, default=None,
+    p.add_argument("--max-waiting", type=_positive_int, default=None,
                    help="waiting-queue bound before HTTP 503 "
                         f"(default {eng.WAITING_PER_SEQ_SLOT} x --max-num-seqs)")
     p.add_argument("--prefill-tps", type=_positive_float, default=eng.DEFAULT_PREFILL_TPS,
@@ -136,12 +136,14 @@ def main(args: argparse.Namespace) -> int:
     except (eng.ConfigError, ValueError) as exc:
         print(f"budget-router backend: error: {exc}", file=sys.stderr)
         return 2
-    print(f"backend {settings.name!r}: serving {settings.model} on "
-          f"http://{args.host}:{args.port} (max_model_len={args.max_model_len}, "
-          f"max_num_seqs={args.max_num_seqs}, kv_tokens={args.kv_tokens}, "
-          f"time_scale={args.time_scale})", file=sys.stderr, flush=True)
+    def bound(port: int) -> None:
+        print(f"backend {settings.name!r}: serving {settings.model} on "
+              f"http://{args.host}:{port} (max_model_len={args.max_model_len}, "
+              f"max_num_seqs={args.max_num_seqs}, kv_tokens={args.kv_tokens}, "
+              f"time_scale={args.time_scale})", file=sys.stderr, flush=True)
+
     try:
-        asyncio.run(serve(settings, args.host, args.port))
+        asyncio.run(serve(settings, args.host, args.port, on_bound=bound))
     except KeyboardInterrupt:
         pass
     return 0

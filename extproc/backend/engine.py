@@ -156,8 +156,10 @@ class EngineConfig:
         if self.max_num_batched_tokens < self.max_num_seqs:
             # vLLM refuses this too: a full batch of decodes must fit a step.
             raise ConfigError("max_num_batched_tokens must be >= max_num_seqs")
-        if self.waiting_bound < 0:
-            raise ConfigError("max_waiting must be >= 0")
+        if self.waiting_bound < 1:
+            # Arrivals always queue until the next step boundary, so a bound
+            # of 0 would refuse everything.
+            raise ConfigError("max_waiting must be >= 1")
         if self.num_blocks * self.block_size < self.max_model_len:
             # vLLM: "The model's max seq len is larger than the maximum number
             # of tokens that can be stored in KV cache".

@@ -23,9 +23,10 @@ import itertools
 import math
 import os
 import random
+import threading
 import time
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Callable
 
 import orjson
 from aiohttp import web
@@ -570,16 +571,89 @@ def create_app(settings: BackendSettings) -> web.Application:
 
 
 async def serve(settings: BackendSettings, host: str, port: int,
-                ready: asyncio.Event | None = None) -> None:
-    """Run until cancelled."""
+                ready: "asyncio.Event | None" = None,
+                on_bound: "Callable[[int], None] | None" = None) -> None:
+    """Run until cancelled. ``on_bound`` receives the bound port (useful with
+    port 0); ``ready`` is set once the socket listens."""
     app = create_app(settings)
     runner = web.AppRunner(app, handler_cancellation=True, access_log=None)
     await runner.setup()
-    site = web.TCPSite(runner, host, port)
-    await site.start()
-    if ready is not None:
-        ready.set()
     try:
+        site = web.TCPSite(runner, host, port)
+        await site.start()
+        bound = runner.addresses[0][1] if runner.addresses else port
+        if on_bound is not None:
+            on_bound(bound)
+        if ready is not None:
+            ready.set()
         await asyncio.Event().wait()
     finally:
         await runner.cleanup()
+
+
+class BackgroundServer:
+    """Run a backend on its own event loop in a daemon thread (tests, demos).
+
+    >>> with BackgroundServer(BackendSettings(name="short")) as srv:
+    ...     srv.base_url   # "http://127.0.0.1:<port>/v1"
+    """
+
+    def __init__(self, settings: BackendSettings, host: str = "127.0.0.1",
+                 port: int = 0) -> None:
+        self.settings = settings
+        self.host = host
+        self.port = port
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._task: asyncio.Task | None = None
+        self._thread: threading.Thread | None = None
+        self._ready = threading.Event()
+        self._error: BaseException | None = None
+
+    @property
+    def url(self) -> str:
+        return f"http://{self.host}:{self.port}"
+
+    @property
+    def base_url(self) -> str:
+        return self.url + "/v1"
+
+    def _run(self) -> None:
+        def bound(port: int) -> None:
+            self.port = port
+            self._ready.set()
+
+        async def main() -> None:
+            self._loop = asyncio.get_running_loop()
+            self._task = asyncio.current_task()
+            await serve(self.settings, self.host, self.port, on_bound=bound)
+
+        try:
+            asyncio.run(main())
+        except asyncio.CancelledError:
+            pass
+        except BaseException as exc:  # reported by start()
+            self._error = exc
+        finally:
+            self._ready.set()
+
+    def start(self, timeout: float = 10.0) -> "BackgroundServer":
+        self._thread = threading.Thread(target=self._run, daemon=True,
+                                        name=f"backend-{self.settings.name}")
+        self._thread.start()
+        if not self._ready.wait(timeout):
+            raise RuntimeError("backend did not start in time")
+        if self._error is not None:
+            raise RuntimeError(f"backend failed to start: {self._error}") from self._error
+        return self
+
+    def stop(self, timeout: float = 10.0) -> None:
+        if self._loop is not None and self._task is not None:
+            self._loop.call_soon_threadsafe(self._task.cancel)
+        if self._thread is not None:
+            self._thread.join(timeout)
+
+    def __enter__(self) -> "BackgroundServer":
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
