@@ -56,7 +56,6 @@ from envoy_data_plane.envoy.config.common.mutation_rules.v3 import (
 )
 from envoy_data_plane.envoy.config.core.v3 import (
     Address,
-    DataSource,
     GrpcService,
     GrpcServiceEnvoyGrpc,
     HeaderValue,
