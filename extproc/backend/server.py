@@ -519,10 +519,14 @@ def _error_response(err: ApiError) -> web.Response:
                         content_type="application/json")
 
 
+#: Where the app keeps its Backend (for embedding code and tests).
+BACKEND_KEY: "web.AppKey[Backend]" = web.AppKey("backend", Backend)
+
+
 def create_app(settings: BackendSettings) -> web.Application:
     backend = Backend(settings)
     app = web.Application(client_max_size=64 * 1024 * 1024)
-    app["backend"] = backend
+    app[BACKEND_KEY] = backend
 
     async def add_pool_header(request: web.Request, response: web.StreamResponse) -> None:
         response.headers[POOL_HEADER] = settings.name
