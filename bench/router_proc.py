@@ -1,0 +1,75 @@
+"""One router process for the benchmark: a transport serving a handler.
+
+    python -m bench.router_proc --transport fast --handler trivial --port 50051
+
+``--handler trivial`` is bench.trivial_handler (transport cost alone);
+``--handler real`` is the router's own state machine (extproc.machine) when
+it exists. Prints "READY <port>" on stdout once listening.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import signal
+import sys
+
+from extproc.transport import serve_fast, serve_grpcio
+
+TRANSPORTS = ("fast", "grpcio", "grpc_sync", "grpclib")
+
+#: Matches extproc.defaults.GRPC_MAX_MESSAGE_BYTES: an 8 MiB body + 1 MiB.
+MAX_MESSAGE_BYTES = 9 * 1024 * 1024
+
+
+def real_new_stream():
+    """The router's handler factory (extproc.machine, written elsewhere)."""
+    from extproc import machine  # noqa: F401  (ImportError until it exists)
+    from extproc.config import load
+
+    cfg = load()
+    for name in ("make_new_stream", "new_stream_factory"):
+        f = getattr(machine, name, None)
+        if f is not None:
+            return f(cfg)
+    raise ImportError("extproc.machine has no make_new_stream(cfg) / new_stream_factory(cfg)")
+
+
+async def main_async(a) -> None:
+    if a.handler == "trivial":
+        from bench.trivial_handler import new_stream
+    else:
+        new_stream = real_new_stream()
+    if a.transport == "fast":
+        serve = serve_fast
+    elif a.transport == "grpcio":
+        serve = serve_grpcio
+    elif a.transport == "grpc_sync":
+        from bench.alt_transports import serve_grpc_sync as serve
+    else:
+        from bench.alt_transports import serve_grpclib as serve
+    server = await serve(new_stream, a.host, a.port, max_message_bytes=MAX_MESSAGE_BYTES)
+    print(f"READY {server.port}", flush=True)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+    await server.stop(1.0)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--transport", choices=TRANSPORTS, default="fast")
+    ap.add_argument("--handler", choices=("trivial", "real"), default="trivial")
+    ap.add_argument("--host", default="127.0.0.1")
+    ap.add_argument("--port", type=int, default=0)
+    a = ap.parse_args()
+    try:
+        asyncio.run(main_async(a))
+    except KeyboardInterrupt:
+        sys.exit(0)
+
+
+if __name__ == "__main__":
+    main()
