@@ -240,3 +240,14 @@ def test_submit_rejects_invalid_lengths():
         e.submit("x", 90, 20, 0.0)
     with pytest.raises(ValueError):
         e.submit("y", 0, 20, 0.0)
+
+
+def test_changes_inside_submit_are_reported_by_next_advance():
+    """A submit() that runs steps internally must not swallow their events
+    (the server would never wake the affected handlers)."""
+    e = Engine(cfg())
+    a = e.submit("a", 10, 3, 0.0)
+    e.submit("b", 10, 3, 0.5)        # runs a's steps up to t=0.5 internally
+    assert a.generated > 0
+    changed = e.advance(0.5)
+    assert a in changed

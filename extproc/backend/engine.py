@@ -297,7 +297,7 @@ class Engine:
             raise ValueError("sequence longer than max_model_len")
         if req_id in self.seqs:
             raise ValueError(f"duplicate request id {req_id!r}")
-        self.advance(now)
+        self._advance(now)
         if len(self.waiting) >= self.config.waiting_bound:
             self.stats.rejected += 1
             raise QueueFull(req_id)
@@ -313,7 +313,7 @@ class Engine:
 
     def abort(self, req_id: str, now: float) -> None:
         """Drop a sequence (client went away); frees its slot and KV."""
-        self.advance(now)
+        self._advance(now)
         seq = self.seqs.pop(req_id, None)
         if seq is None or seq.done:
             return
@@ -338,22 +338,24 @@ class Engine:
     def advance(self, now: float) -> list[Sequence]:
         """Run every step that ends at or before ``now``; return the
         sequences whose output changed (new tokens or finished) since the
-        previous call (including changes made inside submit/abort)."""
-        changed = self._changed
+        previous call, including changes made while in submit/abort."""
+        self._advance(now)
+        changed, self._changed = self._changed, {}
+        return list(changed.values())
+
+    def _advance(self, now: float) -> None:
         while self._step is not None and self._step.end <= now:
             step = self._step
-            self._finish_step(step, changed)
+            self._finish_step(step, self._changed)
             self._schedule(step.end)
         if now > self.now:
             self.now = now
-        self._changed = {}
-        return list(changed.values())
 
     def run_until_done(self, req_id: str) -> list[Sequence]:
         """Fast-forward simulated time until ``req_id`` is done (time-scale 0)."""
         seq = self.seqs[req_id]
         while not seq.done and self._step is not None:
-            self._changed.update((id(s), s) for s in self.advance(self._step.end))
+            self._advance(self._step.end)
         return self.advance(self.now)
 
     # -- internals ------------------------------------------------------------
