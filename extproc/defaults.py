@@ -39,11 +39,14 @@ METADATA_NAMESPACE = "token_budget_router"
 
 # --- Margins -----------------------------------------------------------------
 
-#: How many learned relative errors (EMA of |est - true| / true) the policy adds
-#: to the prompt estimate before comparing with B_short. Two "sigmas" of an
-#: absolute-error EMA cover ~95% of a half-normal error, which keeps harmful
-#: misroutes (long request sent short) near 0.2% at 8K on the calib data.
-MARGIN_SIGMAS = 2.0
+#: How many root-mean-square relative errors (learned per (model, category)
+#: on prompts of at least half B_short) the policy adds to the prompt estimate
+#: before comparing with B_short. 1.5 sigmas leave ~7% of estimates short of
+#: the truth by more than the margin, but only those within a few percent of
+#: B_short flip: on chats built from ../shared/data/calib with an unseen
+#: tokenizer (bench/make_replay_set.py) 1.5 gave 0.08% harmful misroutes and
+#: 2.0 cut that to 0.06% at the price of ~0.5% more benign ones.
+MARGIN_SIGMAS = 1.5
 
 #: Floor of the relative margin, so a lucky streak of small errors never makes
 #: the policy trust the estimate blindly. 2% is below the typical error of a
@@ -64,9 +67,11 @@ REJECT_MARGIN = 0.25
 DEFAULT_OUTPUT_TOKENS = 1024
 
 #: Quantile of usage.completion_tokens learned per category as the output
-#: budget when the request does not give one. p95 keeps the harmful-misroute
-#: rate from under-estimated outputs near 5% of the uncapped share only.
-OUTPUT_QUANTILE = 0.95
+#: budget when the request does not give one. Only requests whose prompt is
+#: within one output length of B_short are affected, so p90 keeps harmful
+#: misroutes under 0.1% on the replay set, where p95 added ~0.5% benign ones
+#: (the p95 of a log-normal output is ~1.4x its p90).
+OUTPUT_QUANTILE = 0.90
 
 #: Completions observed per category before the learned quantile replaces
 #: DEFAULT_OUTPUT_TOKENS: a p95 needs ~20 points for its first meaningful value.

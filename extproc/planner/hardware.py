@@ -1,0 +1,274 @@
+"""GPU and model profiles, vLLM instance configs and the roofline step-time model.
+
+Every constant cites its public source. Units: bytes, FLOP/s, seconds.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field, replace
+
+GIB = 1024**3
+
+# --- vLLM defaults (each with its precedent) ---------------------------------
+
+#: PagedAttention block size in tokens: vLLM's default ``--block-size 16`` on
+#: CUDA and ROCm (vllm/config CacheConfig.block_size).
+BLOCK_SIZE = 16
+
+#: vLLM's default ``--gpu-memory-utilization``: the fraction of each GPU's memory
+#: the engine may use for weights + activations + KV cache.
+GPU_MEMORY_UTILIZATION = 0.9
+
+#: vLLM's default ``--max-num-seqs`` (256 in V0 and for the OpenAI server on
+#: GPUs < 70 GB in V1): the cap on concurrently running sequences.
+MAX_NUM_SEQS = 256
+
+#: vLLM V1's default ``--max-num-batched-tokens`` for the OpenAI server on GPUs
+#: with >= 70 GB (A100-80GB, H100, MI300X): 8192 tokens per step, with chunked
+#: prefill always on in V1.
+MAX_NUM_BATCHED_TOKENS = 8192
+
+#: Memory per GPU that vLLM's profiling run keeps out of the KV cache for peak
+#: activations (a max_num_batched_tokens forward pass), CUDA graphs and the
+#: NCCL/allocator workspace. vLLM start-up logs for 70B-class models at TP 4-8
+#: typically report 1-4 GiB of non-weight, non-KV use per GPU; 3 GiB is mid-range.
+NON_KV_RESERVE_PER_GPU = 3 * GIB
+
+# --- Roofline efficiencies (calibrated, see docs/planner.md) -----------------
+
+#: Fraction of peak HBM bandwidth a decode step achieves when streaming weights
+#: and KV. Memory-bound GEMV/attention kernels reach 70-85% of peak on A100/H100
+#: (e.g. a single-request Llama-8B decode measured at ~77% of A100 bandwidth,
+#: johnmusgrave.com "vLLM throughput-latency sweep on NVIDIA A100").
+MEM_EFFICIENCY = 0.8
+
+#: Fraction of dense BF16 peak FLOP/s reached by large prefill/decode GEMMs in
+#: vLLM (model FLOPs utilisation). 0.5-0.6 is the usual MFU of TP-sharded
+#: inference GEMMs; 0.55 is our calibrated value (docs/planner.md).
+COMPUTE_EFFICIENCY = 0.55
+
+#: Fixed per-step cost independent of TP: scheduler, input preparation,
+#: sampling and kernel-launch gaps that CUDA graphs do not hide. vLLM v0.6.0's
+#: performance blog measured CPU-side overheads of a few ms per step; 2 ms is
+#: what remains after its async output processing.
+STEP_OVERHEAD_S = 0.002
+
+#: Latency of one small all-reduce across TP GPUs (NVLink/xGMI). Tensor
+#: parallelism does 2 all-reduces per layer per step; NCCL/RCCL small-message
+#: all-reduce latency within a node is ~10-30 us. Calibrated to 30 us against
+#: vLLM's published Llama-3-70B TP4 H200 latency test (docs/planner.md).
+ALLREDUCE_LATENCY_S = 30e-6
+
+
+@dataclass(frozen=True)
+class GPU:
+    name: str
+    memory_bytes: float
+    hbm_bandwidth: float  # bytes/s
+    peak_flops: float  # dense BF16 FLOP/s
+    price_per_hour: float  # USD per GPU-hour (configurable assumption)
+    source: str
+
+
+#: Public datasheet figures. Prices are on-demand list prices per GPU-hour and
+#: only a default: pass --price-per-gpu-hour for your own.
+GPUS: dict[str, GPU] = {
+    "a100": GPU(
+        "A100-SXM4-80GB", 80 * GIB, 2.039e12, 312e12, 1.79,
+        "NVIDIA A100 datasheet: 80GB HBM2e, 2,039 GB/s, BF16 312 TFLOPS dense; "
+        "price: Lambda on-demand A100 $1.79/h"),
+    "h100": GPU(
+        "H100-SXM5-80GB", 80 * GIB, 3.35e12, 989e12, 2.99,
+        "NVIDIA H100 datasheet (SXM): 80GB HBM3, 3.35 TB/s, BF16 989 TFLOPS dense "
+        "(1,979 with sparsity); price: Lambda on-demand H100 $2.99/h"),
+    "h200": GPU(
+        "H200-SXM-141GB", 141e9, 4.8e12, 989e12, 3.29,
+        "NVIDIA H200 datasheet: 141GB HBM3e, 4.8 TB/s, BF16 989 TFLOPS dense; "
+        "price: Lambda on-demand H200 $3.29/h"),
+    "mi300x": GPU(
+        "MI300X-192GB", 192 * GIB, 5.3e12, 1307.4e12, 2.50,
+        "AMD Instinct MI300X datasheet: 192GB HBM3, 5.3 TB/s, BF16 1,307.4 TFLOPS "
+        "dense; price: assumption, typical 2025 neocloud MI300X rate"),
+}
+
+
+@dataclass(frozen=True)
+class Model:
+    name: str
+    params: float  # total parameters
+    active_params: float  # parameters touched per token (MoE: shared + top-k experts)
+    layers: int
+    q_heads: int
+    kv_heads: int
+    head_dim: int
+    dtype_bytes: int
+    max_context: int
+    experts: int = 0  # routed experts per MoE layer (0 = dense)
+    experts_per_token: int = 0
+    expert_params: float = 0.0  # parameters in routed experts (all of them)
+    default_tp: dict = field(default_factory=dict)
+    source: str = ""
+
+    @property
+    def kv_bytes_per_token(self) -> int:
+        # K and V, per layer, per KV head, head_dim values of dtype_bytes each.
+        return 2 * self.layers * self.kv_heads * self.head_dim * self.dtype_bytes
+
+    @property
+    def weight_bytes(self) -> float:
+        return self.params * self.dtype_bytes
+
+    @property
+    def attn_flops_per_ctx_token(self) -> float:
+        # QK^T and AV: 2 matmuls x 2 FLOP/MAC x q_heads x head_dim, per layer.
+        return 4.0 * self.layers * self.q_heads * self.head_dim
+
+    def weight_bytes_read(self, tokens: int) -> float:
+        """Bytes of weights one step reads for `tokens` tokens in the batch.
+
+        Dense models read every weight. A MoE reads the shared part plus the
+        experts touched: with k of E experts per token chosen ~uniformly, the
+        expected touched share is 1 - (1 - k/E)^tokens.
+        """
+        if not self.experts:
+            return self.weight_bytes
+        shared = self.params - self.expert_params
+        frac = 1.0 - (1.0 - self.experts_per_token / self.experts) ** max(tokens, 1)
+        return (shared + self.expert_params * frac) * self.dtype_bytes
+
+
+_QWEN_TOTAL, _QWEN_ACTIVE, _QWEN_E, _QWEN_K = 235.09e9, 22.2e9, 128, 8
+# active = shared + expert_params * k/E  and  total = shared + expert_params
+_QWEN_EXPERT = (_QWEN_TOTAL - _QWEN_ACTIVE) / (1 - _QWEN_K / _QWEN_E)
+
+MODELS: dict[str, Model] = {
+    "llama-3-70b": Model(
+        "Llama-3.1-70B", 70.55e9, 70.55e9, 80, 64, 8, 128, 2, 131072,
+        default_tp={"a100": 4, "h100": 4, "h200": 4, "mi300x": 2},
+        source="meta-llama/Llama-3.1-70B config.json: 80 layers, 64 heads, 8 KV "
+               "heads, hidden 8192 (head_dim 128), 131072 max positions; 70.6B params, BF16"),
+    "qwen3-235b-a22b": Model(
+        "Qwen3-235B-A22B", _QWEN_TOTAL, _QWEN_ACTIVE, 94, 64, 4, 128, 2, 131072,
+        experts=_QWEN_E, experts_per_token=_QWEN_K, expert_params=_QWEN_EXPERT,
+        default_tp={"a100": 8, "h100": 8, "h200": 8, "mi300x": 4},
+        source="Qwen/Qwen3-235B-A22B model card/config.json: 235B total, 22B "
+               "activated, 94 layers, 64 Q / 4 KV heads, head_dim 128, 128 experts "
+               "8 active; 32,768 native context, 131,072 with YaRN"),
+}
+
+
+class ConfigError(ValueError):
+    """An instance configuration vLLM itself would refuse to start."""
+
+
+@dataclass(frozen=True)
+class InstanceConfig:
+    """One vLLM server: hardware, model, TP degree and the scheduler knobs."""
+
+    gpu: GPU
+    model: Model
+    tp: int
+    max_model_len: int
+    max_num_seqs: int = MAX_NUM_SEQS
+    max_num_batched_tokens: int = MAX_NUM_BATCHED_TOKENS
+    gpu_memory_utilization: float = GPU_MEMORY_UTILIZATION
+    block_size: int = BLOCK_SIZE
+
+    def with_(self, **kw) -> "InstanceConfig":
+        return replace(self, **kw)
+
+    @property
+    def kv_bytes_total(self) -> float:
+        return (self.gpu.memory_bytes * self.gpu_memory_utilization * self.tp
+                - self.model.weight_bytes - NON_KV_RESERVE_PER_GPU * self.tp)
+
+    @property
+    def num_blocks(self) -> int:
+        per_block = self.model.kv_bytes_per_token * self.block_size
+        return max(0, int(self.kv_bytes_total // per_block))
+
+    @property
+    def kv_tokens(self) -> int:
+        return self.num_blocks * self.block_size
+
+    def validate(self) -> "InstanceConfig":
+        if self.kv_bytes_total <= 0:
+            raise ConfigError(
+                f"{self.model.name} weights ({self.model.weight_bytes / GIB:.0f} GiB) do not "
+                f"fit {self.tp} x {self.gpu.name} at gpu_memory_utilization "
+                f"{self.gpu_memory_utilization}; raise --tp")
+        if self.kv_tokens < self.max_model_len:
+            # vLLM refuses to start when one max_model_len sequence cannot fit.
+            raise ConfigError(
+                f"KV cache holds {self.kv_tokens} tokens < max_model_len "
+                f"{self.max_model_len} ({self.model.name}, TP {self.tp}, {self.gpu.name})")
+        if self.max_model_len > self.model.max_context:
+            raise ConfigError(f"max_model_len {self.max_model_len} > model context "
+                              f"{self.model.max_context}")
+        if self.max_num_batched_tokens < self.max_num_seqs:
+            # vLLM requires max_num_batched_tokens >= max_num_seqs.
+            raise ConfigError("max_num_batched_tokens must be >= max_num_seqs")
+        if self.max_num_seqs < 1:
+            raise ConfigError("max_num_seqs must be >= 1")
+        return self
+
+    def label(self) -> str:
+        return (f"{self.model.name} TP{self.tp} {self.gpu.name} len={self.max_model_len} "
+                f"seqs={self.max_num_seqs} mbt={self.max_num_batched_tokens}")
+
+    # -- roofline constants used by the instance model -------------------------
+    def step_coeffs(self) -> "StepCoeffs":
+        return StepCoeffs.of(self)
+
+
+@dataclass(frozen=True)
+class StepCoeffs:
+    """Coefficients of the step-time model, precomputed per config.
+
+    time = overhead + max(flops / F, bytes / BW) where
+      flops = 2 * active * tokens + attn * ctx_tokens_attended
+      bytes = weights_read(tokens) + kvb * ctx_tokens_read
+    """
+
+    overhead: float
+    inv_flops: float  # s per FLOP (whole instance, with efficiency)
+    inv_bw: float  # s per byte
+    flops_per_token: float
+    attn_flops_per_ctx: float
+    kv_bytes_per_token: float
+    model: Model
+
+    @staticmethod
+    def of(cfg: InstanceConfig) -> "StepCoeffs":
+        m = cfg.model
+        comm = 0.0 if cfg.tp == 1 else 2 * m.layers * ALLREDUCE_LATENCY_S
+        return StepCoeffs(
+            overhead=STEP_OVERHEAD_S + comm,
+            inv_flops=1.0 / (cfg.gpu.peak_flops * COMPUTE_EFFICIENCY * cfg.tp),
+            inv_bw=1.0 / (cfg.gpu.hbm_bandwidth * MEM_EFFICIENCY * cfg.tp),
+            flops_per_token=2.0 * m.active_params,
+            attn_flops_per_ctx=m.attn_flops_per_ctx_token,
+            kv_bytes_per_token=float(m.kv_bytes_per_token),
+            model=m,
+        )
+
+    def step_time(self, tokens: int, attn_ctx: float, kv_read: float) -> float:
+        c = (self.flops_per_token * tokens + self.attn_flops_per_ctx * attn_ctx) * self.inv_flops
+        b = (self.model.weight_bytes_read(tokens) + self.kv_bytes_per_token * kv_read) * self.inv_bw
+        return self.overhead + (c if c > b else b)
+
+
+def make_config(gpu: str, model: str, max_model_len: int | None = None, tp: int | None = None,
+                **kw) -> InstanceConfig:
+    if gpu not in GPUS:
+        raise ConfigError(f"unknown gpu {gpu!r}; known: {', '.join(GPUS)}")
+    if model not in MODELS:
+        raise ConfigError(f"unknown model {model!r}; known: {', '.join(MODELS)}")
+    g, m = GPUS[gpu], MODELS[model]
+    tp = tp or m.default_tp.get(gpu, 8)
+    return InstanceConfig(g, m, tp, max_model_len or m.max_context, **kw)
+
+
+def safe_max_num_seqs(cfg: InstanceConfig) -> int:
+    """max_num_seqs that can never preempt: every sequence at max_model_len fits."""
+    return max(1, min(cfg.max_num_seqs, cfg.num_blocks // math.ceil(cfg.max_model_len / cfg.block_size)))

@@ -1,0 +1,433 @@
+"""One vLLM server, simulated iteration by iteration (continuous batching).
+
+Faithful to the vLLM V1 scheduler where it matters for sizing:
+
+* PagedAttention KV blocks (``block_size`` tokens) allocated as sequences grow;
+  a request's prefill allocates the blocks for the chunk it computes.
+* Each step first serves the *running* requests in admission order (every
+  decoding request 1 token, partially prefilled requests a chunk from the
+  ``max_num_batched_tokens`` budget), then admits *waiting* requests FCFS
+  while ``len(running) < max_num_seqs`` and blocks and budget remain
+  (chunked prefill). No admission in a step that preempted.
+* When blocks run out, the most recently admitted running request is
+  preempted by recompute: its blocks are freed, it goes back to the front of
+  the waiting queue and must prefill prompt + tokens generated so far again
+  (the lost work costs real step time).
+* Requests with prompt + max_tokens > ``max_model_len`` are rejected on arrival
+  (the OpenAI server's 400 "maximum context length" error).
+
+Speed: decoding requests are not touched per step. Their KV length is
+``base + (dc - join)`` where ``dc`` counts steps, block growth is tracked by
+phase class (length mod block_size), and runs of pure-decode steps with no
+admission possible are jumped over analytically up to the next event (first
+completion, the step whose block need exceeds free blocks, or the caller's
+time limit). Step time is the roofline of ``hardware.StepCoeffs``.
+"""
+from __future__ import annotations
+
+import heapq
+from collections import deque
+
+from .hardware import InstanceConfig
+
+INF = float("inf")
+
+
+class Records:
+    """Per-request outcomes shared by all instances of a simulation (plain lists: fast)."""
+
+    __slots__ = ("first_token", "finish", "first_sched", "preempts", "rejected", "inst", "pool")
+
+    def __init__(self, n: int):
+        nan = float("nan")
+        self.first_token = [nan] * n
+        self.finish = [nan] * n
+        self.first_sched = [nan] * n
+        self.preempts = [0] * n
+        self.rejected = bytearray(n)
+        self.inst = [-1] * n
+        self.pool = [-1] * n
+
+
+class Seq:
+    __slots__ = ("rid", "P", "O", "g", "target", "computed", "blocks", "dec", "base", "join",
+                 "gjoin", "ver", "work")
+
+    def __init__(self, rid: int, P: int, O: int, work: float):
+        self.rid = rid
+        self.P = P
+        self.O = O
+        self.g = 0  # tokens generated before the current (re)admission
+        self.target = P  # tokens to prefill: prompt + g (recompute after preemption)
+        self.computed = 0
+        self.blocks = 0  # blocks held while prefilling
+        self.dec = False
+        self.base = 0
+        self.join = 0
+        self.gjoin = 0
+        self.ver = 0
+        self.work = work  # balancer's estimate of this request's tokens
+
+
+def _lin(a: float, b: float, k0: int, k1: int) -> float:
+    """sum_{k=k0}^{k1-1} (a + b k)."""
+    n = k1 - k0
+    if n <= 0:
+        return 0.0
+    return n * a + b * n * (k0 + k1 - 1) * 0.5
+
+
+def _sum_max(a1: float, b1: float, a2: float, b2: float, n: int) -> float:
+    """sum_{k=0}^{n-1} max(a1 + b1 k, a2 + b2 k)."""
+    d, e = a1 - a2, b1 - b2
+    if e == 0.0:
+        return _lin(a1, b1, 0, n) if d >= 0 else _lin(a2, b2, 0, n)
+    kx = -d / e  # f1 >= f2  iff  d + e k >= 0
+    if e > 0:  # f1 dominates for k >= kx
+        c = min(max(int(-(-kx // 1)), 0), n)
+        return _lin(a2, b2, 0, c) + _lin(a1, b1, c, n)
+    c = min(max(int(kx // 1) + 1, 0), n)  # f1 dominates for k <= kx
+    return _lin(a1, b1, 0, c) + _lin(a2, b2, c, n)
+
+
+class Instance:
+    def __init__(self, cfg: InstanceConfig, iid: int, rec: Records, work: list, widx: int,
+                 check: bool = False):
+        cfg.validate()
+        self.cfg = cfg
+        self.iid = iid
+        self.rec = rec
+        self.work = work
+        self.widx = widx
+        self.check = check
+        c = cfg.step_coeffs()
+        self.ovh, self.invF, self.invB = c.overhead, c.inv_flops, c.inv_bw
+        self.fpt, self.attn, self.kvb = c.flops_per_token, c.attn_flops_per_ctx, c.kv_bytes_per_token
+        self.model = cfg.model
+        self._wread = {}  # tokens -> weight bytes read (MoE depends on batch)
+        self.bs = cfg.block_size
+        self.total_blocks = cfg.num_blocks
+        self.free = self.total_blocks
+        self.max_len = cfg.max_model_len
+        self.max_seqs = cfg.max_num_seqs
+        self.mbt = cfg.max_num_batched_tokens
+        self.t = 0.0
+        self.waiting: deque[Seq] = deque()
+        self.running: dict[int, Seq] = {}
+        self.prefilling: list[Seq] = []
+        self.nD = 0
+        self.cnt = [0] * self.bs
+        self.sum_off = 0
+        self.dc = 0
+        self.heap: list = []
+        # statistics
+        self.kv_int = 0.0  # integral of used blocks over busy time
+        self.busy = 0.0
+        self.peak_used = 0
+        self.steps = 0
+        self.jumps = 0
+        self.preemptions = 0
+        self.recomputed_tokens = 0
+        self.completed = 0
+        self.rejected = 0
+        self.admitted = 0
+
+    # -- helpers -----------------------------------------------------------------
+    def _w(self, tokens: int) -> float:
+        w = self._wread.get(tokens)
+        if w is None:
+            w = self._wread[tokens] = self.model.weight_bytes_read(tokens)
+        return w
+
+    def idle(self) -> bool:
+        return not self.running and not self.waiting
+
+    def outstanding(self) -> int:
+        return len(self.running) + len(self.waiting)
+
+    def add(self, s: Seq, t: float) -> None:
+        """A request arrives at time t (the caller has run the instance up to t)."""
+        rec = self.rec
+        rec.inst[s.rid] = self.iid
+        if s.P + s.O > self.max_len:
+            rec.rejected[s.rid] = 1
+            rec.finish[s.rid] = t
+            self.work[self.widx] -= s.work
+            self.rejected += 1
+            return
+        if self.t < t:
+            # Idle (or caught up): the next step starts when the request arrives.
+            self.t = t
+        self.waiting.append(s)
+
+    def _finish(self, s: Seq, blocks: int) -> None:
+        del self.running[s.rid]
+        self.free += blocks
+        self.rec.finish[s.rid] = self.t
+        self.work[self.widx] -= s.work
+        self.completed += 1
+
+    def _preempt_last(self) -> Seq:
+        rid = next(reversed(self.running))
+        v = self.running.pop(rid)
+        if v.dec:
+            L = v.base + self.dc - v.join
+            blocks = -(-L // self.bs)
+            v.g = v.gjoin + self.dc - v.join
+            self.cnt[(v.base - v.join) % self.bs] -= 1
+            self.nD -= 1
+            self.sum_off -= v.base - v.join
+            v.dec = False
+            v.ver += 1
+        else:
+            blocks = v.blocks
+            self.prefilling.remove(v)
+        self.free += blocks
+        v.blocks = 0
+        v.computed = 0
+        v.target = v.P + v.g
+        self.recomputed_tokens += v.target
+        self.waiting.appendleft(v)
+        self.rec.preempts[v.rid] += 1
+        self.preemptions += 1
+        return v
+
+    def _admissible(self) -> bool:
+        """Could the head of the waiting queue be admitted at the next step?"""
+        if not self.waiting or len(self.running) >= self.max_seqs:
+            return False
+        room = self.mbt - self.nD
+        if room <= 0:
+            return False
+        s = self.waiting[0]
+        x = s.target if s.target < room else room
+        need_dec = self.cnt[(-self.dc) % self.bs] if self.nD else 0
+        return -(-x // self.bs) <= self.free - need_dec
+
+    def _pop_done(self) -> None:
+        h, dc = self.heap, self.dc
+        while h and h[0][0] <= dc:
+            _, _, ver, s = heapq.heappop(h)
+            if ver != s.ver or not s.dec:
+                continue
+            L = s.base + dc - s.join
+            self.cnt[(s.base - s.join) % self.bs] -= 1
+            self.nD -= 1
+            self.sum_off -= s.base - s.join
+            s.dec = False
+            self._finish(s, -(-L // self.bs))
+
+    def _head_finish(self) -> int:
+        h = self.heap
+        while h and (h[0][2] != h[0][3].ver or not h[0][3].dec):
+            heapq.heappop(h)
+        return h[0][0] if h else self.dc + (1 << 40)
+
+    # -- decode-run planning -------------------------------------------------------
+    def _plan(self):
+        """(n, a1, b1, a2, b2) for the pure-decode run possible now, or None."""
+        if self.prefilling or not self.nD or self._admissible():
+            return None
+        nD, bs, dc, cnt = self.nD, self.bs, self.dc, self.cnt
+        n_fin = self._head_finish() - dc
+        full = self.free // nD
+        rem = self.free - full * nD
+        acc = 0
+        j = 0
+        while j < bs:
+            need = cnt[(-(dc + j)) % bs]
+            if acc + need > rem:
+                break
+            acc += need
+            j += 1
+        n_kv = full * bs + j
+        n = n_fin if n_fin < n_kv else n_kv
+        if n <= 0:
+            return None
+        S0 = self.sum_off + nD * dc
+        a1 = self.ovh + (self.fpt * nD + self.attn * S0) * self.invF
+        b1 = self.attn * nD * self.invF
+        a2 = self.ovh + (self._w(nD) + self.kvb * S0) * self.invB
+        b2 = self.kvb * nD * self.invB
+        return n, a1, b1, a2, b2
+
+    def _blocks_needed(self, n: int) -> int:
+        bs, dc, cnt = self.bs, self.dc, self.cnt
+        need = (n // bs) * self.nD
+        for j in range(n % bs):
+            need += cnt[(-(dc + j)) % bs]
+        return need
+
+    def next_event(self) -> float:
+        """When the balancer next needs this instance processed (a completion), or
+        self.t if a detailed step is pending; inf when idle."""
+        if self.idle():
+            return INF
+        p = self._plan()
+        if p is None:
+            return self.t
+        n, a1, b1, a2, b2 = p
+        return self.t + _sum_max(a1, b1, a2, b2, n)
+
+    # -- simulation ----------------------------------------------------------------
+    def run_until(self, T: float) -> None:
+        """Execute every step that starts before T (the state ends at a step boundary)."""
+        while self.t < T and (self.running or self.waiting):
+            p = self._plan()
+            if p is None:
+                self._step()
+                continue
+            n, a1, b1, a2, b2 = p
+            dt = _sum_max(a1, b1, a2, b2, n)
+            if T != INF and self.t + dt >= T:
+                D = T - self.t
+                lo, hi = 1, n  # smallest m with S(m) >= D
+                while lo < hi:
+                    mid = (lo + hi) // 2
+                    if _sum_max(a1, b1, a2, b2, mid) >= D:
+                        hi = mid
+                    else:
+                        lo = mid + 1
+                n = lo
+                dt = _sum_max(a1, b1, a2, b2, n)
+            need = self._blocks_needed(n)
+            used0 = self.total_blocks - self.free
+            self.free -= need
+            self.kv_int += (used0 + need * 0.5) * dt
+            self.busy += dt
+            self.t += dt
+            self.dc += n
+            self.steps += n
+            self.jumps += 1
+            if self.total_blocks - self.free > self.peak_used:
+                self.peak_used = self.total_blocks - self.free
+            self._pop_done()
+            if self.check:
+                self._check()
+
+    def _step(self) -> None:
+        bs, rec = self.bs, self.rec
+        budget = self.mbt
+        preempted = False
+        # 1) running decodes: one token each; preempt from the tail if blocks run out
+        need = self.cnt[(-self.dc) % bs] if self.nD else 0
+        while need > self.free:
+            v = self._preempt_last()
+            preempted = True
+            need = self.cnt[(-self.dc) % bs] if self.nD else 0
+        self.free -= need
+        nD = self.nD
+        budget -= nD
+        S_dec = self.sum_off + nD * self.dc
+        chunks = []
+        # 2) running prefills (chunked), in admission order
+        for s in list(self.prefilling):
+            if budget <= 0:
+                break
+            if s.rid not in self.running or s.dec:
+                continue
+            x = s.target - s.computed
+            if x > budget:
+                x = budget
+            nb = -(-(s.computed + x) // bs) - s.blocks
+            gone = False
+            while nb > self.free:
+                # Victims come from the tail of the running list. Decodes already
+                # got their token this step (we batch them first), so a tail decode
+                # means this chunk waits for the next step instead.
+                if self.running[next(reversed(self.running))].dec:
+                    gone = True
+                    break
+                v = self._preempt_last()
+                preempted = True
+                if v is s:
+                    gone = True
+                    break
+            if gone:
+                continue
+            self.free -= nb
+            s.blocks += nb
+            chunks.append((s, x))
+            budget -= x
+        # 3) admissions (FCFS, chunked prefill), only if nothing was preempted
+        if not preempted:
+            while self.waiting and len(self.running) < self.max_seqs and budget > 0:
+                s = self.waiting[0]
+                x = s.target if s.target < budget else budget
+                nb = -(-x // bs)
+                if nb > self.free:
+                    break
+                self.waiting.popleft()
+                self.running[s.rid] = s
+                self.prefilling.append(s)
+                s.computed = 0
+                s.blocks = nb
+                self.free -= nb
+                self.admitted += 1
+                if rec.first_sched[s.rid] != rec.first_sched[s.rid]:  # NaN: first time
+                    rec.first_sched[s.rid] = self.t
+                chunks.append((s, x))
+                budget -= x
+        if not nD and not chunks:
+            if preempted or not self.running:
+                return  # state changed; the caller loops
+            # Only partial prefills hold blocks and none can grow: recompute the
+            # newest one (vLLM would preempt it when allocation fails).
+            self._preempt_last()
+            return
+        # 4) step time (roofline)
+        tokens = nD
+        attn_ctx = S_dec
+        kv_read = S_dec
+        for s, x in chunks:
+            tokens += x
+            attn_ctx += x * s.computed + x * x * 0.5
+            kv_read += s.computed
+        c = (self.fpt * tokens + self.attn * attn_ctx) * self.invF
+        b = (self._w(tokens) + self.kvb * kv_read) * self.invB
+        dt = self.ovh + (c if c > b else b)
+        used = self.total_blocks - self.free
+        self.kv_int += used * dt
+        self.busy += dt
+        if used > self.peak_used:
+            self.peak_used = used
+        self.t += dt
+        self.dc += 1
+        self.steps += 1
+        # 5) prefill progress: the step that finishes a prefill samples a token
+        for s, x in chunks:
+            s.computed += x
+            if s.computed < s.target:
+                continue
+            self.prefilling.remove(s)
+            gen = s.g + 1
+            if rec.first_token[s.rid] != rec.first_token[s.rid]:
+                rec.first_token[s.rid] = self.t
+            if gen >= s.O:
+                self._finish(s, s.blocks)
+                continue
+            s.dec = True
+            s.base = s.target
+            s.join = self.dc
+            s.gjoin = gen
+            s.blocks = 0
+            self.cnt[(s.base - s.join) % bs] += 1
+            self.nD += 1
+            self.sum_off += s.base - s.join
+            heapq.heappush(self.heap, (s.join + s.O - gen, s.rid, s.ver, s))
+        self._pop_done()
+        if self.check:
+            self._check()
+
+    def _check(self) -> None:
+        """Invariants (tests): block accounting is exact and within capacity."""
+        assert 0 <= self.free <= self.total_blocks, (self.free, self.total_blocks)
+        held = 0
+        for s in self.running.values():
+            if s.dec:
+                held += -(-(s.base + self.dc - s.join) // self.bs)
+            else:
+                held += s.blocks
+        assert held == self.total_blocks - self.free, (held, self.total_blocks - self.free)
+        assert len(self.running) <= self.max_seqs
+        assert self.nD == sum(1 for s in self.running.values() if s.dec)

@@ -1,0 +1,76 @@
+"""Per-pool and fleet metrics of a simulation (pure functions of a SimResult)."""
+from __future__ import annotations
+
+import numpy as np
+
+from .fleet import SimResult
+
+HOURS_PER_YEAR = 8760
+
+
+def _pct(a: np.ndarray, q: float) -> float:
+    a = a[np.isfinite(a)]
+    return float(np.percentile(a, q)) if a.size else float("nan")
+
+
+def _block(r: SimResult, mask: np.ndarray, insts: list[dict], duration: float,
+           tp_price: list[tuple[int, float]]) -> dict:
+    n = int(mask.sum())
+    rej = r.rejected & mask
+    ok = mask & ~r.rejected
+    ttft = (r.first_token - r.arrival)[ok]
+    e2e = (r.finish - r.arrival)[ok]
+    queue = (r.first_sched - r.arrival)[ok]
+    multi = ok & (r.output > 1)
+    tpot = ((r.finish - r.first_token) / np.maximum(r.output - 1, 1))[multi]
+    pre = int(r.preempts[mask].sum())
+    busy = sum(s["busy"] for s in insts)
+    kv_int = sum(s["kv_int"] for s in insts)
+    cap = sum(s["blocks"] for s in insts)
+    cap_busy = sum(s["blocks"] * s["busy"] for s in insts)
+    span = max(duration, max((s["end"] for s in insts), default=0.0))
+    gpus = sum(tp for tp, _ in tp_price)
+    usd_h = sum(tp * price for tp, price in tp_price)
+    return {
+        "requests": n,
+        "completed": int(ok.sum()),
+        "rejected": int(rej.sum()),
+        "rejected_per_1k": 1000.0 * rej.sum() / max(n, 1),
+        "ttft_p50_ms": 1e3 * _pct(ttft, 50), "ttft_p99_ms": 1e3 * _pct(ttft, 99),
+        "tpot_p50_ms": 1e3 * _pct(tpot, 50), "tpot_p99_ms": 1e3 * _pct(tpot, 99),
+        "e2e_p50_s": _pct(e2e, 50), "e2e_p99_s": _pct(e2e, 99),
+        "queue_p50_ms": 1e3 * _pct(queue, 50), "queue_p99_ms": 1e3 * _pct(queue, 99),
+        "preemptions": pre,
+        "preemptions_per_1k": 1000.0 * pre / max(n, 1),
+        "preempted_requests": int((r.preempts[mask] > 0).sum()),
+        "recomputed_tokens": int(sum(s["recomputed_tokens"] for s in insts)),
+        "kv_util_busy": kv_int / cap_busy if cap_busy else 0.0,
+        "kv_util": kv_int / (cap * span) if cap and span else 0.0,
+        "gpu_busy": busy / (len(insts) * span) if insts and span else 0.0,
+        "instances": len(insts),
+        "gpus": gpus,
+        "gpu_hours": gpus * duration / 3600.0,
+        "usd_per_year": usd_h * HOURS_PER_YEAR,
+        "throughput_rps": int(ok.sum()) / span if span else 0.0,
+    }
+
+
+def summarize(r: SimResult) -> dict:
+    """{'fleet': {...}, 'pools': {name: {...}}} for a simulation."""
+    duration = float(r.arrival[-1] - r.arrival[0]) if len(r.arrival) > 1 else 0.0
+    out = {"trace": r.trace_name, "spec": r.spec.describe(), "duration_s": duration,
+           "spilled": r.spilled, "sim_wall_s": r.wall_s,
+           "sim_req_per_s": len(r.arrival) / r.wall_s if r.wall_s else 0.0, "pools": {}}
+    all_tp = []
+    for k, p in enumerate(r.spec.pools):
+        insts = [s for s in r.inst_stats if s["pool"] == k]
+        tpp = [(p.cfg.tp, p.cfg.gpu.price_per_hour)] * p.count
+        all_tp += tpp
+        out["pools"][p.name] = _block(r, r.pool == k, insts, duration, tpp)
+    out["fleet"] = _block(r, np.ones(len(r.arrival), dtype=bool), r.inst_stats, duration, all_tp)
+    return out
+
+
+def meets(m: dict, slo_ttft_p99_ms: float, slo_preempt_per_1k: float) -> bool:
+    return (m["completed"] > 0 and m["ttft_p99_ms"] <= slo_ttft_p99_ms
+            and m["preemptions_per_1k"] <= slo_preempt_per_1k)

@@ -1,0 +1,96 @@
+"""Routing policy: from an estimate to a pool, a rejection, or the safe default.
+
+Pure functions of (estimate, output budget, config). The rules:
+
+* budget with margin = prompt_estimate * (1 + margin) + output_budget;
+  ``short`` if it is <= B_short, else ``long``;
+* a prompt that is *surely* above the long pool's max_model_len
+  (estimate * (1 - reject_margin) > max_model_len) is answered 400
+  ``context_length_exceeded`` without touching vLLM;
+* anything we cannot estimate goes ``long``: the long pool serves any length,
+  so a wrong guess there costs efficiency, never a failure.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from .config import Config
+
+# Reasons, as they appear in the decision header, metadata and logs.
+R_SHORT = "budget_fits_short"
+R_LONG = "budget_over_b_short"
+R_CONTEXT = "context_length_exceeded"
+R_TOO_LARGE = "body_too_large"
+R_NOT_LLM = "not_llm"          # + ": <why>" in Decision.detail
+R_INTERNAL = "internal_error"  # a bug in the router: routed long, logged
+
+#: HTTP status codes of the immediate responses.
+STATUS_BAD_REQUEST = 400
+STATUS_TOO_LARGE = 413
+
+
+@dataclass(slots=True)
+class Decision:
+    pool: str
+    reason: str
+    detail: str = ""
+    model: str = ""
+    category: str = ""
+    estimate: int = 0            # estimated prompt tokens
+    output: int = 0              # output budget
+    output_source: str = ""      # request | learned | default
+    margin: float = 0.0          # relative margin on the estimate
+    rel_error: float = 0.0       # the fit's current mean relative error
+    samples: int = 0             # samples its fit has learned from
+    n_bytes: int = 0
+    vector: tuple[float, ...] = field(default=(), repr=False)
+    capped: bool = False         # the request gave its own output cap
+    stream: bool = False
+    include_usage: bool = False
+    exact: bool = False          # token-id prompt: estimate is exact
+    status: int | None = None    # immediate response status (400/413)
+    error: bytes | None = None   # immediate response body
+
+    @property
+    def budget(self) -> int:
+        return self.estimate + self.output
+
+    @property
+    def routable(self) -> bool:
+        return bool(self.vector) or self.exact
+
+    def header_value(self) -> str:
+        """Compact form for the decision response header and logs."""
+        return (f"pool={self.pool}; est={self.estimate}; budget={self.budget}; "
+                f"cat={self.category or '-'}; reason={self.reason}")
+
+    def metadata(self) -> dict[str, object]:
+        return {
+            "pool": self.pool, "reason": self.reason, "estimate": self.estimate,
+            "budget": self.budget, "category": self.category or "-", "model": self.model or "-",
+            "margin": round(self.margin, 4), "decision": self.header_value(),
+        }
+
+
+def choose(cfg: Config, estimate: float, output: int, margin: float) -> tuple[str, str]:
+    """Pool and reason for a prompt estimate, output budget and margin."""
+    padded = estimate * (1.0 + margin) + output
+    if padded <= cfg.policy.b_short:
+        return cfg.short.name, R_SHORT
+    return cfg.long.name, R_LONG
+
+
+def surely_too_long(cfg: Config, estimate: float, exact: bool) -> bool:
+    """True when even an optimistic reading of the estimate exceeds the long
+    pool's context (vLLM needs at least one slot for output: prompt >= limit)."""
+    low = estimate if exact else estimate * (1.0 - cfg.policy.reject_margin)
+    return low >= cfg.long.max_model_len
+
+
+def margin_for(cfg: Config, long_rms: float) -> float:
+    """Relative margin added to an estimate before comparing with B_short:
+    ``margin_sigmas`` root-mean-square relative errors of long prompts,
+    never below ``min_margin``."""
+    p = cfg.policy
+    return max(p.min_margin, p.margin_sigmas * long_rms)

@@ -1,0 +1,160 @@
+"""What an OpenAI request asks of the model: its text, turns, output cap, model.
+
+Pure: bytes of a request body in, a ``ParsedRequest`` (or a ``BadRequest``
+reason) out. We count the UTF-8 bytes of the text the model will see, never of
+the JSON body: ``json.dumps`` escapes every CJK character as ``\\uXXXX``, six
+bytes for a character that is three in UTF-8 and ~1 token, so body bytes
+inflate Chinese ~4x (../shared/data/README.md).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import orjson
+
+CHAT_PATH = "/v1/chat/completions"
+COMPLETIONS_PATH = "/v1/completions"
+LLM_PATHS = (CHAT_PATH, COMPLETIONS_PATH)
+
+#: Separator put between the texts of a request before counting features: the
+#: chat template puts role headers between turns, which the per-message
+#: feature accounts for; one newline keeps words of adjacent turns apart.
+_SEP = b"\n"
+
+#: Model name used when a request names none (OpenAI requires one, vLLM
+#: serves its single model anyway).
+NO_MODEL = "-"
+
+
+@dataclass(frozen=True, slots=True)
+class ParsedRequest:
+    path: str
+    model: str
+    text: bytes              # UTF-8 text the model sees, turns joined by _SEP
+    n_chars: int             # characters in that text
+    n_messages: int          # chat turns (1 for completions)
+    has_tools: bool
+    max_output: int | None   # max_completion_tokens / max_tokens, if given
+    stream: bool
+    include_usage: bool      # stream_options.include_usage
+    exact_prompt_tokens: int | None = None  # token-id prompts are counted exactly
+
+
+@dataclass(frozen=True, slots=True)
+class NotRoutable:
+    """Why a request is not an LLM request we can estimate (routed long)."""
+
+    reason: str
+
+
+def _content_text(content: Any, out: list[str]) -> None:
+    if isinstance(content, str):
+        out.append(content)
+    elif isinstance(content, list):
+        for part in content:
+            if isinstance(part, dict):
+                text = part.get("text")
+                if isinstance(text, str):
+                    out.append(text)
+            elif isinstance(part, str):
+                out.append(part)
+
+
+def _dump(obj: Any) -> str:
+    return orjson.dumps(obj).decode()
+
+
+def _chat_texts(body: dict[str, Any], out: list[str]) -> int | NotRoutable:
+    messages = body.get("messages")
+    if not isinstance(messages, list) or not messages:
+        return NotRoutable("chat request without a non-empty 'messages' list")
+    n = 0
+    for m in messages:
+        if not isinstance(m, dict):
+            return NotRoutable("a chat message is not an object")
+        n += 1
+        _content_text(m.get("content"), out)
+        name = m.get("name")
+        if isinstance(name, str):
+            out.append(name)
+        calls = m.get("tool_calls")
+        if isinstance(calls, list):
+            for call in calls:
+                fn = call.get("function") if isinstance(call, dict) else None
+                if isinstance(fn, dict):
+                    for key in ("name", "arguments"):
+                        v = fn.get(key)
+                        if isinstance(v, str):
+                            out.append(v)
+                        elif v is not None:
+                            out.append(_dump(v))
+        fc = m.get("function_call")
+        if isinstance(fc, dict):
+            out.append(_dump(fc))
+    return n
+
+
+def _max_output(body: dict[str, Any]) -> int | None:
+    for key in ("max_completion_tokens", "max_tokens"):
+        v = body.get(key)
+        if isinstance(v, int) and not isinstance(v, bool) and v >= 0:
+            return v
+    return None
+
+
+def parse(path: str, body: bytes) -> ParsedRequest | NotRoutable:
+    """Parse an OpenAI-compatible request body sent to ``path``."""
+    route = path.split("?", 1)[0]
+    if route not in LLM_PATHS:
+        return NotRoutable(f"path {route!r} is not an LLM endpoint")
+    try:
+        doc = orjson.loads(body)
+    except orjson.JSONDecodeError as e:
+        return NotRoutable(f"body is not valid JSON ({e.msg})")
+    if not isinstance(doc, dict):
+        return NotRoutable("body is not a JSON object")
+    model = doc.get("model")
+    model = model if isinstance(model, str) and model else NO_MODEL
+    texts: list[str] = []
+    exact: int | None = None
+    has_tools = False
+    if route == CHAT_PATH:
+        n = _chat_texts(doc, texts)
+        if isinstance(n, NotRoutable):
+            return n
+        for key in ("tools", "functions"):
+            defs = doc.get(key)
+            if isinstance(defs, list) and defs:
+                has_tools = True
+                texts.append(_dump(defs))
+    else:
+        prompt = doc.get("prompt")
+        n = 1
+        if isinstance(prompt, str):
+            texts.append(prompt)
+        elif isinstance(prompt, list) and prompt and all(isinstance(p, str) for p in prompt):
+            # A batch of prompts: each becomes a sequence; the longest decides
+            # whether the batch fits, and vLLM checks each against the limit.
+            texts.append(max(prompt, key=len))
+        elif isinstance(prompt, list) and prompt and all(isinstance(t, int) for t in prompt):
+            exact = len(prompt)
+        elif isinstance(prompt, list) and prompt and all(isinstance(p, list) for p in prompt):
+            exact = max(len(p) for p in prompt)
+        else:
+            return NotRoutable("completions request without a string or token-list 'prompt'")
+    joined = "\n".join(texts)
+    so = doc.get("stream_options")
+    return ParsedRequest(
+        path=route,
+        model=model,
+        text=joined.encode("utf-8", "surrogatepass"),
+        n_chars=len(joined),
+        n_messages=n,
+        has_tools=has_tools,
+        max_output=_max_output(doc),
+        stream=doc.get("stream") is True,
+        include_usage=isinstance(so, dict) and so.get("include_usage") is True,
+        exact_prompt_tokens=exact,
+    )

@@ -1,0 +1,132 @@
+"""The router's pure core: estimate -> decide -> learn.
+
+One object holds everything learned (prompt estimator and output budgets) and
+the config; the ext_proc state machine, the replay command and the planner all
+drive the same three calls, so what is measured offline is what runs online:
+
+    d = router.route(path, body)          # Decision (pool, estimate, ...)
+    router.want_sample(d, u)              # watch this response? (u ~ U[0,1))
+    router.learn(d, prompt_tokens, completion_tokens)
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from . import errors
+from . import policy as P
+from .config import Config
+from .estimator import MARGIN_MIN_TOKENS, Estimator
+from .features import features
+from .output_budget import OutputBudget
+from .request import NotRoutable, parse
+from . import defaults as D
+
+#: Near B_short an estimate error decides the pool, so responses of requests
+#: whose padded budget lands within this relative band of B_short are sampled
+#: this many times more often: the margin learns fastest where it matters.
+NEAR_THRESHOLD_BAND = 0.25
+NEAR_THRESHOLD_BOOST = 4.0
+
+#: Errors of prompts at least this share of B_short set the margin: a prompt
+#: under half of B_short is routed short whatever its error (outputs rarely
+#: take the other half), so only longer prompts' errors can flip a decision,
+#: and they are smaller than short prompts' (more text, errors average out).
+MARGIN_BAND_FRACTION = 0.5
+
+
+class Router:
+    def __init__(self, cfg: Config):
+        self.cfg = cfg
+        self.estimator = Estimator(cfg.estimator, self._margin_min(cfg))
+        self.outputs = OutputBudget(cfg.policy.default_output_tokens, cfg.policy.output_quantile,
+                                    D.OUTPUT_MIN_SAMPLES)
+
+    @staticmethod
+    def _margin_min(cfg: Config) -> float:
+        return max(MARGIN_MIN_TOKENS, MARGIN_BAND_FRACTION * cfg.policy.b_short)
+
+    def reconfigure(self, cfg: Config) -> None:
+        """Take a new config (e.g. a new B_short) without losing what was learned."""
+        self.cfg = cfg
+        self.estimator.set_margin_min_tokens(self._margin_min(cfg))
+        self.outputs.default_tokens = cfg.policy.default_output_tokens
+        self.outputs.q = cfg.policy.output_quantile
+
+    # --- estimate and decide -------------------------------------------------
+    def too_large(self, size: int | None) -> P.Decision:
+        return P.Decision(
+            pool=self.cfg.long.name, reason=P.R_TOO_LARGE, status=P.STATUS_TOO_LARGE,
+            error=errors.body_too_large(size, self.cfg.router.max_body_bytes),
+        )
+
+    def not_llm(self, why: str) -> P.Decision:
+        return P.Decision(pool=self.cfg.long.name, reason=P.R_NOT_LLM, detail=why)
+
+    def route(self, path: str, body: bytes) -> P.Decision:
+        cfg = self.cfg
+        if len(body) > cfg.router.max_body_bytes:
+            return self.too_large(len(body))
+        req = parse(path, body)
+        if isinstance(req, NotRoutable):
+            return self.not_llm(req.reason)
+        if req.exact_prompt_tokens is not None:
+            category, vector, n_bytes = "tokens", (), 0
+            estimate, margin, rel_error, samples = float(req.exact_prompt_tokens), 0.0, 0.0, 0
+        else:
+            f = features(req.text, req.n_chars, req.n_messages, req.has_tools)
+            category, vector, n_bytes = f.category, f.vector, f.n_bytes
+            est = self.estimator.estimate(req.model, category, vector, n_bytes)
+            estimate, rel_error, samples = est.tokens, est.rel_error, est.samples
+            margin = P.margin_for(cfg, est.long_rms)
+        key = (self.estimator.model_key(req.model), category)
+        output, source = self.outputs.budget(key, req.max_output)
+        d = P.Decision(
+            pool=cfg.long.name, reason=P.R_LONG, model=req.model, category=category,
+            estimate=int(round(estimate)), output=output, output_source=source, margin=margin,
+            rel_error=rel_error, samples=samples, n_bytes=n_bytes, vector=vector,
+            capped=req.max_output is not None, stream=req.stream, include_usage=req.include_usage,
+            exact=req.exact_prompt_tokens is not None,
+        )
+        if P.surely_too_long(cfg, estimate, d.exact):
+            d.reason, d.status = P.R_CONTEXT, P.STATUS_BAD_REQUEST
+            d.error = errors.context_length_exceeded(d.estimate, cfg.long.max_model_len, output)
+            return d
+        d.pool, d.reason = P.choose(cfg, estimate, output, margin)
+        return d
+
+    # --- learning --------------------------------------------------------------
+    def want_sample(self, d: P.Decision, u: float) -> bool:
+        """Should the response of this request be watched for usage?
+        ``u`` is a uniform draw in [0, 1) (injected: the core has no RNG)."""
+        if not d.routable or d.status is not None:
+            return False
+        if d.exact:
+            rate = self.cfg.router.sample_rate
+        elif d.samples < self.cfg.estimator.min_samples_confident:
+            return True
+        else:
+            rate = self.cfg.router.sample_rate
+            b = self.cfg.policy.b_short
+            if abs(d.estimate * (1 + d.margin) + d.output - b) <= NEAR_THRESHOLD_BAND * b:
+                rate *= NEAR_THRESHOLD_BOOST
+        return u < rate
+
+    def learn(self, d: P.Decision, prompt_tokens: Any, completion_tokens: Any) -> float | None:
+        """Learn from a response's usage; returns the estimate's relative error."""
+        rel = None
+        if d.vector and isinstance(prompt_tokens, int) and not isinstance(prompt_tokens, bool):
+            rel = self.estimator.learn(d.model, d.category, d.vector, d.n_bytes, prompt_tokens)
+        if d.routable and isinstance(completion_tokens, int) and not isinstance(completion_tokens, bool):
+            key = (self.estimator.claim(d.model), d.category)
+            self.outputs.learn(key, completion_tokens, d.capped)
+        return rel
+
+    # --- persistence -------------------------------------------------------------
+    def snapshot(self) -> dict[str, Any]:
+        return {"estimator": self.estimator.snapshot(), "outputs": self.outputs.snapshot()}
+
+    def restore(self, snap: dict[str, Any]) -> None:
+        self.estimator.restore(snap["estimator"])
+        self.outputs.restore(snap.get("outputs", []),
+                             lambda key: self.estimator.model_key(key[0]) == key[0])
