@@ -8,6 +8,7 @@ import json
 import time
 import urllib.error
 import urllib.request
+from pathlib import Path
 
 import openai
 import orjson
@@ -339,3 +340,77 @@ def test_realtime_openai_stream(tmp_path):
         assert chunks[-1].usage.completion_tokens == 100 and chunks[-1].choices == []
         # 100 tokens at 50 tok/s = 2 s simulated = 40 ms wall at scale 0.02.
         assert 0.035 <= elapsed < 5
+
+
+def test_client_disconnect_aborts_sequence():
+    """A stream abandoned by its client frees its slot at once (vLLM aborts
+    the request on disconnect): with one slot, the next request is not
+    stuck behind 8000 tokens of decode (8 s of wall time here)."""
+    import aiohttp
+
+    settings = BackendSettings(name="short", time_scale=0.05,
+                               engine=eng.EngineConfig(max_num_seqs=1))
+    with BackgroundServer(settings) as srv:
+        async def scenario():
+            body = {"messages": [{"role": "user", "content": "hi"}], "stream": True,
+                    "max_tokens": 8000}
+            async with aiohttp.ClientSession() as s:
+                r = await s.post(srv.base_url + "/chat/completions", json=body)
+                await r.content.readany()
+                r.close()
+            await asyncio.sleep(0.05)
+            t0 = time.monotonic()
+            async with aiohttp.ClientSession() as s:
+                body = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 10}
+                async with s.post(srv.base_url + "/chat/completions", json=body) as r:
+                    await r.read()
+                    return r.status, time.monotonic() - t0
+
+        status, elapsed = asyncio.run(asyncio.wait_for(scenario(), 20))
+        assert status == 200 and elapsed < 2.0
+        assert metric(srv, "vllm:request_success_total", finished_reason="length") == 1
+
+
+# --- CLI ------------------------------------------------------------------------------
+
+def test_cli_parser_and_settings():
+    import argparse
+
+    from extproc.backend import cli
+
+    parser = argparse.ArgumentParser(prog="budget-router")
+    sub = parser.add_subparsers(dest="command")
+    cli.add_parser(sub)
+    args = parser.parse_args(["backend", "--name", "long", "--max-model-len", "131072",
+                              "--max-num-seqs", "16", "--time-scale", "0.01",
+                              "--per-message-overhead", "4"])
+    assert args.func is cli.main
+    s = cli.settings_from_args(args)
+    assert s.name == "long" and s.engine.max_model_len == 131072
+    assert s.engine.max_num_seqs == 16 and s.engine.waiting_bound == 64
+    assert s.engine.kv_cache_tokens == eng.DEFAULT_KV_CACHE_TOKENS
+    assert s.time_scale == 0.01 and s.template.per_message_overhead == 4
+    assert s.engine.max_num_seqs == 16
+    bad = parser.parse_args(["backend", "--max-model-len", "300000"])
+    assert cli.main(bad) == 2                       # KV cache smaller than one sequence
+    with pytest.raises(SystemExit):
+        parser.parse_args(["backend", "--time-scale", "-1"])
+
+
+def test_cli_subprocess_serves(tmp_path):
+    import subprocess
+    import sys
+
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "extproc.backend.cli", "backend", "--port", "0",
+         "--name", "short", "--time-scale", "0"],
+        stderr=subprocess.PIPE, text=True, cwd=str(Path(__file__).resolve().parents[1]))
+    try:
+        line = proc.stderr.readline()
+        assert "serving" in line, line
+        port = int(line.split("http://127.0.0.1:")[1].split()[0])
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=5) as r:
+            assert r.status == 200 and r.headers["x-pool-name"] == "short"
+    finally:
+        proc.terminate()
+        proc.wait(timeout=10)
