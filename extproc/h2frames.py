@@ -31,6 +31,7 @@ from typing import Iterable
 
 import hpack
 from hpack.exceptions import HPACKError, InvalidTableIndex
+from hpack.table import HeaderTable
 
 # --- Protocol constants (RFC 9113 section 6 / 7 / 11) --------------------------
 
@@ -337,6 +338,28 @@ def encode_headers(headers: Iterable[tuple[str, str]]) -> bytes:
     return bytes(out)
 
 
+class _CountingHeaderTable(HeaderTable):
+    """hpack's dynamic table, counting every modification (insertion, size
+    update) so the decoded-block cache knows when an entry may be stale."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.generation = 0
+
+    def add(self, name: bytes, value: bytes) -> None:
+        self.generation += 1
+        super().add(name, value)
+
+    @property
+    def maxsize(self) -> int:
+        return self._maxsize
+
+    @maxsize.setter
+    def maxsize(self, newmax: int) -> None:
+        self.generation += 1
+        HeaderTable.maxsize.fset(self, newmax)  # type: ignore[attr-defined]
+
+
 # --- Connection state -----------------------------------------------------------
 
 
@@ -366,8 +389,8 @@ class H2ServerConnection:
         self._reader = FrameReader(LOCAL_MAX_FRAME_SIZE)
         self._decoder = hpack.Decoder(max_header_list_size=max_header_list_size)
         self._decoder.max_allowed_table_size = LOCAL_HEADER_TABLE_SIZE
+        self._table = self._decoder.header_table = _CountingHeaderTable()
         self._hcache: dict[bytes, tuple[int, list[tuple[str, str]], bool]] = {}
-        self._table_gen = 0
         self._out = bytearray()
         self.streams: dict[int, _Stream] = {}
         self._max_concurrent = max_concurrent_streams
@@ -560,35 +583,26 @@ class H2ServerConnection:
             self._cont = None
             self._on_header_block(hflags, sid, bytes(buf), events)
 
-    def _table_signature(self) -> tuple:
-        """Changes whenever a block modifies the HPACK dynamic table: an
-        insertion puts a new (new-object) entry first; a size update changes
-        the size or evicts entries."""
-        t = self._decoder.header_table
-        entries = t.dynamic_entries
-        return (len(entries), id(entries[0]) if entries else 0, t.maxsize)
-
     def _decode(self, block: bytes) -> tuple[list[tuple[str, str]], bool]:
         """HPACK-decode with a cache: a block that did not modify the dynamic
         table decodes to the same list as long as the table has not changed
-        since (tracked by a generation counter), so a repeated block costs a
-        dict lookup. Returned lists are shared: callers must not mutate them.
+        since (the table counts its modifications), so a repeated block costs
+        a dict lookup. Returned lists are shared: callers must not mutate them.
         Also returns whether the list is valid request headers (cached too)."""
+        table = self._table
         hit = self._hcache.get(block)
-        if hit is not None and hit[0] == self._table_gen:
+        if hit is not None and hit[0] == table.generation:
             return hit[1], hit[2]
-        before = self._table_signature()
+        before = table.generation
         try:
             headers = self._decoder.decode(block)
         except (HPACKError, InvalidTableIndex, UnicodeDecodeError, IndexError, ValueError) as e:
             raise ProtocolError(COMPRESSION_ERROR, f"HPACK decoding failed: {e}") from None
         valid = _valid_request_headers(headers)
-        if self._table_signature() != before:
-            self._table_gen += 1
-        else:
+        if table.generation == before:
             if len(self._hcache) >= HEADER_CACHE_ENTRIES:
                 self._hcache.clear()
-            self._hcache[block] = (self._table_gen, headers, valid)
+            self._hcache[block] = (before, headers, valid)
         return headers, valid
 
     def _on_header_block(self, flags: int, sid: int, block: bytes, events: list[Event]) -> None:
