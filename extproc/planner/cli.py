@@ -55,12 +55,12 @@ def _fmt(v, d=0):
 def _row(label, gpus, s):
     f = s["fleet"]
     return (f"{label:<22}{gpus:>7}{_fmt(f['ttft_p50_ms']):>10}{_fmt(f['ttft_p99_ms']):>11}"
-            f"{_fmt(f["tpot_p50_ms"]):>9}{_fmt(f["preemptions_per_1k"], 2):>11}{f['rejected']:>8}"
+            f"{_fmt(f['tpot_p50_ms']):>9}{_fmt(f['preemptions_per_1k'], 2):>11}{f['rejected']:>8}"
             f"{_fmt(f['usd_per_year'] / 1e6, 2):>10}")
 
 
-HEADER = (f"{'fleet':<22}{'GPUs':>7}{'TTFT p50':>10}{'TTFT p99':>11}{"TPOT p50":>9}"
-          f"{"preempt/1k":>11}{"reject":>8}{'M$/year':>10}")
+HEADER = (f"{'fleet':<22}{'GPUs':>7}{'TTFT p50':>10}{'TTFT p99':>11}{'TPOT p50':>9}"
+          f"{'preempt/1k':>11}{'reject':>8}{'M$/year':>10}")
 
 
 def _write(out: str | None, name: str, obj) -> None:

@@ -136,7 +136,8 @@ def size_pool(name: str, trace: Trace, cfg: InstanceConfig, slo_ttft_ms: float,
                     f"(target {target:.0f}) preempt/1k={m['preemptions_per_1k']:.1f}")
         return meets(cache[n], target, slo_preempt)
 
-    start = max(1, math.ceil(rate / mu)) if mu > 0 else 1
+    cap = max(1, len(trace))  # never more instances than requests
+    start = min(cap, max(1, math.ceil(rate / mu))) if mu > 0 else 1
     if ok(start):  # halve until it fails
         hi, lo = start, 0
         while hi > 1:
@@ -150,11 +151,11 @@ def size_pool(name: str, trace: Trace, cfg: InstanceConfig, slo_ttft_ms: float,
         lo, n = start, start * 2
         while not ok(n):
             lo = n
-            if n >= start * MAX_GROWTH:
+            if n >= start * MAX_GROWTH or n >= cap:
                 plan.feasible = False
                 plan.count, plan.metrics = n, cache[n]
                 return plan
-            n *= 2
+            n = min(n * 2, cap)
         hi = n
     while hi - lo > max(1, int(SIZE_TOLERANCE * hi)):
         mid = (lo + hi) // 2
