@@ -44,6 +44,7 @@ class RouterConfig:
     listen: str = "127.0.0.1"
     port: int = D.ROUTER_PORT
     workers: int = 1
+    transport: str = "fast"  # "fast" (purpose-built h2c gRPC) or "grpcio" (grpc.aio)
     routing_header: str = D.ROUTING_HEADER
     decision_header: str = D.DECISION_HEADER
     metadata_namespace: str = D.METADATA_NAMESPACE
@@ -114,7 +115,10 @@ class Config:
         for section, value in sections.items():
             current = getattr(out, section)
             if isinstance(value, Mapping):
-                value = _build(type(current), section, {**_asdict(current), **value})
+                if isinstance(current, PoolConfig):
+                    value = _pool(current.name, {**_asdict(current), **value, "name": None}, current)
+                else:
+                    value = _build(type(current), section, {**_asdict(current), **value})
             out = dataclasses.replace(out, **{section: value})
         validate(out)
         return out
@@ -181,6 +185,7 @@ def _build(cls: type, section: str, values: Mapping[str, Any]) -> Any:
 
 def _pool(name: str, raw: Mapping[str, Any], default: PoolConfig) -> PoolConfig:
     section = f"pools.{name}"
+    raw = {k: v for k, v in raw.items() if k != "name"}
     unknown = sorted(set(raw) - {"max_model_len", "endpoints"})
     if unknown:
         raise ConfigError(f"[{section}] unknown key(s) {', '.join(unknown)}; known: endpoints, max_model_len")
@@ -275,6 +280,7 @@ def _check_endpoint(where: str, ep: str) -> None:
 def validate(cfg: Config) -> None:
     r, p, e, v = cfg.router, cfg.policy, cfg.estimator, cfg.envoy
     _check(1 <= r.workers <= 64, f"[router] workers = {r.workers}: expected 1-64")
+    _check(r.transport in ("fast", "grpcio"), f"[router] transport = {r.transport!r}: expected \"fast\" or \"grpcio\"")
     for section, name, port in (("router", "port", r.port), ("envoy", "port", v.port), ("envoy", "admin_port", v.admin_port)):
         _check(0 < port < 65536, f"[{section}] {name} = {port}: expected 1-65535")
     _check(r.port + r.workers - 1 < 65536, f"[router] port {r.port} + workers {r.workers} runs past 65535")

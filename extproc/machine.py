@@ -1,0 +1,288 @@
+"""Per-request ext_proc state machine: ProcessingRequest in, ProcessingResponses out.
+
+Sans-I/O in the style of h11: no sockets, no clocks, no randomness of its own
+(the sampler's uniform draw is injected). The transport calls ``receive`` for
+every message Envoy sends on one stream and writes back what it returns; when
+the second value is True it ends the stream with gRPC OK, which makes Envoy
+continue the HTTP request without the processor (the cheap way to skip the
+response phase of requests we do not learn from).
+
+Phases of one stream (Envoy config: request headers SEND, request body
+BUFFERED, response headers SEND, response body STREAMED):
+
+    request_headers  -> continue; or 413 at once when Content-Length is over
+                        the limit; or route long and close for non-LLM requests
+    request_body     -> decide: routing header (raw_value) + clear_route_cache
+                        + dynamic metadata; or an immediate 400/413; close
+                        unless this response is sampled
+    response_headers -> note status / content type; close if nothing to learn
+    response_body*   -> scan chunks for usage (never changing them unless we
+                        added include_usage ourselves); at end of stream: learn
+                        and close
+
+Every message gets exactly one response of its own kind, in order, whatever
+state we are in (duplicate end-of-stream, empty chunks, late trailers); a bug
+in the core never loses the request: it is routed to the long pool.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Callable
+
+import orjson
+from envoy.config.core.v3 import base_pb2
+from envoy.service.ext_proc.v3 import external_processor_pb2 as pb
+from envoy.type.v3 import http_status_pb2
+from google.protobuf import struct_pb2
+
+from . import policy as P
+from .policy import Decision
+from .router import Router
+from .usage import JSONUsage, SSEUsage
+
+log = logging.getLogger(__name__)
+
+_OVERWRITE = base_pb2.HeaderValueOption.OVERWRITE_IF_EXISTS_OR_ADD
+_JSON_CT = base_pb2.HeaderValueOption(
+    header=base_pb2.HeaderValue(key="content-type", raw_value=b"application/json"),
+    append_action=_OVERWRITE,
+)
+
+# Immutable responses, serialised once (the transport serialises per send).
+_CONTINUE_REQ_HEADERS = pb.ProcessingResponse(request_headers=pb.HeadersResponse())
+_CONTINUE_RESP_HEADERS = pb.ProcessingResponse(response_headers=pb.HeadersResponse())
+_CONTINUE_REQ_BODY = pb.ProcessingResponse(request_body=pb.BodyResponse())
+_CONTINUE_RESP_BODY = pb.ProcessingResponse(response_body=pb.BodyResponse())
+_CONTINUE_REQ_TRAILERS = pb.ProcessingResponse(request_trailers=pb.TrailersResponse())
+_CONTINUE_RESP_TRAILERS = pb.ProcessingResponse(response_trailers=pb.TrailersResponse())
+
+# States
+S_REQ_HEADERS, S_REQ_BODY, S_RESP_HEADERS, S_RESP_BODY, S_DONE = range(5)
+
+
+def _header(key: str, value: str) -> base_pb2.HeaderValueOption:
+    return base_pb2.HeaderValueOption(
+        header=base_pb2.HeaderValue(key=key, raw_value=value.encode()), append_action=_OVERWRITE)
+
+
+def _headers_dict(hdrs: pb.HttpHeaders) -> dict[str, str]:
+    out: dict[str, str] = {}
+    for h in hdrs.headers.headers:
+        out[h.key] = h.raw_value.decode("latin-1") if h.raw_value else h.value
+    return out
+
+
+def _metadata(namespace: str, d: Decision) -> struct_pb2.Struct:
+    s = struct_pb2.Struct()
+    s.update({namespace: d.metadata()})
+    return s
+
+
+class StreamMachine:
+    """One ext_proc stream. ``draw`` returns a uniform number in [0, 1)."""
+
+    def __init__(self, router: Router, draw: Callable[[], float],
+                 on_learn: Callable[[Decision, int | None, int | None, float | None], None] | None = None):
+        self.router = router
+        self.draw = draw
+        self.on_learn = on_learn
+        self.state = S_REQ_HEADERS
+        self.path = ""
+        self.method = ""
+        self.request_headers: dict[str, str] = {}
+        self.body_parts: list[bytes] = []
+        self.body_size = 0
+        self.decision: Decision | None = None
+        self.sampled = False
+        self.injected_usage = False
+        self.scanner: JSONUsage | SSEUsage | None = None
+        self.response_status = 0
+        self.learned = False
+        self.rel_error: float | None = None
+        self.aborted = False
+
+    # --- transport interface -------------------------------------------------
+    def receive(self, req: pb.ProcessingRequest) -> tuple[list[pb.ProcessingResponse], bool]:
+        kind = req.WhichOneof("request")
+        try:
+            if kind == "request_headers":
+                return self._on_request_headers(req.request_headers)
+            if kind == "request_body":
+                return self._on_request_body(req.request_body)
+            if kind == "response_headers":
+                return self._on_response_headers(req.response_headers)
+            if kind == "response_body":
+                return self._on_response_body(req.response_body)
+            if kind == "request_trailers":
+                return [_CONTINUE_REQ_TRAILERS], False
+            if kind == "response_trailers":
+                return [_CONTINUE_RESP_TRAILERS], self.state == S_DONE
+        except Exception:  # a bug must not lose the request: answer and go on
+            log.exception("ext_proc state machine failed on %s; continuing without the router", kind)
+            return [self._fallback(kind)], True
+        log.warning("ext_proc message of unknown kind %r ignored", kind)
+        return [], False
+
+    def abort(self) -> None:
+        self.aborted = True
+        self.state = S_DONE
+
+    def finish(self) -> None:
+        self.state = S_DONE
+
+    # --- phases ----------------------------------------------------------------
+    def _on_request_headers(self, msg: pb.HttpHeaders) -> tuple[list[pb.ProcessingResponse], bool]:
+        if self.state != S_REQ_HEADERS:
+            return [_CONTINUE_REQ_HEADERS], False
+        h = _headers_dict(msg)
+        self.request_headers = h
+        self.path = h.get(":path", "")
+        self.method = h.get(":method", "")
+        router = self.router
+        if msg.end_of_stream or self.method != "POST":
+            d = router.not_llm(f"{self.method or 'request'} without a body" if msg.end_of_stream
+                               else f"method {self.method}")
+            return [self._route_headers(d)], True
+        length = h.get("content-length")
+        if length is not None and length.isdigit() and int(length) > router.cfg.router.max_body_bytes:
+            self.decision = router.too_large(int(length))
+            self.state = S_DONE
+            return [self._immediate(self.decision)], True
+        self.state = S_REQ_BODY
+        return [_CONTINUE_REQ_HEADERS], False
+
+    def _on_request_body(self, msg: pb.HttpBody) -> tuple[list[pb.ProcessingResponse], bool]:
+        if self.state != S_REQ_BODY:
+            return [_CONTINUE_REQ_BODY], self.state == S_DONE
+        if msg.body:
+            self.body_size += len(msg.body)
+            if self.body_size <= self.router.cfg.router.max_body_bytes:
+                self.body_parts.append(msg.body)
+        if not msg.end_of_stream:
+            # BUFFERED mode sends one message; tolerate a split body anyway.
+            return [_CONTINUE_REQ_BODY], False
+        if self.body_size > self.router.cfg.router.max_body_bytes:
+            d = self.router.too_large(self.body_size)
+        else:
+            body = self.body_parts[0] if len(self.body_parts) == 1 else b"".join(self.body_parts)
+            d = self.router.route(self.path, body)
+        self.body_parts = []
+        self.decision = d
+        if d.status is not None:
+            self.state = S_DONE
+            return [self._immediate(d)], True
+        mutation = None
+        cfg = self.router.cfg
+        if d.stream and not d.include_usage and cfg.router.inject_include_usage and d.routable:
+            mutation = self._inject_include_usage(body)
+        self.sampled = mutation is not None or self.router.want_sample(d, self.draw())
+        self.state = S_RESP_HEADERS if self.sampled else S_DONE
+        return [self._route_body(d, mutation)], not self.sampled
+
+    def _on_response_headers(self, msg: pb.HttpHeaders) -> tuple[list[pb.ProcessingResponse], bool]:
+        if self.state != S_RESP_HEADERS:
+            return [_CONTINUE_RESP_HEADERS], self.state == S_DONE
+        h = _headers_dict(msg)
+        status = h.get(":status", "0")
+        self.response_status = int(status) if status.isdigit() else 0
+        ctype = h.get("content-type", "")
+        encoded = h.get("content-encoding", "identity") not in ("", "identity")
+        if self.response_status != 200 or encoded or msg.end_of_stream:
+            self.state = S_DONE
+            return [_CONTINUE_RESP_HEADERS], True
+        if ctype.startswith("text/event-stream"):
+            self.scanner = SSEUsage(strip_usage_chunk=self.injected_usage)
+        else:
+            self.scanner = JSONUsage()
+        self.state = S_RESP_BODY
+        return [_CONTINUE_RESP_HEADERS], False
+
+    def _on_response_body(self, msg: pb.HttpBody) -> tuple[list[pb.ProcessingResponse], bool]:
+        if self.state != S_RESP_BODY or self.scanner is None:
+            return [_CONTINUE_RESP_BODY], self.state == S_DONE
+        out = self.scanner.feed(msg.body, msg.end_of_stream)
+        if out is not None and out != msg.body:
+            resp = pb.ProcessingResponse(response_body=pb.BodyResponse(
+                response=pb.CommonResponse(body_mutation=pb.BodyMutation(body=out))))
+        else:
+            resp = _CONTINUE_RESP_BODY
+        if not msg.end_of_stream:
+            return [resp], False
+        self.state = S_DONE
+        self._learn()
+        return [resp], True
+
+    # --- helpers -----------------------------------------------------------------
+    def _learn(self) -> None:
+        u = self.scanner.usage if self.scanner is not None else None
+        d = self.decision
+        if u is None or d is None:
+            return
+        self.rel_error = self.router.learn(d, u.prompt_tokens, u.completion_tokens)
+        self.learned = True
+        if self.on_learn is not None:
+            self.on_learn(d, u.prompt_tokens, u.completion_tokens, self.rel_error)
+
+    def _route_common(self, d: Decision, extra: list[base_pb2.HeaderValueOption] | None = None) -> pb.CommonResponse:
+        cfg = self.router.cfg.router
+        hdrs = [_header(cfg.routing_header, d.pool)]
+        if extra:
+            hdrs += extra
+        return pb.CommonResponse(header_mutation=pb.HeaderMutation(set_headers=hdrs), clear_route_cache=True)
+
+    def _route_headers(self, d: Decision) -> pb.ProcessingResponse:
+        self.decision = d
+        self.state = S_DONE
+        return pb.ProcessingResponse(
+            request_headers=pb.HeadersResponse(response=self._route_common(d)),
+            dynamic_metadata=_metadata(self.router.cfg.router.metadata_namespace, d))
+
+    def _route_body(self, d: Decision, new_body: bytes | None) -> pb.ProcessingResponse:
+        extra = None
+        if new_body is not None:
+            extra = [_header("content-length", str(len(new_body)))]
+        common = self._route_common(d, extra)
+        if new_body is not None:
+            common.body_mutation.body = new_body
+        return pb.ProcessingResponse(
+            request_body=pb.BodyResponse(response=common),
+            dynamic_metadata=_metadata(self.router.cfg.router.metadata_namespace, d))
+
+    def _immediate(self, d: Decision) -> pb.ProcessingResponse:
+        assert d.status is not None and d.error is not None
+        return pb.ProcessingResponse(
+            immediate_response=pb.ImmediateResponse(
+                status=http_status_pb2.HttpStatus(code=d.status),
+                headers=pb.HeaderMutation(set_headers=[
+                    _JSON_CT, _header(self.router.cfg.router.decision_header, d.header_value())]),
+                body=d.error,
+                details=f"budget_router_{d.reason}",
+            ),
+            dynamic_metadata=_metadata(self.router.cfg.router.metadata_namespace, d))
+
+    def _inject_include_usage(self, body: bytes) -> bytes | None:
+        try:
+            doc = orjson.loads(body)
+        except orjson.JSONDecodeError:
+            return None
+        so = doc.get("stream_options")
+        if so is not None and not isinstance(so, dict):
+            return None
+        doc["stream_options"] = {**(so or {}), "include_usage": True}
+        self.injected_usage = True
+        return orjson.dumps(doc)
+
+    def _fallback(self, kind: str | None) -> pb.ProcessingResponse:
+        """Answer ``kind`` routing to the long pool (after an internal error)."""
+        self.state = S_DONE
+        d = Decision(pool=self.router.cfg.long.name, reason=P.R_INTERNAL)
+        self.decision = d
+        if kind == "request_headers":
+            return pb.ProcessingResponse(request_headers=pb.HeadersResponse(response=self._route_common(d)))
+        if kind == "request_body":
+            return pb.ProcessingResponse(request_body=pb.BodyResponse(response=self._route_common(d)))
+        return {
+            "response_headers": _CONTINUE_RESP_HEADERS, "response_body": _CONTINUE_RESP_BODY,
+            "request_trailers": _CONTINUE_REQ_TRAILERS, "response_trailers": _CONTINUE_RESP_TRAILERS,
+        }.get(kind or "", _CONTINUE_RESP_BODY)

@@ -1,0 +1,168 @@
+"""The router service: worker processes that pump ext_proc streams into the core.
+
+Thin shell. Each worker process owns one ``Router`` (the pure core), listens
+on its own port (``config.worker_ports``: Envoy's ext_proc cluster lists every
+worker as an endpoint, so each gets its own HTTP/2 connection and the streams
+spread over processes), creates one ``StreamMachine`` per stream, snapshots
+calibration periodically and on shutdown, and drains in-flight streams on
+SIGTERM/SIGINT. With ``workers > 1`` a supervisor process starts the workers,
+restarts one that dies, and forwards signals.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import multiprocessing as mp
+import os
+import random
+import signal
+import time
+from typing import Callable
+
+from . import snapshot, transport
+from .config import Config, worker_ports
+from .machine import StreamMachine
+from .router import Router
+
+log = logging.getLogger("budget_router")
+
+#: gRPC framing and the request headers travel with the body in one message:
+#: 1 MiB above the body limit (gRPC's 4 MiB default would answer 500 for long
+#: prompts), matching the Envoy side (``envoy_config``).
+GRPC_HEADROOM_BYTES = 1024 * 1024
+
+#: A worker that dies is restarted after this pause, so a crash loop costs
+#: one start per second instead of a busy spin (like systemd's RestartSec).
+RESTART_PAUSE_S = 1.0
+
+
+def max_message_bytes(cfg: Config) -> int:
+    return cfg.router.max_body_bytes + GRPC_HEADROOM_BYTES
+
+
+class Worker:
+    """One router worker: core + transport + snapshots (no process logic)."""
+
+    def __init__(self, cfg: Config, index: int = 0, rng: random.Random | None = None):
+        self.cfg = cfg
+        self.index = index
+        self.router = Router(cfg)
+        self.rng = rng or random.Random()
+        self.server = None
+        self.state_path = snapshot.worker_path(cfg.router.state_file, index)
+        self.on_learn: Callable | None = None
+        self.streams = 0
+
+    def load_state(self) -> None:
+        state, src = snapshot.load_best(self.cfg.router.state_file)
+        if state is None:
+            return
+        try:
+            self.router.restore(state)
+            log.info("worker %d: calibration restored from %s", self.index, src)
+        except (ValueError, KeyError, TypeError) as e:
+            log.warning("worker %d: ignoring calibration snapshot %s: %s", self.index, src, e)
+
+    def save_state(self) -> None:
+        try:
+            snapshot.save(self.state_path, self.router.snapshot())
+        except OSError as e:
+            log.warning("worker %d: could not write calibration snapshot %s: %s", self.index, self.state_path, e)
+
+    def new_stream(self) -> StreamMachine:
+        self.streams += 1
+        return StreamMachine(self.router, self.rng.random, self.on_learn)
+
+    async def start(self, port: int | None = None) -> int:
+        self.load_state()
+        port = worker_ports(self.cfg)[self.index] if port is None else port
+        self.server = await transport.serve(
+            self.cfg.router.transport, self.new_stream, self.cfg.router.listen, port,
+            max_message_bytes=max_message_bytes(self.cfg))
+        return self.server.port
+
+    async def stop(self) -> None:
+        if self.server is not None:
+            await self.server.stop(self.cfg.router.drain_seconds)
+            self.server = None
+        self.save_state()
+
+    async def run_until(self, stop: asyncio.Event) -> None:
+        async def snapshots() -> None:
+            while True:
+                await asyncio.sleep(self.cfg.router.snapshot_interval_s)
+                self.save_state()
+
+        task = asyncio.create_task(snapshots())
+        try:
+            await stop.wait()
+        finally:
+            task.cancel()
+            await self.stop()
+
+
+async def _worker_main(cfg: Config, index: int) -> None:
+    w = Worker(cfg, index)
+    port = await w.start()
+    log.info("worker %d (pid %d) serving ext_proc on %s:%d via %s",
+             index, os.getpid(), cfg.router.listen, port, cfg.router.transport)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    await w.run_until(stop)
+    log.info("worker %d drained and stopped", index)
+
+
+def _worker_process(cfg: Config, index: int) -> None:
+    setup_logging()
+    asyncio.run(_worker_main(cfg, index))
+
+
+def setup_logging(level: str | None = None) -> None:
+    logging.basicConfig(
+        level=(level or os.environ.get("BUDGET_ROUTER_LOG_LEVEL", "INFO")).upper(),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+
+
+def serve(cfg: Config) -> int:
+    """Run the router until SIGTERM/SIGINT. Returns an exit code."""
+    setup_logging()
+    if cfg.router.workers == 1:
+        asyncio.run(_worker_main(cfg, 0))
+        return 0
+    ctx = mp.get_context("spawn")
+    procs: dict[int, mp.Process] = {}
+    stopping = False
+
+    def start(i: int) -> None:
+        p = ctx.Process(target=_worker_process, args=(cfg, i), name=f"budget-router-w{i}", daemon=False)
+        p.start()
+        procs[i] = p
+
+    def on_signal(signum, frame) -> None:
+        nonlocal stopping
+        stopping = True
+        for p in procs.values():
+            if p.is_alive():
+                os.kill(p.pid, signal.SIGTERM)
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    for i in range(cfg.router.workers):
+        start(i)
+    while True:
+        for i, p in list(procs.items()):
+            p.join(timeout=0.2)
+            if p.is_alive():
+                continue
+            if stopping:
+                procs.pop(i)
+            else:
+                log.error("worker %d exited with %s; restarting", i, p.exitcode)
+                time.sleep(RESTART_PAUSE_S)
+                start(i)
+        if stopping and not procs:
+            return 0

