@@ -1,0 +1,39 @@
+# token-budget-router: every target builds its own virtual environment.
+PYTHON ?= python3
+VENV   ?= .venv
+PY      = $(VENV)/bin/python
+STAMP   = $(VENV)/.installed
+
+.PHONY: demo test bench bench-sim up envoy-config plan-docs clean
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -e '.[test]'
+	touch $(STAMP)
+
+## The main job: the whole stack on loopback, traffic through Envoy, a report with plots.
+demo: $(STAMP)
+	$(PY) -m extproc.cli demo
+
+## All tests (unit, property, state machine, simulator, integration through the real Envoy).
+test: $(STAMP)
+	$(PY) -m pytest -q
+
+## Router overhead: Envoy direct vs Envoy + router, concurrency 1 and 16.
+bench: $(STAMP)
+	$(PY) bench/bench_router.py
+
+## Planner speed: simulated requests per wall-second.
+bench-sim: $(STAMP)
+	$(PY) bench/bench_simulator.py
+
+up: $(STAMP)
+	$(PY) -m extproc.cli up
+
+envoy-config: $(STAMP)
+	$(PY) -m extproc.cli envoy-config --out envoy/envoy.yaml --check
+	$(PY) -m extproc.cli envoy-config --workers 4 --out envoy/envoy-4-workers.yaml --check
+
+clean:
+	rm -rf $(VENV) out .pytest_cache .hypothesis build *.egg-info
