@@ -85,6 +85,19 @@ class EnvoyConfig:
     route_timeout_s: int = D.ROUTE_TIMEOUT_S
     stream_idle_timeout_s: int = D.STREAM_IDLE_TIMEOUT_S
     router_host: str = "127.0.0.1"  # where Envoy reaches the router's workers
+    # host:port of an OTLP/gRPC collector for Envoy's OpenTelemetry tracer
+    # ("" = Envoy does not trace).
+    otlp_endpoint: str = ""
+
+
+@dataclass(frozen=True)
+class TelemetryConfig:
+    # Prometheus endpoint of worker i on prometheus_port + i; 0 turns it off.
+    # 9464 is the OpenTelemetry Prometheus exporter's conventional port.
+    prometheus_port: int = 9464
+    prometheus_listen: str = "127.0.0.1"
+    # Traces and OTLP metrics follow the standard OTEL_* environment variables
+    # (OTEL_EXPORTER_OTLP_ENDPOINT, OTEL_TRACES_SAMPLER, OTEL_SERVICE_NAME...).
 
 
 @dataclass(frozen=True)
@@ -93,6 +106,7 @@ class Config:
     policy: PolicyConfig = field(default_factory=PolicyConfig)
     estimator: EstimatorConfig = field(default_factory=EstimatorConfig)
     envoy: EnvoyConfig = field(default_factory=EnvoyConfig)
+    telemetry: TelemetryConfig = field(default_factory=TelemetryConfig)
     short: PoolConfig = field(
         default_factory=lambda: PoolConfig(
             D.SHORT_POOL, D.SHORT_MAX_MODEL_LEN, (f"127.0.0.1:{D.SHORT_POOL_PORT}",)
@@ -129,6 +143,7 @@ _SECTIONS = {
     "policy": PolicyConfig,
     "estimator": EstimatorConfig,
     "envoy": EnvoyConfig,
+    "telemetry": TelemetryConfig,
 }
 
 
@@ -316,6 +331,11 @@ def validate(cfg: Config) -> None:
     _check(v.message_timeout_ms >= 10, f"[envoy] message_timeout_ms = {v.message_timeout_ms}: expected >= 10")
     _check(v.route_timeout_s >= 0, f"[envoy] route_timeout_s = {v.route_timeout_s}: expected >= 0 (0 = none)")
     _check(v.stream_idle_timeout_s > 0, f"[envoy] stream_idle_timeout_s = {v.stream_idle_timeout_s}: expected > 0")
+    t = cfg.telemetry
+    _check(0 <= t.prometheus_port < 65536 and t.prometheus_port + r.workers - 1 < 65536,
+           f"[telemetry] prometheus_port = {t.prometheus_port}: expected 0 (off) or a port with room for every worker")
+    if v.otlp_endpoint:
+        _check_endpoint("[envoy] otlp_endpoint", v.otlp_endpoint)
     for pool in cfg.pools:
         where = f"[pools.{pool.name}]"
         _check(pool.max_model_len > 0, f"{where} max_model_len = {pool.max_model_len}: expected > 0")

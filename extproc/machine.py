@@ -39,7 +39,7 @@ from google.protobuf import struct_pb2
 from . import policy as P
 from .policy import Decision
 from .router import Router
-from .usage import JSONUsage, SSEUsage
+from .usage import JSONUsage, SSEUsage, Usage, context_error_prompt_tokens
 
 log = logging.getLogger(__name__)
 
@@ -82,11 +82,9 @@ def _metadata(namespace: str, d: Decision) -> struct_pb2.Struct:
 class StreamMachine:
     """One ext_proc stream. ``draw`` returns a uniform number in [0, 1)."""
 
-    def __init__(self, router: Router, draw: Callable[[], float],
-                 on_learn: Callable[[Decision, int | None, int | None, float | None], None] | None = None):
+    def __init__(self, router: Router, draw: Callable[[], float]):
         self.router = router
         self.draw = draw
-        self.on_learn = on_learn
         self.state = S_REQ_HEADERS
         self.path = ""
         self.method = ""
@@ -98,6 +96,9 @@ class StreamMachine:
         self.injected_usage = False
         self.scanner: JSONUsage | SSEUsage | None = None
         self.response_status = 0
+        self.watch_misroute = False   # short-routed near B_short: check the status
+        self.misroute = False         # the short pool said "context too long"
+        self.usage: Usage | None = None
         self.learned = False
         self.rel_error: float | None = None
         self.aborted = False
@@ -177,8 +178,10 @@ class StreamMachine:
         if d.stream and not d.include_usage and cfg.router.inject_include_usage and d.routable:
             mutation = self._inject_include_usage(body)
         self.sampled = mutation is not None or self.router.want_sample(d, self.draw())
-        self.state = S_RESP_HEADERS if self.sampled else S_DONE
-        return [self._route_body(d, mutation)], not self.sampled
+        self.watch_misroute = self.router.near_threshold_short(d)
+        keep = self.sampled or self.watch_misroute
+        self.state = S_RESP_HEADERS if keep else S_DONE
+        return [self._route_body(d, mutation)], not keep
 
     def _on_response_headers(self, msg: pb.HttpHeaders) -> tuple[list[pb.ProcessingResponse], bool]:
         if self.state != S_RESP_HEADERS:
@@ -188,7 +191,13 @@ class StreamMachine:
         self.response_status = int(status) if status.isdigit() else 0
         ctype = h.get("content-type", "")
         encoded = h.get("content-encoding", "identity") not in ("", "identity")
-        if self.response_status != 200 or encoded or msg.end_of_stream:
+        if self.watch_misroute and self.response_status == 400 and not encoded and not msg.end_of_stream:
+            # Maybe vLLM's "maximum context length" error: read the JSON body.
+            self.sampled = True
+            self.scanner = JSONUsage()
+            self.state = S_RESP_BODY
+            return [_CONTINUE_RESP_HEADERS], False
+        if not self.sampled or self.response_status != 200 or encoded or msg.end_of_stream:
             self.state = S_DONE
             return [_CONTINUE_RESP_HEADERS], True
         if ctype.startswith("text/event-stream"):
@@ -215,14 +224,23 @@ class StreamMachine:
 
     # --- helpers -----------------------------------------------------------------
     def _learn(self) -> None:
-        u = self.scanner.usage if self.scanner is not None else None
         d = self.decision
-        if u is None or d is None:
+        if d is None or self.scanner is None:
             return
+        u = self.scanner.usage
+        if self.response_status == 400 and isinstance(self.scanner, JSONUsage):
+            # A harmful misroute the short pool caught: its error message
+            # carries vLLM's own prompt count, which is worth learning from.
+            pt = context_error_prompt_tokens(self.scanner.text)
+            if pt is None:
+                return
+            self.misroute = True
+            u = Usage(pt, None)
+        if u is None:
+            return
+        self.usage = u
         self.rel_error = self.router.learn(d, u.prompt_tokens, u.completion_tokens)
         self.learned = True
-        if self.on_learn is not None:
-            self.on_learn(d, u.prompt_tokens, u.completion_tokens, self.rel_error)
 
     def _route_common(self, d: Decision, extra: list[base_pb2.HeaderValueOption] | None = None) -> pb.CommonResponse:
         cfg = self.router.cfg.router

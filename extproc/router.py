@@ -112,6 +112,15 @@ class Router:
                 rate *= NEAR_THRESHOLD_BOOST
         return u < rate
 
+    def near_threshold_short(self, d: P.Decision) -> bool:
+        """Routed short with a padded budget within NEAR_THRESHOLD_BAND of
+        B_short: the only requests that can be harmful misroutes, so the
+        only ones whose response status is worth a look."""
+        if d.pool != self.cfg.short.name or not d.routable or d.exact:
+            return False
+        b = self.cfg.policy.b_short
+        return d.estimate * (1 + d.margin) + d.output >= (1 - NEAR_THRESHOLD_BAND) * b
+
     def learn(self, d: P.Decision, prompt_tokens: Any, completion_tokens: Any) -> float | None:
         """Learn from a response's usage; returns the estimate's relative error."""
         rel = None

@@ -18,7 +18,6 @@ import os
 import random
 import signal
 import time
-from typing import Callable
 
 from . import snapshot, transport
 from .config import Config, worker_ports
@@ -44,15 +43,18 @@ def max_message_bytes(cfg: Config) -> int:
 class Worker:
     """One router worker: core + transport + snapshots (no process logic)."""
 
-    def __init__(self, cfg: Config, index: int = 0, rng: random.Random | None = None):
+    def __init__(self, cfg: Config, index: int = 0, rng: random.Random | None = None, telemetry: bool = True):
         self.cfg = cfg
         self.index = index
         self.router = Router(cfg)
         self.rng = rng or random.Random()
         self.server = None
         self.state_path = snapshot.worker_path(cfg.router.state_file, index)
-        self.on_learn: Callable | None = None
         self.streams = 0
+        self.telemetry = None
+        if telemetry:
+            from .telemetry import Telemetry
+            self.telemetry = Telemetry(cfg, self.router, index)
 
     def load_state(self) -> None:
         state, src = snapshot.load_best(self.cfg.router.state_file)
@@ -70,9 +72,10 @@ class Worker:
         except OSError as e:
             log.warning("worker %d: could not write calibration snapshot %s: %s", self.index, self.state_path, e)
 
-    def new_stream(self) -> StreamMachine:
+    def new_stream(self):
         self.streams += 1
-        return StreamMachine(self.router, self.rng.random, self.on_learn)
+        m = StreamMachine(self.router, self.rng.random)
+        return self.telemetry.wrap(m) if self.telemetry is not None else m
 
     async def start(self, port: int | None = None) -> int:
         self.load_state()
@@ -87,6 +90,8 @@ class Worker:
             await self.server.stop(self.cfg.router.drain_seconds)
             self.server = None
         self.save_state()
+        if self.telemetry is not None:
+            self.telemetry.shutdown()
 
     async def run_until(self, stop: asyncio.Event) -> None:
         async def snapshots() -> None:
@@ -121,10 +126,16 @@ def _worker_process(cfg: Config, index: int) -> None:
 
 
 def setup_logging(level: str | None = None) -> None:
-    logging.basicConfig(
-        level=(level or os.environ.get("BUDGET_ROUTER_LOG_LEVEL", "INFO")).upper(),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
+    """JSON lines on stderr (BUDGET_ROUTER_LOG_FORMAT=text for people)."""
+    from .telemetry import JsonFormatter
+    handler = logging.StreamHandler()
+    if os.environ.get("BUDGET_ROUTER_LOG_FORMAT", "json") == "json":
+        handler.setFormatter(JsonFormatter())
+    else:
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel((level or os.environ.get("BUDGET_ROUTER_LOG_LEVEL", "INFO")).upper())
 
 
 def serve(cfg: Config) -> int:

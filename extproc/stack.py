@@ -93,8 +93,10 @@ def loopback_config(base: Config | None = None, workers: int | None = None, **se
     n = workers or cfg.router.workers
     envoy_port, admin_port, short_port, long_port = free_ports(4)
     router_port = free_port_block(n)
+    prom_port = free_port_block(n)
     cfg = cfg.replace(
         router={"port": router_port, "workers": n, "listen": "127.0.0.1"},
+        telemetry={"prometheus_port": prom_port, "prometheus_listen": "127.0.0.1"},
         envoy={"port": envoy_port, "admin_port": admin_port, "listen": "127.0.0.1", "router_host": "127.0.0.1"},
         short={"endpoints": (f"127.0.0.1:{short_port}",)},
         long={"endpoints": (f"127.0.0.1:{long_port}",)},
@@ -217,6 +219,9 @@ class Stack:
     def start(self) -> "Stack":
         if not self.workdir:
             self.workdir = tempfile.mkdtemp(prefix="budget-router-")
+        if self.cfg.router.state_file == C.RouterConfig.state_file:
+            # Keep the calibration of this stack with its logs, not in the cwd.
+            self.cfg = self.cfg.replace(router={"state_file": os.path.join(self.workdir, "state.json")})
         try:
             self.start_pool(self.cfg.short.name)
             self.start_pool(self.cfg.long.name)

@@ -19,6 +19,7 @@ passed on and a partial trailing event waits for its end.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 
 import orjson
@@ -56,6 +57,24 @@ def usage_from_obj(obj: object) -> Usage | None:
     return Usage(pt, ct)
 
 
+#: vLLM's context-length error: "This model's maximum context length is N
+#: tokens. However, you requested M tokens (P in the messages, C in the
+#: completion)." or, without max_tokens, "However, you requested P tokens in
+#: the messages" (vllm/entrypoints/openai/serving_engine.py); newer releases
+#: word it "... (P tokens in the input, ...)": all these forms are accepted.
+_CONTEXT_ERROR = re.compile(
+    rb"maximum context length is \d+ tokens\. However, you requested (?:\d+ tokens \((\d+)|(\d+) tokens) "
+    rb"(?:tokens )?in the (?:messages|input|prompt)")
+
+
+def context_error_prompt_tokens(body: bytes) -> int | None:
+    """The prompt length vLLM reports in its context-length error, if any."""
+    m = _CONTEXT_ERROR.search(body)
+    if not m:
+        return None
+    return int(m.group(1) or m.group(2))
+
+
 class JSONUsage:
     """Collects a JSON response body and reads its usage at the end."""
 
@@ -66,6 +85,7 @@ class JSONUsage:
         self.overflow = False
         self.usage: Usage | None = None
         self.done = False
+        self.text = b""  # the whole body, kept after the end (bounded by limit)
 
     def feed(self, chunk: bytes, end: bool) -> None:
         if self.done:
@@ -80,8 +100,9 @@ class JSONUsage:
         if end:
             self.done = True
             if not self.overflow and self.parts:
+                self.text = b"".join(self.parts)
                 try:
-                    self.usage = usage_from_obj(orjson.loads(b"".join(self.parts)))
+                    self.usage = usage_from_obj(orjson.loads(self.text))
                 except orjson.JSONDecodeError:
                     self.usage = None
             self.parts = []

@@ -1,0 +1,265 @@
+"""OpenTelemetry for the router: a span per ext_proc stream, metrics, JSON logs.
+
+Shell code: it watches finished ``StreamMachine``s and never changes a
+decision. Everything is derived when a stream closes, from what the machine
+kept (request headers, decision, usage, timings measured here), so the pure
+core stays free of clocks and exporters.
+
+Traces: one span per stream, child of the W3C ``traceparent`` Envoy forwards
+in the request headers, with GenAI semantic-convention attributes
+(``gen_ai.request.model``, ``gen_ai.usage.input_tokens``,
+``gen_ai.usage.output_tokens``) and the router's own (``budget_router.*``).
+Exporter and sampler follow the standard ``OTEL_*`` variables; with no OTLP
+endpoint configured no tracer is set up and spans cost nothing.
+
+Metrics (names as Prometheus shows them; OTel instrument names use dots):
+
+    budget_router_requests_total{pool,category,reason}           counter
+    budget_router_estimate_relative_error{category}              histogram, ratio
+    budget_router_learned_bytes_per_token{model,category}        gauge
+    budget_router_learned_overhead_tokens{model,category}        gauge, tokens
+    budget_router_learned_samples_total{model,category}          counter
+    budget_router_misroutes_detected_total{pool}                 counter
+    budget_router_processing_seconds{phase}                      histogram, s
+    budget_router_streams_in_flight                              gauge (up-down)
+
+Served on a Prometheus endpoint per worker ([telemetry] prometheus_port + i)
+and exported by OTLP when OTEL_EXPORTER_OTLP_ENDPOINT is set.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from typing import Any, Iterable
+
+from opentelemetry import metrics, propagate, trace
+from opentelemetry.metrics import CallbackOptions, Observation
+from opentelemetry.sdk.metrics import MeterProvider
+from opentelemetry.sdk.metrics.view import ExplicitBucketHistogramAggregation, View
+from opentelemetry.sdk.resources import Resource
+from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.sdk.trace.export import BatchSpanProcessor
+
+from .config import Config
+from .machine import StreamMachine
+from .router import Router
+
+log = logging.getLogger("budget_router")
+
+#: Buckets of the relative-error histogram: the interesting range is 1-20%
+#: (a well-calibrated fit is at 2-5%, the 4 bytes/token prior at 10-25%).
+ERROR_BUCKETS = (0.005, 0.01, 0.02, 0.03, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.5, 1.0)
+
+#: Buckets of the per-phase processing time: a routed request costs ~50-300 us
+#: of router CPU; buckets from 25 us to 50 ms (a GC pause or a huge body).
+PHASE_BUCKETS = (25e-6, 50e-6, 100e-6, 200e-6, 400e-6, 800e-6, 1.6e-3, 3.2e-3, 6.4e-3, 12.8e-3, 50e-3)
+
+SERVICE_NAME = "budget-router"
+_SCOPE = "token_budget_router"
+
+
+def _tracing_configured() -> bool:
+    if os.environ.get("OTEL_SDK_DISABLED", "").lower() == "true":
+        return False
+    if os.environ.get("OTEL_TRACES_EXPORTER", "otlp").lower() == "none":
+        return False
+    return bool(os.environ.get("OTEL_EXPORTER_OTLP_ENDPOINT") or os.environ.get("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT"))
+
+
+def _otlp_metrics_configured() -> bool:
+    if os.environ.get("OTEL_METRICS_EXPORTER", "otlp").lower() == "none":
+        return False
+    return bool(os.environ.get("OTEL_EXPORTER_OTLP_ENDPOINT") or os.environ.get("OTEL_EXPORTER_OTLP_METRICS_ENDPOINT"))
+
+
+def trace_id(headers: dict[str, str]) -> str | None:
+    """Trace id of a W3C ``traceparent`` header (version-traceid-spanid-flags)."""
+    parts = headers.get("traceparent", "").split("-")
+    return parts[1] if len(parts) == 4 and len(parts[1]) == 32 else None
+
+
+class JsonFormatter(logging.Formatter):
+    """One JSON object per line; ``extra={"fields": {...}}`` adds keys. Bodies
+    and authorization headers are never passed to the logger."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        out: dict[str, Any] = {
+            "ts": round(record.created, 6), "level": record.levelname.lower(),
+            "logger": record.name, "msg": record.getMessage(),
+        }
+        fields = getattr(record, "fields", None)
+        if isinstance(fields, dict):
+            out.update(fields)
+        if record.exc_info:
+            out["exc"] = self.formatException(record.exc_info)
+        return json.dumps(out, default=str)
+
+
+class Telemetry:
+    """Per worker process: providers, instruments and the Prometheus endpoint."""
+
+    def __init__(self, cfg: Config, router: Router, worker: int = 0):
+        self.cfg = cfg
+        self.router = router
+        resource = Resource.create({"service.name": os.environ.get("OTEL_SERVICE_NAME", SERVICE_NAME),
+                                    "service.instance.id": f"{os.uname().nodename}-{os.getpid()}",
+                                    "budget_router.worker": worker})
+        self.tracer: trace.Tracer | None = None
+        self._tracer_provider: TracerProvider | None = None
+        if _tracing_configured():
+            from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter
+            self._tracer_provider = TracerProvider(resource=resource)  # sampler from OTEL_TRACES_SAMPLER
+            self._tracer_provider.add_span_processor(BatchSpanProcessor(OTLPSpanExporter()))
+            self.tracer = self._tracer_provider.get_tracer(_SCOPE)
+        readers = []
+        self.prometheus_port = None
+        if cfg.telemetry.prometheus_port:
+            from opentelemetry.exporter.prometheus import PrometheusMetricReader
+            from prometheus_client import start_http_server
+            port = cfg.telemetry.prometheus_port + worker
+            try:
+                start_http_server(port, addr=cfg.telemetry.prometheus_listen)
+                readers.append(PrometheusMetricReader())
+                self.prometheus_port = port
+            except OSError as e:
+                log.warning("Prometheus endpoint on %s:%d not started: %s",
+                            cfg.telemetry.prometheus_listen, port, e)
+        if _otlp_metrics_configured():
+            from opentelemetry.exporter.otlp.proto.grpc.metric_exporter import OTLPMetricExporter
+            from opentelemetry.sdk.metrics.export import PeriodicExportingMetricReader
+            readers.append(PeriodicExportingMetricReader(OTLPMetricExporter()))
+        views = [
+            View(instrument_name="budget_router.estimate_relative_error",
+                 aggregation=ExplicitBucketHistogramAggregation(ERROR_BUCKETS)),
+            View(instrument_name="budget_router.processing",
+                 aggregation=ExplicitBucketHistogramAggregation(PHASE_BUCKETS)),
+        ]
+        self._meter_provider = MeterProvider(resource=resource, metric_readers=readers, views=views)
+        m = self._meter_provider.get_meter(_SCOPE)
+        self.requests = m.create_counter("budget_router.requests", unit="",
+                                         description="Requests decided, by pool, category and reason")
+        self.rel_error = m.create_histogram("budget_router.estimate_relative_error", unit="",
+                                            description="|estimated - true| / true prompt tokens, learned responses")
+        self.samples = m.create_counter("budget_router.learned_samples", unit="",
+                                        description="Responses the estimator learned from")
+        self.misroutes = m.create_counter("budget_router.misroutes_detected", unit="",
+                                          description="Short-pool context-length errors seen in the response phase")
+        self.processing = m.create_histogram("budget_router.processing", unit="s",
+                                             description="Router CPU-side time per ext_proc message, by phase")
+        self.in_flight = m.create_up_down_counter("budget_router.streams_in_flight", unit="",
+                                                  description="ext_proc streams open in this worker")
+        m.create_observable_gauge("budget_router.learned_bytes_per_token", [self._observe_bpt], unit="",
+                                  description="Observed bytes per token of learned responses (EMA)")
+        m.create_observable_gauge("budget_router.learned_overhead_tokens", [self._observe_overhead], unit="",
+                                  description="Learned fixed chat-template overhead (intercept)")
+
+    def _fits(self) -> list[dict[str, Any]]:
+        return self.router.estimator.table()
+
+    def _observe_bpt(self, options: CallbackOptions) -> Iterable[Observation]:
+        for row in self._fits():
+            if row["bytes_per_token"]:
+                yield Observation(row["bytes_per_token"], {"model": row["model"], "category": row["category"]})
+
+    def _observe_overhead(self, options: CallbackOptions) -> Iterable[Observation]:
+        for row in self._fits():
+            yield Observation(row["overhead"], {"model": row["model"], "category": row["category"]})
+
+    def wrap(self, machine: StreamMachine) -> "ObservedStream":
+        return ObservedStream(machine, self)
+
+    def shutdown(self) -> None:
+        if self._tracer_provider is not None:
+            self._tracer_provider.shutdown()
+        self._meter_provider.shutdown()
+
+    # --- called when a stream ends -------------------------------------------------
+    def stream_closed(self, s: "ObservedStream") -> None:
+        m = s.machine
+        d = m.decision
+        self.in_flight.add(-1)
+        if d is not None:
+            self.requests.add(1, {"pool": d.pool, "category": d.category or "-", "reason": d.reason})
+            if m.learned and m.rel_error is not None:
+                self.rel_error.record(abs(m.rel_error), {"category": d.category})
+            if m.learned:
+                self.samples.add(1, {"model": self.router.estimator.model_key(d.model), "category": d.category})
+            if m.misroute:
+                self.misroutes.add(1, {"pool": d.pool})
+                log.warning("misroute detected: short pool rejected a request for its context length",
+                            extra={"fields": {"request_id": m.request_headers.get("x-request-id"),
+                                              "trace_id": trace_id(m.request_headers),
+                                              "estimate": d.estimate, "prompt_tokens": m.usage.prompt_tokens
+                                              if m.usage else None, "category": d.category}})
+        if self.tracer is not None:
+            self._span(s)
+
+    def _span(self, s: "ObservedStream") -> None:
+        m = s.machine
+        d = m.decision
+        ctx = propagate.extract(m.request_headers)
+        span = self.tracer.start_span("budget_router ext_proc", context=ctx, kind=trace.SpanKind.SERVER,
+                                      start_time=s.start_ns)
+        attrs: dict[str, Any] = {"http.request.method": m.method, "url.path": m.path.split("?", 1)[0],
+                                 "budget_router.sampled": m.sampled, "budget_router.aborted": m.aborted}
+        rid = m.request_headers.get("x-request-id")
+        if rid:
+            attrs["budget_router.request_id"] = rid
+        if d is not None:
+            attrs.update({
+                "gen_ai.request.model": d.model or "", "budget_router.pool": d.pool,
+                "budget_router.reason": d.reason, "budget_router.category": d.category or "",
+                "budget_router.estimated_prompt_tokens": d.estimate, "budget_router.budget": d.budget,
+                "budget_router.output_budget": d.output, "budget_router.margin": d.margin,
+            })
+            if d.capped:
+                attrs["gen_ai.request.max_tokens"] = d.output
+        if m.usage is not None:
+            if m.usage.prompt_tokens is not None:
+                attrs["gen_ai.usage.input_tokens"] = m.usage.prompt_tokens
+            if m.usage.completion_tokens is not None:
+                attrs["gen_ai.usage.output_tokens"] = m.usage.completion_tokens
+        if m.rel_error is not None:
+            attrs["budget_router.estimate_error"] = m.rel_error
+        if m.misroute:
+            attrs["budget_router.misroute"] = True
+        span.set_attributes(attrs)
+        span.end()
+
+
+class ObservedStream:
+    """A StreamMachine with timing and end-of-stream telemetry around it;
+    same interface (receive / abort / finish) for the transport."""
+
+    __slots__ = ("machine", "tel", "start_ns", "closed")
+
+    def __init__(self, machine: StreamMachine, tel: Telemetry):
+        self.machine = machine
+        self.tel = tel
+        self.start_ns = time.time_ns()
+        self.closed = False
+        tel.in_flight.add(1)
+
+    def receive(self, req):
+        t0 = time.perf_counter()
+        out = self.machine.receive(req)
+        self.tel.processing.record(time.perf_counter() - t0, {"phase": req.WhichOneof("request") or "unknown"})
+        if out[1]:
+            self._close()
+        return out
+
+    def _close(self) -> None:
+        if not self.closed:
+            self.closed = True
+            self.tel.stream_closed(self)
+
+    def abort(self) -> None:
+        self.machine.abort()
+        self._close()
+
+    def finish(self) -> None:
+        self.machine.finish()
+        self._close()
