@@ -1,0 +1,327 @@
+"""Per-(model, category) ridge estimator: prior, learning, bounds, persistence."""
+
+from __future__ import annotations
+
+import copy
+import gzip
+import json
+import math
+import os
+import random
+
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, given, settings, strategies as st
+
+from extproc.config import EstimatorConfig
+from extproc.estimator import (ANY_MODEL, MAX_BYTES_PER_TOKEN, PRIOR_TOKENS_PER_MESSAGE,
+                               PRIOR_TOKENS_PER_REQUEST, Estimator)
+from extproc.features import CATEGORIES, N_FEATURES, PROSE, features
+
+CALIB = "/work/shared/data/calib/calib_samples.jsonl.gz"
+
+WORDS = ("the of and to in is was for on that with as by at from his an were are which this be or has "
+         "had not but its they Rome history, empire. 2024").split()
+
+
+def feat(text: str, m: int = 1, tools: bool = False):
+    return features(text.encode(), len(text), m, tools)
+
+
+def rand_text(rng: random.Random, n_words: int) -> str:
+    return " ".join(rng.choice(WORDS) for _ in range(n_words))
+
+
+def sample(rng: random.Random, lo: int = 5, hi: int = 400, fixed_m: int | None = None):
+    m = fixed_m or rng.randint(1, 6)
+    t = "\n".join(rand_text(rng, rng.randint(lo, hi)) for _ in range(m))
+    return feat(t, m), m
+
+
+# --- prior -----------------------------------------------------------------------
+
+@pytest.mark.parametrize("text, m", [
+    ("Hello, world! This is a test of the prior.", 1),
+    ("x" * 4000, 3),
+    ("line one\nline two\n    indented 12345\n", 2),
+])
+def test_prior_is_bytes_over_four_plus_template_terms(text, m):
+    e = Estimator()
+    f = feat(text, m)
+    est = e.estimate("any-model", f.category, f.vector, f.n_bytes)
+    expected = len(text.encode()) / 4 + PRIOR_TOKENS_PER_MESSAGE * m + PRIOR_TOKENS_PER_REQUEST
+    assert est.tokens == pytest.approx(expected, rel=1e-12)
+    assert est.samples == 0
+    assert est.rel_error == pytest.approx(EstimatorConfig().prior_rel_error)
+    assert est.long_rms == pytest.approx(EstimatorConfig().prior_rel_error)
+    assert est.category == f.category
+    assert not e.confident("any-model", f.category)
+    # estimating creates nothing
+    assert e.models == {} and e.fits == {}
+
+
+def test_prior_counts_cjk_as_three_bytes_per_char():
+    text = "长城是中国古代的军事防御工程"
+    f = feat(text)
+    est = Estimator().estimate("m", f.category, f.vector, f.n_bytes)
+    assert est.tokens == pytest.approx(3 * len(text) / 4 + 5 + 6)
+
+
+def test_prior_follows_configured_bytes_per_token():
+    f = feat("a" * 3000)
+    est = Estimator(EstimatorConfig(prior_bytes_per_token=3.0)).estimate("m", PROSE, f.vector, f.n_bytes)
+    assert est.tokens == pytest.approx(3000 / 3 + 11)
+
+
+# --- learning ----------------------------------------------------------------------
+
+def test_learns_different_tokenizer_ratio_and_template():
+    """tokens = bytes/3 + 20 + 5 * messages: held-out estimates converge within 2%."""
+    rng = random.Random(2)
+    e = Estimator()
+
+    def truth(f, m):
+        return f.n_bytes / 3 + 20 + 5 * m
+
+    test = [sample(rng) for _ in range(300)]
+    prior_errs = [abs(e.estimate("m", f.category, f.vector, f.n_bytes).tokens - truth(f, m)) / truth(f, m)
+                  for f, m in test]
+    assert np.percentile(prior_errs, 50) > 0.15  # the prior (4 bytes/token) is clearly off
+    for _ in range(600):
+        f, m = sample(rng)
+        rel = e.learn("m", f.category, f.vector, f.n_bytes, round(truth(f, m)))
+        assert rel is not None
+    errs = [abs(e.estimate("m", f.category, f.vector, f.n_bytes).tokens - truth(f, m)) / truth(f, m)
+            for f, m in test]
+    assert max(errs) < 0.02
+    assert np.percentile(errs, 90) < 0.01
+    assert e.confident("m", PROSE)
+    row = next(r for r in e.table() if r["model"] == "m" and r["category"] == PROSE)
+    assert row["bytes_per_token"] == pytest.approx(2.85, abs=0.15)  # bytes/tokens incl. overhead
+    assert row["samples"] > 500
+    # the learned error EMA is small now (it was the 20% prior)
+    est = e.estimate("m", PROSE, test[0][0].vector, test[0][0].n_bytes)
+    assert est.rel_error < 0.02
+
+
+def test_learns_intercept_template_overhead():
+    """Llama-3.1-style template: +35 tokens per request, one message. After learning,
+    a tiny prompt is estimated at about its 35 tokens of overhead (the prior says 11)."""
+    rng = random.Random(3)
+    e = Estimator()
+    tiny = feat("Hi")
+    before = e.estimate("llama", tiny.category, tiny.vector, tiny.n_bytes).tokens
+    assert before == pytest.approx(0.5 + 11)
+    for _ in range(400):
+        f, _ = sample(rng, 1, 300, fixed_m=1)
+        e.learn("llama", f.category, f.vector, f.n_bytes, round(f.n_bytes / 4 + 35))
+    after = e.estimate("llama", tiny.category, tiny.vector, tiny.n_bytes).tokens
+    assert after == pytest.approx(2 / 4 + 35, abs=1.5)
+    w = e.fits[("llama", PROSE)].weights()
+    assert w[10] + w[11] == pytest.approx(35, abs=1.5)
+
+
+def test_learn_returns_prequential_error_and_rejects_bad_counts():
+    e = Estimator()
+    f = feat("word " * 400)  # 2000 bytes: prior 500 + 11
+    assert e.learn("m", f.category, f.vector, f.n_bytes, 1000) == pytest.approx((511 - 1000) / 1000)
+    for bad in (0, -5, None, 3.5, "100"):
+        assert e.learn("m", f.category, f.vector, f.n_bytes, bad) is None
+    assert e.fits[("m", f.category)].samples == 1
+
+
+def test_new_category_starts_from_model_fit():
+    rng = random.Random(4)
+    e = Estimator()
+    for _ in range(200):
+        f, m = sample(rng)
+        e.learn("m", PROSE, f.vector, f.n_bytes, round(f.n_bytes / 3 + 11))
+    f, m = sample(rng)
+    # "code" never learned for "m": it follows the model's fit, not the prior
+    code_est = e.estimate("m", "code", f.vector, f.n_bytes).tokens
+    assert code_est == pytest.approx(f.n_bytes / 3 + 11, rel=0.03)
+    # an unknown model follows the root ("any model"), which learned too
+    other = e.estimate("other", "code", f.vector, f.n_bytes).tokens
+    assert other == pytest.approx(f.n_bytes / 3 + 11, rel=0.05)
+    assert "other" not in e.models
+
+
+def test_models_learn_separately():
+    rng = random.Random(5)
+    e = Estimator()
+    for _ in range(300):
+        f, _ = sample(rng)
+        e.learn("a", PROSE, f.vector, f.n_bytes, round(f.n_bytes / 3))
+        e.learn("b", PROSE, f.vector, f.n_bytes, round(f.n_bytes / 5))
+    f, _ = sample(rng, 300, 400)
+    assert e.estimate("a", PROSE, f.vector, f.n_bytes).tokens == pytest.approx(f.n_bytes / 3, rel=0.03)
+    assert e.estimate("b", PROSE, f.vector, f.n_bytes).tokens == pytest.approx(f.n_bytes / 5, rel=0.03)
+
+
+# --- bounds --------------------------------------------------------------------------
+
+texts = st.text(st.characters(codec="utf-8"), max_size=300)
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(train=st.lists(st.tuples(texts, st.integers(1, 6), st.integers(1, 200_000)), max_size=12),
+       probe=texts, m=st.integers(1, 50))
+def test_estimate_never_below_floor(train, probe, m):
+    """Whatever (even absurd) counts it learned, an estimate is finite and at
+    least max(1, bytes/16)."""
+    e = Estimator()
+    for text, tm, y in train:
+        f = feat(text, tm)
+        e.learn("m", f.category, f.vector, f.n_bytes, y)
+    f = feat(probe, m)
+    est = e.estimate("m", f.category, f.vector, f.n_bytes)
+    assert math.isfinite(est.tokens)
+    assert est.tokens >= max(1.0, f.n_bytes / MAX_BYTES_PER_TOKEN)
+    assert math.isfinite(est.rel_error) and est.rel_error >= 0
+    assert math.isfinite(est.long_rms) and est.long_rms >= 0
+
+
+def test_memory_bounded_under_flood_of_model_names():
+    cfg = EstimatorConfig(max_models=16)
+    e = Estimator(cfg)
+    f = feat("some prompt text " * 20)
+    for i in range(10_000):
+        e.learn(f"model-{i}", f.category, f.vector, f.n_bytes, 100 + i % 50)
+        if i % 7 == 0:
+            e.estimate(f"other-{i}", "code", f.vector, f.n_bytes)
+    named = set(e.models) - {ANY_MODEL}
+    assert len(named) <= cfg.max_models
+    assert named == {f"model-{i}" for i in range(16)}
+    # the overflow shares one bucket: at most max_models names plus "*"
+    assert len(e.models) <= cfg.max_models + 1
+    assert len(e.fits) <= (cfg.max_models + 1) * len(CATEGORIES)
+    assert e.model_key("model-99999") == ANY_MODEL
+    assert e.model_key("model-3") == "model-3"
+    assert e.fits[(ANY_MODEL, f.category)].samples == 10_000 - 16
+
+
+def test_claim_takes_a_slot_only_while_free():
+    e = Estimator(EstimatorConfig(max_models=2))
+    assert e.claim("a") == "a" and e.claim("b") == "b"
+    assert e.claim("c") == ANY_MODEL
+    assert set(e.models) == {"a", "b", ANY_MODEL}
+
+
+# --- persistence ------------------------------------------------------------------------
+
+def _trained(seed=6) -> tuple[Estimator, list]:
+    rng = random.Random(seed)
+    e = Estimator()
+    for i in range(150):
+        f, m = sample(rng)
+        e.learn(("a", "b")[i % 2], f.category, f.vector, f.n_bytes, round(f.n_bytes / 3.3 + 4 * m + 9))
+    cjk = feat("长城是中国古代的军事防御工程，修建于春秋战国时期。" * 10)
+    for _ in range(10):
+        e.learn("a", cjk.category, cjk.vector, cjk.n_bytes, 200)
+    probes = [sample(rng) for _ in range(20)] + [(cjk, 1)]
+    return e, probes
+
+
+def _estimates(e, probes):
+    return [(m, e.estimate(m, f.category, f.vector, f.n_bytes)) for f, _ in probes for m in ("a", "b", "zz")]
+
+
+def test_snapshot_restore_identical_estimates():
+    e, probes = _trained()
+    snap = json.loads(json.dumps(e.snapshot()))  # through JSON, as on disk
+    e2 = Estimator()
+    e2.restore(snap)
+    assert _estimates(e2, probes) == _estimates(e, probes)
+    assert e2.table() == e.table()
+    assert e2.snapshot() == e.snapshot()
+    # and both keep learning identically
+    f, _ = probes[0]
+    assert e2.learn("a", f.category, f.vector, f.n_bytes, 123) == e.learn("a", f.category, f.vector, f.n_bytes, 123)
+    assert _estimates(e2, probes) == _estimates(e, probes)
+
+
+def test_restore_respects_max_models():
+    e, probes = _trained()
+    small = Estimator(EstimatorConfig(max_models=1))
+    small.restore(e.snapshot())
+    assert set(small.models) <= {"a", ANY_MODEL}
+    assert "b" not in small.models
+
+
+@pytest.mark.parametrize("mutate", [
+    lambda s: s.update(version=2),
+    lambda s: s.pop("version"),
+    lambda s: s.update(features=N_FEATURES + 1),
+    lambda s: s["root"]["A"].__setitem__(0, float("nan")),
+    lambda s: s["root"]["b"].__setitem__(3, float("inf")),
+    lambda s: s["fits"][0]["A"].__setitem__(5, float("-inf")),
+    lambda s: s["models"]["a"]["b"].__setitem__(0, float("nan")),
+    lambda s: s["root"].update(A=[1.0] * 5),
+], ids=["version", "no-version", "features", "nan-A", "inf-b", "fit-inf", "model-nan", "bad-shape"])
+def test_restore_rejects_incompatible_or_non_finite(mutate):
+    e, _ = _trained()
+    snap = copy.deepcopy(e.snapshot())
+    mutate(snap)
+    with pytest.raises(ValueError):
+        Estimator().restore(snap)
+
+
+@pytest.mark.xfail(strict=True, reason="BUG: Estimator.restore accepts non-finite abs_err/long_ms "
+                   "(only A and b are checked), so e.g. long_ms=inf gives margin=inf and every request of that fit routes long")
+@pytest.mark.parametrize("key, value", [("abs_err", float("nan")), ("long_ms", float("inf"))])
+def test_restore_rejects_non_finite_error_averages(key, value):
+    e, _ = _trained()
+    snap = copy.deepcopy(e.snapshot())
+    snap["fits"][0][key] = value
+    with pytest.raises(ValueError):
+        Estimator().restore(snap)
+
+
+@pytest.mark.xfail(strict=True, reason="BUG: Estimator.restore is not atomic: fits loaded before the "
+                   "bad entry stay loaded after the ValueError")
+def test_failed_restore_leaves_estimator_unchanged():
+    e, probes = _trained()
+    before = e.snapshot()
+    est_before = _estimates(e, probes)
+    other, _ = _trained(seed=7)
+    bad = copy.deepcopy(other.snapshot())
+    bad["fits"][-1]["A"][0] = float("nan")  # only the last entry is corrupt
+    with pytest.raises(ValueError):
+        e.restore(bad)
+    assert e.snapshot() == before
+    assert _estimates(e, probes) == est_before
+
+
+# --- calib data -----------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def calib():
+    if not os.path.exists(CALIB):
+        pytest.skip(f"calib data {CALIB} absent (see ../shared/data/README.md)")
+    with gzip.open(CALIB) as f:
+        recs = [json.loads(line) for line in f]
+    return recs, [features(r["text"].encode(), len(r["text"]), 1, False) for r in recs]
+
+
+@pytest.mark.parametrize("tokenizer, bound", [
+    # measured p90 (seeds 0-2): llama3 10.5-11.8%, qwen2.5 9.6-11.3%, others up to 12.8%
+    ("llama3", 0.15), ("qwen2.5", 0.15), ("cl100k", 0.16), ("o200k", 0.16), ("deepseek_v4", 0.16),
+])
+def test_calib_p90_error_on_long_texts(calib, tokenizer, bound):
+    recs, feats = calib
+    rng = random.Random(0)
+    idx = list(range(len(recs)))
+    rng.shuffle(idx)
+    train, test = idx[: len(idx) // 2], idx[len(idx) // 2:]
+    e = Estimator()
+    for i in train:
+        f = feats[i]
+        e.learn(tokenizer, f.category, f.vector, f.n_bytes, recs[i]["tokens"][tokenizer])
+    errs = []
+    for i in test:
+        y = recs[i]["tokens"][tokenizer]
+        if y > 1000:
+            f = feats[i]
+            errs.append(abs(e.estimate(tokenizer, f.category, f.vector, f.n_bytes).tokens - y) / y)
+    assert len(errs) > 100
+    assert np.percentile(errs, 90) < bound
