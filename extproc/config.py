@@ -81,6 +81,9 @@ class EnvoyConfig:
     listen: str = "127.0.0.1"
     port: int = D.ENVOY_PORT
     admin_port: int = D.ENVOY_ADMIN_PORT
+    # Envoy's admin API can drain and reconfigure Envoy: loopback by default;
+    # a container needs 0.0.0.0 for Prometheus to scrape /stats/prometheus.
+    admin_listen: str = "127.0.0.1"
     message_timeout_ms: int = D.MESSAGE_TIMEOUT_MS
     route_timeout_s: int = D.ROUTE_TIMEOUT_S
     stream_idle_timeout_s: int = D.STREAM_IDLE_TIMEOUT_S

@@ -95,11 +95,14 @@ from envoy_data_plane.envoy.extensions.filters.http.ext_proc.v3 import (
     ProcessingModeHeaderSendMode,
 )
 from envoy_data_plane.envoy.extensions.filters.http.router.v3 import Router
+from envoy_data_plane.envoy.config.trace.v3 import OpenTelemetryConfig, TracingHttp
 from envoy_data_plane.envoy.extensions.filters.network.http_connection_manager.v3 import (
     HttpConnectionManager,
     HttpConnectionManagerCodecType,
+    HttpConnectionManagerTracing,
     HttpFilter,
 )
+from envoy_data_plane.envoy.type.v3 import Percent
 from envoy_data_plane.envoy.extensions.http.early_header_mutation.header_mutation.v3 import (
     HeaderMutation as EarlyHeaderMutation,
 )
@@ -188,6 +191,18 @@ EARLY_HEADER_MUTATION = "envoy.http.early_header_mutation.header_mutation"
 EXT_PROC_FILTER = "envoy.filters.http.ext_proc"
 ROUTER_FILTER = "envoy.filters.http.router"
 HCM_FILTER = "envoy.filters.network.http_connection_manager"
+OTEL_TRACER = "envoy.tracers.opentelemetry"
+
+#: Cluster of the OpenTelemetry collector (OTLP/gRPC) for Envoy's own spans.
+OTEL_CLUSTER = "otel_collector"
+
+#: Service name of Envoy's spans, beside the router's "budget-router".
+ENVOY_SERVICE_NAME = "budget-router-envoy"
+
+#: Share of requests Envoy starts a trace for when the client sent none.
+#: 100%: the collector's tail sampling (or OTEL_TRACES_SAMPLER on the router)
+#: is the place to thin traces; a client's sampled traceparent is always kept.
+TRACE_RANDOM_SAMPLING_PCT = 100.0
 HTTP_PROTOCOL_OPTIONS = "envoy.extensions.upstreams.http.v3.HttpProtocolOptions"
 
 
@@ -401,8 +416,18 @@ def _strip_routing_header(cfg: C.Config) -> TypedExtensionConfig:
 
 
 def _listener(cfg: C.Config) -> Listener:
+    tracing = None
+    if cfg.envoy.otlp_endpoint:
+        tracing = HttpConnectionManagerTracing(
+            random_sampling=Percent(value=TRACE_RANDOM_SAMPLING_PCT),
+            provider=TracingHttp(name=OTEL_TRACER, typed_config=AnyMsg.pack(OpenTelemetryConfig(
+                grpc_service=GrpcService(envoy_grpc=GrpcServiceEnvoyGrpc(cluster_name=OTEL_CLUSTER)),
+                service_name=ENVOY_SERVICE_NAME,
+            ))),
+        )
     hcm = HttpConnectionManager(
         stat_prefix=STAT_PREFIX,
+        tracing=tracing,
         codec_type=HttpConnectionManagerCodecType.AUTO,
         early_header_mutation_extensions=[_strip_routing_header(cfg)],
         route_config=_route_config(cfg),
@@ -471,18 +496,25 @@ def _pool_cluster(cfg: C.Config, pool: C.PoolConfig) -> Cluster:
     )
 
 
+def _otel_cluster(cfg: C.Config) -> Cluster:
+    endpoints = [_split_endpoint(cfg.envoy.otlp_endpoint)]
+    return Cluster(
+        name=OTEL_CLUSTER,
+        **_discovery(endpoints),
+        connect_timeout=_s(POOL_CONNECT_TIMEOUT_S),
+        typed_extension_protocol_options=_protocol_options(http2=True),
+        load_assignment=_load_assignment(OTEL_CLUSTER, endpoints),
+    )
+
+
 def build_bootstrap(cfg: C.Config) -> Bootstrap:
     """The whole Envoy bootstrap for ``cfg`` as a typed message."""
+    clusters = [_router_cluster(cfg), _pool_cluster(cfg, cfg.short), _pool_cluster(cfg, cfg.long)]
+    if cfg.envoy.otlp_endpoint:
+        clusters.append(_otel_cluster(cfg))
     return Bootstrap(
-        admin=Admin(address=_address("127.0.0.1", cfg.envoy.admin_port)),
-        static_resources=BootstrapStaticResources(
-            listeners=[_listener(cfg)],
-            clusters=[
-                _router_cluster(cfg),
-                _pool_cluster(cfg, cfg.short),
-                _pool_cluster(cfg, cfg.long),
-            ],
-        ),
+        admin=Admin(address=_address(cfg.envoy.admin_listen, cfg.envoy.admin_port)),
+        static_resources=BootstrapStaticResources(listeners=[_listener(cfg)], clusters=clusters),
     )
 
 
