@@ -8,6 +8,7 @@
     budget-router replay         run your own request log through the core
     budget-router plan/simulate  size a split fleet on a trace
     budget-router config         print the effective configuration
+    budget-router status/admin   the running router's calibration; change B_short live
 """
 
 from __future__ import annotations
@@ -90,6 +91,8 @@ def build_parser() -> argparse.ArgumentParser:
     stack.add_parsers(sub)
     from .planner import cli as planner_cli
     planner_cli.add_parsers(sub)
+    from .admin import cli as admin_cli
+    admin_cli.add_parsers(sub)
     return ap
 
 

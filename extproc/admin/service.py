@@ -13,7 +13,6 @@ from typing import Any, Callable
 import orjson
 
 from .. import config as C
-from .. import snapshot
 from ..policy import margin_for
 from .v1 import admin_pb2 as pb
 
