@@ -1,0 +1,170 @@
+"""``budget-router demo``: traffic builders (fast, pure) and one small end-to-end run.
+
+The end-to-end test starts the real stack (Envoy, router, two simulated
+pools), sends 60 requests of the built-in mix through Envoy and checks that
+the report accounts for every request, that both pools served traffic, that
+only the two deliberate errors failed and that the plots are PNG files.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+from pathlib import Path
+
+import pytest
+
+from extproc import demo
+from extproc import demo_traffic as T
+
+SHARED = Path(__file__).resolve().parent.parent.parent / "shared" / "data"
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+def _parse(argv: list[str]) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(prog="budget-router")
+    demo.add_parser(ap.add_subparsers(dest="command", required=True))
+    return ap.parse_args(["demo", *argv])
+
+
+# --- pure parts ---------------------------------------------------------------------
+
+def test_parse_decision_header():
+    d = demo.parse_decision("pool=short; est=1234; budget=2258; cat=prose; reason=budget_fits_short")
+    assert d == {"pool": "short", "est": "1234", "budget": "2258", "cat": "prose", "reason": "budget_fits_short"}
+    assert demo.parse_decision(None) == {}
+
+
+def test_builtin_mix_is_deterministic_and_covers_every_kind():
+    a = T.builtin_mix(80, seed=7)
+    b = T.builtin_mix(80, seed=7)
+    assert [r.body() for r in a] == [r.body() for r in b]
+    assert [r.index for r in a] == list(range(80))
+    kinds = {r.kind for r in a}
+    assert set(T.MIX_SHARES) <= kinds
+    assert sum(r.deliberate_error for r in a) == 2
+    assert any(r.stream for r in a) and any(r.max_tokens is None for r in T.builtin_mix(200, seed=1))
+    longs = [r for r in a if r.kind == "long"]
+    assert all(T.count_tokens(r.messages[0]["content"]) >= T.LONG_MIN_TOKENS for r in longs)
+    tools = [r for r in a if r.kind == "tools"]
+    assert tools and all(t["type"] == "function" and t["function"]["parameters"]["type"] == "object"
+                         for r in tools for t in r.tools)
+    assert T.builtin_mix(80, seed=8)[0].body() != a[0].body() or T.builtin_mix(80, seed=8)[1].body() != a[1].body()
+
+
+def test_mix_shares_sum_to_one():
+    assert abs(sum(T.MIX_SHARES.values()) - 1.0) < 1e-9
+
+
+def test_trace_loaders(tmp_path):
+    azure = tmp_path / "azure.csv"
+    azure.write_text("TIMESTAMP,ContextTokens,GeneratedTokens\n"
+                     "2023-11-16 18:17:03.9799600,4808,10\n"
+                     "2023-11-16 18:17:04.0319600,3180,8\n"
+                     "2023-11-16 18:17:05.9799600,100,20\n")
+    rows = T.load_trace(str(azure))
+    assert [r.input_tokens for r in rows] == [4808, 3180, 100]
+    assert rows[0].t == 0 and abs(rows[1].t - 0.052) < 1e-6 and abs(rows[2].t - 2.0) < 1e-6
+    moon = tmp_path / "moon.jsonl"
+    moon.write_text("\n".join(json.dumps({"timestamp": t, "input_length": i, "output_length": o, "hash_ids": []})
+                              for t, i, o in [(0, 500, 50), (1500, 20_000, 100), (3000, 200_000, 900)]) + "\n")
+    reqs = T.from_trace(str(moon), n=10, seed=0, rate=2.0)
+    assert [r.at for r in reqs] == [0.0, 0.75, 1.5]
+    assert [r.max_tokens for r in reqs][:2] == [50, 100]
+    n = T.count_tokens(reqs[1].messages[0]["content"])
+    assert abs(n + T.TEMPLATE_REQUEST_TOKENS + T.TEMPLATE_MESSAGE_TOKENS - 20_000) < 200
+    assert reqs[2].clipped and T.count_tokens(reqs[2].messages[0]["content"]) + reqs[2].max_tokens <= T.TRACE_MAX_TOTAL_TOKENS
+    assert len(T.from_trace(str(moon), n=10, seed=0, rate=1.0, duration=2.0)) == 2
+
+
+def test_prompt_file_formats(tmp_path):
+    (tmp_path / "a.jsonl").write_text(
+        json.dumps({"question_id": 1, "turns": ["First question?", "Follow-up?"]}) + "\n"
+        + json.dumps({"uid": "x", "prompt": "Write a haiku."}) + "\n")
+    (tmp_path / "b.json").write_text(json.dumps([
+        {"instruction": "翻译这句话", "input": "Hello", "output": "你好"},
+        {"conversations": [{"from": "human", "value": "Weather in Kyoto?"},
+                           {"from": "function_call", "value": "{\"name\": \"get_weather\", \"arguments\": {\"city\": \"Kyoto\"}}"},
+                           {"from": "observation", "value": "{\"temp\": 21}"},
+                           {"from": "gpt", "value": "It is 21 C."},
+                           {"from": "human", "value": "And tomorrow?"}],
+         "tools": json.dumps([{"name": "get_weather", "description": "d", "parameters": {"type": "object", "properties": {}}}])},
+        {"messages": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"}]},
+    ]))
+    reqs = T.from_prompt_files(str(tmp_path), n=30, seed=3)
+    assert len(reqs) == 30 and [r.index for r in reqs] == list(range(30))
+    bodies = [r.body() for r in reqs]
+    assert all(b["messages"][-1]["role"] == "user" for b in bodies)
+    assert any(b.get("tools") and b["tools"][0]["type"] == "function" for b in bodies)
+    assert any(len(b["messages"]) == 3 for b in bodies)  # two benchmark turns
+    assert any(r.kind == "prompts:long" for r in reqs)
+
+
+@pytest.mark.skipif(not (SHARED / "prompts").is_dir(), reason="../shared/data not present (a user's clone)")
+def test_shared_prompt_files_load():
+    reqs = T.from_prompt_files(str(SHARED / "prompts"), n=100, seed=0)
+    assert len(reqs) == 100
+    assert any(r.tools for r in reqs)
+
+
+def test_analyze_classifies_misroutes_and_errors():
+    R = demo.Result
+    rs = [
+        R(0, "prose", False, 100, False, 400, status=200, pool="short", estimate=90, budget=190, category="prose",
+          prompt_tokens=100, completion_tokens=100),
+        R(1, "near", False, 500, False, 400, status=200, pool="long", estimate=7500, budget=8000, category="code",
+          prompt_tokens=7000, completion_tokens=500),                     # benign: 7500 <= 8192
+        R(2, "near", False, 1024, False, 400, status=400, pool="short", estimate=7000, budget=8024, category="code",
+          prompt_tokens=7400, error="... (7400 in the messages, 1024 in the completion)"),  # harmful
+        R(3, "error:too_long", False, 256, True, 400, status=400, pool="long", reason="context_length_exceeded"),
+        R(4, "prose", False, 100, False, 400, error="ConnectError"),
+    ]
+    a = demo.analyze(rs, 8192)
+    assert a["misroutes"]["harmful"] == 1 and a["misroutes"]["benign"] == 1 and a["misroutes"]["judged"] == 3
+    assert len(a["errors"]["deliberate"]) == 1
+    assert [e["index"] for e in a["errors"]["unexpected"]] == [4]
+    assert sum(a["statuses"].values()) == 5
+    assert a["estimate_error"]["prose"]["first_p50"] == pytest.approx(0.1)
+
+
+# --- end to end ---------------------------------------------------------------------------
+
+def test_demo_end_to_end(tmp_path, capsys):
+    """60 requests through the real stack in well under 40 s."""
+    out = tmp_path / "demo"
+    args = _parse(["--requests", "60", "--concurrency", "12", "--seed", "1", "--time-scale", "0.01",
+                   "--latency-pairs", "10", "--deadline", "60", "--no-progress", "--out", str(out)])
+    rc = args.func(args)
+    printed = capsys.readouterr().out
+    assert rc == 0, printed
+    rep = json.loads((out / "report.json").read_text())
+    a = rep["analysis"]
+    assert a["requests"] == 60
+    # every request accounted for: a status, a decision, and ok/error exclusive
+    assert sum(a["statuses"].values()) == 60
+    assert sum(a["pools"].values()) == 60
+    assert sum(k["n"] for k in a["by_kind"].values()) == 60
+    assert a["statuses"].get("200", 0) == a["ok"]
+    assert a["errors"]["unexpected"] == []
+    assert len(a["errors"]["deliberate"]) == 2
+    # both pools served traffic, and the decision header agrees with the pool that answered
+    assert a["pools"].get("short", 0) > 0 and a["pools"].get("long", 0) > 0
+    assert a["served_by_mismatch"] == 0
+    m = a["misroutes"]
+    assert a["ok"] <= m["judged"] <= a["ok"] + m["harmful"] and m["harmful"] + m["benign"] <= m["judged"]
+    assert a["estimate_error"]["all"]["n"] == a["ok"]
+    lat = rep["latency"]
+    assert lat["pairs"] == 10 and lat["envoy_p50_ms"] > 0 and lat["direct_p50_ms"] > 0
+    assert rep["calibration"] and all(row["samples"] > 0 for row in rep["calibration"])
+    for name in ("estimate_error.png", "pools.png"):
+        p = out / name
+        assert p.is_file() and p.read_bytes()[:8] == PNG_MAGIC
+        assert str(p) in printed
+    assert (out / "report.md").read_text().startswith("# budget-router demo report")
+    rows = [json.loads(line) for line in (out / "requests.jsonl").read_text().splitlines()]
+    assert sorted(r["index"] for r in rows) == list(range(60))
+    # each failure is a deliberate error or a harmful misroute the short pool refused
+    failed = [r for r in rows if r["status"] != 200]
+    assert all(r["deliberate"] or r["index"] in m["harmful_requests"] for r in failed)
+    assert len(failed) == 60 - a["ok"]
