@@ -6,7 +6,8 @@ import orjson
 import pytest
 from hypothesis import HealthCheck, given, settings, strategies as st
 
-from extproc.usage import MAX_SSE_LINE_BYTES, JSONUsage, SSEUsage, Usage, usage_from_obj
+from extproc.usage import (MAX_SSE_LINE_BYTES, JSONUsage, SSEUsage, Usage, context_error_prompt_tokens,
+                           usage_from_obj)
 
 # --- SSE stream model -------------------------------------------------------------------
 #
@@ -284,3 +285,37 @@ def test_usage_from_obj():
     assert usage_from_obj({"usage": {"prompt_tokens": True, "completion_tokens": 2.0}}) is None
     assert usage_from_obj([]) is None
     assert usage_from_obj({"usage": []}) is None
+
+
+# --- vLLM's context-length error ---------------------------------------------------------------
+
+@pytest.mark.parametrize("message, prompt", [
+    # vLLM v0.5-v0.10 (and the project's simulated backend)
+    ("This model's maximum context length is 8192 tokens. However, you requested 8300 tokens "
+     "(1608 in the messages, 6692 in the completion). Please reduce the length of the messages or "
+     "completion.", 1608),
+    ("This model's maximum context length is 8192 tokens. However, you requested 9000 tokens in the "
+     "messages, Please reduce the length of the messages.", 9000),
+])
+def test_context_error_prompt_tokens(message, prompt):
+    body = orjson.dumps({"object": "error", "message": message, "type": "BadRequestError", "code": 400})
+    assert context_error_prompt_tokens(body) == prompt
+
+
+@pytest.mark.parametrize("body", [b"", b'{"message": "bad temperature"}',
+                                  b"This model's maximum context length is 8192 tokens."])
+def test_context_error_prompt_tokens_absent(body):
+    assert context_error_prompt_tokens(body) is None
+
+
+@pytest.mark.xfail(strict=True, reason="BUG: context_error_prompt_tokens does not match the wording of "
+                   "newer vLLM releases ('your request has N input tokens'), so misroutes go unlearned")
+@pytest.mark.parametrize("message, prompt", [
+    ("This model's maximum context length is 8192 tokens. However, your request has 9000 input tokens. "
+     "Please reduce the length of the input messages.", 9000),
+    ("'max_tokens' or 'max_completion_tokens' is too large: 6692. This model's maximum context length "
+     "is 8192 tokens and your request has 1608 input tokens (6692 > 8192 - 1608).", 1608),
+])
+def test_context_error_prompt_tokens_newer_vllm(message, prompt):
+    body = orjson.dumps({"object": "error", "message": message, "type": "BadRequestError", "code": 400})
+    assert context_error_prompt_tokens(body) == prompt
