@@ -325,3 +325,34 @@ def test_calib_p90_error_on_long_texts(calib, tokenizer, bound):
             errs.append(abs(e.estimate(tokenizer, f.category, f.vector, f.n_bytes).tokens - y) / y)
     assert len(errs) > 100
     assert np.percentile(errs, 90) < bound
+
+
+def _stale_leaf_case(peek: bool) -> tuple[Estimator, object]:
+    """(model a, code) learns once; then only (a, prose) learns, which moves
+    the model fit that (a, code) is shrunk toward."""
+    prose = feat("The history of the Roman empire is long and complex. " * 40)
+    code = feat("def f(x):\n    return {x: [x, 1]}\n" * 60)
+    assert code.category == "code" and prose.category == PROSE
+    e = Estimator()
+    e.learn("a", code.category, code.vector, code.n_bytes, 700)
+    if peek:  # e.g. a request of that category was routed in between
+        e.estimate("a", code.category, code.vector, code.n_bytes)
+    for i in range(200):
+        e.learn("a", prose.category, prose.vector, prose.n_bytes, 1000 + i % 7)
+    return e, code
+
+
+@pytest.mark.xfail(strict=True, reason="BUG: a fit's weights are re-solved only when the fit itself "
+                   "learns (dirty), not when its parent moves; estimating in between pins the old "
+                   "parent target, so estimates depend on when estimate() was called and change "
+                   "after snapshot/restore (13% here)")
+def test_estimate_independent_of_interleaved_estimates_and_survives_restore():
+    e_peek, code = _stale_leaf_case(peek=True)
+    e_plain, _ = _stale_leaf_case(peek=False)
+    a = e_peek.estimate("a", code.category, code.vector, code.n_bytes).tokens
+    b = e_plain.estimate("a", code.category, code.vector, code.n_bytes).tokens
+    restored = Estimator()
+    restored.restore(e_peek.snapshot())
+    c = restored.estimate("a", code.category, code.vector, code.n_bytes).tokens
+    assert a == pytest.approx(c, rel=1e-9)  # snapshot -> restore gives identical estimates
+    assert a == pytest.approx(b, rel=1e-9)  # a pure function of what was learned
