@@ -350,8 +350,6 @@ def test_compose_envoy_yaml_uses_compose_service_names(cfg):
     assert addr(clusters[E.ROUTER_CLUSTER]) == [("router", 50051)]
 
 
-@pytest.mark.xfail(reason="the renderer binds Envoy's admin to 127.0.0.1; Prometheus in another "
-                          "container needs an [envoy] admin_listen key (requested)", strict=False)
 def test_compose_envoy_admin_is_reachable_by_prometheus():
     boot = _yaml(COMPOSE / "envoy.yaml")
     assert boot["admin"]["address"]["socket_address"]["address"] == "0.0.0.0"
