@@ -100,7 +100,8 @@ def _prior_weights(bytes_per_token: float) -> np.ndarray:
 class Fit:
     """One exponentially-weighted ridge fit, shrunk toward ``parent``."""
 
-    __slots__ = ("parent", "prior", "A", "b", "w", "wt", "dirty", "samples", "long_n", "abs_err", "long_ms", "bpt", "_ridge", "margin_min")
+    __slots__ = ("parent", "prior", "A", "b", "w", "wt", "version", "solved_at", "samples", "long_n",
+                 "abs_err", "long_ms", "bpt", "_ridge", "margin_min")
 
     def __init__(self, parent: "Fit | None", prior_w: np.ndarray | None, rel_error: float, ridge: np.ndarray,
                  margin_min_tokens: float = MARGIN_MIN_TOKENS):
@@ -110,7 +111,12 @@ class Fit:
         self.b = np.zeros(N_FEATURES)
         self.w = (parent.weights() if parent is not None else prior_w).copy()
         self.wt = tuple(self.w.tolist())
-        self.dirty = False
+        # Weights are a function of this fit's data and its ancestors'. Each
+        # fit counts its updates; the weights are re-solved whenever the sum
+        # of the counts along the chain differs from the one they were
+        # solved at, so an estimate never depends on when it was asked for.
+        self.version = 0
+        self.solved_at = -1
         self.samples = 0
         self.abs_err = parent.abs_err if parent is not None else rel_error
         # Mean squared relative error on long prompts (see MARGIN_MIN_TOKENS).
@@ -121,19 +127,24 @@ class Fit:
         self._ridge = ridge
         self.margin_min = parent.margin_min if parent is not None else margin_min_tokens
 
+    def chain_version(self) -> int:
+        v, p = self.version, self.parent
+        while p is not None:
+            v += p.version
+            p = p.parent
+        return v
+
     def weights(self) -> np.ndarray:
-        if self.dirty:
+        cv = self.chain_version()
+        if cv != self.solved_at:
             target = self.parent.weights() if self.parent is not None else self.prior
             if self.samples:
                 self.w = np.linalg.solve(self.A + self._ridge, self.b + self._ridge @ target)
             else:
+                # No data of its own yet: exactly the parent's weights.
                 self.w = target.copy()
             self.wt = tuple(self.w.tolist())
-            self.dirty = False
-        elif self.parent is not None and self.samples == 0:
-            # Follow the parent until this fit has data of its own.
-            self.w = self.parent.weights()
-            self.wt = tuple(self.w.tolist())
+            self.solved_at = cv
         return self.w
 
     def predict(self, x: tuple[float, ...]) -> float:
@@ -159,8 +170,29 @@ class Fit:
         self.A += np.outer(z, z)
         self.b += z
         self.samples += 1
-        self.dirty = True
+        self.version += 1
         return rel
+
+
+def _finite(name: str, v: Any, low: float = 0.0) -> float:
+    v = float(v)
+    if not math.isfinite(v) or v < low:
+        raise ValueError(f"snapshot holds a bad {name}: {v!r}")
+    return v
+
+
+def _load_fit(f: Fit, d: dict[str, Any]) -> None:
+    A = np.asarray(d["A"], dtype=float).reshape(N_FEATURES, N_FEATURES)
+    b = np.asarray(d["b"], dtype=float).reshape(N_FEATURES)
+    if not (np.all(np.isfinite(A)) and np.all(np.isfinite(b))):
+        raise ValueError("snapshot holds non-finite numbers")
+    f.A, f.b = A, b
+    f.samples = int(_finite("samples", d["samples"]))
+    f.abs_err = _finite("abs_err", d["abs_err"])
+    f.long_ms = _finite("long_ms", d["long_ms"])
+    f.long_n = int(_finite("long_n", d["long_n"]))
+    f.bpt = _finite("bpt", d.get("bpt", 0.0))
+    f.version += 1
 
 
 class Estimator:
@@ -219,7 +251,10 @@ class Estimator:
         tokens = fit.predict(x)
         floor = max(1.0, n_bytes / MAX_BYTES_PER_TOKEN)
         tokens = max(tokens, floor)
-        return Estimate(tokens, fit.abs_err, math.sqrt(fit.long_ms), fit.samples, category)
+        # Samples of this (model, category) itself: a fallback fit's count
+        # would make an unseen category look confident.
+        own = self.fits.get((self.model_key(model), category))
+        return Estimate(tokens, fit.abs_err, math.sqrt(fit.long_ms), own.samples if own else 0, category)
 
     def learn(self, model: str, category: str, x: tuple[float, ...], n_bytes: int,
               prompt_tokens: int) -> float | None:
@@ -236,12 +271,11 @@ class Estimator:
         rel = fit.learn(xa, y, n_bytes, lam, ema)
         fit.parent.learn(xa, y, n_bytes, lam, ema)
         self.root.learn(xa, y, n_bytes, lam, ema)
-        for f in (fit, fit.parent):
-            f.dirty = True
         return rel
 
     def confident(self, model: str, category: str) -> bool:
-        return self._fit(model, category, create=False).samples >= self.cfg.min_samples_confident
+        own = self.fits.get((self.model_key(model), category))
+        return own is not None and own.samples >= self.cfg.min_samples_confident
 
     # --- introspection and persistence ---------------------------------------
     def table(self) -> list[dict[str, Any]]:
@@ -269,30 +303,22 @@ class Estimator:
         }
 
     def restore(self, snap: dict[str, Any]) -> None:
-        """Load a snapshot; raises ValueError if it does not fit this build."""
-        if snap.get("version") != 1 or snap.get("features") != N_FEATURES:
-            raise ValueError("snapshot from an incompatible version")
-
-        def load(f: Fit, d: dict[str, Any]) -> None:
-            A = np.asarray(d["A"], dtype=float).reshape(N_FEATURES, N_FEATURES)
-            b = np.asarray(d["b"], dtype=float)
-            if not (np.all(np.isfinite(A)) and np.all(np.isfinite(b))):
-                raise ValueError("snapshot holds non-finite numbers")
-            f.A, f.b = A, b
-            f.samples = int(d["samples"])
-            f.abs_err = float(d["abs_err"])
-            f.long_ms = float(d["long_ms"])
-            f.long_n = int(d["long_n"])
-            f.bpt = float(d.get("bpt", 0.0))
-            f.dirty = f.samples > 0
-
-        load(self.root, snap["root"])
-        for m, d in snap.get("models", {}).items():
-            if self.model_key(m) == m:
-                load(self._model(m), d)
-        for d in snap.get("fits", []):
-            if d.get("category") in CATEGORIES and self.model_key(d["model"]) == d["model"]:
-                load(self._fit(d["model"], d["category"], create=True), d)
+        """Load a snapshot, all or nothing; raises ValueError (leaving this
+        estimator unchanged) if it does not fit this build or holds bad numbers."""
+        try:
+            if snap.get("version") != 1 or snap.get("features") != N_FEATURES:
+                raise ValueError("snapshot from an incompatible version")
+            fresh = Estimator(self.cfg, self.margin_min_tokens)
+            _load_fit(fresh.root, snap["root"])
+            for m, d in snap.get("models", {}).items():
+                if fresh.model_key(m) == m:
+                    _load_fit(fresh._model(m), d)
+            for d in snap.get("fits", []):
+                if d.get("category") in CATEGORIES and fresh.model_key(d["model"]) == d["model"]:
+                    _load_fit(fresh._fit(d["model"], d["category"], create=True), d)
+        except (KeyError, TypeError, AttributeError) as e:
+            raise ValueError(f"malformed snapshot: {e!r}") from None
+        self.root, self.models, self.fits = fresh.root, fresh.models, fresh.fits
 
     def _model(self, m: str) -> Fit:
         fit = self.models.get(m)

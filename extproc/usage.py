@@ -61,10 +61,11 @@ def usage_from_obj(obj: object) -> Usage | None:
 #: tokens. However, you requested M tokens (P in the messages, C in the
 #: completion)." or, without max_tokens, "However, you requested P tokens in
 #: the messages" (vllm/entrypoints/openai/serving_engine.py); newer releases
-#: word it "... (P tokens in the input, ...)": all these forms are accepted.
+#: word it "... However, your request has P input tokens" or "... and your
+#: request has P input tokens (X > N - P)": all these forms are accepted.
 _CONTEXT_ERROR = re.compile(
-    rb"maximum context length is \d+ tokens\. However, you requested (?:\d+ tokens \((\d+)|(\d+) tokens) "
-    rb"(?:tokens )?in the (?:messages|input|prompt)")
+    rb"maximum context length is \d+ tokens(?:\. However, you requested (?:\d+ tokens \((\d+)|(\d+) tokens) "
+    rb"(?:tokens )?in the (?:messages|input|prompt)|\.? (?:However, y|and y)our request has (\d+) input tokens)")
 
 
 def context_error_prompt_tokens(body: bytes) -> int | None:
@@ -72,7 +73,7 @@ def context_error_prompt_tokens(body: bytes) -> int | None:
     m = _CONTEXT_ERROR.search(body)
     if not m:
         return None
-    return int(m.group(1) or m.group(2))
+    return int(m.group(1) or m.group(2) or m.group(3))
 
 
 class JSONUsage:
@@ -187,6 +188,9 @@ class SSEUsage:
 
     def feed(self, chunk: bytes, end: bool = False) -> bytes | None:
         out = bytearray()
+        if not chunk and not end:
+            # Nothing to scan; a pending "\r" still waits for a possible "\n".
+            return b"" if self.strip else None
         pos, n = 0, len(chunk)
         if self._cr and chunk[:1] == b"\n":
             # The "\n" of a "\r\n" split across chunks ends no new line; it
@@ -207,6 +211,11 @@ class SSEUsage:
                 self._keep_partial(chunk[pos:])
                 if self.strip:
                     self._event += chunk[pos:]
+                    if len(self._event) > MAX_SSE_LINE_BYTES:
+                        # Far larger than a usage-only chunk (a few hundred
+                        # bytes): it cannot be one, so let it through now.
+                        out += self._event
+                        self._event = bytearray()
                 break
             nxt = eol + 1
             if eol == j:

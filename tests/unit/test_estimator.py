@@ -266,8 +266,6 @@ def test_restore_rejects_incompatible_or_non_finite(mutate):
         Estimator().restore(snap)
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: Estimator.restore accepts non-finite abs_err/long_ms "
-                   "(only A and b are checked), so e.g. long_ms=inf gives margin=inf and every request of that fit routes long")
 @pytest.mark.parametrize("key, value", [("abs_err", float("nan")), ("long_ms", float("inf"))])
 def test_restore_rejects_non_finite_error_averages(key, value):
     e, _ = _trained()
@@ -277,8 +275,6 @@ def test_restore_rejects_non_finite_error_averages(key, value):
         Estimator().restore(snap)
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: Estimator.restore is not atomic: fits loaded before the "
-                   "bad entry stay loaded after the ValueError")
 def test_failed_restore_leaves_estimator_unchanged():
     e, probes = _trained()
     before = e.snapshot()
@@ -342,10 +338,6 @@ def _stale_leaf_case(peek: bool) -> tuple[Estimator, object]:
     return e, code
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: a fit's weights are re-solved only when the fit itself "
-                   "learns (dirty), not when its parent moves; estimating in between pins the old "
-                   "parent target, so estimates depend on when estimate() was called and change "
-                   "after snapshot/restore (13% here)")
 def test_estimate_independent_of_interleaved_estimates_and_survives_restore():
     e_peek, code = _stale_leaf_case(peek=True)
     e_plain, _ = _stale_leaf_case(peek=False)

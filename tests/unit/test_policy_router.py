@@ -174,9 +174,6 @@ def test_want_sample_always_while_unconfident_then_rate_limited():
     assert not r.want_sample(d, 0.99)
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: Estimator.estimate reports the samples of the fit it falls "
-                   "back to (model or root), so a new (model, category) or a new model looks confident "
-                   "and is sampled at sample_rate instead of always")
 @pytest.mark.parametrize("model, text", [
     ("llama", "def f(x):\n    return {x: [x]}\n" * 5),      # same model, new category (code)
     ("llama", "请用中文详细介绍一下长城的历史。"),              # same model, new category (cjk)

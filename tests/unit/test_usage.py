@@ -160,8 +160,6 @@ def test_sse_chunking_without_empty_chunks(data):
     assert b"".join(outs) == (stream if span is None else stream[:span[0]] + stream[span[1]:])
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: SSEUsage.feed clears _cr on an empty chunk, so a \\r\\n "
-                   "split by an empty chunk becomes two line ends (spurious blank line)")
 @pytest.mark.parametrize("strip", [False, True])
 def test_sse_crlf_split_by_empty_chunk(strip):
     u = orjson.dumps(usage_obj(7, 2))
@@ -212,8 +210,6 @@ def test_sse_huge_line_is_bounded_and_later_usage_still_found():
     assert s.usage == Usage(8, 8)
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: with strip_usage_chunk the raw event buffer (_event) is "
-                   "unbounded: a huge line is held back from the client in full")
 def test_sse_strip_huge_line_is_bounded():
     s = SSEUsage(strip_usage_chunk=True)
     chunk = b"x" * 65536
@@ -308,8 +304,6 @@ def test_context_error_prompt_tokens_absent(body):
     assert context_error_prompt_tokens(body) is None
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: context_error_prompt_tokens does not match the wording of "
-                   "newer vLLM releases ('your request has N input tokens'), so misroutes go unlearned")
 @pytest.mark.parametrize("message, prompt", [
     ("This model's maximum context length is 8192 tokens. However, your request has 9000 input tokens. "
      "Please reduce the length of the input messages.", 9000),
