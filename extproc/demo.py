@@ -106,7 +106,9 @@ class Result:
     prompt_tokens: int | None = None
     completion_tokens: int | None = None
     latency_s: float | None = None
-    sent_at: float | None = None
+    sent_at: float | None = None       # seconds after the traffic started
+    scheduled_at: float | None = None  # trace arrival time (scaled), if any
+    target_tokens: int | None = None   # trace input length, if any
 
     @property
     def ok(self) -> bool:
@@ -157,7 +159,8 @@ def _apply_headers(res: Result, headers: Any, decision_header: str) -> None:
 
 async def send_one(client, req: T.DemoRequest, decision_header: str, t0: float) -> Result:
     import openai
-    res = Result(req.index, req.kind, req.stream, req.max_tokens, req.deliberate_error, req.content_bytes())
+    res = Result(req.index, req.kind, req.stream, req.max_tokens, req.deliberate_error, req.content_bytes(),
+                 scheduled_at=req.at, target_tokens=req.target_tokens)
     body = req.body()
     start = time.perf_counter()
     res.sent_at = start - t0
@@ -353,6 +356,15 @@ def analyze(results: list[Result], b_short: int, short: str = "short") -> dict[s
         }
     lat = [r.latency_s for r in results if r.status == 200 and r.latency_s is not None]
     n_judged = max(1, judged)
+    trace: dict[str, Any] = {}
+    lags = [r.sent_at - r.scheduled_at for r in results if r.scheduled_at is not None and r.sent_at is not None]
+    if lags:
+        # how late requests left because --concurrency was full, and how close
+        # the built prompts came to the trace's input lengths
+        size = [abs(r.prompt_tokens - r.target_tokens) / r.target_tokens for r in results
+                if r.target_tokens and r.prompt_tokens and r.status == 200]
+        trace = {"start_lag_p50_s": _r(pct(lags, 50), 3), "start_lag_p99_s": _r(pct(lags, 99), 3),
+                 "prompt_vs_trace_rel_diff_p50": _r(pct(size, 50)), "prompt_vs_trace_rel_diff_p90": _r(pct(size, 90))}
     return {
         "requests": len(results),
         "ok": sum(1 for r in results if r.ok),
@@ -369,6 +381,7 @@ def analyze(results: list[Result], b_short: int, short: str = "short") -> dict[s
         },
         "errors": {"deliberate": deliberate, "unexpected": unexpected},
         "request_latency_s": {"p50": _r(pct(lat, 50), 3), "p99": _r(pct(lat, 99), 3)},
+        "trace": trace,
     }
 
 
@@ -485,6 +498,16 @@ def format_report(rep: dict[str, Any]) -> str:
         "",
         "  " + ", ".join(f"{k}: {v}" for k, v in sorted(a["pools"].items()))
         + f"   (HTTP statuses: " + ", ".join(f"{k}: {v}" for k, v in sorted(a["statuses"].items())) + ")",
+        "",
+        f"  end-to-end latency of successful requests: p50 {a['request_latency_s']['p50']} s, "
+        f"p99 {a['request_latency_s']['p99']} s (simulated pools at time scale {c['time_scale']})",
+    ]
+    if a.get("trace"):
+        t = a["trace"]
+        lines.append(f"  trace replay: start lag behind the trace's arrival times p50 {t['start_lag_p50_s']} s, "
+                     f"p99 {t['start_lag_p99_s']} s (--concurrency full); prompt_tokens vs the trace's input "
+                     f"length: p50 {_pcts(t['prompt_vs_trace_rel_diff_p50'])}, p90 {_pcts(t['prompt_vs_trace_rel_diff_p90'])} off")
+    lines += [
         "",
         "| traffic kind | requests | short | long | errors |",
         "|---|---:|---:|---:|---:|",

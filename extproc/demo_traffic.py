@@ -355,12 +355,18 @@ SYSTEM_PROMPTS = (
 )
 
 
+@lru_cache(maxsize=16384)
+def _piece_tokens(text: str) -> int:
+    """Token count of a corpus piece (pieces recur across requests)."""
+    return count_tokens(text)
+
+
 def _join_until(pieces: Iterator[str], target: int, sep: str = "\n\n") -> str:
     """Join pieces until ~target tokens, cutting the last one."""
     parts: list[str] = []
     total = 0
     for p in pieces:
-        n = count_tokens(p) + 1
+        n = _piece_tokens(p) + 1
         if total + n >= target:
             parts.append(cut_to_tokens(p, max(1, target - total)))
             break

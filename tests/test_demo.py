@@ -168,3 +168,23 @@ def test_demo_end_to_end(tmp_path, capsys):
     failed = [r for r in rows if r["status"] != 200]
     assert all(r["deliberate"] or r["index"] in m["harmful_requests"] for r in failed)
     assert len(failed) == 60 - a["ok"]
+
+
+def test_demo_reports_a_stack_that_fails_to_start(tmp_path, capsys, monkeypatch):
+    """A component that dies at start: non-zero exit and the tail of its log."""
+    import sys
+
+    from extproc import stack as S
+
+    def broken_envoy(self):
+        p = self._spawn("envoy", [sys.executable, "-c", "print('envoy: bad bootstrap (simulated)'); raise SystemExit(3)"])
+        S._wait("envoy", lambda: False, p, timeout=10)
+
+    monkeypatch.setattr(S.Stack, "start_envoy", broken_envoy)
+    args = _parse(["--requests", "5", "--no-progress", "--out", str(tmp_path / "demo")])
+    rc = args.func(args)
+    err = capsys.readouterr().err
+    assert rc == 1
+    assert "did not start" in err and "envoy exited with code 3" in err
+    assert "bad bootstrap (simulated)" in err
+    assert not (tmp_path / "demo" / "report.json").exists()
