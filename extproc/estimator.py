@@ -40,6 +40,10 @@ from .features import CATEGORIES, FEATURE_BYTES, N_FEATURES
 
 ANY_MODEL = "*"
 
+#: Bumped whenever the snapshot layout changes; older snapshots are ignored
+#: (with a warning) and the router learns afresh.
+SNAPSHOT_VERSION = 2
+
 #: Prior tokens per chat message: Llama-3's turn header
 #: ``<|start_header_id|>role<|end_header_id|>\n\n`` plus ``<|eot_id|>`` is 5.
 PRIOR_TOKENS_PER_MESSAGE = 5.0
@@ -73,6 +77,10 @@ MAX_BYTES_PER_TOKEN = 16.0
 #: but a fit with one lucky sample does not claim to be exact.
 PRIOR_ERROR_SAMPLES = 2.0
 
+#: Below this variance of 1/k the samples cannot separate the error of one
+#: text from the error of many (all prompts alike): use the plain mean.
+ERROR_LINE_MIN_VAR = 1e-4
+
 #: Prompts shorter than this teach the fit but not the margin: relative errors
 #: of short texts are large (a 20-token prompt off by 5 tokens is 25%) and
 #: irrelevant to routing at B_short >= 4K, while the margin exists for the
@@ -85,7 +93,7 @@ MARGIN_MIN_TOKENS = 1000
 class Estimate:
     tokens: float          # expected prompt tokens
     rel_error: float       # EMA of |relative error| of this fit
-    long_rms: float        # RMS relative error on prompts >= margin_min_tokens
+    long_rms: float        # expected RMS relative error of this prompt if it is long
     samples: int           # samples this fit has learned from
     category: str
 
@@ -101,7 +109,7 @@ class Fit:
     """One exponentially-weighted ridge fit, shrunk toward ``parent``."""
 
     __slots__ = ("parent", "prior", "A", "b", "w", "wt", "version", "solved_at", "samples", "long_n",
-                 "abs_err", "long_ms", "bpt", "_ridge", "margin_min")
+                 "abs_err", "lm", "bpt", "_ridge", "margin_min")
 
     def __init__(self, parent: "Fit | None", prior_w: np.ndarray | None, rel_error: float, ridge: np.ndarray,
                  margin_min_tokens: float = MARGIN_MIN_TOKENS):
@@ -119,8 +127,13 @@ class Fit:
         self.solved_at = -1
         self.samples = 0
         self.abs_err = parent.abs_err if parent is not None else rel_error
-        # Mean squared relative error on long prompts (see MARGIN_MIN_TOKENS).
-        self.long_ms = parent.long_ms if parent is not None else rel_error ** 2
+        # Squared relative error of long prompts (see MARGIN_MIN_TOKENS) as a
+        # function of u = 1/k, k the request's effective number of texts:
+        # errors of independent texts partly cancel, so a 12-turn chat is
+        # estimated better than one text of the same length. Kept as running
+        # moments [E e2, E u, E e2*u, E u^2] of a least-squares line
+        # e2 = a + b*u; the prior is one text (u = 1) with the prior error.
+        self.lm = list(parent.lm) if parent is not None else [rel_error ** 2, 1.0, rel_error ** 2, 1.0]
         self.long_n = 0
         # EMA of observed bytes per token: for people, not for prediction.
         self.bpt = parent.bpt if parent is not None else 0.0
@@ -151,7 +164,20 @@ class Fit:
         self.weights()
         return sum(a * b for a, b in zip(self.wt, x))
 
-    def learn(self, x: np.ndarray, y: float, n_bytes: int, forgetting: float, ema: float) -> float:
+    def error_ms(self, k_eff: float = 1.0) -> float:
+        """Expected squared relative error of a long prompt made of
+        ``k_eff`` effective texts."""
+        e2, u, e2u, u2 = self.lm
+        var = u2 - u * u
+        b = (e2u - e2 * u) / var if var > ERROR_LINE_MIN_VAR else 0.0
+        b = max(b, 0.0)
+        a = e2 - b * u
+        if a < 0.0:
+            a, b = 0.0, (e2u / u2 if u2 > 0 else e2)
+        return a + b / max(k_eff, 1.0)
+
+    def learn(self, x: np.ndarray, y: float, n_bytes: int, forgetting: float, ema: float,
+              k_eff: float = 1.0) -> float:
         """Learn one sample; returns the relative error it had before."""
         pred = self.predict(tuple(x.tolist()))
         rel = (pred - y) / y
@@ -160,7 +186,11 @@ class Fit:
         self.abs_err += max(ema, 1.0 / (self.samples + 1 + PRIOR_ERROR_SAMPLES)) * (abs(rel) - self.abs_err)
         if y >= self.margin_min:
             self.long_n += 1
-            self.long_ms += max(ema, 1.0 / (self.long_n + PRIOR_ERROR_SAMPLES)) * (rel * rel - self.long_ms)
+            wgt = max(ema, 1.0 / (self.long_n + PRIOR_ERROR_SAMPLES))
+            u = 1.0 / max(k_eff, 1.0)
+            e2 = rel * rel
+            for i, v in enumerate((e2, u, e2 * u, u * u)):
+                self.lm[i] += wgt * (v - self.lm[i])
         if n_bytes:
             b = n_bytes / y
             self.bpt = b if self.bpt == 0.0 else self.bpt + ema * (b - self.bpt)
@@ -189,7 +219,10 @@ def _load_fit(f: Fit, d: dict[str, Any]) -> None:
     f.A, f.b = A, b
     f.samples = int(_finite("samples", d["samples"]))
     f.abs_err = _finite("abs_err", d["abs_err"])
-    f.long_ms = _finite("long_ms", d["long_ms"])
+    lm = d["lm"]
+    if not isinstance(lm, list) or len(lm) != 4:
+        raise ValueError("snapshot holds a bad error model")
+    f.lm = [_finite("lm", v) for v in lm]
     f.long_n = int(_finite("long_n", d["long_n"]))
     f.bpt = _finite("bpt", d.get("bpt", 0.0))
     f.version += 1
@@ -246,7 +279,8 @@ class Estimator:
         return fit
 
     # --- the two operations --------------------------------------------------
-    def estimate(self, model: str, category: str, x: tuple[float, ...], n_bytes: int) -> Estimate:
+    def estimate(self, model: str, category: str, x: tuple[float, ...], n_bytes: int,
+                 k_eff: float = 1.0) -> Estimate:
         fit = self._fit(model, category, create=False)
         tokens = fit.predict(x)
         floor = max(1.0, n_bytes / MAX_BYTES_PER_TOKEN)
@@ -254,10 +288,10 @@ class Estimator:
         # Samples of this (model, category) itself: a fallback fit's count
         # would make an unseen category look confident.
         own = self.fits.get((self.model_key(model), category))
-        return Estimate(tokens, fit.abs_err, math.sqrt(fit.long_ms), own.samples if own else 0, category)
+        return Estimate(tokens, fit.abs_err, math.sqrt(fit.error_ms(k_eff)), own.samples if own else 0, category)
 
     def learn(self, model: str, category: str, x: tuple[float, ...], n_bytes: int,
-              prompt_tokens: int) -> float | None:
+              prompt_tokens: int, k_eff: float = 1.0) -> float | None:
         """Learn from vLLM's count; returns the relative error the estimate
         had (None for an unusable count)."""
         if not isinstance(prompt_tokens, int) or prompt_tokens <= 0:
@@ -268,9 +302,9 @@ class Estimator:
         lam = self.cfg.rls_forgetting
         # Learn in the leaf first so the returned error is the leaf's own.
         y = float(prompt_tokens)
-        rel = fit.learn(xa, y, n_bytes, lam, ema)
-        fit.parent.learn(xa, y, n_bytes, lam, ema)
-        self.root.learn(xa, y, n_bytes, lam, ema)
+        rel = fit.learn(xa, y, n_bytes, lam, ema, k_eff)
+        fit.parent.learn(xa, y, n_bytes, lam, ema, k_eff)
+        self.root.learn(xa, y, n_bytes, lam, ema, k_eff)
         return rel
 
     def confident(self, model: str, category: str) -> bool:
@@ -286,16 +320,16 @@ class Estimator:
                 "model": model, "category": cat, "samples": fit.samples,
                 "bytes_per_token": round(fit.bpt, 3) if fit.bpt else None,
                 "tokens_per_message": round(float(w[10]), 2), "overhead": round(float(w[11]), 2),
-                "rel_error": round(fit.abs_err, 4), "long_rms": round(math.sqrt(fit.long_ms), 4),
+                "rel_error": round(fit.abs_err, 4), "long_rms": round(math.sqrt(fit.lm[0]), 4),
             })
         return rows
 
     def snapshot(self) -> dict[str, Any]:
         def dump(f: Fit) -> dict[str, Any]:
             return {"A": f.A.ravel().tolist(), "b": f.b.tolist(), "samples": f.samples,
-                    "abs_err": f.abs_err, "long_ms": f.long_ms, "long_n": f.long_n, "bpt": f.bpt}
+                    "abs_err": f.abs_err, "lm": list(f.lm), "long_n": f.long_n, "bpt": f.bpt}
         return {
-            "version": 1,
+            "version": SNAPSHOT_VERSION,
             "features": N_FEATURES,
             "root": dump(self.root),
             "models": {m: dump(f) for m, f in self.models.items()},
@@ -306,7 +340,7 @@ class Estimator:
         """Load a snapshot, all or nothing; raises ValueError (leaving this
         estimator unchanged) if it does not fit this build or holds bad numbers."""
         try:
-            if snap.get("version") != 1 or snap.get("features") != N_FEATURES:
+            if snap.get("version") != SNAPSHOT_VERSION or snap.get("features") != N_FEATURES:
                 raise ValueError("snapshot from an incompatible version")
             fresh = Estimator(self.cfg, self.margin_min_tokens)
             _load_fit(fresh.root, snap["root"])

@@ -49,6 +49,7 @@ class Decision:
     stream: bool = False
     include_usage: bool = False
     exact: bool = False          # token-id prompt: estimate is exact
+    k_eff: float = 1.0           # effective number of texts in the prompt
     status: int | None = None    # immediate response status (400/413)
     error: bytes | None = None   # immediate response body
 

@@ -40,6 +40,7 @@ class ParsedRequest:
     stream: bool
     include_usage: bool      # stream_options.include_usage
     exact_prompt_tokens: int | None = None  # token-id prompts are counted exactly
+    k_eff: float = 1.0       # effective number of texts: (sum len)^2 / sum len^2
 
 
 @dataclass(frozen=True, slots=True)
@@ -146,6 +147,7 @@ def parse(path: str, body: bytes) -> ParsedRequest | NotRoutable:
             return NotRoutable("completions request without a string or token-list 'prompt'")
     joined = "\n".join(texts)
     so = doc.get("stream_options")
+    sq = sum(len(t) * len(t) for t in texts)
     return ParsedRequest(
         path=route,
         model=model,
@@ -157,4 +159,5 @@ def parse(path: str, body: bytes) -> ParsedRequest | NotRoutable:
         stream=doc.get("stream") is True,
         include_usage=isinstance(so, dict) and so.get("include_usage") is True,
         exact_prompt_tokens=exact,
+        k_eff=(len(joined) - len(texts) + 1) ** 2 / sq if sq else 1.0,
     )

@@ -76,7 +76,7 @@ class Router:
         else:
             f = features(req.text, req.n_chars, req.n_messages, req.has_tools)
             category, vector, n_bytes = f.category, f.vector, f.n_bytes
-            est = self.estimator.estimate(req.model, category, vector, n_bytes)
+            est = self.estimator.estimate(req.model, category, vector, n_bytes, req.k_eff)
             estimate, rel_error, samples = est.tokens, est.rel_error, est.samples
             margin = P.margin_for(cfg, est.long_rms)
         key = (self.estimator.model_key(req.model), category)
@@ -86,7 +86,7 @@ class Router:
             estimate=int(round(estimate)), output=output, output_source=source, margin=margin,
             rel_error=rel_error, samples=samples, n_bytes=n_bytes, vector=vector,
             capped=req.max_output is not None, stream=req.stream, include_usage=req.include_usage,
-            exact=req.exact_prompt_tokens is not None,
+            exact=req.exact_prompt_tokens is not None, k_eff=req.k_eff,
         )
         if P.surely_too_long(cfg, estimate, d.exact):
             d.reason, d.status = P.R_CONTEXT, P.STATUS_BAD_REQUEST
@@ -125,7 +125,7 @@ class Router:
         """Learn from a response's usage; returns the estimate's relative error."""
         rel = None
         if d.vector and isinstance(prompt_tokens, int) and not isinstance(prompt_tokens, bool):
-            rel = self.estimator.learn(d.model, d.category, d.vector, d.n_bytes, prompt_tokens)
+            rel = self.estimator.learn(d.model, d.category, d.vector, d.n_bytes, prompt_tokens, d.k_eff)
         if d.routable and isinstance(completion_tokens, int) and not isinstance(completion_tokens, bool):
             key = (self.estimator.claim(d.model), d.category)
             self.outputs.learn(key, completion_tokens, d.capped)

@@ -14,7 +14,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings, strategies as st
 
 from extproc.config import EstimatorConfig
-from extproc.estimator import (ANY_MODEL, MAX_BYTES_PER_TOKEN, PRIOR_TOKENS_PER_MESSAGE,
+from extproc.estimator import (ANY_MODEL, SNAPSHOT_VERSION, MAX_BYTES_PER_TOKEN, PRIOR_TOKENS_PER_MESSAGE,
                                PRIOR_TOKENS_PER_REQUEST, Estimator)
 from extproc.features import CATEGORIES, N_FEATURES, PROSE, features
 
@@ -249,7 +249,7 @@ def test_restore_respects_max_models():
 
 
 @pytest.mark.parametrize("mutate", [
-    lambda s: s.update(version=2),
+    lambda s: s.update(version=SNAPSHOT_VERSION + 1),
     lambda s: s.pop("version"),
     lambda s: s.update(features=N_FEATURES + 1),
     lambda s: s["root"]["A"].__setitem__(0, float("nan")),
@@ -266,7 +266,7 @@ def test_restore_rejects_incompatible_or_non_finite(mutate):
         Estimator().restore(snap)
 
 
-@pytest.mark.parametrize("key, value", [("abs_err", float("nan")), ("long_ms", float("inf"))])
+@pytest.mark.parametrize("key, value", [("abs_err", float("nan")), ("lm", [float("inf"), 1.0, 1.0, 1.0])])
 def test_restore_rejects_non_finite_error_averages(key, value):
     e, _ = _trained()
     snap = copy.deepcopy(e.snapshot())
@@ -348,3 +348,26 @@ def test_estimate_independent_of_interleaved_estimates_and_survives_restore():
     c = restored.estimate("a", code.category, code.vector, code.n_bytes).tokens
     assert a == pytest.approx(c, rel=1e-9)  # snapshot -> restore gives identical estimates
     assert a == pytest.approx(b, rel=1e-9)  # a pure function of what was learned
+
+
+def test_margin_error_shrinks_with_more_texts():
+    """The error model learns that a prompt of many texts is estimated better
+    than one text: squared error e2 = a + b/k with b > 0."""
+    import random
+    rng = random.Random(3)
+    e = Estimator()
+    e.set_margin_min_tokens(100)
+    for _ in range(600):
+        k = rng.choice([1, 2, 4, 8, 16])
+        # true tokens vary around bytes/4 with an error that shrinks like 1/sqrt(k)
+        n_bytes = 8000
+        x = [0.0] * 12
+        x[0] = float(n_bytes)
+        x[11] = 1.0
+        noise = rng.gauss(0, 0.08 / k ** 0.5)
+        y = int(n_bytes / 4 * (1 + noise))
+        e.learn("m", "prose", tuple(x), n_bytes, y, float(k))
+    fit = e.fits[("m", "prose")]
+    one, many = fit.error_ms(1.0) ** 0.5, fit.error_ms(16.0) ** 0.5
+    assert 0.05 < one < 0.12
+    assert many < one / 2
