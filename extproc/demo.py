@@ -219,12 +219,14 @@ async def run_traffic(url: str, reqs: list[T.DemoRequest], concurrency: int, dec
 
     tasks = [asyncio.ensure_future(one(r)) for r in reqs]
     try:
-        done, pending = await asyncio.wait(tasks, timeout=deadline_s)
+        await asyncio.wait(tasks, timeout=deadline_s)
+    finally:
+        # deadline, Ctrl-C or an error: cancel what is left before closing the client
+        pending = [t for t in tasks if not t.done()]
         for t in pending:
             t.cancel()
         if pending:
             await asyncio.gather(*pending, return_exceptions=True)
-    finally:
         bar.close()
         await client.close()
     results = []
