@@ -162,6 +162,14 @@ def load_snapshot(path: str) -> dict:
         return json.load(f)
 
 
+def root_samples(stack) -> int:
+    """Samples in the (worker 0) snapshot file; -1 before the first one."""
+    try:
+        return load_snapshot(stack.cfg.router.state_file)["estimator"]["root"]["samples"]
+    except (OSError, ValueError, KeyError):
+        return -1
+
+
 def restart_router(stack) -> None:
     stack.start_router()
     wait_until(stack.router_healthy, 15, "Envoy's health check of the restarted router")
@@ -398,10 +406,9 @@ def test_usage_learned_and_kept_across_restart(main, stack_factory):
 # --- 9. include_usage injected, hidden from the client -----------------------------------
 
 def test_injected_include_usage_hidden_and_learned(main, stack_factory):
-    st = stack_factory(pools_from=main, router={"inject_include_usage": True})
+    st = stack_factory(pools_from=main, router={"inject_include_usage": True, "snapshot_interval_s": 0.1})
     cl = client(st)
-    n = 4
-    for i in range(n):
+    for i in range(3):
         body = dict(model="inject-model", messages=msgs(prose(400 + 100 * i, seed=2000 + i)), max_tokens=40, seed=i)
         raw = cl.chat.completions.with_raw_response.create(**body, stream=True)
         assert raw.headers["x-pool-name"] == "short"
@@ -409,19 +416,29 @@ def test_injected_include_usage_hidden_and_learned(main, stack_factory):
         assert chunks and all(ch.usage is None for ch in chunks), [ch for ch in chunks if ch.usage]
         assert all(ch.choices for ch in chunks)
         assert chunks[-1].choices[0].finish_reason is not None
-    # Byte level: the same events as the pool sends without include_usage, [DONE] last.
-    body = dict(model="inject-model", messages=msgs(prose(500, seed=2100)), max_tokens=40, seed=5, stream=True)
-    r, raw = stream_through(st, body)
-    assert r.status_code == 200 and r.headers["x-pool-name"] == "short"
-    _, ref = stream_through(st, body, url=main.pool_url("short") + "/v1/chat/completions")
-    got = sse_events(raw)
-    assert got[-1] == b"[DONE]"
-    assert b"prompt_tokens" not in raw
-    assert [normalise_chunk(e) for e in got] == [normalise_chunk(e) for e in sse_events(ref)]
-    # ... and yet the router learned from every stream (snapshot written on SIGTERM).
+    # Byte level (read to the very end: the openai client closes at [DONE],
+    # which loses the sample, see test_stream_closed_by_client_at_done_is_learned):
+    # the same events as the pool sends without include_usage, [DONE] last,
+    # and the router learned from each stream.
+    n = 3
+    wait_until(lambda: root_samples(st) >= 0, 5, "first snapshot")
+    time.sleep(0.3)
+    start = root_samples(st)
+    for i in range(n):
+        body = dict(model="inject-model", messages=msgs(prose(500, seed=2100 + i)), max_tokens=40, seed=5, stream=True)
+        r, raw = stream_through(st, body)
+        assert r.status_code == 200 and r.headers["x-pool-name"] == "short"
+        _, ref = stream_through(st, body, url=main.pool_url("short") + "/v1/chat/completions")
+        got = sse_events(raw)
+        assert got[-1] == b"[DONE]"
+        assert b"prompt_tokens" not in raw and b'"usage"' not in raw
+        assert [normalise_chunk(e) for e in got] == [normalise_chunk(e) for e in sse_events(ref)]
+        assert len(got) > 3
+    wait_until(lambda: root_samples(st) == start + n, 5, f"{n} more samples learned (from {start})")
+    # The snapshot on SIGTERM holds them too.
     assert st.stop_process("router") == 0
     fits = [f for f in load_snapshot(st.cfg.router.state_file)["estimator"]["fits"] if f["model"] == "inject-model"]
-    assert fits and fits[0]["samples"] == n + 1, fits
+    assert fits and fits[0]["samples"] >= n, fits
 
 
 # --- 4c, 8. router killed --------------------------------------------------------------
@@ -454,6 +471,101 @@ def test_router_killed_requests_still_answered_long(main, stack_factory):
     assert time.monotonic() - t0 < 15
 
 
+# --- learning from streams that the client closes at [DONE] ---------------------------
+
+class SlowEofPool:
+    """A minimal OpenAI-style pool for one failure timing: every POST gets an
+    SSE stream (content, usage chunk, ``data: [DONE]``) whose HTTP/1.1 body
+    ends only ``eof_delay`` seconds after [DONE], as when the terminal chunk
+    and the last event arrive in different reads (real networks, proxies).
+    The official openai client stops at [DONE] and closes the response."""
+
+    def __init__(self, eof_delay: float = 0.3):
+        import http.server
+        import threading
+
+        delay = eof_delay
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def log_message(self, *a):
+                pass
+
+            def do_POST(self):
+                self.rfile.read(int(self.headers.get("content-length") or 0))
+                self.send_response(200)
+                self.send_header("content-type", "text/event-stream")
+                self.send_header("transfer-encoding", "chunked")
+                self.send_header("x-pool-name", "slow-eof")
+                self.end_headers()
+                base = {"id": "x", "object": "chat.completion.chunk", "created": 1, "model": "m"}
+                events = [
+                    {**base, "choices": [{"index": 0, "delta": {"role": "assistant", "content": "hi"},
+                                          "finish_reason": None}]},
+                    {**base, "choices": [{"index": 0, "delta": {}, "finish_reason": "stop"}]},
+                    {**base, "choices": [], "usage": {"prompt_tokens": 1234, "completion_tokens": 2,
+                                                      "total_tokens": 1236}},
+                ]
+                data = b"".join(b"data: " + json.dumps(e).encode() + b"\n\n" for e in events) + b"data: [DONE]\n\n"
+                try:
+                    self.wfile.write(b"%x\r\n%s\r\n" % (len(data), data))
+                    self.wfile.flush()
+                    time.sleep(delay)
+                    self.wfile.write(b"0\r\n\r\n")
+                    self.wfile.flush()
+                except OSError:
+                    self.close_connection = True
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.server.daemon_threads = True
+        self.endpoint = f"127.0.0.1:{self.server.server_address[1]}"
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        self.thread.start()
+
+    def close(self):
+        self.server.shutdown()
+        self.server.server_close()
+
+
+@pytest.fixture(scope="module")
+def slow_eof(main, stack_factory):
+    pool = SlowEofPool()
+    fake = type("Pools", (), {})()
+    fake.cfg = main.cfg.replace(short={"endpoints": (pool.endpoint,)}, long={"endpoints": (pool.endpoint,)})
+    st = stack_factory(pools_from=fake, router={"snapshot_interval_s": 0.1})
+    yield st
+    pool.close()
+
+
+def test_stream_read_to_its_end_is_learned(slow_eof):
+    """Control for the next test: a client that reads the whole body."""
+    body = {"model": "m", "messages": msgs(SHORT_TEXT), "max_tokens": 8, "stream": True,
+            "stream_options": {"include_usage": True}}
+    start = root_samples(slow_eof)
+    r, raw = stream_through(slow_eof, body)
+    assert r.status_code == 200 and raw.endswith(b"data: [DONE]\n\n")
+    assert r.headers["x-pool-name"] == "slow-eof" and decision(r.headers)["pool"] == "short"
+    wait_until(lambda: root_samples(slow_eof) == max(start, 0) + 1, 5, "the router learned the stream")
+
+
+@pytest.mark.xfail(strict=True, reason=(
+    "BUG machine.py: usage is learned only at the response's end_of_stream; the openai client "
+    "closes the connection at data: [DONE], Envoy then resets the ext_proc stream and "
+    "StreamMachine.abort() drops the usage the SSE scanner already holds"))
+def test_stream_closed_by_client_at_done_is_learned(slow_eof):
+    cl = client(slow_eof)
+    start = max(root_samples(slow_eof), 0)
+    n = 3
+    for _ in range(n):
+        raw = cl.chat.completions.with_raw_response.create(
+            model="m", messages=msgs(SHORT_TEXT), max_tokens=8, stream=True, stream_options={"include_usage": True})
+        chunks = list(raw.parse())  # stops at [DONE] and closes the response
+        assert chunks[-1].usage.prompt_tokens == 1234
+    time.sleep(0.5)  # > eof_delay + a snapshot period
+    assert root_samples(slow_eof) == start + n
+
+
 # --- 10. two router workers ---------------------------------------------------------------
 
 def budget_router_rq(stack) -> dict[str, int]:
@@ -480,16 +592,18 @@ def test_two_workers_share_the_streams(main, stack_factory):
     pools = []
     for i in range(20):
         text = LONG_TEXT if i % 5 == 0 else prose(200 + 10 * i, seed=3000 + i)
-        if i % 3 == 0:
-            raw = cl.chat.completions.with_raw_response.create(
-                model="m", messages=msgs(text), max_tokens=16, stream=True, stream_options={"include_usage": True})
-            assert list(raw.parse())[-1].usage.prompt_tokens > 0
+        if i % 3 == 0:  # streamed, read to the end (see the [DONE] bug test)
+            r, body = stream_through(st, dict(model="m", messages=msgs(text), max_tokens=16, stream=True,
+                                              stream_options={"include_usage": True}))
+            assert b'"prompt_tokens"' in body and body.endswith(b"data: [DONE]\n\n")
+            headers = r.headers
         else:
             raw = cl.chat.completions.with_raw_response.create(model="m", messages=msgs(text), max_tokens=16)
             assert raw.parse().usage.prompt_tokens > 0
-        assert raw.status_code == 200
-        pools.append(raw.headers["x-pool-name"])
-        assert decision(raw.headers)["pool"] == pools[-1]
+            r, headers = raw, raw.headers
+        assert r.status_code == 200
+        pools.append(headers["x-pool-name"])
+        assert decision(headers)["pool"] == pools[-1]
     assert pools.count("long") == 4 and pools.count("short") == 16
     # Envoy spread the ext_proc streams over both workers' endpoints (round robin).
     after = budget_router_rq(st)
