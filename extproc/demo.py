@@ -28,7 +28,7 @@ import sys
 import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from typing import Any
 
 from . import demo_traffic as T
@@ -533,7 +533,9 @@ def format_report(rep: dict[str, Any]) -> str:
         "",
         f"  harmful (true budget > B_short, sent short): {m['harmful']} ({m['harmful_pct']:.2f}%)",
         f"  benign  (true budget <= B_short, sent long): {m['benign']} ({m['benign_pct']:.2f}%)",
-        f"  of {m['judged']} requests with a known true budget",
+        f"  of {m['judged']} requests with a known true budget. Benign ones are the price of the safety margin "
+        "(estimate x (1 + margin) + output budget is compared with B_short), paid by requests just under B_short; "
+        "a harmful one would be refused by the short pool (prompt + max_tokens > its max_model_len).",
         "",
         "## Errors",
         "",

@@ -32,9 +32,9 @@ import json
 import math
 import os
 import random
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from functools import lru_cache
-from typing import Any, Iterable, Iterator
+from typing import Any, Iterator
 
 # --- Traffic mix ----------------------------------------------------------------
 
