@@ -318,7 +318,8 @@ def test_body_far_over_envoy_buffer_413(main):
             pytest.fail(f"client got no response, only {e!r}")
     assert r.status_code == 413, (r.status_code, r.text[:200])
     assert "x-pool-name" not in r.headers
-    assert r.text == "Payload Too Large"
+    assert r.text == "Payload Too Large" and r.headers["content-type"].startswith("text/plain")
+    assert "x-budget-decision" not in r.headers
     assert upstream_requests(main) == before
 
 
@@ -389,7 +390,7 @@ def test_usage_learned_and_kept_across_restart(main, stack_factory):
 
     errs = [one(i) for i in range(40)]
     first, last = sum(errs[:5]) / 5, sum(errs[-5:]) / 5
-    assert first > 0.05, errs[:5]  # the 4 bytes/token prior is visibly off on this text
+    assert errs[0] > 0.1, errs[:5]  # the 4 bytes/token prior is visibly off on this text
     assert last < first / 3 and last < 0.03, (first, last)
 
     # SIGTERM: the router drains and writes its snapshot.
@@ -399,8 +400,9 @@ def test_usage_learned_and_kept_across_restart(main, stack_factory):
     assert fits and fits[0]["samples"] >= 40, fits
     restart_router(st)
     after = [one(100 + i) for i in range(5)]
+    print(f"mean relative error: first 5 {first:.4f}, last 5 {last:.4f}, after restart {after}")
     assert after[0] < max(2 * last, 0.03), (after, last, first)
-    assert sum(after) / 5 < first / 3, (after, first)
+    assert sum(after) / 5 < min(first / 2, errs[0] / 3), (after, first, errs[0])
 
 
 # --- 9. include_usage injected, hidden from the client -----------------------------------
