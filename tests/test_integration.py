@@ -13,6 +13,8 @@ Stacks (started in parallel per component, see ``conftest.start_stack``):
 * ``inject``: ``inject_include_usage = true``.
 * ``killed``: its router is SIGKILLed.
 * ``two_workers``: ``[router] workers = 2``.
+* ``slow_eof``: both pools are an in-test HTTP server whose SSE body ends
+  0.3 s after ``data: [DONE]`` (the openai client closes at [DONE]).
 
 Every pool response carries ``x-pool-name``; every router decision is in
 ``x-budget-decision`` (``pool=..; est=..; budget=..; cat=..; reason=..``).
