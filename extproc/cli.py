@@ -89,6 +89,8 @@ def build_parser() -> argparse.ArgumentParser:
     backend_cli.add_parser(sub)
     from . import stack
     stack.add_parsers(sub)
+    from . import demo
+    demo.add_parser(sub)
     from .planner import cli as planner_cli
     planner_cli.add_parsers(sub)
     from .admin import cli as admin_cli

@@ -126,6 +126,10 @@ class StreamMachine:
         return [], False
 
     def abort(self) -> None:
+        # A client that stops reading at "data: [DONE]" makes Envoy reset the
+        # stream before the body's end reaches us: the usage is already here.
+        if self.state == S_RESP_BODY and not self.learned:
+            self._learn()
         self.aborted = True
         self.state = S_DONE
 
@@ -217,13 +221,17 @@ class StreamMachine:
         else:
             resp = _CONTINUE_RESP_BODY
         if not msg.end_of_stream:
+            if isinstance(self.scanner, SSEUsage) and self.scanner.done and not self.learned:
+                self._learn()  # [DONE] seen: the usage chunk came before it
             return [resp], False
         self.state = S_DONE
-        self._learn()
+        if not self.learned:
+            self._learn()
         return [resp], True
 
     # --- helpers -----------------------------------------------------------------
     def _learn(self) -> None:
+        """Learn from what the response showed (at most once per stream)."""
         d = self.decision
         if d is None or self.scanner is None:
             return
@@ -236,7 +244,7 @@ class StreamMachine:
                 return
             self.misroute = True
             u = Usage(pt, None)
-        if u is None:
+        if u is None or self.learned:
             return
         self.usage = u
         self.rel_error = self.router.learn(d, u.prompt_tokens, u.completion_tokens)

@@ -553,10 +553,6 @@ def test_stream_read_to_its_end_is_learned(slow_eof):
     wait_until(lambda: root_samples(slow_eof) == max(start, 0) + 1, 5, "the router learned the stream")
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "BUG machine.py: usage is learned only at the response's end_of_stream; the openai client "
-    "closes the connection at data: [DONE], Envoy then resets the ext_proc stream and "
-    "StreamMachine.abort() drops the usage the SSE scanner already holds"))
 def test_stream_closed_by_client_at_done_is_learned(slow_eof):
     cl = client(slow_eof)
     start = max(root_samples(slow_eof), 0)

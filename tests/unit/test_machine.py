@@ -318,20 +318,48 @@ def test_trailers_answered():
     assert m.receive(st) == ([pb.ProcessingResponse(response_trailers=pb.TrailersResponse())], True)
 
 
-def test_abort_mid_stream_learns_nothing():
+def test_abort_before_usage_learns_nothing():
+    r = Router(Config())
+    m = machine(r, draw=0.0)
+    m.receive(req_headers())
+    m.receive(req_body(chat_body(stream=True, stream_options={"include_usage": True})))
+    m.receive(resp_headers(ctype="text/event-stream"))
+    m.receive(resp_body(content_chunk("Hi")))
+    assert m.scanner.usage is None
+    m.abort()
+    assert m.aborted and m.state == M.S_DONE
+    assert m.receive(resp_body(usage_chunk(30, 2) + b"data: [DONE]\n\n", eos=True)) == ([CONT_RESP_BODY], True)
+    assert not m.learned and m.usage is None
+    assert all(f.samples == 0 for f in r.estimator.fits.values())
+    assert r.outputs.sketches == {}
+
+
+def test_abort_after_usage_learns_once():
+    """A client that stops reading at [DONE] makes Envoy reset the stream
+    before the body's end: the usage already seen is learned, once."""
     r = Router(Config())
     m = machine(r, draw=0.0)
     m.receive(req_headers())
     m.receive(req_body(chat_body(stream=True, stream_options={"include_usage": True})))
     m.receive(resp_headers(ctype="text/event-stream"))
     m.receive(resp_body(content_chunk("Hi") + usage_chunk(30, 2)))
-    assert m.scanner.usage == Usage(30, 2)
+    assert not m.learned
     m.abort()
-    assert m.aborted and m.state == M.S_DONE
+    assert m.aborted and m.learned and m.usage == Usage(30, 2)
     assert m.receive(resp_body(b"data: [DONE]\n\n", eos=True)) == ([CONT_RESP_BODY], True)
-    assert not m.learned and m.usage is None
-    assert all(f.samples == 0 for f in r.estimator.fits.values())
-    assert r.outputs.sketches == {}
+    assert r.estimator.root.samples == 1
+
+
+def test_done_event_learns_before_end_of_stream():
+    r = Router(Config())
+    m = machine(r, draw=0.0)
+    m.receive(req_headers())
+    m.receive(req_body(chat_body(stream=True, stream_options={"include_usage": True})))
+    m.receive(resp_headers(ctype="text/event-stream"))
+    assert m.receive(resp_body(usage_chunk(30, 2) + b"data: [DONE]\n\n")) == ([CONT_RESP_BODY], False)
+    assert m.learned and r.estimator.root.samples == 1
+    assert m.receive(resp_body(b"", eos=True)) == ([CONT_RESP_BODY], True)
+    assert r.estimator.root.samples == 1
 
 
 def test_inject_include_usage_rewrites_body_and_strips_usage_chunk():
