@@ -166,6 +166,9 @@ class Stack:
             return ""
 
     def start_pool(self, name: str) -> None:
+        self._wait_pool(self._spawn_pool(name))
+
+    def _spawn_pool(self, name: str):
         pool = self.cfg.short if name == self.cfg.short.name else self.cfg.long
         host, port = pool.endpoints[0].rsplit(":", 1)
         seqs = SHORT_MAX_NUM_SEQS if name == self.cfg.short.name else LONG_MAX_NUM_SEQS
@@ -174,15 +177,25 @@ class Stack:
             "--name", name, "--max-model-len", str(pool.max_model_len), "--max-num-seqs", str(seqs),
             "--kv-tokens", str(max(POOL_KV_TOKENS, pool.max_model_len)), "--time-scale", str(self.time_scale),
         ])
+        return name, host, port, p
+
+    @staticmethod
+    def _wait_pool(spawned) -> None:
+        name, host, port, p = spawned
         _wait(f"pool {name}", lambda: _http_ok(f"http://{host}:{port}/health"), p)
 
     def config_path(self) -> str:
         return os.path.join(self.workdir, "budget-router.toml")
 
     def start_router(self) -> None:
+        self._wait_router(self._spawn_router())
+
+    def _spawn_router(self) -> subprocess.Popen:
         with open(self.config_path(), "w") as f:
             f.write(C.to_toml(self.cfg))
-        p = self._spawn("router", [sys.executable, "-m", "extproc.cli", "serve", "--config", self.config_path()])
+        return self._spawn("router", [sys.executable, "-m", "extproc.cli", "serve", "--config", self.config_path()])
+
+    def _wait_router(self, p: subprocess.Popen) -> None:
         ports = C.worker_ports(self.cfg)
 
         def listening() -> bool:
@@ -223,10 +236,14 @@ class Stack:
             # Keep the calibration of this stack with its logs, not in the cwd.
             self.cfg = self.cfg.replace(router={"state_file": os.path.join(self.workdir, "state.json")})
         try:
-            self.start_pool(self.cfg.short.name)
-            self.start_pool(self.cfg.long.name)
-            if self.with_router:
-                self.start_router()
+            # Python processes start in parallel (~1 s of imports each), then
+            # Envoy, which health-checks the router before it is "ready".
+            pools = [self._spawn_pool(self.cfg.short.name), self._spawn_pool(self.cfg.long.name)]
+            router = self._spawn_router() if self.with_router else None
+            for spawned in pools:
+                self._wait_pool(spawned)
+            if router is not None:
+                self._wait_router(router)
             self.start_envoy()
         except BaseException:
             self.stop()

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import signal
 import sys
 
 from . import engine as eng
@@ -142,10 +143,19 @@ def main(args: argparse.Namespace) -> int:
               f"max_num_seqs={args.max_num_seqs}, kv_tokens={args.kv_tokens}, "
               f"time_scale={args.time_scale})", file=sys.stderr, flush=True)
 
-    try:
-        asyncio.run(serve(settings, args.host, args.port, on_bound=bound))
-    except KeyboardInterrupt:
-        pass
+    async def run() -> None:
+        # SIGTERM (docker stop, Stack.stop) ends the server like Ctrl-C:
+        # aiohttp's cleanup closes connections, then exit 0.
+        task = asyncio.current_task()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, task.cancel)
+        try:
+            await serve(settings, args.host, args.port, on_bound=bound)
+        except asyncio.CancelledError:
+            pass
+
+    asyncio.run(run())
     return 0
 
 
