@@ -132,6 +132,7 @@ class Stack:
     time_scale: float = UP_TIME_SCALE
     quiet: bool = True
     with_router: bool = True
+    router_env: dict[str, str] = field(default_factory=dict)  # e.g. OTEL_* for the router
     procs: dict[str, subprocess.Popen] = field(default_factory=dict)
     logs: dict[str, str] = field(default_factory=dict)
 
@@ -193,7 +194,8 @@ class Stack:
     def _spawn_router(self) -> subprocess.Popen:
         with open(self.config_path(), "w") as f:
             f.write(C.to_toml(self.cfg))
-        return self._spawn("router", [sys.executable, "-m", "extproc.cli", "serve", "--config", self.config_path()])
+        return self._spawn("router", [sys.executable, "-m", "extproc.cli", "serve", "--config", self.config_path()],
+                           env=self.router_env)
 
     def _wait_router(self, p: subprocess.Popen) -> None:
         ports = C.worker_ports(self.cfg)
