@@ -32,6 +32,7 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 from . import demo_traffic as T
+from .replay import percentile
 
 # --- Defaults ---------------------------------------------------------------------
 
@@ -284,14 +285,7 @@ async def measure_latency(envoy_url: str, pool_url: str, pairs: int, seed: int) 
 
 # --- Analysis ---------------------------------------------------------------------------
 
-def pct(values: list[float], q: float) -> float:
-    s = sorted(values)
-    if not s:
-        return float("nan")
-    k = (len(s) - 1) * q / 100.0
-    lo = int(k)
-    hi = min(lo + 1, len(s) - 1)
-    return s[lo] + (s[hi] - s[lo]) * (k - lo)
+pct = percentile  # linear-interpolated percentile, shared with replay
 
 
 def _r(x: float, nd: int = 4) -> float | None:
