@@ -53,17 +53,17 @@ def test_capped_requests_and_bad_counts_do_not_teach():
 
 
 @pytest.mark.parametrize("mu, sigma", [(5.5, 0.8), (4.0, 1.2), (7.0, 0.3)])
-def test_learned_p90_close_to_true_p90(mu, sigma):
+def test_learned_quantile_close_to_true_quantile(mu, sigma):
     rng = random.Random(11)
     xs = [int(rng.lognormvariate(mu, sigma)) for _ in range(5000)]
     ob = make()
     for x in xs:
         ob.learn(KEY, x, capped=False)
-    true_p90 = float(np.percentile(xs, 90))
+    true_q = float(np.percentile(xs, 100 * D.OUTPUT_QUANTILE))
     got, source = ob.budget(KEY, None)
     assert source == "learned"
     # log buckets of 8 per doubling: at most ~9% above, never meaningfully below
-    assert true_p90 * 0.97 <= got <= true_p90 * 1.12
+    assert true_q * 0.97 <= got <= true_q * 1.12
 
 
 def test_old_traffic_fades():
