@@ -4,7 +4,7 @@ VENV   ?= .venv
 PY      = $(VENV)/bin/python
 STAMP   = $(VENV)/.installed
 
-.PHONY: demo test bench bench-sim up envoy-config plan-docs clean
+.PHONY: demo test bench bench-sim accuracy planner-results up envoy-config clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -27,6 +27,14 @@ bench: $(STAMP)
 ## Planner speed: simulated requests per wall-second.
 bench-sim: $(STAMP)
 	$(PY) bench/bench_simulator.py
+
+## Routing accuracy on unseen chats per tokenizer (needs ../shared/data).
+accuracy: $(STAMP)
+	$(PY) bench/replay_accuracy.py --n 10000
+
+## Planner result tables for docs/planner.md (slow: minutes per trace).
+planner-results: $(STAMP)
+	$(PY) bench/planner_results.py
 
 up: $(STAMP)
 	$(PY) -m extproc.cli up
