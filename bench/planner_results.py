@@ -32,6 +32,7 @@ def main() -> int:
     ap.add_argument("--gpu", default="a100")
     ap.add_argument("--model", default="llama-3-70b")
     ap.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results"))
+    ap.add_argument("--files", default=",".join(FILES), help="comma-separated trace files in the traces folder")
     a = ap.parse_args()
     if not os.path.isdir(TRACES):
         print(f"skip: traces folder {TRACES} absent", file=sys.stderr)
@@ -39,7 +40,7 @@ def main() -> int:
     os.makedirs(a.out, exist_ok=True)
     bs = [int(x) for x in a.b_short.split(",")]
     for rate in a.rates.split(","):
-        for f in FILES:
+        for f in a.files.split(","):
             tr = load_trace(os.path.join(TRACES, f))
             if rate != "native":
                 tr = tile(scale_rate(tr, float(rate)), TILE_S)
