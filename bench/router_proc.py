@@ -10,6 +10,7 @@ it exists. Prints "READY <port>" on stdout once listening.
 from __future__ import annotations
 
 import argparse
+import os
 import asyncio
 import signal
 import sys
@@ -23,16 +24,18 @@ MAX_MESSAGE_BYTES = 9 * 1024 * 1024
 
 
 def real_new_stream():
-    """The router's handler factory (extproc.machine, written elsewhere)."""
-    from extproc import machine  # noqa: F401  (ImportError until it exists)
-    from extproc.config import load
+    """The router's own per-stream factory, as `budget-router serve` runs it:
+    extproc.server.Worker (Router core + StreamMachine + telemetry). Its
+    calibration snapshot goes to a temp dir, its Prometheus endpoint is off."""
+    import tempfile
 
-    cfg = load()
-    for name in ("make_new_stream", "new_stream_factory"):
-        f = getattr(machine, name, None)
-        if f is not None:
-            return f(cfg)
-    raise ImportError("extproc.machine has no make_new_stream(cfg) / new_stream_factory(cfg)")
+    from extproc.config import load
+    from extproc.server import Worker
+
+    cfg = load(env={}).replace(
+        router={"state_file": tempfile.mkdtemp(prefix="bench-router-") + "/state.json"},
+        telemetry={"prometheus_port": 0})
+    return Worker(cfg, telemetry=os.environ.get("BENCH_TELEMETRY", "1") == "1").new_stream
 
 
 async def main_async(a) -> None:
