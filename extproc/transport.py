@@ -120,7 +120,7 @@ _KIND_HEALTH = 1
 
 
 class _Call:
-    __slots__ = ("sid", "kind", "handler", "buf", "headers_sent", "done", "timer", "messages")
+    __slots__ = ("sid", "kind", "handler", "buf", "headers_sent", "done", "timer", "messages", "encoding")
 
     def __init__(self, sid: int, kind: int):
         self.sid = sid
@@ -131,6 +131,7 @@ class _Call:
         self.done = False
         self.timer: asyncio.TimerHandle | None = None
         self.messages: list[bytes] | None = None  # unary: the request message
+        self.encoding: str | None = None  # grpc-encoding of the request
 
 
 class _GrpcConnection(asyncio.Protocol):
@@ -265,9 +266,7 @@ class _GrpcConnection(asyncio.Protocol):
             self._end_call(call, UNIMPLEMENTED, f"unknown method {path}")
             return
         self.calls[sid] = call
-        if encoding is not None and encoding != "identity":
-            self._end_call(call, UNIMPLEMENTED, f"grpc-encoding {encoding} is not supported; send uncompressed messages")
-            return
+        call.encoding = encoding  # only a message actually compressed is refused (see _on_data)
         if timeout is not None:
             seconds = _parse_timeout(timeout)
             if seconds is not None:
@@ -299,8 +298,11 @@ class _GrpcConnection(asyncio.Protocol):
         max_bytes = self.server.max_message_bytes
         while len(buf) >= 5:
             if buf[0] != 0:
-                if buf[0] == 1:
-                    self._fail(call, UNIMPLEMENTED, "compressed messages are not supported (grpc-encoding identity only)")
+                if buf[0] == 1 and call.encoding not in (None, "identity"):
+                    # PROTOCOL-HTTP2.md: an encoding the server does not support -> UNIMPLEMENTED.
+                    self._fail(call, UNIMPLEMENTED, f"grpc-encoding {call.encoding} is not supported; send uncompressed messages")
+                elif buf[0] == 1:
+                    self._fail(call, INTERNAL, "compressed flag set without a grpc-encoding")
                 else:
                     self._fail(call, INTERNAL, f"invalid message flags {buf[0]:#x}")
                 return
@@ -495,20 +497,36 @@ async def serve_grpcio(
 
     async def process(request_iterator, context):
         handler = new_stream()
-        closed = False
-        try:
-            async for req in request_iterator:
-                responses, close = handler.receive(req)
-                for r in responses:
-                    yield r
-                if close:
-                    closed = True
-                    return
-            closed = True
-            handler.finish()
-        finally:
-            if not closed:
+        state = [0]  # 0: open, 1: closed by us or failed, 2: client half-closed
+
+        def done(ctx) -> None:
+            # Known limitation: grpc.aio reports a client cancel that arrives
+            # while the handler waits for a request as end-of-requests, and
+            # ctx.cancelled() is still False here, so such a stream gets
+            # finish() instead of abort() (the fast transport tells them apart).
+            if state[0] == 0 or (state[0] == 2 and ctx.cancelled()):
                 handler.abort()
+            elif state[0] == 2:
+                handler.finish()
+
+        context.add_done_callback(done)
+        while True:
+            req = await context.read()
+            if req is grpc.aio.EOF:
+                state[0] = 2
+                return
+            try:
+                responses, close = handler.receive(req)
+            except Exception:
+                state[0] = 1
+                log.exception("stream handler failed")
+                handler.abort()
+                await context.abort(grpc.StatusCode.INTERNAL, "stream handler failed")
+            for r in responses:
+                await context.write(r)
+            if close:
+                state[0] = 1
+                return
 
     rpc = grpc.stream_stream_rpc_method_handler(
         process,
