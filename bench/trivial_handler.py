@@ -54,5 +54,5 @@ class TrivialHandler:
         pass
 
 
-def new_stream() -> TrivialHandler:
+def new_stream(metadata=None) -> TrivialHandler:
     return TrivialHandler()

@@ -72,10 +72,11 @@ class Worker:
         except OSError as e:
             log.warning("worker %d: could not write calibration snapshot %s: %s", self.index, self.state_path, e)
 
-    def new_stream(self):
+    def new_stream(self, metadata: dict[str, str] | None = None):
+        """One ext_proc stream; ``metadata`` is the gRPC call's trace context."""
         self.streams += 1
         m = StreamMachine(self.router, self.rng.random)
-        return self.telemetry.wrap(m) if self.telemetry is not None else m
+        return self.telemetry.wrap(m, metadata) if self.telemetry is not None else m
 
     async def start(self, port: int | None = None) -> int:
         self.load_state()

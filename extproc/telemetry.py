@@ -191,8 +191,8 @@ class Telemetry:
         for row in self._fits():
             yield Observation(row["overhead"], {"model": row["model"], "category": row["category"]})
 
-    def wrap(self, machine: StreamMachine) -> "ObservedStream":
-        return ObservedStream(machine, self)
+    def wrap(self, machine: StreamMachine, metadata: dict[str, str] | None = None) -> "ObservedStream":
+        return ObservedStream(machine, self, metadata)
 
     def shutdown(self) -> None:
         if self._tracer_provider is not None:
@@ -216,7 +216,7 @@ class Telemetry:
                 self._misroutes[d.pool] = self._misroutes.get(d.pool, 0) + 1
                 log.warning("misroute detected: short pool rejected a request for its context length",
                             extra={"fields": {"request_id": m.request_headers.get("x-request-id"),
-                                              "trace_id": trace_id(m.request_headers),
+                                              "trace_id": trace_id(s.metadata) or trace_id(m.request_headers),
                                               "estimate": d.estimate, "prompt_tokens": m.usage.prompt_tokens
                                               if m.usage else None, "category": d.category}})
         if self.tracer is not None:
@@ -225,7 +225,10 @@ class Telemetry:
     def _span(self, s: "ObservedStream") -> None:
         m = s.machine
         d = m.decision
-        ctx = propagate.extract(m.request_headers)
+        # Parent: Envoy's ext_proc span (trace context of the gRPC call) when
+        # Envoy traces; else a traceparent the client sent with the request.
+        carrier = s.metadata if "traceparent" in s.metadata else m.request_headers
+        ctx = propagate.extract(carrier)
         span = self.tracer.start_span("budget_router ext_proc", context=ctx, kind=trace.SpanKind.SERVER,
                                       start_time=s.start_ns)
         attrs: dict[str, Any] = {"http.request.method": m.method, "url.path": m.path.split("?", 1)[0],
@@ -259,11 +262,12 @@ class ObservedStream:
     """A StreamMachine with timing and end-of-stream telemetry around it;
     same interface (receive / abort / finish) for the transport."""
 
-    __slots__ = ("machine", "tel", "start_ns", "closed")
+    __slots__ = ("machine", "tel", "start_ns", "closed", "metadata")
 
-    def __init__(self, machine: StreamMachine, tel: Telemetry):
+    def __init__(self, machine: StreamMachine, tel: Telemetry, metadata: dict[str, str] | None = None):
         self.machine = machine
         self.tel = tel
+        self.metadata = metadata or {}
         self.start_ns = time.time_ns()
         self.closed = False
         tel._in_flight += 1

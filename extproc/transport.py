@@ -28,7 +28,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from typing import Callable, Iterable, Protocol
+from typing import Callable, Iterable, Mapping, Protocol
 from urllib.parse import quote
 
 from envoy.service.ext_proc.v3 import external_processor_pb2 as pb
@@ -76,7 +76,20 @@ class StreamHandler(Protocol):
     def finish(self) -> None: ...
 
 
-NewStream = Callable[[], StreamHandler]
+#: ``new_stream(metadata)``: ``metadata`` holds the call's trace-context
+#: headers (traceparent, tracestate) when the client sent them: Envoy puts
+#: the context of its ext_proc span there, so the router's span can be its child.
+NewStream = Callable[..., StreamHandler]
+
+#: Extra methods served beside Process and Health/Check (the admin API and
+#: reflection). A unary method maps its request bytes to (grpc status code,
+#: message, response bytes); a streaming one maps each request message to one
+#: response message and ends with OK when the client half-closes.
+UnaryMethod = Callable[[bytes], tuple[int, str, bytes]]
+StreamingMethod = Callable[[bytes], bytes]
+
+#: gRPC call headers passed to new_stream (W3C trace context).
+TRACE_METADATA = ("traceparent", "tracestate")
 
 # --- precomputed header blocks (stateless HPACK, see h2frames.encode_headers) ---
 
@@ -117,10 +130,12 @@ def _parse_timeout(value: str) -> float | None:
 
 _KIND_PROCESS = 0
 _KIND_HEALTH = 1
+_KIND_UNARY = 2
+_KIND_STREAMING = 3
 
 
 class _Call:
-    __slots__ = ("sid", "kind", "handler", "buf", "headers_sent", "done", "timer", "messages", "encoding")
+    __slots__ = ("sid", "kind", "handler", "buf", "headers_sent", "done", "timer", "messages", "encoding", "method")
 
     def __init__(self, sid: int, kind: int):
         self.sid = sid
@@ -132,6 +147,7 @@ class _Call:
         self.timer: asyncio.TimerHandle | None = None
         self.messages: list[bytes] | None = None  # unary: the request message
         self.encoding: str | None = None  # grpc-encoding of the request
+        self.method: Callable | None = None  # unary / streaming extra method
 
 
 class _GrpcConnection(asyncio.Protocol):
@@ -238,8 +254,11 @@ class _GrpcConnection(asyncio.Protocol):
     def _on_request(self, ev: h2.RequestReceived) -> None:
         sid = ev.stream_id
         path = method = ctype = encoding = timeout = None
+        meta: dict[str, str] = {}
         for name, value in ev.headers:
-            if name == ":path":
+            if name in TRACE_METADATA:
+                meta[name] = value
+            elif name == ":path":
                 path = value
             elif name == ":method":
                 method = value
@@ -260,6 +279,13 @@ class _GrpcConnection(asyncio.Protocol):
         elif path == HEALTH_CHECK_METHOD:
             call = _Call(sid, _KIND_HEALTH)
             call.messages = []
+        elif path in self.server.unary:
+            call = _Call(sid, _KIND_UNARY)
+            call.messages = []
+            call.method = self.server.unary[path]
+        elif path in self.server.streaming:
+            call = _Call(sid, _KIND_STREAMING)
+            call.method = self.server.streaming[path]
         else:
             call = _Call(sid, _KIND_PROCESS)
             self.calls[sid] = call
@@ -273,7 +299,7 @@ class _GrpcConnection(asyncio.Protocol):
                 call.timer = asyncio.get_running_loop().call_later(seconds, self._deadline, call)
         if call.kind == _KIND_PROCESS:
             try:
-                call.handler = self.server.new_stream()
+                call.handler = self.server.new_stream(meta)
             except Exception:
                 log.exception("new_stream() failed")
                 self._end_call(call, INTERNAL, "could not start the stream handler")
@@ -320,6 +346,8 @@ class _GrpcConnection(asyncio.Protocol):
                 del buf[: 5 + length]
             if call.kind == _KIND_PROCESS:
                 self._on_process_message(call, msg)
+            elif call.kind == _KIND_STREAMING:
+                self._on_streaming_message(call, msg)
             else:
                 call.messages.append(msg)  # type: ignore[union-attr]
             if call.done:
@@ -337,6 +365,10 @@ class _GrpcConnection(asyncio.Protocol):
                     self._end_call(call, INTERNAL, "stream handler failed")
                     return
                 self._end_call(call, OK)
+            elif call.kind == _KIND_STREAMING:
+                self._end_call(call, OK)
+            elif call.kind == _KIND_UNARY:
+                self._on_unary(call)
             else:
                 self._on_health(call)
 
@@ -366,6 +398,36 @@ class _GrpcConnection(asyncio.Protocol):
         if close:
             call.handler = None
             self._end_call(call, OK)
+
+    def _send_message(self, call: _Call, body: bytes) -> None:
+        if not call.headers_sent:
+            call.headers_sent = True
+            self.conn.send_headers(call.sid, _RESPONSE_HEADERS)
+        self.conn.send_data(call.sid, len(body).to_bytes(5, "big") + body)
+
+    def _on_unary(self, call: _Call) -> None:
+        msgs = call.messages or []
+        if len(msgs) != 1:
+            self._end_call(call, INTERNAL if not msgs else UNIMPLEMENTED, "a unary method takes exactly one request message")
+            return
+        try:
+            code, message, body = call.method(msgs[0])  # type: ignore[misc]
+        except Exception:
+            log.exception("unary method failed")
+            self._end_call(call, INTERNAL, "method failed")
+            return
+        if code == OK:
+            self._send_message(call, body)
+        self._end_call(call, code, message)
+
+    def _on_streaming_message(self, call: _Call, msg: bytes) -> None:
+        try:
+            body = call.method(msg)  # type: ignore[misc]
+        except Exception:
+            log.exception("streaming method failed")
+            self._fail(call, INTERNAL, "method failed")
+            return
+        self._send_message(call, body)
 
     def _on_health(self, call: _Call) -> None:
         msgs = call.messages or []
@@ -413,8 +475,12 @@ class _GrpcConnection(asyncio.Protocol):
 class FastServer:
     """Handle returned by ``serve_fast``."""
 
-    def __init__(self, new_stream: NewStream, max_message_bytes: int, health_services: Iterable[str]):
+    def __init__(self, new_stream: NewStream, max_message_bytes: int, health_services: Iterable[str],
+                 unary: Mapping[str, UnaryMethod] | None = None,
+                 streaming: Mapping[str, StreamingMethod] | None = None):
         self.new_stream = new_stream
+        self.unary = dict(unary or {})
+        self.streaming = dict(streaming or {})
         self.max_message_bytes = max_message_bytes
         self.health_services = frozenset(health_services)
         self._server: asyncio.base_events.Server | None = None
@@ -459,10 +525,13 @@ async def serve_fast(
     *,
     max_message_bytes: int,
     health_services: Iterable[str] = DEFAULT_HEALTH_SERVICES,
+    unary: Mapping[str, UnaryMethod] | None = None,
+    streaming: Mapping[str, StreamingMethod] | None = None,
 ) -> FastServer:
     """Start the purpose-built h2c gRPC server; ``port=0`` picks a free port
-    (read it back from ``server.port``)."""
-    server = FastServer(new_stream, max_message_bytes, health_services)
+    (read it back from ``server.port``). ``unary`` / ``streaming`` map method
+    paths ("/pkg.Service/Method") to extra handlers (admin API, reflection)."""
+    server = FastServer(new_stream, max_message_bytes, health_services, unary, streaming)
     loop = asyncio.get_running_loop()
     server._server = await loop.create_server(lambda: _GrpcConnection(server), host, port, reuse_address=True)
     server.port = server._server.sockets[0].getsockname()[1]
@@ -490,13 +559,16 @@ async def serve_grpcio(
     *,
     max_message_bytes: int,
     health_services: Iterable[str] = DEFAULT_HEALTH_SERVICES,
+    unary: Mapping[str, UnaryMethod] | None = None,
+    streaming: Mapping[str, StreamingMethod] | None = None,
 ) -> GrpcioServer:
     """The same service on grpc.aio (baseline / fallback)."""
     import grpc
     from grpc_health.v1 import health, health_pb2_grpc
 
     async def process(request_iterator, context):
-        handler = new_stream()
+        meta = {k: v for k, v in context.invocation_metadata() or () if k in TRACE_METADATA}
+        handler = new_stream(meta)
         state = [0]  # 0: open, 1: closed by us or failed, 2: client half-closed
 
         def done(ctx) -> None:
@@ -533,7 +605,31 @@ async def serve_grpcio(
         request_deserializer=pb.ProcessingRequest.FromString,
         response_serializer=pb.ProcessingResponse.SerializeToString,
     )
-    generic = grpc.method_handlers_generic_handler(EXT_PROC_SERVICE, {"Process": rpc})
+    handlers = [grpc.method_handlers_generic_handler(EXT_PROC_SERVICE, {"Process": rpc})]
+    by_service: dict[str, dict] = {}
+    codes = {c.value[0]: c for c in grpc.StatusCode}
+
+    def unary_handler(fn: UnaryMethod):
+        async def call(request: bytes, context):
+            code, message, body = fn(request)
+            if code != OK:
+                await context.abort(codes.get(code, grpc.StatusCode.UNKNOWN), message)
+            return body
+        return grpc.unary_unary_rpc_method_handler(call)  # bytes in, bytes out
+
+    def streaming_handler(fn: StreamingMethod):
+        async def call(request_iterator, context):
+            async for request in request_iterator:
+                yield fn(request)
+        return grpc.stream_stream_rpc_method_handler(call)
+
+    for path, fn in (unary or {}).items():
+        service, name = path.lstrip("/").rsplit("/", 1)
+        by_service.setdefault(service, {})[name] = unary_handler(fn)
+    for path, fn in (streaming or {}).items():
+        service, name = path.lstrip("/").rsplit("/", 1)
+        by_service.setdefault(service, {})[name] = streaming_handler(fn)
+    handlers += [grpc.method_handlers_generic_handler(svc, methods) for svc, methods in by_service.items()]
     server = grpc.aio.server(
         options=[
             ("grpc.max_receive_message_length", max_message_bytes),
@@ -541,7 +637,7 @@ async def serve_grpcio(
             ("grpc.so_reuseport", 0),
         ]
     )
-    server.add_generic_rpc_handlers((generic,))
+    server.add_generic_rpc_handlers(tuple(handlers))
     health_servicer = health.aio.HealthServicer()
     for name in health_services:
         await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)

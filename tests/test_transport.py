@@ -81,7 +81,7 @@ def run(coro, timeout: float = 60):
 
 async def started(kind: str, **handler_kw):
     log: list[Recorder] = []
-    server = await TRANSPORTS[kind](lambda: Recorder(log, **handler_kw), "127.0.0.1", 0, max_message_bytes=MAX_MESSAGE)
+    server = await TRANSPORTS[kind](lambda metadata=None: Recorder(log, **handler_kw), "127.0.0.1", 0, max_message_bytes=MAX_MESSAGE)
     channel = grpc.aio.insecure_channel(
         f"127.0.0.1:{server.port}",
         options=[("grpc.max_send_message_length", 64 << 20), ("grpc.max_receive_message_length", 64 << 20)],
