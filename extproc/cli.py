@@ -14,6 +14,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 from . import config as C
@@ -39,7 +40,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     from .server import serve
     cfg = load_config(args, router__workers=args.workers, router__port=args.port,
                       router__transport=args.transport, router__state_file=args.state_file)
-    return serve(cfg)
+    return serve(cfg, args.config or os.environ.get(C.ENV_PREFIX + "CONFIG"))
 
 
 def _cmd_replay(args: argparse.Namespace) -> int:

@@ -19,12 +19,18 @@ import random
 import signal
 import time
 
+from google.protobuf.message import DecodeError
+
 from . import snapshot, transport
+from .admin import reflection
+from .admin import service as admin_service
 from .config import Config, worker_ports
 from .machine import StreamMachine
 from .router import Router
 
 log = logging.getLogger("budget_router")
+
+HEALTH_SERVICE = "grpc.health.v1.Health"
 
 #: gRPC framing and the request headers travel with the body in one message:
 #: 1 MiB above the body limit (gRPC's 4 MiB default would answer 500 for long
@@ -43,8 +49,10 @@ def max_message_bytes(cfg: Config) -> int:
 class Worker:
     """One router worker: core + transport + snapshots (no process logic)."""
 
-    def __init__(self, cfg: Config, index: int = 0, rng: random.Random | None = None, telemetry: bool = True):
+    def __init__(self, cfg: Config, index: int = 0, rng: random.Random | None = None, telemetry: bool = True,
+                 config_path: str | None = None):
         self.cfg = cfg
+        self.config_path = config_path
         self.index = index
         self.router = Router(cfg)
         self.rng = rng or random.Random()
@@ -83,8 +91,28 @@ class Worker:
         port = worker_ports(self.cfg)[self.index] if port is None else port
         self.server = await transport.serve(
             self.cfg.router.transport, self.new_stream, self.cfg.router.listen, port,
-            max_message_bytes=max_message_bytes(self.cfg))
+            max_message_bytes=max_message_bytes(self.cfg), unary=self.admin_methods(),
+            streaming=reflection.methods([transport.EXT_PROC_SERVICE, HEALTH_SERVICE, admin_service.SERVICE]))
         return self.server.port
+
+    def admin_methods(self) -> dict[str, transport.UnaryMethod]:
+        """The admin API (protos/budget_router/admin/v1) as unary methods."""
+        svc = admin_service.AdminService(self, self.config_path)
+
+        def method(parse, fn):
+            def call(request: bytes) -> tuple[int, str, bytes]:
+                try:
+                    req = parse(request)
+                except DecodeError:
+                    return admin_service.INVALID_ARGUMENT, "could not parse the request message", b""
+                try:
+                    return transport.OK, "", fn(req).SerializeToString()
+                except admin_service.AdminError as e:
+                    return e.code, e.message, b""
+            return call
+
+        return {f"/{admin_service.SERVICE}/{name}": method(parse, fn)
+                for name, (parse, fn) in svc.methods().items()}
 
     async def stop(self) -> None:
         if self.server is not None:
@@ -108,8 +136,8 @@ class Worker:
             await self.stop()
 
 
-async def _worker_main(cfg: Config, index: int) -> None:
-    w = Worker(cfg, index)
+async def _worker_main(cfg: Config, index: int, config_path: str | None = None) -> None:
+    w = Worker(cfg, index, config_path=config_path)
     port = await w.start()
     log.info("worker %d (pid %d) serving ext_proc on %s:%d via %s",
              index, os.getpid(), cfg.router.listen, port, cfg.router.transport)
@@ -121,9 +149,9 @@ async def _worker_main(cfg: Config, index: int) -> None:
     log.info("worker %d drained and stopped", index)
 
 
-def _worker_process(cfg: Config, index: int) -> None:
+def _worker_process(cfg: Config, index: int, config_path: str | None) -> None:
     setup_logging()
-    asyncio.run(_worker_main(cfg, index))
+    asyncio.run(_worker_main(cfg, index, config_path))
 
 
 def setup_logging(level: str | None = None) -> None:
@@ -139,18 +167,19 @@ def setup_logging(level: str | None = None) -> None:
     root.setLevel((level or os.environ.get("BUDGET_ROUTER_LOG_LEVEL", "INFO")).upper())
 
 
-def serve(cfg: Config) -> int:
-    """Run the router until SIGTERM/SIGINT. Returns an exit code."""
+def serve(cfg: Config, config_path: str | None = None) -> int:
+    """Run the router until SIGTERM/SIGINT. Returns an exit code.
+    ``config_path`` is what the admin API's ReloadConfig re-reads."""
     setup_logging()
     if cfg.router.workers == 1:
-        asyncio.run(_worker_main(cfg, 0))
+        asyncio.run(_worker_main(cfg, 0, config_path))
         return 0
     ctx = mp.get_context("spawn")
     procs: dict[int, mp.Process] = {}
     stopping = False
 
     def start(i: int) -> None:
-        p = ctx.Process(target=_worker_process, args=(cfg, i), name=f"budget-router-w{i}", daemon=False)
+        p = ctx.Process(target=_worker_process, args=(cfg, i, config_path), name=f"budget-router-w{i}", daemon=False)
         p.start()
         procs[i] = p
 
