@@ -27,7 +27,11 @@ ENV PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1 \
 # The project's own wheel by file name, its dependencies pinned by the wheels
 # the build stage resolved (--no-index: nothing newer sneaks in here).
 RUN --mount=type=bind,from=build,source=/wheels,target=/wheels \
-    pip install --no-index --find-links /wheels /wheels/token_budget_router-*.whl
+    pip install --no-index --find-links /wheels /wheels/token_budget_router-*.whl && \
+    # xds-protos overwrites opentelemetry/proto/ with an older copy; restore
+    # the OTLP exporters' own version (see Makefile).
+    pip install --no-index --find-links /wheels --no-deps --force-reinstall \
+        "opentelemetry-proto==$(python -c 'import importlib.metadata as m; print(m.version("opentelemetry-proto"))')"
 
 # Non-root: nothing here needs privileges (every port is above 1024).
 # 10001 is above the range distributions give to system and login users, so

@@ -10,6 +10,11 @@ $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet -e '.[test]'
+	# xds-protos ships an older copy of opentelemetry/proto/ into the same
+	# directory as opentelemetry-proto; whichever installs last wins. Put the
+	# OTLP exporters' own version back (it is a superset of what Envoy's protos use).
+	$(PY) -m pip install --quiet --no-deps --force-reinstall \
+	    "opentelemetry-proto==$$($(PY) -c 'import importlib.metadata as m; print(m.version("opentelemetry-proto"))')"
 	touch $(STAMP)
 
 ## The main job: the whole stack on loopback, traffic through Envoy, a report with plots.

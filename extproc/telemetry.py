@@ -110,10 +110,14 @@ class Telemetry:
         self.tracer: trace.Tracer | None = None
         self._tracer_provider: TracerProvider | None = None
         if _tracing_configured():
-            from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter
-            self._tracer_provider = TracerProvider(resource=resource)  # sampler from OTEL_TRACES_SAMPLER
-            self._tracer_provider.add_span_processor(BatchSpanProcessor(OTLPSpanExporter()))
-            self.tracer = self._tracer_provider.get_tracer(_SCOPE)
+            try:
+                from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter
+            except ImportError as e:  # telemetry must never take routing down
+                log.error("OTLP trace exporter unavailable, traces off: %s", e)
+            else:
+                self._tracer_provider = TracerProvider(resource=resource)  # sampler from OTEL_TRACES_SAMPLER
+                self._tracer_provider.add_span_processor(BatchSpanProcessor(OTLPSpanExporter()))
+                self.tracer = self._tracer_provider.get_tracer(_SCOPE)
         readers = []
         self.prometheus_port = None
         if cfg.telemetry.prometheus_port:
@@ -128,9 +132,13 @@ class Telemetry:
                 log.warning("Prometheus endpoint on %s:%d not started: %s",
                             cfg.telemetry.prometheus_listen, port, e)
         if _otlp_metrics_configured():
-            from opentelemetry.exporter.otlp.proto.grpc.metric_exporter import OTLPMetricExporter
-            from opentelemetry.sdk.metrics.export import PeriodicExportingMetricReader
-            readers.append(PeriodicExportingMetricReader(OTLPMetricExporter()))
+            try:
+                from opentelemetry.exporter.otlp.proto.grpc.metric_exporter import OTLPMetricExporter
+                from opentelemetry.sdk.metrics.export import PeriodicExportingMetricReader
+            except ImportError as e:
+                log.error("OTLP metric exporter unavailable, OTLP metrics off: %s", e)
+            else:
+                readers.append(PeriodicExportingMetricReader(OTLPMetricExporter()))
         views = [
             View(instrument_name="budget_router.estimate_relative_error",
                  aggregation=ExplicitBucketHistogramAggregation(ERROR_BUCKETS)),

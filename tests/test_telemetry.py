@@ -36,6 +36,13 @@ PROMETHEUS_NAMES = [
 ]
 
 
+def test_otlp_protos_are_the_exporters_version():
+    """xds-protos installs an older opentelemetry/proto/ over opentelemetry-proto's;
+    the Makefile reinstalls the latter. Without that the OTLP exporters fail to import."""
+    from opentelemetry.proto.common.v1.common_pb2 import InstrumentationScope  # noqa: F401
+    from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter  # noqa: F401
+
+
 def _attrs(kvs) -> dict:
     out = {}
     for kv in kvs:
