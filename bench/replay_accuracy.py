@@ -28,6 +28,7 @@ sys.path.insert(0, os.path.dirname(__file__))
 
 from extproc import config as C  # noqa: E402
 from extproc import replay  # noqa: E402
+from extproc.policy import true_budget  # noqa: E402
 from extproc.request import parse  # noqa: E402
 import make_replay_set  # noqa: E402
 
@@ -46,7 +47,7 @@ def fixed_ratio(path: str, b_short: int, default_output: int) -> dict:
         est = len(p.text) / 4.0
         cap = p.max_output
         out = cap if cap is not None else default_output
-        true = usage["prompt_tokens"] + (cap if cap is not None else usage["completion_tokens"])
+        true = true_budget(usage["prompt_tokens"], cap, usage["completion_tokens"])
         short, oracle_short = est + out <= b_short, true <= b_short
         harmful += short and not oracle_short
         benign += oracle_short and not short

@@ -32,6 +32,7 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 from . import demo_traffic as T
+from .policy import true_budget
 from .replay import percentile
 
 # --- Defaults ---------------------------------------------------------------------
@@ -119,8 +120,7 @@ class Result:
     def true_budget(self) -> int | None:
         if self.prompt_tokens is None:
             return None
-        out = self.max_tokens if self.max_tokens is not None else self.completion_tokens
-        return self.prompt_tokens + (out or 0)
+        return true_budget(self.prompt_tokens, self.max_tokens, self.completion_tokens)
 
     @property
     def rel_error(self) -> float | None:
@@ -481,7 +481,7 @@ def format_report(rep: dict[str, Any]) -> str:
     a = rep["analysis"]
     c = rep["config"]
     lines = [
-        f"# budget-router demo report",
+        "# budget-router demo report",
         "",
         f"traffic: {c['source']}; {a['requests']} requests, concurrency {c['concurrency']}, seed {c['seed']}, "
         f"{rep['wall_seconds']:.1f} s of traffic",
@@ -493,7 +493,7 @@ def format_report(rep: dict[str, Any]) -> str:
         "## Requests per pool",
         "",
         "  " + ", ".join(f"{k}: {v}" for k, v in sorted(a["pools"].items()))
-        + f"   (HTTP statuses: " + ", ".join(f"{k}: {v}" for k, v in sorted(a["statuses"].items())) + ")",
+        + "   (HTTP statuses: " + ", ".join(f"{k}: {v}" for k, v in sorted(a["statuses"].items())) + ")",
         "",
         f"  end-to-end latency of successful requests: p50 {a['request_latency_s']['p50']} s, "
         f"p99 {a['request_latency_s']['p99']} s (simulated pools at time scale {c['time_scale']})",

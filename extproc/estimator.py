@@ -34,7 +34,6 @@ from typing import Any
 
 import numpy as np
 
-from . import defaults as D
 from .config import EstimatorConfig
 from .features import CATEGORIES, FEATURE_BYTES, N_FEATURES
 

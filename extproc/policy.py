@@ -74,6 +74,14 @@ class Decision:
         }
 
 
+def true_budget(prompt_tokens: int, max_output: int | None, completion_tokens: int | None) -> int:
+    """The budget a request really needed: its prompt plus its output cap when
+    it gives one (what vLLM reserves and checks against max_model_len), else
+    plus what it generated. Misroutes are judged against this."""
+    out = max_output if max_output is not None else completion_tokens
+    return prompt_tokens + (out or 0)
+
+
 def choose(cfg: Config, estimate: float, output: int, margin: float) -> tuple[str, str]:
     """Pool and reason for a prompt estimate, output budget and margin."""
     padded = estimate * (1.0 + margin) + output

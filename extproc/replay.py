@@ -25,6 +25,7 @@ from typing import IO, Any, Iterable
 import orjson
 
 from .config import Config
+from .policy import true_budget
 from .request import CHAT_PATH, COMPLETIONS_PATH
 from .router import Router
 
@@ -122,10 +123,9 @@ def replay_lines(router: Router, lines: Iterable[bytes], out: IO[bytes], summary
             row["status"] = d.status
         summary.pools[d.pool] = summary.pools.get(d.pool, 0) + 1
         if pt is not None:
-            out_true = d.output if d.capped else ct
-            true_budget = pt + (out_true or 0)
-            oracle = short if true_budget <= b_short else router.cfg.long.name
-            row["true_budget"] = true_budget
+            budget = true_budget(pt, d.output if d.capped else None, ct)
+            oracle = short if budget <= b_short else router.cfg.long.name
+            row["true_budget"] = budget
             row["oracle_pool"] = oracle
             summary.with_usage += 1
             if d.status is None:

@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import time
 from typing import Callable, Iterable, Mapping, Protocol
 from urllib.parse import quote
 

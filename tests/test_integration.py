@@ -23,7 +23,6 @@ Every pool response carries ``x-pool-name``; every router decision is in
 from __future__ import annotations
 
 import json
-import os
 import random
 import re
 import signal
