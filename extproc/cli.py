@@ -25,27 +25,16 @@ def add_config_arg(p: argparse.ArgumentParser) -> None:
                    help="TOML config file (default: $BUDGET_ROUTER_CONFIG, else built-in defaults)")
 
 
-def load_config(args: argparse.Namespace, **overrides) -> C.Config:
-    cfg = C.load(getattr(args, "config", None))
-    sections: dict[str, dict] = {}
-    for name, value in overrides.items():
-        if value is None:
-            continue
-        section, key = name.split("__")
-        sections.setdefault(section, {})[key] = value
-    return cfg.replace(**sections) if sections else cfg
-
-
 def _cmd_serve(args: argparse.Namespace) -> int:
     from .server import serve
-    cfg = load_config(args, router__workers=args.workers, router__port=args.port,
+    cfg = C.load_config(args, router__workers=args.workers, router__port=args.port,
                       router__transport=args.transport, router__state_file=args.state_file)
     return serve(cfg, args.config or os.environ.get(C.ENV_PREFIX + "CONFIG"))
 
 
 def _cmd_replay(args: argparse.Namespace) -> int:
     from .replay import run
-    cfg = load_config(args, policy__b_short=args.b_short)
+    cfg = C.load_config(args, policy__b_short=args.b_short)
     if args.b_short is not None and args.b_short > cfg.short.max_model_len:
         # Replaying at a larger B_short is a what-if: let the short pool follow.
         cfg = cfg.replace(short={"max_model_len": args.b_short}, policy={"b_short": args.b_short})
@@ -54,7 +43,7 @@ def _cmd_replay(args: argparse.Namespace) -> int:
 
 
 def _cmd_config(args: argparse.Namespace) -> int:
-    cfg = load_config(args)
+    cfg = C.load_config(args)
     sys.stdout.write(C.to_toml(cfg))
     return 0
 

@@ -255,6 +255,19 @@ def load(path: str | os.PathLike | None = None, env: Mapping[str, str] | None = 
     return from_mapping(raw, env)
 
 
+def load_config(args: Any, **overrides: Any) -> Config:
+    """The config a command runs with: ``args.config`` (or the environment), then
+    command-line ``overrides`` named ``section__key`` (``None`` = not given)."""
+    cfg = load(getattr(args, "config", None))
+    sections: dict[str, dict] = {}
+    for name, value in overrides.items():
+        if value is None:
+            continue
+        section, key = name.split("__")
+        sections.setdefault(section, {})[key] = value
+    return cfg.replace(**sections) if sections else cfg
+
+
 def from_mapping(raw: Mapping[str, Any], env: Mapping[str, str] | None = None) -> Config:
     raw = {k: dict(v) if isinstance(v, Mapping) else v for k, v in raw.items()}
     pools_raw = raw.pop("pools", {})

@@ -31,6 +31,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from typing import Any
 
+from . import config as C
 from . import demo_traffic as T
 from .policy import true_budget
 from .replay import percentile
@@ -594,7 +595,6 @@ def _print_stack_failure(stack, err: Exception) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from . import defaults as D
-    from .cli import load_config
     from .stack import Stack, loopback_config
 
     if args.requests < 1 or args.concurrency < 1:
@@ -608,7 +608,7 @@ def run(args: argparse.Namespace) -> int:
     os.makedirs(args.out, exist_ok=True)
     workdir = tempfile.mkdtemp(prefix="budget-router-demo-")
     state_file = os.path.join(workdir, "state.json")
-    base = load_config(args)
+    base = C.load_config(args)
     cfg = loopback_config(base, router={"sample_rate": args.sample_rate, "state_file": state_file})
     b_short = cfg.policy.b_short
     stack = Stack(cfg, workdir=workdir, time_scale=args.time_scale)
