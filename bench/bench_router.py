@@ -2,7 +2,7 @@
 
 For each transport, starts: the bench pool (bench.pool_server), one router
 process (bench.router_proc), and one Envoy (1 worker thread) with two
-listeners rendered from the project's bootstrap (extproc.envoy_config):
+listeners rendered from the project's bootstrap (extproc.envoy.bootstrap):
 
 * ``ingress`` -- the production chain: ext_proc -> router -> pool;
 * ``direct``  -- the same connection manager without ext_proc (the baseline).
@@ -73,7 +73,7 @@ def cpu_seconds(pid: int) -> float:
 
 def envoy_binary() -> str:
     try:
-        from extproc.envoy_config import envoy_binary as eb
+        from extproc.envoy.bootstrap import envoy_binary as eb
 
         return eb()
     except Exception:
@@ -83,7 +83,7 @@ def envoy_binary() -> str:
 
 def envoy_bootstrap(envoy_port: int, direct_port: int, admin_port: int, router_port: int, pool_port: int) -> dict:
     """The project's rendered bootstrap plus a ``direct`` listener."""
-    from extproc.envoy_config import render_yaml
+    from extproc.envoy.bootstrap import render_yaml
 
     ep = f"127.0.0.1:{pool_port}"
     cfg = C.from_mapping(
@@ -253,7 +253,7 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--transports", default=",".join(TRANSPORTS), help="comma list of %s" % ", ".join(TRANSPORTS))
     ap.add_argument("--handler", choices=("auto", "real", "trivial"), default="auto",
-                    help="real: the router's state machine (extproc.machine); auto: real if it imports, else trivial")
+                    help="real: the router's state machine (extproc.core.machine); auto: real if it imports, else trivial")
     ap.add_argument("--duration", type=float, default=5.0, help="seconds per measured run")
     ap.add_argument("--concurrency", default="1,16")
     ap.add_argument("--prompt-bytes", type=int, default=2000)

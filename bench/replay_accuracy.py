@@ -27,9 +27,9 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 sys.path.insert(0, os.path.dirname(__file__))
 
 from extproc import config as C  # noqa: E402
-from extproc import replay  # noqa: E402
-from extproc.policy import true_budget  # noqa: E402
-from extproc.request import parse  # noqa: E402
+from extproc.tools import replay  # noqa: E402
+from extproc.core.policy import true_budget  # noqa: E402
+from extproc.core.request import parse  # noqa: E402
 import make_replay_set  # noqa: E402
 
 TOKENIZERS = ("llama3", "qwen2.5", "cl100k", "o200k", "deepseek_v4")

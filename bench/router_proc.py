@@ -3,7 +3,7 @@
     python -m bench.router_proc --transport fast --handler trivial --port 50051
 
 ``--handler trivial`` is bench.trivial_handler (transport cost alone);
-``--handler real`` is the router's own state machine (extproc.machine) when
+``--handler real`` is the router's own state machine (extproc.core.machine) when
 it exists. Prints "READY <port>" on stdout once listening.
 """
 
@@ -15,7 +15,7 @@ import asyncio
 import signal
 import sys
 
-from extproc.transport import serve_fast, serve_grpcio
+from extproc.serve.transport import serve_fast, serve_grpcio
 
 TRANSPORTS = ("fast", "grpcio", "grpc_sync", "grpclib")
 
@@ -25,12 +25,12 @@ MAX_MESSAGE_BYTES = 9 * 1024 * 1024
 
 def real_new_stream():
     """The router's own per-stream factory, as `budget-router serve` runs it:
-    extproc.server.Worker (Router core + StreamMachine + telemetry). Its
+    extproc.serve.server.Worker (Router core + StreamMachine + telemetry). Its
     calibration snapshot goes to a temp dir, its Prometheus endpoint is off."""
     import tempfile
 
     from extproc.config import load
-    from extproc.server import Worker
+    from extproc.serve.server import Worker
 
     cfg = load(env={}).replace(
         router={"state_file": tempfile.mkdtemp(prefix="bench-router-") + "/state.json"},

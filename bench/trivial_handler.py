@@ -1,4 +1,4 @@
-"""A stand-in for the router's per-stream state machine (extproc/machine.py),
+"""A stand-in for the router's per-stream state machine (extproc/core/machine.py),
 used to measure transports alone: it answers request_headers with CONTINUE
 and request_body with the routing header mutation, clear_route_cache and a
 dynamic-metadata Struct, then closes the stream with OK, like a routed,

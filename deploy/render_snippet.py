@@ -1,6 +1,6 @@
 """Render deploy/envoy-filter-snippet.yaml from the project's Envoy renderer.
 
-The snippet is the part of ``extproc.envoy_config``'s bootstrap an operator
+The snippet is the part of ``extproc.envoy.bootstrap``'s bootstrap an operator
 pastes into an Envoy that already fronts their vLLM pools: the early header
 mutation, the HTTP filters, the routes and the router's cluster. It is cut out
 of the real bootstrap, so it can never drift from what the tests run;
@@ -19,7 +19,7 @@ from pathlib import Path
 import yaml
 
 from extproc import config as C
-from extproc import envoy_config as E
+from extproc.envoy import bootstrap as E
 
 OUT = Path(__file__).resolve().parent / "envoy-filter-snippet.yaml"
 

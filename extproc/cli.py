@@ -26,14 +26,14 @@ def add_config_arg(p: argparse.ArgumentParser) -> None:
 
 
 def _cmd_serve(args: argparse.Namespace) -> int:
-    from .server import serve
+    from .serve.server import serve
     cfg = C.load_config(args, router__workers=args.workers, router__port=args.port,
                       router__transport=args.transport, router__state_file=args.state_file)
     return serve(cfg, args.config or os.environ.get(C.ENV_PREFIX + "CONFIG"))
 
 
 def _cmd_replay(args: argparse.Namespace) -> int:
-    from .replay import run
+    from .tools.replay import run
     cfg = C.load_config(args, policy__b_short=args.b_short)
     if args.b_short is not None and args.b_short > cfg.short.max_model_len:
         # Replaying at a larger B_short is a what-if: let the short pool follow.
@@ -73,13 +73,13 @@ def build_parser() -> argparse.ArgumentParser:
     add_config_arg(p)
     p.set_defaults(func=_cmd_config)
 
-    from . import envoy_config
-    envoy_config.add_parser(sub)
+    from .envoy import bootstrap
+    bootstrap.add_parser(sub)
     from .backend import cli as backend_cli
     backend_cli.add_parser(sub)
-    from . import stack
+    from .tools import stack
     stack.add_parsers(sub)
-    from . import demo
+    from .tools import demo
     demo.add_parser(sub)
     from .planner import cli as planner_cli
     planner_cli.add_parsers(sub)

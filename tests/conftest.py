@@ -19,11 +19,11 @@ if str(ROOT) not in os.environ.get("PYTHONPATH", "").split(os.pathsep):
 
 
 def start_stack(cfg, workdir: str, *, time_scale: float = 0.0, own_pools: bool = True):
-    """Start an ``extproc.stack.Stack`` with its components started in parallel
+    """Start an ``extproc.tools.stack.Stack`` with its components started in parallel
     (pools, router and Envoy each wait for their own readiness; Envoy's wait
     covers the router's health check). ``own_pools=False`` starts only the
     router and Envoy: ``cfg``'s pool endpoints must already be serving."""
-    from extproc.stack import Stack
+    from extproc.tools.stack import Stack
 
     stack = Stack(cfg, workdir=workdir, time_scale=time_scale)
     jobs = []
@@ -61,7 +61,7 @@ def stack_factory(tmp_path_factory):
     ``router={"sample_rate": 1.0}``). ``pools_from=<stack>`` reuses that
     stack's two simulated pools (saves their start-up; their max_model_len
     is taken over) instead of starting new ones."""
-    from extproc.stack import loopback_config
+    from extproc.tools.stack import loopback_config
 
     stacks = []
 

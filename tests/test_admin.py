@@ -15,7 +15,7 @@ from grpc_reflection.v1alpha.proto_reflection_descriptor_database import ProtoRe
 from extproc.admin import generate
 from extproc.admin.v1 import admin_pb2 as pb
 from extproc.admin.v1 import admin_pb2_grpc as pbg
-from extproc.stack import Stack, loopback_config
+from extproc.tools.stack import Stack, loopback_config
 
 openai = pytest.importorskip("openai")
 

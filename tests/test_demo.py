@@ -14,8 +14,8 @@ from pathlib import Path
 
 import pytest
 
-from extproc import demo
-from extproc import demo_traffic as T
+from extproc.tools import demo
+from extproc.tools import demo_traffic as T
 
 SHARED = Path(__file__).resolve().parent.parent.parent / "shared" / "data"
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -173,7 +173,7 @@ def test_demo_reports_a_stack_that_fails_to_start(tmp_path, capsys, monkeypatch)
     """A component that dies at start: non-zero exit and the tail of its log."""
     import sys
 
-    from extproc import stack as S
+    from extproc.tools import stack as S
 
     def broken_envoy(self):
         p = self._spawn("envoy", [sys.executable, "-c", "print('envoy: bad bootstrap (simulated)'); raise SystemExit(3)"])

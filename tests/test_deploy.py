@@ -27,8 +27,8 @@ import pytest
 import yaml
 
 from extproc import config as C
-from extproc import envoy_config as E
-from extproc import stack as S
+from extproc.envoy import bootstrap as E
+from extproc.tools import stack as S
 
 ROOT = Path(__file__).resolve().parents[1]
 COMPOSE = ROOT / "compose"

@@ -22,7 +22,7 @@ import yaml
 
 from extproc import config as C
 from extproc import defaults as D
-from extproc import envoy_config as E
+from extproc.envoy import bootstrap as E
 
 ROOT = Path(__file__).resolve().parent.parent
 ENVOY_DIR = ROOT / "envoy"

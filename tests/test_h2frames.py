@@ -1,4 +1,4 @@
-"""The sans-I/O HTTP/2 server connection (extproc.h2frames), driven by bytes."""
+"""The sans-I/O HTTP/2 server connection (extproc.serve.h2frames), driven by bytes."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from extproc import h2frames as h2
+from extproc.serve import h2frames as h2
 
 REQ = [
     (":method", "POST"),

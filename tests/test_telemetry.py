@@ -17,7 +17,7 @@ import pytest
 from opentelemetry.proto.collector.metrics.v1 import metrics_service_pb2, metrics_service_pb2_grpc
 from opentelemetry.proto.collector.trace.v1 import trace_service_pb2, trace_service_pb2_grpc
 
-from extproc.stack import Stack, loopback_config
+from extproc.tools.stack import Stack, loopback_config
 
 openai = pytest.importorskip("openai")
 

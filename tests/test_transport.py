@@ -21,8 +21,8 @@ from envoy.service.ext_proc.v3 import external_processor_pb2 as pb
 from envoy.service.ext_proc.v3 import external_processor_pb2_grpc as pbg
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from extproc import h2frames as h2
-from extproc.transport import serve_fast, serve_grpcio
+from extproc.serve import h2frames as h2
+from extproc.serve.transport import serve_fast, serve_grpcio
 
 ROOT = Path(__file__).resolve().parent.parent
 MAX_MESSAGE = 9 * 1024 * 1024

@@ -13,7 +13,7 @@ from typing import Any, Callable
 import orjson
 
 from .. import config as C
-from ..policy import margin_for
+from ..core.policy import margin_for
 from .v1 import admin_pb2 as pb
 
 SERVICE = "budget_router.admin.v1.Admin"
@@ -49,7 +49,7 @@ def _changed_keys(old: C.Config, new: C.Config) -> list[tuple[str, str]]:
 
 
 class AdminService:
-    """``worker`` is an ``extproc.server.Worker`` (router, cfg, streams, ...)."""
+    """``worker`` is an ``extproc.serve.server.Worker`` (router, cfg, streams, ...)."""
 
     def __init__(self, worker: Any, config_path: str | None):
         self.worker = worker

@@ -14,9 +14,9 @@ import pytest
 from hypothesis import HealthCheck, given, settings, strategies as st
 
 from extproc.config import EstimatorConfig
-from extproc.estimator import (ANY_MODEL, SNAPSHOT_VERSION, MAX_BYTES_PER_TOKEN, PRIOR_TOKENS_PER_MESSAGE,
+from extproc.core.estimator import (ANY_MODEL, SNAPSHOT_VERSION, MAX_BYTES_PER_TOKEN, PRIOR_TOKENS_PER_MESSAGE,
                                PRIOR_TOKENS_PER_REQUEST, Estimator)
-from extproc.features import CATEGORIES, N_FEATURES, PROSE, features
+from extproc.core.features import CATEGORIES, N_FEATURES, PROSE, features
 
 CALIB = "/work/shared/data/calib/calib_samples.jsonl.gz"
 

@@ -10,7 +10,7 @@ from collections import Counter
 import pytest
 from hypothesis import given, settings, strategies as st
 
-from extproc.features import (CATEGORIES, CJK, CODE, FEATURE_NAMES, JSON, N_FEATURES, PROSE, features,
+from extproc.core.features import (CATEGORIES, CJK, CODE, FEATURE_NAMES, JSON, N_FEATURES, PROSE, features,
                               text_vector)
 
 CALIB = "/work/shared/data/calib/calib_samples.jsonl.gz"

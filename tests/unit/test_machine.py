@@ -11,10 +11,10 @@ from envoy.service.ext_proc.v3 import external_processor_pb2 as pb
 from envoy.type.v3 import http_status_pb2
 from google.protobuf import json_format
 
-from extproc import machine as M
+from extproc.core import machine as M
 from extproc.config import Config
-from extproc.router import Router
-from extproc.usage import Usage
+from extproc.core.router import Router
+from extproc.core.usage import Usage
 
 OVERWRITE = base_pb2.HeaderValueOption.OVERWRITE_IF_EXISTS_OR_ADD
 CONT_REQ_HEADERS = pb.ProcessingResponse(request_headers=pb.HeadersResponse())

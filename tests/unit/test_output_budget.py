@@ -9,7 +9,7 @@ import pytest
 from hypothesis import given, settings, strategies as st
 
 from extproc import defaults as D
-from extproc.output_budget import N_BUCKETS, OutputBudget, QuantileSketch
+from extproc.core.output_budget import N_BUCKETS, OutputBudget, QuantileSketch
 
 KEY = ("m", "prose")
 

@@ -9,10 +9,10 @@ import orjson
 import pytest
 
 from extproc import defaults as D
-from extproc import policy as P
+from extproc.core import policy as P
 from extproc.config import Config
-from extproc.request import CHAT_PATH, COMPLETIONS_PATH
-from extproc.router import NEAR_THRESHOLD_BOOST, Router
+from extproc.core.request import CHAT_PATH, COMPLETIONS_PATH
+from extproc.core.router import NEAR_THRESHOLD_BOOST, Router
 
 
 def chat_body(text: str, model: str = "llama", **kw) -> bytes:

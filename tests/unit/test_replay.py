@@ -8,9 +8,9 @@ import json
 import orjson
 import pytest
 
-from extproc import replay
+from extproc.tools import replay
 from extproc.config import Config
-from extproc.router import Router
+from extproc.core.router import Router
 
 TEXT = "The quick brown fox jumps over the lazy dog. " * 9  # 405 bytes: prior ~112 tokens
 

@@ -7,7 +7,7 @@ import json
 import orjson
 import pytest
 
-from extproc.request import CHAT_PATH, COMPLETIONS_PATH, NO_MODEL, NotRoutable, ParsedRequest, parse
+from extproc.core.request import CHAT_PATH, COMPLETIONS_PATH, NO_MODEL, NotRoutable, ParsedRequest, parse
 
 
 def chat(messages, **kw) -> bytes:

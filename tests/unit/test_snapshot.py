@@ -8,9 +8,9 @@ import numpy as np
 import orjson
 import pytest
 
-from extproc import snapshot as S
+from extproc.serve import snapshot as S
 from extproc.config import Config
-from extproc.router import Router
+from extproc.core.router import Router
 
 
 def state(samples: int, tag: str = "") -> dict:

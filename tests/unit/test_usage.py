@@ -6,7 +6,7 @@ import orjson
 import pytest
 from hypothesis import HealthCheck, given, settings, strategies as st
 
-from extproc.usage import (MAX_SSE_LINE_BYTES, JSONUsage, SSEUsage, Usage, context_error_prompt_tokens,
+from extproc.core.usage import (MAX_SSE_LINE_BYTES, JSONUsage, SSEUsage, Usage, context_error_prompt_tokens,
                            usage_from_obj)
 
 # --- SSE stream model -------------------------------------------------------------------

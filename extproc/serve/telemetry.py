@@ -43,9 +43,9 @@ from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import BatchSpanProcessor
 
-from .config import Config
-from .machine import StreamMachine
-from .router import Router
+from ..config import Config
+from ..core.machine import StreamMachine
+from ..core.router import Router
 
 log = logging.getLogger("budget_router")
 

@@ -1,7 +1,7 @@
 """Traffic for ``budget-router demo``: a built-in mix, real prompt files, traces.
 
 Everything here is pure request *building* (no network): a list of
-``DemoRequest`` objects that ``extproc.demo`` sends through Envoy.
+``DemoRequest`` objects that ``extproc.tools.demo`` sends through Envoy.
 
 * ``builtin_mix``: real-looking prompts generated on the fly from what every
   Python installation has -- docstrings of stdlib modules (prose), their
@@ -156,7 +156,7 @@ class DemoRequest:
 @lru_cache(maxsize=1)
 def _encoding():
     try:
-        from .backend.tokens import get_encoding
+        from ..backend.tokens import get_encoding
         return get_encoding()
     except Exception:  # no tiktoken: fall back to ~4 bytes per token
         return None

@@ -3,7 +3,7 @@
 1. starts the same stack as ``budget-router up`` on free loopback ports
    (Envoy + router + a short and a long simulated vLLM pool);
 2. replays traffic through Envoy with the official ``openai`` client: the
-   built-in mix (``extproc.demo_traffic``), real prompt files (``--prompts``)
+   built-in mix (``extproc.tools.demo_traffic``), real prompt files (``--prompts``)
    or a trace's arrival times and sizes (``--trace``);
 3. reports, per request, what the router decided (the ``x-budget-decision``
    response header) against the truth (the response's ``usage``): requests per
@@ -31,9 +31,9 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from . import config as C
+from .. import config as C
 from . import demo_traffic as T
-from .policy import true_budget
+from ..core.policy import true_budget
 from .replay import percentile
 
 # --- Defaults ---------------------------------------------------------------------
@@ -385,8 +385,8 @@ def analyze(results: list[Result], b_short: int, short: str = "short") -> dict[s
 def learned_table(cfg, state_file: str) -> list[dict[str, Any]]:
     """The router's learned calibration, read from the snapshot it writes on
     shutdown (the demo talks to a separate process; this is its own table)."""
-    from . import snapshot
-    from .router import Router
+    from ..serve import snapshot
+    from ..core.router import Router
     state, _src = snapshot.load_best(state_file)
     if state is None:
         return []
@@ -594,7 +594,7 @@ def _print_stack_failure(stack, err: Exception) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from . import defaults as D
+    from .. import defaults as D
     from .stack import Stack, loopback_config
 
     if args.requests < 1 or args.concurrency < 1:

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 
 import orjson
 
-from .defaults import MAX_RESPONSE_SCAN_BYTES
+from ..defaults import MAX_RESPONSE_SCAN_BYTES
 
 #: Longest SSE line we keep while waiting for its end. A usage chunk is a few
 #: hundred bytes; a line longer than this is content, and content lines are

@@ -3,7 +3,7 @@
 Two interchangeable servers with one signature:
 
 * ``serve_fast``: a purpose-built gRPC-over-h2c server on asyncio
-  (``asyncio.Protocol`` + the sans-I/O ``extproc.h2frames``). It costs a
+  (``asyncio.Protocol`` + the sans-I/O ``extproc.serve.h2frames``). It costs a
   fraction of grpc.aio's CPU per stream (docs/bench.md), which is what the
   router's throughput is made of: every routed request is one short stream.
 * ``serve_grpcio``: the same service on grpc.aio, the reference baseline and

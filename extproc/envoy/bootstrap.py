@@ -114,8 +114,8 @@ from envoy_data_plane.envoy.type.matcher.v3 import StringMatcher
 from envoy_data_plane.google.protobuf import Any as AnyMsg
 from envoy_data_plane.google.protobuf import Struct
 
-from . import config as C
-from . import defaults as D
+from .. import config as C
+from .. import defaults as D
 
 # --- Names -------------------------------------------------------------------
 
@@ -618,7 +618,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Standalone entry point: ``python -m extproc.envoy_config [...]``."""
+    """Standalone entry point: ``python -m extproc.envoy.bootstrap [...]``."""
     parser = argparse.ArgumentParser(prog="budget-router")
     add_parser(parser.add_subparsers(dest="command", required=True))
     args = parser.parse_args(["envoy-config", *(argv if argv is not None else sys.argv[1:])])

@@ -2,7 +2,7 @@
 
 Bytes in (``receive_data``) -> events out; method calls (``send_headers``,
 ``send_data``, ``reset_stream``, ...) -> bytes out (``data_to_send``). No
-sockets, no asyncio: ``extproc.transport`` is the I/O shell, and the tests
+sockets, no asyncio: ``extproc.serve.transport`` is the I/O shell, and the tests
 drive this class directly with arbitrary chunkings of a byte stream.
 
 Scope is what a gRPC server behind Envoy needs, done correctly:

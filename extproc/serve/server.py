@@ -22,12 +22,13 @@ import time
 
 from google.protobuf.message import DecodeError
 
-from . import snapshot, transport
-from .admin import reflection
-from .admin import service as admin_service
-from .config import Config, worker_ports
-from .machine import StreamMachine
-from .router import Router
+from . import snapshot
+from . import transport
+from ..admin import reflection
+from ..admin import service as admin_service
+from ..config import Config, worker_ports
+from ..core.machine import StreamMachine
+from ..core.router import Router
 
 log = logging.getLogger("budget_router")
 
@@ -35,7 +36,7 @@ HEALTH_SERVICE = "grpc.health.v1.Health"
 
 #: gRPC framing and the request headers travel with the body in one message:
 #: 1 MiB above the body limit (gRPC's 4 MiB default would answer 500 for long
-#: prompts), matching the Envoy side (``envoy_config``).
+#: prompts), matching the Envoy side (``extproc.envoy.bootstrap``).
 GRPC_HEADROOM_BYTES = 1024 * 1024
 
 #: A worker that dies is restarted after this pause, so a crash loop costs

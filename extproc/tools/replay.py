@@ -24,10 +24,10 @@ from typing import IO, Any, Iterable
 
 import orjson
 
-from .config import Config
-from .policy import true_budget
-from .request import CHAT_PATH, COMPLETIONS_PATH
-from .router import Router
+from ..config import Config
+from ..core.policy import true_budget
+from ..core.request import CHAT_PATH, COMPLETIONS_PATH
+from ..core.router import Router
 
 #: Requests before accuracy figures count ("after warm-up"): with adaptive
 #: sampling every (model, category) learns from its first 32 responses, so

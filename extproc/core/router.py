@@ -15,12 +15,12 @@ from typing import Any
 
 from . import errors
 from . import policy as P
-from .config import Config
+from ..config import Config
 from .estimator import MARGIN_MIN_TOKENS, Estimator
 from .features import features
 from .output_budget import OutputBudget
 from .request import NotRoutable, parse
-from . import defaults as D
+from .. import defaults as D
 
 #: Near B_short an estimate error decides the pool, so responses of requests
 #: whose padded budget lands within this relative band of B_short are sampled

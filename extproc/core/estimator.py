@@ -1,7 +1,7 @@
 """Prompt-token estimator learned online from vLLM's ``usage.prompt_tokens``.
 
 Model: tokens ~ w . x, where x are the byte-class counts of
-``extproc.features`` plus the chat-template terms (tokens per message and a
+``extproc.core.features`` plus the chat-template terms (tokens per message and a
 fixed overhead). A bare bytes/token ratio is the special case of one weight;
 the intercept and per-message weight learn the template overhead (+10 to +35
 tokens for Llama-3, ~+5 per extra turn).
@@ -34,7 +34,7 @@ from typing import Any
 
 import numpy as np
 
-from .config import EstimatorConfig
+from ..config import EstimatorConfig
 from .features import CATEGORIES, FEATURE_BYTES, N_FEATURES
 
 ANY_MODEL = "*"
