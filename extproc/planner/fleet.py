@@ -1,10 +1,10 @@
 """A fleet of vLLM instances in pools, a router and an in-pool balancer.
 
 Discrete-event loop over arrivals. Before a request is dispatched, every
-instance whose next completion is due is advanced, so the balancer's
-"outstanding work" (estimated tokens of unfinished requests) is current; the
-chosen instance's counter is raised *at dispatch* (the fix for balancers that
-see empty queues at dispatch time and pile everything on instance 0).
+instance whose next completion is due is advanced, so what the balancer reads
+(active requests, queue, KV use) is current. The router's pool decision is
+`pick_pool` (one function: the routing hook); the in-pool choice is a
+`balancers.Balancer` (Envoy LEAST_REQUEST by default).
 """
 from __future__ import annotations
 
@@ -15,6 +15,9 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from ..defaults import OUTPUT_QUANTILE
+from . import balancers
+from .balancers import BALANCERS, DEFAULT_BALANCER, SCRAPE_INTERVAL_S
 from .hardware import InstanceConfig
 from .instance import INF, Instance, Records, Seq
 from .traces import Trace
@@ -38,8 +41,11 @@ MIN_MARGIN = 0.02
 #: is saturated and the request would only queue.
 SPILL_WORK_FACTOR = 1.0
 
+#: The noise router does not know output lengths: like the running router it
+#: adds a learned quantile of the outputs it has seen (extproc/defaults.py
+#: OUTPUT_QUANTILE, 0.85) to the prompt estimate.
+
 ROUTERS = ("oracle", "noise", "estimator")
-BALANCERS = ("least-work", "round-robin", "random")
 
 
 @dataclass(frozen=True)
@@ -57,7 +63,8 @@ class FleetSpec:
     noise_p90: float = NOISE_P90
     margin: float | None = None  # None: the router's learned-margin rule
     spillover: bool = False
-    balancer: str = "least-work"
+    balancer: str = DEFAULT_BALANCER
+    scrape_interval: float = SCRAPE_INTERVAL_S
 
     @property
     def instances(self) -> int:
@@ -70,7 +77,7 @@ class FleetSpec:
     def describe(self) -> str:
         ps = " + ".join(f"{p.count}x[{p.name}: {p.cfg.label()}]" for p in self.pools)
         r = "" if self.b_short is None else f" B_short={self.b_short} router={self.router}"
-        return ps + r + (" spillover" if self.spillover else "")
+        return ps + r + (" spillover" if self.spillover else "") + f" balancer={self.balancer}"
 
 
 def noise_sigma(p90: float) -> float:
@@ -94,7 +101,7 @@ def route(trace: Trace, spec: FleetSpec, seed: int = 0) -> tuple[np.ndarray, np.
         rng = np.random.default_rng(seed + 7919)
         est = P * np.exp(rng.normal(0.0, noise_sigma(spec.noise_p90), n))
         m = default_margin(spec.noise_p90) if spec.margin is None else spec.margin
-        budget = est * (1 + m) + O
+        budget = est * (1 + m) + float(np.quantile(O, OUTPUT_QUANTILE))
     elif spec.router == "estimator":
         if trace.est_budget is None:
             raise ValueError("router 'estimator' needs a replay trace (budget/pool fields); "
@@ -109,6 +116,19 @@ def route(trace: Trace, spec: FleetSpec, seed: int = 0) -> tuple[np.ndarray, np.
         hint = trace.pool_hint.astype(np.int64)
         pool = np.where(hint >= 0, hint, pool)
     return pool, budget
+
+
+def pick_pool(routed: int, works: list[list[float]], spill: bool, spill_thr: float) -> int:
+    """The router's pool for one request at dispatch time.
+
+    `routed` is the pool its estimated budget selects (`route`); with spillover,
+    a short request goes to the long pool when every short instance already
+    holds more than `spill_thr` tokens of outstanding work. The one place a
+    dispatch-time routing policy (tiers, adaptive thresholds) plugs in.
+    """
+    if spill and routed == 0 and min(works[0]) > spill_thr:
+        return 1
+    return routed
 
 
 @dataclass
@@ -138,9 +158,15 @@ def simulate(trace: Trace, spec: FleetSpec, seed: int = 0, progress: bool = Fals
     n = len(trace)
     rec = Records(n)
     pool_of, work_est = route(trace, spec, seed)
+    if spec.balancer not in BALANCERS:
+        raise ValueError(f"unknown balancer {spec.balancer!r}; one of {', '.join(BALANCERS)}")
+    if spec.balancer == "oracle-least-work":  # the upper bound knows true lengths
+        work_est = (trace.prompt + trace.output).astype(np.float64)
     works: list[list[float]] = []
     pools: list[list[Instance]] = []
     insts: list[Instance] = []
+    bals: list[balancers.Balancer] = []
+    rng = np.random.default_rng(seed + 104729)
     for p in spec.pools:
         if p.count < 1:
             raise ValueError(f"pool {p.name} needs at least one instance")
@@ -152,13 +178,8 @@ def simulate(trace: Trace, spec: FleetSpec, seed: int = 0, progress: bool = Fals
             row.append(inst)
             insts.append(inst)
         pools.append(row)
+        bals.append(balancers.make(spec.balancer, row, w, rng, spec.scrape_interval))
     spill_thr = SPILL_WORK_FACTOR * spec.pools[0].cfg.kv_tokens if len(pools) > 1 else INF
-    rng = np.random.default_rng(seed + 104729)
-    rr = [0] * len(pools)
-    bal = spec.balancer
-    if bal not in BALANCERS:
-        raise ValueError(f"unknown balancer {bal!r}; one of {BALANCERS}")
-    rnd = rng.random(n).tolist() if bal == "random" else None
 
     arrival = trace.arrival.tolist()
     P = trace.prompt.tolist()
@@ -189,23 +210,13 @@ def simulate(trace: Trace, spec: FleetSpec, seed: int = 0, progress: bool = Fals
             nt = inst.next_event()
             if nt < INF:
                 push(heap, (nt, iid, st))
-        p = R[i]
-        if spill and p == 0:
-            w0 = works[0]
-            if min(w0) > spill_thr:
-                p = 1
-                spilled += 1
-        w = works[p]
-        if bal == "least-work":
-            j = w.index(min(w))
-        elif bal == "round-robin":
-            j = rr[p] % len(w)
-            rr[p] += 1
-        else:
-            j = int(rnd[i] * len(w))
+        p = pick_pool(R[i], works, spill, spill_thr)
+        if p != R[i]:
+            spilled += 1
+        j = bals[p].pick(t)
         inst = pools[p][j]
         inst.run_until(t)
-        w[j] += W[i]
+        works[p][j] += W[i]
         rec.pool[i] = p
         inst.add(Seq(i, P[i], O[i], W[i]), t)
         iid = inst.iid
@@ -219,6 +230,12 @@ def simulate(trace: Trace, spec: FleetSpec, seed: int = 0, progress: bool = Fals
             if tick >= 5000:
                 bar.update(tick)
                 tick = 0
+    # utilisation is measured over the trace window, not the drain tail
+    t_end = arrival[-1] if n else 0.0
+    win = []
+    for inst in insts:
+        inst.run_until(t_end)
+        win.append((inst.busy, inst.kv_int))
     for inst in insts:
         inst.run_until(INF)
     if bar is not None:
@@ -229,6 +246,7 @@ def simulate(trace: Trace, spec: FleetSpec, seed: int = 0, progress: bool = Fals
         for inst in pools[k]:
             stats.append(dict(pool=k, iid=inst.iid, steps=inst.steps, jumps=inst.jumps,
                               busy=inst.busy, kv_int=inst.kv_int, blocks=inst.total_blocks,
+                              busy_window=win[inst.iid][0], kv_int_window=win[inst.iid][1],
                               peak_used=inst.peak_used, preemptions=inst.preemptions,
                               recomputed_tokens=inst.recomputed_tokens,
                               completed=inst.completed, rejected=inst.rejected,

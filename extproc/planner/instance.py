@@ -111,6 +111,10 @@ class Instance:
         self.max_len = cfg.max_model_len
         self.max_seqs = cfg.max_num_seqs
         self.mbt = cfg.max_num_batched_tokens
+        # --long-prefill-token-threshold caps one request's chunk per step (0: off)
+        self.lpt = cfg.long_prefill_token_threshold or (1 << 62)
+        # --max-num-partial-prefills caps requests in partial prefill (0: no cap)
+        self.mpp = cfg.max_num_partial_prefills or (1 << 62)
         self.t = 0.0
         self.waiting: deque[Seq] = deque()
         self.running: dict[int, Seq] = {}
@@ -199,8 +203,10 @@ class Instance:
         room = self.mbt - self.nD
         if room <= 0:
             return False
+        if len(self.prefilling) >= self.mpp:
+            return False
         s = self.waiting[0]
-        x = s.target if s.target < room else room
+        x = min(s.target, room, self.lpt)
         need_dec = self.cnt[(-self.dc) % self.bs] if self.nD else 0
         return -(-x // self.bs) <= self.free - need_dec
 
@@ -326,9 +332,7 @@ class Instance:
                 break
             if s.rid not in self.running or s.dec:
                 continue
-            x = s.target - s.computed
-            if x > budget:
-                x = budget
+            x = min(s.target - s.computed, budget, self.lpt)
             nb = -(-(s.computed + x) // bs) - s.blocks
             gone = False
             while nb > self.free:
@@ -351,9 +355,10 @@ class Instance:
             budget -= x
         # 3) admissions (FCFS, chunked prefill), only if nothing was preempted
         if not preempted:
-            while self.waiting and len(self.running) < self.max_seqs and budget > 0:
+            while (self.waiting and len(self.running) < self.max_seqs and budget > 0
+                   and len(self.prefilling) < self.mpp):
                 s = self.waiting[0]
-                x = s.target if s.target < budget else budget
+                x = min(s.target, budget, self.lpt)
                 nb = -(-x // bs)
                 if nb > self.free:
                     break

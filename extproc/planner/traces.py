@@ -352,3 +352,28 @@ def synthetic(n: int, rate: float, prompt_mean: float, output_mean: float, sigma
         o[over] = np.maximum(1, max_total - p[over])
     rep = LoadReport(name, "synthetic", n, n)
     return Trace(name, poisson_arrivals(n, rate, seed), p, o, report=rep)
+
+
+#: Seeds > 0 shift each arrival by up to +-ARRIVAL_JITTER mean inter-arrival
+#: gaps (uniform) and shuffle request contents within consecutive blocks of
+#: SHUFFLE_BLOCK requests: the same load and mix over time, a different draw of
+#: which request lands when (the sampling noise a re-run of the day would show).
+ARRIVAL_JITTER = 1.0
+SHUFFLE_BLOCK = 64
+
+
+def perturb(tr: Trace, seed: int) -> Trace:
+    """The trace as seed `seed` sees it: seed 0 is the trace itself."""
+    if seed == 0 or len(tr) < 2:
+        return tr
+    rng = np.random.default_rng(1_000_003 * seed + 17)
+    n = len(tr)
+    gap = tr.duration / (n - 1)
+    t = np.maximum(0.0, tr.arrival + rng.uniform(-ARRIVAL_JITTER, ARRIVAL_JITTER, n) * gap)
+    order = np.argsort(t, kind="stable")
+    # contents: a permutation inside each block of SHUFFLE_BLOCK requests
+    keys = np.arange(n) // SHUFFLE_BLOCK + rng.random(n) * 0.5
+    perm = np.argsort(keys, kind="stable")
+    out = tr.take(perm)
+    out.arrival = t[order] - t[order][0]
+    return out
