@@ -186,6 +186,7 @@ def simulate(trace: Trace, spec: FleetSpec, seed: int = 0, progress: bool = Fals
     O = trace.output.tolist()
     R = pool_of.tolist()
     W = work_est.tolist()
+    H = trace.hashes.tolist() if trace.hashes is not None else None
     stamp = [0] * len(insts)
     heap: list = []
     push, pop = heapq.heappush, heapq.heappop
@@ -218,7 +219,7 @@ def simulate(trace: Trace, spec: FleetSpec, seed: int = 0, progress: bool = Fals
         inst.run_until(t)
         works[p][j] += W[i]
         rec.pool[i] = p
-        inst.add(Seq(i, P[i], O[i], W[i]), t)
+        inst.add(Seq(i, P[i], O[i], W[i], H[i] if H is not None else None), t)
         iid = inst.iid
         st = stamp[iid] + 1
         stamp[iid] = st
@@ -247,6 +248,9 @@ def simulate(trace: Trace, spec: FleetSpec, seed: int = 0, progress: bool = Fals
             stats.append(dict(pool=k, iid=inst.iid, steps=inst.steps, jumps=inst.jumps,
                               busy=inst.busy, kv_int=inst.kv_int, blocks=inst.total_blocks,
                               busy_window=win[inst.iid][0], kv_int_window=win[inst.iid][1],
+                              prefix_hits=inst.pc.hits if inst.pc else 0,
+                              prefix_queries=inst.pc.queries if inst.pc else 0,
+                              prefix_skipped=inst.prefix_skipped,
                               peak_used=inst.peak_used, preemptions=inst.preemptions,
                               recomputed_tokens=inst.recomputed_tokens,
                               completed=inst.completed, rejected=inst.rejected,

@@ -41,6 +41,10 @@ LONG_PREFILL_FRACTION = 0.04
 #: requests in partial prefill at once (the V0 knob, default 1 there).
 MAX_NUM_PARTIAL_PREFILLS = 0
 
+#: vLLM V1 enables automatic prefix caching by default (--enable-prefix-caching);
+#: it only acts on traces that carry block hashes (Mooncake `hash_ids`).
+ENABLE_PREFIX_CACHING = True
+
 #: Memory per GPU that vLLM's profiling run keeps out of the KV cache for peak
 #: activations (a max_num_batched_tokens forward pass), CUDA graphs and the
 #: NCCL/allocator workspace. vLLM start-up logs for 70B-class models at TP 4-8
@@ -221,6 +225,7 @@ class InstanceConfig:
     block_size: int = BLOCK_SIZE
     long_prefill_token_threshold: int = LONG_PREFILL_TOKEN_THRESHOLD
     max_num_partial_prefills: int = MAX_NUM_PARTIAL_PREFILLS
+    enable_prefix_caching: bool = ENABLE_PREFIX_CACHING
 
     def with_(self, **kw) -> "InstanceConfig":
         return replace(self, **kw)

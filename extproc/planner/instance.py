@@ -29,6 +29,8 @@ import heapq
 from collections import deque
 
 from .hardware import InstanceConfig
+from .prefix_cache import PrefixCache
+from .traces import HASH_BLOCK_TOKENS
 
 INF = float("inf")
 
@@ -51,9 +53,10 @@ class Records:
 
 class Seq:
     __slots__ = ("rid", "P", "O", "g", "target", "computed", "blocks", "dec", "base", "join",
-                 "gjoin", "ver", "work")
+                 "gjoin", "ver", "work", "h")
 
-    def __init__(self, rid: int, P: int, O: int, work: float):
+    def __init__(self, rid: int, P: int, O: int, work: float, h: tuple | None = None):
+        self.h = h  # prompt block hashes (prefix caching), or None
         self.rid = rid
         self.P = P
         self.O = O
@@ -115,6 +118,10 @@ class Instance:
         self.lpt = cfg.long_prefill_token_threshold or (1 << 62)
         # --max-num-partial-prefills caps requests in partial prefill (0: no cap)
         self.mpp = cfg.max_num_partial_prefills or (1 << 62)
+        # automatic prefix caching (vLLM V1 default on): LRU of 512-token blocks
+        self.pc = (PrefixCache(self.total_blocks * self.bs // HASH_BLOCK_TOKENS)
+                   if cfg.enable_prefix_caching else None)
+        self.prefix_skipped = 0  # prefill tokens served from the cache
         self.t = 0.0
         self.waiting: deque[Seq] = deque()
         self.running: dict[int, Seq] = {}
@@ -358,14 +365,22 @@ class Instance:
             while (self.waiting and len(self.running) < self.max_seqs and budget > 0
                    and len(self.prefilling) < self.mpp):
                 s = self.waiting[0]
-                x = min(s.target, budget, self.lpt)
-                nb = -(-x // bs)
+                cached = 0
+                if s.h and self.pc is not None:
+                    k = self.pc.peek(s.h)
+                    if k:
+                        cached = min(k * HASH_BLOCK_TOKENS, (s.target - 1) // bs * bs)
+                x = min(s.target - cached, budget, self.lpt)
+                nb = -(-(cached + x) // bs)
                 if nb > self.free:
                     break
+                if s.h and self.pc is not None:
+                    self.pc.lookup(s.h)
+                    self.prefix_skipped += cached
                 self.waiting.popleft()
                 self.running[s.rid] = s
                 self.prefilling.append(s)
-                s.computed = 0
+                s.computed = cached
                 s.blocks = nb
                 self.free -= nb
                 self.admitted += 1
@@ -405,6 +420,8 @@ class Instance:
             if s.computed < s.target:
                 continue
             self.prefilling.remove(s)
+            if s.h and self.pc is not None:
+                self.pc.insert(s.h)
             gen = s.g + 1
             if rec.first_token[s.rid] != rec.first_token[s.rid]:
                 rec.first_token[s.rid] = self.t

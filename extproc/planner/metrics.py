@@ -59,6 +59,10 @@ def _block(r: SimResult, mask: np.ndarray, insts: list[dict], duration: float,
         "kv_util": win_kv / (cap * duration) if cap and duration else 0.0,
         "gpu_busy": win_busy / (len(insts) * duration) if insts and duration else 0.0,
         "drain_s": span - duration,
+        # automatic prefix caching (traces with block hashes): blocks hit / looked up
+        "prefix_hit_rate": (sum(s["prefix_hits"] for s in insts)
+                            / max(1, sum(s["prefix_queries"] for s in insts))),
+        "prefix_skipped_tokens": int(sum(s["prefix_skipped"] for s in insts)),
         "instances": len(insts),
         "gpus": gpus,
         "gpu_hours": gpus * duration / 3600.0,
@@ -77,9 +81,12 @@ def class_of(total: np.ndarray, boundary: int) -> np.ndarray:
     return (np.asarray(total) > boundary).astype(np.int64)
 
 
-def summarize(r: SimResult, boundary: int | None = None) -> dict:
+def summarize(r: SimResult, boundary: int | None = None, measure_from: float = 0.0) -> dict:
     """{'fleet': {...}, 'pools': {name: {...}}, 'classes': {short, long}} for a
-    simulation; classes (by true budget vs `boundary`) only when it is given."""
+    simulation; classes (by true budget vs `boundary`) only when it is given.
+    Request figures count requests arriving at or after `measure_from` s (a
+    warm-up to discard: the fleet starts empty)."""
+    on = r.arrival >= measure_from
     duration = float(r.arrival[-1] - r.arrival[0]) if len(r.arrival) > 1 else 0.0
     out = {"trace": r.trace_name, "spec": r.spec.describe(), "duration_s": duration,
            "spilled": r.spilled, "sim_wall_s": r.wall_s,
@@ -89,13 +96,13 @@ def summarize(r: SimResult, boundary: int | None = None) -> dict:
         insts = [s for s in r.inst_stats if s["pool"] == k]
         tpp = [(p.cfg.tp, p.cfg.gpu.price_per_hour)] * p.count
         all_tp += tpp
-        out["pools"][p.name] = _block(r, r.pool == k, insts, duration, tpp)
-    out["fleet"] = _block(r, np.ones(len(r.arrival), dtype=bool), r.inst_stats, duration, all_tp)
+        out["pools"][p.name] = _block(r, on & (r.pool == k), insts, duration, tpp)
+    out["fleet"] = _block(r, on, r.inst_stats, duration, all_tp)
     if boundary is not None:
         cls = class_of(r.prompt + r.output, boundary)
-        out["classes"] = {c: _latency(r, cls == k) for k, c in enumerate(CLASSES)}
+        out["classes"] = {c: _latency(r, on & (cls == k)) for k, c in enumerate(CLASSES)}
         for j, p in enumerate(r.spec.pools):
-            out["pools"][p.name]["classes"] = {c: _latency(r, (cls == k) & (r.pool == j))
+            out["pools"][p.name]["classes"] = {c: _latency(r, on & (cls == k) & (r.pool == j))
                                                for k, c in enumerate(CLASSES)}
         out["class_boundary"] = boundary
     return out

@@ -68,10 +68,14 @@ MITIGATION_PARTIAL_PREFILLS = 4
 #: Candidates per pool simulated after analytic pre-sizing (cheapest first).
 TOP_K = 1
 
-#: Traces over SEARCH_MAX_REQUESTS requests are searched on their first
-#: SEARCH_WINDOW_S seconds (x SEEDS runs per count), then verified whole.
-#: 20 s at 1,000 req/s is 20K requests: dozens of batch turnovers per instance.
+#: Traces over SEARCH_MAX_REQUESTS requests are searched on a window of
+#: SEARCH_WARMUP_S + SEARCH_WINDOW_S seconds (x SEEDS runs per count) whose
+#: first SEARCH_WARMUP_S are simulated but not measured (the fleet starts
+#: empty, so an unmeasured warm-up keeps the window from being optimistic),
+#: then verified on the whole trace. 20 s at 1,000 req/s is 20K measured
+#: requests: dozens of batch turnovers per instance.
 SEARCH_WINDOW_S = 20.0
+SEARCH_WARMUP_S = 5.0
 SEARCH_MAX_REQUESTS = 20000
 
 #: The bisection stops when the bracket is within 2% of the count (or 1): a
@@ -205,8 +209,8 @@ def _mu_job(a) -> float:
     return closed_form.throughput(cfg, tr, seed=seed) if len(tr) else 0.0
 
 
-def _eval(tr: Trace, spec: FleetSpec, seed: int, boundary: int) -> dict:
-    return summarize(simulate(perturb(tr, seed), spec, seed=seed), boundary)
+def _eval(tr: Trace, spec: FleetSpec, seed: int, boundary: int, measure_from: float = 0.0) -> dict:
+    return summarize(simulate(perturb(tr, seed), spec, seed=seed), boundary, measure_from)
 
 
 def _eval_job(a) -> dict:
@@ -234,12 +238,12 @@ class Sized:
 
 
 def _size_job(a) -> Sized:
-    name, tr, cfg, tg, slo, seeds, mu, balancer, router = a
-    return size_pool(name, tr, cfg, tg, slo, seeds, mu, balancer)
+    name, tr, cfg, tg, slo, seeds, mu, balancer, warmup = a
+    return size_pool(name, tr, cfg, tg, slo, seeds, mu, balancer, warmup)
 
 
 def size_pool(name: str, tr: Trace, cfg: InstanceConfig, tg: dict, slo: SLO, seeds, mu: float,
-              balancer: str = DEFAULT_BALANCER) -> Sized:
+              balancer: str = DEFAULT_BALANCER, warmup: float = 0.0) -> Sized:
     """Smallest count of `cfg` whose seed-averaged per-class P99s meet `tg`."""
     rate = len(tr) / max(tr.duration, 1e-9)
     cache: dict[int, tuple[bool, list[bool], dict]] = {}
@@ -248,7 +252,7 @@ def size_pool(name: str, tr: Trace, cfg: InstanceConfig, tg: dict, slo: SLO, see
     def good(n: int) -> bool:
         if n not in cache:
             spec = FleetSpec((PoolSpec(name, cfg, n),), balancer=balancer)
-            sums = [_eval(tr, spec, s, slo.boundary) for s in seeds]
+            sums = [_eval(tr, spec, s, slo.boundary, warmup) for s in seeds]
             avg = average(sums)
             cache[n] = (ok(avg, tg, slo), [ok(x, tg, slo) for x in sums], avg)
             f = avg["fleet"]
@@ -404,9 +408,9 @@ def plan(trace: Trace, model: str = "llama-3-70b", baseline: Baseline | None = N
         base_cfg = base_cfg.with_(gpu=replace(base_cfg.gpu, price_per_hour=price))
     mml = base_cfg.max_model_len
     seed_list = list(range(max(1, seeds)))
-    search = trace
-    if len(trace) > SEARCH_MAX_REQUESTS and trace.duration > search_window:
-        search = window(trace, 0.0, search_window)
+    search, warmup = trace, 0.0
+    if len(trace) > SEARCH_MAX_REQUESTS and trace.duration > search_window + SEARCH_WARMUP_S:
+        search, warmup = window(trace, 0.0, search_window + SEARCH_WARMUP_S), SEARCH_WARMUP_S
     tg = targets(slo, base_cfg, trace.prompt, trace.total)
     if log:
         for c, t in tg.items():
@@ -420,13 +424,13 @@ def plan(trace: Trace, model: str = "llama-3-70b", baseline: Baseline | None = N
     b_shorts = sorted({int(b) for b in b_shorts if int(b) < mml})
     ex = _Pool(workers if workers is not None else (os.cpu_count() or 1))
     try:
-        return _plan(ex, trace, search, model, baseline, base_cfg, slo, tg, b_shorts, space, router,
-                     balancer, seed_list, noise_p90, verify, log)
+        return _plan(ex, trace, search, warmup, model, baseline, base_cfg, slo, tg, b_shorts, space,
+                     router, balancer, seed_list, noise_p90, verify, log)
     finally:
         ex.close()
 
 
-def _plan(ex, trace, search, model, baseline, base_cfg, slo, tg, b_shorts, space, router,
+def _plan(ex, trace, search, warmup, model, baseline, base_cfg, slo, tg, b_shorts, space, router,
           balancer, seeds, noise_p90, verify, log) -> dict:
     mml = base_cfg.max_model_len
     # routes per B_short (search window and whole trace); identical routings collapse
@@ -475,18 +479,18 @@ def _plan(ex, trace, search, model, baseline, base_cfg, slo, tg, b_shorts, space
     jobs, owners = [], []
     if baseline.instances is None:
         for c, tr, mu in best("baseline", None):
-            jobs.append(("all", tr, c, tg, slo, seeds, mu, balancer, router))
+            jobs.append(("all", tr, c, tg, slo, seeds, mu, balancer, warmup))
             owners.append(("baseline", None))
     plain = best("homogeneous", None, len(homog))
     chosen = [x for x in plain if not x[0].long_prefill_token_threshold][:TOP_K]
     chosen += [x for x in plain if x[0].long_prefill_token_threshold][:TOP_K]
     for c, tr, mu in chosen:
-        jobs.append(("all", tr, c, tg, slo, seeds, mu, balancer, router))
+        jobs.append(("all", tr, c, tg, slo, seeds, mu, balancer, warmup))
         owners.append(("homogeneous", None))
     for k, sp in enumerate(splits):
         for role in ("short", "long"):
             for c, tr, mu in best(role, k):
-                jobs.append((role, tr, c, tg, slo, seeds, mu, balancer, router))
+                jobs.append((role, tr, c, tg, slo, seeds, mu, balancer, warmup))
                 owners.append((role, k))
     if log:
         log(f"sizing {len(jobs)} pools x {len(seeds)} seeds on {len(search):,} requests")
@@ -537,7 +541,8 @@ def _plan(ex, trace, search, model, baseline, base_cfg, slo, tg, b_shorts, space
                 "preempt_per_1k": slo.preempt_per_1k, "targets": tg,
                 "infeasible": any(t["infeasible"] for t in tg.values())},
         "baseline": {**baseline.__dict__, "config": base_cfg.to_json()},
-        "search": {"requests": len(search), "window_s": search.duration, "tolerance": SIZE_TOLERANCE,
+        "search": {"requests": len(search), "window_s": search.duration, "warmup_s": warmup,
+                   "tolerance": SIZE_TOLERANCE,
                    "gpus": list(space.gpus) or [base_cfg.gpu_key()], "tps": list(space.tps),
                    "max_num_seqs": list(space.seqs), "max_num_batched_tokens": list(space.mbts),
                    "b_short": [sp["b"] for sp in splits], "candidates": len(cands)},

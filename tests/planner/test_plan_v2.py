@@ -239,3 +239,48 @@ def test_cli_plan_json_schema_plots_and_emit(tmp_path, capsys):
     args = ap.parse_args(["plan", "--trace", str(tmp_path / "nope.csv"), "--no-progress"])
     assert args.func(args) == 2
     assert math.isfinite(res["designs"][0]["usd_per_hour"])
+
+
+# --- 5. prefix caching ------------------------------------------------------------------------
+
+def test_prefix_cache_lru_never_serves_uninserted():
+    from extproc.planner.prefix_cache import PrefixCache
+    c = PrefixCache(3)
+    c.inserted = set()
+    assert c.lookup((1, 2)) == 0
+    c.insert((1, 2, 3))
+    assert c.lookup((1, 2, 9)) == 2 and c.lookup((9, 1)) == 0
+    c.insert((4,))  # evicts the least recently used: 3
+    assert c.peek((1, 2, 3)) == 2 and c.peek((4,)) == 1
+    assert c.hits == 2 and c.queries == 7
+
+
+def test_prefix_caching_on_mooncake_style_trace():
+    rng = np.random.default_rng(0)
+    n = 600
+    prompts = rng.integers(2000, 12000, n)
+    # conversations: every request extends one of 30 shared system prefixes
+    hs = np.empty(n, dtype=object)
+    hs[:] = [tuple([int(k % 30)] + list(range(1000 + 100 * i, 1000 + 100 * i + int(p) // 512)))
+             for i, (k, p) in enumerate(zip(rng.integers(0, 30, n), prompts))]
+    tr = Trace("pc", poisson_arrivals(n, 5, 0), prompts, rng.integers(10, 200, n), hashes=hs)
+    cfg = make_config("a100", "llama-3-70b", max_model_len=16384)
+    spec = FleetSpec((PoolSpec("p", cfg, 2),))
+    r = simulate(tr, spec, check=True)
+    conserve(r)
+    s = summarize(r)["fleet"]
+    assert 0 < s["prefix_hit_rate"] < 0.2 and s["prefix_skipped_tokens"] > 0
+    off = simulate(tr, FleetSpec((PoolSpec("p", cfg.with_(enable_prefix_caching=False), 2),)))
+    assert summarize(off)["fleet"]["prefix_hit_rate"] == 0
+    # every hit was a block inserted on that instance (the cache asserts it)
+    from extproc.planner import instance as I
+    orig = I.PrefixCache.__init__
+
+    def tracking(self, cap):
+        orig(self, cap)
+        self.inserted = set()
+    I.PrefixCache.__init__ = tracking
+    try:
+        conserve(simulate(tr, spec))
+    finally:
+        I.PrefixCache.__init__ = orig
