@@ -149,6 +149,9 @@ def print_plan(res: dict) -> None:
                 f"{'yes' if d['meets'] else ('effective' if d['meets_effective'] else 'NO')}")
         print(row)
     for d in res["designs"]:
+        if d["prefix_hit_rate"] > 0:
+            print(f"  {d['name']}: prefix cache hit rate {d['prefix_hit_rate']:.1%} of prompt blocks")
+    for d in res["designs"]:
         print(f"  {d['name']}: {d['what']}"
               + (f"; alpha {d['alpha']:.3f} rho {d['rho']:.2f} closed form {d['closed_form_savings']:.1%}"
                  if d["kind"] == "split" and d["rho"] == d["rho"] else ""))
@@ -193,6 +196,9 @@ def cmd_simulate(args) -> int:
     print(f"over the trace window: KV utilisation {f['kv_util']:.1%} (busy {f['kv_util_busy']:.1%}), "
           f"GPU busy {f['gpu_busy']:.1%}, drain {f['drain_s']:.0f} s, "
           f"spilled {s['spilled']}, GPU-hours {f['gpu_hours']:.2f}")
+    if tr.hashes is not None:
+        print(f"prefix cache: {f['prefix_hit_rate']:.1%} of prompt blocks hit, "
+              f"{f['prefix_skipped_tokens']:,} prefill tokens skipped")
     _write(args.out, "simulate.json", s)
     return 0
 

@@ -244,63 +244,78 @@ def _size_job(a) -> Sized:
 
 def size_pool(name: str, tr: Trace, cfg: InstanceConfig, tg: dict, slo: SLO, seeds, mu: float,
               balancer: str = DEFAULT_BALANCER, warmup: float = 0.0) -> Sized:
-    """Smallest count of `cfg` whose seed-averaged per-class P99s meet `tg`."""
-    rate = len(tr) / max(tr.duration, 1e-9)
-    cache: dict[int, tuple[bool, list[bool], dict]] = {}
-    tried = []
+    """Smallest count of `cfg` whose seed-averaged per-class P99s meet `tg`.
 
-    def good(n: int) -> bool:
-        if n not in cache:
-            spec = FleetSpec((PoolSpec(name, cfg, n),), balancer=balancer)
-            sums = [_eval(tr, spec, s, slo.boundary, warmup) for s in seeds]
-            avg = average(sums)
-            cache[n] = (ok(avg, tg, slo), [ok(x, tg, slo) for x in sums], avg)
-            f = avg["fleet"]
-            tried.append({"count": n, "ok": cache[n][0], "preempt_per_1k": f["preemptions_per_1k"],
-                          **{f"{c}_ttft_p99_ms": avg["classes"][c]["ttft_p99_ms"] for c in tg},
-                          **{f"{c}_tpot_p99_ms": avg["classes"][c]["tpot_p99_ms"] for c in tg}})
-        return cache[n][0]
+    Phase 1 brackets and bisects on the first seed alone (cheap); phase 2
+    bisects on the mean over all seeds around that point, so the seed average
+    decides the answer while the other seeds run only near the boundary.
+    """
+    rate = len(tr) / max(tr.duration, 1e-9)
+    runs: dict[tuple[int, int], dict] = {}  # (count, seed) -> summary
+    tried: dict[int, dict] = {}
+
+    def run(n: int, ss) -> dict:
+        spec = FleetSpec((PoolSpec(name, cfg, n),), balancer=balancer)
+        for x in ss:
+            if (n, x) not in runs:
+                runs[n, x] = _eval(tr, spec, x, slo.boundary, warmup)
+        avg = average([runs[n, x] for x in ss])
+        f = avg["fleet"]
+        tried[n] = {"count": n, "seeds": len(ss), "ok": ok(avg, tg, slo),
+                    "preempt_per_1k": f["preemptions_per_1k"],
+                    **{f"{c}_ttft_p99_ms": avg["classes"][c]["ttft_p99_ms"] for c in tg},
+                    **{f"{c}_tpot_p99_ms": avg["classes"][c]["tpot_p99_ms"] for c in tg}}
+        return avg
+
+    def search(good, start: int, cap: int, limit: int) -> tuple[int, int, bool]:
+        """(lo failing, hi meeting, feasible) for a monotone criterion."""
+        if good(start):
+            hi, lo = start, 0
+            while hi > 1:
+                m = max(1, min(hi - 1, int(hi * DOWN)))
+                if good(m):
+                    hi = m
+                else:
+                    lo = m
+                    break
+        else:
+            lo, hi = start, None
+            while hi is None:
+                m = min(cap, max(lo + 1, math.ceil(lo * UP)))
+                if good(m):
+                    hi = m
+                elif m >= cap or m >= limit:
+                    return m, m, False
+                else:
+                    lo = m
+        while hi - lo > max(1, SIZE_TOLERANCE * hi):
+            mid = (lo + hi) // 2
+            if good(mid):
+                hi = mid
+            else:
+                lo = mid
+        return lo, hi, True
 
     cap = max(1, len(tr))
     start = min(cap, max(1, math.ceil(rate / mu))) if mu > 0 else 1
-    feasible = True
-    if good(start):
-        hi, lo = start, 0
-        while hi > 1:
-            m = max(1, min(hi - 1, int(hi * DOWN)))
-            if good(m):
-                hi = m
-            else:
-                lo = m
-                break
-    else:
-        lo, hi = start, None
-        while hi is None:
-            m = min(cap, max(lo + 1, math.ceil(lo * UP)))
-            if good(m):
-                hi = m
-            elif m >= cap or m >= start * MAX_GROWTH:
-                hi, feasible = m, False
-            else:
-                lo = m
-    while feasible and hi - lo > max(1, SIZE_TOLERANCE * hi):
-        mid = (lo + hi) // 2
-        if good(mid):
-            hi = mid
-        else:
-            lo = mid
-    counts = sorted(cache)
+    limit = start * MAX_GROWTH
+    lo, hi, feasible = search(lambda n: ok(run(n, seeds[:1]), tg, slo), start, cap, limit)
+    if feasible and len(seeds) > 1:
+        lo, hi, feasible = search(lambda n: ok(run(n, seeds), tg, slo), hi, cap, limit)
     per_seed = []
-    for k in range(len(seeds)):
+    counts = sorted({n for n, _ in runs})
+    for x in seeds:
         best = None
-        for n in reversed(counts):  # smallest n from which every larger tried count meets
-            if cache[n][1][k]:
+        for n in reversed(counts):  # smallest n from which every larger run of this seed meets
+            if (n, x) not in runs:
+                continue
+            if ok(runs[n, x], tg, slo):
                 best = n
             else:
                 break
         per_seed.append(best)
-    bad = [n for n in counts if cache[n][2]["fleet"]["preemptions_per_1k"] > slo.preempt_per_1k]
-    return Sized(name, cfg, hi, feasible, mu, rate, per_seed, sorted(tried, key=lambda x: x["count"]),
+    bad = [n for n in counts if runs[n, seeds[0]]["fleet"]["preemptions_per_1k"] > slo.preempt_per_1k]
+    return Sized(name, cfg, hi, feasible, mu, rate, per_seed, [tried[n] for n in sorted(tried)],
                  max(bad) if bad else None)
 
 
@@ -383,7 +398,7 @@ def _design_json(d: dict, tg: dict, slo: SLO, base_cost: float) -> dict:
         "feasible": all(p.feasible for p in sized),
         "preempt_per_1k": f["preemptions_per_1k"], "rejected": int(round(f["rejected"])),
         "seed_spread_gpus": spread, "seed_band_gpus": band,
-        "gpu_busy": f["gpu_busy"], "kv_util": f["kv_util"],
+        "gpu_busy": f["gpu_busy"], "kv_util": f["kv_util"], "prefix_hit_rate": f["prefix_hit_rate"],
         "preemption_cliff_instances": {p.name: p.cliff for p in sized},
         "per_seed": d["per_seed_fleet"],
         "alpha": d.get("alpha"), "rho": d.get("rho"),
@@ -492,9 +507,22 @@ def _plan(ex, trace, search, warmup, model, baseline, base_cfg, slo, tg, b_short
             for c, tr, mu in best(role, k):
                 jobs.append((role, tr, c, tg, slo, seeds, mu, balancer, warmup))
                 owners.append((role, k))
+    key = lambda j: (id(j[1]), repr(j[2]))  # noqa: E731  same traffic, same config: one job
+    uniq: dict[tuple, int] = {}
+    ujobs = []
+    for j in jobs:
+        if key(j) not in uniq:
+            uniq[key(j)] = len(ujobs)
+            ujobs.append(j)
     if log:
-        log(f"sizing {len(jobs)} pools x {len(seeds)} seeds on {len(search):,} requests")
-    sized = ex.map(_size_job, jobs)
+        log(f"sizing {len(ujobs)} pools (of {len(jobs)} roles) x {len(seeds)} seeds on "
+            f"{len(search):,} requests")
+    done = ex.map(_size_job, ujobs)
+    sized = []
+    for j in jobs:
+        s0 = done[uniq[key(j)]]
+        sized.append(Sized(j[0], s0.cfg, s0.count, s0.feasible, s0.mu, s0.rate, list(s0.per_seed),
+                           s0.tried, s0.cliff))
 
     def pick(role, k):
         xs = [s for s, o in zip(sized, owners) if o == (role, k)]
