@@ -615,5 +615,8 @@ def recommend(designs: list[dict]) -> dict:
     else:
         d, margin = best_s, None
         why = f"only splits meet the per-class targets; {best_s['name']} is the cheapest"
+    base = designs[0]
+    if base["name"] == "baseline" and not base["meets_effective"]:
+        why += "; note: the baseline as pinned misses the per-class targets"
     return {"design": d["name"], "savings_vs_baseline": d["savings_vs_baseline"], "closed_form": closed,
             "split": d["kind"] == "split", "margin": margin, "why": why}
