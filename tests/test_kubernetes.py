@@ -267,23 +267,36 @@ def _port(container: dict, name: str) -> int:
     return next(p["containerPort"] for p in container["ports"] if p["name"] == name)
 
 
+def _parse_router_toml(text: str) -> tuple[C.Config, bool]:
+    """The ConfigMap's TOML through extproc.config, and whether [admin] was
+    part of it. [admin] needs the admin plane (issue 11); until extproc.config
+    knows it, everything else is checked without it."""
+    raw = tomllib.loads(text)
+    try:
+        return C.from_mapping(raw, env={}), True
+    except C.ConfigError as e:
+        if not re.search(r"unknown section\(s\) admin\b", str(e)):
+            raise
+    raw.pop("admin")
+    return C.from_mapping(raw, env={}), False
+
+
 @pytest.fixture(scope="module")
 def router_cfg(base) -> C.Config:
-    """The ConfigMap's TOML through extproc.config. The [admin] section needs
-    the admin plane (issue 11); until it is merged, everything else is checked."""
-    raw = tomllib.loads(_router_toml(base))
-    if "admin" not in C._SECTIONS:
-        raw.pop("admin")
-    return C.from_mapping(raw, env={})
+    return _parse_router_toml(_router_toml(base))[0]
 
 
-def test_router_toml_in_the_configmap_parses_with_extproc_config(base, router_cfg):
-    raw = tomllib.loads(_router_toml(base))
-    if "admin" not in C._SECTIONS:
+def test_router_toml_in_the_configmap_parses_with_extproc_config(base):
+    text = _router_toml(base)
+    cfg, with_admin = _parse_router_toml(text)
+    assert cfg.router.port == D.ROUTER_PORT and cfg.short.name == D.SHORT_POOL
+    if not with_admin:
         pytest.skip("[admin] (admin plane, issue 11) is not in extproc.config yet; the rest parsed")
-    admin = router_cfg.admin
-    assert admin.listen == "0.0.0.0" and admin.port == raw["admin"]["port"]
-    assert tuple(admin.warm_start_peers) == tuple(raw["admin"]["warm_start_peers"])
+    raw = tomllib.loads(text)["admin"]
+    assert cfg.admin.listen == "0.0.0.0" and cfg.admin.port == raw["port"]
+    assert cfg.admin.token_file == raw["token_file"]
+    assert tuple(cfg.admin.warm_start_peers) == tuple(raw["warm_start_peers"])
+    assert cfg.admin.warm_start_timeout_s == raw["warm_start_timeout_s"]
 
 
 def test_deployment_runs_the_configmap_toml_as_non_root_read_only(base, router_cfg):
@@ -621,3 +634,24 @@ def test_network_policy_and_gateway_agree_in_the_inference_overlay(pools):
     assert gw["metadata"]["namespace"] == np["metadata"]["namespace"]
     peer = np["spec"]["ingress"][0]["from"]
     assert peer == [{"podSelector": {"matchLabels": {GATEWAY_NAME_LABEL: gw["metadata"]["name"]}}}]
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS[1:])
+def test_responses_name_the_pool_that_served_them(overlay):
+    """Each route sets x-budget-pool: <pool> on its responses (how docs/deploy.md
+    checks the routing with the openai client)."""
+    docs = render(overlay)
+    served = []
+    for route in (d for d in docs if d["kind"] == "HTTPRoute"):
+        for rule in route["spec"]["rules"]:
+            (f,) = [f for f in rule["filters"] if f["type"] == "ResponseHeaderModifier"]
+            (header,) = f["responseHeaderModifier"]["set"]
+            assert header["name"] == D.ROUTING_HEADER
+            assert rule["backendRefs"][0]["name"].endswith("-" + header["value"])
+            served.append(header["value"])
+    for vs in (d for d in docs if d["kind"] == "VirtualService"):
+        for route in vs["spec"]["http"]:
+            assert route["headers"]["response"]["set"] == {D.ROUTING_HEADER: route["name"]}
+            assert route["route"][0]["destination"]["host"].startswith(f"pool-{route['name']}.")
+            served.append(route["name"])
+    assert served == [D.SHORT_POOL, D.LONG_POOL]
