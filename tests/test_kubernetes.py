@@ -39,6 +39,8 @@ ROOT = Path(__file__).resolve().parents[1]
 K8S = ROOT / "deploy" / "kubernetes"
 CRD_SCHEMAS = Path(__file__).resolve().parent / "schemas" / "crd"
 OVERLAYS = ("base", "overlays/envoy-gateway", "overlays/istio", "overlays/inference-pools")
+#: Applied next to an overlay, not instead of one.
+EXTRAS = ("extras/podmonitor",)
 
 #: Kubernetes version the core objects are validated against: the oldest one
 #: that has every field the manifests use (native gRPC probes GA in 1.27,
@@ -134,13 +136,15 @@ def selects(selector: dict, labels: dict) -> bool:
     return bool(selector.get("matchLabels") or selector.get("matchExpressions"))
 
 
-@pytest.mark.parametrize("overlay", OVERLAYS)
+@pytest.mark.parametrize("overlay", OVERLAYS + EXTRAS)
 def test_overlay_renders_and_every_object_validates(overlay):
     docs = render(overlay)
     assert docs
     errors = {f"{d['kind']}/{d['metadata']['name']}": validation_errors(d) for d in docs}
     assert not {k: v for k, v in errors.items() if v}, errors
     assert all(d["metadata"].get("namespace") for d in docs), "every object names its namespace"
+    if overlay in EXTRAS:
+        return
     # The base is in every overlay, unchanged but for the NetworkPolicy's gateway peer.
     base = {(d["kind"], d["metadata"]["name"]) for d in render("base")}
     assert base <= {(d["kind"], d["metadata"]["name"]) for d in docs}
@@ -172,6 +176,7 @@ MISSPELLINGS = [
     ("overlays/inference-pools", "Gateway", ["spec", "listeners", 0, "protocol"]),
     ("overlays/inference-pools", "EnvoyFilter", ["spec", "targetRefs"]),
     ("overlays/inference-pools", "DestinationRule", ["spec", "trafficPolicy", "tls", "insecureSkipVerify"]),
+    ("extras/podmonitor", "PodMonitor", ["spec", "podMetricsEndpoints", 0, "port"]),
 ]
 
 
@@ -214,7 +219,7 @@ def test_every_crd_schema_names_its_source():
         assert s["repo"] in readme and s["tag"] in readme and s["schema"] in readme, s["schema"]
     # Each schema is used (every rendered object without one fails
     # test_overlay_renders_and_every_object_validates).
-    kinds = {(d["apiVersion"], d["kind"]) for o in OVERLAYS for d in render(o)}
+    kinds = {(d["apiVersion"], d["kind"]) for o in OVERLAYS + EXTRAS for d in render(o)}
     assert set(_crd_schemas()) <= kinds, set(_crd_schemas()) - kinds
 
 
@@ -372,6 +377,16 @@ def test_router_runs_one_worker_per_pod_and_is_scraped(base, router_cfg):
     ann = tmpl["metadata"]["annotations"]
     assert ann["prometheus.io/scrape"] == "true"
     assert int(ann["prometheus.io/port"]) == router_cfg.telemetry.prometheus_port == _port(_container(base), "metrics")
+
+
+def test_pod_monitor_scrapes_the_router_metrics_port(base, router_cfg):
+    (pm,) = render("extras/podmonitor")
+    pod = one(base, "Deployment", "budget-router")["spec"]["template"]
+    assert pm["metadata"]["namespace"] == one(base, "Deployment", "budget-router")["metadata"]["namespace"]
+    assert selects(pm["spec"]["selector"], pod["metadata"]["labels"])
+    (ep,) = pm["spec"]["podMetricsEndpoints"]
+    assert _port(_container(base), ep["port"]) == router_cfg.telemetry.prometheus_port
+    assert ep["path"] == pod["metadata"]["annotations"]["prometheus.io/path"] == "/metrics"
 
 
 def test_pdb_spread_and_hpa_select_the_router_pods(base):

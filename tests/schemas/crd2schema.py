@@ -52,6 +52,8 @@ SOURCES = [
     ("envoyproxy/gateway", "v1.9.0",
      "charts/gateway-crds-helm/templates/generated/gateway.envoyproxy.io_clienttrafficpolicies.yaml",
      {"ClientTrafficPolicy": ["v1alpha1"]}),
+    ("prometheus-operator/prometheus-operator", "v0.93.0",
+     "example/prometheus-operator-crd/monitoring.coreos.com_podmonitors.yaml", {"PodMonitor": ["v1"]}),
     ("istio/api", "1.30.3", "kubernetes/customresourcedefinitions.gen.yaml",
      {"EnvoyFilter": ["v1alpha3"], "VirtualService": ["v1"], "DestinationRule": ["v1"]}),
 ]
@@ -141,6 +143,17 @@ def read_source(repo: str, tag: str, path: str, clones: dict[str, str]) -> tuple
         return r.read().decode(), commit
 
 
+def write_readme_table(readme: Path, sources: list[dict]) -> None:
+    """Replace the table between the two markers of the README with the sources."""
+    start, end = "<!-- crd2schema: sources -->", "<!-- /crd2schema -->"
+    text = readme.read_text()
+    rows = [f"| `crd/{s['schema']}` | {s['kind']} `{s['version']}` | [{s['repo']}](https://github.com/{s['repo']}) "
+            f"| `{s['tag']}` (`{s['commit'][:12]}`) | `{s['path']}` |" for s in sources]
+    table = "\n".join(["| Schema | Kind | Repository | Tag (commit) | CRD file |", "|---|---|---|---|---|", *rows])
+    head, rest = text.split(start, 1)
+    readme.write_text(f"{head}{start}\n{table}\n{end}{rest.split(end, 1)[1]}")
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--git", action="append", default=[], metavar="OWNER/NAME=DIR",
@@ -169,6 +182,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{repo} {tag} {path}: not found: {sorted(missing)}", file=sys.stderr)
             return 1
     (args.out / "SOURCES.json").write_text(json.dumps(sources, indent=1) + "\n")
+    write_readme_table(args.out.parent / "README.md", sources)
     print(f"wrote {len(sources)} schemas to {args.out}")
     return 0
 
