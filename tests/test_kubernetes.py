@@ -82,6 +82,7 @@ def _render_text(overlay: str) -> str:
     res = subprocess.run([_kubectl(), "kustomize", str(K8S / overlay)], capture_output=True, text=True,
                          timeout=120)
     assert res.returncode == 0, res.stderr
+    assert not res.stderr.strip(), f"kustomize warnings: {res.stderr}"   # e.g. deprecated fields
     return res.stdout
 
 
