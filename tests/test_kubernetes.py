@@ -671,3 +671,77 @@ def test_responses_name_the_pool_that_served_them(overlay):
             assert route["route"][0]["destination"]["host"].startswith(f"pool-{route['name']}.")
             served.append(route["name"])
     assert served == [D.SHORT_POOL, D.LONG_POOL]
+
+
+# --- The pod's command, run as the pod runs it -------------------------------------
+
+
+def _grpc_health(port: int) -> str | None:
+    """What the kubelet's gRPC probe sees: grpc.health.v1 Check, service ""."""
+    import grpc
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    with grpc.insecure_channel(f"127.0.0.1:{port}") as ch:
+        try:
+            res = health_pb2_grpc.HealthStub(ch).Check(health_pb2.HealthCheckRequest(service=""), timeout=2)
+        except grpc.RpcError:
+            return None
+    return health_pb2.HealthCheckResponse.ServingStatus.Name(res.status)
+
+
+def test_router_serves_with_a_read_only_root_and_snapshots_to_the_state_volume(base, tmp_path):
+    """The Deployment's command and the ConfigMap's TOML (ports and listen
+    moved to free loopback ones, the state directory to a temp dir) in a mount
+    namespace where / is read-only and only the state directory is writable,
+    as the pod's readOnlyRootFilesystem + emptyDir: it reports SERVING to the
+    probe, and on SIGTERM drains and writes its snapshot to the state volume."""
+    if not shutil.which("unshare") or subprocess.run(
+            ["unshare", "-m", "-r", "true"], capture_output=True, timeout=10).returncode != 0:
+        pytest.skip("unprivileged mount namespaces (unshare -m -r) are not available here")
+    import os
+    import signal
+    import time
+
+    from extproc.serve import snapshot
+    from extproc.tools import stack as S
+
+    state = tmp_path / "state"          # the emptyDir
+    state.mkdir()
+    cfg, with_admin = _parse_router_toml(_router_toml(base))
+    router_port, metrics_port, admin_port = S.free_ports(3)
+    sections = {"router": {"listen": "127.0.0.1", "port": router_port,
+                           "state_file": str(state / Path(cfg.router.state_file).name)},
+                "telemetry": {"prometheus_listen": "127.0.0.1", "prometheus_port": metrics_port}}
+    if with_admin:
+        token = state / "token"
+        token.write_text("test-token\n")
+        sections["admin"] = {"listen": "127.0.0.1", "port": admin_port, "token_file": str(token),
+                             "warm_start_peers": ()}
+    local = cfg.replace(**sections)
+    conf = tmp_path / "router.toml"
+    conf.write_text(C.to_toml(local))
+    c = _container(base)
+    argv = [sys.executable, "-m", "extproc.cli", *c["args"][:-1], str(conf)]
+    script = ('mount --bind "$0" "$0" && mount -o remount,bind,ro / && ! touch /.rw-check 2>/dev/null '
+              '&& cd "$0" && HOME="$0" PYTHONDONTWRITEBYTECODE=1 exec "$@"')
+    proc = subprocess.Popen(["unshare", "-m", "-r", "sh", "-c", script, str(state), *argv],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        deadline = time.monotonic() + 60     # the startupProbe's budget
+        status = None
+        while time.monotonic() < deadline and proc.poll() is None:
+            status = _grpc_health(router_port)
+            if status == "SERVING":
+                break
+            time.sleep(0.5)
+        assert status == "SERVING", (status, proc.poll())
+        proc.send_signal(signal.SIGTERM)
+        out, _ = proc.communicate(timeout=D.DRAIN_SECONDS + 10)
+        assert proc.returncode == 0, out[-3000:]
+    finally:
+        if proc.poll() is None:
+            os.kill(proc.pid, signal.SIGKILL)
+            proc.communicate()
+    saved = Path(snapshot.worker_path(local.router.state_file, 0))
+    assert saved.parent == state and saved.exists(), sorted(p.name for p in state.iterdir())
+    assert "Read-only file system" not in out, out[-3000:]
