@@ -4,7 +4,7 @@ per-class SLOs (defaults of `budget-router plan`). Slow (minutes per run at
 markdown row per run (the table of docs/planner.md).
 
     PYTHONPATH=. .venv/bin/python bench/planner_results.py [--rates native,1000] [--gpus a100,h200]
-        [--files conversation_trace.jsonl,...] [--workers N]
+        [--files conversation_trace.jsonl,...] [--workers N] [--b-short auto|N,...]
 """
 from __future__ import annotations
 
@@ -61,6 +61,7 @@ def main() -> int:
     ap.add_argument("--gpus", default="a100,h200")
     ap.add_argument("--model", default="llama-3-70b")
     ap.add_argument("--workers", type=int, default=os.cpu_count())
+    ap.add_argument("--b-short", default="auto", help="auto or N,N,... (fewer candidates: faster)")
     ap.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results"))
     ap.add_argument("--files", default=",".join(FILES), help="comma-separated trace files in the traces folder")
     a = ap.parse_args()
@@ -76,7 +77,8 @@ def main() -> int:
                 if rate != "native":
                     tr = tile(scale_rate(tr, float(rate)), TILE_S)
                 t0 = time.perf_counter()
-                res = plan(tr, a.model, Baseline(gpu=gpu), workers=a.workers)
+                bs = None if a.b_short == "auto" else [int(x) for x in a.b_short.split(",")]
+                res = plan(tr, a.model, Baseline(gpu=gpu), b_shorts=bs, workers=a.workers, progress=True)
                 wall = time.perf_counter() - t0
                 res["plan_wall_s"] = wall
                 name = f"{f.split('.')[0]}_{rate}_{gpu}_{a.model}.json"
