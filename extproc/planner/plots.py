@@ -70,7 +70,7 @@ def plot_plan(res: dict, out_dir: str) -> list[str]:
         cf = [(x, base * (1 - d["closed_form_savings"])) for x, d in zip(b, sp)
               if d["closed_form_savings"] == d["closed_form_savings"]]
         if cf:
-            ax.plot(*zip(*cf), "s--", label="closed form alpha(1-1/rho) x baseline")
+            ax.plot(*zip(*cf), "s--", label="closed form: baseline x (1 - alpha(1-1/rho))")
         ax.set_xscale("log", base=2)
     for d, ls in zip([d for d in designs if d["kind"] == "homogeneous"], (":", "-.")):
         ax.axhline(d["gpus"], color="k", ls=ls, label=f"{d['name']} ({d['gpus']} GPUs)")

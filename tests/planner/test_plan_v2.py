@@ -284,3 +284,20 @@ def test_prefix_caching_on_mooncake_style_trace():
         conserve(simulate(tr, spec))
     finally:
         I.PrefixCache.__init__ = orig
+
+
+def test_split_recommended_only_above_spread_and_tolerance():
+    from extproc.planner.plan import SIZE_TOLERANCE, recommend
+
+    def d(name, kind, gpus, spread):
+        return {"name": name, "kind": kind, "gpus": gpus, "usd_per_hour": gpus * 2.0, "meets_effective": True,
+                "feasible": True, "seed_spread_gpus": spread, "preempt_per_1k": 0.0, "alpha": 0.5, "rho": 1.0,
+                "closed_form_savings": 0.0, "b_short": 8192 if kind == "split" else None,
+                "savings_vs_baseline": 1 - gpus / 100}
+    noise = (4 + 4) / 100 + 2 * SIZE_TOLERANCE  # 12%
+    near = recommend([d("baseline", "homogeneous", 100, 4), d("split-8192", "split", 90, 4)])
+    assert near["design"] == "baseline" and not near["split"] and "within" in near["why"]
+    far = recommend([d("baseline", "homogeneous", 100, 4), d("split-8192", "split", 80, 4)])
+    assert far["design"] == "split-8192" and far["split"]
+    assert far["margin"] == pytest.approx(0.20 - noise)
+    assert f"{0.20 - noise:.1%}" in far["why"]
