@@ -536,7 +536,7 @@ def _plan(ex, trace, search, warmup, model, baseline, base_cfg, slo, tg, b_short
         b0 = Sized("all", base_cfg, baseline.instances, True, 0.0, len(trace) / max(trace.duration, 1e-9))
     designs.append({"name": "baseline", "kind": "homogeneous", "b_short": None, "sized": [b0],
                     "pinned": baseline.instances is not None,
-                    "what": f"the operator's fleet: {b0.count} x {base_cfg.label()}"
+                    "what": f"the operator's fleet: {base_cfg.label()}"
                             + (" (pinned)" if baseline.instances is not None else " (sized)")})
     h = pick("homogeneous", None)
     if h is not None:
