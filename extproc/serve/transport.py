@@ -392,7 +392,9 @@ class _GrpcConnection(asyncio.Protocol):
             return
         self.calls[sid] = call
         server = self.server
-        if server.mem_used >= server.memory_budget and call.kind != _KIND_HEALTH:
+        # Health and the unary (admin) methods still answer, so that operators
+        # see why; their message still needs the budget if it arrives in parts.
+        if server.mem_used >= server.memory_budget and call.kind in (_KIND_PROCESS, _KIND_STREAMING):
             self._refuse_memory(call)
             return
         call.encoding = encoding  # only a message actually compressed is refused (see _on_data)
