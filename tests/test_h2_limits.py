@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import os
+import queue
 import socket
 import statistics
 import struct
@@ -431,6 +432,65 @@ def test_memory_budget_refuses_new_streams(tmp_path):
         _route_once(pbg.ExternalProcessorStub(srv.channel))
         assert srv.rss_kb() - rss0 < 64_000
         s.close()
+
+
+def _sampled_stream(stub, chunks: list[int]):
+    """A routed request whose JSON response the router watches (a fresh
+    router samples every response), fed ``chunks`` of response body without
+    its end. Returns (request queue, responses iterator, error or None)."""
+    q: queue.Queue = queue.Queue()
+    call = stub.Process(iter(q.get, None), timeout=30)
+    hdr = pb.ProcessingRequest()
+    for k, v in ((":method", "POST"), (":path", "/v1/chat/completions"), ("content-type", "application/json")):
+        hdr.request_headers.headers.headers.add(key=k, raw_value=v.encode())
+    body = pb.ProcessingRequest()
+    body.request_body.body = CHAT
+    body.request_body.end_of_stream = True
+    resp = pb.ProcessingRequest()
+    for k, v in ((":status", "200"), ("content-type", "application/json")):
+        resp.response_headers.headers.headers.add(key=k, raw_value=v.encode())
+    msgs = [hdr, body, resp]
+    for n in chunks:
+        m = pb.ProcessingRequest()
+        m.response_body.body = b" " * n
+        msgs.append(m)
+    try:
+        for m in msgs:
+            q.put(m)
+            next(call)
+    except grpc.RpcError as e:
+        return q, call, e
+    return q, call, None
+
+
+def test_memory_budget_counts_scanned_response_bodies(tmp_path):
+    """Sampled responses the router keeps for usage count too: past the
+    budget the growing stream and new streams get RESOURCE_EXHAUSTED; ending
+    the streams gives it back."""
+    mib = 1 << 20
+    with server(tmp_path, memory_budget_bytes=4 * mib + mib // 2) as srv:
+        stub = pbg.ExternalProcessorStub(srv.channel)
+        held = [_sampled_stream(stub, [mib]) for _ in range(4)]
+        assert all(err is None for _, _, err in held)
+        assert srv.stats()["mem_used"] == 4 * mib
+        q5, call5, err = _sampled_stream(stub, [mib // 2])
+        assert err is None and srv.stats()["mem_used"] == 4 * mib + mib // 2
+        _, _, err = _sampled_stream(stub, [])  # a new stream while the budget is spent
+        assert err is not None and err.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        more = pb.ProcessingRequest()
+        more.response_body.body = b" " * 1000
+        q5.put(more)  # a held stream growing past the budget
+        with pytest.raises(grpc.RpcError) as e:
+            next(call5)
+        assert e.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        for q, _, _ in held:
+            q.put(None)  # half-close: the stream ends with OK
+        deadline = time.monotonic() + 10
+        while srv.stats()["mem_used"] and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert srv.stats()["mem_used"] == 0
+        assert srv.counter("memory_refused") == 2
+        _route_once(stub)
 
 
 def _grpc_statuses(sock: socket.socket, sids: set[int]) -> dict[int, str]:

@@ -601,11 +601,7 @@ class _GrpcConnection(asyncio.Protocol):
 
     def cancel_all(self) -> None:
         """Grace period over: abort what is left and close."""
-        for call in list(self.calls.values()):
-            self._fail(call, UNAVAILABLE, "server shutting down")
-        self.calls.clear()
-        self.conn.close(h2.NO_ERROR, "server shutting down")
-        self._flush()
+        self._close(h2.NO_ERROR, "server shutting down")
         if self.transport is not None:
             self.transport.close()
 
