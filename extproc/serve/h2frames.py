@@ -19,6 +19,11 @@ Scope is what a gRPC server behind Envoy needs, done correctly:
   encoder is stateless and the common blocks are precomputed constants.
 * Any connection error becomes GOAWAY(code) + a ``ConnectionTerminated``
   event; the caller closes the socket. Nothing here raises on peer input.
+* Flood limits (extproc.defaults, "HTTP/2 transport limits"): SETTINGS
+  entries and rate, CONTINUATION frames per block, empty DATA frames, client
+  resets (Rapid Reset), control frames owed while the shell's write buffer
+  has not drained (``output_drained``), reused stream IDs. Rates use the
+  ``now`` the shell passes to ``receive_data``; this module reads no clock.
 
 Not supported (not needed by gRPC): server push, priorities (parsed and
 ignored, as RFC 9113 deprecates them), HTTP/1.1 Upgrade, CONNECT.
