@@ -69,6 +69,8 @@ GRPC_REQ = [
     (":method", "POST"), (":scheme", "http"), (":path", PROCESS), (":authority", "router"),
     ("te", "trailers"), ("content-type", "application/grpc"),
 ]
+#: A channel of its own (gRPC shares connections between channels to one target).
+OWN_CONNECTION = [("grpc.use_local_subchannel_pool", 1)]
 CHAT = json.dumps({"model": "m", "messages": [{"role": "user", "content": "hello there " * 50}]}).encode()
 
 
@@ -143,7 +145,7 @@ class Probe:
     each one's latency while running."""
 
     def __init__(self, port: int):
-        self.channel = grpc.insecure_channel(f"127.0.0.1:{port}")
+        self.channel = grpc.insecure_channel(f"127.0.0.1:{port}", options=OWN_CONNECTION)
         self.stub = pbg.ExternalProcessorStub(self.channel)
         self.lat: list[float] = []
         self.errors: list[Exception] = []
@@ -333,34 +335,45 @@ def test_control_replies_never_read_bound_memory(tmp_path):
         s.close()
 
 
+def _closed_soon(sock: socket.socket) -> bool:
+    """Did the server send something and close this socket within ~0.6 s?"""
+    sock.settimeout(0.3)
+    try:
+        return bool(sock.recv(1 << 16)) and sock.recv(1 << 16) == b""
+    except (socket.timeout, ConnectionResetError):
+        return False
+
+
 def test_connection_cap_and_timeouts(tmp_path):
-    """Beyond max_connections a socket gets GOAWAY and is closed, with one log
-    line per second at most; silent sockets are closed at the preface
-    timeout, idle ones at the idle timeout."""
-    with server(tmp_path, max_connections=16, preface_timeout_s=0.5, idle_timeout_s=1.0) as srv:
-        _route_once(pbg.ExternalProcessorStub(srv.channel))  # the stats channel holds one slot
-        socks = [connect(srv.port, preface=False) for _ in range(60)]
-        closed_fast = 0
-        for s in socks:
-            s.settimeout(0.3)
-            try:
-                if s.recv(1 << 16) and s.recv(1 << 16) == b"":
-                    closed_fast += 1
-            except (socket.timeout, ConnectionResetError):
-                pass
-        assert closed_fast >= 60 - 16
-        time.sleep(1.5)  # the preface timeout closes the silent ones
-        assert srv.stats()["connections"] <= 2
-        for s in socks:
+    """At max_connections with every connection busy, a new socket gets
+    GOAWAY and is closed, with one log line per second at most; silent sockets
+    are closed at the preface timeout, idle ones at the idle timeout."""
+    cap = 8
+    with server(tmp_path, max_connections=cap, preface_timeout_s=0.5, idle_timeout_s=1.0) as srv:
+        busy = [connect(srv.port) for _ in range(cap)]
+        for s in busy:
+            s.sendall(headers(hpack.Encoder(), 1))  # one open stream each: not idle
+        time.sleep(0.3)
+        extra = [connect(srv.port, preface=False) for _ in range(40)]
+        assert sum(_closed_soon(s) for s in extra) == len(extra)
+        for s in extra + busy[: cap // 2]:
             s.close()
+        time.sleep(1.5)  # the preface timeout closes the silent ones
+        assert srv.stats()["connections"] <= cap // 2 + 1  # + the stats channel
         idle = connect(srv.port)
         t0 = time.monotonic()
         frames, closed = read_until_closed(idle, timeout=10)
         assert closed and goaway_codes(frames)[-1] == h2.NO_ERROR and time.monotonic() - t0 >= 0.9
         idle.close()
         c = srv.stats()["counters"]
-        assert c["connections_refused"] >= 60 - 16 and c["preface_timeouts"] >= 1 and c["idle_closed"] >= 1
+        assert c["connections_refused"] == len(extra) and c["idle_closed"] >= 1
+        silent = connect(srv.port, preface=False)
+        time.sleep(1.0)
+        assert srv.counter("preface_timeouts") >= 1
+        silent.close()
         _route_once(pbg.ExternalProcessorStub(srv.channel))
+        for s in busy:
+            s.close()
     assert srv.log().count("refusing HTTP/2 connection") <= 3
     assert "Traceback" not in srv.log()
 
@@ -409,7 +422,7 @@ def test_memory_budget_refuses_new_streams(tmp_path):
     """Bodies held across DATA frames count against the budget: a message that
     does not fit, and any new stream while it is spent, get RESOURCE_EXHAUSTED;
     resetting the holders gives the budget back."""
-    budget = 16 << 20
+    budget = 2 * ((8 << 20) + D.H2_STREAM_COST_BYTES)  # two open streams holding 8 MiB messages
     with server(tmp_path, memory_budget_bytes=budget) as srv:
         enc = hpack.Encoder()
         s = connect(srv.port)
@@ -467,14 +480,16 @@ def test_memory_budget_counts_scanned_response_bodies(tmp_path):
     """Sampled responses the router keeps for usage count too: past the
     budget the growing stream and new streams get RESOURCE_EXHAUSTED; ending
     the streams gives it back."""
-    mib = 1 << 20
-    with server(tmp_path, memory_budget_bytes=4 * mib + mib // 2) as srv:
+    mib, cost = 1 << 20, D.H2_STREAM_COST_BYTES
+    with server(tmp_path, memory_budget_bytes=4 * mib + mib // 2 + 5 * cost + cost // 2) as srv:
         stub = pbg.ExternalProcessorStub(srv.channel)
         held = [_sampled_stream(stub, [mib]) for _ in range(4)]
         assert all(err is None for _, _, err in held)
-        assert srv.stats()["mem_used"] == 4 * mib
+        assert srv.stats()["mem_used"] == 4 * mib + 4 * cost
         q5, call5, err = _sampled_stream(stub, [mib // 2])
-        assert err is None and srv.stats()["mem_used"] == 4 * mib + mib // 2
+        assert err is None and srv.stats()["mem_used"] == 4 * mib + mib // 2 + 5 * cost
+        held.append(_sampled_stream(stub, []))  # fits (half a stream cost left), then over
+        assert held[-1][2] is None
         _, _, err = _sampled_stream(stub, [])  # a new stream while the budget is spent
         assert err is not None and err.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
         more = pb.ProcessingRequest()
@@ -491,6 +506,44 @@ def test_memory_budget_counts_scanned_response_bodies(tmp_path):
         assert srv.stats()["mem_used"] == 0
         assert srv.counter("memory_refused") == 2
         _route_once(stub)
+
+
+def test_open_streams_count_against_the_budget(tmp_path):
+    """Header-only streams cost H2_STREAM_COST_BYTES each: past the budget a
+    flood of them is refused instead of growing memory without bound."""
+    n_fit = 100
+    with server(tmp_path, memory_budget_bytes=n_fit * D.H2_STREAM_COST_BYTES) as srv:
+        enc = hpack.Encoder()
+        s = connect(srv.port)
+        s.sendall(b"".join(headers(enc, 2 * i + 1) for i in range(n_fit + 50)))
+        deadline = time.monotonic() + 10
+        while srv.counter("memory_refused") < 50 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        st = srv.stats()
+        assert st["counters"]["memory_refused"] == 50 and st["mem_used"] == n_fit * D.H2_STREAM_COST_BYTES
+        s.close()
+        deadline = time.monotonic() + 10
+        while srv.stats()["mem_used"] and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert srv.stats()["mem_used"] == 0
+
+
+def test_idle_connection_evicted_at_the_cap(tmp_path):
+    """At the connection cap a new connection closes the longest-idle one
+    (no open stream) instead of being refused, so silent sockets cannot lock
+    Envoy out until the idle timeout."""
+    with server(tmp_path, max_connections=4) as srv:
+        squatters = [connect(srv.port) for _ in range(3)]
+        time.sleep(0.3)
+        assert srv.stats()["connections"] == 4  # the squatters + the stats channel
+        with grpc.insecure_channel(f"127.0.0.1:{srv.port}", options=OWN_CONNECTION) as ch:
+            _route_once(pbg.ExternalProcessorStub(ch))
+        frames, closed = read_until_closed(squatters[0], timeout=5)
+        assert closed and goaway_codes(frames)[-1] == h2.NO_ERROR
+        c = srv.stats()["counters"]
+        assert c["connections_evicted"] >= 1 and not c.get("connections_refused")
+        for s in squatters:
+            s.close()
 
 
 def _grpc_statuses(sock: socket.socket, sids: set[int]) -> dict[int, str]:

@@ -41,6 +41,7 @@ from ..defaults import (
     H2_MAX_CONNECTIONS,
     H2_MEMORY_BUDGET_BYTES,
     H2_PREFACE_TIMEOUT_S,
+    H2_STREAM_COST_BYTES,
     H2_WRITE_BUFFER_HIGH_WATER,
 )
 from . import h2frames as h2
@@ -156,7 +157,7 @@ _KIND_STREAMING = 3
 
 class _Call:
     __slots__ = ("sid", "kind", "handler", "buf", "headers_sent", "done", "timer", "messages", "encoding", "method",
-                 "reserved", "held")
+                 "reserved", "held", "charged")
 
     def __init__(self, sid: int, kind: int):
         self.sid = sid
@@ -171,6 +172,7 @@ class _Call:
         self.method: Callable | None = None  # unary / streaming extra method
         self.reserved = 0  # memory budget taken by the message being reassembled
         self.held = 0  # memory budget taken by what the handler keeps (its held_bytes)
+        self.charged = 0  # memory budget taken by the open stream itself (H2_STREAM_COST_BYTES)
 
 
 class _GrpcConnection(asyncio.Protocol):
@@ -192,8 +194,8 @@ class _GrpcConnection(asyncio.Protocol):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
         server = self.server
-        if len(server._connections) >= server.max_connections:
-            # Over the cap: one GOAWAY and close, never an fd exhausted.
+        if len(server._connections) >= server.max_connections and not server.evict_idle():
+            # Over the cap, none idle to make room: GOAWAY and close, never an fd exhausted.
             server.count("connections_refused")
             server.warn("connections_refused", "refusing HTTP/2 connection: %d open (limit %d)",
                         len(server._connections), server.max_connections)
@@ -209,8 +211,6 @@ class _GrpcConnection(asyncio.Protocol):
             self.start_drain()
 
     def connection_lost(self, exc: Exception | None) -> None:
-        if self not in self.server._connections:
-            return  # refused in connection_made
         self.server._connections.discard(self)
         if self._drain_timer:
             self._drain_timer.cancel()
@@ -256,6 +256,12 @@ class _GrpcConnection(asyncio.Protocol):
             return
         self._timer = self._loop.call_later(max(remaining, server.idle_timeout_s if remaining <= 0 else MIN_TIMER_S),
                                             self._on_timer)
+
+    def evict(self) -> None:
+        """Make room for a new connection (this one is idle: no stream)."""
+        self.server._connections.discard(self)
+        self.server.count("connections_evicted")
+        self._close(h2.NO_ERROR, "idle connection evicted for a new one")
 
     def _close(self, code: int, reason: str) -> None:
         for call in list(self.calls.values()):
@@ -303,9 +309,9 @@ class _GrpcConnection(asyncio.Protocol):
 
     def _release(self, call: _Call) -> None:
         """Give the call's share of the memory budget back."""
-        if call.reserved or call.held:
-            self.server.mem_used -= call.reserved + call.held
-            call.reserved = call.held = 0
+        if call.reserved or call.held or call.charged:
+            self.server.mem_used -= call.reserved + call.held + call.charged
+            call.reserved = call.held = call.charged = 0
 
     def _abort_call(self, call: _Call) -> None:
         call.done = True
@@ -394,9 +400,12 @@ class _GrpcConnection(asyncio.Protocol):
         server = self.server
         # Health and the unary (admin) methods still answer, so that operators
         # see why; their message still needs the budget if it arrives in parts.
-        if server.mem_used >= server.memory_budget and call.kind in (_KIND_PROCESS, _KIND_STREAMING):
-            self._refuse_memory(call)
-            return
+        if call.kind in (_KIND_PROCESS, _KIND_STREAMING):
+            if server.mem_used >= server.memory_budget:
+                self._refuse_memory(call)
+                return
+            call.charged = H2_STREAM_COST_BYTES
+            server.mem_used += H2_STREAM_COST_BYTES
         call.encoding = encoding  # only a message actually compressed is refused (see _on_data)
         if timeout is not None:
             seconds = _parse_timeout(timeout)
@@ -641,6 +650,16 @@ class FastServer:
     def _connection_closed(self) -> None:
         if not self._connections:
             self._idle.set()
+
+    def evict_idle(self) -> bool:
+        """At the connection cap: close the connection idle the longest (no
+        open stream) to make room, so that sockets held open and silent cannot
+        lock Envoy out until the idle timeout. False if none is idle."""
+        idle = [c for c in self._connections if not c.calls and c.conn.idle]
+        if not idle:
+            return False
+        min(idle, key=lambda c: c.last_activity).evict()
+        return True
 
     def count(self, key: str) -> None:
         self.counters[key] += 1
