@@ -214,10 +214,12 @@ H2_MAX_HEADER_LIST_SIZE = 8 << 10
 #: max_consecutive_inbound_frames_with_empty_payload default of 1.
 H2_MAX_CONSECUTIVE_EMPTY_FRAMES = 1
 
-#: "Rapid Reset" (CVE-2023-44487): streams the client resets before we answered
-#: them, as a token bucket: burst 1000, refill 33/s, nghttp2 1.57's default
-#: (nghttp2_option_set_stream_reset_rate_limit). Envoy resets an ext_proc
-#: stream only when its downstream request dies early. Above it:
+#: "Rapid Reset" (CVE-2023-44487): streams the client resets before we sent
+#: them any response headers, as a token bucket: burst 1000, refill 33/s,
+#: nghttp2 1.57's default (nghttp2_option_set_stream_reset_rate_limit). Envoy
+#: resets an ext_proc stream before our first answer only when its downstream
+#: request dies within a millisecond; resets of answered streams (a client
+#: leaving a sampled response early) are not counted. Above it:
 #: GOAWAY(ENHANCE_YOUR_CALM) and close.
 H2_RESET_BURST = 1000
 H2_RESET_RATE_PER_S = 33.0

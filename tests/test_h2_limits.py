@@ -676,6 +676,15 @@ def test_rapid_reset_bucket():
     c = _conn()
     ev = _open_and_reset(c, enc, 3 * D.H2_RESET_BURST, 1, lambda i: i / D.H2_RESET_RATE_PER_S)
     assert _terminated(ev) is None
+    # Streams we answered may be reset at any rate (Envoy's client went away).
+    enc = hpack.Encoder()
+    c = _conn()
+    for i in range(3 * D.H2_RESET_BURST):
+        sid = 2 * i + 1
+        c.receive_data(headers(enc, sid))
+        c.send_headers(sid, h2.encode_headers([(":status", "200")]))
+        assert _terminated(c.receive_data(h2.rst_stream_frame(sid, h2.CANCEL))) is None
+        c.data_to_send()
 
 
 def test_stream_id_reuse_and_late_trailers():

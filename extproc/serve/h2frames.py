@@ -477,7 +477,8 @@ class _CountingHeaderTable(HeaderTable):
 
 
 class _Stream:
-    __slots__ = ("sid", "send_window", "recv_unacked", "recv_window", "remote_closed", "local_closed", "pending", "headers_done")
+    __slots__ = ("sid", "send_window", "recv_unacked", "recv_window", "remote_closed", "local_closed", "pending", "headers_done",
+                 "answered")
 
     def __init__(self, sid: int, send_window: int):
         self.sid = sid
@@ -488,6 +489,7 @@ class _Stream:
         self.local_closed = False
         self.pending: list | None = None  # queued (is_data, bytes, end_stream) awaiting window
         self.headers_done = False  # request headers received (next HEADERS = trailers)
+        self.answered = False  # we sent response headers (a reset after that is not Rapid Reset)
 
 
 class H2ServerConnection:
@@ -812,9 +814,11 @@ class H2ServerConnection:
             raise ProtocolError(FRAME_SIZE_ERROR, "RST_STREAM payload is not 4 bytes")
         if sid > self.highest_stream_id:
             raise ProtocolError(PROTOCOL_ERROR, f"RST_STREAM on idle stream {sid}")
-        if sid in self.streams:
-            # Reset before we finished it: the Rapid Reset pattern when frequent.
-            if not self._reset_bucket.take(self._now):
+        stream = self.streams.get(sid)
+        if stream is not None:
+            # Reset before we answered: the Rapid Reset pattern when frequent.
+            # (Envoy resets answered streams too, when its client goes away.)
+            if not stream.answered and not self._reset_bucket.take(self._now):
                 raise ProtocolError(ENHANCE_YOUR_CALM, "too many streams reset by the client (rapid reset)")
             self._forget(sid)
             events.append(StreamReset(sid, _U32.unpack(payload)[0], remote=True))
@@ -908,6 +912,7 @@ class H2ServerConnection:
         stream = self.streams.get(sid)
         if stream is None or stream.local_closed:
             return
+        stream.answered = True
         if end_stream:
             stream.local_closed = True
         if stream.pending:
