@@ -1,0 +1,168 @@
+"""The admin plane: the admin API on its own port, apart from ext_proc.
+
+Worker i serves ``budget_router.admin.v1.Admin``, ``grpc.health.v1.Health``
+and server reflection on ``[admin] listen``:``[admin] port + i`` (loopback by
+default). The data plane's port (``[router] port``) carries ext_proc and the
+health check Envoy needs, nothing that steers the router, so the network
+policy of each port can follow who needs it: Envoy reaches ext_proc, only
+operators (and peers warm-starting) reach admin.
+
+grpc.aio serves it: the admin plane sees a few calls a minute, so the
+purpose-built transport's CPU savings buy nothing here, while grpc.aio brings
+TLS/mTLS and the flood limits of a hardened HTTP/2 stack for free.
+
+Every call but health is authenticated (``extproc.admin.auth``) before its
+handler runs; a refused call ends with UNAUTHENTICATED and is logged.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from .. import config as C
+from . import auth
+from . import service as admin_service
+
+log = logging.getLogger("budget_router.admin")
+
+HEALTH_PREFIX = "/grpc.health.v1.Health/"
+
+#: Largest admin message either way. A full default calibration (64 models x
+#: 4 categories, names bounded to 128 characters) is ~1.6 MB of JSON; 16 MiB
+#: holds a table of several hundred models and bounds what one RestoreSnapshot
+#: can make the worker parse (gRPC's own default receive limit is 4 MiB).
+MAX_ADMIN_MESSAGE_BYTES = 16 * 1024 * 1024
+
+#: How long in-flight admin calls may finish at stop (they are in-memory).
+STOP_GRACE_S = 1.0
+
+_STATUS = {c.value[0]: c for c in grpc.StatusCode}
+
+
+class _AuthInterceptor(grpc.aio.ServerInterceptor):
+    def __init__(self, authenticator: auth.Authenticator):
+        self.auth = authenticator
+
+    async def intercept_service(self, continuation, details):
+        handler = await continuation(details)
+        if handler is None or details.method.startswith(HEALTH_PREFIX):
+            return handler
+        if self.auth.allows(details.invocation_metadata or ()):
+            return handler
+        return _deny(handler, details.method)
+
+
+def _deny(handler, method: str):
+    message = "admin call refused: send 'authorization: Bearer <token>' with the admin token"
+
+    async def refuse(request_or_iterator, context):
+        log.warning("admin call refused (no or wrong token): %s from %s", method, context.peer(),
+                    extra={"fields": {"method": method, "peer": context.peer()}})
+        await context.abort(grpc.StatusCode.UNAUTHENTICATED, message)
+
+    if handler.request_streaming and handler.response_streaming:
+        return grpc.stream_stream_rpc_method_handler(refuse)
+    if handler.request_streaming:
+        return grpc.stream_unary_rpc_method_handler(refuse)
+    if handler.response_streaming:
+        return grpc.unary_stream_rpc_method_handler(refuse)
+    return grpc.unary_unary_rpc_method_handler(refuse)
+
+
+def _admin_handler(svc: admin_service.AdminService, authenticator: auth.Authenticator) -> grpc.GenericRpcHandler:
+    def unary(parse, fn):
+        async def call(request, context):
+            caller = f"peer={context.peer()} token={authenticator.token_id}"
+            try:
+                return fn(request, caller)
+            except admin_service.AdminError as e:
+                await context.abort(_STATUS.get(e.code, grpc.StatusCode.UNKNOWN), e.message)
+        return grpc.unary_unary_rpc_method_handler(
+            call, request_deserializer=parse, response_serializer=lambda m: m.SerializeToString())
+
+    return grpc.method_handlers_generic_handler(
+        admin_service.SERVICE, {name: unary(parse, fn) for name, (parse, fn) in svc.methods().items()})
+
+
+def _read(path: str, what: str) -> bytes:
+    try:
+        with open(path, "rb") as f:
+            return f.read(C.MAX_CONFIG_BYTES)
+    except OSError as e:
+        raise C.ConfigError(f"[admin] {what} {path}: cannot read it: {e.strerror}") from None
+
+
+def server_credentials(cfg: C.AdminConfig) -> grpc.ServerCredentials | None:
+    """TLS credentials for the admin port (mTLS with tls_client_ca_file)."""
+    if not cfg.tls_cert_file:
+        return None
+    ca = _read(cfg.tls_client_ca_file, "tls_client_ca_file") if cfg.tls_client_ca_file else None
+    return grpc.ssl_server_credentials(
+        [(_read(cfg.tls_key_file, "tls_key_file"), _read(cfg.tls_cert_file, "tls_cert_file"))],
+        root_certificates=ca, require_client_auth=ca is not None)
+
+
+def join_host_port(host: str, port: int) -> str:
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+def channel_credentials(cfg: C.AdminConfig) -> grpc.ChannelCredentials | None:
+    """Client side of server_credentials (the CLI, warm start): the CA in
+    tls_client_ca_file verifies the server, this host's cert/key are the
+    client certificate (peers of one fleet share a CA)."""
+    if not cfg.tls_cert_file:
+        return None
+    return grpc.ssl_channel_credentials(
+        root_certificates=_read(cfg.tls_client_ca_file, "tls_client_ca_file") if cfg.tls_client_ca_file else None,
+        private_key=_read(cfg.tls_key_file, "tls_key_file"),
+        certificate_chain=_read(cfg.tls_cert_file, "tls_cert_file"))
+
+
+class AdminPlane:
+    def __init__(self, server: grpc.aio.Server, health_servicer: Any, port: int):
+        self.server = server
+        self.health = health_servicer
+        self.port = port
+
+    async def set_serving(self, serving: bool) -> None:
+        status = health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
+        for name in ("", admin_service.SERVICE):
+            await self.health.set(name, status)
+
+    async def stop(self) -> None:
+        await self.health.enter_graceful_shutdown()
+        await self.server.stop(STOP_GRACE_S)
+
+
+async def serve(worker: Any, cfg: C.Config, port: int, token: str | None, config_path: str | None) -> AdminPlane:
+    """Start the admin plane of ``worker`` on ``[admin] listen``:``port``.
+    Health answers NOT_SERVING until ``set_serving(True)``."""
+    auth.check_exposure(cfg, token)
+    authenticator = auth.Authenticator(token)
+    options = [("grpc.max_receive_message_length", MAX_ADMIN_MESSAGE_BYTES),
+               ("grpc.max_send_message_length", MAX_ADMIN_MESSAGE_BYTES),
+               ("grpc.so_reuseport", 0)]
+    server = grpc.aio.server(interceptors=[_AuthInterceptor(authenticator)], options=options)
+    svc = admin_service.AdminService(worker, config_path)
+    server.add_generic_rpc_handlers((_admin_handler(svc, authenticator),))
+    health_servicer = health.aio.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    reflection.enable_server_reflection(
+        [admin_service.SERVICE, "grpc.health.v1.Health", reflection.SERVICE_NAME], server)
+    address = join_host_port(cfg.admin.listen, port)
+    creds = server_credentials(cfg.admin)
+    try:
+        bound = server.add_secure_port(address, creds) if creds else server.add_insecure_port(address)
+    except RuntimeError:
+        bound = 0
+    if not bound:
+        raise OSError(f"admin plane: cannot listen on {address} (in use?)")
+    await server.start()
+    plane = AdminPlane(server, health_servicer, bound)
+    await plane.set_serving(False)
+    return plane
