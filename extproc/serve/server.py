@@ -171,13 +171,15 @@ class Worker:
 
 async def _worker_main(cfg: Config, index: int, config_path: str | None = None) -> None:
     w = Worker(cfg, index, config_path=config_path)
-    port = await w.start()
-    log.info("worker %d (pid %d) serving ext_proc on %s:%d via %s, admin on %s:%d",
-             index, os.getpid(), cfg.router.listen, port, cfg.router.transport, cfg.admin.listen, w.admin.port)
+    # Signals first: a SIGTERM during start (a warm start takes seconds) stops
+    # the worker cleanly once started, with a snapshot, instead of killing it.
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
+    port = await w.start()
+    log.info("worker %d (pid %d) serving ext_proc on %s:%d via %s, admin on %s:%d",
+             index, os.getpid(), cfg.router.listen, port, cfg.router.transport, cfg.admin.listen, w.admin.port)
     await w.run_until(stop)
     log.info("worker %d drained and stopped", index)
 
