@@ -176,14 +176,9 @@ def test_poisoned_snapshot_is_refused_and_nothing_changes(stack):
     assert raw.http_response.status_code == 200 and raw.http_response.headers["x-pool-name"] == "short"
 
 
-def _rss_kb(pid: int) -> int:
-    with open(f"/proc/{pid}/status") as f:
-        return next(int(ln.split()[1]) for ln in f if ln.startswith("VmRSS:"))
-
 
 def test_reload_config_reads_only_the_configured_file(stack):
-    pid = stack.procs["router"].pid
-    rss = _rss_kb(pid)
+    rss = stack.rss_kb("router")
     with _admin(stack) as ch:
         stub = pbg.AdminStub(ch)
         for path in ("/dev/zero", "/etc/passwd", stack.logs["router"]):
@@ -197,7 +192,7 @@ def test_reload_config_reads_only_the_configured_file(stack):
         res = stub.ReloadConfig(pb.ReloadConfigRequest(path=stack.config_path()), timeout=5, metadata=AUTH)
         assert res.b_short == stack.cfg.policy.b_short
     # /dev/zero once grew the worker by 1 GB in 0.6 s
-    assert _rss_kb(pid) - rss < 20_000
+    assert stack.rss_kb("router") - rss < 20_000
 
 
 def test_reflection_lists_and_describes_services(stack):

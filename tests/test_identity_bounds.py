@@ -27,10 +27,6 @@ NAME_BYTES = 2 ** 20
 REAL = 24
 
 
-def _rss_kb(pid: int) -> int:
-    with open(f"/proc/{pid}/status") as f:
-        return next(int(ln.split()[1]) for ln in f if ln.startswith("VmRSS:"))
-
 
 @pytest.fixture(scope="module")
 def stack(stack_factory):
@@ -47,13 +43,12 @@ def _chat(client, model: str, content: str = "Tell me about the river bank and i
 
 def test_flood_of_huge_model_names_stays_small(stack):
     client = openai.OpenAI(base_url=stack.url, api_key="x", max_retries=0, timeout=60)
-    pid = stack.procs["router"].pid
     _chat(client, "warmup")  # imports, first allocations
-    rss = [_rss_kb(pid)]
+    rss = [stack.rss_kb("router")]
     for flood in range(2):  # the second flood finds the table full of the first
         for i in range(FLOOD):
             _chat(client, f"junk{flood}{i:02d}-" + "x" * NAME_BYTES)
-        rss.append(_rss_kb(pid))
+        rss.append(stack.rss_kb("router"))
     for _ in range(REAL):
         _chat(client, "meta-llama/Llama-3.1-8B-Instruct")
 

@@ -42,9 +42,9 @@ def _config(tmp, name: str, **admin) -> tuple[C.Config, str]:
 
 
 class Router:
-    def __init__(self, cfg: C.Config, path: str, log: str):
+    def __init__(self, cfg: C.Config, path: str, log: str, token: str = TOKEN):
         self.cfg, self.log = cfg, log
-        env = {**os.environ, auth.TOKEN_ENV: TOKEN}
+        env = {**os.environ, auth.TOKEN_ENV: token}
         with open(log, "wb") as out:
             self.p = subprocess.Popen([sys.executable, "-m", "extproc.cli", "serve", "--config", path],
                                       stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True)
@@ -117,12 +117,7 @@ def test_second_replica_starts_with_the_first_ones_calibration(tmp_path, routers
     # a replica whose peer wants a token it does not have starts from the prior
     cfg_c, path_c = _config(tmp_path, "c", warm_start_peers=(f"127.0.0.1:{cfg_a.admin.port}",),
                             warm_start_timeout_s=2.0)
-    c = Router.__new__(Router)
-    c.cfg, c.log = cfg_c, str(tmp_path / "c.log")
-    env = {**os.environ, auth.TOKEN_ENV: "another-token-0123456789abcdef"}
-    with open(c.log, "wb") as out:
-        c.p = subprocess.Popen([sys.executable, "-m", "extproc.cli", "serve", "--config", path_c],
-                               stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+    c = Router(cfg_c, path_c, str(tmp_path / "c.log"), token="another-token-0123456789abcdef")
     routers.append(c)
     c.wait_ready()
     log = open(c.log).read()

@@ -161,6 +161,11 @@ class Stack:
         self.procs[name] = p
         return p
 
+    def rss_kb(self, name: str) -> int:
+        """Resident memory of a process of the stack (Linux /proc), in KiB."""
+        with open(f"/proc/{self.procs[name].pid}/status") as f:
+            return next(int(ln.split()[1]) for ln in f if ln.startswith("VmRSS:"))
+
     def log_tail(self, name: str, n: int = 40) -> str:
         try:
             with open(self.logs[name], "rb") as f:
