@@ -17,7 +17,7 @@ from google.protobuf.json_format import MessageToDict
 
 from .. import config as C
 from . import auth
-from .plane import channel_credentials, join_host_port
+from .plane import channel_credentials, join_host_port, max_message_bytes
 from .v1 import admin_pb2 as pb
 from .v1 import admin_pb2_grpc as pbg
 
@@ -34,9 +34,10 @@ def _targets(cfg: C.Config, host: str | None) -> list[str]:
 def call_all(cfg: C.Config, method: str, request, host: str | None = None) -> list[tuple[str, object]]:
     metadata = auth.call_metadata(auth.load_token(cfg))
     creds = channel_credentials(cfg.admin)
+    options = [("grpc.max_receive_message_length", max_message_bytes(cfg))]
     out = []
     for target in _targets(cfg, host):
-        with (grpc.secure_channel(target, creds) if creds else grpc.insecure_channel(target)) as ch:
+        with (grpc.secure_channel(target, creds, options) if creds else grpc.insecure_channel(target, options)) as ch:
             stub = pbg.AdminStub(ch)
             try:
                 out.append((target, getattr(stub, method)(request, timeout=CALL_TIMEOUT_S, metadata=metadata)))

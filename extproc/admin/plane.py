@@ -25,6 +25,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from .. import config as C
+from ..core.features import CATEGORIES
 from . import auth
 from . import service as admin_service
 
@@ -32,11 +33,24 @@ log = logging.getLogger("budget_router.admin")
 
 HEALTH_PREFIX = "/grpc.health.v1.Health/"
 
-#: Largest admin message either way. A full default calibration (64 models x
-#: 4 categories, names bounded to 128 characters) is ~1.6 MB of JSON; 16 MiB
-#: holds a table of several hundred models and bounds what one RestoreSnapshot
-#: can make the worker parse (gRPC's own default receive limit is 4 MiB).
-MAX_ADMIN_MESSAGE_BYTES = 16 * 1024 * 1024
+#: Smallest limit on an admin message either way: gRPC's own 4 MiB default
+#: times four, so a default calibration (64 models; 208 KB of JSON measured
+#: with 66 models in tests/test_identity_bounds.py) fits many times over.
+MIN_ADMIN_MESSAGE_BYTES = 16 * 1024 * 1024
+
+#: Bytes of snapshot JSON per (model, category) fit, its model's share and its
+#: output-length sketch included: ~1.6 KB measured (a fit is 156 floats); 4 KiB
+#: leaves room for longer float reprs and 128-character names.
+SNAPSHOT_BYTES_PER_FIT = 4096
+
+
+def max_message_bytes(cfg: C.Config) -> int:
+    """Limit on one admin message (TakeSnapshot's reply, RestoreSnapshot's
+    request, both ends): what the largest calibration this config allows can
+    take, never less than MIN_ADMIN_MESSAGE_BYTES. It bounds what one call
+    can make a worker parse."""
+    fits = (cfg.estimator.max_models + 1) * (1 + len(CATEGORIES))
+    return max(MIN_ADMIN_MESSAGE_BYTES, fits * SNAPSHOT_BYTES_PER_FIT)
 
 #: How long in-flight admin calls may finish at stop (they are in-memory).
 STOP_GRACE_S = 1.0
@@ -144,8 +158,8 @@ async def serve(worker: Any, cfg: C.Config, port: int, token: str | None, config
     Health answers NOT_SERVING until ``set_serving(True)``."""
     auth.check_exposure(cfg, token)
     authenticator = auth.Authenticator(token)
-    options = [("grpc.max_receive_message_length", MAX_ADMIN_MESSAGE_BYTES),
-               ("grpc.max_send_message_length", MAX_ADMIN_MESSAGE_BYTES),
+    limit = max_message_bytes(cfg)
+    options = [("grpc.max_receive_message_length", limit), ("grpc.max_send_message_length", limit),
                ("grpc.so_reuseport", 0)]
     server = grpc.aio.server(interceptors=[_AuthInterceptor(authenticator)], options=options)
     svc = admin_service.AdminService(worker, config_path)

@@ -24,7 +24,7 @@ import grpc
 from .. import config as C
 from . import auth
 from .service import restore_json
-from .plane import MAX_ADMIN_MESSAGE_BYTES, channel_credentials, join_host_port
+from .plane import channel_credentials, join_host_port, max_message_bytes
 from .v1 import admin_pb2 as pb
 from .v1 import admin_pb2_grpc as pbg
 
@@ -61,7 +61,7 @@ async def resolve(peers: tuple[str, ...]) -> list[str]:
 
 
 async def _ask(target: str, cfg: C.Config, token: str | None, timeout: float) -> tuple[str, pb.Snapshot] | None:
-    options = [("grpc.max_receive_message_length", MAX_ADMIN_MESSAGE_BYTES)]
+    options = [("grpc.max_receive_message_length", max_message_bytes(cfg))]
     creds = channel_credentials(cfg.admin)
     channel = (grpc.aio.secure_channel(target, creds, options=options) if creds
                else grpc.aio.insecure_channel(target, options=options))
