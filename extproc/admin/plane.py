@@ -18,6 +18,7 @@ handler runs; a refused call ends with UNAUTHENTICATED and is logged.
 from __future__ import annotations
 
 import logging
+import time
 from typing import Any
 
 import grpc
@@ -71,12 +72,37 @@ class _AuthInterceptor(grpc.aio.ServerInterceptor):
         return _deny(handler, details.method)
 
 
+#: Refused calls are logged at most once per this many seconds (with the
+#: count of the ones in between), so a client hammering the port without a
+#: token cannot flood the log (like sshd's MaxStartups and fail2ban's
+#: summaries, one line stands for a burst).
+REFUSED_LOG_INTERVAL_S = 1.0
+
+
+class _RefusedLog:
+    def __init__(self) -> None:
+        self.last = -REFUSED_LOG_INTERVAL_S
+        self.suppressed = 0
+
+    def note(self, method: str, peer: str) -> None:
+        now = time.monotonic()
+        if now - self.last < REFUSED_LOG_INTERVAL_S:
+            self.suppressed += 1
+            return
+        log.warning("admin call refused (no or wrong token): %s from %s (+%d more refused since the last line)",
+                    method, peer, self.suppressed,
+                    extra={"fields": {"method": method, "peer": peer, "refused_since_last": self.suppressed}})
+        self.last, self.suppressed = now, 0
+
+
+_refused = _RefusedLog()
+
+
 def _deny(handler, method: str):
     message = "admin call refused: send 'authorization: Bearer <token>' with the admin token"
 
     async def refuse(request_or_iterator, context):
-        log.warning("admin call refused (no or wrong token): %s from %s", method, context.peer(),
-                    extra={"fields": {"method": method, "peer": context.peer()}})
+        _refused.note(method, context.peer())
         await context.abort(grpc.StatusCode.UNAUTHENTICATED, message)
 
     if handler.request_streaming and handler.response_streaming:
