@@ -26,7 +26,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from .. import config as C
-from ..core.features import CATEGORIES
+from ..core.estimator import snapshot_bound_bytes
 from . import auth
 from . import service as admin_service
 
@@ -34,24 +34,16 @@ log = logging.getLogger("budget_router.admin")
 
 HEALTH_PREFIX = "/grpc.health.v1.Health/"
 
-#: Smallest limit on an admin message either way: gRPC's own 4 MiB default
-#: times four, so a default calibration (64 models; 208 KB of JSON measured
-#: with 66 models in tests/test_identity_bounds.py) fits many times over.
-MIN_ADMIN_MESSAGE_BYTES = 16 * 1024 * 1024
-
-#: Bytes of snapshot JSON per (model, category) fit, its model's share and its
-#: output-length sketch included: ~1.6 KB measured (a fit is 156 floats); 4 KiB
-#: leaves room for longer float reprs and 128-character names.
-SNAPSHOT_BYTES_PER_FIT = 4096
-
-
 def max_message_bytes(cfg: C.Config) -> int:
     """Limit on one admin message (TakeSnapshot's reply, RestoreSnapshot's
-    request, both ends): what the largest calibration this config allows can
-    take, never less than MIN_ADMIN_MESSAGE_BYTES. It bounds what one call
-    can make a worker parse."""
-    fits = (cfg.estimator.max_models + 1) * (1 + len(CATEGORIES))
-    return max(MIN_ADMIN_MESSAGE_BYTES, fits * SNAPSHOT_BYTES_PER_FIT)
+    request, both ends): the largest calibration this config's table can
+    hold (``estimator.snapshot_bound_bytes``), which also bounds what one
+    call can make a worker parse."""
+    return snapshot_bound_bytes(cfg.estimator.max_models) + SNAPSHOT_ENVELOPE_BYTES
+
+
+#: Protobuf framing and the sample count around the snapshot JSON.
+SNAPSHOT_ENVELOPE_BYTES = 1024
 
 #: How long in-flight admin calls may finish at stop (they are in-memory).
 STOP_GRACE_S = 1.0

@@ -123,6 +123,26 @@ MIN_OBSERVED_BYTES_PER_TOKEN = 0.5
 MAX_SAMPLES = 2 ** 53
 
 
+#: Bytes of snapshot JSON per (model, category) fit, with its model's share
+#: and its output-length sketch: ~1.6 KB measured (a fit is 156 floats; 208 KB
+#: for 66 models in tests/test_identity_bounds.py); 4 KiB leaves room for
+#: longer float reprs and 128-character names.
+SNAPSHOT_BYTES_PER_FIT = 4096
+
+#: Smallest bound on a snapshot's size, whatever the table: gRPC's 4 MiB
+#: default message limit times four.
+MIN_SNAPSHOT_BOUND_BYTES = 16 * 1024 * 1024
+
+
+def snapshot_bound_bytes(max_models: int) -> int:
+    """Largest snapshot a table of ``max_models`` names can write (with the
+    shared bucket, every category and a model fit each): what readers of
+    state files and admin messages accept, never less than
+    MIN_SNAPSHOT_BOUND_BYTES."""
+    fits = (max_models + 1) * (1 + len(CATEGORIES))
+    return max(MIN_SNAPSHOT_BOUND_BYTES, fits * SNAPSHOT_BYTES_PER_FIT)
+
+
 def bounded_model_name(name: str) -> str:
     """``name`` itself up to MAX_MODEL_NAME_CHARS characters; a longer one is
     cut and suffixed with a hash of the whole name (distinct names stay

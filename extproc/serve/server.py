@@ -36,6 +36,7 @@ from ..admin import warm
 from ..config import Config, admin_ports, worker_ports
 from ..defaults import SNAPSHOT_MIN_GAP_S
 from ..core.machine import StreamMachine
+from ..core.estimator import snapshot_bound_bytes
 from ..core.router import Router
 
 log = logging.getLogger("budget_router")
@@ -85,7 +86,8 @@ class Worker:
     def load_state(self) -> bool:
         """Restore the best snapshot file, all or nothing; True if restored."""
         snapshot.remove_stale_temps(self.state_path)
-        state, src = snapshot.load_best(self.cfg.router.state_file)
+        state, src = snapshot.load_best(self.cfg.router.state_file,
+                                        snapshot_bound_bytes(self.cfg.estimator.max_models))
         if state is None:
             return False
         try:

@@ -28,6 +28,8 @@ from typing import Any
 
 import orjson
 
+from ..core.estimator import MIN_SNAPSHOT_BOUND_BYTES
+
 log = logging.getLogger(__name__)
 
 
@@ -103,18 +105,27 @@ def _samples(state: dict[str, Any]) -> int:
         return -1
 
 
-def load_best(base: str) -> tuple[dict[str, Any] | None, str | None]:
+def load_best(base: str, limit: int = MIN_SNAPSHOT_BOUND_BYTES) -> tuple[dict[str, Any] | None, str | None]:
     """The snapshot with the most samples among ``base`` and its worker files;
-    unreadable files are skipped with a warning, never fatal."""
+    unreadable files and files over ``limit`` bytes (more than any table of
+    this config writes: ``estimator.snapshot_bound_bytes``) are skipped with a
+    warning, never fatal."""
     best: tuple[int, dict[str, Any], str] | None = None
     for path in [base] + sorted(glob.glob(glob.escape(base) + ".w*")):
         try:
             with open(path, "rb") as f:
-                state = orjson.loads(f.read())
+                data = f.read(limit + 1)
+            if len(data) > limit:
+                log.warning("ignoring calibration snapshot %s: larger than %d bytes", path, limit)
+                continue
+            state = orjson.loads(data)
         except FileNotFoundError:
             continue
         except (OSError, orjson.JSONDecodeError) as e:
             log.warning("ignoring unreadable calibration snapshot %s: %s", path, e)
+            continue
+        if not isinstance(state, dict):
+            log.warning("ignoring calibration snapshot %s: not a JSON object", path)
             continue
         n = _samples(state)
         if n >= 0 and (best is None or n > best[0]):
