@@ -3,7 +3,12 @@
 The token comes from ``$BUDGET_ROUTER_ADMIN_TOKEN`` or ``[admin] token_file``
 (the environment wins, as for every other setting). Callers send
 ``authorization: Bearer <token>`` gRPC metadata; the server compares it in
-constant time (``hmac.compare_digest``). With no token the admin plane only
+constant time (``hmac.compare_digest``) with every configured token.
+
+Several tokens (separated by whitespace or commas) make a rotation without a
+cold start: the server accepts each of them, clients (the CLI, warm start)
+send the first. Rotate with ``OLD NEW`` (roll out), then ``NEW OLD`` (roll
+out), then ``NEW``. With no token the admin plane only
 listens on a loopback address: whoever can reach it is on the same host (or
 in the same pod / container network namespace) already.
 
@@ -36,29 +41,36 @@ METADATA_KEY = "authorization"
 SCHEME = "bearer "
 
 
-def load_token(cfg: C.Config, env: Mapping[str, str] | None = None) -> str | None:
-    """The configured token, or None when there is none (ConfigError for a
-    token that is unreadable, too long or too short)."""
+def load_tokens(cfg: C.Config, env: Mapping[str, str] | None = None) -> tuple[str, ...] | None:
+    """The configured tokens (the first is the one clients send), or None
+    when there is none; ConfigError for a token source that is unreadable,
+    too long, or holds a token that is too short."""
     env = os.environ if env is None else env
-    token = env.get(TOKEN_ENV)
+    text = env.get(TOKEN_ENV)
     where = f"${TOKEN_ENV}"
-    if token is None and cfg.admin.token_file:
+    if text is None and cfg.admin.token_file:
         where = f"[admin] token_file {cfg.admin.token_file}"
         try:
             raw = C.read_bounded(cfg.admin.token_file, MAX_TOKEN_BYTES, "[admin] token_file")
         except OSError as e:
             raise C.ConfigError(f"{where}: cannot read it: {e.strerror}") from None
         try:
-            token = raw.decode("ascii")
+            text = raw.decode("ascii")
         except UnicodeDecodeError:
             raise C.ConfigError(f"{where}: a token is printable ASCII") from None
-    if token is None:
+    if text is None:
         return None
-    token = token.strip()
-    if len(token) < MIN_TOKEN_CHARS or not token.isprintable() or " " in token:
-        raise C.ConfigError(f"{where}: expected a token of at least {MIN_TOKEN_CHARS} printable characters "
-                            "without spaces (e.g. `openssl rand -hex 32`)")
-    return token
+    tokens = tuple(t for t in text.replace(",", " ").split() if t)
+    if not tokens or any(len(t) < MIN_TOKEN_CHARS or not t.isprintable() for t in tokens):
+        raise C.ConfigError(f"{where}: expected tokens of at least {MIN_TOKEN_CHARS} printable characters, "
+                            "separated by whitespace or commas (e.g. `openssl rand -hex 32`)")
+    return tokens
+
+
+def load_token(cfg: C.Config, env: Mapping[str, str] | None = None) -> str | None:
+    """The token a client sends (the first configured one), or None."""
+    tokens = load_tokens(cfg, env)
+    return tokens[0] if tokens else None
 
 
 def is_loopback(host: str) -> bool:
@@ -70,9 +82,10 @@ def is_loopback(host: str) -> bool:
         return False
 
 
-def check_exposure(cfg: C.Config, token: str | None) -> None:
-    """ConfigError if the admin plane would listen beyond loopback unprotected."""
-    if token is None and not is_loopback(cfg.admin.listen):
+def check_exposure(cfg: C.Config, tokens: object) -> None:
+    """ConfigError if the admin plane would listen beyond loopback unprotected
+    (``tokens``: the configured token(s), None for none)."""
+    if not tokens and not is_loopback(cfg.admin.listen):
         raise C.ConfigError(
             f"[admin] listen = {cfg.admin.listen!r} is not a loopback address, and no admin token is set: "
             f"anyone who reaches that address could steer the router. Set ${TOKEN_ENV} or [admin] token_file, "
@@ -93,14 +106,28 @@ def call_metadata(token: str | None) -> list[tuple[str, str]]:
 class Authenticator:
     """Checks the bearer token of one call (every call, no sessions)."""
 
-    def __init__(self, token: str | None):
-        self._token = token.encode() if token else None
-        self.token_id = fingerprint(token)
+    def __init__(self, tokens: str | Iterable[str] | None):
+        if isinstance(tokens, str):
+            tokens = (tokens,)
+        self._tokens = [(t.encode(), fingerprint(t)) for t in tokens or ()]
 
-    def allows(self, metadata: Iterable[tuple[str, str | bytes]]) -> bool:
-        if self._token is None:
-            return True  # loopback only (check_exposure)
+    def identify(self, metadata: Iterable[tuple[str, str | bytes]]) -> str | None:
+        """The fingerprint of the token the call carries ("none" when no
+        token is configured: loopback only), or None: refuse the call."""
+        if not self._tokens:
+            return "none"
+        presented = None
         for key, value in metadata:
             if key == METADATA_KEY and isinstance(value, str) and value[:len(SCHEME)].lower() == SCHEME:
-                return hmac.compare_digest(value[len(SCHEME):].strip().encode(), self._token)
-        return False
+                presented = value[len(SCHEME):].strip().encode()
+                break
+        if presented is None:
+            return None
+        found = None
+        for token, fp in self._tokens:  # every one, so the time does not say which matched
+            if hmac.compare_digest(presented, token):
+                found = fp
+        return found
+
+    def allows(self, metadata: Iterable[tuple[str, str | bytes]]) -> bool:
+        return self.identify(metadata) is not None

@@ -109,7 +109,7 @@ def _deny(handler, method: str):
 def _admin_handler(svc: admin_service.AdminService, authenticator: auth.Authenticator) -> grpc.GenericRpcHandler:
     def unary(parse, fn):
         async def call(request, context):
-            caller = f"peer={context.peer()} token={authenticator.token_id}"
+            caller = f"peer={context.peer()} token={authenticator.identify(context.invocation_metadata() or ())}"
             try:
                 return fn(request, caller)
             except admin_service.AdminError as e:
@@ -171,11 +171,13 @@ class AdminPlane:
         await self.server.stop(STOP_GRACE_S)
 
 
-async def serve(worker: Any, cfg: C.Config, port: int, token: str | None, config_path: str | None) -> AdminPlane:
-    """Start the admin plane of ``worker`` on ``[admin] listen``:``port``.
-    Health answers NOT_SERVING until ``set_serving(True)``."""
-    auth.check_exposure(cfg, token)
-    authenticator = auth.Authenticator(token)
+async def serve(worker: Any, cfg: C.Config, port: int, tokens: tuple[str, ...] | None,
+                config_path: str | None) -> AdminPlane:
+    """Start the admin plane of ``worker`` on ``[admin] listen``:``port``,
+    accepting any of ``tokens`` (``auth.load_tokens``). Health answers
+    NOT_SERVING until ``set_serving(True)``."""
+    auth.check_exposure(cfg, tokens)
+    authenticator = auth.Authenticator(tokens)
     limit = max_message_bytes(cfg)
     options = [("grpc.max_receive_message_length", limit), ("grpc.max_send_message_length", limit),
                ("grpc.so_reuseport", 0)]

@@ -114,11 +114,11 @@ class Worker:
 
     async def start(self, port: int | None = None, admin_port: int | None = None) -> int:
         restored = self.load_state()
-        token = admin_auth.load_token(self.cfg)
+        tokens = admin_auth.load_tokens(self.cfg)
         admin_port = admin_ports(self.cfg)[self.index] if admin_port is None else admin_port
-        self.admin = await admin_plane.serve(self, self.cfg, admin_port, token, self.config_path)
+        self.admin = await admin_plane.serve(self, self.cfg, admin_port, tokens, self.config_path)
         if not restored and self.cfg.admin.warm_start_peers:
-            self.warm_peer = await warm.warm_start(self.router, self.cfg, token)
+            self.warm_peer = await warm.warm_start(self.router, self.cfg, tokens[0] if tokens else None)
         self.saved_samples = self.router.samples()
         port = worker_ports(self.cfg)[self.index] if port is None else port
         # Everything allocated so far (modules, protobuf descriptors, numpy,
@@ -210,7 +210,7 @@ def serve(cfg: Config, config_path: str | None = None) -> int:
     setup_logging()
     # Refuse an unprotected non-loopback admin plane (or an unreadable token)
     # here, with the config error, before any worker starts.
-    admin_auth.check_exposure(cfg, admin_auth.load_token(cfg))
+    admin_auth.check_exposure(cfg, admin_auth.load_tokens(cfg))
     if cfg.router.workers == 1:
         asyncio.run(_worker_main(cfg, 0, config_path))
         return 0

@@ -24,7 +24,7 @@ def test_token_from_env_wins_over_file(tmp_path):
 
 
 @pytest.mark.parametrize("content, match", [
-    ("short", "at least 16"), ("has a space in it 0123456789", "without spaces"),
+    ("short", "at least 16"), ("a-good-one-0123456789 short", "at least 16"), (" \n", "at least 16"),
     ("x" * (auth.MAX_TOKEN_BYTES + 1), "larger than"),
 ])
 def test_bad_tokens_are_config_errors(tmp_path, content, match):
@@ -64,8 +64,24 @@ def test_authenticator_compares_the_bearer_token():
     assert not a.allows([("authorization", "Bearer " + TOKEN + "x")])
     assert not a.allows([("authorization", TOKEN)])
     assert not a.allows([])
-    assert auth.Authenticator(None).allows([])
-    assert a.token_id == auth.fingerprint(TOKEN) and TOKEN not in a.token_id
+    assert auth.Authenticator(None).identify([]) == "none"
+    assert a.identify([("authorization", "Bearer " + TOKEN)]) == auth.fingerprint(TOKEN)
+    assert TOKEN not in auth.fingerprint(TOKEN)
+
+
+def test_several_tokens_for_rotation(tmp_path):
+    """Servers accept every listed token, clients send the first."""
+    old, new = "old-token-0123456789", "new-token-0123456789"
+    f = tmp_path / "token"
+    f.write_text(f"{old}\n{new}\n")
+    cfg = C.Config().replace(admin={"token_file": str(f)})
+    assert auth.load_tokens(cfg, env={}) == (old, new)
+    assert auth.load_token(cfg, env={}) == old
+    assert auth.load_tokens(cfg, env={auth.TOKEN_ENV: f"{new},{old}"}) == (new, old)
+    a = auth.Authenticator((old, new))
+    assert a.identify([("authorization", "Bearer " + new)]) == auth.fingerprint(new)
+    assert a.identify([("authorization", "Bearer " + old)]) == auth.fingerprint(old)
+    assert a.identify([("authorization", "Bearer other-token-0123456789")]) is None
 
 
 def test_config_validation_of_the_admin_section():
