@@ -70,6 +70,13 @@ def test_partial_snapshot_restores_nothing_and_says_so(tmp_path, caplog):
         assert w.load_state() is False
     assert w.router.samples() == 0 and w.router.estimator.models == {} and w.router.outputs.sketches == {}
     assert "nothing restored" in caplog.text
+    # the poisoned root fit, from a file: the same check as the admin API
+    poisoned = json.loads(orjson.dumps(good, option=orjson.OPT_SERIALIZE_NUMPY))
+    n = len(poisoned["estimator"]["root"]["b"])
+    poisoned["estimator"]["root"].update(A=[0.0] * (n * n), b=[1e6] * n, samples=1000)
+    state.write_bytes(orjson.dumps(poisoned))
+    w = S.Worker(cfg, 0, telemetry=False)
+    assert w.load_state() is False and w.router.samples() == 0
     state.write_bytes(orjson.dumps(good, option=orjson.OPT_SERIALIZE_NUMPY))
     w = S.Worker(cfg, 0, telemetry=False)
     assert w.load_state() is True and w.router.samples() == 40
