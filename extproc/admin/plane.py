@@ -121,10 +121,14 @@ def _admin_handler(svc: admin_service.AdminService, authenticator: auth.Authenti
         admin_service.SERVICE, {name: unary(parse, fn) for name, (parse, fn) in svc.methods().items()})
 
 
+#: Largest PEM file read (certificate chain, key, CA bundle): a chain of a few
+#: certificates is a few KB, a full public CA bundle ~200 KB.
+MAX_PEM_BYTES = 1024 * 1024
+
+
 def _read(path: str, what: str) -> bytes:
     try:
-        with open(path, "rb") as f:
-            return f.read(C.MAX_CONFIG_BYTES)
+        return C.read_bounded(path, MAX_PEM_BYTES, f"[admin] {what}")
     except OSError as e:
         raise C.ConfigError(f"[admin] {what} {path}: cannot read it: {e.strerror}") from None
 
