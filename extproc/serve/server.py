@@ -208,9 +208,11 @@ def serve(cfg: Config, config_path: str | None = None) -> int:
     """Run the router until SIGTERM/SIGINT. Returns an exit code.
     ``config_path`` is what the admin API's ReloadConfig re-reads."""
     setup_logging()
-    # Refuse an unprotected non-loopback admin plane (or an unreadable token)
-    # here, with the config error, before any worker starts.
+    # Refuse an unprotected non-loopback admin plane (or an unreadable token
+    # or TLS file) here, with the config error, before any worker starts: a
+    # worker failing on it would only be restarted over and over.
     admin_auth.check_exposure(cfg, admin_auth.load_tokens(cfg))
+    admin_plane.server_credentials(cfg.admin)  # TLS files readable (ConfigError if not)
     if cfg.router.workers == 1:
         asyncio.run(_worker_main(cfg, 0, config_path))
         return 0
