@@ -151,6 +151,11 @@ def test_snapshot_round_trip(stack):
         with pytest.raises(grpc.RpcError) as e:
             stub.RestoreSnapshot(pb.Snapshot(state_json=b"{not json"), timeout=5, metadata=AUTH)
         assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        # not even a protobuf message
+        raw = ch.unary_unary("/budget_router.admin.v1.Admin/SetBShort")
+        with pytest.raises(grpc.RpcError) as e:
+            raw(b"\xff\xff\xff", timeout=5, metadata=AUTH)
+        assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT
 
 
 def test_poisoned_snapshot_is_refused_and_nothing_changes(stack):

@@ -22,6 +22,7 @@ import time
 from typing import Any
 
 import grpc
+from google.protobuf.message import DecodeError
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
@@ -108,14 +109,17 @@ def _deny(handler, method: str):
 
 def _admin_handler(svc: admin_service.AdminService, authenticator: auth.Authenticator) -> grpc.GenericRpcHandler:
     def unary(parse, fn):
-        async def call(request, context):
+        async def call(request: bytes, context):
             caller = f"peer={context.peer()} token={authenticator.identify(context.invocation_metadata() or ())}"
             try:
-                return fn(request, caller)
+                req = parse(request)
+            except DecodeError:
+                await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "could not parse the request message")
+            try:
+                return fn(req, caller)
             except admin_service.AdminError as e:
                 await context.abort(_STATUS.get(e.code, grpc.StatusCode.UNKNOWN), e.message)
-        return grpc.unary_unary_rpc_method_handler(
-            call, request_deserializer=parse, response_serializer=lambda m: m.SerializeToString())
+        return grpc.unary_unary_rpc_method_handler(call, response_serializer=lambda m: m.SerializeToString())
 
     return grpc.method_handlers_generic_handler(
         admin_service.SERVICE, {name: unary(parse, fn) for name, (parse, fn) in svc.methods().items()})
