@@ -21,6 +21,13 @@ message size (RESOURCE_EXHAUSTED), unknown method -> UNIMPLEMENTED, non-gRPC
 content-type -> HTTP 415, grpc-timeout deadlines (DEADLINE_EXCEEDED), client
 cancellation (RST_STREAM -> ``handler.abort()``), and the unary
 ``grpc.health.v1.Health/Check`` that Envoy's gRPC health checker calls.
+
+Limits of ``serve_fast`` (extproc.defaults, "HTTP/2 transport limits"): the
+flood limits of h2frames, fed this shell's clock; reading paused while the
+write buffer is above its high-water mark; connections per worker (the
+longest-idle one evicted first); preface and idle timeouts; and a per-process
+memory budget for open streams and the bodies they hold, past which new
+streams get RESOURCE_EXHAUSTED. ``FastServer.counters`` counts what they did.
 """
 
 from __future__ import annotations
