@@ -301,7 +301,8 @@ def test_body_far_over_envoy_buffer_413(main):
     With Content-Length (what the openai client sends) the router refuses from
     the headers: the client still gets the router's JSON 413. Chunked, Envoy
     cannot know the size up front; it gives up buffering and answers its own
-    413 (text body ``Payload Too Large``, not OpenAI-shaped JSON)."""
+    413, which the bootstrap's local_reply_config turns into the same
+    OpenAI-shaped JSON (Envoy's default is the text ``Payload Too Large``)."""
     big = prose(600_000, seed=4)  # ~3.6 MB
     body = json.dumps({"model": "m", "messages": msgs(big)}).encode()
     assert len(body) > MAX_BODY + 2 * 1024 * 1024
@@ -319,8 +320,11 @@ def test_body_far_over_envoy_buffer_413(main):
             pytest.fail(f"client got no response, only {e!r}")
     assert r.status_code == 413, (r.status_code, r.text[:200])
     assert "x-pool-name" not in r.headers
-    assert r.text == "Payload Too Large" and r.headers["content-type"].startswith("text/plain")
-    assert "x-budget-decision" not in r.headers
+    assert r.headers["content-type"].startswith("application/json"), r.headers
+    err = r.json()["error"]
+    assert err["code"] == "request_too_large" and err["type"] == "invalid_request_error"
+    assert f"the limit is {MAX_BODY} bytes" in err["message"]
+    assert "x-budget-decision" not in r.headers  # Envoy answered, not the router
     assert upstream_requests(main) == before
 
 

@@ -24,8 +24,17 @@ def context_length_exceeded(estimate: int, limit: int, output: int) -> bytes:
 
 
 def body_too_large(size: int | None, limit: int) -> bytes:
-    got = f"{size} bytes" if size is not None else "more"
+    got = f"{size} bytes, " if size is not None else ""
     return error_body(
-        f"Request body is too large: {got}, the limit is {limit} bytes.",
+        f"Request body is too large: {got}the limit is {limit} bytes.",
         "invalid_request_error", "request_too_large",
+    )
+
+
+def pool_unavailable(details: str) -> bytes:
+    """Envoy's answer when no pool that may serve a request is up (rendered
+    into the bootstrap: ``details`` is Envoy's %RESPONSE_CODE_DETAILS%)."""
+    return error_body(
+        f"No model server can take this request right now ({details}). Please retry later.",
+        "server_error", "pool_unavailable",
     )
