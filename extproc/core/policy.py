@@ -115,10 +115,10 @@ def largest_context(cfg: Config) -> int:
     return max(p.max_model_len for p in cfg.pools)
 
 
-def output_never_fits(cfg: Config, max_output: int | None) -> bool:
-    """True when the request's own output cap alone reaches the largest
-    pool's context: no prompt, however short, leaves room for it."""
-    return max_output is not None and max_output >= largest_context(cfg)
+def output_never_fits(max_output: int | None, largest: int) -> bool:
+    """True when the request's own output cap alone reaches ``largest``, the
+    largest pool's context: no prompt, however short, leaves room for it."""
+    return max_output is not None and max_output >= largest
 
 
 def margin_for(cfg: Config, long_rms: float) -> float:

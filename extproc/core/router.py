@@ -40,6 +40,7 @@ MARGIN_BAND_FRACTION = 0.5
 class Router:
     def __init__(self, cfg: Config):
         self.cfg = cfg
+        self.max_context = P.largest_context(cfg)
         self.estimator = Estimator(cfg.estimator, self._margin_min(cfg))
         self.outputs = OutputBudget(cfg.policy.default_output_tokens, cfg.policy.output_quantile,
                                     D.OUTPUT_MIN_SAMPLES)
@@ -51,6 +52,7 @@ class Router:
     def reconfigure(self, cfg: Config) -> None:
         """Take a new config (e.g. a new B_short) without losing what was learned."""
         self.cfg = cfg
+        self.max_context = P.largest_context(cfg)
         self.estimator.set_margin_min_tokens(self._margin_min(cfg))
         self.outputs.default_tokens = cfg.policy.default_output_tokens
         self.outputs.q = cfg.policy.output_quantile
@@ -86,11 +88,10 @@ class Router:
         req = parse(path, body)
         if isinstance(req, NotRoutable):
             return self.not_llm(req.reason)
-        if P.output_never_fits(cfg, req.max_output):
+        if P.output_never_fits(req.max_output, self.max_context):
             assert req.max_output is not None
-            limit = P.largest_context(cfg)
-            return self._refuse(P.R_MAX_TOKENS, P.STATUS_BAD_REQUEST,
-                                errors.max_tokens_too_large(req.max_output_param, req.max_output, limit))
+            return self._refuse(P.R_MAX_TOKENS, P.STATUS_BAD_REQUEST, errors.max_tokens_too_large(
+                req.max_output_param, req.max_output, self.max_context))
         if req.exact_prompt_tokens is not None:
             category, vector, n_bytes = "tokens", (), 0
             estimate, margin, rel_error, samples = float(req.exact_prompt_tokens), 0.0, 0.0, 0
