@@ -151,7 +151,7 @@ def test_compose_envoy_healthcheck_passes_against_a_real_envoy_admin(compose, tm
     test = compose["services"]["envoy"]["healthcheck"]["test"]
     assert "127.0.0.1/9901" in test[-1]  # the admin port of compose/envoy.yaml
     cfg = S.loopback_config(C.load(env={}))
-    st = S.Stack(cfg, workdir=str(tmp_path), with_router=False)
+    st = S.Stack(cfg, workdir=str(tmp_path), with_router=False, wait_pools=False)
     try:
         st.start_envoy()
         ok = _run_envoy_probe(test, cfg.envoy.admin_port)

@@ -499,6 +499,11 @@ class SlowEofPool:
             def log_message(self, *a):
                 pass
 
+            def do_GET(self):  # vLLM's /health, which Envoy's health check asks
+                self.send_response(200 if self.path == "/health" else 404)
+                self.send_header("content-length", "0")
+                self.end_headers()
+
             def do_POST(self):
                 self.rfile.read(int(self.headers.get("content-length") or 0))
                 self.send_response(200)

@@ -31,15 +31,6 @@ def body_too_large(size: int | None, limit: int) -> bytes:
     )
 
 
-def pool_unavailable(details: str) -> bytes:
-    """Envoy's answer when no pool that may serve a request is up (rendered
-    into the bootstrap: ``details`` is Envoy's %RESPONSE_CODE_DETAILS%)."""
-    return error_body(
-        f"No model server can take this request right now ({details}). Please retry later.",
-        "server_error", "pool_unavailable",
-    )
-
-
 def max_tokens_too_large(param: str, max_output: int, limit: int) -> bytes:
     """vLLM's wording for an output cap above the context (its ``param`` is the
     key the request used; OpenAI's code for an out-of-range value)."""

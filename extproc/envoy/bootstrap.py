@@ -41,7 +41,6 @@ from pathlib import Path
 from typing import Any
 
 import betterproto2
-import orjson
 import yaml
 
 from envoy_data_plane.envoy.config.accesslog.v3 import AccessLog, AccessLogFilter, ExtensionFilter
@@ -137,7 +136,6 @@ from envoy_data_plane.google.protobuf import Struct
 
 from .. import config as C
 from .. import defaults as D
-from ..core import errors
 
 # --- Names -------------------------------------------------------------------
 
@@ -222,22 +220,25 @@ POOL_HEALTH_PATH = "/health"
 
 #: Active health check of every pool endpoint. 1 s, like the router cluster's
 #: and Kubernetes' fastest probe period: a pool that dies without a request in
-#: flight (nothing for outlier detection to see) is noticed within
-#: interval x unhealthy threshold = 2 s, and a restarted pool takes traffic
-#: again within a second of answering /health. One tiny GET per second per
-#: endpoint per Envoy is free for vLLM.
+#: flight (nothing for outlier detection to see) is refused by every probe, so
+#: it is marked down within unhealthy threshold x interval = 3 s, and a
+#: restarted pool takes traffic again within a second of answering /health.
+#: One tiny GET per second per endpoint per Envoy is free for vLLM.
 POOL_HEALTH_CHECK_INTERVAL_MS = 1000
 
-#: A /health slower than this counts as a failure. vLLM answers it from the
-#: API process without touching the engine queue, so 500 ms only fires for a
-#: hung server; half the interval keeps probes from overlapping.
-POOL_HEALTH_CHECK_TIMEOUT_MS = 500
+#: A /health slower than this counts as a failure: 1 s. vLLM answers /health
+#: on its API server's event loop, which a burst of tokenization (long
+#: prompts) can stall for hundreds of ms; a busy pool must not be taken for a
+#: dead one (its short traffic would all move to the long pool). A hung pool
+#: is marked down after threshold x (interval + timeout) = 6 s.
+POOL_HEALTH_CHECK_TIMEOUT_MS = 1000
 
-#: Failed probes before a pool endpoint is marked unhealthy: 2 tolerates one
-#: lost probe during a CPU burst (Envoy's and Kubernetes' usual 2-3). Any
-#: non-200 answer (vLLM's 503 when its engine died) marks it at once (Envoy's
-#: rule for HTTP health checks).
-POOL_HEALTH_CHECK_UNHEALTHY_THRESHOLD = 2
+#: Failed probes before a pool endpoint is marked unhealthy: 3 (Envoy's and
+#: Kubernetes' usual 2-3; the larger, because a false "down" moves a whole
+#: pool's traffic). Any non-200 answer (vLLM's 503 when its engine died) marks
+#: it at once (Envoy's rule for HTTP health checks), and a crashed pool's
+#: refused connections eject it on the first requests (outlier detection).
+POOL_HEALTH_CHECK_UNHEALTHY_THRESHOLD = 3
 
 #: Passing probes before a pool endpoint takes traffic again: 1; vLLM answers
 #: /health only once the model is loaded.
@@ -535,9 +536,12 @@ def _route_config(cfg: C.Config) -> RouteConfiguration:
     )
 
 
-def _json_error(body: bytes) -> SubstitutionFormatString:
-    """An OpenAI-style error (``core.errors``) as Envoy's JSON body format."""
-    return SubstitutionFormatString(json_format=Struct.from_dict(orjson.loads(body)))
+def _json_error(message: str, type_: str, code: str) -> SubstitutionFormatString:
+    """An OpenAI-style error body, the shape the router's own errors have
+    (``{"error": {"message", "type", "param", "code"}}``), as Envoy's JSON
+    body format (``%...%`` operators in ``message`` are filled in by Envoy)."""
+    error = {"message": message, "type": type_, "param": None, "code": code}
+    return SubstitutionFormatString(json_format=Struct.from_dict({"error": error}))
 
 
 def _cel(expression: str) -> AccessLogFilter:
@@ -555,13 +559,17 @@ def local_reply_config(cfg: C.Config) -> LocalReplyConfig:
         # sees it. CEL, because only the response-code details tell Envoy's
         # 413 from the router's (which already is JSON, with the size).
         filter=_cel(f"response.code == 413 && response.code_details == '{ENVOY_PAYLOAD_TOO_LARGE_DETAILS}'"),
-        body_format_override=_json_error(errors.body_too_large(None, cfg.router.max_body_bytes)),
+        body_format_override=_json_error(
+            f"Request body is too large: the limit is {cfg.router.max_body_bytes} bytes.",
+            "invalid_request_error", "request_too_large"),
     )
     unavailable = ResponseMapper(
         # No healthy endpoint in any pool the request may use, or connecting
         # failed on every try: the router never answers 503 itself.
         filter=_cel("response.code == 503"),
-        body_format_override=_json_error(errors.pool_unavailable("%RESPONSE_CODE_DETAILS%")),
+        body_format_override=_json_error(
+            "No model server can take this request right now (%RESPONSE_CODE_DETAILS%). Please retry later.",
+            "server_error", "pool_unavailable"),
     )
     return LocalReplyConfig(mappers=[too_large, unavailable])
 
