@@ -57,7 +57,7 @@ def _post(h: httpx.Client, stack, body: bytes) -> httpx.Response:
     return h.post(stack.url + "/chat/completions", content=body, headers={"content-type": "application/json"})
 
 
-def _load(stack, body: bytes, duration: float, results: list, stop_at: list) -> None:
+def _load(stack, body: bytes, duration: float, results: list) -> None:
     """One client: requests back to back until ``duration`` has passed."""
     end = time.monotonic() + duration
     with httpx.Client(timeout=HTTP_TIMEOUT) as h:
@@ -72,7 +72,7 @@ def _load(stack, body: bytes, duration: float, results: list, stop_at: list) -> 
 
 def _run_load(stack, body: bytes, duration: float, during=None) -> list:
     results: list = []
-    threads = [threading.Thread(target=_load, args=(stack, body, duration, results, []), daemon=True)
+    threads = [threading.Thread(target=_load, args=(stack, body, duration, results), daemon=True)
                for _ in range(CLIENTS)]
     for t in threads:
         t.start()

@@ -53,7 +53,6 @@ from envoy_data_plane.envoy.config.cluster.v3 import (
     CircuitBreakers,
     CircuitBreakersThresholds,
     Cluster,
-    ClusterCommonLbConfig,
     ClusterCustomClusterType,
     ClusterDiscoveryType,
     ClusterDnsLookupFamily,

@@ -5,21 +5,19 @@ parts, and a max_tokens no pool can grant (400)."""
 
 from __future__ import annotations
 
-import base64
 import gzip
-import io
 import json
 import zlib
 
 import orjson
 import pytest
-from PIL import Image  # a dependency of matplotlib
 
 from extproc.config import Config
 from extproc.core import policy as P
 from extproc.core.request import CHAT_PATH
 from extproc.core.router import Router
 
+from .test_images import data_url, encode
 from .test_machine import machine, req_body, req_headers
 
 MAX_BODY = 64 * 1024
@@ -150,9 +148,7 @@ def test_max_tokens_400_through_the_machine():
 # --- images and other media -------------------------------------------------------------
 
 def png_url(w: int, h: int) -> str:
-    buf = io.BytesIO()
-    Image.new("RGB", (w, h)).save(buf, format="PNG")
-    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
+    return data_url(encode("PNG", w, h))
 
 
 def test_image_tokens_counted_and_route_long():
