@@ -279,6 +279,46 @@ H2_MEMORY_BUDGET_BYTES = 256 << 20
 #: the budget admits 65,536 open streams per worker.
 H2_STREAM_COST_BYTES = 4 << 10
 
+# --- Request kinds: media parts, max_tokens, content types -------------------
+
+#: Vision token rule (see extproc.core.images.ImageRule): one prompt token per
+#: 28 x 28 px, as Qwen2-VL / Qwen2.5-VL (14 px ViT patches merged 2x2), the
+#: most served open VLM family on vLLM. ViT-style models with 14 px patches and
+#: no merge (e.g. Pixtral, 16 px) spend ~4x more per pixel: configure them per
+#: model in [media] models.
+IMAGE_PATCH_PX = 28
+
+#: Fewest tokens per image: Qwen2-VL's min_pixels (56 x 56 = 4 tokens).
+IMAGE_MIN_TOKENS = 4
+
+#: Most tokens per image: Qwen2-VL's default max_pixels (28 x 28 x 16384);
+#: larger images are scaled down to it by the model's processor.
+IMAGE_MAX_TOKENS = 16384
+
+#: Marker tokens around each image (<|vision_start|>, <|vision_end|>).
+IMAGE_OVERHEAD_TOKENS = 2
+
+#: An image the router cannot size (an http(s) URL it must not fetch, or a
+#: data URL whose header it cannot read): 4096 tokens, a 1792 x 1792 image at
+#: 28 px, more than a phone photo after the usual 1-2 Mpx resize (1280-2560
+#: tokens): conservative, so such requests lean towards the long pool.
+REMOTE_IMAGE_TOKENS = 4096
+
+#: Audio parts: Whisper-style encoders (Qwen2-Audio, Ultravox) spend ~25 tokens
+#: per second and read at most 30 s per clip, 750 tokens; a clip given as a
+#: URL or of unknown length counts this much, a data clip its size at
+#: AUDIO_BYTES_PER_TOKEN when that is more.
+AUDIO_TOKENS = 750
+
+#: 8 KB/s (64 kbit/s compressed speech) / 25 tokens per second: a data clip's
+#: bytes per token, conservative for WAV (32 KB/s at 16 kHz, 4x fewer tokens).
+AUDIO_BYTES_PER_TOKEN = 320
+
+#: Video and file parts (PDFs, documents): no header tells their token count;
+#: 8192 tokens (a short video at 2 fps or a ~10-page PDF) unless a data file's
+#: size at PRIOR_BYTES_PER_TOKEN says more. Flagged in the decision's metadata.
+FILE_TOKENS = 8192
+
 # --- Admin plane -----------------------------------------------------------------
 
 #: First admin gRPC port (worker i: +i). 100 above ROUTER_PORT so the two
