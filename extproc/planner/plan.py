@@ -605,6 +605,10 @@ def recommend(designs: list[dict]) -> dict:
             d = best_s
             why = (f"{d['name']} costs {saving:.1%} less than the best single pool ({best_h['name']}) at "
                    f"equal per-class SLOs, {margin:.1%} above seed spread + search tolerance ({noise:.1%})")
+        elif saving <= 0:
+            d = best_h
+            why = (f"the best split ({best_s['name']}) costs {-saving:.1%} more than {best_h['name']} at "
+                   f"equal per-class SLOs: keep one pool")
         else:
             d = best_h
             why = (f"the best split ({best_s['name']}) saves {saving:.1%} over {best_h['name']}, within "

@@ -301,3 +301,5 @@ def test_split_recommended_only_above_spread_and_tolerance():
     assert far["design"] == "split-8192" and far["split"]
     assert far["margin"] == pytest.approx(0.20 - noise)
     assert f"{0.20 - noise:.1%}" in far["why"]
+    worse = recommend([d("baseline", "homogeneous", 100, 0), d("split-8192", "split", 120, 0)])
+    assert worse["design"] == "baseline" and "costs 20.0% more" in worse["why"]
