@@ -33,11 +33,11 @@ demo: $(STAMP)
 ## All tests (unit, property, state machine, simulator, integration through the real Envoy,
 ## and the real-vLLM tier: two vLLM CPU servers as the pools).
 test: $(STAMP) $(VLLM_STAMP)
-	BUDGET_ROUTER_VLLM_VENV=$(VLLM_VENV) BUDGET_ROUTER_REQUIRE_VLLM=1 $(PY) -m pytest -q
+	ROUTER_VLLM_VENV=$(VLLM_VENV) ROUTER_TESTS_REQUIRE_VLLM=1 $(PY) -m pytest -q
 
 ## Only the real-vLLM tier (tests/vllm, marker vllm).
 test-vllm: $(STAMP) $(VLLM_STAMP)
-	BUDGET_ROUTER_VLLM_VENV=$(VLLM_VENV) BUDGET_ROUTER_REQUIRE_VLLM=1 $(PY) -m pytest -q -s -m vllm tests/vllm
+	ROUTER_VLLM_VENV=$(VLLM_VENV) ROUTER_TESTS_REQUIRE_VLLM=1 $(PY) -m pytest -q -s -m vllm tests/vllm
 
 ## Router overhead: Envoy direct vs Envoy + router, concurrency 1 and 16.
 bench: $(STAMP)

