@@ -502,6 +502,8 @@ def _pcts(x: float | None) -> str:
 def format_report(rep: dict[str, Any]) -> str:
     a = rep["analysis"]
     c = rep["config"]
+    pools_text = (f"real vLLM {c.get('vllm_version')} CPU servers, tiny Qwen2 with random weights"
+                  if c.get("pools") == POOLS_VLLM else f"simulated vLLM at time scale {c['time_scale']}")
     lines = [
         "# budget-router demo report",
         "",
@@ -509,7 +511,7 @@ def format_report(rep: dict[str, Any]) -> str:
         f"{rep['wall_seconds']:.1f} s of traffic",
         f"router: B_short = {c['b_short']}, sample_rate = {c['sample_rate']} (demo setting: the router learns "
         f"from every response; deployments default to {c['default_sample_rate']}), fresh calibration state",
-        f"pools: simulated vLLM at time scale {c['time_scale']} (short max_model_len {c['short_max_model_len']}, "
+        f"pools: {pools_text} (short max_model_len {c['short_max_model_len']}, "
         f"long {c['long_max_model_len']})",
         "",
         "## Requests per pool",
@@ -518,7 +520,7 @@ def format_report(rep: dict[str, Any]) -> str:
         + "   (HTTP statuses: " + ", ".join(f"{k}: {v}" for k, v in sorted(a["statuses"].items())) + ")",
         "",
         f"  end-to-end latency of successful requests: p50 {a['request_latency_s']['p50']} s, "
-        f"p99 {a['request_latency_s']['p99']} s (simulated pools at time scale {c['time_scale']})",
+        f"p99 {a['request_latency_s']['p99']} s ({pools_text})",
     ]
     if a.get("trace"):
         t = a["trace"]
@@ -553,7 +555,8 @@ def format_report(rep: dict[str, Any]) -> str:
         f"  benign  (true budget <= B_short, sent long): {m['benign']} ({m['benign_pct']:.2f}%)",
         f"  of {m['judged']} requests with a known true budget. Benign ones are the price of the safety margin "
         "(estimate x (1 + margin) + output budget is compared with B_short), paid by requests just under B_short; "
-        "a harmful one would be refused by the short pool (prompt + max_tokens > its max_model_len).",
+        "a harmful one is refused by the short pool when its prompt alone is too long, and otherwise cut short "
+        "(vLLM 0.32+; vLLM 0.5-0.10 refused prompt + max_tokens > max_model_len).",
         "",
         "## Errors",
         "",
@@ -594,6 +597,13 @@ def format_report(rep: dict[str, Any]) -> str:
 
 
 # --- Command ----------------------------------------------------------------------------
+
+def _vllm_version(pools: str) -> str | None:
+    if pools != POOLS_VLLM:
+        return None
+    from .vllm_pool import VLLM_VERSION
+    return VLLM_VERSION
+
 
 def build_requests(args: argparse.Namespace, b_short: int) -> tuple[list[T.DemoRequest], str]:
     reqs, source = _requests(args, b_short)
@@ -725,7 +735,8 @@ def run(args: argparse.Namespace) -> int:
     plot_pools(results, files["pools.png"], b_short, cfg.short.name)
     report = {
         "config": {
-            "source": source, "pools": args.pools, "requests": args.requests, "concurrency": args.concurrency, "seed": args.seed,
+            "source": source, "pools": args.pools, "vllm_version": _vllm_version(args.pools),
+            "requests": args.requests, "concurrency": args.concurrency, "seed": args.seed,
             "time_scale": args.time_scale, "sample_rate": args.sample_rate,
             "default_sample_rate": D.SAMPLE_RATE, "b_short": b_short,
             "short_max_model_len": cfg.short.max_model_len, "long_max_model_len": cfg.long.max_model_len,

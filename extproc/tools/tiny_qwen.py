@@ -33,14 +33,50 @@ QWEN_PATTERN = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}"
 SPECIAL_TOKENS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>")
 FIRST_SPECIAL_ID = 151643
 
-#: Qwen2-Instruct's chat template (ChatML with its default system prompt).
-CHATML_TEMPLATE = (
-    "{% for message in messages %}"
-    "{% if loop.first and messages[0]['role'] != 'system' %}"
-    "{{ '<|im_start|>system\\nYou are a helpful assistant.<|im_end|>\\n' }}{% endif %}"
-    "{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>' + '\\n' }}"
-    "{% endfor %}"
-    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}")
+#: Qwen2.5-Instruct's chat template: ChatML with its default system prompt,
+#: tool definitions in the system message and tool calls/results as Qwen
+#: writes them (vLLM parses calls back with --tool-call-parser hermes). Every
+#: tag trims the whitespace around it, so the layout here is free.
+CHATML_TEMPLATE = """
+{%- if tools %}
+    {{- '<|im_start|>system\n' }}
+    {%- if messages[0]['role'] == 'system' %}{{- messages[0]['content'] }}
+    {%- else %}{{- 'You are a helpful assistant.' }}{%- endif %}
+    {{- "\n\n# Tools\n\nYou may call one or more functions to assist with the user query.\n\n" ~
+        "You are provided with function signatures within <tools></tools> XML tags:\n<tools>" }}
+    {%- for tool in tools %}{{- "\n" }}{{- tool | tojson }}{%- endfor %}
+    {{- "\n</tools>\n\nFor each function call, return a json object with function name and arguments " ~
+        'within <tool_call></tool_call> XML tags:\n<tool_call>\n{"name": <function-name>, ' ~
+        '"arguments": <args-json-object>}\n</tool_call><|im_end|>\n' }}
+{%- else %}
+    {%- if messages[0]['role'] == 'system' %}
+        {{- '<|im_start|>system\n' + messages[0]['content'] + '<|im_end|>\n' }}
+    {%- else %}
+        {{- '<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n' }}
+    {%- endif %}
+{%- endif %}
+{%- for message in messages %}
+    {%- if message.role == "user" or (message.role == "system" and not loop.first) or (message.role == "assistant" and not message.tool_calls) %}
+        {{- '<|im_start|>' + message.role + '\n' + (message.content or '') + '<|im_end|>\n' }}
+    {%- elif message.role == "assistant" %}
+        {{- '<|im_start|>' + message.role }}
+        {%- if message.content %}{{- '\n' + message.content }}{%- endif %}
+        {%- for tool_call in message.tool_calls %}
+            {%- if tool_call.function is defined %}{%- set tool_call = tool_call.function %}{%- endif %}
+            {{- '\n<tool_call>\n{"name": "' }}{{- tool_call.name }}{{- '", "arguments": ' }}
+            {%- if tool_call.arguments is string %}{{- tool_call.arguments }}
+            {%- else %}{{- tool_call.arguments | tojson }}{%- endif %}
+            {{- '}\n</tool_call>' }}
+        {%- endfor %}
+        {{- '<|im_end|>\n' }}
+    {%- elif message.role == "tool" %}
+        {%- if loop.index0 == 0 or messages[loop.index0 - 1].role != "tool" %}{{- '<|im_start|>user' }}{%- endif %}
+        {{- '\n<tool_response>\n' }}{{- message.content }}{{- '\n</tool_response>' }}
+        {%- if loop.last or messages[loop.index0 + 1].role != "tool" %}{{- '<|im_end|>\n' }}{%- endif %}
+    {%- endif %}
+{%- endfor %}
+{%- if add_generation_prompt %}{{- '<|im_start|>assistant\n' }}{%- endif %}
+"""
 
 #: A tiny Qwen2: 2 layers, hidden 256, 4 heads of 64, 2 KV heads, Qwen2's real
 #: vocabulary size (151,936 rows, padded past the 151,646 used ids), tied
@@ -79,14 +115,20 @@ MODEL_CONFIG = {
 #: The check of the converted tokenizer (real Qwen2's ids).
 HELLO = ("Hello, world!", [9707, 11, 1879, 0])
 
-#: Marker written last: a directory with it is complete (safe to reuse).
+#: Marker written last: a directory whose marker holds FORMAT is complete and
+#: current (safe to reuse); bump FORMAT when anything written here changes.
 DONE_FILE = ".complete"
+FORMAT = "2"  # 2: Qwen2.5's template with tools
 
 
 def write_model(path: str) -> str:
     """Write the model directory (idempotent); returns ``path``."""
-    if os.path.exists(os.path.join(path, DONE_FILE)):
-        return path
+    try:
+        with open(os.path.join(path, DONE_FILE)) as f:
+            if f.read() == FORMAT:
+                return path
+    except OSError:
+        pass
     from importlib.resources import files
 
     from tokenizers import Tokenizer
@@ -121,7 +163,8 @@ def write_model(path: str) -> str:
                       ("generation_config.json", gen_cfg)):
         with open(os.path.join(path, name), "w") as f:
             json.dump(doc, f, indent=1)
-    open(os.path.join(path, DONE_FILE), "w").close()
+    with open(os.path.join(path, DONE_FILE), "w") as f:
+        f.write(FORMAT)
     return path
 
 

@@ -88,9 +88,17 @@ def model_dir() -> str:
     """The tiny Qwen2 directory, generated on first use into the vLLM env."""
     path = venv_dir() / "tiny-qwen2"
     script = Path(__file__).with_name("tiny_qwen.py")
-    if not (path / ".complete").exists():
+    done = path / ".complete"
+    if not done.exists() or done.read_text() != _model_format():
         subprocess.run([python(), str(script), str(path)], check=True, stdout=subprocess.DEVNULL)
     return str(path)
+
+
+def _model_format() -> str:
+    """tiny_qwen.FORMAT, read without importing it (it imports transformers)."""
+    import re
+    text = Path(__file__).with_name("tiny_qwen.py").read_text()
+    return re.search(r'^FORMAT = "([^"]+)"', text, re.M).group(1)
 
 
 @dataclass(frozen=True)
@@ -109,6 +117,8 @@ class VLLMPool:
         return [python(), "-m", "vllm.entrypoints.openai.api_server",
                 "--model", model, "--served-model-name", *SERVED_NAMES,
                 "--load-format", "dummy", "--enforce-eager",
+                # tool requests ("auto" tool choice) need a parser; Qwen2 writes hermes-style calls
+                "--enable-auto-tool-choice", "--tool-call-parser", "hermes",
                 "--max-model-len", str(self.max_model_len), "--max-num-seqs", str(self.max_num_seqs),
                 "--kv-cache-memory-bytes", str(self.kv_tokens * KV_BYTES_PER_TOKEN),
                 "--host", self.host, "--port", str(self.port)]
