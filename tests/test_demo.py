@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -202,6 +203,7 @@ def test_builtin_mix_scaled_for_real_vllm_pools():
     args = argparse.Namespace(trace=None, prompts=None, requests=30, seed=1, pools="vllm")
     reqs, source = demo.build_requests(args, 2048)
     assert {r.body()["model"] for r in reqs} == {vllm_pool.VLLM_MODEL} and "x0.0625" in source
+    assert all(r.max_tokens is not None for r in reqs)  # random weights never stop on their own
     assert demo.PROBE_MODEL in vllm_pool.SERVED_NAMES
 
 
@@ -209,3 +211,13 @@ def test_vllm_stack_config():
     from extproc.tools import stack as S
     cfg = S.vllm_config(S.loopback_config())
     assert (cfg.short.max_model_len, cfg.long.max_model_len, cfg.policy.b_short) == (2048, 8192, 2048)
+
+
+@pytest.mark.parametrize("cmd", ["demo", "up"])
+def test_pools_vllm_without_the_environment_says_how_to_build_it(cmd, tmp_path):
+    import subprocess
+    import sys
+    env = {**os.environ, "ROUTER_VLLM_VENV": str(tmp_path / "none")}
+    p = subprocess.run([sys.executable, "-m", "extproc.cli", cmd, "--pools", "vllm"], env=env,
+                       capture_output=True, text=True, timeout=60)
+    assert p.returncode == 2 and "make vllm-env" in p.stderr, p.stderr

@@ -620,9 +620,11 @@ def _requests(args: argparse.Namespace, b_short: int) -> tuple[list[T.DemoReques
         return reqs, f"trace {args.trace} (arrivals x{args.rate})"
     if args.prompts:
         return T.from_prompt_files(args.prompts, args.requests, args.seed, b_short), f"prompt files {args.prompts}"
-    scale = VLLM_MIX_SCALE if args.pools == POOLS_VLLM else 1.0
-    return (T.builtin_mix(args.requests, args.seed, b_short, scale=scale),
-            "built-in mix (stdlib prose/code, CJK, tools, chats, long)" + (f", sizes x{scale:g}" if scale != 1 else ""))
+    real = args.pools == POOLS_VLLM
+    scale = VLLM_MIX_SCALE if real else 1.0
+    return (T.builtin_mix(args.requests, args.seed, b_short, scale=scale, capped_only=real),
+            "built-in mix (stdlib prose/code, CJK, tools, chats, long)"
+            + (f", sizes x{scale:g}, every request capped (random weights never stop)" if real else ""))
 
 
 def _print_stack_failure(stack, err: Exception) -> None:
@@ -644,11 +646,9 @@ def run(args: argparse.Namespace) -> int:
     if args.requests is None:
         args.requests = DEFAULT_REQUESTS_VLLM if args.pools == POOLS_VLLM else DEFAULT_REQUESTS
     if args.pools == POOLS_VLLM:
-        from .vllm_pool import VLLMUnavailable, python
-        try:
-            python()
-        except VLLMUnavailable as e:
-            print(f"budget-router demo: {e}", file=sys.stderr)
+        from .vllm_pool import missing
+        if missing():
+            print(f"budget-router demo: {missing()}", file=sys.stderr)
             return 2
     if args.requests < 1 or args.concurrency < 1:
         print("budget-router demo: --requests and --concurrency must be >= 1", file=sys.stderr)

@@ -511,8 +511,8 @@ def _kinds(rng: random.Random, n: int, shares: dict[str, float]) -> list[str]:
     return kinds
 
 
-def _max_tokens(rng: random.Random, scale: float = 1.0) -> int | None:
-    if rng.random() < NO_MAX_TOKENS_SHARE:
+def _max_tokens(rng: random.Random, scale: float = 1.0, capped_only: bool = False) -> int | None:
+    if rng.random() < NO_MAX_TOKENS_SHARE and not capped_only:
         return None
     return _scaled(rng.choice(MAX_TOKENS_CHOICES), scale)
 
@@ -525,12 +525,15 @@ def _scaled(tokens: int, scale: float) -> int:
     return tokens if scale == 1.0 else max(MIN_SCALED_TOKENS, int(tokens * scale))
 
 
-def make_request(rng: random.Random, index: int, kind: str, b_short: int, scale: float = 1.0) -> DemoRequest:
+def make_request(rng: random.Random, index: int, kind: str, b_short: int, scale: float = 1.0,
+                 capped_only: bool = False) -> DemoRequest:
     """One request of ``kind``. ``scale`` multiplies every prompt size and
     output cap (not the near-threshold budgets, which follow ``b_short``):
     real vLLM pools on a CPU have 16x smaller contexts than the GPU fleet the
-    mix is written for."""
-    max_tokens = _max_tokens(rng, scale)
+    mix is written for. ``capped_only``: every request sets max_tokens (a
+    model with random weights has no natural answer length: it never emits
+    EOS and an uncapped answer runs to max_model_len)."""
+    max_tokens = _max_tokens(rng, scale, capped_only)
     stream = rng.random() < STREAM_SHARE
     tools = None
     if kind == "prose":
@@ -590,13 +593,13 @@ def _place(rng: random.Random, reqs: list[DemoRequest], extra: list[DemoRequest]
 
 
 def builtin_mix(n: int, seed: int, b_short: int = 8192, with_errors: bool = True,
-                scale: float = 1.0) -> list[DemoRequest]:
+                scale: float = 1.0, capped_only: bool = False) -> list[DemoRequest]:
     """n requests of the built-in mix (+2 deliberate errors when n >= 20);
-    ``scale``: see ``make_request``."""
+    ``scale``, ``capped_only``: see ``make_request``."""
     rng = random.Random(seed)
     errors = deliberate_errors(rng) if with_errors and n >= 20 else []
     kinds = _kinds(rng, n - len(errors), MIX_SHARES)
-    reqs = [make_request(rng, i, k, b_short, scale) for i, k in enumerate(kinds)]
+    reqs = [make_request(rng, i, k, b_short, scale, capped_only) for i, k in enumerate(kinds)]
     return _place(rng, reqs, errors)
 
 

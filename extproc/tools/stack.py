@@ -313,11 +313,9 @@ def _cmd_up(args: argparse.Namespace) -> int:
     if args.workers:
         cfg = cfg.replace(router={"workers": args.workers})
     if args.pools == POOLS_VLLM:
-        from .vllm_pool import VLLMUnavailable, python
-        try:
-            python()
-        except VLLMUnavailable as e:
-            print(f"budget-router up: {e}", file=sys.stderr)
+        from .vllm_pool import missing
+        if missing():
+            print(f"budget-router up: {missing()}", file=sys.stderr)
             return 2
         cfg = vllm_config(cfg)
     stack = Stack(cfg, workdir=args.workdir or "", time_scale=args.time_scale, pools=args.pools)

@@ -84,6 +84,15 @@ def python() -> str:
     return str(py)
 
 
+def missing() -> str | None:
+    """Why real vLLM pools cannot start here (for a CLI message), or None."""
+    try:
+        python()
+    except VLLMUnavailable as e:
+        return str(e)
+    return None
+
+
 def model_dir() -> str:
     """The tiny Qwen2 directory, generated on first use into the vLLM env."""
     path = venv_dir() / "tiny-qwen2"

@@ -76,6 +76,7 @@ def test_tiny_qwen_tokenizer_is_qwen2s(vllm_stack):
     assert r.usage.prompt_tokens == 23
 
 
+
 # --- learning the tokenizer + template from usage -------------------------------------------
 
 def test_router_learns_qwen_tokenizer_and_chatml_from_usage(vllm_stack):
