@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import stat
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -51,6 +52,9 @@ class RouterConfig:
     max_body_bytes: int = D.MAX_BODY_BYTES
     state_file: str = ".budget-router/state.json"
     snapshot_interval_s: float = D.SNAPSHOT_INTERVAL_S
+    # Also snapshot after this many new learned samples (at most one per
+    # defaults.SNAPSHOT_MIN_GAP_S); 0 = only every snapshot_interval_s.
+    snapshot_samples: int = D.SNAPSHOT_SAMPLES
     sample_rate: float = D.SAMPLE_RATE
     inject_include_usage: bool = D.INJECT_INCLUDE_USAGE
     drain_seconds: float = D.DRAIN_SECONDS
@@ -74,6 +78,9 @@ class EstimatorConfig:
     rls_forgetting: float = D.RLS_FORGETTING
     min_samples_confident: int = D.MIN_SAMPLES_CONFIDENT
     max_models: int = D.MAX_MODELS
+    # With every slot taken, a model not learned from for this many samples
+    # gives its slot to a new name (least recently learned first).
+    model_idle_samples: int = D.MODEL_IDLE_SAMPLES
 
 
 @dataclass(frozen=True)
@@ -94,6 +101,25 @@ class EnvoyConfig:
 
 
 @dataclass(frozen=True)
+class MediaConfig:
+    """Prompt tokens of non-text content parts (images, audio, video, files);
+    the reason behind each default is in extproc.defaults."""
+
+    image_patch_px: int = D.IMAGE_PATCH_PX
+    image_min_tokens: int = D.IMAGE_MIN_TOKENS
+    image_max_tokens: int = D.IMAGE_MAX_TOKENS
+    image_overhead_tokens: int = D.IMAGE_OVERHEAD_TOKENS
+    remote_image_tokens: int = D.REMOTE_IMAGE_TOKENS
+    audio_tokens: int = D.AUDIO_TOKENS
+    audio_bytes_per_token: int = D.AUDIO_BYTES_PER_TOKEN
+    file_tokens: int = D.FILE_TOKENS
+    # Per-model image rule, e.g. {"llava-1.5" = {image_patch_px = 14,
+    # image_max_tokens = 576}}: keys are the image_* keys above; a model not
+    # listed uses them. (File only: no environment variable sets it.)
+    models: Mapping[str, Mapping[str, int]] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
 class TelemetryConfig:
     # Prometheus endpoint of worker i on prometheus_port + i; 0 turns it off.
     # 9464 is the OpenTelemetry Prometheus exporter's conventional port.
@@ -104,12 +130,37 @@ class TelemetryConfig:
 
 
 @dataclass(frozen=True)
+class AdminConfig:
+    """The admin gRPC plane (budget_router.admin.v1.Admin, grpc.health,
+    reflection): worker i on ``port + i``, apart from ext_proc."""
+
+    listen: str = "127.0.0.1"
+    port: int = D.ADMIN_PORT
+    # File holding the bearer token callers must send ("authorization:
+    # Bearer <token>"); $BUDGET_ROUTER_ADMIN_TOKEN wins over it. With no token
+    # the admin plane refuses to listen beyond loopback.
+    token_file: str = ""
+    # TLS for the admin port (PEM files); with tls_client_ca_file set, callers
+    # must present a certificate signed by that CA (mTLS).
+    tls_cert_file: str = ""
+    tls_key_file: str = ""
+    tls_client_ca_file: str = ""
+    # Where a replica without a snapshot of its own fetches a peer's
+    # calibration at start: "host:port" entries; a name resolving to many
+    # addresses (a headless Service) asks each of them.
+    warm_start_peers: tuple[str, ...] = ()
+    warm_start_timeout_s: float = D.WARM_START_TIMEOUT_S
+
+
+@dataclass(frozen=True)
 class Config:
     router: RouterConfig = field(default_factory=RouterConfig)
     policy: PolicyConfig = field(default_factory=PolicyConfig)
     estimator: EstimatorConfig = field(default_factory=EstimatorConfig)
     envoy: EnvoyConfig = field(default_factory=EnvoyConfig)
     telemetry: TelemetryConfig = field(default_factory=TelemetryConfig)
+    media: MediaConfig = field(default_factory=MediaConfig)
+    admin: AdminConfig = field(default_factory=AdminConfig)
     short: PoolConfig = field(
         default_factory=lambda: PoolConfig(
             D.SHORT_POOL, D.SHORT_MAX_MODEL_LEN, (f"127.0.0.1:{D.SHORT_POOL_PORT}",)
@@ -147,7 +198,23 @@ _SECTIONS = {
     "estimator": EstimatorConfig,
     "envoy": EnvoyConfig,
     "telemetry": TelemetryConfig,
+    "media": MediaConfig,
+    "admin": AdminConfig,
 }
+
+#: Keys of a per-model image rule in [media] models.
+MEDIA_MODEL_KEYS = ("image_patch_px", "image_min_tokens", "image_max_tokens", "image_overhead_tokens")
+
+#: Environment variables under ENV_PREFIX that are not config keys.
+#: ADMIN_TOKEN is a secret (kept out of Config, so `config --show` and
+#: ConfigResult never print it); LOG_FORMAT and LOG_LEVEL are read by logging
+#: setup before any config exists.
+NON_CONFIG_ENV = frozenset({"CONFIG", "ADMIN_TOKEN", "LOG_FORMAT", "LOG_LEVEL"})
+
+#: Largest config file read (and the only kind: a regular file). A real one is
+#: a few KB; the bound keeps a mistaken path (/dev/zero, a log file) from
+#: eating memory, the way ReloadConfig did before it stopped taking paths.
+MAX_CONFIG_BYTES = 1024 * 1024
 
 
 def _asdict(obj: Any) -> dict[str, Any]:
@@ -187,6 +254,12 @@ def _coerce(section: str, key: str, value: Any, typ: Any) -> Any:
         if isinstance(value, str):
             return value
         raise ConfigError(f"{where} = {value!r}: expected a string")
+    if typ == "tuple[str, ...]":
+        if isinstance(value, str):
+            value = [v.strip() for v in value.split(",") if v.strip()]
+        if isinstance(value, (list, tuple)) and all(isinstance(v, str) for v in value):
+            return tuple(value)
+        raise ConfigError(f"{where} = {value!r}: expected a list of strings")
     return value
 
 
@@ -221,7 +294,7 @@ def _env_overrides(env: Mapping[str, str]) -> dict[str, dict[str, Any]]:
     out: dict[str, dict[str, Any]] = {}
     names = list(_SECTIONS) + ["pools_short", "pools_long"]
     for var, value in env.items():
-        if not var.startswith(ENV_PREFIX) or var == ENV_PREFIX + "CONFIG":
+        if not var.startswith(ENV_PREFIX) or var[len(ENV_PREFIX):] in NON_CONFIG_ENV:
             continue
         rest = var[len(ENV_PREFIX):].lower()
         for section in sorted(names, key=len, reverse=True):
@@ -236,6 +309,18 @@ def _env_overrides(env: Mapping[str, str]) -> dict[str, dict[str, Any]]:
     return out
 
 
+def read_bounded(path: str | os.PathLike, limit: int, what: str) -> bytes:
+    """The bytes of a regular file of at most ``limit`` bytes; ConfigError
+    for anything else (a device, a FIFO, a directory, a bigger file)."""
+    with open(path, "rb") as f:
+        if not stat.S_ISREG(os.fstat(f.fileno()).st_mode):
+            raise ConfigError(f"{what} {path} is not a regular file")
+        data = f.read(limit + 1)
+    if len(data) > limit:
+        raise ConfigError(f"{what} {path} is larger than {limit} bytes")
+    return data
+
+
 def load(path: str | os.PathLike | None = None, env: Mapping[str, str] | None = None) -> Config:
     """Load the config file (if any) and the environment, validated.
 
@@ -247,9 +332,11 @@ def load(path: str | os.PathLike | None = None, env: Mapping[str, str] | None = 
     if path:
         p = Path(path)
         try:
-            raw = tomllib.loads(p.read_text(encoding="utf-8"))
+            raw = tomllib.loads(read_bounded(p, MAX_CONFIG_BYTES, "config file").decode("utf-8"))
         except FileNotFoundError:
             raise ConfigError(f"config file {p} does not exist") from None
+        except UnicodeDecodeError as e:
+            raise ConfigError(f"config file {p} is not UTF-8: {e}") from None
         except tomllib.TOMLDecodeError as e:
             raise ConfigError(f"config file {p} is not valid TOML: {e}") from None
     return from_mapping(raw, env)
@@ -326,6 +413,8 @@ def validate(cfg: Config) -> None:
     _check(r.snapshot_interval_s > 0, f"[router] snapshot_interval_s = {r.snapshot_interval_s}: expected > 0")
     _check(r.drain_seconds >= 0, f"[router] drain_seconds = {r.drain_seconds}: expected >= 0")
     _check(p.b_short > 0, f"[policy] b_short = {p.b_short}: expected a positive token count")
+    _check(p.b_short >= D.MIN_B_SHORT, f"[policy] b_short = {p.b_short}: expected at least {D.MIN_B_SHORT} tokens "
+           "(below that every chat request is long)")
     _check(p.b_short <= cfg.short.max_model_len,
            f"[policy] b_short = {p.b_short} is above [pools.short] max_model_len = {cfg.short.max_model_len}: "
            "requests routed short would be rejected by the short pool")
@@ -344,6 +433,21 @@ def validate(cfg: Config) -> None:
     _check(0.9 <= e.rls_forgetting <= 1, f"[estimator] rls_forgetting = {e.rls_forgetting}: expected 0.9-1.0")
     _check(e.min_samples_confident >= 1, f"[estimator] min_samples_confident = {e.min_samples_confident}: expected >= 1")
     _check(1 <= e.max_models <= 10_000, f"[estimator] max_models = {e.max_models}: expected 1-10000")
+    _check(e.model_idle_samples >= 1, f"[estimator] model_idle_samples = {e.model_idle_samples}: expected >= 1")
+    _check(r.snapshot_samples >= 0, f"[router] snapshot_samples = {r.snapshot_samples}: expected >= 0 (0 = off)")
+    a = cfg.admin
+    _check(0 < a.port and a.port + r.workers - 1 < 65536,
+           f"[admin] port = {a.port}: expected a port with room for every worker (port + workers - 1 <= 65535)")
+    _check(a.port + r.workers <= r.port or r.port + r.workers <= a.port,
+           f"[admin] port = {a.port} overlaps the ext_proc ports {r.port}-{r.port + r.workers - 1}")
+    _check(0 < a.warm_start_timeout_s <= D.MAX_WARM_START_TIMEOUT_S,
+           f"[admin] warm_start_timeout_s = {a.warm_start_timeout_s}: expected 0-{D.MAX_WARM_START_TIMEOUT_S:g} s")
+    for peer in a.warm_start_peers:
+        _check_endpoint("[admin] warm_start_peers", peer)
+    _check(bool(a.tls_cert_file) == bool(a.tls_key_file),
+           "[admin] tls_cert_file and tls_key_file: set both (TLS) or neither")
+    _check(not a.tls_client_ca_file or bool(a.tls_cert_file),
+           "[admin] tls_client_ca_file needs tls_cert_file and tls_key_file (mTLS is TLS plus client certificates)")
     _check(v.message_timeout_ms >= 10, f"[envoy] message_timeout_ms = {v.message_timeout_ms}: expected >= 10")
     _check(v.route_timeout_s >= 0, f"[envoy] route_timeout_s = {v.route_timeout_s}: expected >= 0 (0 = none)")
     _check(v.stream_idle_timeout_s > 0, f"[envoy] stream_idle_timeout_s = {v.stream_idle_timeout_s}: expected > 0")
@@ -352,6 +456,7 @@ def validate(cfg: Config) -> None:
            f"[telemetry] prometheus_port = {t.prometheus_port}: expected 0 (off) or a port with room for every worker")
     if v.otlp_endpoint:
         _check_endpoint("[envoy] otlp_endpoint", v.otlp_endpoint)
+    _validate_media(cfg.media)
     for pool in cfg.pools:
         where = f"[pools.{pool.name}]"
         _check(pool.max_model_len > 0, f"{where} max_model_len = {pool.max_model_len}: expected > 0")
@@ -360,11 +465,35 @@ def validate(cfg: Config) -> None:
             _check_endpoint(where, ep)
 
 
+def _validate_media(m: MediaConfig) -> None:
+    rules = [("[media]", {k: getattr(m, k) for k in MEDIA_MODEL_KEYS})]
+    _check(isinstance(m.models, Mapping), f"[media] models = {m.models!r}: expected a table of model names")
+    for model, rule in m.models.items():
+        where = f"[media] models.{model!r}"
+        _check(isinstance(rule, Mapping) and set(rule) <= set(MEDIA_MODEL_KEYS),
+               f"{where} = {rule!r}: expected a table with keys among {', '.join(MEDIA_MODEL_KEYS)}")
+        rules.append((where, {k: rule.get(k, getattr(m, k)) for k in MEDIA_MODEL_KEYS}))
+    for where, r in rules:
+        for k, v in r.items():
+            _check(isinstance(v, int) and not isinstance(v, bool) and v >= 0 and (v > 0 or k == "image_overhead_tokens"),
+                   f"{where} {k} = {v!r}: expected a positive integer")
+        _check(r["image_min_tokens"] <= r["image_max_tokens"],
+               f"{where} image_min_tokens = {r['image_min_tokens']} is above image_max_tokens = {r['image_max_tokens']}")
+    for k in ("remote_image_tokens", "audio_tokens", "audio_bytes_per_token", "file_tokens"):
+        v = getattr(m, k)
+        _check(v > 0, f"[media] {k} = {v}: expected a positive integer")
+
+
 def worker_ports(cfg: Config) -> list[int]:
     """gRPC port of each router worker: Envoy's ext_proc cluster lists each as
     its own endpoint, so each gets its own HTTP/2 connection and streams spread
     over the processes (one connection's streams all land in one process)."""
     return [cfg.router.port + i for i in range(cfg.router.workers)]
+
+
+def admin_ports(cfg: Config) -> list[int]:
+    """Admin gRPC port of each router worker (``[admin] port + i``)."""
+    return [cfg.admin.port + i for i in range(cfg.router.workers)]
 
 
 def to_toml(cfg: Config) -> str:
@@ -376,6 +505,8 @@ def to_toml(cfg: Config) -> str:
             return repr(v)
         if isinstance(v, (list, tuple)):
             return "[" + ", ".join(fmt(x) for x in v) + "]"
+        if isinstance(v, Mapping):
+            return "{" + ", ".join(f"{fmt(str(k))} = {fmt(x)}" for k, x in v.items()) + "}"
         return '"' + str(v).replace("\\", "\\\\").replace('"', '\\"') + '"'
 
     lines: list[str] = []

@@ -174,3 +174,99 @@ ENVOY_ADMIN_PORT = 9901     # Envoy's documented admin port
 ROUTER_PORT = 50051         # gRPC's conventional example port; worker i: +i
 SHORT_POOL_PORT = 8101
 LONG_POOL_PORT = 8102
+
+# --- Request kinds: media parts, max_tokens, content types -------------------
+
+#: Vision token rule (see extproc.core.images.ImageRule): one prompt token per
+#: 28 x 28 px, as Qwen2-VL / Qwen2.5-VL (14 px ViT patches merged 2x2), the
+#: most served open VLM family on vLLM. ViT-style models with 14 px patches and
+#: no merge (e.g. Pixtral, 16 px) spend ~4x more per pixel: configure them per
+#: model in [media] models.
+IMAGE_PATCH_PX = 28
+
+#: Fewest tokens per image: Qwen2-VL's min_pixels (56 x 56 = 4 tokens).
+IMAGE_MIN_TOKENS = 4
+
+#: Most tokens per image: Qwen2-VL's default max_pixels (28 x 28 x 16384);
+#: larger images are scaled down to it by the model's processor.
+IMAGE_MAX_TOKENS = 16384
+
+#: Marker tokens around each image (<|vision_start|>, <|vision_end|>).
+IMAGE_OVERHEAD_TOKENS = 2
+
+#: An image the router cannot size (an http(s) URL it must not fetch, or a
+#: data URL whose header it cannot read): 4096 tokens, a 1792 x 1792 image at
+#: 28 px, more than a phone photo after the usual 1-2 Mpx resize (1280-2560
+#: tokens): conservative, so such requests lean towards the long pool.
+REMOTE_IMAGE_TOKENS = 4096
+
+#: Audio parts: Whisper-style encoders (Qwen2-Audio, Ultravox) spend ~25 tokens
+#: per second and read at most 30 s per clip, 750 tokens; a clip given as a
+#: URL or of unknown length counts this much, a data clip its size at
+#: AUDIO_BYTES_PER_TOKEN when that is more.
+AUDIO_TOKENS = 750
+
+#: 8 KB/s (64 kbit/s compressed speech) / 25 tokens per second: a data clip's
+#: bytes per token, conservative for WAV (32 KB/s at 16 kHz, 4x fewer tokens).
+AUDIO_BYTES_PER_TOKEN = 320
+
+#: Video and file parts (PDFs, documents): no header tells their token count;
+#: 8192 tokens (a short video at 2 fps or a ~10-page PDF) unless a data file's
+#: size at PRIOR_BYTES_PER_TOKEN says more. Flagged in the decision's metadata.
+FILE_TOKENS = 8192
+
+# --- Admin plane -----------------------------------------------------------------
+
+#: First admin gRPC port (worker i: +i). 100 above ROUTER_PORT so the two
+#: blocks never overlap for up to 100 workers (config.validate checks it),
+#: in the way Envoy keeps its admin (9901) apart from its listeners.
+ADMIN_PORT = 50151
+
+#: Smallest B_short the config or the admin API accepts. Below a few hundred
+#: tokens every chat request (template + a question + any output budget) is
+#: "long", so such a value only ever sends all traffic to the long pool, which
+#: is what the SetBShort(1) attack did. 512 is under the smallest context any
+#: served chat model has had since GPT-2's 1024.
+MIN_B_SHORT = 512
+
+#: How long a replica without a snapshot of its own waits for a peer's
+#: calibration ([admin] warm_start_peers) before it starts from the prior.
+#: 10 s is a third of Kubernetes' default 30 s failureThreshold x periodSeconds
+#: window for startup and far above a loopback/pod-network gRPC call (ms).
+WARM_START_TIMEOUT_S = 10.0
+
+#: Upper bound on warm_start_timeout_s: a readiness delay longer than a
+#: minute costs more (a replica that is not serving) than a cold start does
+#: (the sampler relearns the prior in a few hundred responses).
+MAX_WARM_START_TIMEOUT_S = 60.0
+
+#: Learned samples after which a snapshot is written before the periodic one
+#: is due, so a kill -9 loses at most ~this many samples of learning instead
+#: of SNAPSHOT_INTERVAL_S worth (at a cold start every response is learned:
+#: hundreds per second). Bounded by SNAPSHOT_MIN_GAP_S below.
+SNAPSHOT_SAMPLES = 500
+
+#: Shortest time between two snapshots triggered by SNAPSHOT_SAMPLES: a write
+#: + fsync of a full 64-model state costs ~10 ms of the event loop, so at most
+#: one per 5 s keeps that under 0.2% of a core whatever the learning rate
+#: (like Redis' "save 60 10000": a count trigger with a time floor).
+SNAPSHOT_MIN_GAP_S = 5.0
+
+# --- Identity bounds ---------------------------------------------------------------
+
+#: Longest model name kept as-is (characters). Hugging Face repo ids are at
+#: most 96 characters for the name plus the owner, OpenAI's names are far
+#: shorter; longer names are cut and suffixed with a hash of the full name
+#: (estimator.bounded_model_name), so distinct names stay distinct while a
+#: 1 MiB "model" costs 128 characters in the table, the state file, the
+#: /metrics page and GetCalibration.
+MAX_MODEL_NAME_CHARS = 128
+
+#: A model name that has learned nothing for this many learned samples (of any
+#: model) may give its slot to a new name once all MAX_MODELS slots are taken
+#: (least recently learned first). Real deployments learn every model they
+#: serve continuously; a name a flood made up is never learned again, so after
+#: this many samples of real traffic its slot is free. 1,000 samples is ~20 s
+#: at 1K req/s with the 5% sample rate, and a model is only ever dropped when
+#: the table is full, so a small horizon costs a real model nothing.
+MODEL_IDLE_SAMPLES = 1000

@@ -101,8 +101,10 @@ def loopback_config(base: Config | None = None, workers: int | None = None, **se
     envoy_port, admin_port, short_port, long_port = free_ports(4)
     router_port = free_port_block(n)
     prom_port = free_port_block(n)
+    admin_plane_port = free_port_block(n)
     cfg = cfg.replace(
         router={"port": router_port, "workers": n, "listen": "127.0.0.1"},
+        admin={"port": admin_plane_port, "listen": "127.0.0.1"},
         telemetry={"prometheus_port": prom_port, "prometheus_listen": "127.0.0.1"},
         envoy={"port": envoy_port, "admin_port": admin_port, "listen": "127.0.0.1", "router_host": "127.0.0.1"},
         short={"endpoints": (f"127.0.0.1:{short_port}",)},
@@ -149,6 +151,7 @@ class Stack:
     quiet: bool = True
     with_router: bool = True
     pools: str = POOLS_SIM                 # POOLS_SIM or POOLS_VLLM
+    wait_pools: bool = True   # start_envoy waits until Envoy sees every pool healthy
     router_env: dict[str, str] = field(default_factory=dict)  # e.g. OTEL_* for the router
     procs: dict[str, subprocess.Popen] = field(default_factory=dict)
     logs: dict[str, str] = field(default_factory=dict)
@@ -177,6 +180,11 @@ class Stack:
         out.close()
         self.procs[name] = p
         return p
+
+    def rss_kb(self, name: str) -> int:
+        """Resident memory of a process of the stack (Linux /proc), in KiB."""
+        with open(f"/proc/{self.procs[name].pid}/status") as f:
+            return next(int(ln.split()[1]) for ln in f if ln.startswith("VmRSS:"))
 
     def log_tail(self, name: str, n: int = 40) -> str:
         try:
@@ -248,15 +256,28 @@ class Stack:
         _wait("envoy", lambda: _http_ok(self.admin_url + "/ready"), p)
         if self.with_router:
             _wait("envoy health check of the router", self.router_healthy, p)
+        if self.wait_pools:
+            # Until Envoy's first passing health check of every pool: before
+            # it, short requests would fail over to the long pool.
+            _wait("envoy health check of the pools",
+                  lambda: all(self.cluster_healthy(pool.cluster) for pool in self.cfg.pools), p)
 
-    def router_healthy(self) -> bool:
+    def _healthy(self, cluster: str, expected: int) -> bool:
         try:
             with urllib.request.urlopen(self.admin_url + "/clusters", timeout=1.0) as r:
                 text = r.read().decode()
         except (urllib.error.URLError, OSError):
             return False
-        lines = [ln for ln in text.splitlines() if ln.startswith("budget_router::") and "::health_flags::" in ln]
-        return len(lines) == self.cfg.router.workers and all(ln.endswith("::healthy") for ln in lines)
+        lines = [ln for ln in text.splitlines() if ln.startswith(f"{cluster}::") and "::health_flags::" in ln]
+        return len(lines) == expected and all(ln.endswith("::healthy") for ln in lines)
+
+    def router_healthy(self) -> bool:
+        return self._healthy("budget_router", self.cfg.router.workers)
+
+    def cluster_healthy(self, cluster: str) -> bool:
+        """Every endpoint of a pool cluster passes Envoy's health check."""
+        pool = next(p for p in self.cfg.pools if p.cluster == cluster)
+        return self._healthy(cluster, len(pool.endpoints))
 
     def start(self) -> "Stack":
         if not self.workdir:
