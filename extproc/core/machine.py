@@ -154,8 +154,24 @@ class StreamMachine:
         except Exception:  # a bug must not lose the request: answer and go on
             log.exception("ext_proc state machine failed on %s; continuing without the router", kind)
             return [self._fallback(kind)], True
-        log.warning("ext_proc message of unknown kind %r ignored", kind)
-        return [], False
+        # Empty, or a kind this version does not know: there is no response
+        # of its kind to give, so end the stream (OK) and let Envoy go on
+        # without us rather than wait for an answer that never comes.
+        log.warning("ext_proc message of unknown kind %r: closing the stream", kind)
+        self.state = S_DONE
+        return [], True
+
+    @property
+    def held_bytes(self) -> int:
+        """Body bytes this stream keeps between messages (a split request
+        body, a JSON response body scanned for usage): the transport counts
+        them against its memory budget."""
+        s = self.scanner
+        if self.body_parts:
+            return self.body_size
+        if type(s) is JSONUsage and not s.done and not s.overflow:
+            return s.size
+        return 0
 
     def abort(self) -> None:
         # A client that stops reading at "data: [DONE]" makes Envoy reset the
