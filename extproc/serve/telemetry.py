@@ -19,7 +19,7 @@ Metrics (names as Prometheus shows them; OTel instrument names use dots):
     budget_router_learned_bytes_per_token{model,category}        gauge
     budget_router_learned_overhead_tokens{model,category}        gauge, tokens
     budget_router_learned_samples_total{model,category}          counter
-    budget_router_misroutes_detected_total{pool}                 counter
+    budget_router_misroutes_detected_total{pool,kind}            counter
     budget_router_processing_seconds{phase}                      histogram, s
     budget_router_streams_in_flight                              gauge (up-down)
 
@@ -44,7 +44,7 @@ from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import BatchSpanProcessor
 
 from ..config import Config
-from ..core.machine import StreamMachine
+from ..core.machine import MISROUTE_CONTEXT, MISROUTE_TRUNCATED, StreamMachine
 from ..core.router import Router
 from ..core.features import CATEGORIES
 
@@ -154,7 +154,7 @@ class Telemetry:
         # the same.
         self._requests: dict[tuple[str, str, str], int] = {}
         self._samples: dict[tuple[str, str], int] = {}
-        self._misroutes: dict[str, int] = {}
+        self._misroutes: dict[tuple[str, str], int] = {}
         self._in_flight = 0
         m.create_observable_counter("budget_router.requests", [self._observe_requests], unit="",
                                     description="Requests decided, by pool, category and reason")
@@ -163,7 +163,8 @@ class Telemetry:
         m.create_observable_counter("budget_router.learned_samples", [self._observe_samples], unit="",
                                     description="Responses the estimator learned from")
         m.create_observable_counter("budget_router.misroutes_detected", [self._observe_misroutes], unit="",
-                                    description="Short-pool context-length errors seen in the response phase")
+                                    description="Harmful misroutes seen in the response phase: kind context_length "
+                                                "(the short pool's 400) or truncated (answer cut at its max_model_len)")
         self.processing = m.create_histogram("budget_router.processing", unit="s",
                                              description="Router CPU-side time per ext_proc message, by phase")
         m.create_observable_up_down_counter("budget_router.streams_in_flight", [self._observe_in_flight], unit="",
@@ -192,8 +193,8 @@ class Telemetry:
             yield Observation(n, {"model": model, "category": cat})
 
     def _observe_misroutes(self, options: CallbackOptions) -> Iterable[Observation]:
-        for pool, n in list(self._misroutes.items()):
-            yield Observation(n, {"pool": pool})
+        for (pool, kind), n in list(self._misroutes.items()):
+            yield Observation(n, {"pool": pool, "kind": kind})
 
     def _observe_in_flight(self, options: CallbackOptions) -> Iterable[Observation]:
         yield Observation(self._in_flight)
@@ -234,9 +235,10 @@ class Telemetry:
                     self._prune_samples()
                 self._samples[skey] = self._samples.get(skey, 0) + 1
             if m.misroute:
-                self._misroutes[d.pool] = self._misroutes.get(d.pool, 0) + 1
-                log.warning("misroute detected: short pool rejected a request for its context length",
-                            extra={"fields": {"request_id": m.request_headers.get("x-request-id"),
+                mkey = (d.pool, m.misroute)
+                self._misroutes[mkey] = self._misroutes.get(mkey, 0) + 1
+                log.warning("misroute detected: %s", MISROUTE_LOG[m.misroute],
+                            extra={"fields": {"kind": m.misroute, "request_id": m.request_headers.get("x-request-id"),
                                               "trace_id": trace_id(s.metadata) or trace_id(m.request_headers),
                                               "estimate": d.estimate, "prompt_tokens": m.usage.prompt_tokens
                                               if m.usage else None, "category": d.category}})
@@ -274,9 +276,16 @@ class Telemetry:
         if m.rel_error is not None:
             attrs["budget_router.estimate_error"] = m.rel_error
         if m.misroute:
-            attrs["budget_router.misroute"] = True
+            attrs["budget_router.misroute"] = m.misroute
         span.set_attributes(attrs)
         span.end()
+
+
+#: What the warning log line says for each kind of detected misroute.
+MISROUTE_LOG = {
+    MISROUTE_CONTEXT: "the short pool refused a request for its context length (HTTP 400)",
+    MISROUTE_TRUNCATED: "the short pool cut an answer short at its max_model_len (finish_reason length)",
+}
 
 
 class ObservedStream:

