@@ -1,4 +1,4 @@
-"""Render the Envoy bootstrap that puts the router in front of the two vLLM pools.
+"""Render the Envoy bootstrap that puts the router in front of the vLLM pools (one per tier).
 
 The bootstrap is built from typed ``envoy_data_plane`` messages (the Envoy v3
 API as betterproto2 classes), so a misspelt field fails here in Python, not at
@@ -17,8 +17,10 @@ Filter chain (order matters), see envoy/README.md for the why of each part:
 1. ``envoy.filters.http.ext_proc`` streams headers and the buffered body to the
    router, which sets the routing header, clears the route cache and writes its
    decision into dynamic metadata.
-2. ``envoy.filters.http.router`` sends ``<routing header>: short`` to
-   ``pool_short`` and everything else to ``pool_long``.
+2. ``envoy.filters.http.router`` sends ``<routing header>: <tier>`` to
+   ``pool_<tier>`` for every tier but the last (``short`` -> ``pool_short``
+   with the default two tiers) and everything else to the last tier's cluster
+   (``pool_long``).
 """
 
 from __future__ import annotations
@@ -368,24 +370,7 @@ def _route_config(cfg: C.Config) -> RouteConfiguration:
             VirtualHost(
                 name="pools",
                 domains=["*"],
-                routes=[
-                    Route(
-                        name=cfg.short.cluster,
-                        match=RouteMatch(
-                            prefix="/",
-                            headers=[
-                                HeaderMatcher(
-                                    name=cfg.router.routing_header,
-                                    string_match=StringMatcher(exact=cfg.short.name),
-                                )
-                            ],
-                        ),
-                        route=action(cfg.short),
-                    ),
-                    # Default: the long pool serves every length, so a request
-                    # the router did not classify (router down, timeout) is safe there.
-                    Route(name=cfg.long.cluster, match=RouteMatch(prefix="/"), route=action(cfg.long)),
-                ],
+                routes=_tier_routes(cfg, action),
                 response_headers_to_add=[
                     HeaderValueOption(
                         header=HeaderValue(
@@ -399,6 +384,26 @@ def _route_config(cfg: C.Config) -> RouteConfiguration:
             )
         ],
     )
+
+
+def _tier_route(cfg: C.Config, tier: C.PoolConfig, action: RouteAction) -> Route:
+    """``<routing header>: <tier name>`` -> ``pool_<tier name>``."""
+    return Route(
+        name=tier.cluster,
+        match=RouteMatch(
+            prefix="/",
+            headers=[HeaderMatcher(name=cfg.router.routing_header, string_match=StringMatcher(exact=tier.name))],
+        ),
+        route=action,
+    )
+
+
+def _tier_routes(cfg: C.Config, action: Any) -> list[Route]:
+    """One header route per tier but the last, then the default: the last tier
+    serves every length, so a request the router did not classify (router
+    down, timeout, unknown header value) is safe there."""
+    routes = [_tier_route(cfg, t, action(t)) for t in cfg.tiers[:-1]]
+    return routes + [Route(name=cfg.long.cluster, match=RouteMatch(prefix="/"), route=action(cfg.long))]
 
 
 def _strip_routing_header(cfg: C.Config) -> TypedExtensionConfig:
@@ -509,7 +514,7 @@ def _otel_cluster(cfg: C.Config) -> Cluster:
 
 def build_bootstrap(cfg: C.Config) -> Bootstrap:
     """The whole Envoy bootstrap for ``cfg`` as a typed message."""
-    clusters = [_router_cluster(cfg), _pool_cluster(cfg, cfg.short), _pool_cluster(cfg, cfg.long)]
+    clusters = [_router_cluster(cfg), *(_pool_cluster(cfg, t) for t in cfg.tiers)]
     if cfg.envoy.otlp_endpoint:
         clusters.append(_otel_cluster(cfg))
     return Bootstrap(

@@ -10,6 +10,7 @@ an operator runs.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import signal
 import socket
@@ -91,15 +92,14 @@ def loopback_config(base: Config | None = None, workers: int | None = None, **se
     """A config whose every port is a free loopback port (tests, demo)."""
     cfg = base or C.load(env={})
     n = workers or cfg.router.workers
-    envoy_port, admin_port, short_port, long_port = free_ports(4)
+    envoy_port, admin_port, *pool_ports = free_ports(2 + len(cfg.tiers))
     router_port = free_port_block(n)
     prom_port = free_port_block(n)
     cfg = cfg.replace(
         router={"port": router_port, "workers": n, "listen": "127.0.0.1"},
         telemetry={"prometheus_port": prom_port, "prometheus_listen": "127.0.0.1"},
         envoy={"port": envoy_port, "admin_port": admin_port, "listen": "127.0.0.1", "router_host": "127.0.0.1"},
-        short={"endpoints": (f"127.0.0.1:{short_port}",)},
-        long={"endpoints": (f"127.0.0.1:{long_port}",)},
+        tiers=[dataclasses.replace(t, endpoints=(f"127.0.0.1:{port}",)) for t, port in zip(cfg.tiers, pool_ports)],
     )
     if sections:
         cfg = cfg.replace(**sections)
@@ -146,8 +146,7 @@ class Stack:
         return f"http://127.0.0.1:{self.cfg.envoy.admin_port}"
 
     def pool_url(self, name: str) -> str:
-        pool = self.cfg.short if name == self.cfg.short.name else self.cfg.long
-        return f"http://{pool.endpoints[0]}"
+        return f"http://{self.cfg.tier(name).endpoints[0]}"
 
     def _spawn(self, name: str, argv: list[str], env: dict | None = None) -> subprocess.Popen:
         log_path = os.path.join(self.workdir, f"{name}.log")
@@ -169,10 +168,18 @@ class Stack:
     def start_pool(self, name: str) -> None:
         self._wait_pool(self._spawn_pool(name))
 
+    def max_num_seqs(self, name: str) -> int:
+        """The first tier gets vLLM's default, the last the worst-case setting,
+        a middle tier what the same KV memory holds at its context, in between."""
+        pool = self.cfg.tier(name)
+        if name == self.cfg.long.name:
+            return LONG_MAX_NUM_SEQS
+        return max(LONG_MAX_NUM_SEQS, SHORT_MAX_NUM_SEQS * self.cfg.short.max_model_len // pool.max_model_len)
+
     def _spawn_pool(self, name: str):
-        pool = self.cfg.short if name == self.cfg.short.name else self.cfg.long
+        pool = self.cfg.tier(name)
         host, port = pool.endpoints[0].rsplit(":", 1)
-        seqs = SHORT_MAX_NUM_SEQS if name == self.cfg.short.name else LONG_MAX_NUM_SEQS
+        seqs = self.max_num_seqs(name)
         p = self._spawn(f"pool-{name}", [
             sys.executable, "-m", "extproc.cli", "backend", "--host", host, "--port", port,
             "--name", name, "--max-model-len", str(pool.max_model_len), "--max-num-seqs", str(seqs),
@@ -240,7 +247,7 @@ class Stack:
         try:
             # Python processes start in parallel (~1 s of imports each), then
             # Envoy, which health-checks the router before it is "ready".
-            pools = [self._spawn_pool(self.cfg.short.name), self._spawn_pool(self.cfg.long.name)]
+            pools = [self._spawn_pool(t.name) for t in self.cfg.tiers]
             router = self._spawn_router() if self.with_router else None
             for spawned in pools:
                 self._wait_pool(spawned)
@@ -286,7 +293,7 @@ def _cmd_up(args: argparse.Namespace) -> int:
     if args.workers:
         cfg = cfg.replace(router={"workers": args.workers})
     stack = Stack(cfg, workdir=args.workdir or "", time_scale=args.time_scale)
-    print("starting: short pool, long pool, router, Envoy ...", flush=True)
+    print(f"starting: pools {', '.join(t.name for t in cfg.tiers)}, router, Envoy ...", flush=True)
     stop = {"flag": False}
 
     def on_signal(signum, frame):
@@ -312,7 +319,7 @@ ready. Send OpenAI requests to Envoy:
 
 The response header {cfg.router.decision_header} shows the router's decision.
   Envoy admin:  {stack.admin_url}   (stats, clusters)
-  pools:        short {stack.pool_url(cfg.short.name)}/metrics   long {stack.pool_url(cfg.long.name)}/metrics
+  pools:        {"   ".join(f"{t.name} {stack.pool_url(t.name)}/metrics" for t in cfg.tiers)}
   logs:         {stack.workdir}/*.log
 
 Ctrl-C stops everything.""", flush=True)
@@ -332,7 +339,7 @@ Ctrl-C stops everything.""", flush=True)
 
 
 def add_parsers(sub) -> None:
-    p = sub.add_parser("up", help="run Envoy + router + a short and a long simulated pool until Ctrl-C")
+    p = sub.add_parser("up", help="run Envoy + router + one simulated pool per tier until Ctrl-C")
     p.add_argument("--config", metavar="FILE", help="TOML config (ports, pools, B_short, ...)")
     p.add_argument("--workers", type=int, help="router worker processes")
     p.add_argument("--time-scale", type=float, default=UP_TIME_SCALE,
