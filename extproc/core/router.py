@@ -62,7 +62,7 @@ class Router:
         spill, thr = Spillover.from_config(cfg), Threshold.from_config(cfg)
         if same_tiers:  # keep what the loop has seen and counted; pins stay
             spill.saturated, spill.spilled = self.spillover.saturated, self.spillover.spilled
-            thr.pinned, thr.history = self.threshold.pinned, self.threshold.history
+            thr.pinned, thr.history, thr.moves = self.threshold.pinned, self.threshold.history, self.threshold.moves
             if thr.base == self.threshold.base:  # boundaries not reconfigured: keep where they moved
                 thr.limits, thr.last_move = self.threshold.limits, self.threshold.last_move
         else:

@@ -47,12 +47,14 @@ class Threshold:
     pinned: list[bool] = field(default_factory=list)
     last_move: list[float] = field(default_factory=list)
     history: list[Move] = field(default_factory=list)
+    moves: list[int] = field(default_factory=list)  # moves per boundary since start
 
     def __post_init__(self) -> None:
         n = len(self.base)
         self.limits = self.limits or list(self.base)
         self.pinned = self.pinned or [False] * n
         self.last_move = self.last_move or [-math.inf] * n
+        self.moves = self.moves or [0] * n
 
     @classmethod
     def from_config(cls, cfg) -> "Threshold":
@@ -96,6 +98,7 @@ class Threshold:
         m = Move(now, b, self.limits[b], new, why)
         self.limits[b] = new
         self.last_move[b] = now
+        self.moves[b] += 1
         self.history.append(m)
         del self.history[:-HISTORY_LIMIT]
         return m
