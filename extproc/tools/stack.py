@@ -133,6 +133,7 @@ class Stack:
     quiet: bool = True
     with_router: bool = True
     router_env: dict[str, str] = field(default_factory=dict)  # e.g. OTEL_* for the router
+    pool_seqs: dict[str, int] = field(default_factory=dict)  # max_num_seqs per tier name (else max_num_seqs())
     procs: dict[str, subprocess.Popen] = field(default_factory=dict)
     logs: dict[str, str] = field(default_factory=dict)
 
@@ -179,7 +180,7 @@ class Stack:
     def _spawn_pool(self, name: str):
         pool = self.cfg.tier(name)
         host, port = pool.endpoints[0].rsplit(":", 1)
-        seqs = self.max_num_seqs(name)
+        seqs = self.pool_seqs.get(name) or self.max_num_seqs(name)
         p = self._spawn(f"pool-{name}", [
             sys.executable, "-m", "extproc.cli", "backend", "--host", host, "--port", port,
             "--name", name, "--max-model-len", str(pool.max_model_len), "--max-num-seqs", str(seqs),
