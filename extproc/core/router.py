@@ -125,13 +125,19 @@ class Router:
             d.reason, d.status = P.R_CONTEXT, P.STATUS_BAD_REQUEST
             d.error = errors.context_length_exceeded(d.estimate, cfg.long.max_model_len, output)
             return d
-        d.pool, d.reason = P.choose(cfg, estimate, output, margin, self.limits())
-        if cfg.spillover.enabled:
-            i = cfg.tier_index(d.pool)
-            j = self.spillover.target(i)
-            if j != i:
-                d.from_pool, d.pool, d.reason = d.pool, cfg.tiers[j].name, P.R_SPILLOVER
+        j, i = self.place(P.padded_budget(estimate, output, margin))
+        d.pool, d.reason = cfg.tiers[i].name, P.reason_for(i, len(cfg.tiers))
+        if j != i:
+            d.from_pool, d.pool, d.reason = d.pool, cfg.tiers[j].name, P.R_SPILLOVER
         return d
+
+    def place(self, padded: float) -> tuple[int, int]:
+        """(tier index, the tier the budget alone chose) for a padded budget:
+        the smallest tier whose limit it fits, then spillover. The planner's
+        fleet simulator calls this very method (planner.closed_loop)."""
+        i = P.tier_for(self.limits(), padded)
+        j = self.spillover.target(i) if self.cfg.spillover.enabled else i
+        return j, i
 
     def limits(self) -> tuple[int, ...]:
         """The tier boundaries decisions use now (the configured ones unless

@@ -157,8 +157,14 @@ def test_router_modes_and_spillover():
     noisy = FleetSpec(spec.pools, 8192, router="noise")
     p2, budget = route(tr, noisy)
     assert (budget != tr.total).any() and 0.9 < (p2 == pool).mean() < 1.0
-    r = simulate(tr, FleetSpec(spec.pools, 8192, spillover=True))
-    assert r.spilled > 0  # one overloaded short instance spills
+    # One overloaded short instance spills to a long pool that has room (the
+    # router's own spillover: core.spillover, on the simulated vLLM signals).
+    roomy = (spec.pools[0], PoolSpec("long", long_cfg, 16))
+    r = simulate(tr, FleetSpec(roomy, 8192, spillover=True))
+    assert r.spilled > 0 and r.loop.router.spillover.spilled == {(0, 1): r.spilled}
+    assert ((r.pool == 1) & (tr.total <= 8192)).sum() == r.spilled  # never down: only short requests moved
+    # With the long pool as saturated as the short one there is nowhere to go.
+    assert simulate(tr, FleetSpec(spec.pools, 8192, spillover=True)).spilled == 0
     conserve(r)
     with pytest.raises(ValueError):
         route(tr, FleetSpec(spec.pools, 8192, router="estimator"))
