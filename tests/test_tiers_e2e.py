@@ -7,15 +7,11 @@ once its queue drains."""
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 import threading
 import time
 import urllib.request
 
-import pytest
-
+from extproc import cli
 from extproc import config as C
 from extproc.admin import cli as admin_cli
 from extproc.admin.v1 import admin_pb2 as pb
@@ -31,7 +27,6 @@ THREE_TIERS = [
     {"name": "long", "max_model_len": 32768, "endpoints": ["127.0.0.1:3"]},
 ]
 
-
 def _post(stack, max_tokens: int, timeout: float = 60) -> tuple[str, str, dict]:
     """(pool that answered, decision header, response JSON) for a tiny chat."""
     body = json.dumps({"model": "m", "messages": [{"role": "user", "content": "Say hello."}],
@@ -41,6 +36,10 @@ def _post(stack, max_tokens: int, timeout: float = 60) -> tuple[str, str, dict]:
     with urllib.request.urlopen(req, timeout=timeout) as r:
         return r.headers[POOL_HEADER], r.headers[stack.cfg.router.decision_header], json.loads(r.read())
 
+def _prometheus(stack) -> str:
+    url = f"http://127.0.0.1:{stack.cfg.telemetry.prometheus_port}/metrics"
+    with urllib.request.urlopen(url, timeout=5) as r:
+        return r.read().decode()
 
 def _metric(text: str, name: str, **labels: str) -> float:
     for line in text.splitlines():
@@ -48,12 +47,10 @@ def _metric(text: str, name: str, **labels: str) -> float:
             return float(line.rsplit(" ", 1)[1])
     raise AssertionError(f"{name} {labels} not exported")
 
-
 def _calibration(stack) -> pb.Calibration:
     (target, res), = admin_cli.call_all(stack.cfg, "GetCalibration", pb.GetCalibrationRequest())
     assert isinstance(res, pb.Calibration), res
     return res
-
 
 def test_three_tiers_route_by_budget_through_envoy(tmp_path):
     base = C.from_mapping({"tiers": THREE_TIERS}, {})
@@ -73,17 +70,16 @@ def test_three_tiers_route_by_budget_through_envoy(tmp_path):
     finally:
         stack.stop()
 
-
-def test_saturated_short_pool_makes_the_next_request_spill(tmp_path):
+def test_saturated_short_pool_makes_the_next_request_spill(tmp_path, capsys):
     cfg = loopback_config(C.Config(), workers=1, router={"state_file": str(tmp_path / "state.json")},
                           monitor={"interval_s": 0.2})
     # One sequence at a time in the short pool, at 1/20 of modelled speed:
-    # 1,500 output tokens take ~1.5 s each, so three of them queue for seconds.
+    # 2,500 output tokens take ~2.5 s each, so five of them keep a queue for ~10 s.
     stack = start_stack(cfg, str(tmp_path), time_scale=0.05, pool_seqs={"short": 1})
     threads = []
     try:
         assert _post(stack, 16)[0] == "short"
-        threads = [threading.Thread(target=_post, args=(stack, 1500), daemon=True) for _ in range(3)]
+        threads = [threading.Thread(target=_post, args=(stack, 2500), daemon=True) for _ in range(5)]
         for t in threads:
             t.start()
         deadline = time.monotonic() + 20
@@ -92,17 +88,16 @@ def test_saturated_short_pool_makes_the_next_request_spill(tmp_path):
         cal = _calibration(stack)
         short = cal.tiers[0]
         assert short.saturated and short.known and short.waiting >= 1, cal
-        pool, decision, _ = _post(stack, 16)
-        assert pool == "long" and "reason=spillover; from=short" in decision
-        status = subprocess.run([sys.executable, "-m", "extproc.cli", "status", "--config", stack.config_path()],
-                                capture_output=True, text=True, timeout=30)
-        assert "saturated" in status.stdout and "spillover on" in status.stdout, status.stdout
-        url = f"http://127.0.0.1:{stack.cfg.telemetry.prometheus_port}/metrics"
-        with urllib.request.urlopen(url, timeout=5) as r:
-            metrics = r.read().decode()
-        assert _metric(metrics, "budget_router_spillovers_total", from_tier="short", to_tier="long") == 1.0
+        metrics = _prometheus(stack)
         assert _metric(metrics, "budget_router_tier_saturated", tier="short") == 1.0
         assert _metric(metrics, "budget_router_tier_load", tier="short", signal="waiting") >= 1.0
+        pool, decision, _ = _post(stack, 16)
+        assert pool == "long" and "reason=spillover; from=short" in decision
+        assert cli.main(["status", "--config", stack.config_path()]) == 0
+        status = capsys.readouterr().out
+        assert "spillover on" in status and "saturated" in status, status
+        metrics = _prometheus(stack)
+        assert _metric(metrics, "budget_router_spillovers_total", from_tier="short", to_tier="long") == 1.0
         for t in threads:
             t.join(60)
         # The queue drained: the short tier clears (hysteresis) and takes its requests again.

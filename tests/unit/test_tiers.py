@@ -104,3 +104,26 @@ def test_router_routes_three_tiers_by_budget():
     body = b'{"model":"m","messages":[{"role":"user","content":"hi"}],"max_tokens":%d}'
     got = {n: (d.pool, d.reason) for n in (100, 20000, 60000) for d in [r.route("/v1/chat/completions", body % n)]}
     assert got == {100: ("short", P.R_SHORT), 20000: ("medium", P.R_TIER), 60000: ("long", P.R_LONG)}
+
+
+def test_replay_judges_misroutes_against_the_tier_the_true_budget_needs():
+    import io
+
+    import orjson
+
+    from extproc.tools.replay import Summary, replay_lines
+
+    def rec(n_prompt: int, max_tokens: int, true_prompt: int) -> bytes:
+        return orjson.dumps({"path": "/v1/completions",
+                             "body": {"model": "m", "prompt": [1] * n_prompt, "max_tokens": max_tokens},
+                             "usage": {"prompt_tokens": true_prompt, "completion_tokens": 1}})
+
+    r = Router(C.from_mapping(THREE, {}))
+    s = Summary()
+    out = io.BytesIO()
+    # exact token-id prompts: the estimate is the truth unless the usage says otherwise
+    replay_lines(r, [rec(100, 100, 100), rec(10000, 100, 10000), rec(100, 100, 9000), rec(20000, 100, 100)], out, s)
+    rows = [orjson.loads(x) for x in out.getvalue().splitlines()]
+    assert [(x["pool"], x["oracle_pool"]) for x in rows] == [
+        ("short", "short"), ("medium", "medium"), ("short", "medium"), ("medium", "short")]
+    assert (s.harmful, s.benign) == (1, 1) and s.pools == {"short": 2, "medium": 2}
