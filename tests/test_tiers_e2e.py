@@ -91,6 +91,8 @@ def test_saturated_short_pool_makes_the_next_request_spill(tmp_path, capsys):
         metrics = _prometheus(stack)
         assert _metric(metrics, "budget_router_tier_saturated", tier="short") == 1.0
         assert _metric(metrics, "budget_router_tier_load", tier="short", signal="waiting") >= 1.0
+        assert 0 <= _metric(metrics, "budget_router_tier_signal_age_seconds", tier="short") < 1.0
+        assert _metric(metrics, "budget_router_tier_budget_limit", tier="short") == 8192
         pool, decision, _ = _post(stack, 16)
         assert pool == "long" and "reason=spillover; from=short" in decision
         assert cli.main(["status", "--config", stack.config_path()]) == 0
