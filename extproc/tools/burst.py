@@ -210,7 +210,6 @@ def plot(runs: list[dict], path: str) -> None:
         ax.set_ylabel(title)
         ax.legend(loc="upper left")
     axes[0].set_yscale("log")
-    axes[1].set_yscale("log")
     axes[2].set_xlabel("seconds since the start (grey: the burst)")
     fig.suptitle("Burst of short traffic: static routing vs closed-loop (spillover + adaptive threshold)")
     fig.tight_layout()
