@@ -2,8 +2,8 @@
 
 No Docker engine runs in CI, so every file is checked offline: compose files
 against the compose-spec schema, Prometheus / OTel Collector / Grafana files
-for the targets and metric names they use, Kubernetes examples against schemas
-derived from their CRDs, Envoy fragments with ``envoy --mode validate``. The
+for the targets and metric names they use, Envoy fragments with ``envoy
+--mode validate`` (the Kubernetes manifests: tests/test_kubernetes.py). The
 native topology test then starts the compose topology on loopback (Envoy from
 the wheel, router, simulated pools) with the compose config's header, cluster
 and pool names, and sends a short and a long request through it.
@@ -11,7 +11,6 @@ and pool names, and sends a short and a long request through it.
 
 from __future__ import annotations
 
-import copy
 import json
 import re
 import shutil
@@ -38,6 +37,7 @@ TOML = COMPOSE / "budget-router.toml"
 
 sys.path.insert(0, str(DEPLOY))
 import render_snippet  # noqa: E402  (deploy/render_snippet.py)
+from envoy_fragments import bootstrap_around, envoy_validate  # noqa: E402  (tests/envoy_fragments.py)
 
 #: Metric names a dashboard panel may use: the router's Prometheus endpoint,
 #: Envoy's admin stats, and the pools' vLLM metrics (simulator and vLLM).
@@ -91,14 +91,6 @@ def _check_jsonschema() -> str:
     if not found:
         pytest.skip("check-jsonschema is not installed")
     return found
-
-
-def _envoy_validate(boot: dict) -> None:
-    try:
-        res = E.validate_yaml(yaml.safe_dump(boot, sort_keys=False))
-    except E.EnvoyNotFound as e:
-        pytest.skip(str(e))
-    assert res.returncode == 0, res.stdout + res.stderr
 
 
 def _host_port(endpoint: str) -> tuple[str, int]:
@@ -366,94 +358,10 @@ def test_envoy_snippet_is_fresh():
         "deploy/envoy-filter-snippet.yaml is stale: python deploy/render_snippet.py")
 
 
-def _bootstrap_around(hcm_parts: dict, listener_limit: int, clusters: list[dict]) -> dict:
-    hcm = {"@type": "type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3."
-                    "HttpConnectionManager",
-           "stat_prefix": "operator_ingress", "codec_type": "AUTO", **hcm_parts}
-    pool = lambda name: {"name": name, "type": "STATIC", "connect_timeout": "5s",
-                         "load_assignment": {"cluster_name": name, "endpoints": [{"lb_endpoints": [
-                             {"endpoint": {"address": {"socket_address": {"address": "127.0.0.1",
-                                                                          "port_value": 8000}}}}]}]}}
-    return {"static_resources": {
-        "listeners": [{"name": "operator", "per_connection_buffer_limit_bytes": listener_limit,
-                       "address": {"socket_address": {"address": "127.0.0.1", "port_value": 10000}},
-                       "filter_chains": [{"filters": [{"name": E.HCM_FILTER, "typed_config": hcm}]}]}],
-        "clusters": [*clusters, pool("pool_short"), pool("pool_long")]}}
-
-
 def test_envoy_snippet_pasted_into_an_operator_bootstrap_validates():
     snip = _yaml(DEPLOY / "envoy-filter-snippet.yaml")
-    _envoy_validate(_bootstrap_around(snip["http_connection_manager"],
+    envoy_validate(bootstrap_around(snip["http_connection_manager"],
                                       snip["listener"]["per_connection_buffer_limit_bytes"], snip["clusters"]))
-
-
-# --- Envoy Gateway and Istio examples -------------------------------------------
-
-
-def _validate_docs(path: Path, schema_file: str) -> list[dict]:
-    schema = json.loads((SCHEMAS / schema_file).read_text())
-    jsonschema.Draft202012Validator.check_schema(schema)
-    docs = [d for d in yaml.safe_load_all(path.read_text()) if d]
-    for d in docs:
-        errors = sorted(jsonschema.Draft202012Validator(schema).iter_errors(d), key=str)
-        assert not errors, f"{path.name} {d.get('kind')}: " + "; ".join(e.message[:300] for e in errors)
-    return docs
-
-
-def test_envoy_gateway_example_matches_crd_schemas_and_the_config():
-    docs = {d["kind"]: d for d in _validate_docs(DEPLOY / "envoy-gateway/extension-policy.yaml",
-                                                  "envoy-gateway.schema.json")}
-    assert set(docs) == {"Service", "ClientTrafficPolicy", "HTTPRoute", "EnvoyExtensionPolicy"}
-    d = C.load(env={})
-    eep = docs["EnvoyExtensionPolicy"]["spec"]
-    ep = eep["extProc"][0]
-    assert ep["backendRefs"][0] == {"name": docs["Service"]["metadata"]["name"], "port": d.router.port}
-    assert docs["Service"]["spec"]["ports"][0]["port"] == d.router.port
-    assert ep["failOpen"] is True
-    assert ep["messageTimeout"] == f"{d.envoy.message_timeout_ms / 1000:g}s"
-    assert ep["processingMode"] == {"allowModeOverride": True, "request": {"body": "Buffered"},
-                                    "response": {"body": "Streamed"}}
-    assert ep["metadata"]["writableNamespaces"] == [d.router.metadata_namespace]
-    assert eep["targetRefs"][0]["name"] == docs["HTTPRoute"]["metadata"]["name"]
-    ctp = docs["ClientTrafficPolicy"]["spec"]
-    assert ctp["headers"]["earlyRequestHeaders"]["remove"] == [d.router.routing_header]
-    assert ctp["connection"]["bufferLimit"] == f"{E.buffer_limit_bytes(d) // 2**20}Mi"
-    rules = docs["HTTPRoute"]["spec"]["rules"]
-    assert rules[0]["matches"][0]["headers"] == [{"type": "Exact", "name": d.router.routing_header,
-                                                   "value": d.short.name}]
-    assert [r["backendRefs"][0]["name"] for r in rules] == ["pool-short", "pool-long"]
-    assert "headers" not in rules[-1]["matches"][0], "the default rule (long pool) must match everything"
-
-
-def test_istio_example_matches_crd_schemas_and_envoy_accepts_its_patches():
-    docs = _validate_docs(DEPLOY / "istio/envoyfilter.yaml", "istio.schema.json")
-    ef = next(d for d in docs if d["kind"] == "EnvoyFilter")
-    patches = {p["applyTo"]: p for p in ef["spec"]["configPatches"]}
-    d = C.load(env={})
-    ext_proc = copy.deepcopy(patches["HTTP_FILTER"]["patch"]["value"])
-    assert ext_proc["name"] == E.EXT_PROC_FILTER
-    assert patches["HTTP_FILTER"]["match"]["listener"]["filterChain"]["filter"]["subFilter"]["name"] == E.ROUTER_FILTER
-    assert patches["HTTP_FILTER"]["patch"]["operation"] == "INSERT_BEFORE"
-    # Same ext_proc settings as the project's own bootstrap, but Istio's cluster name.
-    ours = E.to_dict(d)["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0]["typed_config"]
-    grpc = ext_proc["typed_config"]["grpc_service"]["envoy_grpc"]
-    assert grpc["cluster_name"].startswith(f"outbound|{d.router.port}||")
-    grpc["cluster_name"] = E.ROUTER_CLUSTER
-    assert ext_proc == ours["http_filters"][0]
-    early = patches["NETWORK_FILTER"]["patch"]["value"]["typed_config"]["early_header_mutation_extensions"]
-    assert early == ours["early_header_mutation_extensions"]
-    limit = patches["LISTENER"]["patch"]["value"]["per_connection_buffer_limit_bytes"]
-    assert limit == E.buffer_limit_bytes(d)
-    # The fragments, applied to a bootstrap, are accepted by the real Envoy.
-    snip = _yaml(DEPLOY / "envoy-filter-snippet.yaml")
-    hcm = {"early_header_mutation_extensions": early,
-           "http_filters": [ext_proc, ours["http_filters"][1]],
-           "route_config": snip["http_connection_manager"]["route_config"]}
-    _envoy_validate(_bootstrap_around(hcm, limit, snip["clusters"]))
-    vs = next(x for x in docs if x["kind"] == "VirtualService")
-    first = vs["spec"]["http"][0]
-    assert first["match"][0]["headers"] == {d.router.routing_header: {"exact": d.short.name}}
-    assert "match" not in vs["spec"]["http"][-1], "the default route (long pool) must match everything"
 
 
 # --- Dockerfile ---------------------------------------------------------------------

@@ -1,0 +1,17 @@
+"""The pure core: everything that decides, and nothing that waits.
+
+Here live the request parser (``request``), the byte-class features
+(``features``), the learned prompt-token estimator (``estimator``), the output
+budget (``output_budget``), the routing policy (``policy``), the facade that
+ties them together (``router``: route → want_sample → learn), response usage
+parsing (``usage``), the per-stream ext_proc state machine (``machine``) and
+the OpenAI-style error bodies (``errors``). The same objects run online (driven
+by ``extproc.serve``), offline (``extproc.tools.replay``) and in the planner.
+
+May import: the standard library's pure parts, numpy, orjson, the Envoy/
+protobuf message classes, ``extproc.config`` and ``extproc.defaults``. Must not
+import ``extproc.serve``, ``tools``, ``envoy``, ``backend``, ``planner``,
+``admin``, nor ``asyncio``, ``socket``, ``time``, ``random`` (or anything else
+that does I/O, reads a clock or draws randomness of its own): clocks and
+random numbers are passed in. ``tests/test_architecture.py`` enforces it.
+"""

@@ -1,0 +1,13 @@
+"""The I/O shell of the running router: it pumps bytes and observes.
+
+``transport`` serves gRPC (the purpose-built HTTP/2 server over the sans-I/O
+frame layer ``h2frames``, or grpc.aio), ``server`` runs the workers (one
+process per Envoy endpoint, snapshots, signals, drain), ``telemetry`` exports
+metrics, traces and logs, ``snapshot`` writes and reads the calibration file.
+No routing decision is made here: every message is handed to
+``extproc.core`` (``StreamMachine``, ``Router``).
+
+May import: ``extproc.core``, ``extproc.admin`` (served beside ext_proc),
+``extproc.config``/``defaults``, asyncio, sockets, clocks. Must not import
+``extproc.tools``, ``envoy``, ``backend`` or ``planner``.
+"""
