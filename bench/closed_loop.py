@@ -17,6 +17,7 @@ every configuration.
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import sys
 import time
@@ -34,6 +35,8 @@ from extproc.planner.traces import load_trace, window  # noqa: E402
 TRACE = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data", "traces", "conversation_trace.jsonl")
 #: Give up on a configuration above this many instances (something is wrong).
 MAX_INSTANCES = 64
+#: Growth of a tier that misses its SLO (plan._verify grows by the same 10%).
+GROWTH = 0.1
 
 
 def class_stats(r, bounds: list[int]) -> list[dict]:
@@ -60,7 +63,9 @@ def class_targets(tr, cfg, bounds: list[int], slo_ms: float) -> list[float]:
 def search(tr, lens: list[int], spill: bool, targets: list[float], slo_pre: float, gpu: str, model: str,
            class_bounds: list[int], log) -> dict:
     """Greedy: start at one instance per tier; while a class misses its SLO,
-    add an instance to the tier of the class that misses it worst."""
+    grow the tier of the class that misses it worst by 10% (at least one
+    instance, as the planner's verification step does): GPU counts are
+    found to within ~10%."""
     cfgs = [make_config(gpu, model, max_model_len=m).validate() for m in lens]
     names = ["all"] if len(lens) == 1 else ["short", *(f"tier{i}" for i in range(1, len(lens) - 1)), "long"]
     counts = [1] * len(lens)
@@ -84,7 +89,8 @@ def search(tr, lens: list[int], spill: bool, targets: list[float], slo_pre: floa
             return {"tiers": lens, "spillover": spill, "counts": counts, "gpus": spec.gpus,
                     "classes": stats, "spilled": r.spilled, "sims": sims}
         # the class's own tier (one pool: the pool)
-        counts[min(k_worst, len(lens) - 1) if len(lens) > 1 else 0] += 1
+        k = min(k_worst, len(lens) - 1) if len(lens) > 1 else 0
+        counts[k] += max(1, math.ceil(GROWTH * counts[k]))
     return {"tiers": lens, "spillover": spill, "error": f"no fleet up to {MAX_INSTANCES} instances", "sims": sims}
 
 

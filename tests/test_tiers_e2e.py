@@ -11,6 +11,8 @@ import threading
 import time
 import urllib.request
 
+import grpc
+
 from extproc import cli
 from extproc import config as C
 from extproc.admin import cli as admin_cli
@@ -67,6 +69,19 @@ def test_three_tiers_route_by_budget_through_envoy(tmp_path):
             assert stats[f"cluster.pool_{tier}.upstream_rq_total"] == "1"
         cal = _calibration(stack)
         assert [(t.name, t.budget_limit) for t in cal.tiers] == [("short", 1024), ("medium", 4096), ("long", 0)]
+        # Pin the second boundary below the 2,000-token request: it goes long now.
+        (_, res), = admin_cli.call_all(stack.cfg, "SetLimit", pb.SetLimitRequest(boundary=1, budget_limit=1500))
+        assert list(res.limits) == [1024, 1500]
+        assert _post(stack, 2000)[0] == "long"
+        assert [t.pinned for t in _calibration(stack).tiers] == [False, True, False]
+        for bad, why in ((pb.SetLimitRequest(boundary=2, budget_limit=9), "this router has 2"),
+                         (pb.SetLimitRequest(boundary=1, budget_limit=900), "must increase")):
+            (_, err), = admin_cli.call_all(stack.cfg, "SetLimit", bad)
+            assert isinstance(err, grpc.RpcError) and err.code() == grpc.StatusCode.INVALID_ARGUMENT
+            assert why in err.details()
+        (_, res), = admin_cli.call_all(stack.cfg, "SetLimit", pb.SetLimitRequest(boundary=1, unpin=True))
+        assert list(res.limits) == [1024, 4096]  # adaptive off: back to the configured boundary
+        assert not _calibration(stack).tiers[1].pinned
     finally:
         stack.stop()
 

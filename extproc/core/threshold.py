@@ -104,11 +104,14 @@ class Threshold:
         return m
 
     def pin(self, b: int, value: int | None, now: float) -> Move | None:
-        """Pin boundary ``b`` at ``value`` (or unpin it with None). The value
+        """Pin boundary ``b`` at ``value`` (or unpin it with None: the adaptive
+        loop moves it again from there; without it, back to the configured value). The value
         is not bounded by the adaptive range (an operator's word), only by the
         neighbours and the cap; callers validate it with the config."""
         if value is None:
             self.pinned[b] = False
+            if not self.enabled and self.limits[b] != self.base[b]:  # nothing will move it: back to the config
+                return self._move(now, b, self.base[b], "unpinned by admin")
             return None
         self.pinned[b] = True
         if value == self.limits[b]:

@@ -147,7 +147,11 @@ def test_threshold_dead_band_unknown_pinned_and_disabled():
     assert t.limits == [6000] and t.observe([load("short", waiting=9), load("long")], now=100.0) == []
     t.pin(0, None, now=2.0)
     assert t.observe([load("short", waiting=9), load("long")], now=100.0)[0].new == 5700
-    assert thr(enabled=False).observe([load("short", waiting=9), load("long")], now=0.0) == []
+    off = thr(enabled=False)
+    assert off.observe([load("short", waiting=9), load("long")], now=0.0) == []
+    off.pin(0, 5000, now=1.0)
+    assert off.limits == [5000]
+    assert off.pin(0, None, now=2.0).new == 8000 and off.limits == [8000]  # nothing adapts: back to the config
 
 
 def test_boundaries_stay_between_their_neighbours():
