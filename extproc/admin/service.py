@@ -8,6 +8,7 @@ Errors are ``AdminError`` with a gRPC status code and a message for people.
 from __future__ import annotations
 
 import dataclasses
+import logging
 import math
 import time
 from typing import Any, Callable
@@ -19,6 +20,8 @@ from ..core.policy import margin_for
 from .v1 import admin_pb2 as pb
 
 SERVICE = "budget_router.admin.v1.Admin"
+
+log = logging.getLogger("budget_router.admin")
 
 INVALID_ARGUMENT = 3
 FAILED_PRECONDITION = 9
@@ -128,10 +131,15 @@ class AdminService:
         if req.boundary >= n:
             raise AdminError(INVALID_ARGUMENT, f"boundary {req.boundary}: this router has {n} "
                                                f"(0-{n - 1}, one below each tier but the last)")
+        tier = self.router.cfg.tiers[req.boundary].name
         try:
             self.router.pin_limit(req.boundary, None if req.unpin else int(req.budget_limit), time.time())
         except C.ConfigError as e:
             raise AdminError(INVALID_ARGUMENT, str(e)) from None
+        log.info("tier %s budget limit %s through the admin API: now %d", tier,
+                 "unpinned" if req.unpin else "pinned", self.router.limits()[req.boundary],
+                 extra={"fields": {"tier": tier, "limit": self.router.limits()[req.boundary],
+                                   "pinned": not req.unpin}})
         return self._result()
 
     def reload_config(self, req: pb.ReloadConfigRequest) -> pb.ConfigResult:

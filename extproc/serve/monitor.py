@@ -205,5 +205,5 @@ def observe(router, instances: Instances, now: float) -> list:
     moves = router.observe(loads, now)
     for m in moves:
         log.info("tier boundary %d moved %d -> %d (%s)", m.boundary, m.old, m.new, m.why,
-                 extra={"boundary": m.boundary, "old": m.old, "new": m.new})
+                 extra={"fields": {"tier": cfg.tiers[m.boundary].name, "old": m.old, "new": m.new}})
     return moves
