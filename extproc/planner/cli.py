@@ -177,6 +177,10 @@ def cmd_simulate(args) -> int:
     f = s["fleet"]
     print(f"KV utilisation {f['kv_util']:.1%} (busy {f['kv_util_busy']:.1%}), GPU busy {f['gpu_busy']:.1%}, "
           f"spilled {s['spilled']}, GPU-hours {f['gpu_hours']:.2f}")
+    if r.loop is not None and spec.adaptive:
+        path = [lim for _, lim in r.loop.limits_path]
+        print(f"adaptive tier limits: {list(spec.tier_limits)} at the start, {list(path[-1]) if path else '-'} "
+              f"at the end, {len(r.loop.router.threshold.history)} moves")
     _write(args.out, "simulate.json", s)
     return 0
 

@@ -255,6 +255,14 @@ def test_cli_parsers(tmp_path, capsys):
     assert args.func(args) == 0
     assert "pool short" in capsys.readouterr().out
     assert os.path.exists(tmp_path / "o" / "simulate.json")
+    args = ap.parse_args(["simulate", "--trace", str(f), "--tiers", "4096,16384,131072", "--counts", "1,1,2",
+                          "--spillover", "--adaptive", "--no-progress"])
+    assert args.func(args) == 0
+    out = capsys.readouterr().out
+    assert "pool short" in out and "pool tier1" in out and "pool long" in out
+    assert "limits=4096,16384" in out and "spillover adaptive" in out and "adaptive tier limits" in out
+    args = ap.parse_args(["simulate", "--trace", str(f), "--tiers", "4096,16384", "--counts", "1,1,2"])
+    assert args.func(args) == 2  # one count per tier
     args = ap.parse_args(["plan", "--trace", str(f), "--b-short", "8192", "--max-num-seqs", "256",
                           "--slo-ttft-p99-ms", "5000", "--no-progress", "--out", str(tmp_path / "p")])
     assert args.func(args) == 0
