@@ -180,7 +180,7 @@ def cmd_simulate(args) -> int:
     if r.loop is not None and spec.adaptive:
         path = [lim for _, lim in r.loop.limits_path]
         print(f"adaptive tier limits: {list(spec.tier_limits)} at the start, {list(path[-1]) if path else '-'} "
-              f"at the end, {len(r.loop.router.threshold.history)} moves")
+              f"at the end, {sum(r.loop.router.threshold.moves)} moves")
     _write(args.out, "simulate.json", s)
     return 0
 
