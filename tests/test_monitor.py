@@ -14,7 +14,6 @@ import time
 import urllib.request
 from pathlib import Path
 
-import pytest
 
 from extproc import config as C
 from extproc.admin import cli as admin_cli
