@@ -14,7 +14,6 @@ import time
 import urllib.request
 from pathlib import Path
 
-
 from extproc import config as C
 from extproc.admin import cli as admin_cli
 from extproc.admin.v1 import admin_pb2 as pb
