@@ -264,9 +264,8 @@ def main(argv: list[str] | None = None) -> int:
     handler = args.handler
     if handler == "auto":
         try:
-            from bench.router_proc import real_new_stream
+            from extproc.serve.server import Worker  # noqa: F401 - is the real router importable?
 
-            real_new_stream()
             handler = "real"
         except Exception as e:
             print(f"# real router handler unavailable ({e}); using bench.trivial_handler", file=sys.stderr)

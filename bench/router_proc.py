@@ -23,26 +23,35 @@ TRANSPORTS = ("fast", "grpcio", "grpc_sync", "grpclib")
 MAX_MESSAGE_BYTES = 9 * 1024 * 1024
 
 
-def real_new_stream():
+async def real_worker():
     """The router's own per-stream factory, as `budget-router serve` runs it:
-    extproc.serve.server.Worker (Router core + StreamMachine + telemetry). Its
-    calibration snapshot goes to a temp dir, its Prometheus endpoint is off."""
+    extproc.serve.server.Worker (Router core + StreamMachine + telemetry), with
+    its admin plane (grpc.aio on a free port, in the same event loop) unless
+    BENCH_ADMIN=0. Its calibration snapshot goes to a temp dir, its Prometheus
+    endpoint is off."""
     import tempfile
 
+    from extproc.admin import plane
     from extproc.config import load
     from extproc.serve.server import Worker
 
     cfg = load(env={}).replace(
         router={"state_file": tempfile.mkdtemp(prefix="bench-router-") + "/state.json"},
         telemetry={"prometheus_port": 0})
-    return Worker(cfg, telemetry=os.environ.get("BENCH_TELEMETRY", "1") == "1").new_stream
+    w = Worker(cfg, telemetry=os.environ.get("BENCH_TELEMETRY", "1") == "1")
+    if os.environ.get("BENCH_ADMIN", "1") == "1":
+        w.admin = await plane.serve(w, cfg, 0, None, None)
+        await w.admin.set_serving(True)
+    return w
 
 
 async def main_async(a) -> None:
+    worker = None
     if a.handler == "trivial":
         from bench.trivial_handler import new_stream
     else:
-        new_stream = real_new_stream()
+        worker = await real_worker()
+        new_stream = worker.new_stream
     if a.transport == "fast":
         serve = serve_fast
     elif a.transport == "grpcio":
@@ -59,6 +68,8 @@ async def main_async(a) -> None:
         loop.add_signal_handler(sig, stop.set)
     await stop.wait()
     await server.stop(1.0)
+    if worker is not None and worker.admin is not None:
+        await worker.admin.stop()
 
 
 def main() -> None:

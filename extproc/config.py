@@ -13,6 +13,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import re
+import stat
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -61,6 +62,9 @@ class RouterConfig:
     max_body_bytes: int = D.MAX_BODY_BYTES
     state_file: str = ".budget-router/state.json"
     snapshot_interval_s: float = D.SNAPSHOT_INTERVAL_S
+    # Also snapshot after this many new learned samples (at most one per
+    # defaults.SNAPSHOT_MIN_GAP_S); 0 = only every snapshot_interval_s.
+    snapshot_samples: int = D.SNAPSHOT_SAMPLES
     sample_rate: float = D.SAMPLE_RATE
     inject_include_usage: bool = D.INJECT_INCLUDE_USAGE
     drain_seconds: float = D.DRAIN_SECONDS
@@ -84,6 +88,9 @@ class EstimatorConfig:
     rls_forgetting: float = D.RLS_FORGETTING
     min_samples_confident: int = D.MIN_SAMPLES_CONFIDENT
     max_models: int = D.MAX_MODELS
+    # With every slot taken, a model not learned from for this many samples
+    # gives its slot to a new name (least recently learned first).
+    model_idle_samples: int = D.MODEL_IDLE_SAMPLES
 
 
 @dataclass(frozen=True)
@@ -152,12 +159,36 @@ def _default_tiers() -> tuple[PoolConfig, ...]:
 
 
 @dataclass(frozen=True)
+class AdminConfig:
+    """The admin gRPC plane (budget_router.admin.v1.Admin, grpc.health,
+    reflection): worker i on ``port + i``, apart from ext_proc."""
+
+    listen: str = "127.0.0.1"
+    port: int = D.ADMIN_PORT
+    # File holding the bearer token callers must send ("authorization:
+    # Bearer <token>"); $BUDGET_ROUTER_ADMIN_TOKEN wins over it. With no token
+    # the admin plane refuses to listen beyond loopback.
+    token_file: str = ""
+    # TLS for the admin port (PEM files); with tls_client_ca_file set, callers
+    # must present a certificate signed by that CA (mTLS).
+    tls_cert_file: str = ""
+    tls_key_file: str = ""
+    tls_client_ca_file: str = ""
+    # Where a replica without a snapshot of its own fetches a peer's
+    # calibration at start: "host:port" entries; a name resolving to many
+    # addresses (a headless Service) asks each of them.
+    warm_start_peers: tuple[str, ...] = ()
+    warm_start_timeout_s: float = D.WARM_START_TIMEOUT_S
+
+
+@dataclass(frozen=True)
 class Config:
     router: RouterConfig = field(default_factory=RouterConfig)
     policy: PolicyConfig = field(default_factory=PolicyConfig)
     estimator: EstimatorConfig = field(default_factory=EstimatorConfig)
     envoy: EnvoyConfig = field(default_factory=EnvoyConfig)
     telemetry: TelemetryConfig = field(default_factory=TelemetryConfig)
+    admin: AdminConfig = field(default_factory=AdminConfig)
     monitor: MonitorConfig = field(default_factory=MonitorConfig)
     spillover: SpilloverConfig = field(default_factory=SpilloverConfig)
     adaptive: AdaptiveConfig = field(default_factory=AdaptiveConfig)
@@ -270,9 +301,21 @@ _SECTIONS = {
     "monitor": MonitorConfig,
     "spillover": SpilloverConfig,
     "adaptive": AdaptiveConfig,
+    "admin": AdminConfig,
 }
 
 _TIER_KEYS = ("name", "max_model_len", "budget_limit", "endpoints")
+
+#: Environment variables under ENV_PREFIX that are not config keys.
+#: ADMIN_TOKEN is a secret (kept out of Config, so `config --show` and
+#: ConfigResult never print it); LOG_FORMAT and LOG_LEVEL are read by logging
+#: setup before any config exists.
+NON_CONFIG_ENV = frozenset({"CONFIG", "ADMIN_TOKEN", "LOG_FORMAT", "LOG_LEVEL"})
+
+#: Largest config file read (and the only kind: a regular file). A real one is
+#: a few KB; the bound keeps a mistaken path (/dev/zero, a log file) from
+#: eating memory, the way ReloadConfig did before it stopped taking paths.
+MAX_CONFIG_BYTES = 1024 * 1024
 
 
 def _asdict(obj: Any) -> dict[str, Any]:
@@ -312,6 +355,12 @@ def _coerce(section: str, key: str, value: Any, typ: Any) -> Any:
         if isinstance(value, str):
             return value
         raise ConfigError(f"{where} = {value!r}: expected a string")
+    if typ == "tuple[str, ...]":
+        if isinstance(value, str):
+            value = [v.strip() for v in value.split(",") if v.strip()]
+        if isinstance(value, (list, tuple)) and all(isinstance(v, str) for v in value):
+            return tuple(value)
+        raise ConfigError(f"{where} = {value!r}: expected a list of strings")
     return value
 
 
@@ -377,7 +426,7 @@ def _env_overrides(env: Mapping[str, str], tier_names: tuple[str, ...] = (D.SHOR
     out: dict[str, dict[str, Any]] = {}
     names = list(_SECTIONS) + [f"pools_{t}" for t in tier_names]
     for var, value in env.items():
-        if not var.startswith(ENV_PREFIX) or var == ENV_PREFIX + "CONFIG":
+        if not var.startswith(ENV_PREFIX) or var[len(ENV_PREFIX):] in NON_CONFIG_ENV:
             continue
         rest = var[len(ENV_PREFIX):].lower()
         for section in sorted(names, key=len, reverse=True):
@@ -392,6 +441,18 @@ def _env_overrides(env: Mapping[str, str], tier_names: tuple[str, ...] = (D.SHOR
     return out
 
 
+def read_bounded(path: str | os.PathLike, limit: int, what: str) -> bytes:
+    """The bytes of a regular file of at most ``limit`` bytes; ConfigError
+    for anything else (a device, a FIFO, a directory, a bigger file)."""
+    with open(path, "rb") as f:
+        if not stat.S_ISREG(os.fstat(f.fileno()).st_mode):
+            raise ConfigError(f"{what} {path} is not a regular file")
+        data = f.read(limit + 1)
+    if len(data) > limit:
+        raise ConfigError(f"{what} {path} is larger than {limit} bytes")
+    return data
+
+
 def load(path: str | os.PathLike | None = None, env: Mapping[str, str] | None = None) -> Config:
     """Load the config file (if any) and the environment, validated.
 
@@ -403,9 +464,11 @@ def load(path: str | os.PathLike | None = None, env: Mapping[str, str] | None = 
     if path:
         p = Path(path)
         try:
-            raw = tomllib.loads(p.read_text(encoding="utf-8"))
+            raw = tomllib.loads(read_bounded(p, MAX_CONFIG_BYTES, "config file").decode("utf-8"))
         except FileNotFoundError:
             raise ConfigError(f"config file {p} does not exist") from None
+        except UnicodeDecodeError as e:
+            raise ConfigError(f"config file {p} is not UTF-8: {e}") from None
         except tomllib.TOMLDecodeError as e:
             raise ConfigError(f"config file {p} is not valid TOML: {e}") from None
     return from_mapping(raw, env)
@@ -526,6 +589,21 @@ def validate(cfg: Config) -> None:
     _check(0.9 <= e.rls_forgetting <= 1, f"[estimator] rls_forgetting = {e.rls_forgetting}: expected 0.9-1.0")
     _check(e.min_samples_confident >= 1, f"[estimator] min_samples_confident = {e.min_samples_confident}: expected >= 1")
     _check(1 <= e.max_models <= 10_000, f"[estimator] max_models = {e.max_models}: expected 1-10000")
+    _check(e.model_idle_samples >= 1, f"[estimator] model_idle_samples = {e.model_idle_samples}: expected >= 1")
+    _check(r.snapshot_samples >= 0, f"[router] snapshot_samples = {r.snapshot_samples}: expected >= 0 (0 = off)")
+    a = cfg.admin
+    _check(0 < a.port and a.port + r.workers - 1 < 65536,
+           f"[admin] port = {a.port}: expected a port with room for every worker (port + workers - 1 <= 65535)")
+    _check(a.port + r.workers <= r.port or r.port + r.workers <= a.port,
+           f"[admin] port = {a.port} overlaps the ext_proc ports {r.port}-{r.port + r.workers - 1}")
+    _check(0 < a.warm_start_timeout_s <= D.MAX_WARM_START_TIMEOUT_S,
+           f"[admin] warm_start_timeout_s = {a.warm_start_timeout_s}: expected 0-{D.MAX_WARM_START_TIMEOUT_S:g} s")
+    for peer in a.warm_start_peers:
+        _check_endpoint("[admin] warm_start_peers", peer)
+    _check(bool(a.tls_cert_file) == bool(a.tls_key_file),
+           "[admin] tls_cert_file and tls_key_file: set both (TLS) or neither")
+    _check(not a.tls_client_ca_file or bool(a.tls_cert_file),
+           "[admin] tls_client_ca_file needs tls_cert_file and tls_key_file (mTLS is TLS plus client certificates)")
     _check(v.message_timeout_ms >= 10, f"[envoy] message_timeout_ms = {v.message_timeout_ms}: expected >= 10")
     _check(v.route_timeout_s >= 0, f"[envoy] route_timeout_s = {v.route_timeout_s}: expected >= 0 (0 = none)")
     _check(v.stream_idle_timeout_s > 0, f"[envoy] stream_idle_timeout_s = {v.stream_idle_timeout_s}: expected > 0")
@@ -579,6 +657,9 @@ def _validate_tiers(cfg: Config) -> None:
         limit = t.budget_limit
         _check(limit is not None, f"{where}: budget_limit missing (every tier but the last needs one)")
         _check(limit > 0, f"{key} = {limit}: expected a positive token count")
+        if i == 0:
+            _check(limit >= D.MIN_B_SHORT, f"{key} = {limit}: expected at least {D.MIN_B_SHORT} tokens "
+                   "(below that every chat request is long)")
         _check(limit <= t.max_model_len,
                f"{key} = {limit} is above {where} max_model_len = {t.max_model_len}: "
                f"requests routed to {t.name} would be rejected by its pool")
@@ -594,6 +675,11 @@ def worker_ports(cfg: Config) -> list[int]:
     its own endpoint, so each gets its own HTTP/2 connection and streams spread
     over the processes (one connection's streams all land in one process)."""
     return [cfg.router.port + i for i in range(cfg.router.workers)]
+
+
+def admin_ports(cfg: Config) -> list[int]:
+    """Admin gRPC port of each router worker (``[admin] port + i``)."""
+    return [cfg.admin.port + i for i in range(cfg.router.workers)]
 
 
 def to_toml(cfg: Config) -> str:

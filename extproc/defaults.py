@@ -229,3 +229,59 @@ ADAPT_DWELL_S = 10.0
 ADAPT_DEAD_BAND = 0.5
 #: Bounds of a moving boundary as shares of its configured value, unless set.
 ADAPT_MIN_FRACTION = 0.5
+
+# --- Admin plane -----------------------------------------------------------------
+
+#: First admin gRPC port (worker i: +i). 100 above ROUTER_PORT so the two
+#: blocks never overlap for up to 100 workers (config.validate checks it),
+#: in the way Envoy keeps its admin (9901) apart from its listeners.
+ADMIN_PORT = 50151
+
+#: Smallest B_short the config or the admin API accepts. Below a few hundred
+#: tokens every chat request (template + a question + any output budget) is
+#: "long", so such a value only ever sends all traffic to the long pool, which
+#: is what the SetBShort(1) attack did. 512 is under the smallest context any
+#: served chat model has had since GPT-2's 1024.
+MIN_B_SHORT = 512
+
+#: How long a replica without a snapshot of its own waits for a peer's
+#: calibration ([admin] warm_start_peers) before it starts from the prior.
+#: 10 s is a third of Kubernetes' default 30 s failureThreshold x periodSeconds
+#: window for startup and far above a loopback/pod-network gRPC call (ms).
+WARM_START_TIMEOUT_S = 10.0
+
+#: Upper bound on warm_start_timeout_s: a readiness delay longer than a
+#: minute costs more (a replica that is not serving) than a cold start does
+#: (the sampler relearns the prior in a few hundred responses).
+MAX_WARM_START_TIMEOUT_S = 60.0
+
+#: Learned samples after which a snapshot is written before the periodic one
+#: is due, so a kill -9 loses at most ~this many samples of learning instead
+#: of SNAPSHOT_INTERVAL_S worth (at a cold start every response is learned:
+#: hundreds per second). Bounded by SNAPSHOT_MIN_GAP_S below.
+SNAPSHOT_SAMPLES = 500
+
+#: Shortest time between two snapshots triggered by SNAPSHOT_SAMPLES: a write
+#: + fsync of a full 64-model state costs ~10 ms of the event loop, so at most
+#: one per 5 s keeps that under 0.2% of a core whatever the learning rate
+#: (like Redis' "save 60 10000": a count trigger with a time floor).
+SNAPSHOT_MIN_GAP_S = 5.0
+
+# --- Identity bounds ---------------------------------------------------------------
+
+#: Longest model name kept as-is (characters). Hugging Face repo ids are at
+#: most 96 characters for the name plus the owner, OpenAI's names are far
+#: shorter; longer names are cut and suffixed with a hash of the full name
+#: (estimator.bounded_model_name), so distinct names stay distinct while a
+#: 1 MiB "model" costs 128 characters in the table, the state file, the
+#: /metrics page and GetCalibration.
+MAX_MODEL_NAME_CHARS = 128
+
+#: A model name that has learned nothing for this many learned samples (of any
+#: model) may give its slot to a new name once all MAX_MODELS slots are taken
+#: (least recently learned first). Real deployments learn every model they
+#: serve continuously; a name a flood made up is never learned again, so after
+#: this many samples of real traffic its slot is free. 1,000 samples is ~20 s
+#: at 1K req/s with the 5% sample rate, and a model is only ever dropped when
+#: the table is full, so a small horizon costs a real model nothing.
+MODEL_IDLE_SAMPLES = 1000

@@ -403,6 +403,7 @@ def _native_config(cfg: C.Config, workdir: str) -> C.Config:
         envoy["otlp_endpoint"] = f"127.0.0.1:{otlp_port}"  # nobody listens: spans are dropped
     sections = {
         "router": {"port": router_port, "listen": "127.0.0.1", "state_file": f"{workdir}/state.json"},
+        "admin": {"port": S.free_port_block(cfg.router.workers), "listen": "127.0.0.1"},
         "envoy": envoy,
         "short": {"endpoints": (f"127.0.0.1:{short_port}",)},
         "long": {"endpoints": (f"127.0.0.1:{long_port}",)},

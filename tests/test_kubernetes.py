@@ -714,7 +714,7 @@ def test_router_serves_with_a_read_only_root_and_snapshots_to_the_state_volume(b
                 "telemetry": {"prometheus_listen": "127.0.0.1", "prometheus_port": metrics_port}}
     if with_admin:
         token = state / "token"
-        token.write_text("test-token\n")
+        token.write_text("test-token-0123456789\n")  # auth.MIN_TOKEN_CHARS
         sections["admin"] = {"listen": "127.0.0.1", "port": admin_port, "token_file": str(token),
                              "warm_start_peers": ()}
     local = cfg.replace(**sections)

@@ -1,7 +1,9 @@
 """``budget-router status`` and ``budget-router admin``: the admin API from a shell.
 
-Talks to every worker (``[router] port + i``) of the router the config
-describes, so a B_short change reaches all of them and the status shows each.
+Talks to the admin plane of every worker (``[admin] port + i``) of the router
+the config describes, so a B_short change reaches all of them and the status
+shows each. Sends the admin token ($BUDGET_ROUTER_ADMIN_TOKEN or ``[admin]
+token_file``) with every call, over TLS when ``[admin] tls_cert_file`` is set.
 """
 
 from __future__ import annotations
@@ -14,6 +16,8 @@ import grpc
 from google.protobuf.json_format import MessageToDict
 
 from .. import config as C
+from . import auth
+from .plane import channel_credentials, join_host_port, max_message_bytes
 from .v1 import admin_pb2 as pb
 from .v1 import admin_pb2_grpc as pbg
 
@@ -23,17 +27,20 @@ CALL_TIMEOUT_S = 5.0
 
 
 def _targets(cfg: C.Config, host: str | None) -> list[str]:
-    h = host or (cfg.router.listen if cfg.router.listen not in ("0.0.0.0", "::") else "127.0.0.1")
-    return [f"{h}:{p}" for p in C.worker_ports(cfg)]
+    h = host or (cfg.admin.listen if cfg.admin.listen not in ("0.0.0.0", "::") else "127.0.0.1")
+    return [join_host_port(h, p) for p in C.admin_ports(cfg)]
 
 
 def call_all(cfg: C.Config, method: str, request, host: str | None = None) -> list[tuple[str, object]]:
+    metadata = auth.call_metadata(auth.load_token(cfg))
+    creds = channel_credentials(cfg.admin)
+    options = [("grpc.max_receive_message_length", max_message_bytes(cfg))]
     out = []
     for target in _targets(cfg, host):
-        with grpc.insecure_channel(target) as ch:
+        with (grpc.secure_channel(target, creds, options) if creds else grpc.insecure_channel(target, options)) as ch:
             stub = pbg.AdminStub(ch)
             try:
-                out.append((target, getattr(stub, method)(request, timeout=CALL_TIMEOUT_S)))
+                out.append((target, getattr(stub, method)(request, timeout=CALL_TIMEOUT_S, metadata=metadata)))
             except grpc.RpcError as e:
                 out.append((target, e))
     return out
@@ -116,7 +123,7 @@ def _cmd_admin(args: argparse.Namespace) -> int:
         res = call_all(cfg, "SetLimit", pb.SetLimitRequest(boundary=args.boundary, budget_limit=args.value or 0,
                                                            unpin=args.action == "unpin"), args.host)
     elif args.action == "reload":
-        res = call_all(cfg, "ReloadConfig", pb.ReloadConfigRequest(path=args.path or ""), args.host)
+        res = call_all(cfg, "ReloadConfig", pb.ReloadConfigRequest(), args.host)
     else:  # snapshot
         res = call_all(cfg, "TakeSnapshot", pb.TakeSnapshotRequest(write=True), args.host)
     return _report(res, lambda t, r: f"{t}: " + (f"B_short={r.b_short} limits={list(r.limits)}" + (
@@ -127,16 +134,16 @@ def _cmd_admin(args: argparse.Namespace) -> int:
 def add_parsers(sub) -> None:
     p = sub.add_parser("status", help="show the running router's learned calibration per worker")
     p.add_argument("--config", metavar="FILE", help="the router's TOML config (ports, workers)")
-    p.add_argument("--host", help="router host (default: [router] listen)")
+    p.add_argument("--host", help="router host (default: [admin] listen)")
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.set_defaults(func=_cmd_status)
     p = sub.add_parser("admin", help="change the running router: set-b-short N | set-limit --boundary I N | "
-                                     "unpin --boundary I | reload [--path F] | snapshot")
+                                     "unpin --boundary I | reload | snapshot "
+                                     "(reload re-reads the config file the router started with)")
     p.add_argument("action", choices=["set-b-short", "set-limit", "unpin", "reload", "snapshot"])
     p.add_argument("value", nargs="?", type=int, help="the new B_short (set-b-short) or budget limit (set-limit)")
     p.add_argument("--boundary", type=int, help="which tier boundary (0 = B_short) for set-limit / unpin")
-    p.add_argument("--path", help="config file to reload (default: the one the router started with)")
     p.add_argument("--config", metavar="FILE", help="the router's TOML config (ports, workers)")
-    p.add_argument("--host", help="router host (default: [router] listen)")
+    p.add_argument("--host", help="router host (default: [admin] listen)")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=_cmd_admin)

@@ -1,8 +1,15 @@
 """The admin service's logic: request messages in, response messages out.
 
-Transport-independent (the fast HTTP/2 server and grpc.aio both dispatch
-here). Operates on one worker: its Router, config and snapshot file.
-Errors are ``AdminError`` with a gRPC status code and a message for people.
+Transport-independent (``extproc.admin.plane`` serves it on the admin port).
+Operates on one worker: its Router, config and snapshot file. Errors are
+``AdminError`` with a gRPC status code and a message for people.
+
+Every method gets ``caller`` (peer address and token fingerprint); every
+change writes one audit line to the ``budget_router.audit`` logger: who,
+what, old -> new. Nothing is replaced before it is validated: a snapshot
+passes the estimator's plausibility check (the same one a state file at
+start passes), B_short the config's bounds, a reloaded config the whole
+config validation.
 """
 
 from __future__ import annotations
@@ -21,17 +28,17 @@ from .v1 import admin_pb2 as pb
 
 SERVICE = "budget_router.admin.v1.Admin"
 
-log = logging.getLogger("budget_router.admin")
-
 INVALID_ARGUMENT = 3
 FAILED_PRECONDITION = 9
+
+audit_log = logging.getLogger("budget_router.audit")
 
 #: Config keys that a running worker cannot take over: they are bound to
 #: sockets, processes or Envoy's own config, which only a restart re-reads.
 RESTART_KEYS = {
     ("router", "listen"), ("router", "port"), ("router", "workers"), ("router", "transport"),
     ("router", "routing_header"), ("router", "decision_header"), ("router", "metadata_namespace"),
-    ("router", "state_file"), ("envoy", "*"), ("telemetry", "*"), ("estimator", "*"),
+    ("router", "state_file"), ("envoy", "*"), ("telemetry", "*"), ("estimator", "*"), ("admin", "*"),
     ("monitor", "*"),
 }
 
@@ -61,8 +68,8 @@ class AdminService:
         self.worker = worker
         self.config_path = config_path
 
-    # name -> (request parser, handler)
-    def methods(self) -> dict[str, tuple[Callable[[bytes], Any], Callable[[Any], Any]]]:
+    # name -> (request parser, handler(request, caller))
+    def methods(self) -> dict[str, tuple[Callable[[bytes], Any], Callable[[Any, str], Any]]]:
         return {
             "GetCalibration": (pb.GetCalibrationRequest.FromString, self.get_calibration),
             "SetBShort": (pb.SetBShortRequest.FromString, self.set_b_short),
@@ -79,6 +86,11 @@ class AdminService:
     def _apply(self, cfg: C.Config) -> None:
         self.worker.cfg = cfg
         self.router.reconfigure(cfg)
+
+    def _audit(self, caller: str, what: str, old: Any, new: Any) -> None:
+        audit_log.info("admin change: %s by %s: %s -> %s", what, caller, old, new,
+                       extra={"fields": {"worker": self.worker.index, "caller": caller, "change": what,
+                                         "old": old, "new": new}})
 
     def _result(self, restart: list[tuple[str, str]] | None = None) -> pb.ConfigResult:
         cfg = self.router.cfg
@@ -101,7 +113,7 @@ class AdminService:
                 spilled_out=sum(n for (a, _), n in spill.spilled.items() if a == i)))
         return out
 
-    def get_calibration(self, req: pb.GetCalibrationRequest) -> pb.Calibration:
+    def get_calibration(self, req: pb.GetCalibrationRequest, caller: str = "") -> pb.Calibration:
         cfg = self.router.cfg
         fits = []
         for row in self.router.estimator.table():
@@ -118,34 +130,41 @@ class AdminService:
             sample_rate=cfg.router.sample_rate, streams=self.worker.streams, fits=fits,
             tiers=self.tier_states(), spillover=cfg.spillover.enabled, adaptive=cfg.adaptive.enabled)
 
-    def set_b_short(self, req: pb.SetBShortRequest) -> pb.ConfigResult:
+    def set_b_short(self, req: pb.SetBShortRequest, caller: str = "") -> pb.ConfigResult:
+        old = self.router.cfg.policy.b_short
         try:
             cfg = self.router.cfg.replace(policy={"b_short": int(req.b_short)})
         except C.ConfigError as e:
             raise AdminError(INVALID_ARGUMENT, str(e)) from None
         self._apply(cfg)
+        self._audit(caller, "b_short", old, cfg.policy.b_short)
         return self._result()
 
-    def set_limit(self, req: pb.SetLimitRequest) -> pb.ConfigResult:
+    def set_limit(self, req: pb.SetLimitRequest, caller: str = "") -> pb.ConfigResult:
         n = len(self.router.cfg.tiers) - 1
         if req.boundary >= n:
             raise AdminError(INVALID_ARGUMENT, f"boundary {req.boundary}: this router has {n} "
                                                f"(0-{n - 1}, one below each tier but the last)")
         tier = self.router.cfg.tiers[req.boundary].name
+        old = self.router.limits()[req.boundary]
         try:
             self.router.pin_limit(req.boundary, None if req.unpin else int(req.budget_limit), time.time())
         except C.ConfigError as e:
             raise AdminError(INVALID_ARGUMENT, str(e)) from None
-        log.info("tier %s budget limit %s through the admin API: now %d", tier,
-                 "unpinned" if req.unpin else "pinned", self.router.limits()[req.boundary],
-                 extra={"fields": {"tier": tier, "limit": self.router.limits()[req.boundary],
-                                   "pinned": not req.unpin}})
+        self._audit(caller, f"tier {tier} budget_limit ({'unpinned' if req.unpin else 'pinned'})", old,
+                    self.router.limits()[req.boundary])
         return self._result()
 
-    def reload_config(self, req: pb.ReloadConfigRequest) -> pb.ConfigResult:
-        path = req.path or self.config_path
+    def reload_config(self, req: pb.ReloadConfigRequest, caller: str = "") -> pb.ConfigResult:
+        """Re-read the file the worker started with (and the environment).
+        A caller cannot name another file: reading any path the caller names
+        let one call read /dev/zero into memory."""
+        if req.path and req.path != self.config_path:
+            raise AdminError(INVALID_ARGUMENT, "ReloadConfig re-reads only the config file the router started with "
+                                               f"({self.config_path or 'none: defaults and environment'}); "
+                                               "a path argument is not accepted")
         try:
-            new = C.load(path)
+            new = C.load(self.config_path)
         except C.ConfigError as e:
             raise AdminError(INVALID_ARGUMENT, str(e)) from None
         old = self.router.cfg
@@ -155,31 +174,52 @@ class AdminService:
         if not same_names:  # Envoy's routes and clusters name the tiers
             restart.append(("tiers", "name"))
         # Take what can change live; keep the rest as the worker runs it.
-        live = old.replace(policy=dataclasses.asdict(new.policy),
-                           router={k: getattr(new.router, k) for k in ("sample_rate", "inject_include_usage",
-                                                                         "max_body_bytes", "snapshot_interval_s",
-                                                                         "drain_seconds")},
-                           spillover=dataclasses.asdict(new.spillover), adaptive=dataclasses.asdict(new.adaptive),
-                           **({"tiers": new.tiers} if same_names else {}))
+        try:
+            live = old.replace(policy=dataclasses.asdict(new.policy),
+                               router={k: getattr(new.router, k) for k in ("sample_rate", "inject_include_usage",
+                                                                             "max_body_bytes", "snapshot_interval_s",
+                                                                             "snapshot_samples", "drain_seconds")},
+                               spillover=dataclasses.asdict(new.spillover), adaptive=dataclasses.asdict(new.adaptive),
+                               **({"tiers": new.tiers} if same_names else {}))
+        except C.ConfigError as e:
+            raise AdminError(INVALID_ARGUMENT, str(e)) from None
+        applied = [f"[{s}] {k}" for s, k in _changed_keys(old, live)]
         self._apply(live)
-        if path:
-            self.config_path = path
+        self._audit(caller, "config reload", self.config_path or "(environment)",
+                    ", ".join(f"{k} = {_value(live, k)}" for k in applied) or "no change")
         return self._result(restart)
 
-    def take_snapshot(self, req: pb.TakeSnapshotRequest) -> pb.Snapshot:
+    def take_snapshot(self, req: pb.TakeSnapshotRequest, caller: str = "") -> pb.Snapshot:
         state = self.router.snapshot()
         if req.write:
             self.worker.save_state()
         return pb.Snapshot(state_json=orjson.dumps(state, option=orjson.OPT_SERIALIZE_NUMPY),
                            samples=self.router.estimator.root.samples)
 
-    def restore_snapshot(self, req: pb.Snapshot) -> pb.RestoreSnapshotResponse:
+    def restore_snapshot(self, req: pb.Snapshot, caller: str = "") -> pb.RestoreSnapshotResponse:
+        before = self.router.samples()
         try:
-            state = orjson.loads(req.state_json)
-            fresh = type(self.router)(self.router.cfg)
-            fresh.restore(state)
-        except (orjson.JSONDecodeError, ValueError, KeyError, TypeError) as e:
-            raise AdminError(INVALID_ARGUMENT, f"not a calibration snapshot of this version: {e}") from None
-        self.router.estimator = fresh.estimator
-        self.router.outputs = fresh.outputs
-        return pb.RestoreSnapshotResponse(samples=self.router.estimator.root.samples)
+            # All or nothing, with the plausibility check a state file passes.
+            restore_json(self.router, req.state_json)
+        except ValueError as e:
+            raise AdminError(INVALID_ARGUMENT, f"calibration snapshot refused, nothing changed: {e}") from None
+        after = self.router.samples()
+        self._audit(caller, "calibration restored", f"{before} samples", f"{after} samples")
+        return pb.RestoreSnapshotResponse(samples=after)
+
+
+def restore_json(router: Any, state_json: bytes) -> None:
+    """Restore ``router`` from a snapshot's JSON (``Router.restore``: all or
+    nothing, plausibility-checked); ValueError if it is not one."""
+    try:
+        state = orjson.loads(state_json)
+    except orjson.JSONDecodeError as e:
+        raise ValueError(f"not JSON: {e}") from None
+    if not isinstance(state, dict):
+        raise ValueError("not a JSON object")
+    router.restore(state)
+
+
+def _value(cfg: C.Config, key: str) -> Any:
+    section, name = key[1:].split("] ")
+    return getattr(getattr(cfg, section), name)

@@ -28,6 +28,7 @@ Pure: no clocks, no I/O; memory is bounded (MAX_MODELS names, fixed categories).
 
 from __future__ import annotations
 
+import hashlib
 import math
 from dataclasses import dataclass
 from typing import Any
@@ -35,6 +36,7 @@ from typing import Any
 import numpy as np
 
 from ..config import EstimatorConfig
+from ..defaults import MAX_MODEL_NAME_CHARS
 from .features import CATEGORIES, FEATURE_BYTES, N_FEATURES
 
 ANY_MODEL = "*"
@@ -86,6 +88,69 @@ ERROR_LINE_MIN_VAR = 1e-4
 #: prompts near B_short. 1,000 tokens is where the issue measures p90 error.
 #: The router raises it to half of B_short (see MARGIN_BAND_FRACTION).
 MARGIN_MIN_TOKENS = 1000
+
+
+# --- Plausibility of a snapshot (physical bounds) ------------------------------
+# A snapshot replaces what the router has learned, so one from a file or the
+# admin API must describe a tokenizer that can exist. A fit's weights are
+# tokens per unit of each feature; the bounds are far outside anything
+# learned from real text and far inside what a poisoned fit needs to break
+# routing (the root fit A=0, b=1e6 estimates "hello there" at 725M tokens).
+
+#: Tokens per text-feature unit (a letter, a digit, a space run's space, a CJK
+#: character...). A unit is at most 3 UTF-8 bytes and a byte-level BPE token
+#: covers at least one byte, so a real weight is within [-3, 3] (overlay
+#: features such as "upper" or "indents" adjust their base feature and may
+#: be negative); 4 leaves room for the regression's noise.
+MAX_TOKENS_PER_UNIT = 4.0
+
+#: Chat-template tokens per message and per request: Llama-3.1's default system
+#: header is ~25 tokens, the largest templates (tool schemas rendered in the
+#: system turn) a few hundred; 4,096 is a whole short context of template.
+MAX_TEMPLATE_TOKENS = 4096.0
+
+#: Error averages are relative errors: 100 (10,000%) is far above a prior that
+#: is wrong by a factor of 4 on every sample, and bounds the margin a
+#: snapshot can impose.
+MAX_REL_ERROR = 100.0
+
+#: Observed bytes per token: 1 is byte-fallback BPE on arbitrary bytes (half of
+#: that for slack), the upper end is MAX_BYTES_PER_TOKEN.
+MIN_OBSERVED_BYTES_PER_TOKEN = 0.5
+
+#: Sample counters are integers a float can hold exactly (2^53): a router
+#: learning 10^5 samples/s for a century stays below 2^49.
+MAX_SAMPLES = 2 ** 53
+
+
+#: Bytes of snapshot JSON per (model, category) fit, with its model's share
+#: and its output-length sketch: ~1.6 KB measured (a fit is 156 floats; 208 KB
+#: for 66 models in tests/test_identity_bounds.py); 4 KiB leaves room for
+#: longer float reprs and 128-character names.
+SNAPSHOT_BYTES_PER_FIT = 4096
+
+#: Smallest bound on a snapshot's size, whatever the table: gRPC's 4 MiB
+#: default message limit times four.
+MIN_SNAPSHOT_BOUND_BYTES = 16 * 1024 * 1024
+
+
+def snapshot_bound_bytes(max_models: int) -> int:
+    """Largest snapshot a table of ``max_models`` names can write (with the
+    shared bucket, every category and a model fit each): what readers of
+    state files and admin messages accept, never less than
+    MIN_SNAPSHOT_BOUND_BYTES."""
+    fits = (max_models + 1) * (1 + len(CATEGORIES))
+    return max(MIN_SNAPSHOT_BOUND_BYTES, fits * SNAPSHOT_BYTES_PER_FIT)
+
+
+def bounded_model_name(name: str) -> str:
+    """``name`` itself up to MAX_MODEL_NAME_CHARS characters; a longer one is
+    cut and suffixed with a hash of the whole name (distinct names stay
+    distinct, a 1 MiB name costs MAX_MODEL_NAME_CHARS)."""
+    if len(name) <= MAX_MODEL_NAME_CHARS:
+        return name
+    digest = hashlib.sha256(name.encode("utf-8", "surrogatepass")).hexdigest()[:16]
+    return name[:MAX_MODEL_NAME_CHARS - 17] + "#" + digest
 
 
 @dataclass(slots=True)
@@ -203,11 +268,37 @@ class Fit:
         return rel
 
 
-def _finite(name: str, v: Any, low: float = 0.0) -> float:
+def _finite(name: str, v: Any, low: float = 0.0, high: float = math.inf) -> float:
     v = float(v)
-    if not math.isfinite(v) or v < low:
-        raise ValueError(f"snapshot holds a bad {name}: {v!r}")
+    if not math.isfinite(v) or v < low or v > high:
+        raise ValueError(f"snapshot holds an implausible {name}: {v!r} (expected {low:g} to {high:g})")
     return v
+
+
+def _check_fit(where: str, f: Fit, parent_samples: int | None) -> None:
+    """Raise ValueError unless ``f`` (already loaded, its parents too)
+    describes a tokenizer that can exist (see MAX_TOKENS_PER_UNIT)."""
+    if parent_samples is not None and f.samples > parent_samples:
+        raise ValueError(f"{where}: {f.samples} samples, more than its parent's {parent_samples}")
+    if f.long_n > f.samples:
+        raise ValueError(f"{where}: {f.long_n} long-prompt samples, more than its {f.samples} samples")
+    if np.any(np.diag(f.A) < 0):
+        raise ValueError(f"{where}: a negative sum of squares")
+    if f.bpt and not MIN_OBSERVED_BYTES_PER_TOKEN <= f.bpt <= MAX_BYTES_PER_TOKEN:
+        raise ValueError(f"{where}: implausible bytes per token {f.bpt!r}")
+    try:
+        w = f.weights()
+    except np.linalg.LinAlgError:
+        raise ValueError(f"{where}: the fit cannot be solved") from None
+    if not np.all(np.isfinite(w)):
+        raise ValueError(f"{where}: non-finite weights")
+    text, template = w[:10], w[10:]
+    if np.any(np.abs(text) > MAX_TOKENS_PER_UNIT):
+        raise ValueError(f"{where}: implausible tokens per character {float(np.max(np.abs(text))):.4g} "
+                         f"(bound {MAX_TOKENS_PER_UNIT:g})")
+    if np.any(np.abs(template) > MAX_TEMPLATE_TOKENS):
+        raise ValueError(f"{where}: implausible template tokens {float(np.max(np.abs(template))):.4g} "
+                         f"(bound {MAX_TEMPLATE_TOKENS:g})")
 
 
 def _load_fit(f: Fit, d: dict[str, Any]) -> None:
@@ -216,15 +307,23 @@ def _load_fit(f: Fit, d: dict[str, Any]) -> None:
     if not (np.all(np.isfinite(A)) and np.all(np.isfinite(b))):
         raise ValueError("snapshot holds non-finite numbers")
     f.A, f.b = A, b
-    f.samples = int(_finite("samples", d["samples"]))
-    f.abs_err = _finite("abs_err", d["abs_err"])
+    f.samples = int(_finite("samples", d["samples"], high=MAX_SAMPLES))
+    f.abs_err = _finite("abs_err", d["abs_err"], high=MAX_REL_ERROR)
     lm = d["lm"]
     if not isinstance(lm, list) or len(lm) != 4:
         raise ValueError("snapshot holds a bad error model")
-    f.lm = [_finite("lm", v) for v in lm]
-    f.long_n = int(_finite("long_n", d["long_n"]))
+    # [E e2, E u, E e2*u, E u^2]: u = 1/k is in (0, 1].
+    highs = (MAX_REL_ERROR ** 2, 1.0, MAX_REL_ERROR ** 2, 1.0)
+    f.lm = [_finite("error moment", v, high=h) for v, h in zip(lm, highs)]
+    f.long_n = int(_finite("long_n", d["long_n"], high=MAX_SAMPLES))
     f.bpt = _finite("bpt", d.get("bpt", 0.0))
     f.version += 1
+
+
+def _check_name(m: Any) -> None:
+    if not isinstance(m, str) or len(m) > MAX_MODEL_NAME_CHARS:
+        raise ValueError(f"snapshot holds a model name that is not a string of at most "
+                         f"{MAX_MODEL_NAME_CHARS} characters")
 
 
 class Estimator:
@@ -239,12 +338,20 @@ class Estimator:
         self.root = Fit(None, self._prior, self.cfg.prior_rel_error, self._ridge, margin_min_tokens)
         self.models: dict[str, Fit] = {}
         self.fits: dict[tuple[str, str], Fit] = {}
+        # Logical clock of the model table: root.samples when each name last
+        # learned (or claimed a slot), so the least recently learned name can
+        # give up its slot once it is idle (cfg.model_idle_samples).
+        self.seen: dict[str, int] = {}
+        #: Called with a model name the table dropped (the router drops the
+        #: name's output budgets with it).
+        self.on_evict: Any = None
 
     # --- lookup --------------------------------------------------------------
     def model_key(self, model: str) -> str:
         """The bucket a model name learns in: itself while under MAX_MODELS
         names, else the shared ANY_MODEL bucket (bounded memory)."""
-        if model in self.models or len(self.models) < self.cfg.max_models:
+        # self.seen holds exactly the named models (not ANY_MODEL).
+        if model in self.models or len(self.seen) < self.cfg.max_models:
             return model
         return ANY_MODEL
 
@@ -256,13 +363,38 @@ class Estimator:
             f.margin_min = tokens
 
     def claim(self, model: str) -> str:
-        """The bucket of ``model``, taking a slot for it if one is free."""
-        key = self.model_key(model)
+        """The bucket of ``model``, taking a slot for it if one is free (or
+        idle long enough to be taken back)."""
+        key = self._slot(model)
         self._model(key)
         return key
 
+    def _slot(self, model: str) -> str:
+        """``model_key`` for learning: marks the name as seen now and, with
+        the table full, evicts the least recently learned name if it has been
+        idle for cfg.model_idle_samples samples."""
+        key = self.model_key(model)
+        if key == ANY_MODEL and model != ANY_MODEL and self.seen:
+            now = self.root.samples
+            lru = min(self.seen, key=self.seen.__getitem__)
+            if now - self.seen[lru] >= self.cfg.model_idle_samples:
+                self.evict(lru)
+                key = model
+        if key != ANY_MODEL:
+            self.seen[key] = self.root.samples
+        return key
+
+    def evict(self, model: str) -> None:
+        """Forget everything learned for ``model``; its slot is free."""
+        self.models.pop(model, None)
+        self.seen.pop(model, None)
+        for cat in CATEGORIES:
+            self.fits.pop((model, cat), None)
+        if self.on_evict is not None:
+            self.on_evict(model)
+
     def _fit(self, model: str, category: str, create: bool) -> Fit:
-        key = (self.model_key(model), category)
+        key = (self._slot(model) if create else self.model_key(model), category)
         fit = self.fits.get(key)
         if fit is None:
             mfit = self.models.get(key[0])
@@ -331,7 +463,7 @@ class Estimator:
             "version": SNAPSHOT_VERSION,
             "features": N_FEATURES,
             "root": dump(self.root),
-            "models": {m: dump(f) for m, f in self.models.items()},
+            "models": {m: {**dump(f), "seen": self.seen.get(m, 0)} for m, f in self.models.items()},
             "fits": [{"model": m, "category": c, **dump(f)} for (m, c), f in self.fits.items()],
         }
 
@@ -343,17 +475,38 @@ class Estimator:
                 raise ValueError("snapshot from an incompatible version")
             fresh = Estimator(self.cfg, self.margin_min_tokens)
             _load_fit(fresh.root, snap["root"])
+            now = fresh.root.samples
+            seen = {}
             for m, d in snap.get("models", {}).items():
+                _check_name(m)
                 if fresh.model_key(m) == m:
                     _load_fit(fresh._model(m), d)
+                    if m != ANY_MODEL:
+                        seen[m] = int(_finite("seen", d.get("seen", now), high=now))
             for d in snap.get("fits", []):
-                if d.get("category") in CATEGORIES and fresh.model_key(d["model"]) == d["model"]:
+                _check_name(d["model"])
+                if d.get("category") in CATEGORIES and d["model"] in fresh.models:
                     _load_fit(fresh._fit(d["model"], d["category"], create=True), d)
+            fresh.seen = seen
+            fresh.check_plausible()
         except (KeyError, TypeError, AttributeError) as e:
             raise ValueError(f"malformed snapshot: {e!r}") from None
-        self.root, self.models, self.fits = fresh.root, fresh.models, fresh.fits
+        self.root, self.models, self.fits, self.seen = fresh.root, fresh.models, fresh.fits, fresh.seen
+
+    def check_plausible(self) -> None:
+        """Raise ValueError unless every fit is physically possible (see
+        MAX_TOKENS_PER_UNIT) and the sample counts nest (a model's fit has
+        learned at most what every model learned, a category at most what
+        its model did)."""
+        _check_fit("root fit", self.root, None)
+        for m, f in self.models.items():
+            _check_fit(f"fit of model {m!r}", f, self.root.samples)
+        for (m, c), f in self.fits.items():
+            _check_fit(f"fit of ({m!r}, {c})", f, f.parent.samples)
 
     def _model(self, m: str) -> Fit:
+        if m != ANY_MODEL:
+            self.seen.setdefault(m, self.root.samples)
         fit = self.models.get(m)
         if fit is None:
             fit = self.models[m] = Fit(self.root, None, 0.0, self._ridge)

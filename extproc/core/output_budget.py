@@ -97,6 +97,9 @@ class OutputBudget:
                 for (m, c), s in self.sketches.items()]
 
     def restore(self, rows: list[dict[str, Any]], keep: Any) -> None:
+        """Load ``rows`` (all or nothing: ValueError, nothing changed, if any
+        row is not a possible sketch); rows whose key ``keep`` refuses are skipped."""
+        sketches = {}
         for d in rows:
             key = (d["model"], d["category"])
             if not keep(key) or len(d["counts"]) != N_BUCKETS:
@@ -105,4 +108,16 @@ class OutputBudget:
             sk.counts = [float(c) for c in d["counts"]]
             sk.total = float(d["total"])
             sk.samples = int(d["samples"])
-            self.sketches[key] = sk
+            # Decayed counts: non-negative, finite, summing to the total, and
+            # never more than the completions seen.
+            if not (all(math.isfinite(c) and c >= 0 for c in sk.counts) and math.isfinite(sk.total)
+                    and 0 <= sk.total <= sk.samples + 1e-6 and abs(sum(sk.counts) - sk.total) <= 1e-6 * max(1.0, sk.total)
+                    and sk.samples >= 0):
+                raise ValueError(f"snapshot holds an implausible output-length sketch for {key!r}")
+            sketches[key] = sk
+        self.sketches.update(sketches)
+
+    def drop_model(self, model: str) -> None:
+        """Forget the budgets of ``model`` (its estimator slot was freed)."""
+        for key in [k for k in self.sketches if k[0] == model]:
+            del self.sketches[key]

@@ -16,7 +16,7 @@ from typing import Any
 from . import errors
 from . import policy as P
 from ..config import Config
-from .estimator import MARGIN_MIN_TOKENS, Estimator
+from .estimator import MARGIN_MIN_TOKENS, Estimator, bounded_model_name
 from .features import features
 from .load import TierLoad
 from .spillover import Spillover
@@ -44,6 +44,7 @@ class Router:
         self.estimator = Estimator(cfg.estimator, self._margin_min(cfg))
         self.outputs = OutputBudget(cfg.policy.default_output_tokens, cfg.policy.output_quantile,
                                     D.OUTPUT_MIN_SAMPLES)
+        self.estimator.on_evict = self.outputs.drop_model
         self.spillover = Spillover.from_config(cfg)
         self.threshold = Threshold.from_config(cfg)
         self.loads: tuple[TierLoad, ...] = tuple(TierLoad(t.name) for t in cfg.tiers)
@@ -103,19 +104,21 @@ class Router:
         req = parse(path, body)
         if isinstance(req, NotRoutable):
             return self.not_llm(req.reason)
+        # The name is the client's: bound it before it keys any table, label or span.
+        model = bounded_model_name(req.model)
         if req.exact_prompt_tokens is not None:
             category, vector, n_bytes = "tokens", (), 0
             estimate, margin, rel_error, samples = float(req.exact_prompt_tokens), 0.0, 0.0, 0
         else:
             f = features(req.text, req.n_chars, req.n_messages, req.has_tools)
             category, vector, n_bytes = f.category, f.vector, f.n_bytes
-            est = self.estimator.estimate(req.model, category, vector, n_bytes, req.k_eff)
+            est = self.estimator.estimate(model, category, vector, n_bytes, req.k_eff)
             estimate, rel_error, samples = est.tokens, est.rel_error, est.samples
             margin = P.margin_for(cfg, est.long_rms)
-        key = (self.estimator.model_key(req.model), category)
+        key = (self.estimator.model_key(model), category)
         output, source = self.outputs.budget(key, req.max_output)
         d = P.Decision(
-            pool=cfg.long.name, reason=P.R_LONG, model=req.model, category=category,
+            pool=cfg.long.name, reason=P.R_LONG, model=model, category=category,
             estimate=int(round(estimate)), output=output, output_source=source, margin=margin,
             rel_error=rel_error, samples=samples, n_bytes=n_bytes, vector=vector,
             capped=req.max_output is not None, stream=req.stream, include_usage=req.include_usage,
@@ -188,6 +191,18 @@ class Router:
         return {"estimator": self.estimator.snapshot(), "outputs": self.outputs.snapshot()}
 
     def restore(self, snap: dict[str, Any]) -> None:
-        self.estimator.restore(snap["estimator"])
-        self.outputs.restore(snap.get("outputs", []),
-                             lambda key: self.estimator.model_key(key[0]) == key[0])
+        """Load a snapshot, all or nothing: ValueError (this router
+        unchanged) unless every part of it is well-formed and plausible."""
+        fresh = Router(self.cfg)
+        try:
+            fresh.estimator.restore(snap["estimator"])
+            fresh.outputs.restore(snap.get("outputs", []),
+                                  lambda key: fresh.estimator.model_key(key[0]) == key[0])
+        except (KeyError, TypeError, AttributeError) as e:
+            raise ValueError(f"malformed snapshot: {e!r}") from None
+        self.estimator, self.outputs = fresh.estimator, fresh.outputs
+        self.estimator.on_evict = self.outputs.drop_model
+
+    def samples(self) -> int:
+        """Responses learned from in all (the estimator's root fit)."""
+        return self.estimator.root.samples

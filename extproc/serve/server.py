@@ -4,9 +4,16 @@ Thin shell. Each worker process owns one ``Router`` (the pure core), listens
 on its own port (``config.worker_ports``: Envoy's ext_proc cluster lists every
 worker as an endpoint, so each gets its own HTTP/2 connection and the streams
 spread over processes), creates one ``StreamMachine`` per stream, snapshots
-calibration periodically and on shutdown, and drains in-flight streams on
-SIGTERM/SIGINT. With ``workers > 1`` a supervisor process starts the workers,
-restarts one that dies, and forwards signals.
+calibration periodically, after ``snapshot_samples`` new samples and on
+shutdown, and drains in-flight streams on SIGTERM/SIGINT. With
+``workers > 1`` a supervisor process starts the workers, restarts one that
+dies, and forwards signals.
+
+Start order of a worker: stale snapshot temporaries removed, state file
+restored (all or nothing), admin plane up on its own port
+(``extproc.admin.plane``), warm start from a peer if nothing was restored,
+then the ext_proc port opens: a worker is ready (ext_proc health SERVING)
+only once its calibration is in place.
 """
 
 from __future__ import annotations
@@ -20,15 +27,17 @@ import random
 import signal
 import time
 
-from google.protobuf.message import DecodeError
-
 from . import monitor as mon
 from . import snapshot
 from . import transport
+from ..admin import auth as admin_auth
+from ..admin import plane as admin_plane
 from ..admin import reflection
-from ..admin import service as admin_service
-from ..config import Config, worker_ports
+from ..admin import warm
+from ..config import Config, admin_ports, worker_ports
+from ..defaults import SNAPSHOT_MIN_GAP_S
 from ..core.machine import StreamMachine
+from ..core.estimator import snapshot_bound_bytes
 from ..core.router import Router
 
 log = logging.getLogger("budget_router")
@@ -43,6 +52,11 @@ GRPC_HEADROOM_BYTES = 1024 * 1024
 #: A worker that dies is restarted after this pause, so a crash loop costs
 #: one start per second instead of a busy spin (like systemd's RestartSec).
 RESTART_PAUSE_S = 1.0
+
+
+#: How often the snapshot task looks at the sample count: a timer wakeup per
+#: second costs nothing measurable and bounds the lag of the count trigger.
+SNAPSHOT_CHECK_S = 1.0
 
 
 def max_message_bytes(cfg: Config) -> int:
@@ -60,6 +74,9 @@ class Worker:
         self.router = Router(cfg)
         self.rng = rng or random.Random()
         self.server = None
+        self.admin: admin_plane.AdminPlane | None = None
+        self.warm_peer: str | None = None
+        self.saved_samples = 0
         self.state_path = snapshot.worker_path(cfg.router.state_file, index)
         self.streams = 0
         self.telemetry = None
@@ -67,17 +84,24 @@ class Worker:
             from .telemetry import Telemetry
             self.telemetry = Telemetry(cfg, self.router, index)
 
-    def load_state(self) -> None:
-        state, src = snapshot.load_best(self.cfg.router.state_file)
+    def load_state(self) -> bool:
+        """Restore the best snapshot file, all or nothing; True if restored."""
+        snapshot.remove_stale_temps(self.state_path)
+        state, src = snapshot.load_best(self.cfg.router.state_file,
+                                        snapshot_bound_bytes(self.cfg.estimator.max_models))
         if state is None:
-            return
+            return False
         try:
             self.router.restore(state)
-            log.info("worker %d: calibration restored from %s", self.index, src)
         except (ValueError, KeyError, TypeError) as e:
-            log.warning("worker %d: ignoring calibration snapshot %s: %s", self.index, src, e)
+            log.warning("worker %d: calibration snapshot %s refused, nothing restored (starting from the prior): %s",
+                        self.index, src, e)
+            return False
+        log.info("worker %d: calibration restored from %s (%d samples)", self.index, src, self.router.samples())
+        return True
 
     def save_state(self) -> None:
+        self.saved_samples = self.router.samples()
         try:
             snapshot.save(self.state_path, self.router.snapshot())
         except OSError as e:
@@ -89,8 +113,14 @@ class Worker:
         m = StreamMachine(self.router, self.rng.random)
         return self.telemetry.wrap(m, metadata) if self.telemetry is not None else m
 
-    async def start(self, port: int | None = None) -> int:
-        self.load_state()
+    async def start(self, port: int | None = None, admin_port: int | None = None) -> int:
+        restored = self.load_state()
+        tokens = admin_auth.load_tokens(self.cfg)
+        admin_port = admin_ports(self.cfg)[self.index] if admin_port is None else admin_port
+        self.admin = await admin_plane.serve(self, self.cfg, admin_port, tokens, self.config_path)
+        if not restored and self.cfg.admin.warm_start_peers:
+            self.warm_peer = await warm.warm_start(self.router, self.cfg, tokens[0] if tokens else None)
+        self.saved_samples = self.router.samples()
         port = worker_ports(self.cfg)[self.index] if port is None else port
         # Everything allocated so far (modules, protobuf descriptors, numpy,
         # the restored calibration) lives for the whole process: move it out
@@ -99,44 +129,40 @@ class Worker:
         # after Instagram's pre-fork servers).
         gc.collect()
         gc.freeze()
+        # The data plane's port: ext_proc and its health check, nothing that
+        # steers the router (that is the admin plane's port).
         self.server = await transport.serve(
             self.cfg.router.transport, self.new_stream, self.cfg.router.listen, port,
-            max_message_bytes=max_message_bytes(self.cfg), unary=self.admin_methods(),
-            streaming=reflection.methods([transport.EXT_PROC_SERVICE, HEALTH_SERVICE, admin_service.SERVICE]))
+            max_message_bytes=max_message_bytes(self.cfg),
+            streaming=reflection.methods([transport.EXT_PROC_SERVICE, HEALTH_SERVICE]))
+        await self.admin.set_serving(True)
         return self.server.port
-
-    def admin_methods(self) -> dict[str, transport.UnaryMethod]:
-        """The admin API (protos/budget_router/admin/v1) as unary methods."""
-        svc = admin_service.AdminService(self, self.config_path)
-
-        def method(parse, fn):
-            def call(request: bytes) -> tuple[int, str, bytes]:
-                try:
-                    req = parse(request)
-                except DecodeError:
-                    return admin_service.INVALID_ARGUMENT, "could not parse the request message", b""
-                try:
-                    return transport.OK, "", fn(req).SerializeToString()
-                except admin_service.AdminError as e:
-                    return e.code, e.message, b""
-            return call
-
-        return {f"/{admin_service.SERVICE}/{name}": method(parse, fn)
-                for name, (parse, fn) in svc.methods().items()}
 
     async def stop(self) -> None:
         if self.server is not None:
             await self.server.stop(self.cfg.router.drain_seconds)
             self.server = None
+        if self.admin is not None:
+            await self.admin.stop()
+            self.admin = None
         self.save_state()
         if self.telemetry is not None:
             self.telemetry.shutdown()
 
     async def run_until(self, stop: asyncio.Event) -> None:
         async def snapshots() -> None:
+            # Every snapshot_interval_s, and sooner once snapshot_samples new
+            # samples were learned (at most one per SNAPSHOT_MIN_GAP_S).
+            last = time.monotonic()
             while True:
-                await asyncio.sleep(self.cfg.router.snapshot_interval_s)
-                self.save_state()
+                r = self.cfg.router
+                await asyncio.sleep(min(r.snapshot_interval_s, SNAPSHOT_CHECK_S))
+                now = time.monotonic()
+                new = self.router.samples() - self.saved_samples
+                if now - last >= r.snapshot_interval_s or (
+                        r.snapshot_samples and new >= r.snapshot_samples and now - last >= SNAPSHOT_MIN_GAP_S):
+                    self.save_state()
+                    last = now
 
         tasks = [asyncio.create_task(snapshots())]
         if self.cfg.monitor.enabled:
@@ -164,13 +190,15 @@ class Worker:
 
 async def _worker_main(cfg: Config, index: int, config_path: str | None = None) -> None:
     w = Worker(cfg, index, config_path=config_path)
-    port = await w.start()
-    log.info("worker %d (pid %d) serving ext_proc on %s:%d via %s",
-             index, os.getpid(), cfg.router.listen, port, cfg.router.transport)
+    # Signals first: a SIGTERM during start (a warm start takes seconds) stops
+    # the worker cleanly once started, with a snapshot, instead of killing it.
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
+    port = await w.start()
+    log.info("worker %d (pid %d) serving ext_proc on %s:%d via %s, admin on %s:%d",
+             index, os.getpid(), cfg.router.listen, port, cfg.router.transport, cfg.admin.listen, w.admin.port)
     await w.run_until(stop)
     log.info("worker %d drained and stopped", index)
 
@@ -197,6 +225,11 @@ def serve(cfg: Config, config_path: str | None = None) -> int:
     """Run the router until SIGTERM/SIGINT. Returns an exit code.
     ``config_path`` is what the admin API's ReloadConfig re-reads."""
     setup_logging()
+    # Refuse an unprotected non-loopback admin plane (or an unreadable token
+    # or TLS file) here, with the config error, before any worker starts: a
+    # worker failing on it would only be restarted over and over.
+    admin_auth.check_exposure(cfg, admin_auth.load_tokens(cfg))
+    admin_plane.server_credentials(cfg.admin)  # TLS files readable (ConfigError if not)
     if cfg.router.workers == 1:
         asyncio.run(_worker_main(cfg, 0, config_path))
         return 0

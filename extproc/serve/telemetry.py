@@ -53,6 +53,7 @@ from opentelemetry.sdk.trace.export import BatchSpanProcessor
 from ..config import Config
 from ..core.machine import StreamMachine
 from ..core.router import Router
+from ..core.features import CATEGORIES
 
 log = logging.getLogger("budget_router")
 
@@ -223,6 +224,16 @@ class Telemetry:
         for (pool, cat, reason), n in list(self._requests.items()):
             yield Observation(n, {"pool": pool, "category": cat, "reason": reason})
 
+    def _prune_samples(self) -> None:
+        """Series of model names the estimator's table let go (idle names
+        evicted for new ones) leave the page: the model label takes at most
+        the table's names (each bounded to MAX_MODEL_NAME_CHARS), whatever
+        names clients send."""
+        est = self.router.estimator
+        if len(self._samples) >= (est.cfg.max_models + 1) * len(CATEGORIES):
+            for key in [k for k in self._samples if k[0] not in est.models]:
+                del self._samples[key]
+
     def _observe_samples(self, options: CallbackOptions) -> Iterable[Observation]:
         for (model, cat), n in list(self._samples.items()):
             yield Observation(n, {"model": model, "category": cat})
@@ -266,6 +277,8 @@ class Telemetry:
                 self.rel_error.record(abs(m.rel_error), {"category": d.category})
             if m.learned:
                 skey = (self.router.estimator.model_key(d.model), d.category)
+                if skey not in self._samples:
+                    self._prune_samples()
                 self._samples[skey] = self._samples.get(skey, 0) + 1
             if m.misroute:
                 self._misroutes[d.pool] = self._misroutes.get(d.pool, 0) + 1

@@ -95,8 +95,10 @@ def loopback_config(base: Config | None = None, workers: int | None = None, **se
     envoy_port, admin_port, *pool_ports = free_ports(2 + len(cfg.tiers))
     router_port = free_port_block(n)
     prom_port = free_port_block(n)
+    admin_plane_port = free_port_block(n)
     cfg = cfg.replace(
         router={"port": router_port, "workers": n, "listen": "127.0.0.1"},
+        admin={"port": admin_plane_port, "listen": "127.0.0.1"},
         telemetry={"prometheus_port": prom_port, "prometheus_listen": "127.0.0.1"},
         envoy={"port": envoy_port, "admin_port": admin_port, "listen": "127.0.0.1", "router_host": "127.0.0.1"},
         tiers=[dataclasses.replace(t, endpoints=(f"127.0.0.1:{port}",)) for t, port in zip(cfg.tiers, pool_ports)],
@@ -158,6 +160,11 @@ class Stack:
         out.close()
         self.procs[name] = p
         return p
+
+    def rss_kb(self, name: str) -> int:
+        """Resident memory of a process of the stack (Linux /proc), in KiB."""
+        with open(f"/proc/{self.procs[name].pid}/status") as f:
+            return next(int(ln.split()[1]) for ln in f if ln.startswith("VmRSS:"))
 
     def log_tail(self, name: str, n: int = 40) -> str:
         try:

@@ -14,7 +14,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings, strategies as st
 
 from extproc.config import EstimatorConfig
-from extproc.core.estimator import (ANY_MODEL, SNAPSHOT_VERSION, MAX_BYTES_PER_TOKEN, PRIOR_TOKENS_PER_MESSAGE,
+from extproc.defaults import MAX_MODEL_NAME_CHARS
+from extproc.core.estimator import (ANY_MODEL, SNAPSHOT_VERSION, MAX_BYTES_PER_TOKEN, PRIOR_TOKENS_PER_MESSAGE, bounded_model_name,
                                PRIOR_TOKENS_PER_REQUEST, Estimator)
 from extproc.core.features import CATEGORIES, N_FEATURES, PROSE, features
 
@@ -182,7 +183,8 @@ def test_estimate_never_below_floor(train, probe, m):
 
 
 def test_memory_bounded_under_flood_of_model_names():
-    cfg = EstimatorConfig(max_models=16)
+    # No idle eviction within the run: the first 16 names keep their slots.
+    cfg = EstimatorConfig(max_models=16, model_idle_samples=10 ** 9)
     e = Estimator(cfg)
     f = feat("some prompt text " * 20)
     for i in range(10_000):
@@ -198,6 +200,39 @@ def test_memory_bounded_under_flood_of_model_names():
     assert e.model_key("model-99999") == ANY_MODEL
     assert e.model_key("model-3") == "model-3"
     assert e.fits[(ANY_MODEL, f.category)].samples == 10_000 - 16
+
+
+def test_idle_names_age_out_so_the_real_model_gets_its_own_fit():
+    """A flood of made-up names fills every slot once; the real model then
+    learns in the shared bucket only until the flood's names have been idle
+    for model_idle_samples samples, then takes a slot of its own (least
+    recently learned first) while memory stays bounded."""
+    cfg = EstimatorConfig(max_models=8, model_idle_samples=50)
+    e = Estimator(cfg)
+    evicted = []
+    e.on_evict = evicted.append
+    f = feat("some prompt text " * 20)
+    for i in range(8):
+        e.learn(f"junk-{i}", f.category, f.vector, f.n_bytes, 120)
+    assert e.model_key("llama") == ANY_MODEL
+    # junk-0 learned at clock 0; the clock is at 8 after the flood, so the
+    # 43rd sample of llama (clock 50) is the first that may take its slot.
+    for i in range(42):
+        e.learn("llama", f.category, f.vector, f.n_bytes, 100)
+    assert "llama" not in e.models and evicted == []
+    e.learn("llama", f.category, f.vector, f.n_bytes, 100)
+    assert e.model_key("llama") == "llama" and evicted == ["junk-0"]
+    assert ("junk-0", f.category) not in e.fits
+    # a name that keeps learning is never the one evicted
+    for i in range(300):
+        e.learn("llama", f.category, f.vector, f.n_bytes, 100)
+        e.learn(f"flood-{i}", f.category, f.vector, f.n_bytes, 100)
+    assert "llama" in e.models and len(set(e.models) - {ANY_MODEL}) <= cfg.max_models
+    assert e.fits[("llama", f.category)].samples >= 300
+    # the clock survives a snapshot
+    e2 = Estimator(cfg)
+    e2.restore(json.loads(json.dumps(e.snapshot())))
+    assert e2.seen == e.seen
 
 
 def test_claim_takes_a_slot_only_while_free():
@@ -371,3 +406,52 @@ def test_margin_error_shrinks_with_more_texts():
     one, many = fit.error_ms(1.0) ** 0.5, fit.error_ms(16.0) ** 0.5
     assert 0.05 < one < 0.12
     assert many < one / 2
+
+
+# --- plausibility and bounded names (issue 11) ----------------------------------------
+
+def poisoned_root(snap: dict) -> dict:
+    """The issue's attack: the root fit replaced by A=0, b=1e6, 1,000 samples."""
+    snap = json.loads(json.dumps(snap))
+    snap["root"].update(A=[0.0] * (N_FEATURES * N_FEATURES), b=[1e6] * N_FEATURES, samples=1000)
+    return snap
+
+
+def test_poisoned_snapshot_is_refused_and_nothing_changes():
+    e, probes = _trained()
+    before = e.snapshot()
+    estimates = _estimates(e, probes)
+    with pytest.raises(ValueError, match="implausible"):
+        e.restore(poisoned_root(e.snapshot()))
+    assert e.snapshot() == before and _estimates(e, probes) == estimates
+    with pytest.raises(ValueError, match="implausible"):
+        Estimator().restore(poisoned_root(Estimator().snapshot()))
+
+
+@pytest.mark.parametrize("mutate, match", [
+    (lambda s: s["fits"][0].update(samples=10 ** 9), "more than its parent"),
+    (lambda s: s["root"].update(abs_err=1e9), "implausible abs_err"),
+    (lambda s: s["root"].update(bpt=1000.0), "bytes per token"),
+    (lambda s: s["root"].update(long_n=10 ** 6), "long-prompt samples"),
+    (lambda s: s["models"].update({"x" * 10_000: s["models"]["a"]}), "model name"),
+])
+def test_implausible_snapshots_are_refused(mutate, match):
+    e, _ = _trained()
+    snap = json.loads(json.dumps(e.snapshot()))
+    mutate(snap)
+    with pytest.raises(ValueError, match=match):
+        Estimator().restore(snap)
+
+
+def test_every_learned_snapshot_is_plausible():
+    e, _ = _trained()
+    e.check_plausible()
+    Estimator().restore(e.snapshot())
+
+
+def test_long_model_names_are_bounded_and_stay_distinct():
+    a, b = "junk-" + "x" * 2 ** 20, "junk-" + "x" * (2 ** 20 - 1) + "y"
+    ba, bb = bounded_model_name(a), bounded_model_name(b)
+    assert len(ba) == len(bb) == MAX_MODEL_NAME_CHARS and ba != bb
+    assert bounded_model_name("meta-llama/Llama-3.1-8B-Instruct") == "meta-llama/Llama-3.1-8B-Instruct"
+    assert bounded_model_name("\ud800" * 200) != bounded_model_name("\ud801" * 200)  # lone surrogates

@@ -125,3 +125,14 @@ def test_router_state_survives_save_and_load(tmp_path):
     a, b = r.route("/v1/chat/completions", body), r2.route("/v1/chat/completions", body)
     assert (a.estimate, a.output, a.margin, a.samples, a.pool) == (b.estimate, b.output, b.margin, b.samples, b.pool)
     assert a.estimate == pytest.approx(1234, rel=0.02)
+
+
+def test_load_best_skips_files_over_the_bound(tmp_path):
+    """A state file bigger than any table of the config writes (the old
+    134 MB file of 1 MiB model names) is not read into memory."""
+    base = str(tmp_path / "state.json")
+    S.save(base, state(12345, "w0-with-a-longer-tag"))
+    S.save(S.worker_path(base, 1), state(2, "w1"))
+    size = os.path.getsize(base)
+    assert S.load_best(base, limit=size - 1) == (state(2, "w1"), S.worker_path(base, 1))
+    assert S.load_best(base, limit=size) == (state(12345, "w0-with-a-longer-tag"), base)
