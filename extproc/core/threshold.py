@@ -7,7 +7,8 @@ names for adaptive thresholding. When the smaller tier's pressure exceeds
 the larger one's by more than ``dead_band`` the boundary steps down by
 ``step_fraction`` (fewer requests fit the smaller tier); the other way round
 it steps up. A boundary moves at most once per ``dwell_s``, stays within
-``[min_fraction x configured, its tier's max_model_len x (1 - min_margin)]``
+``[min_fraction x configured (and MIN_B_SHORT for the first), its tier's
+max_model_len x (1 - min_margin)]``
 and between its neighbours, and never moves while either tier's signals are
 unknown or while it is pinned (admin API). Every move is returned and kept
 in ``history`` for the log, the metrics and ``status``.
@@ -19,6 +20,7 @@ import math
 from dataclasses import dataclass, field
 from typing import Sequence
 
+from .. import defaults as D
 from .load import TierLoad
 
 #: Moves kept in ``history`` (the log has them all; status shows the latest).
@@ -64,7 +66,7 @@ class Threshold:
 
     def bounds(self, b: int) -> tuple[int, int]:
         """Where boundary ``b`` may move: its own bounds within its neighbours."""
-        lo = max(1, int(self.base[b] * self.min_fraction))
+        lo = max(D.MIN_B_SHORT if b == 0 else 1, int(self.base[b] * self.min_fraction))
         hi = max(self.caps[b], lo)
         if b > 0:
             lo = max(lo, self.limits[b - 1] + 1)

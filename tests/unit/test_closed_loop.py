@@ -154,6 +154,14 @@ def test_threshold_dead_band_unknown_pinned_and_disabled():
     assert off.pin(0, None, now=2.0).new == 8000 and off.limits == [8000]  # nothing adapts: back to the config
 
 
+def test_first_boundary_never_below_min_b_short():
+    from extproc import defaults as D
+    t = thr(base=(600,), caps=(2000,))
+    for k in range(20):
+        t.observe([load("short", waiting=9), load("long")], now=10.0 * k)
+    assert t.limits == [D.MIN_B_SHORT]
+
+
 def test_boundaries_stay_between_their_neighbours():
     t = thr(base=(8000, 9000), caps=(8028, 32000))
     for k in range(50):
