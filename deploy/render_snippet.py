@@ -37,8 +37,11 @@ HEADER = """\
 #                                 typed_config (merge the lists; keep the
 #                                 http_filters order: ext_proc before router)
 #   listener.per_connection_buffer_limit_bytes -> on that listener
-#   clusters                   -> static_resources.clusters (the router)
-# Your pool clusters must be named {short} and {long} (or edit the routes).
+#   clusters                   -> static_resources.clusters (the router, and
+#                                 the failover cluster: {short}, else {long})
+# Your pool clusters must be named {short} and {long} (or edit the routes);
+# give them the health check and outlier detection of envoy/envoy.yaml so the
+# failover cluster knows when {short} is down (docs/deploy.md, "Pool failover").
 # Replace {host} with where your router runs.
 """
 
@@ -53,15 +56,17 @@ def build(cfg: C.Config | None = None) -> dict:
     boot = E.to_dict(cfg)
     listener = boot["static_resources"]["listeners"][0]
     hcm = listener["filter_chains"][0]["filters"][0]["typed_config"]
-    router_cluster = next(c for c in boot["static_resources"]["clusters"] if c["name"] == E.ROUTER_CLUSTER)
+    clusters = [c for c in boot["static_resources"]["clusters"]
+                if c["name"] == E.ROUTER_CLUSTER or c["name"].endswith(E.FAILOVER_SUFFIX)]
     return {
         "http_connection_manager": {
             "early_header_mutation_extensions": hcm["early_header_mutation_extensions"],
             "http_filters": hcm["http_filters"],
             "route_config": hcm["route_config"],
+            "local_reply_config": hcm["local_reply_config"],
         },
         "listener": {"per_connection_buffer_limit_bytes": listener["per_connection_buffer_limit_bytes"]},
-        "clusters": [router_cluster],
+        "clusters": clusters,
     }
 
 

@@ -111,6 +111,25 @@ class EnvoyConfig:
 
 
 @dataclass(frozen=True)
+class MediaConfig:
+    """Prompt tokens of non-text content parts (images, audio, video, files);
+    the reason behind each default is in extproc.defaults."""
+
+    image_patch_px: int = D.IMAGE_PATCH_PX
+    image_min_tokens: int = D.IMAGE_MIN_TOKENS
+    image_max_tokens: int = D.IMAGE_MAX_TOKENS
+    image_overhead_tokens: int = D.IMAGE_OVERHEAD_TOKENS
+    remote_image_tokens: int = D.REMOTE_IMAGE_TOKENS
+    audio_tokens: int = D.AUDIO_TOKENS
+    audio_bytes_per_token: int = D.AUDIO_BYTES_PER_TOKEN
+    file_tokens: int = D.FILE_TOKENS
+    # Per-model image rule, e.g. {"llava-1.5" = {image_patch_px = 14,
+    # image_max_tokens = 576}}: keys are the image_* keys above; a model not
+    # listed uses them. (File only: no environment variable sets it.)
+    models: Mapping[str, Mapping[str, int]] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
 class TelemetryConfig:
     # Prometheus endpoint of worker i on prometheus_port + i; 0 turns it off.
     # 9464 is the OpenTelemetry Prometheus exporter's conventional port.
@@ -188,6 +207,7 @@ class Config:
     estimator: EstimatorConfig = field(default_factory=EstimatorConfig)
     envoy: EnvoyConfig = field(default_factory=EnvoyConfig)
     telemetry: TelemetryConfig = field(default_factory=TelemetryConfig)
+    media: MediaConfig = field(default_factory=MediaConfig)
     admin: AdminConfig = field(default_factory=AdminConfig)
     monitor: MonitorConfig = field(default_factory=MonitorConfig)
     spillover: SpilloverConfig = field(default_factory=SpilloverConfig)
@@ -301,10 +321,14 @@ _SECTIONS = {
     "monitor": MonitorConfig,
     "spillover": SpilloverConfig,
     "adaptive": AdaptiveConfig,
+    "media": MediaConfig,
     "admin": AdminConfig,
 }
 
 _TIER_KEYS = ("name", "max_model_len", "budget_limit", "endpoints")
+
+#: Keys of a per-model image rule in [media] models.
+MEDIA_MODEL_KEYS = ("image_patch_px", "image_min_tokens", "image_max_tokens", "image_overhead_tokens")
 
 #: Environment variables under ENV_PREFIX that are not config keys.
 #: ADMIN_TOKEN is a secret (kept out of Config, so `config --show` and
@@ -612,6 +636,7 @@ def validate(cfg: Config) -> None:
            f"[telemetry] prometheus_port = {t.prometheus_port}: expected 0 (off) or a port with room for every worker")
     if v.otlp_endpoint:
         _check_endpoint("[envoy] otlp_endpoint", v.otlp_endpoint)
+    _validate_media(cfg.media)
     m, sp, a = cfg.monitor, cfg.spillover, cfg.adaptive
     _check(0.05 <= m.interval_s <= 60, f"[monitor] interval_s = {m.interval_s}: expected 0.05-60 seconds")
     _check(1 <= m.stale_intervals <= 100, f"[monitor] stale_intervals = {m.stale_intervals}: expected 1-100")
@@ -670,6 +695,25 @@ def _validate_tiers(cfg: Config) -> None:
            f"[policy] b_short = {p.b_short} differs from the first tier's budget_limit = {tiers[0].budget_limit}")
 
 
+def _validate_media(m: MediaConfig) -> None:
+    rules = [("[media]", {k: getattr(m, k) for k in MEDIA_MODEL_KEYS})]
+    _check(isinstance(m.models, Mapping), f"[media] models = {m.models!r}: expected a table of model names")
+    for model, rule in m.models.items():
+        where = f"[media] models.{model!r}"
+        _check(isinstance(rule, Mapping) and set(rule) <= set(MEDIA_MODEL_KEYS),
+               f"{where} = {rule!r}: expected a table with keys among {', '.join(MEDIA_MODEL_KEYS)}")
+        rules.append((where, {k: rule.get(k, getattr(m, k)) for k in MEDIA_MODEL_KEYS}))
+    for where, r in rules:
+        for k, v in r.items():
+            _check(isinstance(v, int) and not isinstance(v, bool) and v >= 0 and (v > 0 or k == "image_overhead_tokens"),
+                   f"{where} {k} = {v!r}: expected a positive integer")
+        _check(r["image_min_tokens"] <= r["image_max_tokens"],
+               f"{where} image_min_tokens = {r['image_min_tokens']} is above image_max_tokens = {r['image_max_tokens']}")
+    for k in ("remote_image_tokens", "audio_tokens", "audio_bytes_per_token", "file_tokens"):
+        v = getattr(m, k)
+        _check(v > 0, f"[media] {k} = {v}: expected a positive integer")
+
+
 def worker_ports(cfg: Config) -> list[int]:
     """gRPC port of each router worker: Envoy's ext_proc cluster lists each as
     its own endpoint, so each gets its own HTTP/2 connection and streams spread
@@ -691,6 +735,8 @@ def to_toml(cfg: Config) -> str:
             return repr(v)
         if isinstance(v, (list, tuple)):
             return "[" + ", ".join(fmt(x) for x in v) + "]"
+        if isinstance(v, Mapping):
+            return "{" + ", ".join(f"{fmt(str(k))} = {fmt(x)}" for k, x in v.items()) + "}"
         return '"' + str(v).replace("\\", "\\\\").replace('"', '\\"') + '"'
 
     lines: list[str] = []

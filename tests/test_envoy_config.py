@@ -136,7 +136,8 @@ def test_key_settings_present():
     (vhost,) = hcm["route_config"]["virtual_hosts"]
     short_route, long_route = vhost["routes"]
     assert short_route["match"]["headers"] == [{"name": r.routing_header, "string_match": {"exact": "short"}}]
-    assert short_route["route"]["cluster"] == "pool_short"
+    # A short request goes to pool_short while it has a healthy endpoint, else to pool_long.
+    assert short_route["route"]["cluster"] == "pool_short_failover"
     assert long_route["match"] == {"prefix": "/"} and long_route["route"]["cluster"] == "pool_long"
     for route in (short_route, long_route):
         assert route["route"]["timeout"] == "0s"
@@ -154,8 +155,28 @@ def test_key_settings_present():
     assert log_fmt["upstream_cluster"] == "%UPSTREAM_CLUSTER%"
     assert log_fmt["response_code"] == "%RESPONSE_CODE%"
 
+    for route in (short_route, long_route):
+        retry = route["route"]["retry_policy"]
+        # Only where nothing reached a pool: never a request a pool may have started.
+        assert set(retry["retry_on"].split(",")) == {"connect-failure", "refused-stream", "reset-before-request"}
+        assert retry["retry_priority"]["name"] == E.PREVIOUS_PRIORITIES
+        assert "retriable_status_codes" not in retry
+
+    replies = hcm["local_reply_config"]["mappers"]
+    assert [m["body_format_override"]["json_format"]["error"]["code"] for m in replies] == [
+        "request_too_large", "pool_unavailable"]
+    assert "request_payload_too_large" in replies[0]["filter"]["extension_filter"]["typed_config"]["expression"]
+
     clusters = _clusters(doc)
-    assert set(clusters) == {"budget_router", "pool_short", "pool_long"}
+    assert set(clusters) == {"budget_router", "pool_short", "pool_long", "pool_short_failover"}
+    agg = clusters["pool_short_failover"]
+    assert agg["cluster_type"]["name"] == E.AGGREGATE_CLUSTER
+    assert agg["cluster_type"]["typed_config"]["clusters"] == ["pool_short", "pool_long"]
+    for pool in cfg.pools:
+        (phc,) = clusters[pool.cluster]["health_checks"]
+        assert phc["http_health_check"]["path"] == "/health" and phc["no_traffic_interval"] == phc["interval"]
+        od = clusters[pool.cluster]["outlier_detection"]
+        assert od["split_external_local_origin_errors"] is True and od["max_ejection_percent"] == 100
     br = clusters["budget_router"]
     opts = br["typed_extension_protocol_options"][E.HTTP_PROTOCOL_OPTIONS]
     assert "http2_protocol_options" in opts["explicit_http_config"]
@@ -203,12 +224,16 @@ def test_three_tier_example_renders_one_cluster_and_route_per_tier(capsys):
     doc = yaml.safe_load(captured.out)
     cfg = C.load(example, env={})
     assert [t.name for t in cfg.tiers] == ["short", "medium", "long"] and cfg.limits == (8192, 32768)
-    assert set(_clusters(doc)) == {"budget_router", "pool_short", "pool_medium", "pool_long"}
+    clusters = _clusters(doc)
+    assert {"pool_short", "pool_medium", "pool_long", "pool_short_failover", "pool_medium_failover"} <= set(clusters)
+    # a tier's failover cluster tries it first, then every larger tier
+    agg = "pool_short_failover"
+    assert clusters[agg]["cluster_type"]["typed_config"]["clusters"] == ["pool_short", "pool_medium", "pool_long"]
     routes = _hcm(doc)["route_config"]["virtual_hosts"][0]["routes"]
     header = cfg.router.routing_header
     assert [(r["route"]["cluster"], r["match"].get("headers")) for r in routes] == [
-        ("pool_short", [{"name": header, "string_match": {"exact": "short"}}]),
-        ("pool_medium", [{"name": header, "string_match": {"exact": "medium"}}]),
+        ("pool_short_failover", [{"name": header, "string_match": {"exact": "short"}}]),
+        ("pool_medium_failover", [{"name": header, "string_match": {"exact": "medium"}}]),
         ("pool_long", None),
     ]
 
@@ -525,7 +550,7 @@ def test_live_stub_router_routes_sets_decision_and_buffers_large_bodies(tmp_path
     assert lines[-1]["response_code"] == 413
     assert lines[-1]["response_code_details"] == "request_payload_too_large"
     routed = [line for line in lines if line["response_code"] == 200]
-    assert [line["upstream_cluster"] for line in routed] == ["pool_short"] * 4 + ["pool_long"]
+    assert [line["upstream_cluster"] for line in routed] == ["pool_short_failover"] * 4 + ["pool_long"]
     first = routed[0]
     assert first["pool"] == "short" and first["category"] == "prose" and first["reason"] == "stub"
     assert first["estimate"] == len(small) // 4 and first["budget"] == len(small) // 4 + 100

@@ -301,7 +301,8 @@ def test_body_far_over_envoy_buffer_413(main):
     With Content-Length (what the openai client sends) the router refuses from
     the headers: the client still gets the router's JSON 413. Chunked, Envoy
     cannot know the size up front; it gives up buffering and answers its own
-    413 (text body ``Payload Too Large``, not OpenAI-shaped JSON)."""
+    413, which the bootstrap's local_reply_config turns into the same
+    OpenAI-shaped JSON (Envoy's default is the text ``Payload Too Large``)."""
     big = prose(600_000, seed=4)  # ~3.6 MB
     body = json.dumps({"model": "m", "messages": msgs(big)}).encode()
     assert len(body) > MAX_BODY + 2 * 1024 * 1024
@@ -319,8 +320,11 @@ def test_body_far_over_envoy_buffer_413(main):
             pytest.fail(f"client got no response, only {e!r}")
     assert r.status_code == 413, (r.status_code, r.text[:200])
     assert "x-pool-name" not in r.headers
-    assert r.text == "Payload Too Large" and r.headers["content-type"].startswith("text/plain")
-    assert "x-budget-decision" not in r.headers
+    assert r.headers["content-type"].startswith("application/json"), r.headers
+    err = r.json()["error"]
+    assert err["code"] == "request_too_large" and err["type"] == "invalid_request_error"
+    assert f"the limit is {MAX_BODY} bytes" in err["message"]
+    assert "x-budget-decision" not in r.headers  # Envoy answered, not the router
     assert upstream_requests(main) == before
 
 
@@ -495,6 +499,11 @@ class SlowEofPool:
             def log_message(self, *a):
                 pass
 
+            def do_GET(self):  # vLLM's /health, which Envoy's health check asks
+                self.send_response(200 if self.path == "/health" else 404)
+                self.send_header("content-length", "0")
+                self.end_headers()
+
             def do_POST(self):
                 self.rfile.read(int(self.headers.get("content-length") or 0))
                 self.send_response(200)
@@ -614,3 +623,74 @@ def test_two_workers_share_the_streams(main, stack_factory):
     base = st.cfg.router.state_file
     samples = [load_snapshot(p)["estimator"]["root"]["samples"] for p in (base, base + ".w1")]
     assert sorted(samples) == sorted(after.values()), (samples, after)
+
+
+# --- 8. every request kind ---------------------------------------------------------------
+
+def _post_raw(stack, body: bytes, **headers) -> httpx.Response:
+    with httpx.Client(timeout=HTTP_TIMEOUT) as h:
+        return h.post(stack.url + "/chat/completions", content=body,
+                      headers={"content-type": "application/json", **headers})
+
+
+def test_gzip_body_estimated_and_served_decoded(main):
+    import gzip
+    body = json.dumps({"model": "m", "messages": msgs(SHORT_TEXT), "max_tokens": 16}).encode()
+    r = _post_raw(main, gzip.compress(body), **{"content-encoding": "gzip"})
+    assert r.status_code == 200, r.text[:300]
+    assert r.headers["x-pool-name"] == "short"   # the pool parsed the decoded body
+    d = decision(r.headers)
+    assert d["pool"] == "short" and d["reason"] == "budget_fits_short"
+    pt = r.json()["usage"]["prompt_tokens"]
+    assert rel_err(int(d["est"]), pt) < 0.5, (d, pt)     # estimated from the decoded text
+    plain = _post_raw(main, body)
+    assert plain.json()["usage"]["prompt_tokens"] == pt  # the pool got the same request
+
+
+def test_gzip_bomb_413_and_unknown_encoding_415_without_touching_pools(main):
+    import gzip
+    before = upstream_requests(main)
+    bomb = gzip.compress(b" " * (40 * MAX_BODY), 9)      # 10 MiB decoded, ~10 KB sent
+    r = _post_raw(main, bomb, **{"content-encoding": "gzip"})
+    assert r.status_code == 413 and r.json()["error"]["code"] == "request_too_large", r.text[:300]
+    assert "decompressed" in r.json()["error"]["message"]
+    r = _post_raw(main, b"\x1b\x00\x00", **{"content-encoding": "br"})
+    assert r.status_code == 415, r.text[:300]
+    assert r.headers["content-type"].startswith("application/json")
+    assert r.json()["error"]["code"] == "unsupported_content_encoding"
+    assert upstream_requests(main) == before
+
+
+def test_text_plain_body_goes_long_unparsed(main):
+    body = json.dumps({"model": "m", "messages": msgs(SHORT_TEXT), "max_tokens": 16}).encode()
+    r = _post_raw(main, body, **{"content-type": "text/plain"})
+    assert r.headers["x-pool-name"] == "long" and r.status_code < 500
+    d = decision(r.headers)
+    assert d["pool"] == "long" and d["reason"] == "not_llm"
+
+
+def test_max_tokens_over_the_long_pool_is_400_from_the_router(main, c):
+    before = upstream_requests(main)
+    with pytest.raises(openai.BadRequestError) as ei:
+        c.chat.completions.create(model="m", messages=msgs("hi"), max_tokens=LONG_MML)
+    e = ei.value
+    assert e.code == "invalid_value" and e.param == "max_tokens"
+    assert "x-pool-name" not in e.response.headers
+    assert decision(e.response.headers)["reason"] == "max_tokens_too_large"
+    assert upstream_requests(main) == before
+
+
+def test_image_request_counts_its_tokens(main):
+    import base64
+    import io
+
+    from PIL import Image
+    buf = io.BytesIO()
+    Image.new("RGB", (2800, 2100)).save(buf, format="PNG")
+    url = "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
+    content = [{"type": "text", "text": "What is in this picture?"}, {"type": "image_url", "image_url": {"url": url}}]
+    body = json.dumps({"model": "m", "messages": [{"role": "user", "content": content}], "max_tokens": 16}).encode()
+    r = _post_raw(main, body)
+    d = decision(r.headers)
+    assert int(d["est"]) >= 100 * 75 and d["pool"] == "long", d   # 7,500 patches of 28 px: over B_short
+    assert r.headers["x-pool-name"] == "long"

@@ -175,3 +175,38 @@ def test_metrics_on_prometheus_and_otlp(stack, receiver):
     names = _wait(lambda: receiver.metric_names if "budget_router.requests" in receiver.metric_names else None,
                   what="OTLP metrics from the router")
     assert {"budget_router.requests", "budget_router.processing", "budget_router.learned_samples"} <= names
+
+
+def test_trace_covers_the_pool_hop(stack, receiver):
+    """Envoy -> router -> pool in one trace: Envoy's ingress span has, beside the
+    router's ext_proc span, a child span for the upstream request to the pool
+    (HCM tracing ``spawn_upstream_span``) naming the pool cluster and host."""
+    trace_id = "5cf92f3577b34da6a3ce929d0e0e4737"
+    req = urllib.request.Request(
+        stack.url + "/chat/completions",
+        data=b'{"model":"otel-model","messages":[{"role":"user","content":"pool hop"}],"max_tokens":3}',
+        headers={"content-type": "application/json", "traceparent": f"00-{trace_id}-00f067aa0ba902b8-01"})
+    with urllib.request.urlopen(req, timeout=10) as r:
+        assert r.status == 200 and r.headers["x-pool-name"] == "short"
+
+    host = stack.cfg.short.endpoints[0]
+
+    def upstream():
+        with receiver.lock:
+            spans = [s for s in receiver.spans if s["trace_id"] == trace_id]
+        ups = [s for s in spans if s["service"] == "budget-router-envoy"
+               and s["attrs"].get("upstream_address") == host]
+        ids = {s["span_id"] for s in spans}
+        routers = [s for s in spans if s["service"] == "budget-router" and s["parent"] in ids]
+        return (spans, ups) if ups and routers else None
+
+    spans, ups = _wait(upstream, what="Envoy's upstream span to the pool and the router's span")
+    (up,) = ups
+    assert up["name"].endswith("egress") and up["attrs"]["upstream_cluster"].startswith("pool_short")
+    assert up["attrs"]["http.status_code"] == "200"
+    by_id = {s["span_id"]: s for s in spans}
+    ingress = by_id[up["parent"]]  # the pool hop is a child of Envoy's ingress span
+    assert ingress["service"] == "budget-router-envoy" and ingress["parent"] == "00f067aa0ba902b8"
+    # ... as is Envoy's ext_proc span, the parent of the router's span.
+    (router,) = [s for s in spans if s["service"] == "budget-router"]
+    assert by_id[router["parent"]]["parent"] == ingress["span_id"]

@@ -467,6 +467,11 @@ def test_through_real_envoy(tmp_path):
             lambda: f"budget_router::127.0.0.1:{router_port}::health_flags::healthy" in B.admin_get(admin_port, "/clusters"),
             "router healthy (gRPC health check)",
         )
+        # The pool too (its /health), or short requests fail over to pool_long.
+        B.wait_until(
+            lambda: f"pool_short::127.0.0.1:{pool_port}::health_flags::healthy" in B.admin_get(admin_port, "/clusters"),
+            "pool healthy (HTTP health check)",
+        )
         before = B.counters(admin_port)
 
         def post(n: int) -> int:

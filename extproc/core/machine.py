@@ -11,10 +11,14 @@ Phases of one stream (Envoy config: request headers SEND, request body
 BUFFERED, response headers SEND, response body STREAMED):
 
     request_headers  -> continue; or 413 at once when Content-Length is over
-                        the limit; or route long and close for non-LLM requests
-    request_body     -> decide: routing header (raw_value) + clear_route_cache
-                        + dynamic metadata; or an immediate 400/413; close
-                        unless this response is sampled
+                        the limit; 415 for a Content-Encoding we cannot
+                        decode; route long and close for non-LLM requests
+                        (also a Content-Type that is not JSON)
+    request_body     -> decode a gzip/deflate body within the body limit
+                        (then forward it decoded); decide: routing header
+                        (raw_value) + clear_route_cache + dynamic metadata; or
+                        an immediate 400/413; close unless this response is
+                        sampled
     response_headers -> note status / content type; close if nothing to learn
     response_body*   -> scan chunks for usage (never changing them unless we
                         added include_usage ourselves); at end of stream: learn
@@ -36,6 +40,7 @@ from envoy.service.ext_proc.v3 import external_processor_pb2 as pb
 from envoy.type.v3 import http_status_pb2
 from google.protobuf import struct_pb2
 
+from . import content_coding
 from . import policy as P
 from .policy import Decision
 from .router import Router
@@ -56,6 +61,18 @@ _CONTINUE_REQ_BODY = pb.ProcessingResponse(request_body=pb.BodyResponse())
 _CONTINUE_RESP_BODY = pb.ProcessingResponse(response_body=pb.BodyResponse())
 _CONTINUE_REQ_TRAILERS = pb.ProcessingResponse(request_trailers=pb.TrailersResponse())
 _CONTINUE_RESP_TRAILERS = pb.ProcessingResponse(response_trailers=pb.TrailersResponse())
+
+#: Media types a JSON body may be sent as. FastAPI (vLLM's server) parses a
+#: body as JSON only for these (or no Content-Type at all) and refuses others
+#: itself, so the router mirrors it: any other type is routed long unparsed.
+_JSON_TYPE = "application/json"
+_JSON_SUFFIX = "+json"
+
+
+def is_json_content_type(value: str) -> bool:
+    media = value.split(";", 1)[0].strip().lower()
+    return media == _JSON_TYPE or (media.startswith("application/") and media.endswith(_JSON_SUFFIX))
+
 
 # States
 S_REQ_HEADERS, S_REQ_BODY, S_RESP_HEADERS, S_RESP_BODY, S_DONE = range(5)
@@ -98,6 +115,7 @@ class StreamMachine:
         self.request_headers: dict[str, str] = {}
         self.body_parts: list[bytes] = []
         self.body_size = 0
+        self.codings: tuple[str, ...] = ()  # Content-Encoding to undo
         self.decision: Decision | None = None
         self.sampled = False
         self.injected_usage = False
@@ -129,8 +147,24 @@ class StreamMachine:
         except Exception:  # a bug must not lose the request: answer and go on
             log.exception("ext_proc state machine failed on %s; continuing without the router", kind)
             return [self._fallback(kind)], True
-        log.warning("ext_proc message of unknown kind %r ignored", kind)
-        return [], False
+        # Empty, or a kind this version does not know: there is no response
+        # of its kind to give, so end the stream (OK) and let Envoy go on
+        # without us rather than wait for an answer that never comes.
+        log.warning("ext_proc message of unknown kind %r: closing the stream", kind)
+        self.state = S_DONE
+        return [], True
+
+    @property
+    def held_bytes(self) -> int:
+        """Body bytes this stream keeps between messages (a split request
+        body, a JSON response body scanned for usage): the transport counts
+        them against its memory budget."""
+        s = self.scanner
+        if self.body_parts:
+            return self.body_size
+        if type(s) is JSONUsage and not s.done and not s.overflow:
+            return s.size
+        return 0
 
     def abort(self) -> None:
         # A client that stops reading at "data: [DONE]" makes Envoy reset the
@@ -158,9 +192,16 @@ class StreamMachine:
             return [self._route_headers(d)], True
         length = h.get("content-length")
         if length is not None and length.isdigit() and int(length) > router.cfg.router.max_body_bytes:
-            self.decision = router.too_large(int(length))
-            self.state = S_DONE
-            return [self._immediate(self.decision)], True
+            return self._refuse(router.too_large(int(length)))
+        ctype = h.get("content-type")
+        if ctype is not None and ctype != _JSON_TYPE and not is_json_content_type(ctype):
+            return [self._route_headers(router.not_llm(f"content-type {ctype[:64]!r} is not JSON"))], True
+        coding = h.get("content-encoding")
+        if coding is not None and coding not in content_coding.IDENTITY:
+            codings = content_coding.parse_codings(coding)
+            if isinstance(codings, content_coding.Unsupported):
+                return self._refuse(router.unsupported_encoding(codings.coding[:64]))
+            self.codings = codings
         self.state = S_REQ_BODY
         return [_CONTINUE_REQ_HEADERS], False
 
@@ -174,11 +215,14 @@ class StreamMachine:
         if not msg.end_of_stream:
             # BUFFERED mode sends one message; tolerate a split body anyway.
             return [_CONTINUE_REQ_BODY], False
+        decoded = None
         if self.body_size > self.router.cfg.router.max_body_bytes:
             d = self.router.too_large(self.body_size)
         else:
             body = self.body_parts[0] if len(self.body_parts) == 1 else b"".join(self.body_parts)
-            d = self.router.route(self.path, body)
+            if self.codings:
+                decoded = body = self._decode(body)
+            d = body if isinstance(body, Decision) else self.router.route(self.path, body)
         self.body_parts = []
         self.decision = d
         if d.status is not None:
@@ -188,6 +232,8 @@ class StreamMachine:
         cfg = self.router.cfg
         if d.stream and not d.include_usage and cfg.router.inject_include_usage and d.routable:
             mutation = self._inject_include_usage(body)
+        if mutation is None and decoded is not None:
+            mutation = decoded  # pools read plain bodies (vLLM does not decompress requests)
         self.sampled = mutation is not None or self.router.want_sample(d, self.draw())
         self.watch_misroute = self.router.near_threshold_short(d)
         keep = self.sampled or self.watch_misroute
@@ -237,6 +283,20 @@ class StreamMachine:
         return [resp], True
 
     # --- helpers -----------------------------------------------------------------
+    def _refuse(self, d: Decision) -> tuple[list[pb.ProcessingResponse], bool]:
+        self.decision = d
+        self.state = S_DONE
+        return [self._immediate(d)], True
+
+    def _decode(self, body: bytes) -> bytes | Decision:
+        """The body with its Content-Encoding undone, or the refusal."""
+        out = content_coding.decode(body, self.codings, self.router.cfg.router.max_body_bytes)
+        if isinstance(out, content_coding.TooLarge):
+            return self.router.decoded_too_large()
+        if isinstance(out, content_coding.Corrupt):
+            return self.router.undecodable(", ".join(self.codings), out.why[:200])
+        return out
+
     def _learn(self) -> None:
         """Learn from what the response showed (at most once per stream)."""
         d = self.decision
@@ -278,6 +338,8 @@ class StreamMachine:
         common = self._route_common(d, extra)
         if new_body is not None:
             common.body_mutation.body = new_body
+            if self.codings:  # the new body is the decoded one, whatever else changed
+                common.header_mutation.remove_headers.append("content-encoding")
         return pb.ProcessingResponse(
             request_body=pb.BodyResponse(response=common),
             dynamic_metadata=_metadata(self.router.cfg.router.metadata_namespace, d))

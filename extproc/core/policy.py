@@ -8,6 +8,9 @@ Pure functions of (estimate, output budget, config). The rules:
 * a prompt that is *surely* above the long pool's max_model_len
   (estimate * (1 - reject_margin) > max_model_len) is answered 400
   ``context_length_exceeded`` without touching vLLM;
+* a ``max_tokens`` (or ``max_completion_tokens``) no pool can ever grant
+  (>= the largest pool's max_model_len: vLLM needs at least one prompt token)
+  is answered 400 with ``param`` naming the key, as vLLM would;
 * anything we cannot estimate goes ``long``: the long pool serves any length,
   so a wrong guess there costs efficiency, never a failure.
 """
@@ -25,12 +28,16 @@ R_TIER = "budget_fits_tier"    # a middle tier of three or more
 R_SPILLOVER = "spillover"      # sent up from a saturated tier (+ "from=<tier>" in detail)
 R_CONTEXT = "context_length_exceeded"
 R_TOO_LARGE = "body_too_large"
+R_MAX_TOKENS = "max_tokens_too_large"
+R_ENCODING = "unsupported_content_encoding"
+R_BAD_BODY = "undecodable_body"    # Content-Encoding given, body does not decode
 R_NOT_LLM = "not_llm"          # + ": <why>" in Decision.detail
 R_INTERNAL = "internal_error"  # a bug in the router: routed long, logged
 
 #: HTTP status codes of the immediate responses.
 STATUS_BAD_REQUEST = 400
 STATUS_TOO_LARGE = 413
+STATUS_UNSUPPORTED_MEDIA_TYPE = 415
 
 
 @dataclass(slots=True)
@@ -54,6 +61,8 @@ class Decision:
     exact: bool = False          # token-id prompt: estimate is exact
     k_eff: float = 1.0           # effective number of texts in the prompt
     from_pool: str = ""          # spillover: the tier the budget chose
+    media_tokens: int = 0        # of the estimate: images, audio, video, files
+    media: str = ""              # their flags, "image:2,audio:1" (core.media)
     status: int | None = None    # immediate response status (400/413)
     error: bytes | None = None   # immediate response body
 
@@ -72,12 +81,16 @@ class Decision:
                 + (f"; from={self.from_pool}" if self.from_pool else ""))
 
     def metadata(self) -> dict[str, object]:
-        return {
+        md: dict[str, object] = {
             "pool": self.pool, "reason": self.reason, "estimate": self.estimate,
             "budget": self.budget, "category": self.category or "-", "model": self.model or "-",
             "margin": round(self.margin, 4), "decision": self.header_value(),
             **({"from_pool": self.from_pool} if self.from_pool else {}),
         }
+        if self.media:
+            md["media"] = self.media
+            md["media_tokens"] = self.media_tokens
+        return md
 
 
 def true_budget(prompt_tokens: int, max_output: int | None, completion_tokens: int | None) -> int:
@@ -120,6 +133,17 @@ def surely_too_long(cfg: Config, estimate: float, exact: bool) -> bool:
     pool's context (vLLM needs at least one slot for output: prompt >= limit)."""
     low = estimate if exact else estimate * (1.0 - cfg.policy.reject_margin)
     return low >= cfg.long.max_model_len
+
+
+def largest_context(cfg: Config) -> int:
+    """max_model_len of the largest pool: the most any request can use."""
+    return max(p.max_model_len for p in cfg.pools)
+
+
+def output_never_fits(max_output: int | None, largest: int) -> bool:
+    """True when the request's own output cap alone reaches ``largest``, the
+    largest pool's context: no prompt, however short, leaves room for it."""
+    return max_output is not None and max_output >= largest
 
 
 def margin_for(cfg: Config, long_rms: float) -> float:

@@ -41,6 +41,8 @@ class ParsedRequest:
     include_usage: bool      # stream_options.include_usage
     exact_prompt_tokens: int | None = None  # token-id prompts are counted exactly
     k_eff: float = 1.0       # effective number of texts: (sum len)^2 / sum len^2
+    media: tuple[dict[str, Any], ...] = ()  # content parts without text (images, audio, ...)
+    max_output_param: str = ""  # which key gave max_output
 
 
 @dataclass(frozen=True, slots=True)
@@ -50,7 +52,7 @@ class NotRoutable:
     reason: str
 
 
-def _content_text(content: Any, out: list[str]) -> None:
+def _content_text(content: Any, out: list[str], media: list[dict[str, Any]]) -> None:
     if isinstance(content, str):
         out.append(content)
     elif isinstance(content, list):
@@ -59,6 +61,8 @@ def _content_text(content: Any, out: list[str]) -> None:
                 text = part.get("text")
                 if isinstance(text, str):
                     out.append(text)
+                elif part.get("type") not in (None, "text"):
+                    media.append(part)  # image, audio, video, file: estimated by core.media
             elif isinstance(part, str):
                 out.append(part)
 
@@ -67,7 +71,7 @@ def _dump(obj: Any) -> str:
     return orjson.dumps(obj).decode()
 
 
-def _chat_texts(body: dict[str, Any], out: list[str]) -> int | NotRoutable:
+def _chat_texts(body: dict[str, Any], out: list[str], media: list[dict[str, Any]]) -> int | NotRoutable:
     messages = body.get("messages")
     if not isinstance(messages, list) or not messages:
         return NotRoutable("chat request without a non-empty 'messages' list")
@@ -76,7 +80,7 @@ def _chat_texts(body: dict[str, Any], out: list[str]) -> int | NotRoutable:
         if not isinstance(m, dict):
             return NotRoutable("a chat message is not an object")
         n += 1
-        _content_text(m.get("content"), out)
+        _content_text(m.get("content"), out, media)
         name = m.get("name")
         if isinstance(name, str):
             out.append(name)
@@ -97,12 +101,12 @@ def _chat_texts(body: dict[str, Any], out: list[str]) -> int | NotRoutable:
     return n
 
 
-def _max_output(body: dict[str, Any]) -> int | None:
+def _max_output(body: dict[str, Any]) -> tuple[int | None, str]:
     for key in ("max_completion_tokens", "max_tokens"):
         v = body.get(key)
         if isinstance(v, int) and not isinstance(v, bool) and v >= 0:
-            return v
-    return None
+            return v, key
+    return None, ""
 
 
 def parse(path: str, body: bytes) -> ParsedRequest | NotRoutable:
@@ -119,10 +123,11 @@ def parse(path: str, body: bytes) -> ParsedRequest | NotRoutable:
     model = doc.get("model")
     model = model if isinstance(model, str) and model else NO_MODEL
     texts: list[str] = []
+    media: list[dict[str, Any]] = []
     exact: int | None = None
     has_tools = False
     if route == CHAT_PATH:
-        n = _chat_texts(doc, texts)
+        n = _chat_texts(doc, texts, media)
         if isinstance(n, NotRoutable):
             return n
         for key in ("tools", "functions"):
@@ -148,6 +153,7 @@ def parse(path: str, body: bytes) -> ParsedRequest | NotRoutable:
     joined = "\n".join(texts)
     so = doc.get("stream_options")
     sq = sum(len(t) * len(t) for t in texts)
+    max_output, max_output_param = _max_output(doc)
     return ParsedRequest(
         path=route,
         model=model,
@@ -155,9 +161,11 @@ def parse(path: str, body: bytes) -> ParsedRequest | NotRoutable:
         n_chars=len(joined),
         n_messages=n,
         has_tools=has_tools,
-        max_output=_max_output(doc),
+        max_output=max_output,
         stream=doc.get("stream") is True,
         include_usage=isinstance(so, dict) and so.get("include_usage") is True,
         exact_prompt_tokens=exact,
         k_eff=(len(joined) - len(texts) + 1) ** 2 / sq if sq else 1.0,
+        media=tuple(media),
+        max_output_param=max_output_param,
     )

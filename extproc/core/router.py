@@ -14,7 +14,9 @@ from __future__ import annotations
 from typing import Any
 
 from . import errors
+from . import media as M
 from . import policy as P
+from .content_coding import SUPPORTED as SUPPORTED_CODINGS
 from ..config import Config
 from .estimator import MARGIN_MIN_TOKENS, Estimator, bounded_model_name
 from .features import features
@@ -41,6 +43,7 @@ MARGIN_BAND_FRACTION = 0.5
 class Router:
     def __init__(self, cfg: Config):
         self.cfg = cfg
+        self.max_context = P.largest_context(cfg)
         self.estimator = Estimator(cfg.estimator, self._margin_min(cfg))
         self.outputs = OutputBudget(cfg.policy.default_output_tokens, cfg.policy.output_quantile,
                                     D.OUTPUT_MIN_SAMPLES)
@@ -56,6 +59,7 @@ class Router:
     def reconfigure(self, cfg: Config) -> None:
         """Take a new config (e.g. a new B_short) without losing what was learned."""
         self.cfg = cfg
+        self.max_context = P.largest_context(cfg)
         self.estimator.set_margin_min_tokens(self._margin_min(cfg))
         self.outputs.default_tokens = cfg.policy.default_output_tokens
         self.outputs.q = cfg.policy.output_quantile
@@ -97,6 +101,20 @@ class Router:
     def not_llm(self, why: str) -> P.Decision:
         return P.Decision(pool=self.cfg.long.name, reason=P.R_NOT_LLM, detail=why)
 
+    def _refuse(self, reason: str, status: int, error: bytes, detail: str = "") -> P.Decision:
+        return P.Decision(pool=self.cfg.long.name, reason=reason, detail=detail, status=status, error=error)
+
+    def unsupported_encoding(self, coding: str) -> P.Decision:
+        return self._refuse(P.R_ENCODING, P.STATUS_UNSUPPORTED_MEDIA_TYPE,
+                            errors.unsupported_content_encoding(coding, SUPPORTED_CODINGS), coding)
+
+    def undecodable(self, coding: str, why: str) -> P.Decision:
+        return self._refuse(P.R_BAD_BODY, P.STATUS_BAD_REQUEST, errors.undecodable_body(coding, why), why)
+
+    def decoded_too_large(self) -> P.Decision:
+        return self._refuse(P.R_TOO_LARGE, P.STATUS_TOO_LARGE,
+                            errors.decoded_body_too_large(self.cfg.router.max_body_bytes), "decoded")
+
     def route(self, path: str, body: bytes) -> P.Decision:
         cfg = self.cfg
         if len(body) > cfg.router.max_body_bytes:
@@ -104,6 +122,10 @@ class Router:
         req = parse(path, body)
         if isinstance(req, NotRoutable):
             return self.not_llm(req.reason)
+        if P.output_never_fits(req.max_output, self.max_context):
+            assert req.max_output is not None
+            return self._refuse(P.R_MAX_TOKENS, P.STATUS_BAD_REQUEST, errors.max_tokens_too_large(
+                req.max_output_param, req.max_output, self.max_context))
         # The name is the client's: bound it before it keys any table, label or span.
         model = bounded_model_name(req.model)
         if req.exact_prompt_tokens is not None:
@@ -115,6 +137,11 @@ class Router:
             est = self.estimator.estimate(model, category, vector, n_bytes, req.k_eff)
             estimate, rel_error, samples = est.tokens, est.rel_error, est.samples
             margin = P.margin_for(cfg, est.long_rms)
+        media = None
+        if req.media:  # images, audio, ...: not text the estimator knows
+            media = M.estimate(req.media, M.image_rule(cfg.media, model), cfg.media,
+                               cfg.estimator.prior_bytes_per_token)
+            estimate += media.tokens
         key = (self.estimator.model_key(model), category)
         output, source = self.outputs.budget(key, req.max_output)
         d = P.Decision(
@@ -124,6 +151,8 @@ class Router:
             capped=req.max_output is not None, stream=req.stream, include_usage=req.include_usage,
             exact=req.exact_prompt_tokens is not None, k_eff=req.k_eff,
         )
+        if media is not None:
+            d.media_tokens, d.media = media.tokens, media.flags
         if P.surely_too_long(cfg, estimate, d.exact):
             d.reason, d.status = P.R_CONTEXT, P.STATUS_BAD_REQUEST
             d.error = errors.context_length_exceeded(d.estimate, cfg.long.max_model_len, output)
@@ -179,7 +208,9 @@ class Router:
     def learn(self, d: P.Decision, prompt_tokens: Any, completion_tokens: Any) -> float | None:
         """Learn from a response's usage; returns the estimate's relative error."""
         rel = None
-        if d.vector and isinstance(prompt_tokens, int) and not isinstance(prompt_tokens, bool):
+        # usage.prompt_tokens of a request with images (audio, ...) counts
+        # their tokens too: it says nothing about the text's bytes per token.
+        if d.vector and not d.media and isinstance(prompt_tokens, int) and not isinstance(prompt_tokens, bool):
             rel = self.estimator.learn(d.model, d.category, d.vector, d.n_bytes, prompt_tokens, d.k_eff)
         if d.routable and isinstance(completion_tokens, int) and not isinstance(completion_tokens, bool):
             key = (self.estimator.claim(d.model), d.category)

@@ -17,10 +17,16 @@ Filter chain (order matters), see envoy/README.md for the why of each part:
 1. ``envoy.filters.http.ext_proc`` streams headers and the buffered body to the
    router, which sets the routing header, clears the route cache and writes its
    decision into dynamic metadata.
-2. ``envoy.filters.http.router`` sends ``<routing header>: <tier>`` to
-   ``pool_<tier>`` for every tier but the last (``short`` -> ``pool_short``
-   with the default two tiers) and everything else to the last tier's cluster
-   (``pool_long``).
+2. ``envoy.filters.http.router`` sends ``<routing header>: <tier>`` to the
+   aggregate cluster ``pool_<tier>_failover`` (``pool_<tier>`` first, then the
+   larger tiers' pools when no endpoint of it is healthy) for every tier but
+   the last, and everything else to the last tier's cluster (``pool_long``
+   with the default two tiers: ``short`` -> ``pool_short_failover``). Pool
+   clusters are health-checked (HTTP ``GET /health``) and
+   ejected on consecutive failures; a request whose upstream connection fails
+   before any byte is retried on the next larger pool; Envoy's own local
+   replies that clients see (503 when no pool can serve, 413 for a chunked body
+   over the buffer) are OpenAI-style JSON.
 """
 
 from __future__ import annotations
@@ -39,7 +45,7 @@ from typing import Any
 import betterproto2
 import yaml
 
-from envoy_data_plane.envoy.config.accesslog.v3 import AccessLog
+from envoy_data_plane.envoy.config.accesslog.v3 import AccessLog, AccessLogFilter, ExtensionFilter
 from envoy_data_plane.envoy.config.bootstrap.v3 import (
     Admin,
     Bootstrap,
@@ -49,9 +55,11 @@ from envoy_data_plane.envoy.config.cluster.v3 import (
     CircuitBreakers,
     CircuitBreakersThresholds,
     Cluster,
+    ClusterCustomClusterType,
     ClusterDiscoveryType,
     ClusterDnsLookupFamily,
     ClusterLbPolicy,
+    OutlierDetection,
 )
 from envoy_data_plane.envoy.config.common.mutation_rules.v3 import (
     HeaderMutation as HeaderMutationAction,
@@ -65,6 +73,7 @@ from envoy_data_plane.envoy.config.core.v3 import (
     HeaderValueOptionHeaderAppendAction,
     HealthCheck,
     HealthCheckGrpcHealthCheck,
+    HealthCheckHttpHealthCheck,
     Http1ProtocolOptions,
     Http2ProtocolOptions,
     RoutingPriority,
@@ -81,6 +90,10 @@ from envoy_data_plane.envoy.config.endpoint.v3 import (
 from envoy_data_plane.envoy.config.listener.v3 import Filter, FilterChain, Listener
 from envoy_data_plane.envoy.config.route.v3 import (
     HeaderMatcher,
+    RetryPolicy,
+    RetryPolicyRetryBackOff,
+    RetryPolicyRetryHostPredicate,
+    RetryPolicyRetryPriority,
     Route,
     RouteAction,
     RouteConfiguration,
@@ -103,7 +116,13 @@ from envoy_data_plane.envoy.extensions.filters.network.http_connection_manager.v
     HttpConnectionManagerCodecType,
     HttpConnectionManagerTracing,
     HttpFilter,
+    LocalReplyConfig,
+    ResponseMapper,
 )
+from envoy_data_plane.envoy.extensions.access_loggers.filters.cel.v3 import ExpressionFilter
+from envoy_data_plane.envoy.extensions.clusters.aggregate.v3 import ClusterConfig as AggregateClusterConfig
+from envoy_data_plane.envoy.extensions.retry.host.previous_hosts.v3 import PreviousHostsPredicate
+from envoy_data_plane.envoy.extensions.retry.priority.previous_priorities.v3 import PreviousPrioritiesConfig
 from envoy_data_plane.envoy.type.v3 import Percent
 from envoy_data_plane.envoy.extensions.http.early_header_mutation.header_mutation.v3 import (
     HeaderMutation as EarlyHeaderMutation,
@@ -184,6 +203,94 @@ BUFFER_HEADROOM_BYTES = 1024 * 1024
 #: receive limit (gRPC's 4 MiB default -> 500 for long prompts).
 GRPC_HEADROOM_BYTES = 1024 * 1024
 
+# --- Pool failover -------------------------------------------------------------
+
+#: Suffix of the aggregate cluster a smaller pool's route targets:
+#: ``pool_short_failover`` = [pool_short, pool_long] in priority order. The
+#: pool clusters keep their names (``pool_<tier>``). Envoy counts a request's
+#: connection-level stats (upstream_rq_total, upstream_cx_*) on the pool
+#: cluster that served it and its router-level stats (upstream_rq_time,
+#: upstream_rq_<code>) and %UPSTREAM_CLUSTER% on the route's cluster, the
+#: aggregate; the ``pool_`` prefix keeps both in dashboards that select
+#: ``envoy_cluster_name=~"pool_.*"``.
+FAILOVER_SUFFIX = "_failover"
+
+#: Path of the pools' health endpoint: vLLM's OpenAI server answers
+#: ``GET /health`` with 200 while its engine runs (and the simulated pool too).
+POOL_HEALTH_PATH = "/health"
+
+#: Active health check of every pool endpoint. 1 s, like the router cluster's
+#: and Kubernetes' fastest probe period: a pool that dies without a request in
+#: flight (nothing for outlier detection to see) is refused by every probe, so
+#: it is marked down within unhealthy threshold x interval = 3 s, and a
+#: restarted pool takes traffic again within a second of answering /health.
+#: One tiny GET per second per endpoint per Envoy is free for vLLM.
+POOL_HEALTH_CHECK_INTERVAL_MS = 1000
+
+#: A /health slower than this counts as a failure: 1 s. vLLM answers /health
+#: on its API server's event loop, which a burst of tokenization (long
+#: prompts) can stall for hundreds of ms; a busy pool must not be taken for a
+#: dead one (its short traffic would all move to the long pool). A hung pool
+#: is marked down after threshold x (interval + timeout) = 6 s.
+POOL_HEALTH_CHECK_TIMEOUT_MS = 1000
+
+#: Failed probes before a pool endpoint is marked unhealthy: 3 (Envoy's and
+#: Kubernetes' usual 2-3; the larger, because a false "down" moves a whole
+#: pool's traffic). Any non-200 answer (vLLM's 503 when its engine died) marks
+#: it at once (Envoy's rule for HTTP health checks), and a crashed pool's
+#: refused connections eject it on the first requests (outlier detection).
+POOL_HEALTH_CHECK_UNHEALTHY_THRESHOLD = 3
+
+#: Passing probes before a pool endpoint takes traffic again: 1; vLLM answers
+#: /health only once the model is loaded.
+POOL_HEALTH_CHECK_HEALTHY_THRESHOLD = 1
+
+#: Outlier detection (passive): an endpoint is ejected after this many
+#: consecutive local-origin failures (connect refused/timeout, reset) on real
+#: requests. A kill -9 of a pool is seen by the first requests long before the
+#: next health probe; 2 tolerates one transient connect error. Those failed
+#: attempts are not lost: they are retried on the next larger pool (below).
+OUTLIER_CONSECUTIVE_LOCAL_ORIGIN_FAILURES = 2
+
+#: Consecutive 502/503/504 answers (a gateway or a dying server in front of the
+#: engine) before ejection: Envoy's default of 5 ejects a black hole only after
+#: five client-visible errors; 3 halves that and still ignores a single blip.
+OUTLIER_CONSECUTIVE_GATEWAY_FAILURES = 3
+
+#: How long an ejected endpoint stays out (times the number of ejections): 10 s
+#: instead of Envoy's 30 s, because the active health check brings it back at
+#: once when /health passes (successful_active_health_check_uneject_host).
+OUTLIER_BASE_EJECTION_S = 10
+
+#: Outlier detection sweep interval: Envoy's 10 s default, spelled out; the
+#: consecutive-failure ejections above happen at once, not on the sweep.
+OUTLIER_INTERVAL_S = 10
+
+#: Share of a pool's endpoints that may be ejected: all of them. Envoy's 10%
+#: default would never eject the single endpoint of a one-instance pool, and a
+#: fully ejected smaller pool is exactly when the failover cluster must spill
+#: to the next larger one.
+OUTLIER_MAX_EJECTION_PCT = 100
+
+#: Retries of a pool request, only where nothing reached the pool: the TCP
+#: connect failed, the stream was refused (HTTP/2 REFUSED_STREAM) or reset
+#: before any request byte was sent. A request the pool may have started
+#: (tokens generated, KV cache spent) is never replayed. Two retries cover a
+#: two-tier fleet (the same pool's other endpoint, then the next pool); the
+#: previous-priorities plugin makes each retry prefer a priority (pool) not
+#: yet tried, previous-hosts a host not yet tried.
+POOL_RETRY_ON = "connect-failure,refused-stream,reset-before-request"
+POOL_NUM_RETRIES = 2
+
+#: Back-off between those retries: 10 ms base (Envoy: 25 ms); a connect
+#: refusal on loopback or a LAN is instant, the next pool is healthy, and the
+#: retry should not add a visible pause to the request.
+POOL_RETRY_BASE_INTERVAL_MS = 10
+
+#: Hosts tried per retry before giving up on finding an untried one
+#: (previous_hosts predicate): Envoy's docs use 3-5; 5 covers small pools.
+POOL_RETRY_HOST_SELECTION_ATTEMPTS = 5
+
 #: Stats prefix of the listener's HTTP connection manager (http.<prefix>.*).
 STAT_PREFIX = "budget_router_ingress"
 
@@ -194,6 +301,16 @@ EXT_PROC_FILTER = "envoy.filters.http.ext_proc"
 ROUTER_FILTER = "envoy.filters.http.router"
 HCM_FILTER = "envoy.filters.network.http_connection_manager"
 OTEL_TRACER = "envoy.tracers.opentelemetry"
+AGGREGATE_CLUSTER = "envoy.clusters.aggregate"
+PREVIOUS_PRIORITIES = "envoy.retry_priorities.previous_priorities"
+PREVIOUS_HOSTS = "envoy.retry_host_predicates.previous_hosts"
+CEL_FILTER = "envoy.access_loggers.extension_filters.cel"
+
+#: Envoy's response-code details of its own 413 for a body over the buffer
+#: limit (a chunked upload: no Content-Length for the router to refuse from).
+#: The router's own 413s carry ``budget_router_body_too_large`` and keep their
+#: body; only Envoy's plain-text one is rewritten.
+ENVOY_PAYLOAD_TOO_LARGE_DETAILS = "request_payload_too_large"
 
 #: Cluster of the OpenTelemetry collector (OTLP/gRPC) for Envoy's own spans.
 OTEL_CLUSTER = "otel_collector"
@@ -354,23 +471,57 @@ def _http_filters(cfg: C.Config) -> list[HttpFilter]:
     ]
 
 
-def _route_config(cfg: C.Config) -> RouteConfiguration:
-    ns = cfg.router.metadata_namespace
+def failover_cluster_name(pool: C.PoolConfig) -> str:
+    """The aggregate cluster a pool's route targets (that pool, then larger ones)."""
+    return pool.cluster + FAILOVER_SUFFIX
 
-    def action(pool: C.PoolConfig) -> RouteAction:
-        return RouteAction(
-            cluster=pool.cluster,
+
+def _retry_policy() -> RetryPolicy:
+    """Retry only where nothing reached a pool (see POOL_RETRY_ON), each retry
+    preferring a pool (priority of the failover cluster) and host not yet tried."""
+    return RetryPolicy(
+        retry_on=POOL_RETRY_ON,
+        num_retries=POOL_NUM_RETRIES,
+        retry_back_off=RetryPolicyRetryBackOff(base_interval=_ms(POOL_RETRY_BASE_INTERVAL_MS)),
+        retry_priority=RetryPolicyRetryPriority(
+            name=PREVIOUS_PRIORITIES,
+            typed_config=AnyMsg.pack(PreviousPrioritiesConfig(update_frequency=1)),
+        ),
+        retry_host_predicate=[RetryPolicyRetryHostPredicate(
+            name=PREVIOUS_HOSTS, typed_config=AnyMsg.pack(PreviousHostsPredicate()))],
+        host_selection_retry_max_attempts=POOL_RETRY_HOST_SELECTION_ATTEMPTS,
+    )
+
+
+def _pool_route(cfg: C.Config, pool: C.PoolConfig, *, last: bool) -> Route:
+    """The route of one pool: the routing header names it (the last, largest
+    pool is the default route: it serves every length, so a request the router
+    did not classify, router down or timed out, is safe there); a smaller pool's
+    route targets its failover cluster."""
+    headers = [] if last else [
+        HeaderMatcher(name=cfg.router.routing_header, string_match=StringMatcher(exact=pool.name))]
+    return Route(
+        name=pool.cluster,
+        match=RouteMatch(prefix="/", headers=headers),
+        route=RouteAction(
+            cluster=pool.cluster if last else failover_cluster_name(pool),
             timeout=_s(cfg.envoy.route_timeout_s),  # 0s = no route timeout (SSE)
             idle_timeout=_s(cfg.envoy.stream_idle_timeout_s),
-        )
+            retry_policy=_retry_policy(),
+        ),
+    )
 
+
+def _route_config(cfg: C.Config) -> RouteConfiguration:
+    ns = cfg.router.metadata_namespace
+    pools = cfg.pools
     return RouteConfiguration(
         name="pools",
         virtual_hosts=[
             VirtualHost(
                 name="pools",
                 domains=["*"],
-                routes=_tier_routes(cfg, action),
+                routes=[_pool_route(cfg, pool, last=i == len(pools) - 1) for i, pool in enumerate(pools)],
                 response_headers_to_add=[
                     HeaderValueOption(
                         header=HeaderValue(
@@ -386,24 +537,42 @@ def _route_config(cfg: C.Config) -> RouteConfiguration:
     )
 
 
-def _tier_route(cfg: C.Config, tier: C.PoolConfig, action: RouteAction) -> Route:
-    """``<routing header>: <tier name>`` -> ``pool_<tier name>``."""
-    return Route(
-        name=tier.cluster,
-        match=RouteMatch(
-            prefix="/",
-            headers=[HeaderMatcher(name=cfg.router.routing_header, string_match=StringMatcher(exact=tier.name))],
-        ),
-        route=action,
+def _json_error(message: str, type_: str, code: str) -> SubstitutionFormatString:
+    """An OpenAI-style error body, the shape the router's own errors have
+    (``{"error": {"message", "type", "param", "code"}}``), as Envoy's JSON
+    body format (``%...%`` operators in ``message`` are filled in by Envoy)."""
+    error = {"message": message, "type": type_, "param": None, "code": code}
+    return SubstitutionFormatString(json_format=Struct.from_dict({"error": error}))
+
+
+def _cel(expression: str) -> AccessLogFilter:
+    return AccessLogFilter(extension_filter=ExtensionFilter(
+        name=CEL_FILTER, typed_config=AnyMsg.pack(ExpressionFilter(expression=expression))))
+
+
+def local_reply_config(cfg: C.Config) -> LocalReplyConfig:
+    """Envoy's own answers to clients, OpenAI-shaped (its defaults are plain
+    text). Mappers apply only to replies Envoy generates itself, never to a
+    pool's response; the router's immediate responses are generated by Envoy
+    too, so each mapper matches only what Envoy says on its own."""
+    too_large = ResponseMapper(
+        # A chunked body over the buffer limit: Envoy answers before the router
+        # sees it. CEL, because only the response-code details tell Envoy's
+        # 413 from the router's (which already is JSON, with the size).
+        filter=_cel(f"response.code == 413 && response.code_details == '{ENVOY_PAYLOAD_TOO_LARGE_DETAILS}'"),
+        body_format_override=_json_error(
+            f"Request body is too large: the limit is {cfg.router.max_body_bytes} bytes.",
+            "invalid_request_error", "request_too_large"),
     )
-
-
-def _tier_routes(cfg: C.Config, action: Any) -> list[Route]:
-    """One header route per tier but the last, then the default: the last tier
-    serves every length, so a request the router did not classify (router
-    down, timeout, unknown header value) is safe there."""
-    routes = [_tier_route(cfg, t, action(t)) for t in cfg.tiers[:-1]]
-    return routes + [Route(name=cfg.long.cluster, match=RouteMatch(prefix="/"), route=action(cfg.long))]
+    unavailable = ResponseMapper(
+        # No healthy endpoint in any pool the request may use, or connecting
+        # failed on every try: the router never answers 503 itself.
+        filter=_cel("response.code == 503"),
+        body_format_override=_json_error(
+            "No model server can take this request right now (%RESPONSE_CODE_DETAILS%). Please retry later.",
+            "server_error", "pool_unavailable"),
+    )
+    return LocalReplyConfig(mappers=[too_large, unavailable])
 
 
 def _strip_routing_header(cfg: C.Config) -> TypedExtensionConfig:
@@ -429,6 +598,10 @@ def _listener(cfg: C.Config) -> Listener:
                 grpc_service=GrpcService(envoy_grpc=GrpcServiceEnvoyGrpc(cluster_name=OTEL_CLUSTER)),
                 service_name=ENVOY_SERVICE_NAME,
             ))),
+            # One span per upstream request (per try), child of the ingress
+            # span: the pool hop of "Envoy -> router -> pool", with the
+            # cluster and host that served it (a retry on the next pool shows).
+            spawn_upstream_span=True,
         )
     hcm = HttpConnectionManager(
         stat_prefix=STAT_PREFIX,
@@ -437,6 +610,7 @@ def _listener(cfg: C.Config) -> Listener:
         early_header_mutation_extensions=[_strip_routing_header(cfg)],
         route_config=_route_config(cfg),
         http_filters=_http_filters(cfg),
+        local_reply_config=local_reply_config(cfg),
         stream_idle_timeout=_s(cfg.envoy.stream_idle_timeout_s),
         access_log=[
             AccessLog(
@@ -487,7 +661,42 @@ def _router_cluster(cfg: C.Config) -> Cluster:
     )
 
 
+def _pool_health_check() -> HealthCheck:
+    interval = _ms(POOL_HEALTH_CHECK_INTERVAL_MS)
+    return HealthCheck(
+        timeout=_ms(POOL_HEALTH_CHECK_TIMEOUT_MS),
+        interval=interval,
+        # Envoy probes a cluster without traffic only every 60 s by default: a
+        # smaller pool idle at night must still be known dead before the
+        # morning's first request.
+        no_traffic_interval=interval,
+        unhealthy_threshold=POOL_HEALTH_CHECK_UNHEALTHY_THRESHOLD,
+        healthy_threshold=POOL_HEALTH_CHECK_HEALTHY_THRESHOLD,
+        http_health_check=HealthCheckHttpHealthCheck(path=POOL_HEALTH_PATH),
+    )
+
+
+def _outlier_detection() -> OutlierDetection:
+    return OutlierDetection(
+        # Connect failures and resets count apart from the pool's answers, so
+        # a dead pool is ejected after OUTLIER_CONSECUTIVE_LOCAL_ORIGIN_FAILURES
+        # refused connections, whatever its HTTP error rate was.
+        split_external_local_origin_errors=True,
+        consecutive_local_origin_failure=OUTLIER_CONSECUTIVE_LOCAL_ORIGIN_FAILURES,
+        enforcing_consecutive_local_origin_failure=100,
+        consecutive_gateway_failure=OUTLIER_CONSECUTIVE_GATEWAY_FAILURES,
+        enforcing_consecutive_gateway_failure=100,
+        # consecutive_5xx stays Envoy's 5 (vLLM answers 500 when its engine
+        # died; bad requests are 400s and never count). Not set here: the
+        # YAML renderer spells the field consecutive_5_xx, which Envoy rejects.
+        interval=_s(OUTLIER_INTERVAL_S),
+        base_ejection_time=_s(OUTLIER_BASE_EJECTION_S),
+        max_ejection_percent=OUTLIER_MAX_EJECTION_PCT,
+    )
+
+
 def _pool_cluster(cfg: C.Config, pool: C.PoolConfig) -> Cluster:
+    """One pool's endpoints: health-checked (GET /health) and outlier-detected."""
     endpoints = [_split_endpoint(ep) for ep in pool.endpoints]
     return Cluster(
         name=pool.cluster,
@@ -497,8 +706,33 @@ def _pool_cluster(cfg: C.Config, pool: C.PoolConfig) -> Cluster:
         typed_extension_protocol_options=_protocol_options(http2=False),
         circuit_breakers=_circuit_breakers(POOL_MAX_REQUESTS),
         per_connection_buffer_limit_bytes=buffer_limit_bytes(cfg),
+        health_checks=[_pool_health_check()],
+        outlier_detection=_outlier_detection(),
         load_assignment=_load_assignment(pool.cluster, endpoints),
     )
+
+
+def _failover_cluster(pool: C.PoolConfig, larger: list[C.PoolConfig]) -> Cluster:
+    """Aggregate cluster: ``pool`` while it has a healthy endpoint, else the
+    next larger pool that has one (each larger pool serves every length a
+    smaller one does). Envoy treats the listed clusters as priorities 0, 1, ..."""
+    return Cluster(
+        name=failover_cluster_name(pool),
+        connect_timeout=_s(POOL_CONNECT_TIMEOUT_S),
+        lb_policy=ClusterLbPolicy.CLUSTER_PROVIDED,
+        cluster_type=ClusterCustomClusterType(
+            name=AGGREGATE_CLUSTER,
+            typed_config=AnyMsg.pack(AggregateClusterConfig(clusters=[p.cluster for p in [pool, *larger]])),
+        ),
+    )
+
+
+def pool_clusters(cfg: C.Config) -> list[Cluster]:
+    """Every pool's cluster, then a failover cluster for every pool but the
+    largest (pools are ordered by max_model_len, smallest first)."""
+    pools = list(cfg.pools)
+    return ([_pool_cluster(cfg, p) for p in pools]
+            + [_failover_cluster(p, pools[i + 1:]) for i, p in enumerate(pools[:-1])])
 
 
 def _otel_cluster(cfg: C.Config) -> Cluster:
@@ -514,7 +748,7 @@ def _otel_cluster(cfg: C.Config) -> Cluster:
 
 def build_bootstrap(cfg: C.Config) -> Bootstrap:
     """The whole Envoy bootstrap for ``cfg`` as a typed message."""
-    clusters = [_router_cluster(cfg), *(_pool_cluster(cfg, t) for t in cfg.tiers)]
+    clusters = [_router_cluster(cfg), *pool_clusters(cfg)]
     if cfg.envoy.otlp_endpoint:
         clusters.append(_otel_cluster(cfg))
     return Bootstrap(

@@ -355,6 +355,10 @@ class ObservedStream:
             self.closed = True
             self.tel.stream_closed(self)
 
+    @property
+    def held_bytes(self) -> int:
+        return self.machine.held_bytes
+
     def abort(self) -> None:
         self.machine.abort()
         self._close()

@@ -21,18 +21,36 @@ message size (RESOURCE_EXHAUSTED), unknown method -> UNIMPLEMENTED, non-gRPC
 content-type -> HTTP 415, grpc-timeout deadlines (DEADLINE_EXCEEDED), client
 cancellation (RST_STREAM -> ``handler.abort()``), and the unary
 ``grpc.health.v1.Health/Check`` that Envoy's gRPC health checker calls.
+
+Limits of ``serve_fast`` (extproc.defaults, "HTTP/2 transport limits"): the
+flood limits of h2frames, fed this shell's clock; reading paused while the
+write buffer is above its high-water mark; connections per worker (the
+longest-idle one evicted first); preface and idle timeouts; and a per-process
+memory budget for open streams and the bodies they hold, past which new
+streams get RESOURCE_EXHAUSTED. ``FastServer.counters`` counts what they did.
 """
 
 from __future__ import annotations
 
 import asyncio
+import collections
 import logging
+import time
 from typing import Callable, Iterable, Mapping, Protocol
 from urllib.parse import quote
 
 from envoy.service.ext_proc.v3 import external_processor_pb2 as pb
 from grpc_health.v1 import health_pb2
 
+from ..defaults import (
+    H2_FD_RESERVE,
+    H2_IDLE_TIMEOUT_S,
+    H2_MAX_CONNECTIONS,
+    H2_MEMORY_BUDGET_BYTES,
+    H2_PREFACE_TIMEOUT_S,
+    H2_STREAM_COST_BYTES,
+    H2_WRITE_BUFFER_HIGH_WATER,
+)
 from . import h2frames as h2
 
 log = logging.getLogger("extproc.transport")
@@ -50,6 +68,7 @@ DEFAULT_HEALTH_SERVICES = ("", EXT_PROC_SERVICE)
 OK = 0
 CANCELLED = 1
 UNKNOWN = 2
+INVALID_ARGUMENT = 3
 DEADLINE_EXCEEDED = 4
 NOT_FOUND = 5
 RESOURCE_EXHAUSTED = 8
@@ -62,6 +81,16 @@ UNAVAILABLE = 14
 #: above a loopback/pod RTT; grpc-go waits for the ACK with no timer but
 #: bounds the whole drain, as stop() does here.
 DRAIN_PING_TIMEOUT_S = 1.0
+
+#: Connection-level warnings (refused connections, GOAWAYs for floods) are
+#: logged at most once per this many seconds per kind, with a count of those
+#: left out, so an attack costs a log line per second, not a log flood
+#: (Envoy's ENVOY_LOG_PERIODIC has the same 1 s period).
+LOG_PERIOD_S = 1.0
+
+#: Shortest re-arm of the idle-connection timer: it never spins on a clock
+#: that has not moved.
+MIN_TIMER_S = 0.05
 
 #: Largest grpc-timeout we honour as a deadline (the header allows 8 digits
 #: of hours). Anything longer is treated as no deadline; 1 day is beyond any
@@ -134,7 +163,8 @@ _KIND_STREAMING = 3
 
 
 class _Call:
-    __slots__ = ("sid", "kind", "handler", "buf", "headers_sent", "done", "timer", "messages", "encoding", "method")
+    __slots__ = ("sid", "kind", "handler", "buf", "headers_sent", "done", "timer", "messages", "encoding", "method",
+                 "reserved", "held", "charged")
 
     def __init__(self, sid: int, kind: int):
         self.sid = sid
@@ -147,6 +177,9 @@ class _Call:
         self.messages: list[bytes] | None = None  # unary: the request message
         self.encoding: str | None = None  # grpc-encoding of the request
         self.method: Callable | None = None  # unary / streaming extra method
+        self.reserved = 0  # memory budget taken by the message being reassembled
+        self.held = 0  # memory budget taken by what the handler keeps (its held_bytes)
+        self.charged = 0  # memory budget taken by the open stream itself (H2_STREAM_COST_BYTES)
 
 
 class _GrpcConnection(asyncio.Protocol):
@@ -158,28 +191,96 @@ class _GrpcConnection(asyncio.Protocol):
         self.calls: dict[int, _Call] = {}
         self.transport: asyncio.Transport | None = None
         self._drain_timer: asyncio.TimerHandle | None = None
+        self._timer: asyncio.TimerHandle | None = None  # preface, then idle timeout
+        self._loop = asyncio.get_running_loop()
+        self.last_activity = self._loop.time()
+        self._reading_paused = False
 
     # -- asyncio.Protocol ------------------------------------------------------
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
-        self.server._connections.add(self)
+        server = self.server
+        if len(server._connections) >= server.max_connections and not server.evict_idle():
+            # Over the cap, none idle to make room: GOAWAY and close, never an fd exhausted.
+            server.count("connections_refused")
+            server.warn("connections_refused", "refusing HTTP/2 connection: %d open (limit %d)",
+                        len(server._connections), server.max_connections)
+            self.conn.close(h2.ENHANCE_YOUR_CALM, "too many connections")
+            transport.write(self.conn.data_to_send())  # type: ignore[attr-defined]
+            transport.close()
+            return
+        server._connections.add(self)
+        transport.set_write_buffer_limits(high=server.write_buffer_high_water)  # type: ignore[attr-defined]
         transport.write(self.conn.data_to_send())  # type: ignore[attr-defined]
-        if self.server._draining:
+        self._timer = self._loop.call_later(server.preface_timeout_s, self._on_timer)
+        if server._draining:
             self.start_drain()
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.server._connections.discard(self)
         if self._drain_timer:
             self._drain_timer.cancel()
+        if self._timer:
+            self._timer.cancel()
         for call in list(self.calls.values()):
             self._abort_call(call)
         self.calls.clear()
         self.server._connection_closed()
 
+    def pause_writing(self) -> None:
+        # Our write buffer is above the high-water mark: the peer is not
+        # reading. Stop reading its requests (and control frames) until it does.
+        if not self._reading_paused and self.transport is not None and not self.transport.is_closing():
+            self._reading_paused = True
+            self.server.count("reading_paused")
+            self.transport.pause_reading()
+
+    def resume_writing(self) -> None:
+        if self._reading_paused and self.transport is not None and not self.transport.is_closing():
+            self._reading_paused = False
+            self.transport.resume_reading()
+
+    def _on_timer(self) -> None:
+        """Preface timeout first; once the client's SETTINGS arrived, the idle
+        timeout (no stream and no frame for idle_timeout_s)."""
+        self._timer = None
+        conn, server = self.conn, self.server
+        if self.transport is None or self.transport.is_closing() or conn.closed:
+            return
+        if not conn.preface_received:
+            server.count("preface_timeouts")
+            server.warn("preface_timeouts", "closing HTTP/2 connection: no client preface within %.1f s",
+                        server.preface_timeout_s)
+            self._close(h2.PROTOCOL_ERROR, "no client preface")
+            return
+        now = self._loop.time()
+        remaining = self.last_activity + server.idle_timeout_s - now
+        if remaining <= 0 and not self.calls and conn.idle:
+            server.count("idle_closed")
+            log.debug("closing HTTP/2 connection idle for %.1f s", now - self.last_activity)
+            self._close(h2.NO_ERROR, "idle timeout")
+            return
+        self._timer = self._loop.call_later(max(remaining, server.idle_timeout_s if remaining <= 0 else MIN_TIMER_S),
+                                            self._on_timer)
+
+    def evict(self) -> None:
+        """Make room for a new connection (this one is idle: no stream)."""
+        self.server._connections.discard(self)
+        self.server.count("connections_evicted")
+        self._close(h2.NO_ERROR, "idle connection evicted for a new one")
+
+    def _close(self, code: int, reason: str) -> None:
+        for call in list(self.calls.values()):
+            self._fail(call, UNAVAILABLE, reason)
+        self.calls.clear()
+        self.conn.close(code, reason)
+        self._flush()
+
     def data_received(self, data: bytes) -> None:
         conn = self.conn
-        for ev in conn.receive_data(data):
+        now = self.last_activity = self._loop.time()
+        for ev in conn.receive_data(data, now):
             t = type(ev)
             if t is h2.DataReceived:
                 call = self.calls.get(ev.stream_id)
@@ -192,7 +293,9 @@ class _GrpcConnection(asyncio.Protocol):
                 if call is not None:
                     self._abort_call(call)
             elif t is h2.ConnectionTerminated:
-                log.warning("closing HTTP/2 connection: %s (code %d)", ev.reason, ev.error_code)
+                key = f"goaway_{ev.error_code}"
+                self.server.count(key)
+                self.server.warn(key, "closing HTTP/2 connection: %s (code %d)", ev.reason, ev.error_code)
             # GoAwayReceived: in-flight streams continue; we close when idle.
         self._flush()
 
@@ -203,14 +306,23 @@ class _GrpcConnection(asyncio.Protocol):
         transport = self.transport
         if transport is None:
             return
+        conn = self.conn
         if out:
             transport.write(out)
-        conn = self.conn
+            if conn.pending_control and not transport.get_write_buffer_size():
+                conn.output_drained()
         if conn.closed or ((conn.last_stream_id is not None or conn.peer_goaway) and conn.idle):
             transport.close()
 
+    def _release(self, call: _Call) -> None:
+        """Give the call's share of the memory budget back."""
+        if call.reserved or call.held or call.charged:
+            self.server.mem_used -= call.reserved + call.held + call.charged
+            call.reserved = call.held = call.charged = 0
+
     def _abort_call(self, call: _Call) -> None:
         call.done = True
+        self._release(call)
         if call.timer:
             call.timer.cancel()
         if call.handler is not None:
@@ -225,6 +337,7 @@ class _GrpcConnection(asyncio.Protocol):
         if call.done:
             return
         call.done = True
+        self._release(call)
         if call.timer:
             call.timer.cancel()
         self.calls.pop(call.sid, None)
@@ -291,6 +404,15 @@ class _GrpcConnection(asyncio.Protocol):
             self._end_call(call, UNIMPLEMENTED, f"unknown method {path}")
             return
         self.calls[sid] = call
+        server = self.server
+        # Health and the unary (admin) methods still answer, so that operators
+        # see why; their message still needs the budget if it arrives in parts.
+        if call.kind in (_KIND_PROCESS, _KIND_STREAMING):
+            if server.mem_used >= server.memory_budget:
+                self._refuse_memory(call)
+                return
+            call.charged = H2_STREAM_COST_BYTES
+            server.mem_used += H2_STREAM_COST_BYTES
         call.encoding = encoding  # only a message actually compressed is refused (see _on_data)
         if timeout is not None:
             seconds = _parse_timeout(timeout)
@@ -305,6 +427,13 @@ class _GrpcConnection(asyncio.Protocol):
                 return
         if ev.end_stream:
             self._on_data(call, b"", True)
+
+    def _refuse_memory(self, call: _Call) -> None:
+        server = self.server
+        server.count("memory_refused")
+        server.warn("memory_refused", "refusing gRPC stream: %d of %d bytes of the memory budget in use",
+                    server.mem_used, server.memory_budget)
+        self._fail(call, RESOURCE_EXHAUSTED, "router memory budget exhausted; try again later")
 
     def _deadline(self, call: _Call) -> None:
         if call.done:
@@ -336,7 +465,19 @@ class _GrpcConnection(asyncio.Protocol):
                 self._fail(call, RESOURCE_EXHAUSTED, f"message of {length} bytes exceeds the limit of {max_bytes}")
                 return
             if len(buf) < 5 + length:
+                if not call.reserved:
+                    # The rest of this message will sit in memory: take it
+                    # from the budget now, or refuse the stream.
+                    server = self.server
+                    if server.mem_used + length > server.memory_budget:
+                        self._refuse_memory(call)
+                        return
+                    server.mem_used += length
+                    call.reserved = length
                 break
+            if call.reserved:
+                self.server.mem_used -= call.reserved
+                call.reserved = 0
             if len(buf) == 5 + length:
                 msg = bytes(buf[5:]) if length else b""
                 buf.clear()
@@ -372,17 +513,31 @@ class _GrpcConnection(asyncio.Protocol):
                 self._on_health(call)
 
     def _on_process_message(self, call: _Call, msg: bytes) -> None:
+        if not msg:
+            self._fail(call, INVALID_ARGUMENT, "empty ProcessingRequest: no request phase set")
+            return
         try:
             req = pb.ProcessingRequest.FromString(msg)
         except Exception:
             self._fail(call, INTERNAL, "could not parse ProcessingRequest")
             return
+        handler = call.handler
         try:
-            responses, close = call.handler.receive(req)  # type: ignore[union-attr]
+            responses, close = handler.receive(req)  # type: ignore[union-attr]
         except Exception:
             log.exception("stream handler failed")
             self._fail(call, INTERNAL, "stream handler failed")
             return
+        if not close:
+            held = getattr(handler, "held_bytes", 0)
+            if held != call.held:
+                server = self.server
+                server.mem_used += held - call.held
+                grew = held > call.held
+                call.held = held
+                if grew and server.mem_used > server.memory_budget:
+                    self._refuse_memory(call)
+                    return
         if responses:
             parts = []
             for r in responses:
@@ -462,11 +617,7 @@ class _GrpcConnection(asyncio.Protocol):
 
     def cancel_all(self) -> None:
         """Grace period over: abort what is left and close."""
-        for call in list(self.calls.values()):
-            self._fail(call, UNAVAILABLE, "server shutting down")
-        self.calls.clear()
-        self.conn.close(h2.NO_ERROR, "server shutting down")
-        self._flush()
+        self._close(h2.NO_ERROR, "server shutting down")
         if self.transport is not None:
             self.transport.close()
 
@@ -476,8 +627,23 @@ class FastServer:
 
     def __init__(self, new_stream: NewStream, max_message_bytes: int, health_services: Iterable[str],
                  unary: Mapping[str, UnaryMethod] | None = None,
-                 streaming: Mapping[str, StreamingMethod] | None = None):
+                 streaming: Mapping[str, StreamingMethod] | None = None,
+                 *,
+                 max_connections: int | None = None,
+                 preface_timeout_s: float = H2_PREFACE_TIMEOUT_S,
+                 idle_timeout_s: float = H2_IDLE_TIMEOUT_S,
+                 memory_budget_bytes: int = H2_MEMORY_BUDGET_BYTES,
+                 write_buffer_high_water: int = H2_WRITE_BUFFER_HIGH_WATER):
         self.new_stream = new_stream
+        self.max_connections = max_connections if max_connections is not None else connection_limit()
+        self.preface_timeout_s = preface_timeout_s
+        self.idle_timeout_s = idle_timeout_s
+        self.memory_budget = memory_budget_bytes
+        self.write_buffer_high_water = write_buffer_high_water
+        self.mem_used = 0  # bytes of the memory budget in use, all connections
+        #: What the limits did (refused connections, GOAWAYs by code, ...).
+        self.counters: collections.Counter[str] = collections.Counter()
+        self._warned: dict[str, tuple[float, int]] = {}  # kind -> (last logged, left out since)
         self.unary = dict(unary or {})
         self.streaming = dict(streaming or {})
         self.max_message_bytes = max_message_bytes
@@ -491,6 +657,32 @@ class FastServer:
     def _connection_closed(self) -> None:
         if not self._connections:
             self._idle.set()
+
+    def evict_idle(self) -> bool:
+        """At the connection cap: close the connection idle the longest (no
+        open stream) to make room, so that sockets held open and silent cannot
+        lock Envoy out until the idle timeout. False if none is idle."""
+        idle = [c for c in self._connections if not c.calls and c.conn.idle]
+        if not idle:
+            return False
+        min(idle, key=lambda c: c.last_activity).evict()
+        return True
+
+    def count(self, key: str) -> None:
+        self.counters[key] += 1
+
+    def warn(self, kind: str, msg: str, *args) -> None:
+        """A warning logged at most once per LOG_PERIOD_S per kind."""
+        now = time.monotonic()
+        last, left_out = self._warned.get(kind, (-LOG_PERIOD_S, 0))
+        if now - last < LOG_PERIOD_S:
+            self._warned[kind] = (last, left_out + 1)
+            return
+        self._warned[kind] = (now, 0)
+        if left_out:
+            msg += " (%d more like it not logged)"
+            args += (left_out,)
+        log.warning(msg, *args)
 
     async def stop(self, grace_seconds: float | None = None) -> None:
         """Refuse new connections and streams, let in-flight streams finish for
@@ -517,6 +709,19 @@ class FastServer:
         return sum(len(c.calls) for c in self._connections)
 
 
+def connection_limit() -> int:
+    """H2_MAX_CONNECTIONS, or fewer when the open-file limit would run out
+    first (keeping H2_FD_RESERVE descriptors for the rest of the process)."""
+    try:
+        import resource
+        soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+    except (ImportError, OSError, ValueError):
+        return H2_MAX_CONNECTIONS
+    if soft == resource.RLIM_INFINITY:
+        return H2_MAX_CONNECTIONS
+    return max(1, min(H2_MAX_CONNECTIONS, soft - H2_FD_RESERVE))
+
+
 async def serve_fast(
     new_stream: NewStream,
     host: str,
@@ -526,11 +731,14 @@ async def serve_fast(
     health_services: Iterable[str] = DEFAULT_HEALTH_SERVICES,
     unary: Mapping[str, UnaryMethod] | None = None,
     streaming: Mapping[str, StreamingMethod] | None = None,
+    **limits,
 ) -> FastServer:
     """Start the purpose-built h2c gRPC server; ``port=0`` picks a free port
     (read it back from ``server.port``). ``unary`` / ``streaming`` map method
-    paths ("/pkg.Service/Method") to extra handlers (admin API, reflection)."""
-    server = FastServer(new_stream, max_message_bytes, health_services, unary, streaming)
+    paths ("/pkg.Service/Method") to extra handlers (admin API, reflection).
+    ``limits`` override FastServer's (max_connections, preface_timeout_s,
+    idle_timeout_s, memory_budget_bytes, write_buffer_high_water)."""
+    server = FastServer(new_stream, max_message_bytes, health_services, unary, streaming, **limits)
     loop = asyncio.get_running_loop()
     server._server = await loop.create_server(lambda: _GrpcConnection(server), host, port, reuse_address=True)
     server.port = server._server.sockets[0].getsockname()[1]
@@ -586,6 +794,10 @@ async def serve_grpcio(
             if req is grpc.aio.EOF:
                 state[0] = 2
                 return
+            if req.WhichOneof("request") is None:  # empty: answer, never wait silently
+                state[0] = 1
+                handler.abort()
+                await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "empty ProcessingRequest: no request phase set")
             try:
                 responses, close = handler.receive(req)
             except Exception:

@@ -134,6 +134,7 @@ class Stack:
     time_scale: float = UP_TIME_SCALE
     quiet: bool = True
     with_router: bool = True
+    wait_pools: bool = True   # start_envoy waits until Envoy sees every pool healthy
     router_env: dict[str, str] = field(default_factory=dict)  # e.g. OTEL_* for the router
     pool_seqs: dict[str, int] = field(default_factory=dict)  # max_num_seqs per tier name (else max_num_seqs())
     procs: dict[str, subprocess.Popen] = field(default_factory=dict)
@@ -236,15 +237,28 @@ class Stack:
         _wait("envoy", lambda: _http_ok(self.admin_url + "/ready"), p)
         if self.with_router:
             _wait("envoy health check of the router", self.router_healthy, p)
+        if self.wait_pools:
+            # Until Envoy's first passing health check of every pool: before
+            # it, short requests would fail over to the long pool.
+            _wait("envoy health check of the pools",
+                  lambda: all(self.cluster_healthy(pool.cluster) for pool in self.cfg.pools), p)
 
-    def router_healthy(self) -> bool:
+    def _healthy(self, cluster: str, expected: int) -> bool:
         try:
             with urllib.request.urlopen(self.admin_url + "/clusters", timeout=1.0) as r:
                 text = r.read().decode()
         except (urllib.error.URLError, OSError):
             return False
-        lines = [ln for ln in text.splitlines() if ln.startswith("budget_router::") and "::health_flags::" in ln]
-        return len(lines) == self.cfg.router.workers and all(ln.endswith("::healthy") for ln in lines)
+        lines = [ln for ln in text.splitlines() if ln.startswith(f"{cluster}::") and "::health_flags::" in ln]
+        return len(lines) == expected and all(ln.endswith("::healthy") for ln in lines)
+
+    def router_healthy(self) -> bool:
+        return self._healthy("budget_router", self.cfg.router.workers)
+
+    def cluster_healthy(self, cluster: str) -> bool:
+        """Every endpoint of a pool cluster passes Envoy's health check."""
+        pool = next(p for p in self.cfg.pools if p.cluster == cluster)
+        return self._healthy(cluster, len(pool.endpoints))
 
     def start(self) -> "Stack":
         if not self.workdir:

@@ -201,3 +201,16 @@ def test_to_toml_round_trips(cfg, tmp_path):
     assert C.from_mapping(tomllib.loads(text), {}) == cfg
     p = _write(tmp_path, text)
     assert C.load(p, env={}) == cfg
+
+
+def test_media_section_validated_and_overridable():
+    cfg = C.from_mapping({"media": {"models": {"llava": {"image_patch_px": 14, "image_max_tokens": 576}}}},
+                          env={"BUDGET_ROUTER_MEDIA_REMOTE_IMAGE_TOKENS": "2048"})
+    assert cfg.media.remote_image_tokens == 2048 and cfg.media.models["llava"]["image_patch_px"] == 14
+    for bad, words in [({"models": {"m": {"patch": 14}}}, "keys among"),
+                       ({"models": {"m": {"image_patch_px": 0}}}, "positive integer"),
+                       ({"image_min_tokens": 10, "image_max_tokens": 5}, "above image_max_tokens"),
+                       ({"models": "llava"}, "table of model names"),
+                       ({"file_tokens": 0}, "file_tokens")]:
+        with pytest.raises(ConfigError, match=words):
+            C.from_mapping({"media": bad}, env={})
