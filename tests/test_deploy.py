@@ -53,6 +53,12 @@ ROUTER_METRICS = {
     "budget_router_misroutes_detected_total",
     "budget_router_processing_seconds_bucket",
     "budget_router_streams_in_flight",
+    "budget_router_tier_load",
+    "budget_router_tier_saturated",
+    "budget_router_tier_budget_limit",
+    "budget_router_tier_signal_age_seconds",
+    "budget_router_spillovers_total",
+    "budget_router_threshold_moves_total",
 }
 ENVOY_METRICS = {"envoy_cluster_upstream_rq_total", "envoy_cluster_upstream_rq_time_bucket"}
 #: vLLM names: only those real vLLM 0.32 exports (the simulator serves exactly

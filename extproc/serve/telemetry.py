@@ -22,6 +22,13 @@ Metrics (names as Prometheus shows them; OTel instrument names use dots):
     budget_router_misroutes_detected_total{pool,kind}            counter
     budget_router_processing_seconds{phase}                      histogram, s
     budget_router_streams_in_flight                              gauge (up-down)
+    budget_router_tier_load{tier,signal}                         gauge (running, waiting, kv_usage,
+                                                                 preemption_rate, instances) as seen
+    budget_router_tier_signal_age_seconds{tier}                  gauge, s (absent: no fresh sample)
+    budget_router_tier_saturated{tier}                           gauge 0/1 (spillover sends it up)
+    budget_router_tier_budget_limit{tier}                        gauge, tokens (the threshold in use)
+    budget_router_spillovers_total{from_tier,to_tier}            counter
+    budget_router_threshold_moves_total{tier}                    counter (adaptive threshold)
 
 Served on a Prometheus endpoint per worker ([telemetry] prometheus_port + i)
 and exported by OTLP when OTEL_EXPORTER_OTLP_ENDPOINT is set.
@@ -173,6 +180,46 @@ class Telemetry:
                                   description="Observed bytes per token of learned responses (EMA)")
         m.create_observable_gauge("budget_router.learned_overhead_tokens", [self._observe_overhead], unit="",
                                   description="Learned fixed chat-template overhead (intercept)")
+        m.create_observable_gauge("budget_router.tier_load", [self._observe_tier_load], unit="",
+                                  description="Tier load from the pools' vLLM metrics, as the router sees it")
+        m.create_observable_gauge("budget_router.tier_signal_age", [self._observe_tier_age], unit="s",
+                                  description="Age of the newest fresh vLLM sample of the tier")
+        m.create_observable_gauge("budget_router.tier_saturated", [self._observe_saturated], unit="",
+                                  description="1 while spillover sends the tier's requests up")
+        m.create_observable_gauge("budget_router.tier_budget_limit", [self._observe_limits], unit="",
+                                  description="Budget limit of the tier in use (adaptive threshold, pins)")
+        m.create_observable_counter("budget_router.spillovers", [self._observe_spillovers], unit="",
+                                    description="Requests sent up from a saturated tier, by (from, to)")
+        m.create_observable_counter("budget_router.threshold_moves", [self._observe_moves], unit="",
+                                    description="Moves of the tier's budget limit by the adaptive threshold")
+
+    def _observe_tier_load(self, options: CallbackOptions) -> Iterable[Observation]:
+        for load in self.router.loads:
+            if load.known:
+                for signal in ("running", "waiting", "kv_usage", "preemption_rate", "instances"):
+                    yield Observation(getattr(load, signal), {"tier": load.name, "signal": signal})
+
+    def _observe_tier_age(self, options: CallbackOptions) -> Iterable[Observation]:
+        for load in self.router.loads:
+            if load.known:
+                yield Observation(load.age_s, {"tier": load.name})
+
+    def _observe_saturated(self, options: CallbackOptions) -> Iterable[Observation]:
+        for load, sat in zip(self.router.loads, self.router.spillover.saturated):
+            yield Observation(1 if sat else 0, {"tier": load.name})
+
+    def _observe_limits(self, options: CallbackOptions) -> Iterable[Observation]:
+        for tier, limit in zip(self.router.cfg.tiers, self.router.limits()):
+            yield Observation(limit, {"tier": tier.name})
+
+    def _observe_spillovers(self, options: CallbackOptions) -> Iterable[Observation]:
+        tiers = self.router.cfg.tiers
+        for (a, b), n in list(self.router.spillover.spilled.items()):
+            yield Observation(n, {"from_tier": tiers[a].name, "to_tier": tiers[b].name})
+
+    def _observe_moves(self, options: CallbackOptions) -> Iterable[Observation]:
+        for tier, n in zip(self.router.cfg.tiers, self.router.threshold.moves):
+            yield Observation(n, {"tier": tier.name})
 
     def _observe_requests(self, options: CallbackOptions) -> Iterable[Observation]:
         for (pool, cat, reason), n in list(self._requests.items()):
@@ -266,6 +313,8 @@ class Telemetry:
                 "budget_router.estimated_prompt_tokens": d.estimate, "budget_router.budget": d.budget,
                 "budget_router.output_budget": d.output, "budget_router.margin": d.margin,
             })
+            if d.from_pool:
+                attrs["budget_router.spilled_from"] = d.from_pool
             if d.capped:
                 attrs["gen_ai.request.max_tokens"] = d.output
         if m.usage is not None:

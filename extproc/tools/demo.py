@@ -643,6 +643,12 @@ def run(args: argparse.Namespace) -> int:
     from .. import defaults as D
     from .stack import Stack, loopback_config, vllm_config
 
+    if getattr(args, "scenario", "mix") == "burst":
+        from .burst import run as run_burst
+        return run_burst(args)
+    if args.time_scale is None:
+        args.time_scale = DEMO_TIME_SCALE
+
     if args.requests is None:
         args.requests = DEFAULT_REQUESTS_VLLM if args.pools == POOLS_VLLM else DEFAULT_REQUESTS
     if args.pools == POOLS_VLLM:
@@ -791,8 +797,12 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--duration", type=float, default=None,
                    help="with --trace: replay at most this many seconds of (scaled) arrivals")
     p.add_argument("--out", default=DEFAULT_OUT, help="report and plots directory (default %(default)s)")
-    p.add_argument("--time-scale", type=float, default=DEMO_TIME_SCALE,
-                   help="simulated pools' wall seconds per GPU second (default %(default)s)")
+    p.add_argument("--time-scale", type=float, default=None,
+                   help=f"simulated pools' wall seconds per GPU second (default {DEMO_TIME_SCALE}; "
+                        "1.0 for --scenario burst)")
+    p.add_argument("--scenario", choices=["mix", "burst"], default="mix",
+                   help="mix: realistic traffic, accuracy and overhead report (default); burst: a burst of "
+                        "short traffic saturates the short pool, static vs closed-loop routing (burst.png)")
     p.add_argument("--sample-rate", type=float, default=DEMO_SAMPLE_RATE,
                    help="router's [router] sample_rate for the demo (default %(default)s)")
     p.add_argument("--latency-pairs", type=int, default=LATENCY_PAIRS,

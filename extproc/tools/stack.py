@@ -11,6 +11,7 @@ an operator runs.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import signal
 import socket
@@ -98,7 +99,7 @@ def loopback_config(base: Config | None = None, workers: int | None = None, **se
     """A config whose every port is a free loopback port (tests, demo)."""
     cfg = base or C.load(env={})
     n = workers or cfg.router.workers
-    envoy_port, admin_port, short_port, long_port = free_ports(4)
+    envoy_port, admin_port, *pool_ports = free_ports(2 + len(cfg.tiers))
     router_port = free_port_block(n)
     prom_port = free_port_block(n)
     admin_plane_port = free_port_block(n)
@@ -107,8 +108,7 @@ def loopback_config(base: Config | None = None, workers: int | None = None, **se
         admin={"port": admin_plane_port, "listen": "127.0.0.1"},
         telemetry={"prometheus_port": prom_port, "prometheus_listen": "127.0.0.1"},
         envoy={"port": envoy_port, "admin_port": admin_port, "listen": "127.0.0.1", "router_host": "127.0.0.1"},
-        short={"endpoints": (f"127.0.0.1:{short_port}",)},
-        long={"endpoints": (f"127.0.0.1:{long_port}",)},
+        tiers=[dataclasses.replace(t, endpoints=(f"127.0.0.1:{port}",)) for t, port in zip(cfg.tiers, pool_ports)],
     )
     if sections:
         cfg = cfg.replace(**sections)
@@ -153,6 +153,7 @@ class Stack:
     pools: str = POOLS_SIM                 # POOLS_SIM or POOLS_VLLM
     wait_pools: bool = True   # start_envoy waits until Envoy sees every pool healthy
     router_env: dict[str, str] = field(default_factory=dict)  # e.g. OTEL_* for the router
+    pool_seqs: dict[str, int] = field(default_factory=dict)  # max_num_seqs per tier name (else max_num_seqs())
     procs: dict[str, subprocess.Popen] = field(default_factory=dict)
     logs: dict[str, str] = field(default_factory=dict)
 
@@ -166,8 +167,7 @@ class Stack:
         return f"http://127.0.0.1:{self.cfg.envoy.admin_port}"
 
     def pool_url(self, name: str) -> str:
-        pool = self.cfg.short if name == self.cfg.short.name else self.cfg.long
-        return f"http://{pool.endpoints[0]}"
+        return f"http://{self.cfg.tier(name).endpoints[0]}"
 
     def _spawn(self, name: str, argv: list[str], env: dict | None = None) -> subprocess.Popen:
         log_path = os.path.join(self.workdir, f"{name}.log")
@@ -196,8 +196,16 @@ class Stack:
     def start_pool(self, name: str) -> None:
         self._wait_pool(self._spawn_pool(name))
 
+    def max_num_seqs(self, name: str) -> int:
+        """The first tier gets vLLM's default, the last the worst-case setting,
+        a middle tier what the same KV memory holds at its context, in between."""
+        pool = self.cfg.tier(name)
+        if name == self.cfg.long.name:
+            return LONG_MAX_NUM_SEQS
+        return max(LONG_MAX_NUM_SEQS, SHORT_MAX_NUM_SEQS * self.cfg.short.max_model_len // pool.max_model_len)
+
     def _spawn_pool(self, name: str):
-        pool = self.cfg.short if name == self.cfg.short.name else self.cfg.long
+        pool = self.cfg.tier(name)
         host, port = pool.endpoints[0].rsplit(":", 1)
         short = name == self.cfg.short.name
         if self.pools == POOLS_VLLM:
@@ -207,7 +215,7 @@ class Stack:
                               max(V.SHORT_KV_TOKENS if short else V.LONG_KV_TOKENS, pool.max_model_len))
             p = self._spawn(f"pool-{name}", spec.argv(V.model_dir()), env=V.env())
             return name, host, port, p, V.VLLM_READY_TIMEOUT_S
-        seqs = SHORT_MAX_NUM_SEQS if short else LONG_MAX_NUM_SEQS
+        seqs = self.pool_seqs.get(name) or self.max_num_seqs(name)
         p = self._spawn(f"pool-{name}", [
             sys.executable, "-m", "extproc.cli", "backend", "--host", host, "--port", port,
             "--name", name, "--max-model-len", str(pool.max_model_len), "--max-num-seqs", str(seqs),
@@ -288,7 +296,7 @@ class Stack:
         try:
             # Python processes start in parallel (~1 s of imports each), then
             # Envoy, which health-checks the router before it is "ready".
-            pools = [self._spawn_pool(self.cfg.short.name), self._spawn_pool(self.cfg.long.name)]
+            pools = [self._spawn_pool(t.name) for t in self.cfg.tiers]
             router = self._spawn_router() if self.with_router else None
             for spawned in pools:
                 self._wait_pool(spawned)
@@ -341,7 +349,7 @@ def _cmd_up(args: argparse.Namespace) -> int:
         cfg = vllm_config(cfg)
     stack = Stack(cfg, workdir=args.workdir or "", time_scale=args.time_scale, pools=args.pools)
     kind = "real vLLM (CPU, tiny Qwen2; 1-2 min)" if args.pools == POOLS_VLLM else "simulated"
-    print(f"starting: short and long {kind} pools, router, Envoy ...", flush=True)
+    print(f"starting: {kind} pools {', '.join(t.name for t in cfg.tiers)}, router, Envoy ...", flush=True)
     stop = {"flag": False}
 
     def on_signal(signum, frame):
@@ -370,7 +378,7 @@ ready. Send OpenAI requests to Envoy:
 
 The response header {cfg.router.decision_header} shows the router's decision.
   Envoy admin:  {stack.admin_url}   (stats, clusters)
-  pools:        short {stack.pool_url(cfg.short.name)}/metrics   long {stack.pool_url(cfg.long.name)}/metrics
+  pools:        {"   ".join(f"{t.name} {stack.pool_url(t.name)}/metrics" for t in cfg.tiers)}
   logs:         {stack.workdir}/*.log
 
 Ctrl-C stops everything.""", flush=True)
@@ -390,7 +398,7 @@ Ctrl-C stops everything.""", flush=True)
 
 
 def add_parsers(sub) -> None:
-    p = sub.add_parser("up", help="run Envoy + router + a short and a long pool (simulated or real vLLM) until Ctrl-C")
+    p = sub.add_parser("up", help="run Envoy + router + one pool per tier (simulated, or two real vLLM pools) until Ctrl-C")
     p.add_argument("--pools", choices=POOL_KINDS, default=POOLS_SIM,
                    help="sim: simulated vLLM pools (default); vllm: two real vLLM CPU servers "
                         "(needs `make vllm-env`; B_short 2048, contexts 2048/8192)")

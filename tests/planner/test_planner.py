@@ -155,8 +155,14 @@ def test_router_modes_and_spillover():
     noisy = FleetSpec(spec.pools, 8192, router="noise")
     p2, budget = route(tr, noisy)
     assert (budget != tr.total).any() and 0.9 < (p2 == pool).mean() < 1.0
-    r = simulate(tr, FleetSpec(spec.pools, 8192, spillover=True))
-    assert r.spilled > 0  # one overloaded short instance spills
+    # One overloaded short instance spills to a long pool that has room (the
+    # router's own spillover: core.spillover, on the simulated vLLM signals).
+    roomy = (spec.pools[0], PoolSpec("long", long_cfg, 16))
+    r = simulate(tr, FleetSpec(roomy, 8192, spillover=True))
+    assert r.spilled > 0 and r.loop.router.spillover.spilled == {(0, 1): r.spilled}
+    assert ((r.pool == 1) & (tr.total <= 8192)).sum() == r.spilled  # never down: only short requests moved
+    # With the long pool as saturated as the short one there is nowhere to go.
+    assert simulate(tr, FleetSpec(spec.pools, 8192, spillover=True)).spilled == 0
     conserve(r)
     with pytest.raises(ValueError):
         route(tr, FleetSpec(spec.pools, 8192, router="estimator"))
@@ -216,6 +222,25 @@ def test_rate_scaling_tile_window():
     assert w.arrival[0] == 0 and w.duration < 20
     with pytest.raises(TraceError):
         window(t, 1e6, 1)
+
+
+def test_simulate_cli_tiers(tmp_path, capsys):
+    import argparse
+    from extproc.planner.cli import add_parsers
+    ap = argparse.ArgumentParser()
+    add_parsers(ap.add_subparsers(dest="cmd"))
+    f = tmp_path / "m.jsonl"
+    rng = np.random.default_rng(0)
+    f.write_text("".join(f'{{"timestamp": {i * 100}, "input_length": {int(rng.integers(100, 20000))}, '
+                         f'"output_length": {int(rng.integers(10, 500))}}}\n' for i in range(400)))
+    args = ap.parse_args(["simulate", "--trace", str(f), "--tiers", "4096,16384,131072", "--counts", "1,1,2",
+                          "--spillover", "--adaptive", "--no-progress"])
+    assert args.func(args) == 0
+    out = capsys.readouterr().out
+    assert "pool short" in out and "pool tier1" in out and "pool long" in out
+    assert "limits=4096,16384" in out and "spillover adaptive" in out and "adaptive tier limits" in out
+    args = ap.parse_args(["simulate", "--trace", str(f), "--tiers", "4096,16384", "--counts", "1,1,2"])
+    assert args.func(args) == 2  # one count per tier
 
 
 def test_real_traces_load(traces_dir):
