@@ -4,7 +4,7 @@ VENV   ?= .venv
 PY      = $(VENV)/bin/python
 STAMP   = $(VENV)/.installed
 
-.PHONY: demo test bench bench-sim accuracy planner-results up envoy-config clean
+.PHONY: demo test bench bench-sim accuracy planner-results up envoy-config check-compose clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -24,6 +24,11 @@ demo: $(STAMP)
 ## All tests (unit, property, state machine, simulator, integration through the real Envoy).
 test: $(STAMP)
 	$(PY) -m pytest -q
+
+## Compose's Envoy healthcheck judged by a container engine (podman, root; not in `test`:
+## needs `apt-get install -y podman runc`). Builds a local Envoy image, no registry.
+check-compose: $(STAMP)
+	$(PY) compose/check_healthcheck.py
 
 ## Router overhead: Envoy direct vs Envoy + router, concurrency 1 and 16.
 bench: $(STAMP)
