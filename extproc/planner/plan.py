@@ -194,10 +194,20 @@ class _Pool:
         if self.workers > 1:
             self.ex = ProcessPoolExecutor(self.workers, mp_context=mp.get_context("fork"))
 
-    def map(self, fn, items: list) -> list:
+    def map(self, fn, items: list, cost=None) -> list:
+        """[fn(x) for x in items], in parallel. ``cost(x)``: an estimate of the
+        work of x; the costliest items are submitted first (longest processing
+        time first), so a long job does not start last and leave a core idle.
+        The results come back in the order of ``items`` whatever the order run."""
         if self.ex is None or len(items) <= 1:
             return [fn(x) for x in items]
-        return list(self.ex.map(fn, items))
+        order = list(range(len(items)))
+        if cost is not None:
+            order.sort(key=lambda k: -cost(items[k]))
+        out = [None] * len(items)
+        for k, r in zip(order, self.ex.map(fn, [items[k] for k in order])):
+            out[k] = r
+        return out
 
     def close(self) -> None:
         if self.ex is not None:
@@ -328,17 +338,33 @@ def _spec(pools: list[Sized], b_short: int | None, router: str, noise_p90: float
                      noise_p90=noise_p90, balancer=balancer)
 
 
+def _eval_unique(ex: _Pool, jobs: list, cache: dict) -> list:
+    """`_eval_job` over jobs, each distinct (fleet, seed) simulated once: designs
+    that come out the same (the sized baseline is often the best homogeneous
+    pool) share their runs, and a design not grown in a round is not rerun.
+    Results are the same as simulating every job: `simulate` is pure."""
+    keys = [(repr(j[1]), j[2], j[3]) for j in jobs]
+    todo = {}
+    for k, j in zip(keys, jobs):
+        if k not in cache and k not in todo:
+            todo[k] = j
+    for k, r in zip(todo, ex.map(_eval_job, list(todo.values()), cost=lambda j: j[1].instances)):
+        cache[k] = r
+    return [cache[k] for k in keys]
+
+
 def _verify(ex: _Pool, trace: Trace, designs: list[dict], tg: dict, slo: SLO, seeds,
             router: str, noise_p90: float, balancer: str, log) -> None:
     """Simulate every design on the whole trace for every seed (in parallel);
     grow the pools that miss their class targets until the seed average holds."""
     todo = [d for d in designs if d.get("pinned") is not True]
     pinned = [d for d in designs if d.get("pinned") is True]
+    cache: dict = {}
     for rnd in range(VERIFY_ROUNDS + 1):
         batch = todo + (pinned if rnd == 0 else [])
         jobs = [(trace, _spec(d["sized"], d["b_short"], router, noise_p90, balancer), s, slo.boundary)
                 for d in batch for s in seeds]
-        res = ex.map(_eval_job, jobs)
+        res = _eval_unique(ex, jobs, cache)
         again = []
         for k, d in enumerate(batch):
             sums = res[k * len(seeds):(k + 1) * len(seeds)]
@@ -517,7 +543,7 @@ def _plan(ex, trace, search, warmup, model, baseline, base_cfg, slo, tg, b_short
     if log:
         log(f"sizing {len(ujobs)} pools (of {len(jobs)} roles) x {len(seeds)} seeds on "
             f"{len(search):,} requests")
-    done = ex.map(_size_job, ujobs)
+    done = ex.map(_size_job, ujobs, cost=lambda j: len(j[1]))
     sized = []
     for j in jobs:
         s0 = done[uniq[key(j)]]
