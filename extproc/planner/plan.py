@@ -514,10 +514,18 @@ def _closed_loop_designs(ex, search, warmup, splits: list[dict], flags: dict, tg
     spillover, adaptive) on, as `fleet.loop_hook` runs it. Starting from the
     statically sized pools, the first tier -- the one spillover relieves -- is
     shrunk by DOWN while the whole fleet, closed loop on, still meets every
-    class target (seed average) on the search window; `_verify` then checks
-    the whole trace and grows any pool that misses."""
+    class target (seed average) on the search window, then bisected to
+    SIZE_TOLERANCE; `_verify` then checks the whole trace and grows any pool
+    that misses."""
     tag = "+".join(k for k in ("spillover", "adaptive") if flags.get(k))
     out = []
+
+    def meets(nd: dict, n: int) -> bool:  # the fleet, its first tier at n instances
+        nd["sized"][0].count = n
+        spec = _spec(nd, router, noise_p90, balancer)
+        return ok(average(_eval_unique(ex, [(search, spec, x, slo.boundary, warmup) for x in seeds], {})),
+                  tg, slo)
+
     for d in splits:
         if len(d["sized"]) < 2:
             continue
@@ -526,18 +534,24 @@ def _closed_loop_designs(ex, search, warmup, splits: list[dict], flags: dict, tg
         nd = {**d, "name": f"{d['name']}+{tag}", "sized": pools, **flags,
               "what": d["what"] + f"; router {tag} on"}
         first = pools[0]
+        hi, lo = first.count, 0  # hi meets (the static sizing), lo fails
         for _ in range(CLOSED_LOOP_SHRINK_STEPS):
-            n = max(1, int(first.count * DOWN))
-            if n == first.count:
+            n = max(1, int(hi * DOWN))
+            if n == hi:
                 break
-            old, first.count = first.count, n
-            spec = _spec(nd, router, noise_p90, balancer)
-            res = _eval_unique(ex, [(search, spec, x, slo.boundary, warmup) for x in seeds], {})
-            if not ok(average(res), tg, slo):
-                first.count = old
+            if not meets(nd, n):
+                lo = n
                 break
-            if log:
-                log(f"  {nd['name']}: pool {first.name} {old} -> {n} still meets with the closed loop")
+            hi = n
+        while lo and hi - lo > max(1, SIZE_TOLERANCE * hi):
+            mid = (lo + hi) // 2
+            if meets(nd, mid):
+                hi = mid
+            else:
+                lo = mid
+        if log and hi != d["sized"][0].count:
+            log(f"  {nd['name']}: pool {first.name} {d['sized'][0].count} -> {hi} meets with the closed loop")
+        first.count = hi
         out.append(nd)
     return out
 
