@@ -28,6 +28,7 @@ import signal
 import time
 
 from . import snapshot
+from .. import tls
 from . import transport
 from ..admin import auth as admin_auth
 from ..admin import plane as admin_plane
@@ -60,6 +61,11 @@ SNAPSHOT_CHECK_S = 1.0
 
 def max_message_bytes(cfg: Config) -> int:
     return cfg.router.max_body_bytes + GRPC_HEADROOM_BYTES
+
+
+def router_tls(cfg: Config) -> tls.TlsFiles | None:
+    """The ext_proc port's TLS files ([router] tls_*), None for plain h2c."""
+    return tls.TlsFiles.of("router", cfg.router)
 
 
 class Worker:
@@ -133,7 +139,8 @@ class Worker:
         self.server = await transport.serve(
             self.cfg.router.transport, self.new_stream, self.cfg.router.listen, port,
             max_message_bytes=max_message_bytes(self.cfg),
-            streaming=reflection.methods([transport.EXT_PROC_SERVICE, HEALTH_SERVICE]))
+            streaming=reflection.methods([transport.EXT_PROC_SERVICE, HEALTH_SERVICE]),
+            tls=router_tls(self.cfg))
         await self.admin.set_serving(True)
         return self.server.port
 
@@ -213,6 +220,9 @@ def serve(cfg: Config, config_path: str | None = None) -> int:
     # worker failing on it would only be restarted over and over.
     admin_auth.check_exposure(cfg, admin_auth.load_tokens(cfg))
     admin_plane.server_credentials(cfg.admin)  # TLS files readable (ConfigError if not)
+    files = router_tls(cfg)
+    if files is not None:
+        tls.server_context(files)  # ext_proc port's cert/key/CA readable, PEM, matching
     if cfg.router.workers == 1:
         asyncio.run(_worker_main(cfg, 0, config_path))
         return 0
