@@ -187,8 +187,11 @@ async def _worker_main(cfg: Config, index: int, config_path: str | None = None) 
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     port = await w.start()
-    log.info("worker %d (pid %d) serving ext_proc on %s:%d via %s, admin on %s:%d",
-             index, os.getpid(), cfg.router.listen, port, cfg.router.transport, cfg.admin.listen, w.admin.port)
+    files = router_tls(cfg)
+    security = "h2c" if files is None else "mTLS" if files.mutual else "TLS"
+    log.info("worker %d (pid %d) serving ext_proc on %s:%d via %s over %s, admin on %s:%d",
+             index, os.getpid(), cfg.router.listen, port, cfg.router.transport, security, cfg.admin.listen,
+             w.admin.port)
     await w.run_until(stop)
     log.info("worker %d drained and stopped", index)
 
