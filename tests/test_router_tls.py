@@ -2,7 +2,7 @@
 Envoy presenting its own, both transports.
 
 Certificates are made at test time with the openssl CLI
-(``test_admin_tls.make_pki``). A real stack (simulated pools, ``budget-router
+(``extproc.tools.pki``). A real stack (simulated pools, ``budget-router
 serve``, Envoy from the rendered bootstrap) on 127.0.0.1 routes requests over
 mTLS; a client without a certificate, or with one from another CA, is refused
 by the router's port; plain h2c to the TLS port is closed without a traceback
@@ -29,8 +29,8 @@ from extproc import config as C
 from extproc import tls
 from extproc.envoy import bootstrap as E
 from extproc.serve import h2frames as h2
+from extproc.tools.pki import make_pki
 
-from test_admin_tls import make_pki
 from test_h2_limits import probe_keeps_latency, server
 
 pytestmark = pytest.mark.skipif(shutil.which("openssl") is None, reason="needs the openssl CLI")
