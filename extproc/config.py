@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import re
 import stat
 import tomllib
 from dataclasses import dataclass, field
@@ -22,6 +23,8 @@ from . import defaults as D
 
 ENV_PREFIX = "BUDGET_ROUTER_"
 
+_TIER_NAME = re.compile(D.TIER_NAME_PATTERN)
+
 
 class ConfigError(ValueError):
     """A configuration value is missing, malformed or inconsistent."""
@@ -29,15 +32,22 @@ class ConfigError(ValueError):
 
 @dataclass(frozen=True)
 class PoolConfig:
-    """One vLLM pool: Envoy cluster name, context limit and its endpoints."""
+    """One tier (a vLLM pool): name (routing header value, Envoy cluster
+    ``pool_<name>``), context limit, endpoints, and the largest padded budget
+    it takes (``budget_limit``; None on the last tier, the catch-all)."""
 
     name: str
     max_model_len: int
     endpoints: tuple[str, ...]  # "host:port"
+    budget_limit: int | None = None
 
     @property
     def cluster(self) -> str:
         return f"pool_{self.name}"
+
+
+#: A tier is a pool; the new name for the N-tier config.
+TierConfig = PoolConfig
 
 
 @dataclass(frozen=True)
@@ -144,6 +154,44 @@ class TelemetryConfig:
 
 
 @dataclass(frozen=True)
+class MonitorConfig:
+    """Scraping of each tier endpoint's vLLM /metrics (extproc.serve.monitor)."""
+
+    enabled: bool = True
+    interval_s: float = D.MONITOR_INTERVAL_S
+    stale_intervals: int = D.MONITOR_STALE_INTERVALS
+
+
+@dataclass(frozen=True)
+class SpilloverConfig:
+    """Send a request up a tier when its own is saturated (extproc.core.spillover)."""
+
+    enabled: bool = True
+    waiting_per_instance: float = D.SPILL_WAITING_PER_INSTANCE
+    waiting_clear: float = D.SPILL_WAITING_CLEAR
+    kv_usage: float = D.SPILL_KV_USAGE
+    kv_clear: float = D.SPILL_KV_CLEAR
+
+
+@dataclass(frozen=True)
+class AdaptiveConfig:
+    """Move each tier boundary from live signals (extproc.core.threshold); opt-in."""
+
+    enabled: bool = False
+    step_fraction: float = D.ADAPT_STEP_FRACTION
+    dwell_s: float = D.ADAPT_DWELL_S
+    dead_band: float = D.ADAPT_DEAD_BAND
+    min_fraction: float = D.ADAPT_MIN_FRACTION
+
+
+def _default_tiers() -> tuple[PoolConfig, ...]:
+    return (
+        PoolConfig(D.SHORT_POOL, D.SHORT_MAX_MODEL_LEN, (f"127.0.0.1:{D.SHORT_POOL_PORT}",), D.B_SHORT),
+        PoolConfig(D.LONG_POOL, D.LONG_MAX_MODEL_LEN, (f"127.0.0.1:{D.LONG_POOL_PORT}",)),
+    )
+
+
+@dataclass(frozen=True)
 class AdminConfig:
     """The admin gRPC plane (budget_router.admin.v1.Admin, grpc.health,
     reflection): worker i on ``port + i``, apart from ext_proc."""
@@ -175,35 +223,107 @@ class Config:
     telemetry: TelemetryConfig = field(default_factory=TelemetryConfig)
     media: MediaConfig = field(default_factory=MediaConfig)
     admin: AdminConfig = field(default_factory=AdminConfig)
-    short: PoolConfig = field(
-        default_factory=lambda: PoolConfig(
-            D.SHORT_POOL, D.SHORT_MAX_MODEL_LEN, (f"127.0.0.1:{D.SHORT_POOL_PORT}",)
-        )
-    )
-    long: PoolConfig = field(
-        default_factory=lambda: PoolConfig(
-            D.LONG_POOL, D.LONG_MAX_MODEL_LEN, (f"127.0.0.1:{D.LONG_POOL_PORT}",)
-        )
-    )
+    monitor: MonitorConfig = field(default_factory=MonitorConfig)
+    spillover: SpilloverConfig = field(default_factory=SpilloverConfig)
+    adaptive: AdaptiveConfig = field(default_factory=AdaptiveConfig)
+    #: Ordered tiers, smallest first; the last is the catch-all and default
+    #: route. ``policy.b_short`` always equals ``tiers[0].budget_limit``.
+    tiers: tuple[PoolConfig, ...] = field(default_factory=_default_tiers)
 
     @property
-    def pools(self) -> tuple[PoolConfig, PoolConfig]:
-        return (self.short, self.long)
+    def short(self) -> PoolConfig:
+        """The first (smallest) tier."""
+        return self.tiers[0]
+
+    @property
+    def long(self) -> PoolConfig:
+        """The last tier: serves every length, the default route."""
+        return self.tiers[-1]
+
+    @property
+    def pools(self) -> tuple[PoolConfig, ...]:
+        return self.tiers
+
+    @property
+    def limits(self) -> tuple[int, ...]:
+        """Budget limit of every tier but the last (the boundaries)."""
+        return tuple(int(t.budget_limit) for t in self.tiers[:-1])  # type: ignore[arg-type]
+
+    def tier(self, name: str) -> PoolConfig:
+        for t in self.tiers:
+            if t.name == name:
+                return t
+        raise KeyError(name)
+
+    def tier_index(self, name: str) -> int:
+        for i, t in enumerate(self.tiers):
+            if t.name == name:
+                return i
+        return len(self.tiers) - 1  # unknown names route like the default: the last tier
+
+    def with_limits(self, limits: tuple[int, ...] | list[int]) -> "Config":
+        """A copy with new boundaries (validated)."""
+        limits = list(limits)
+        if len(limits) != len(self.tiers) - 1:
+            raise ConfigError(f"expected {len(self.tiers) - 1} budget limit(s), got {len(limits)}")
+        tiers = tuple(dataclasses.replace(t, budget_limit=int(b)) for t, b in zip(self.tiers, limits))
+        return self.replace(tiers=tiers + self.tiers[-1:])
 
     def replace(self, **sections: Any) -> "Config":
         """A copy with whole sections or single keys replaced, e.g.
-        ``cfg.replace(policy={"b_short": 16384})``; the result is validated."""
+        ``cfg.replace(policy={"b_short": 16384})``; the result is validated.
+        ``short=``/``long=`` (or any tier's name) change the first/last (that)
+        tier; ``tiers=`` replaces all of them; ``policy.b_short`` is the first
+        tier's budget limit."""
         out = self
         for section, value in sections.items():
+            if section == "tiers":
+                tiers = tuple(_tier_from(out, v, i) for i, v in enumerate(value))
+                out = dataclasses.replace(out, tiers=tiers)
+                out = dataclasses.replace(out, policy=dataclasses.replace(
+                    out.policy, b_short=tiers[0].budget_limit if len(tiers) > 1 else out.policy.b_short))
+                continue
+            index = _tier_section(out, section)
+            if index is not None:
+                current = out.tiers[index]
+                if isinstance(value, Mapping):
+                    value = _pool(current.name, {**_asdict(current), **value, "name": None}, current)
+                tiers = list(out.tiers)
+                tiers[index] = value
+                out = dataclasses.replace(out, tiers=tuple(tiers))
+                continue
             current = getattr(out, section)
             if isinstance(value, Mapping):
-                if isinstance(current, PoolConfig):
-                    value = _pool(current.name, {**_asdict(current), **value, "name": None}, current)
-                else:
-                    value = _build(type(current), section, {**_asdict(current), **value})
+                value = _build(type(current), section, {**_asdict(current), **value})
             out = dataclasses.replace(out, **{section: value})
+            if section == "policy" and len(out.tiers) > 1:
+                first = dataclasses.replace(out.tiers[0], budget_limit=out.policy.b_short)
+                out = dataclasses.replace(out, tiers=(first,) + out.tiers[1:])
         validate(out)
         return out
+
+
+def _tier_section(cfg: Config, section: str) -> int | None:
+    """Index of the tier a ``replace`` keyword names: short (first), long
+    (last), or a tier's own name; None for a plain section."""
+    if section in _SECTIONS:
+        return None
+    for i, t in enumerate(cfg.tiers):
+        if t.name == section:
+            return i
+    if section == "short":
+        return 0
+    if section == "long":
+        return len(cfg.tiers) - 1
+    raise ConfigError(f"unknown section or tier {section!r}")
+
+
+def _tier_from(cfg: Config, value: Any, index: int) -> PoolConfig:
+    if isinstance(value, PoolConfig):
+        return value
+    if isinstance(value, Mapping):
+        return _tier_table(index, value)
+    raise ConfigError(f"[[tiers]] #{index + 1}: expected a table, got {value!r}")
 
 
 _SECTIONS = {
@@ -212,9 +332,14 @@ _SECTIONS = {
     "estimator": EstimatorConfig,
     "envoy": EnvoyConfig,
     "telemetry": TelemetryConfig,
+    "monitor": MonitorConfig,
+    "spillover": SpilloverConfig,
+    "adaptive": AdaptiveConfig,
     "media": MediaConfig,
     "admin": AdminConfig,
 }
+
+_TIER_KEYS = ("name", "max_model_len", "budget_limit", "endpoints")
 
 #: Keys of a per-model image rule in [media] models.
 MEDIA_MODEL_KEYS = ("image_patch_px", "image_min_tokens", "image_max_tokens", "image_overhead_tokens")
@@ -288,25 +413,56 @@ def _build(cls: type, section: str, values: Mapping[str, Any]) -> Any:
     return cls(**kwargs)
 
 
-def _pool(name: str, raw: Mapping[str, Any], default: PoolConfig) -> PoolConfig:
-    section = f"pools.{name}"
-    raw = {k: v for k, v in raw.items() if k != "name"}
-    unknown = sorted(set(raw) - {"max_model_len", "endpoints"})
-    if unknown:
-        raise ConfigError(f"[{section}] unknown key(s) {', '.join(unknown)}; known: endpoints, max_model_len")
-    mml = _coerce(section, "max_model_len", raw.get("max_model_len", default.max_model_len), int)
-    eps = raw.get("endpoints", default.endpoints)
+def _endpoints(section: str, eps: Any) -> tuple[str, ...]:
     if isinstance(eps, str):
         eps = [e.strip() for e in eps.split(",") if e.strip()]
     if not isinstance(eps, (list, tuple)) or not all(isinstance(e, str) for e in eps):
         raise ConfigError(f"[{section}] endpoints = {eps!r}: expected a list of \"host:port\" strings")
-    return PoolConfig(name, mml, tuple(eps))
+    return tuple(eps)
 
 
-def _env_overrides(env: Mapping[str, str]) -> dict[str, dict[str, Any]]:
-    """``BUDGET_ROUTER_POLICY_B_SHORT=16384`` -> {"policy": {"b_short": "16384"}}."""
+def _pool(name: str, raw: Mapping[str, Any], default: PoolConfig) -> PoolConfig:
+    """A tier addressed by name (``[pools.<name>]``, ``BUDGET_ROUTER_POOLS_<NAME>_*``)
+    over its current values; its budget limit is kept (the policy sets it)."""
+    section = f"pools.{name}"
+    raw = {k: v for k, v in raw.items() if k not in ("name", "budget_limit")}
+    unknown = sorted(set(raw) - {"max_model_len", "endpoints"})
+    if unknown:
+        raise ConfigError(f"[{section}] unknown key(s) {', '.join(unknown)}; known: endpoints, max_model_len")
+    mml = _coerce(section, "max_model_len", raw.get("max_model_len", default.max_model_len), int)
+    eps = _endpoints(section, raw.get("endpoints", default.endpoints))
+    return PoolConfig(name, mml, eps, default.budget_limit)
+
+
+def _tier_table(index: int, raw: Mapping[str, Any]) -> PoolConfig:
+    """One ``[[tiers]]`` table: name, max_model_len, budget_limit (not on the
+    last tier; checked in validate), endpoints."""
+    if not isinstance(raw, Mapping):
+        raise ConfigError(f"[[tiers]] #{index + 1} must be a table")
+    name = raw.get("name")
+    where = f"[[tiers]] #{index + 1}" + (f" ({name})" if isinstance(name, str) else "")
+    unknown = sorted(set(raw) - set(_TIER_KEYS))
+    if unknown:
+        raise ConfigError(f"{where}: unknown key(s) {', '.join(unknown)}; known: {', '.join(sorted(_TIER_KEYS))}")
+    for key in ("name", "max_model_len", "endpoints"):
+        if key not in raw:
+            raise ConfigError(f"{where}: missing key {key!r}")
+    name = _coerce(where, "name", raw["name"], str)
+    limit = raw.get("budget_limit")
+    return PoolConfig(
+        name,
+        _coerce(where, "max_model_len", raw["max_model_len"], int),
+        _endpoints(where, raw["endpoints"]),
+        None if limit is None else _coerce(where, "budget_limit", limit, int),
+    )
+
+
+def _env_overrides(env: Mapping[str, str], tier_names: tuple[str, ...] = (D.SHORT_POOL, D.LONG_POOL)
+                   ) -> dict[str, dict[str, Any]]:
+    """``BUDGET_ROUTER_POLICY_B_SHORT=16384`` -> {"policy": {"b_short": "16384"}};
+    ``BUDGET_ROUTER_POOLS_<TIER>_<KEY>`` addresses the tier of that name."""
     out: dict[str, dict[str, Any]] = {}
-    names = list(_SECTIONS) + ["pools_short", "pools_long"]
+    names = list(_SECTIONS) + [f"pools_{t}" for t in tier_names]
     for var, value in env.items():
         if not var.startswith(ENV_PREFIX) or var[len(ENV_PREFIX):] in NON_CONFIG_ENV:
             continue
@@ -369,30 +525,62 @@ def load_config(args: Any, **overrides: Any) -> Config:
     return cfg.replace(**sections) if sections else cfg
 
 
+def _tiers_raw(raw: dict[str, Any]) -> tuple[PoolConfig, ...] | None:
+    """The ``[[tiers]]`` array, or None for the two-tier ``[pools.*]`` shape."""
+    tiers_raw = raw.pop("tiers", None)
+    if tiers_raw is None:
+        return None
+    if "pools" in raw:
+        raise ConfigError("[pools.*] and [[tiers]] both given: use [[tiers]] only "
+                          "(each with name, max_model_len, budget_limit, endpoints)")
+    if not isinstance(tiers_raw, list) or not tiers_raw:
+        raise ConfigError("tiers must be an array of tables [[tiers]] (name, max_model_len, "
+                          "budget_limit absent on the last, endpoints)")
+    if "b_short" in raw.get("policy", {}):
+        raise ConfigError("[policy] b_short and [[tiers]] both given: with [[tiers]] the first "
+                          "boundary is the first tier's budget_limit")
+    return tuple(_tier_table(i, t) for i, t in enumerate(tiers_raw))
+
+
 def from_mapping(raw: Mapping[str, Any], env: Mapping[str, str] | None = None) -> Config:
     raw = {k: dict(v) if isinstance(v, Mapping) else v for k, v in raw.items()}
+    tiers = _tiers_raw(raw)
     pools_raw = raw.pop("pools", {})
     if not isinstance(pools_raw, Mapping):
         raise ConfigError("[pools] must be a table with [pools.short] and [pools.long]")
     unknown_pools = sorted(set(pools_raw) - {"short", "long"})
     if unknown_pools:
-        raise ConfigError(f"[pools] unknown pool(s) {', '.join(unknown_pools)}; the router has exactly 'short' and 'long'")
+        raise ConfigError(f"[pools] unknown pool(s) {', '.join(unknown_pools)}; [pools] has exactly 'short' "
+                          "and 'long': for other or more tiers use [[tiers]] (name, max_model_len, "
+                          "budget_limit, endpoints)")
     unknown = sorted(set(raw) - set(_SECTIONS))
     if unknown:
-        raise ConfigError(f"unknown section(s) {', '.join(unknown)}; known: {', '.join(sorted(_SECTIONS))}, pools")
+        raise ConfigError(f"unknown section(s) {', '.join(unknown)}; known: {', '.join(sorted(_SECTIONS))}, "
+                          "pools, tiers")
     for name, value in raw.items():
         if not isinstance(value, Mapping):
             raise ConfigError(f"[{name}] must be a table")
-    for section, values in _env_overrides(env or {}).items():
+    if tiers is None:
+        base = Config().tiers
+        b_short = _coerce("policy", "b_short", raw.get("policy", {}).get("b_short", D.B_SHORT), int)
+        tiers = (dataclasses.replace(base[0], budget_limit=b_short), base[1])
+        tiers = tuple(_pool(t.name, pools_raw.get(t.name, {}), t) for t in tiers)
+    tier_overrides: dict[str, dict[str, Any]] = {}
+    for section, values in _env_overrides(env or {}, tuple(t.name for t in tiers)).items():
         if section.startswith("pools_"):
-            pools_raw = {**pools_raw, section[6:]: {**pools_raw.get(section[6:], {}), **values}}
+            tier_overrides[section[6:]] = values
         else:
             raw[section] = {**raw.get(section, {}), **values}
-    base = Config()
+    tiers = tuple(_pool(t.name, tier_overrides[t.name], t) if t.name in tier_overrides else t for t in tiers)
+    policy = _build(PolicyConfig, "policy", raw.get("policy", {}))
+    if len(tiers) > 1:
+        if "b_short" in raw.get("policy", {}):  # the environment (or the legacy file) sets the first boundary
+            tiers = (dataclasses.replace(tiers[0], budget_limit=policy.b_short),) + tiers[1:]
+        elif tiers[0].budget_limit is not None:
+            policy = dataclasses.replace(policy, b_short=tiers[0].budget_limit)
     cfg = Config(
-        **{name: _build(cls, name, raw.get(name, {})) for name, cls in _SECTIONS.items()},
-        short=_pool("short", pools_raw.get("short", {}), base.short),
-        long=_pool("long", pools_raw.get("long", {}), base.long),
+        **{name: _build(cls, name, raw.get(name, {})) for name, cls in _SECTIONS.items() if name != "policy"},
+        policy=policy, tiers=tiers,
     )
     validate(cfg)
     return cfg
@@ -435,15 +623,7 @@ def validate(cfg: Config) -> None:
     _check(0.0 <= r.sample_rate <= 1.0, f"[router] sample_rate = {r.sample_rate}: expected 0.0-1.0")
     _check(r.snapshot_interval_s > 0, f"[router] snapshot_interval_s = {r.snapshot_interval_s}: expected > 0")
     _check(r.drain_seconds >= 0, f"[router] drain_seconds = {r.drain_seconds}: expected >= 0")
-    _check(p.b_short > 0, f"[policy] b_short = {p.b_short}: expected a positive token count")
-    _check(p.b_short >= D.MIN_B_SHORT, f"[policy] b_short = {p.b_short}: expected at least {D.MIN_B_SHORT} tokens "
-           "(below that every chat request is long)")
-    _check(p.b_short <= cfg.short.max_model_len,
-           f"[policy] b_short = {p.b_short} is above [pools.short] max_model_len = {cfg.short.max_model_len}: "
-           "requests routed short would be rejected by the short pool")
-    _check(cfg.short.max_model_len <= cfg.long.max_model_len,
-           f"[pools.short] max_model_len = {cfg.short.max_model_len} is above [pools.long] max_model_len = "
-           f"{cfg.long.max_model_len}: the long pool must serve every length the short one does")
+    _validate_tiers(cfg)
     _check(p.margin_sigmas >= 0, f"[policy] margin_sigmas = {p.margin_sigmas}: expected >= 0")
     _check(0 <= p.min_margin < 1, f"[policy] min_margin = {p.min_margin}: expected 0.0-1.0")
     _check(0 <= p.reject_margin < 1, f"[policy] reject_margin = {p.reject_margin}: expected 0.0-1.0")
@@ -480,12 +660,62 @@ def validate(cfg: Config) -> None:
     if v.otlp_endpoint:
         _check_endpoint("[envoy] otlp_endpoint", v.otlp_endpoint)
     _validate_media(cfg.media)
-    for pool in cfg.pools:
-        where = f"[pools.{pool.name}]"
-        _check(pool.max_model_len > 0, f"{where} max_model_len = {pool.max_model_len}: expected > 0")
-        _check(len(pool.endpoints) > 0, f"{where} endpoints: expected at least one host:port")
-        for ep in pool.endpoints:
+    m, sp, a = cfg.monitor, cfg.spillover, cfg.adaptive
+    _check(0.05 <= m.interval_s <= 60, f"[monitor] interval_s = {m.interval_s}: expected 0.05-60 seconds")
+    _check(1 <= m.stale_intervals <= 100, f"[monitor] stale_intervals = {m.stale_intervals}: expected 1-100")
+    _check(sp.waiting_per_instance > 0, f"[spillover] waiting_per_instance = {sp.waiting_per_instance}: expected > 0")
+    _check(0 <= sp.waiting_clear < sp.waiting_per_instance,
+           f"[spillover] waiting_clear = {sp.waiting_clear}: expected >= 0 and below waiting_per_instance")
+    _check(0 < sp.kv_usage <= 1, f"[spillover] kv_usage = {sp.kv_usage}: expected 0-1 (a share of the KV cache)")
+    _check(0 <= sp.kv_clear < sp.kv_usage, f"[spillover] kv_clear = {sp.kv_clear}: expected >= 0 and below kv_usage")
+    _check(0 < a.step_fraction <= 0.5, f"[adaptive] step_fraction = {a.step_fraction}: expected 0-0.5")
+    _check(a.dwell_s >= 0, f"[adaptive] dwell_s = {a.dwell_s}: expected >= 0")
+    _check(a.dead_band >= 0, f"[adaptive] dead_band = {a.dead_band}: expected >= 0")
+    _check(0 < a.min_fraction <= 1, f"[adaptive] min_fraction = {a.min_fraction}: expected 0-1")
+
+
+def _validate_tiers(cfg: Config) -> None:
+    """Names unique and header-safe; limits increase; each limit fits its tier."""
+    tiers, p = cfg.tiers, cfg.policy
+    _check(2 <= len(tiers) <= D.MAX_TIERS, f"tiers: {len(tiers)} given; expected 2-{D.MAX_TIERS} "
+           "(one pool needs no router)")
+    names = [t.name for t in tiers]
+    for t in tiers:
+        _check(bool(_TIER_NAME.fullmatch(t.name)), f"tier name {t.name!r}: expected lower-case letters, digits "
+               "and '_', starting with a letter, at most 32 (it is a header value, cluster and metric label)")
+    dup = sorted({n for n in names if names.count(n) > 1})
+    _check(not dup, f"tier name(s) {', '.join(dup)} used more than once")
+    prev_limit, prev = 0, None
+    for i, t in enumerate(tiers):
+        where = f"[pools.{t.name}]"
+        _check(t.max_model_len > 0, f"{where} max_model_len = {t.max_model_len}: expected > 0")
+        _check(len(t.endpoints) > 0, f"{where} endpoints: expected at least one host:port")
+        for ep in t.endpoints:
             _check_endpoint(where, ep)
+        if prev is not None:
+            _check(prev.max_model_len <= t.max_model_len,
+                   f"[pools.{prev.name}] max_model_len = {prev.max_model_len} is above {where} max_model_len = "
+                   f"{t.max_model_len}: each tier must serve every length the one before it does")
+        prev = t
+        if i == len(tiers) - 1:
+            _check(t.budget_limit is None, f"{where} budget_limit = {t.budget_limit}: the last tier takes every "
+                   "budget the others do not (it is the catch-all); remove its budget_limit")
+            break
+        key = "[policy] b_short" if i == 0 else f"{where} budget_limit"
+        limit = t.budget_limit
+        _check(limit is not None, f"{where}: budget_limit missing (every tier but the last needs one)")
+        _check(limit > 0, f"{key} = {limit}: expected a positive token count")
+        if i == 0:
+            _check(limit >= D.MIN_B_SHORT, f"{key} = {limit}: expected at least {D.MIN_B_SHORT} tokens "
+                   "(below that every chat request is long)")
+        _check(limit <= t.max_model_len,
+               f"{key} = {limit} is above {where} max_model_len = {t.max_model_len}: "
+               f"requests routed to {t.name} would be rejected by its pool")
+        _check(limit > prev_limit, f"{key} = {limit}: budget limits must increase from tier to tier "
+               f"(the one before is {prev_limit})")
+        prev_limit = limit
+    _check(p.b_short == tiers[0].budget_limit,
+           f"[policy] b_short = {p.b_short} differs from the first tier's budget_limit = {tiers[0].budget_limit}")
 
 
 def _validate_media(m: MediaConfig) -> None:
@@ -537,7 +767,11 @@ def to_toml(cfg: Config) -> str:
         lines.append(f"[{name}]")
         lines += [f"{k} = {fmt(v)}" for k, v in _asdict(getattr(cfg, name)).items()]
         lines.append("")
-    for pool in cfg.pools:
-        lines += [f"[pools.{pool.name}]", f"max_model_len = {pool.max_model_len}",
-                  f"endpoints = {fmt(pool.endpoints)}", ""]
+        if name == "policy":  # with [[tiers]] the first boundary is the first tier's budget_limit
+            lines = [ln for ln in lines if not ln.startswith("b_short = ")]
+    for t in cfg.tiers:
+        lines += ["[[tiers]]", f"name = {fmt(t.name)}", f"max_model_len = {t.max_model_len}"]
+        if t.budget_limit is not None:
+            lines.append(f"budget_limit = {t.budget_limit}")
+        lines += [f"endpoints = {fmt(t.endpoints)}", ""]
     return "\n".join(lines)

@@ -175,6 +175,61 @@ ROUTER_PORT = 50051         # gRPC's conventional example port; worker i: +i
 SHORT_POOL_PORT = 8101
 LONG_POOL_PORT = 8102
 
+# --- Tiers, pool signals and closed-loop routing (issue 10) ---------------------
+
+#: Most tiers a config may have. Operators ask for 3-4 (8K / 32K / 128K, AIBrix
+#: and SGLang length buckets); 8 bounds the per-tier metric series and routes
+#: with room to spare.
+MAX_TIERS = 8
+
+#: A tier name is the routing header's value, part of an Envoy cluster name
+#: (``pool_<name>``), a metric label and part of an environment variable name:
+#: lower-case letters, digits and '_', starting with a letter, at most 32
+#: characters (Kubernetes label values allow 63; 32 keeps cluster names short).
+TIER_NAME_PATTERN = r"[a-z][a-z0-9_]{0,31}"
+
+#: How often the monitor scrapes each pool endpoint's vLLM /metrics: 1 s, the
+#: granularity vLLM's own scheduler gauges change at under load and what
+#: Prometheus setups for autoscaling (KEDA, llm-d's inference scheduler) use.
+MONITOR_INTERVAL_S = 1.0
+
+#: A sample older than this many scrape intervals counts as unknown: one lost
+#: scrape is tolerated, three in a row mean the endpoint (or the monitor) is gone
+#: (Prometheus marks series stale after a missed scrape plus lookback, same idea).
+MONITOR_STALE_INTERVALS = 3
+
+#: Deadline of one /metrics scrape: half the interval, so scrapes never pile up.
+MONITOR_TIMEOUT_FRACTION = 0.5
+
+#: Spillover: a tier is saturated when its waiting requests per instance reach
+#: this (vLLM semantic-router's fleet simulator spills at 0.85 active+queued per
+#: GPU slot; with requests already queueing, one waiting per instance means the
+#: scheduler is full and a new request would wait) ...
+SPILL_WAITING_PER_INSTANCE = 1.0
+#: ... or its mean KV-cache usage reaches this (vLLM starts preempting near 1.0;
+#: Dynamo's KV router treats > 0.9 as busy).
+SPILL_KV_USAGE = 0.92
+#: Hysteresis (a Schmitt trigger): a saturated tier is clear again only when
+#: its waiting per instance falls to this (a quarter of the trigger: the queue
+#: has mostly drained, so one scrape's noise cannot flap decisions) ...
+SPILL_WAITING_CLEAR = 0.25
+#: ... and its KV usage to this (a 12-point band below the trigger, about what
+#: a few long sequences finishing free on one instance).
+SPILL_KV_CLEAR = 0.80
+
+#: Adaptive threshold (opt-in): each boundary moves by this share of its value
+#: per step (small steps: 5%, so a wrong move costs little) ...
+ADAPT_STEP_FRACTION = 0.05
+#: ... at most once per this many seconds (dwell: a move needs time to show in
+#: the signals; 10 scrape intervals) ...
+ADAPT_DWELL_S = 10.0
+#: ... when the smaller tier's pressure differs from the larger tier's by more
+#: than this dead band (waiting per instance + preemptions per second; below it
+#: the boundary stays put).
+ADAPT_DEAD_BAND = 0.5
+#: Bounds of a moving boundary as shares of its configured value, unless set.
+ADAPT_MIN_FRACTION = 0.5
+
 # --- HTTP/2 transport limits (the fast gRPC server: extproc.serve.transport) --
 # Flood and memory bounds of the purpose-built h2c server (issue 11). Envoy,
 # the only legitimate client, stays far below each of them; an attacker on

@@ -18,17 +18,17 @@ if str(ROOT) not in os.environ.get("PYTHONPATH", "").split(os.pathsep):
     os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH")) if p)
 
 
-def start_stack(cfg, workdir: str, *, time_scale: float = 0.0, own_pools: bool = True):
+def start_stack(cfg, workdir: str, *, time_scale: float = 0.0, own_pools: bool = True, **stack_kw):
     """Start an ``extproc.tools.stack.Stack`` with its components started in parallel
     (pools, router and Envoy each wait for their own readiness; Envoy's wait
     covers the router's health check). ``own_pools=False`` starts only the
     router and Envoy: ``cfg``'s pool endpoints must already be serving."""
     from extproc.tools.stack import Stack
 
-    stack = Stack(cfg, workdir=workdir, time_scale=time_scale)
+    stack = Stack(cfg, workdir=workdir, time_scale=time_scale, **stack_kw)
     jobs = []
     if own_pools:
-        jobs += [lambda: stack.start_pool(cfg.short.name), lambda: stack.start_pool(cfg.long.name)]
+        jobs += [lambda name=t.name: stack.start_pool(name) for t in cfg.tiers]
     jobs.append(stack.start_router)
     errors: list[BaseException] = []
 

@@ -209,7 +209,7 @@ def test_reflection_lists_and_describes_services(stack):
         fd = db.FindFileContainingSymbol("budget_router.admin.v1.Admin")
         assert fd.name == "budget_router/admin/v1/admin.proto"
         assert [m.name for m in fd.service[0].method] == [
-            "GetCalibration", "SetBShort", "ReloadConfig", "TakeSnapshot", "RestoreSnapshot"]
+            "GetCalibration", "SetBShort", "SetLimit", "ReloadConfig", "TakeSnapshot", "RestoreSnapshot"]
 
 
 class _MetadataInterceptor(grpc.StreamStreamClientInterceptor):

@@ -16,7 +16,8 @@ import pytest
 
 from extproc.backend import engine as eng
 from extproc.backend import tokens
-from extproc.backend.server import BackendSettings, BackgroundServer
+from extproc.backend.server import (COMPAT_06, EXPORTED_METRICS, ApiError, BackendSettings, BackgroundServer,
+                                    parse_request)
 
 MAX_MODEL_LEN = 4096
 ENC = tokens.get_encoding(tokens.DEFAULT_TOKENIZER)
@@ -182,26 +183,53 @@ def test_completion_stream(client):
 
 # --- errors ------------------------------------------------------------------------
 
-def test_over_max_model_len_is_vllm_400(client, server):
+def test_prompt_plus_max_tokens_over_max_model_len_is_clipped(client, server):
+    """vLLM 0.32: the answer is cut at max_model_len (200, finish_reason length)."""
     words = " the" * 4000
-    with pytest.raises(openai.BadRequestError) as exc:
-        client.chat.completions.create(model="m", max_tokens=200,
-                                       messages=[{"role": "user", "content": words}])
     p = 4000 + chat_overhead(1)
+    r = client.chat.completions.create(model="m", max_tokens=200,
+                                       messages=[{"role": "user", "content": words}])
+    assert r.usage.prompt_tokens == p and r.usage.completion_tokens == MAX_MODEL_LEN - p
+    assert r.choices[0].finish_reason == "length"
+    # max_completion_tokens takes precedence over max_tokens, like vLLM.
+    r = client.chat.completions.create(model="m", max_tokens=1, max_completion_tokens=200,
+                                       messages=[{"role": "user", "content": words}])
+    assert r.usage.completion_tokens == MAX_MODEL_LEN - p
+
+
+def test_max_tokens_over_max_model_len_is_vllm_032_400(server):
+    status, headers, data = raw(server, "/v1/chat/completions", orjson.dumps(
+        {"model": "m", "max_tokens": 5000, "messages": [{"role": "user", "content": "hi"}]}))
+    assert status == 400 and headers["x-pool-name"] == "short"
+    assert json.loads(data) == {"error": {
+        "message": f"max_tokens=5000 cannot be greater than max_model_len={MAX_MODEL_LEN}. Please request "
+                   f"fewer output tokens. (parameter=max_tokens, value=5000)",
+        "type": "BadRequestError", "param": "max_tokens", "code": 400}}
+
+
+def test_vllm_compat_06_refuses_prompt_plus_max_tokens():
+    """--vllm-compat 0.6: the older servers' 400 and flat error body."""
+    counter = tokens.TokenCounter()
+    body = orjson.dumps({"model": "m", "max_tokens": 200, "messages": [{"role": "user", "content": " the" * 4000}]})
+    p = 4000 + chat_overhead(1)
+    with pytest.raises(ApiError) as exc:
+        parse_request("chat", body, counter, MAX_MODEL_LEN, "m", compat=COMPAT_06)
     expected = (f"This model's maximum context length is {MAX_MODEL_LEN} tokens. "
                 f"However, you requested {p + 200} tokens ({p} in the messages, "
                 f"200 in the completion). Please reduce the length of the messages "
                 f"or completion.")
-    assert exc.value.status_code == 400
-    status, headers, data = raw(server, "/v1/chat/completions", orjson.dumps(
-        {"model": "m", "max_tokens": 200, "messages": [{"role": "user", "content": words}]}))
-    assert status == 400 and headers["x-pool-name"] == "short"
-    assert json.loads(data) == {"object": "error", "message": expected,
-                                "type": "BadRequestError", "param": None, "code": 400}
-    # max_completion_tokens takes precedence over max_tokens, like vLLM.
-    with pytest.raises(openai.BadRequestError):
-        client.chat.completions.create(model="m", max_tokens=1, max_completion_tokens=200,
-                                       messages=[{"role": "user", "content": words}])
+    assert exc.value.body(COMPAT_06) == {"object": "error", "message": expected,
+                                         "type": "BadRequestError", "param": None, "code": 400}
+    assert parse_request("chat", body, counter, MAX_MODEL_LEN, "m").choices[0].output_tokens == MAX_MODEL_LEN - p
+
+
+def test_vllm_compat_06_server_flag(tmp_path):
+    from extproc.backend import cli
+    import argparse
+    ns = cli.configure_parser(argparse.ArgumentParser()).parse_args(
+        ["--vllm-compat", "0.6", "--served-model-name", "a", "b", "--max-model-len", "4096"])
+    st = cli.settings_from_args(ns)
+    assert st.compat == COMPAT_06 and st.served_names == ("a", "b")
 
 
 def test_prompt_alone_too_long_without_max_tokens(server):
@@ -209,14 +237,37 @@ def test_prompt_alone_too_long_without_max_tokens(server):
     status, _, data = raw(server, "/v1/completions", orjson.dumps(
         {"model": "m", "prompt": " the" * n}))
     assert status == 400
-    msg = json.loads(data)["message"]
-    assert msg == (f"This model's maximum context length is {MAX_MODEL_LEN} tokens. "
-                   f"However, you requested {MAX_MODEL_LEN} tokens in the messages, "
-                   f"Please reduce the length of the messages.")
+    err = json.loads(data)["error"]
+    assert err["message"] == (
+        f"This model's maximum context length is {MAX_MODEL_LEN} tokens. However, your prompt contains at "
+        f"least {MAX_MODEL_LEN + 1} input tokens, which exceeds this limit even without any output tokens. "
+        f"Please reduce the length of the input prompt. (parameter=input_tokens, value={MAX_MODEL_LEN + 1})")
+    assert err["param"] == "input_tokens" and err["type"] == "BadRequestError"
     # One token less fits: the completion gets the single token left.
     status, _, data = raw(server, "/v1/completions", orjson.dumps(
         {"model": "m", "prompt": " the" * (n - 1)}))
     assert status == 200 and json.loads(data)["usage"]["completion_tokens"] == 1
+    # Token ids are counted exactly (no "at least").
+    status, _, data = raw(server, "/v1/completions", orjson.dumps(
+        {"model": "m", "prompt": [1] * (MAX_MODEL_LEN + 7)}))
+    assert status == 400 and json.loads(data)["error"]["message"].endswith(
+        f"(parameter=input_tokens, value={MAX_MODEL_LEN + 7})")
+
+
+def test_unknown_model_is_404_when_names_are_served():
+    settings = BackendSettings(name="short", served_names=("tiny", "probe"))
+    with BackgroundServer(settings) as srv:
+        status, _, data = raw(srv, "/v1/chat/completions", orjson.dumps(
+            {"model": "nope", "max_tokens": 1, "messages": [{"role": "user", "content": "hi"}]}))
+        assert status == 404
+        assert json.loads(data) == {"error": {"message": "The model `nope` does not exist. Valid aliases: "
+                                                         "tiny, probe.", "type": "NotFoundError",
+                                              "param": "model", "code": 404}}
+        status, _, _ = raw(srv, "/v1/chat/completions", orjson.dumps(
+            {"model": "probe", "max_tokens": 1, "messages": [{"role": "user", "content": "hi"}]}))
+        assert status == 200
+        status, _, data = raw(srv, "/v1/models")
+        assert [m["id"] for m in json.loads(data)["data"]] == ["tiny", "probe"]
 
 
 @pytest.mark.parametrize("path,body", [
@@ -239,8 +290,8 @@ def test_malformed_requests_are_400_json(server, path, body):
     status, headers, data = raw(server, path, body, method="POST")
     assert status == 400
     assert headers["Content-Type"].startswith("application/json")
-    err = json.loads(data)
-    assert err["object"] == "error" and err["code"] == 400 and err["message"]
+    err = json.loads(data)["error"]
+    assert err["code"] == 400 and err["type"] == "BadRequestError" and err["message"]
 
 
 # --- other endpoints and metrics -------------------------------------------------
@@ -259,13 +310,17 @@ def test_metrics_have_vllm_names_and_count(server, client):
     text = data.decode()
     for name in ("vllm:num_requests_running", "vllm:num_requests_waiting",
                  "vllm:num_preemptions_total", "vllm:prompt_tokens_total",
-                 "vllm:generation_tokens_total", "vllm:gpu_cache_usage_perc",
+                 "vllm:generation_tokens_total",
                  "vllm:kv_cache_usage_perc", "vllm:request_success_total",
-                 "vllm:request_rejected_total",
+                 "vllm:admission_rejections_total",
                  "vllm:time_to_first_token_seconds_bucket",
                  "vllm:e2e_request_latency_seconds_count"):
         assert f"{name}{{" in text, name
-    assert 'model_name="llama-3-8b-sim"' in text
+    assert 'model_name="llama-3-8b-sim"' in text and 'engine="0"' in text
+    assert "vllm:gpu_cache_usage_perc" not in text  # gone from vLLM (V1 engine)
+    assert {ln.split("{")[0] for ln in text.splitlines() if ln.startswith("vllm:")} == set(EXPORTED_METRICS) | {
+        "vllm:time_to_first_token_seconds_count", "vllm:time_to_first_token_seconds_sum",
+        "vllm:e2e_request_latency_seconds_count", "vllm:e2e_request_latency_seconds_sum"}
     assert headers["x-pool-name"] == "short"
 
     before_ok = metric(server, "vllm:request_success_total", finished_reason="length")
@@ -322,7 +377,7 @@ def test_realtime_streaming_and_queue_rejection():
         assert statuses.count(200) == 1 and statuses.count(503) == 3
         status, _, data = raw(srv, "/metrics")
         rejected = [l for l in data.decode().splitlines()
-                    if l.startswith("vllm:request_rejected_total")]
+                    if l.startswith("vllm:admission_rejections_total") and "max_num_queued_reqs" in l]
         assert rejected and float(rejected[0].split()[-1]) == 3.0
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -187,3 +188,36 @@ def test_demo_reports_a_stack_that_fails_to_start(tmp_path, capsys, monkeypatch)
     assert "did not start" in err and "envoy exited with code 3" in err
     assert "bad bootstrap (simulated)" in err
     assert not (tmp_path / "demo" / "report.json").exists()
+
+
+def test_builtin_mix_scaled_for_real_vllm_pools():
+    """--pools vllm: sizes /16 fit the 8,192-token long pool; the model name is the served one."""
+    import argparse
+    from extproc.tools import demo, vllm_pool
+    full = T.builtin_mix(60, seed=3, b_short=2048)
+    small = T.builtin_mix(60, seed=3, b_short=2048, scale=demo.VLLM_MIX_SCALE)
+    assert sorted(r.kind for r in full) == sorted(r.kind for r in small)
+    big = sum(r.content_bytes() for r in full if not r.deliberate_error)
+    assert sum(r.content_bytes() for r in small if not r.deliberate_error) < big / 8
+    assert all(r.max_tokens is None or r.max_tokens <= 1024 // 16 + 64 for r in small if not r.deliberate_error)
+    args = argparse.Namespace(trace=None, prompts=None, requests=30, seed=1, pools="vllm")
+    reqs, source = demo.build_requests(args, 2048)
+    assert {r.body()["model"] for r in reqs} == {vllm_pool.VLLM_MODEL} and "x0.0625" in source
+    assert all(r.max_tokens is not None for r in reqs)  # random weights never stop on their own
+    assert demo.PROBE_MODEL in vllm_pool.SERVED_NAMES
+
+
+def test_vllm_stack_config():
+    from extproc.tools import stack as S
+    cfg = S.vllm_config(S.loopback_config())
+    assert (cfg.short.max_model_len, cfg.long.max_model_len, cfg.policy.b_short) == (2048, 8192, 2048)
+
+
+@pytest.mark.parametrize("cmd", ["demo", "up"])
+def test_pools_vllm_without_the_environment_says_how_to_build_it(cmd, tmp_path):
+    import subprocess
+    import sys
+    env = {**os.environ, "ROUTER_VLLM_VENV": str(tmp_path / "none")}
+    p = subprocess.run([sys.executable, "-m", "extproc.cli", cmd, "--pools", "vllm"], env=env,
+                       capture_output=True, text=True, timeout=60)
+    assert p.returncode == 2 and "make vllm-env" in p.stderr, p.stderr

@@ -37,6 +37,7 @@ TOML = COMPOSE / "budget-router.toml"
 
 sys.path.insert(0, str(DEPLOY))
 import render_snippet  # noqa: E402  (deploy/render_snippet.py)
+from extproc.backend.server import EXPORTED_METRICS  # noqa: E402
 from envoy_fragments import bootstrap_around, envoy_validate  # noqa: E402  (tests/envoy_fragments.py)
 
 #: Metric names a dashboard panel may use: the router's Prometheus endpoint,
@@ -52,16 +53,17 @@ ROUTER_METRICS = {
     "budget_router_misroutes_detected_total",
     "budget_router_processing_seconds_bucket",
     "budget_router_streams_in_flight",
+    "budget_router_tier_load",
+    "budget_router_tier_saturated",
+    "budget_router_tier_budget_limit",
+    "budget_router_tier_signal_age_seconds",
+    "budget_router_spillovers_total",
+    "budget_router_threshold_moves_total",
 }
 ENVOY_METRICS = {"envoy_cluster_upstream_rq_total", "envoy_cluster_upstream_rq_time_bucket"}
-VLLM_METRICS = {
-    "vllm:num_requests_running",
-    "vllm:num_requests_waiting",
-    "vllm:num_preemptions_total",
-    "vllm:request_rejected_total",
-    "vllm:e2e_request_latency_seconds_bucket",
-    "vllm:time_to_first_token_seconds_bucket",
-}
+#: vLLM names: only those real vLLM 0.32 exports (the simulator serves exactly
+#: these; tests/vllm checks each on a real server's /metrics).
+VLLM_METRICS = set(EXPORTED_METRICS)
 ALLOWED_METRICS = ROUTER_METRICS | ENVOY_METRICS | VLLM_METRICS
 
 
@@ -319,7 +321,7 @@ def test_grafana_dashboard_uses_only_known_metrics_and_covers_the_issue():
     for required in ("budget_router_requests_total", "budget_router_estimate_relative_error_bucket",
                      "budget_router_learned_bytes_per_token", "envoy_cluster_upstream_rq_time_bucket",
                      "vllm:e2e_request_latency_seconds_bucket", "vllm:num_preemptions_total",
-                     "vllm:request_rejected_total"):
+                     "vllm:admission_rejections_total"):
         assert required in used, required
 
 

@@ -5,7 +5,6 @@ checked-in copies up to date, and the filter chain doing what the router needs
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import http.server
 import json
 import socket
@@ -43,11 +42,7 @@ def _validate(path: Path) -> None:
 
 
 def _with_pools(cfg: C.Config, short: tuple[str, ...], long: tuple[str, ...]) -> C.Config:
-    return dataclasses.replace(
-        cfg,
-        short=dataclasses.replace(cfg.short, endpoints=short),
-        long=dataclasses.replace(cfg.long, endpoints=long),
-    )
+    return cfg.replace(short={"endpoints": short}, long={"endpoints": long})
 
 
 # --- Static checks -----------------------------------------------------------
@@ -217,6 +212,30 @@ def test_cli_writes_file_and_checks(tmp_path, capsys):
     assert out.read_text() == E.render_yaml(C.Config().replace(router={"workers": 2}))
     assert E.main([]) == 0
     assert capsys.readouterr().out == E.render_yaml(C.load(None))
+
+
+def test_three_tier_example_renders_one_cluster_and_route_per_tier(capsys):
+    """envoy/three-tiers.toml: pool_<name> per tier, a header route per tier but
+    the last, the last tier as the default; Envoy accepts it (--check)."""
+    example = ENVOY_DIR / "three-tiers.toml"
+    assert E.main(["--config", str(example), "--check"]) == 0
+    captured = capsys.readouterr()
+    assert "validate: OK" in captured.err
+    doc = yaml.safe_load(captured.out)
+    cfg = C.load(example, env={})
+    assert [t.name for t in cfg.tiers] == ["short", "medium", "long"] and cfg.limits == (8192, 32768)
+    clusters = _clusters(doc)
+    assert {"pool_short", "pool_medium", "pool_long", "pool_short_failover", "pool_medium_failover"} <= set(clusters)
+    # a tier's failover cluster tries it first, then every larger tier
+    agg = "pool_short_failover"
+    assert clusters[agg]["cluster_type"]["typed_config"]["clusters"] == ["pool_short", "pool_medium", "pool_long"]
+    routes = _hcm(doc)["route_config"]["virtual_hosts"][0]["routes"]
+    header = cfg.router.routing_header
+    assert [(r["route"]["cluster"], r["match"].get("headers")) for r in routes] == [
+        ("pool_short_failover", [{"name": header, "string_match": {"exact": "short"}}]),
+        ("pool_medium_failover", [{"name": header, "string_match": {"exact": "medium"}}]),
+        ("pool_long", None),
+    ]
 
 
 def test_cli_config_error_is_exit_2(tmp_path, capsys):

@@ -50,6 +50,7 @@ def format_status(target: str, cal: pb.Calibration) -> str:
     lines = [f"worker {cal.worker + 1}/{cal.workers} at {target}: B_short={cal.b_short} "
              f"(short max_model_len {cal.short_max_model_len}, long {cal.long_max_model_len}), "
              f"sample_rate={cal.sample_rate:g}, streams={cal.streams}"]
+    lines += format_tiers(cal)
     if not cal.fits:
         lines.append("  nothing learned yet (estimates use the prior: 4 bytes/token)")
         return "\n".join(lines)
@@ -61,6 +62,26 @@ def format_status(target: str, cal: pb.Calibration) -> str:
                      f"{100 * f.margin:>6.1f}% {f.output_budget:>6}{'*' if f.output_source == 'default' else ' '}")
     lines.append("  (* = default output budget, nothing learned yet)")
     return "\n".join(lines)
+
+
+def format_tiers(cal: pb.Calibration) -> list[str]:
+    """One line per tier: its limit now (and configured), its load as seen."""
+    if not cal.tiers:
+        return []
+    lines = [f"  tiers (spillover {'on' if cal.spillover else 'off'}, adaptive threshold "
+             f"{'on' if cal.adaptive else 'off'}):",
+             f"  {'tier':<10} {'limit':>8} {'config':>8} {'max_len':>8} {'inst':>5} {'running':>8} "
+             f"{'waiting':>8} {'kv':>6} {'preempt/s':>9} {'age':>6} {'state':<10} {'spilled':>7}"]
+    for t in cal.tiers:
+        limit = f"{t.budget_limit}{'!' if t.pinned else ''}" if t.budget_limit else "rest"
+        state = ("saturated" if t.saturated else "ok") if t.known else "unknown"
+        age = f"{t.age_s:.1f}s" if t.age_s >= 0 else "-"
+        lines.append(f"  {t.name:<10} {limit:>8} {t.configured_limit or '-':>8} {t.max_model_len:>8} "
+                     f"{t.instances:>5} {t.running:>8.0f} {t.waiting:>8.0f} {100 * t.kv_usage:>5.1f}% "
+                     f"{t.preemption_rate:>9.2f} {age:>6} {state:<10} {t.spilled_out:>7}")
+    if any(t.pinned for t in cal.tiers):
+        lines.append("  (! = pinned through the admin API)")
+    return lines
 
 
 def _report(results, fmt, as_json: bool) -> int:
@@ -95,11 +116,17 @@ def _cmd_admin(args: argparse.Namespace) -> int:
             print("budget-router admin set-b-short N", file=sys.stderr)
             return 2
         res = call_all(cfg, "SetBShort", pb.SetBShortRequest(b_short=args.value), args.host)
+    elif args.action in ("set-limit", "unpin"):
+        if args.boundary is None or (args.action == "set-limit" and args.value is None):
+            print("budget-router admin set-limit --boundary I N | unpin --boundary I", file=sys.stderr)
+            return 2
+        res = call_all(cfg, "SetLimit", pb.SetLimitRequest(boundary=args.boundary, budget_limit=args.value or 0,
+                                                           unpin=args.action == "unpin"), args.host)
     elif args.action == "reload":
         res = call_all(cfg, "ReloadConfig", pb.ReloadConfigRequest(), args.host)
     else:  # snapshot
         res = call_all(cfg, "TakeSnapshot", pb.TakeSnapshotRequest(write=True), args.host)
-    return _report(res, lambda t, r: f"{t}: " + (f"B_short={r.b_short}" + (
+    return _report(res, lambda t, r: f"{t}: " + (f"B_short={r.b_short} limits={list(r.limits)}" + (
         f"; restart needed for {', '.join(r.restart_required)}" if r.restart_required else "")
         if isinstance(r, pb.ConfigResult) else f"snapshot written ({r.samples} samples)"), args.json)
 
@@ -110,10 +137,12 @@ def add_parsers(sub) -> None:
     p.add_argument("--host", help="router host (default: [admin] listen)")
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.set_defaults(func=_cmd_status)
-    p = sub.add_parser("admin", help="change the running router: set-b-short N | reload | snapshot "
+    p = sub.add_parser("admin", help="change the running router: set-b-short N | set-limit --boundary I N | "
+                                     "unpin --boundary I | reload | snapshot "
                                      "(reload re-reads the config file the router started with)")
-    p.add_argument("action", choices=["set-b-short", "reload", "snapshot"])
-    p.add_argument("value", nargs="?", type=int, help="the new B_short (set-b-short)")
+    p.add_argument("action", choices=["set-b-short", "set-limit", "unpin", "reload", "snapshot"])
+    p.add_argument("value", nargs="?", type=int, help="the new B_short (set-b-short) or budget limit (set-limit)")
+    p.add_argument("--boundary", type=int, help="which tier boundary (0 = B_short) for set-limit / unpin")
     p.add_argument("--config", metavar="FILE", help="the router's TOML config (ports, workers)")
     p.add_argument("--host", help="router host (default: [admin] listen)")
     p.add_argument("--json", action="store_true")

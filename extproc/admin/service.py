@@ -16,6 +16,8 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import math
+import time
 from typing import Any, Callable
 
 import orjson
@@ -37,6 +39,7 @@ RESTART_KEYS = {
     ("router", "listen"), ("router", "port"), ("router", "workers"), ("router", "transport"),
     ("router", "routing_header"), ("router", "decision_header"), ("router", "metadata_namespace"),
     ("router", "state_file"), ("envoy", "*"), ("telemetry", "*"), ("estimator", "*"), ("admin", "*"),
+    ("monitor", "*"),
 }
 
 
@@ -70,6 +73,7 @@ class AdminService:
         return {
             "GetCalibration": (pb.GetCalibrationRequest.FromString, self.get_calibration),
             "SetBShort": (pb.SetBShortRequest.FromString, self.set_b_short),
+            "SetLimit": (pb.SetLimitRequest.FromString, self.set_limit),
             "ReloadConfig": (pb.ReloadConfigRequest.FromString, self.reload_config),
             "TakeSnapshot": (pb.TakeSnapshotRequest.FromString, self.take_snapshot),
             "RestoreSnapshot": (pb.Snapshot.FromString, self.restore_snapshot),
@@ -90,8 +94,24 @@ class AdminService:
 
     def _result(self, restart: list[tuple[str, str]] | None = None) -> pb.ConfigResult:
         cfg = self.router.cfg
-        return pb.ConfigResult(b_short=cfg.policy.b_short, config_toml=C.to_toml(cfg),
-                               restart_required=[f"[{s}] {k}" for s, k in restart or []])
+        return pb.ConfigResult(b_short=self.router.limits()[0], config_toml=C.to_toml(cfg),
+                               restart_required=[f"[{s}] {k}" for s, k in restart or []],
+                               limits=self.router.limits())
+
+    def tier_states(self) -> list[pb.TierState]:
+        r = self.router
+        limits, thr, spill = r.limits(), r.threshold, r.spillover
+        out = []
+        for i, (t, load) in enumerate(zip(r.cfg.tiers, r.loads)):
+            last = i == len(limits)
+            out.append(pb.TierState(
+                name=t.name, max_model_len=t.max_model_len, budget_limit=0 if last else limits[i],
+                configured_limit=t.budget_limit or 0, pinned=not last and thr.pinned[i], known=load.known,
+                instances=load.instances, running=load.running, waiting=load.waiting, kv_usage=load.kv_usage,
+                preemption_rate=load.preemption_rate, age_s=-1.0 if math.isinf(load.age_s) else load.age_s,
+                saturated=bool(spill.saturated[i]),
+                spilled_out=sum(n for (a, _), n in spill.spilled.items() if a == i)))
+        return out
 
     def get_calibration(self, req: pb.GetCalibrationRequest, caller: str = "") -> pb.Calibration:
         cfg = self.router.cfg
@@ -105,9 +125,10 @@ class AdminService:
                 overhead_tokens=row["overhead"], rel_error=row["rel_error"], long_rms=row["long_rms"],
                 margin=margin_for(cfg, row["long_rms"]), output_budget=output, output_source=source))
         return pb.Calibration(
-            worker=self.worker.index, workers=cfg.router.workers, b_short=cfg.policy.b_short,
+            worker=self.worker.index, workers=cfg.router.workers, b_short=self.router.limits()[0],
             short_max_model_len=cfg.short.max_model_len, long_max_model_len=cfg.long.max_model_len,
-            sample_rate=cfg.router.sample_rate, streams=self.worker.streams, fits=fits)
+            sample_rate=cfg.router.sample_rate, streams=self.worker.streams, fits=fits,
+            tiers=self.tier_states(), spillover=cfg.spillover.enabled, adaptive=cfg.adaptive.enabled)
 
     def set_b_short(self, req: pb.SetBShortRequest, caller: str = "") -> pb.ConfigResult:
         old = self.router.cfg.policy.b_short
@@ -117,6 +138,21 @@ class AdminService:
             raise AdminError(INVALID_ARGUMENT, str(e)) from None
         self._apply(cfg)
         self._audit(caller, "b_short", old, cfg.policy.b_short)
+        return self._result()
+
+    def set_limit(self, req: pb.SetLimitRequest, caller: str = "") -> pb.ConfigResult:
+        n = len(self.router.cfg.tiers) - 1
+        if req.boundary >= n:
+            raise AdminError(INVALID_ARGUMENT, f"boundary {req.boundary}: this router has {n} "
+                                               f"(0-{n - 1}, one below each tier but the last)")
+        tier = self.router.cfg.tiers[req.boundary].name
+        old = self.router.limits()[req.boundary]
+        try:
+            self.router.pin_limit(req.boundary, None if req.unpin else int(req.budget_limit), time.time())
+        except C.ConfigError as e:
+            raise AdminError(INVALID_ARGUMENT, str(e)) from None
+        self._audit(caller, f"tier {tier} budget_limit ({'unpinned' if req.unpin else 'pinned'})", old,
+                    self.router.limits()[req.boundary])
         return self._result()
 
     def reload_config(self, req: pb.ReloadConfigRequest, caller: str = "") -> pb.ConfigResult:
@@ -134,14 +170,17 @@ class AdminService:
         old = self.router.cfg
         changed = _changed_keys(old, new)
         restart = [(s, k) for s, k in changed if (s, k) in RESTART_KEYS or (s, "*") in RESTART_KEYS]
+        same_names = [t.name for t in old.tiers] == [t.name for t in new.tiers]
+        if not same_names:  # Envoy's routes and clusters name the tiers
+            restart.append(("tiers", "name"))
         # Take what can change live; keep the rest as the worker runs it.
         try:
             live = old.replace(policy=dataclasses.asdict(new.policy),
                                router={k: getattr(new.router, k) for k in ("sample_rate", "inject_include_usage",
                                                                              "max_body_bytes", "snapshot_interval_s",
                                                                              "snapshot_samples", "drain_seconds")},
-                               short={"max_model_len": new.short.max_model_len, "endpoints": new.short.endpoints},
-                               long={"max_model_len": new.long.max_model_len, "endpoints": new.long.endpoints})
+                               spillover=dataclasses.asdict(new.spillover), adaptive=dataclasses.asdict(new.adaptive),
+                               **({"tiers": new.tiers} if same_names else {}))
         except C.ConfigError as e:
             raise AdminError(INVALID_ARGUMENT, str(e)) from None
         applied = [f"[{s}] {k}" for s, k in _changed_keys(old, live)]

@@ -13,7 +13,7 @@ import sys
 
 from . import engine as eng
 from . import tokens
-from .server import DEFAULT_MODEL, BackendSettings, serve
+from .server import COMPAT_032, COMPATS, DEFAULT_MODEL, BackendSettings, serve
 
 #: vLLM's default bind is 0.0.0.0; the simulator binds loopback by default
 #: because it is only ever a local stand-in for a GPU pool.
@@ -59,6 +59,13 @@ def configure_parser(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
                    help="pool name, sent as the x-pool-name response header")
     p.add_argument("--model", default=DEFAULT_MODEL,
                    help="served model name (any requested name is accepted and echoed)")
+    p.add_argument("--served-model-name", nargs="+", default=None, metavar="NAME",
+                   help="model names served, like vLLM's flag: any other gets vLLM's 404 "
+                        "(default: accept and echo any name)")
+    p.add_argument("--vllm-compat", choices=COMPATS, default=COMPAT_032,
+                   help="vLLM generation to answer like: 0.32 (default) clips prompt + max_tokens "
+                        "over --max-model-len (finish_reason length); 0.6 (vLLM 0.5-0.10) refuses it "
+                        "with a 400 and uses the flat error body")
     p.add_argument("--max-model-len", type=_positive_int, default=eng.DEFAULT_MAX_MODEL_LEN,
                    help="context length, prompt + output (default %(default)s)")
     p.add_argument("--max-num-seqs", type=_positive_int, default=eng.DEFAULT_MAX_NUM_SEQS,
@@ -127,7 +134,8 @@ def settings_from_args(args: argparse.Namespace) -> BackendSettings:
                                    completion_bos=args.completion_bos)
     return BackendSettings(name=args.name, model=args.model, time_scale=args.time_scale,
                            tokenizer=args.tokenizer, template=template,
-                           engine=engine_config)
+                           engine=engine_config, compat=args.vllm_compat,
+                           served_names=tuple(args.served_model_name or ()))
 
 
 def main(args: argparse.Namespace) -> int:

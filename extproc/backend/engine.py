@@ -276,7 +276,7 @@ class Engine:
 
     @property
     def kv_usage(self) -> float:
-        """Fraction of KV blocks in use (vLLM's gpu_cache_usage_perc is 0-1)."""
+        """Fraction of KV blocks in use (vLLM's kv_cache_usage_perc is 0-1)."""
         return self.used_blocks / self.config.num_blocks
 
     def next_event_time(self) -> float | None:

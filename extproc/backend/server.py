@@ -9,10 +9,22 @@ whose sequences produced tokens.
 Simulator-specific behaviour (not in vLLM):
 
 * every response carries ``x-pool-name: <name>``;
-* a bounded waiting queue: requests beyond it get HTTP 503 and are counted in
-  ``vllm:request_rejected_total``;
+* any model name is accepted and echoed unless ``served_names`` is given
+  (then an unknown one gets vLLM's 404, like a real server);
 * latencies in the histograms are *simulated* seconds (what the modelled GPU
   would take), independent of ``time_scale``.
+
+Where the router and the planner depend on it, it answers like the vLLM
+release ``tests/vllm`` pins (0.32, checked by its contract test against a
+real server): error bodies ``{"error": {message, type, param, code}}`` with
+vLLM's wordings, a prompt + ``max_tokens`` over ``max_model_len`` *clipped*
+(200, ``finish_reason: "length"``) instead of refused, ``max_tokens`` over
+``max_model_len`` a 400 (param ``max_tokens``), the streamed usage chunk
+after the finish chunk (``choices: []``), a bounded queue answered with
+vLLM's 503 and counted in ``vllm:admission_rejections_total``, and only
+metric names real vLLM exports. ``compat="0.6"`` (``--vllm-compat 0.6``)
+answers like vLLM 0.5-0.10 instead: the flat error body and a 400 for prompt
++ max_tokens over max_model_len.
 """
 
 from __future__ import annotations
@@ -62,6 +74,17 @@ MIN_DRIVER_SLEEP = 0.002
 MAX_N = 128
 
 
+#: vLLM generations the simulator answers like (``--vllm-compat``): the
+#: release the contract test pins (default) and vLLM 0.5-0.10.
+COMPAT_032 = "0.32"
+COMPAT_06 = "0.6"
+COMPATS = (COMPAT_032, COMPAT_06)
+
+#: vLLM 0.32's answer when its queue is full (vllm/exceptions.py QueueOverflowError).
+QUEUE_FULL_MESSAGE = ("The engine is currently busy and cannot accept new requests. "
+                      "Please try again later or on a different instance.")
+
+
 # --- Errors -----------------------------------------------------------------
 
 class ApiError(Exception):
@@ -73,10 +96,47 @@ class ApiError(Exception):
         self.err_type = err_type
         self.param = param
 
-    def body(self) -> dict[str, Any]:
-        # vLLM's ErrorResponse (vllm/entrypoints/openai/protocol.py).
-        return {"object": "error", "message": self.message, "type": self.err_type,
-                "param": self.param, "code": self.status}
+    def body(self, compat: str = COMPAT_032) -> dict[str, Any]:
+        if compat == COMPAT_06:
+            # vLLM 0.5-0.10's ErrorResponse (flat).
+            return {"object": "error", "message": self.message, "type": self.err_type,
+                    "param": self.param, "code": self.status}
+        # vLLM 0.32's ErrorResponse(error=ErrorInfo(...)).
+        return {"error": {"message": self.message, "type": self.err_type,
+                          "param": self.param, "code": self.status}}
+
+
+def validation_error(message: str, param: str, value: object) -> ApiError:
+    """vLLM 0.32's VLLMValidationError: the message ends with
+    "(parameter=P, value=V)" and ``param`` is set."""
+    return ApiError(400, f"{message} (parameter={param}, value={value})", param=param)
+
+
+def prompt_too_long_error(max_model_len: int, prompt: int, exact: bool) -> ApiError:
+    """vLLM 0.32 (renderers/params.py) for a prompt over max_model_len. Text
+    is tokenized only up to max_model_len + 1 tokens, so it says "at least"
+    that; token-id prompts are counted exactly."""
+    if exact:
+        n, qualifier = prompt, ""
+    else:
+        n, qualifier = max_model_len + 1, "at least "
+    return validation_error(
+        f"This model's maximum context length is {max_model_len} tokens. However, your prompt "
+        f"contains {qualifier}{n} input tokens, which exceeds this limit even without any output "
+        f"tokens. Please reduce the length of the input prompt.", "input_tokens", n)
+
+
+def max_tokens_error(max_model_len: int, max_tokens: int) -> ApiError:
+    """vLLM 0.32 for max_tokens over max_model_len (whatever the prompt)."""
+    return validation_error(
+        f"max_tokens={max_tokens} cannot be greater than max_model_len={max_model_len}. "
+        f"Please request fewer output tokens.", "max_tokens", max_tokens)
+
+
+def model_not_found_error(model: str, served: tuple[str, ...]) -> ApiError:
+    """vLLM 0.32's 404 for a model name it does not serve."""
+    return ApiError(404, f"The model `{model}` does not exist. Valid aliases: {', '.join(served)}.",
+                    err_type="NotFoundError", param="model")
 
 
 def context_length_error(max_model_len: int, prompt: int, max_tokens: int | None) -> ApiError:
@@ -143,8 +203,10 @@ def draw_output_tokens(seed: int, index: int, room: int) -> tuple[int, str]:
 
 
 def parse_request(kind: str, raw: bytes, counter: TokenCounter, max_model_len: int,
-                  served_model: str) -> ParsedRequest:
-    """Validate a /v1/chat/completions or /v1/completions body; raise ApiError."""
+                  served_model: str, compat: str = COMPAT_032,
+                  served_names: tuple[str, ...] = ()) -> ParsedRequest:
+    """Validate a /v1/chat/completions or /v1/completions body; raise ApiError.
+    ``served_names``: the model names served (empty: accept any name)."""
     try:
         body = orjson.loads(raw)
     except orjson.JSONDecodeError as exc:
@@ -156,6 +218,8 @@ def parse_request(kind: str, raw: bytes, counter: TokenCounter, max_model_len: i
         model = served_model
     elif not isinstance(model, str):
         raise ApiError(400, "'model' must be a string", param="model")
+    elif served_names and model not in served_names:
+        raise model_not_found_error(model, served_names)
     stream = body.get("stream") or False
     if not isinstance(stream, bool):
         raise ApiError(400, "'stream' must be a boolean", param="stream")
@@ -165,9 +229,10 @@ def parse_request(kind: str, raw: bytes, counter: TokenCounter, max_model_len: i
         if not isinstance(opts, dict):
             raise ApiError(400, "'stream_options' must be an object", param="stream_options")
         if not stream:
-            # vLLM: "Stream options can only be defined when `stream=True`."
-            raise ApiError(400, "Stream options can only be defined when `stream=True`.",
-                           param="stream_options")
+            msg = "Stream options can only be defined when `stream=True`."
+            if compat != COMPAT_06:
+                msg += " (parameter=stream_options)"
+            raise ApiError(400, msg, param="stream_options")
         include_usage = bool(opts.get("include_usage"))
     n = _opt_int(body, "n", 1) or 1
     if n > MAX_N:
@@ -175,6 +240,8 @@ def parse_request(kind: str, raw: bytes, counter: TokenCounter, max_model_len: i
     max_tokens = _opt_int(body, "max_completion_tokens", 1) if kind == "chat" else None
     if max_tokens is None:
         max_tokens = _opt_int(body, "max_tokens", 1)
+    if max_tokens is not None and max_tokens > max_model_len and compat != COMPAT_06:
+        raise max_tokens_error(max_model_len, max_tokens)
 
     try:
         if kind == "chat":
@@ -189,24 +256,38 @@ def parse_request(kind: str, raw: bytes, counter: TokenCounter, max_model_len: i
     except PromptError as exc:
         raise ApiError(400, str(exc)) from None
 
+    token_ids = kind != "chat" and _is_token_ids(body["prompt"])
     seed = _seed(body, raw)
     parsed = ParsedRequest(kind, model, stream, include_usage, sum(prompts))
     for p_idx, p in enumerate(prompts):
         if p < 1:
             raise ApiError(400, "The prompt cannot be empty.", param="prompt")
-        if max_tokens is None:
-            if p >= max_model_len:
-                raise context_length_error(max_model_len, p, None)
-        elif p + max_tokens > max_model_len:
-            raise context_length_error(max_model_len, p, max_tokens)
+        if compat == COMPAT_06:
+            if max_tokens is None:
+                if p >= max_model_len:
+                    raise context_length_error(max_model_len, p, None)
+            elif p + max_tokens > max_model_len:
+                raise context_length_error(max_model_len, p, max_tokens)
+        elif p >= max_model_len:
+            # vLLM 0.32 refuses p > max_model_len; p == max_model_len leaves
+            # no room for output and is refused here too.
+            raise prompt_too_long_error(max_model_len, p, token_ids)
         for c in range(n):
             index = p_idx * n + c
             if max_tokens is not None:
-                out, reason = max_tokens, "length"
+                # vLLM 0.32 clips max_tokens to the context left: the answer
+                # is cut short ("length") instead of the request refused.
+                out, reason = min(max_tokens, max_model_len - p), "length"
             else:
                 out, reason = draw_output_tokens(seed, index, max_model_len - p)
             parsed.choices.append(Choice(index, p, out, reason))
     return parsed
+
+
+def _is_token_ids(prompt: Any) -> bool:
+    """A /v1/completions prompt given as token ids (a list of ints or of lists)."""
+    return (isinstance(prompt, list) and bool(prompt)
+            and all(isinstance(x, int) or isinstance(x, list) for x in prompt))
 
 
 # --- Response shaping (pure) -------------------------------------------------
@@ -299,9 +380,30 @@ def _esc(v: str) -> str:
     return v.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
 
 
+#: Metric names real vLLM 0.32 exports that the simulator also serves (the
+#: contract test checks each against a real server's /metrics); the
+#: simulator serves no other ``vllm:`` name.
+EXPORTED_METRICS = (
+    "vllm:num_requests_running", "vllm:num_requests_waiting", "vllm:kv_cache_usage_perc",
+    "vllm:num_preemptions_total", "vllm:prompt_tokens_total", "vllm:generation_tokens_total",
+    "vllm:request_success_total", "vllm:admission_rejections_total",
+    "vllm:time_to_first_token_seconds_bucket", "vllm:e2e_request_latency_seconds_bucket",
+)
+
+#: vLLM 0.32's finished_reason label values of vllm:request_success_total.
+FINISHED_REASONS = ("stop", "length", "abort", "error", "repetition")
+
+#: Reasons of vllm:admission_rejections_total (vLLM 0.32 ADMISSION_REASONS);
+#: the simulator's bounded queue is vLLM's --max-num-queued-reqs.
+ADMISSION_QUEUE_REASON = "max_num_queued_reqs"
+ADMISSION_REASONS = ("max_num_queued_reqs", "max_num_queued_tokens")
+
+
 def render_metrics(engine: eng.Engine, model_name: str) -> str:
-    """Prometheus text exposition with vLLM's metric names."""
-    lbl = f'model_name="{_esc(model_name)}"'
+    """Prometheus text exposition with vLLM 0.32's metric names and labels
+    (``engine="0"``, ``model_name``)."""
+    model = f'model_name="{_esc(model_name)}"'
+    lbl = f'engine="0",{model}'
     st = engine.stats
     lines: list[str] = []
 
@@ -317,11 +419,8 @@ def render_metrics(engine: eng.Engine, model_name: str) -> str:
     metric("vllm:num_requests_waiting", "gauge",
            "Number of requests waiting to be processed.",
            [("", lbl, engine.num_waiting)])
-    usage_ = engine.kv_usage
-    metric("vllm:gpu_cache_usage_perc", "gauge",
-           "GPU KV-cache usage. 1 means 100 percent usage.", [("", lbl, usage_)])
     metric("vllm:kv_cache_usage_perc", "gauge",
-           "KV-cache usage. 1 means 100 percent usage.", [("", lbl, usage_)])
+           "KV-cache usage. 1 means 100 percent usage.", [("", lbl, engine.kv_usage)])
     metric("vllm:num_preemptions", "counter",
            "Cumulative number of preemption from the engine.",
            [("_total", lbl, st.num_preemptions)])
@@ -329,19 +428,20 @@ def render_metrics(engine: eng.Engine, model_name: str) -> str:
            [("_total", lbl, st.prompt_tokens)])
     metric("vllm:generation_tokens", "counter", "Number of generation tokens processed.",
            [("_total", lbl, st.generation_tokens)])
-    reasons = sorted(set(st.success) | {"stop", "length"})
+    reasons = list(FINISHED_REASONS) + sorted(set(st.success) - set(FINISHED_REASONS))
     metric("vllm:request_success", "counter", "Count of successfully processed requests.",
-           [("_total", f'finished_reason="{r}",{lbl}', st.success.get(r, 0))
+           [("_total", f'{lbl},finished_reason="{r}"', st.success.get(r, 0))
             for r in reasons])
-    metric("vllm:request_rejected", "counter",
-           "Simulator-specific: requests refused with HTTP 503 because the "
-           "waiting queue was full.", [("_total", lbl, st.rejected)])
+    metric("vllm:admission_rejections", "counter",
+           "Number of admission attempts rejected by a queue limit, by reason.",
+           [("_total", f'{model},reason="{r}"', st.rejected if r == ADMISSION_QUEUE_REASON else 0)
+            for r in ADMISSION_REASONS])
     for name, hist, help_ in (
             ("vllm:time_to_first_token_seconds", st.ttft,
              "Histogram of time to first token in seconds (simulated)."),
             ("vllm:e2e_request_latency_seconds", st.e2e,
              "Histogram of end to end request latency in seconds (simulated).")):
-        samples = [("_bucket", f'le="{le}",{lbl}', c) for le, c in hist.cumulative()]
+        samples = [("_bucket", f'{lbl},le="{le}"', c) for le, c in hist.cumulative()]
         samples.append(("_count", lbl, hist.count))
         samples.append(("_sum", lbl, hist.sum))
         metric(name, "histogram", help_, samples)
@@ -358,6 +458,8 @@ class BackendSettings:
     tokenizer: str = DEFAULT_TOKENIZER
     template: ChatTemplate = ChatTemplate()
     engine: eng.EngineConfig = eng.EngineConfig()
+    compat: str = COMPAT_032                 # vLLM generation answered like (COMPATS)
+    served_names: tuple[str, ...] = ()       # model names served; empty: any name
 
 
 class Backend:
@@ -439,9 +541,7 @@ class Backend:
             for s in seqs:
                 self.engine.abort(s.req_id, now)
                 self.engine.release(s.req_id)
-            raise ApiError(503, "The server is overloaded: the waiting queue is full "
-                                f"({self.engine.config.waiting_bound} requests). Retry later.",
-                           err_type="ServiceUnavailableError") from None
+            raise ApiError(503, QUEUE_FULL_MESSAGE, err_type="Service Unavailable") from None
         if self.realtime:
             assert self._wake is not None
             self._wake.set()
@@ -469,7 +569,8 @@ class Backend:
     async def handle(self, request: web.Request, kind: str) -> web.StreamResponse:
         raw = await request.read()
         parsed = parse_request(kind, raw, self.counter, self.max_model_len,
-                               self.settings.model)
+                               self.settings.model, self.settings.compat,
+                               self.settings.served_names)
         rid = (("chatcmpl-" if kind == "chat" else "cmpl-")
                + f"{self._prefix}{next(self._ids):08x}")
         created = int(time.time())
@@ -514,8 +615,8 @@ class Backend:
 
 # --- aiohttp app ---------------------------------------------------------------
 
-def _error_response(err: ApiError) -> web.Response:
-    return web.Response(status=err.status, body=orjson.dumps(err.body()),
+def _error_response(err: ApiError, compat: str) -> web.Response:
+    return web.Response(status=err.status, body=orjson.dumps(err.body(compat)),
                         content_type="application/json")
 
 
@@ -536,7 +637,7 @@ def create_app(settings: BackendSettings) -> web.Application:
         try:
             return await handler(request)
         except ApiError as err:
-            return _error_response(err)
+            return _error_response(err, settings.compat)
 
     app.middlewares.append(errors)
     app.on_response_prepare.append(add_pool_header)
@@ -550,11 +651,11 @@ def create_app(settings: BackendSettings) -> web.Application:
         return await backend.handle(request, "completion")
 
     async def models(request: web.Request) -> web.Response:
-        m = settings.model
+        names = settings.served_names or (settings.model,)
         body = {"object": "list", "data": [{
             "id": m, "object": "model", "created": int(time.time()),
-            "owned_by": "vllm", "root": m, "parent": None,
-            "max_model_len": backend.max_model_len, "permission": []}]}
+            "owned_by": "vllm", "root": settings.model, "parent": None,
+            "max_model_len": backend.max_model_len, "permission": []} for m in names]}
         return web.Response(body=orjson.dumps(body), content_type="application/json")
 
     async def health(request: web.Request) -> web.Response:

@@ -44,7 +44,7 @@ from . import content_coding
 from . import policy as P
 from .policy import Decision
 from .router import Router
-from .usage import JSONUsage, SSEUsage, Usage, context_error_prompt_tokens
+from .usage import JSONUsage, SSEUsage, Usage, context_error
 
 log = logging.getLogger(__name__)
 
@@ -61,6 +61,13 @@ _CONTINUE_REQ_BODY = pb.ProcessingResponse(request_body=pb.BodyResponse())
 _CONTINUE_RESP_BODY = pb.ProcessingResponse(response_body=pb.BodyResponse())
 _CONTINUE_REQ_TRAILERS = pb.ProcessingResponse(request_trailers=pb.TrailersResponse())
 _CONTINUE_RESP_TRAILERS = pb.ProcessingResponse(response_trailers=pb.TrailersResponse())
+
+#: Kinds of harmful misroute the response phase detects (metric label
+#: ``kind``): the short pool refused the prompt with a context-length 400
+#: (every vLLM version), or vLLM 0.32+ answered 200 but cut the answer at the
+#: short pool's max_model_len (finish_reason "length").
+MISROUTE_CONTEXT = "context_length"
+MISROUTE_TRUNCATED = "truncated"
 
 #: Media types a JSON body may be sent as. FastAPI (vLLM's server) parses a
 #: body as JSON only for these (or no Content-Type at all) and refuses others
@@ -122,7 +129,7 @@ class StreamMachine:
         self.scanner: JSONUsage | SSEUsage | None = None
         self.response_status = 0
         self.watch_misroute = False   # short-routed near B_short: check the status
-        self.misroute = False         # the short pool said "context too long"
+        self.misroute = ""            # "" or MISROUTE_CONTEXT / MISROUTE_TRUNCATED
         self.usage: Usage | None = None
         self.learned = False
         self.rel_error: float | None = None
@@ -248,13 +255,15 @@ class StreamMachine:
         self.response_status = int(status) if status.isdigit() else 0
         ctype = h.get("content-type", "")
         encoded = h.get("content-encoding", "identity") not in ("", "identity")
-        if self.watch_misroute and self.response_status == 400 and not encoded and not msg.end_of_stream:
+        watch = self.watch_misroute and not encoded and not msg.end_of_stream
+        if watch and self.response_status == 400:
             # Maybe vLLM's "maximum context length" error: read the JSON body.
-            self.sampled = True
             self.scanner = JSONUsage()
             self.state = S_RESP_BODY
             return [_CONTINUE_RESP_HEADERS], False
-        if not self.sampled or self.response_status != 200 or encoded or msg.end_of_stream:
+        if not (self.sampled or watch) or self.response_status != 200 or encoded or msg.end_of_stream:
+            # (A watched 200 is read for finish_reason "length": vLLM 0.32+
+            # cuts a too-long answer short instead of refusing it.)
             self.state = S_DONE
             return [_CONTINUE_RESP_HEADERS], True
         if ctype.startswith("text/event-stream"):
@@ -306,12 +315,17 @@ class StreamMachine:
         if self.response_status == 400 and isinstance(self.scanner, JSONUsage):
             # A harmful misroute the short pool caught: its error message
             # carries vLLM's own prompt count, which is worth learning from.
-            pt = context_error_prompt_tokens(self.scanner.text)
-            if pt is None:
+            e = context_error(self.scanner.text)
+            if e is None:
                 return
-            self.misroute = True
-            u = Usage(pt, None)
-        if u is None or self.learned:
+            self.misroute = MISROUTE_CONTEXT
+            if e.lower_bound and e.prompt_tokens <= d.estimate:
+                return  # vLLM 0.32's "at least N": says nothing the estimate did not
+            u = Usage(e.prompt_tokens, None)
+        elif (self.scanner.truncated and u is not None
+              and self.router.truncation_misroute(d, u.prompt_tokens, u.completion_tokens)):
+            self.misroute = MISROUTE_TRUNCATED
+        if u is None or self.learned or not (self.sampled or self.misroute):
             return
         self.usage = u
         self.rel_error = self.router.learn(d, u.prompt_tokens, u.completion_tokens)

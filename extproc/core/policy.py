@@ -3,7 +3,8 @@
 Pure functions of (estimate, output budget, config). The rules:
 
 * budget with margin = prompt_estimate * (1 + margin) + output_budget;
-  ``short`` if it is <= B_short, else ``long``;
+  the smallest tier whose budget limit it fits (``short`` if it is <= B_short
+  with the default two tiers), else the last tier (``long``);
 * a prompt that is *surely* above the long pool's max_model_len
   (estimate * (1 - reject_margin) > max_model_len) is answered 400
   ``context_length_exceeded`` without touching vLLM;
@@ -23,6 +24,8 @@ from ..config import Config
 # Reasons, as they appear in the decision header, metadata and logs.
 R_SHORT = "budget_fits_short"
 R_LONG = "budget_over_b_short"
+R_TIER = "budget_fits_tier"    # a middle tier of three or more
+R_SPILLOVER = "spillover"      # sent up from a saturated tier (+ "from=<tier>" in detail)
 R_CONTEXT = "context_length_exceeded"
 R_TOO_LARGE = "body_too_large"
 R_MAX_TOKENS = "max_tokens_too_large"
@@ -57,6 +60,7 @@ class Decision:
     include_usage: bool = False
     exact: bool = False          # token-id prompt: estimate is exact
     k_eff: float = 1.0           # effective number of texts in the prompt
+    from_pool: str = ""          # spillover: the tier the budget chose
     media_tokens: int = 0        # of the estimate: images, audio, video, files
     media: str = ""              # their flags, "image:2,audio:1" (core.media)
     status: int | None = None    # immediate response status (400/413)
@@ -73,13 +77,15 @@ class Decision:
     def header_value(self) -> str:
         """Compact form for the decision response header and logs."""
         return (f"pool={self.pool}; est={self.estimate}; budget={self.budget}; "
-                f"cat={self.category or '-'}; reason={self.reason}")
+                f"cat={self.category or '-'}; reason={self.reason}"
+                + (f"; from={self.from_pool}" if self.from_pool else ""))
 
     def metadata(self) -> dict[str, object]:
         md: dict[str, object] = {
             "pool": self.pool, "reason": self.reason, "estimate": self.estimate,
             "budget": self.budget, "category": self.category or "-", "model": self.model or "-",
             "margin": round(self.margin, 4), "decision": self.header_value(),
+            **({"from_pool": self.from_pool} if self.from_pool else {}),
         }
         if self.media:
             md["media"] = self.media
@@ -95,12 +101,31 @@ def true_budget(prompt_tokens: int, max_output: int | None, completion_tokens: i
     return prompt_tokens + (out or 0)
 
 
-def choose(cfg: Config, estimate: float, output: int, margin: float) -> tuple[str, str]:
-    """Pool and reason for a prompt estimate, output budget and margin."""
-    padded = estimate * (1.0 + margin) + output
-    if padded <= cfg.policy.b_short:
-        return cfg.short.name, R_SHORT
-    return cfg.long.name, R_LONG
+def padded_budget(estimate: float, output: int, margin: float) -> float:
+    return estimate * (1.0 + margin) + output
+
+
+def tier_for(limits: tuple[int, ...] | list[int], padded: float) -> int:
+    """Index of the smallest tier whose budget limit ``padded`` fits; the last
+    tier (index ``len(limits)``) takes everything above the last limit."""
+    for i, limit in enumerate(limits):
+        if padded <= limit:
+            return i
+    return len(limits)
+
+
+def reason_for(index: int, n_tiers: int) -> str:
+    if index == 0:
+        return R_SHORT
+    return R_LONG if index == n_tiers - 1 else R_TIER
+
+
+def choose(cfg: Config, estimate: float, output: int, margin: float,
+           limits: tuple[int, ...] | None = None) -> tuple[str, str]:
+    """Tier name and reason for a prompt estimate, output budget and margin;
+    ``limits`` overrides the configured boundaries (the adaptive threshold)."""
+    i = tier_for(cfg.limits if limits is None else limits, padded_budget(estimate, output, margin))
+    return cfg.tiers[i].name, reason_for(i, len(cfg.tiers))
 
 
 def surely_too_long(cfg: Config, estimate: float, exact: bool) -> bool:

@@ -20,6 +20,9 @@ from .content_coding import SUPPORTED as SUPPORTED_CODINGS
 from ..config import Config
 from .estimator import MARGIN_MIN_TOKENS, Estimator, bounded_model_name
 from .features import features
+from .load import TierLoad
+from .spillover import Spillover
+from .threshold import Move, Threshold
 from .output_budget import OutputBudget
 from .request import NotRoutable, parse
 from .. import defaults as D
@@ -45,6 +48,9 @@ class Router:
         self.outputs = OutputBudget(cfg.policy.default_output_tokens, cfg.policy.output_quantile,
                                     D.OUTPUT_MIN_SAMPLES)
         self.estimator.on_evict = self.outputs.drop_model
+        self.spillover = Spillover.from_config(cfg)
+        self.threshold = Threshold.from_config(cfg)
+        self.loads: tuple[TierLoad, ...] = tuple(TierLoad(t.name) for t in cfg.tiers)
 
     @staticmethod
     def _margin_min(cfg: Config) -> float:
@@ -57,6 +63,33 @@ class Router:
         self.estimator.set_margin_min_tokens(self._margin_min(cfg))
         self.outputs.default_tokens = cfg.policy.default_output_tokens
         self.outputs.q = cfg.policy.output_quantile
+        same_tiers = [t.name for t in cfg.tiers] == [t.name for t in self.loads]
+        spill, thr = Spillover.from_config(cfg), Threshold.from_config(cfg)
+        if same_tiers:  # keep what the loop has seen and counted; pins stay
+            spill.saturated, spill.spilled = self.spillover.saturated, self.spillover.spilled
+            thr.pinned, thr.history, thr.moves = self.threshold.pinned, self.threshold.history, self.threshold.moves
+            if thr.base == self.threshold.base:  # boundaries not reconfigured: keep where they moved
+                thr.limits, thr.last_move = self.threshold.limits, self.threshold.last_move
+        else:
+            self.loads = tuple(TierLoad(t.name) for t in cfg.tiers)
+        self.spillover, self.threshold = spill, thr
+
+    # --- closed loop ---------------------------------------------------------
+    def observe(self, loads: tuple[TierLoad, ...], now: float) -> list[Move]:
+        """Take the tiers' load as the monitor last saw it (one per tier, in
+        order; ``now`` on the same clock as the samples). Updates spillover's
+        saturation and, when adaptive, the boundaries; returns their moves."""
+        self.loads = tuple(loads)
+        self.spillover.observe(self.loads)
+        return self.threshold.observe(self.loads, now)
+
+    def pin_limit(self, boundary: int, value: int | None, now: float) -> Move | None:
+        """Pin boundary ``boundary`` at ``value`` (None: unpin; the adaptive loop takes over again)."""
+        if value is not None:
+            limits = list(self.limits())
+            limits[boundary] = value
+            self.cfg.with_limits(limits)  # validates: raises ConfigError
+        return self.threshold.pin(boundary, value, now)
 
     # --- estimate and decide -------------------------------------------------
     def too_large(self, size: int | None) -> P.Decision:
@@ -124,8 +157,24 @@ class Router:
             d.reason, d.status = P.R_CONTEXT, P.STATUS_BAD_REQUEST
             d.error = errors.context_length_exceeded(d.estimate, cfg.long.max_model_len, output)
             return d
-        d.pool, d.reason = P.choose(cfg, estimate, output, margin)
+        j, i = self.place(P.padded_budget(estimate, output, margin))
+        d.pool, d.reason = cfg.tiers[i].name, P.reason_for(i, len(cfg.tiers))
+        if j != i:
+            d.from_pool, d.pool, d.reason = d.pool, cfg.tiers[j].name, P.R_SPILLOVER
         return d
+
+    def place(self, padded: float) -> tuple[int, int]:
+        """(tier index, the tier the budget alone chose) for a padded budget:
+        the smallest tier whose limit it fits, then spillover. The planner's
+        fleet simulator calls this very method (planner.closed_loop)."""
+        i = P.tier_for(self.limits(), padded)
+        j = self.spillover.target(i) if self.cfg.spillover.enabled else i
+        return j, i
+
+    def limits(self) -> tuple[int, ...]:
+        """The tier boundaries decisions use now (the configured ones unless
+        the adaptive threshold moved them or an operator pinned them)."""
+        return tuple(self.threshold.limits)
 
     # --- learning --------------------------------------------------------------
     def want_sample(self, d: P.Decision, u: float) -> bool:
@@ -139,19 +188,36 @@ class Router:
             return True
         else:
             rate = self.cfg.router.sample_rate
-            b = self.cfg.policy.b_short
-            if abs(d.estimate * (1 + d.margin) + d.output - b) <= NEAR_THRESHOLD_BAND * b:
+            padded = P.padded_budget(d.estimate, d.output, d.margin)
+            if any(abs(padded - b) <= NEAR_THRESHOLD_BAND * b for b in self.limits()):
                 rate *= NEAR_THRESHOLD_BOOST
         return u < rate
 
     def near_threshold_short(self, d: P.Decision) -> bool:
-        """Routed short with a padded budget within NEAR_THRESHOLD_BAND of
-        B_short: the only requests that can be harmful misroutes, so the
-        only ones whose response status is worth a look."""
-        if d.pool != self.cfg.short.name or not d.routable or d.exact:
+        """Routed to a tier below the last with a padded budget within
+        NEAR_THRESHOLD_BAND of that tier's limit: the only requests that can
+        be harmful misroutes, so the only ones whose response status is worth a look."""
+        if not d.routable or d.exact:
             return False
-        b = self.cfg.policy.b_short
-        return d.estimate * (1 + d.margin) + d.output >= (1 - NEAR_THRESHOLD_BAND) * b
+        i = self.cfg.tier_index(d.pool)
+        limits = self.limits()
+        if i >= len(limits):
+            return False
+        return P.padded_budget(d.estimate, d.output, d.margin) >= (1 - NEAR_THRESHOLD_BAND) * limits[i]
+
+    def truncation_misroute(self, d: P.Decision, prompt_tokens: int | None,
+                            completion_tokens: int | None) -> bool:
+        """A short-routed answer that vLLM (0.32+) cut short at the short
+        pool's context: it ended on "length" (checked by the caller), prompt
+        + completion reached the short pool's max_model_len, and the request's
+        own cap, if any, was larger than what it got. Older vLLM refused such
+        a request with a 400; now it silently clips max_tokens to
+        max_model_len - prompt, so this is what a harmful misroute looks like."""
+        if d.pool != self.cfg.short.name or prompt_tokens is None or completion_tokens is None:
+            return False
+        if prompt_tokens + completion_tokens < self.cfg.short.max_model_len:
+            return False
+        return not (d.capped and d.output <= completion_tokens)
 
     def learn(self, d: P.Decision, prompt_tokens: Any, completion_tokens: Any) -> float | None:
         """Learn from a response's usage; returns the estimate's relative error."""

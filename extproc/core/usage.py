@@ -57,23 +57,73 @@ def usage_from_obj(obj: object) -> Usage | None:
     return Usage(pt, ct)
 
 
-#: vLLM's context-length error: "This model's maximum context length is N
-#: tokens. However, you requested M tokens (P in the messages, C in the
-#: completion)." or, without max_tokens, "However, you requested P tokens in
-#: the messages" (vllm/entrypoints/openai/serving_engine.py); newer releases
-#: word it "... However, your request has P input tokens" or "... and your
-#: request has P input tokens (X > N - P)": all these forms are accepted.
-_CONTEXT_ERROR = re.compile(
-    rb"maximum context length is \d+ tokens(?:\. However, you requested (?:\d+ tokens \((\d+)|(\d+) tokens) "
-    rb"(?:tokens )?in the (?:messages|input|prompt)|\.? (?:However, y|and y)our request has (\d+) input tokens)")
+#: vLLM's context-length errors, by version. Each form is (versions, regex
+#: whose group 1 is the prompt length, whether that length is only a lower
+#: bound). vLLM 0.32 stops tokenizing one token past max_model_len, so it
+#: reports "at least N" with N = max_model_len + 1, not the real length.
+#: tests/unit/test_usage.py keeps the full texts seen from each version.
+CONTEXT_ERROR_FORMS: tuple[tuple[str, bytes, bool], ...] = (
+    # v0.5-v0.10: "However, you requested M tokens (P in the messages, C in the completion)."
+    ("0.5-0.10 (with max_tokens)", rb"However, you requested \d+ tokens \((\d+) in the (?:messages|input|prompt)",
+     False),
+    # v0.5-v0.10 without max_tokens: "However, you requested P tokens in the messages,"
+    ("0.5-0.10 (prompt alone)", rb"However, you requested (\d+) tokens in the (?:messages|input|prompt)", False),
+    # later releases before 0.32: "However, your request has P input tokens."
+    ("later pre-0.32 (prompt alone)", rb"However, your request has (\d+) input tokens", False),
+    # ... and their max_tokens check: "... and your request has P input tokens (C > N - P)."
+    ("later pre-0.32 (prompt + max_tokens)", rb"and your request has (\d+) input tokens", False),
+    # v0.32 (renderers/params.py): "However, your prompt contains at least P input
+    # tokens, which exceeds this limit even without any output tokens. Please reduce
+    # the length of the input prompt. (parameter=input_tokens, value=P)". Text
+    # prompts are tokenized only up to max_model_len + 1, so P is that bound
+    # ("at least"); token-id prompts give the exact count (no "at least").
+    ("0.32 (prompt alone, tokenizing stopped)", rb"your prompt contains at least (\d+) input tokens", True),
+    ("0.32 (prompt alone, exact)", rb"your prompt contains (\d+) input tokens", False),
+    # v0.32, text longer than max_model_len x the tokenizer's longest token:
+    # "... your prompt contains C characters (more than X characters, which is
+    # the upper bound for N input tokens)": more than N tokens.
+    ("0.32 (prompt text over the character bound)", rb"which is the upper bound for (\d+) input tokens", True),
+)
+
+_CONTEXT_MARK = re.compile(rb"maximum context length is \d+ tokens")
+_CONTEXT_FORMS = tuple((re.compile(rx), lower) for _, rx, lower in CONTEXT_ERROR_FORMS)
+
+
+@dataclass(frozen=True, slots=True)
+class ContextError:
+    """What a context-length error says about the prompt."""
+
+    prompt_tokens: int
+    lower_bound: bool  # True: the prompt has at least this many tokens
+
+
+def context_error(body: bytes) -> ContextError | None:
+    """The prompt length vLLM reports in its context-length error, if any."""
+    if not _CONTEXT_MARK.search(body):
+        return None
+    for rx, lower in _CONTEXT_FORMS:
+        m = rx.search(body)
+        if m:
+            return ContextError(int(m.group(1)), lower)
+    return None
 
 
 def context_error_prompt_tokens(body: bytes) -> int | None:
-    """The prompt length vLLM reports in its context-length error, if any."""
-    m = _CONTEXT_ERROR.search(body)
-    if not m:
-        return None
-    return int(m.group(1) or m.group(2) or m.group(3))
+    """The prompt length (or its lower bound) in a context-length error."""
+    e = context_error(body)
+    return None if e is None else e.prompt_tokens
+
+
+#: A choice that ended on its length limit (vLLM's JSON has no spaces; a
+#: space is tolerated for other servers). Searched only in events/bodies
+#: that contain the cheap mark first.
+_LENGTH_MARK = b'"length"'
+_FINISH_LENGTH = re.compile(rb'"finish_reason"\s*:\s*"length"')
+
+
+def finished_on_length(data: bytes) -> bool:
+    """Does this chunk or body end a choice with finish_reason "length"?"""
+    return _LENGTH_MARK in data and _FINISH_LENGTH.search(data) is not None
 
 
 class JSONUsage:
@@ -87,6 +137,7 @@ class JSONUsage:
         self.usage: Usage | None = None
         self.done = False
         self.text = b""  # the whole body, kept after the end (bounded by limit)
+        self.truncated = False  # a choice ended with finish_reason "length"
 
     def feed(self, chunk: bytes, end: bool) -> None:
         if self.done:
@@ -102,6 +153,7 @@ class JSONUsage:
             self.done = True
             if not self.overflow and self.parts:
                 self.text = b"".join(self.parts)
+                self.truncated = finished_on_length(self.text)
                 try:
                     self.usage = usage_from_obj(orjson.loads(self.text))
                 except orjson.JSONDecodeError:
@@ -120,6 +172,7 @@ class SSEUsage:
         self.strip = strip_usage_chunk
         self.usage: Usage | None = None
         self.done = False          # saw data: [DONE]
+        self.truncated = False     # a choice ended with finish_reason "length"
         self._line = bytearray()   # partial line
         self._line_overflow = False
         self._data: list[bytes] = []  # data lines of the current event
@@ -148,6 +201,8 @@ class SSEUsage:
         if data == b"[DONE]":
             self.done = True
             return
+        if not self.truncated and finished_on_length(data):
+            self.truncated = True
         if _USAGE_MARK not in data:
             return
         try:

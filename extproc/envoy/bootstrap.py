@@ -1,4 +1,4 @@
-"""Render the Envoy bootstrap that puts the router in front of the two vLLM pools.
+"""Render the Envoy bootstrap that puts the router in front of the vLLM pools (one per tier).
 
 The bootstrap is built from typed ``envoy_data_plane`` messages (the Envoy v3
 API as betterproto2 classes), so a misspelt field fails here in Python, not at
@@ -17,10 +17,12 @@ Filter chain (order matters), see envoy/README.md for the why of each part:
 1. ``envoy.filters.http.ext_proc`` streams headers and the buffered body to the
    router, which sets the routing header, clears the route cache and writes its
    decision into dynamic metadata.
-2. ``envoy.filters.http.router`` sends ``<routing header>: short`` to the
-   aggregate cluster ``pool_short_failover`` (``pool_short`` first, then
-   ``pool_long`` when no short endpoint is healthy) and everything else to
-   ``pool_long``. Pool clusters are health-checked (HTTP ``GET /health``) and
+2. ``envoy.filters.http.router`` sends ``<routing header>: <tier>`` to the
+   aggregate cluster ``pool_<tier>_failover`` (``pool_<tier>`` first, then the
+   larger tiers' pools when no endpoint of it is healthy) for every tier but
+   the last, and everything else to the last tier's cluster (``pool_long``
+   with the default two tiers: ``short`` -> ``pool_short_failover``). Pool
+   clusters are health-checked (HTTP ``GET /health``) and
    ejected on consecutive failures; a request whose upstream connection fails
    before any byte is retried on the next larger pool; Envoy's own local
    replies that clients see (503 when no pool can serve, 413 for a chunked body

@@ -116,6 +116,31 @@ def cmd_plan(args) -> int:
     return 0
 
 
+def _ints(text: str, what: str) -> list[int]:
+    try:
+        return [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise ValueError(f"{what} = {text!r}: expected comma-separated integers") from None
+
+
+def _tiers_spec(args, long_cfg) -> FleetSpec:
+    """``--tiers 8192,32768,131072``: one pool per tier, each configured for
+    its context (the last for the last value), the first values as the
+    budget limits; ``--counts`` instances per tier."""
+    lens = _ints(args.tiers, "--tiers")
+    counts = _ints(args.counts, "--counts") if args.counts else [args.short] * (len(lens) - 1) + [args.long]
+    if len(lens) < 2 or len(counts) != len(lens):
+        raise ValueError(f"--tiers needs 2+ context lengths and --counts one count per tier "
+                         f"(got {len(lens)} and {len(counts)})")
+    names = ["short", *(f"tier{i}" for i in range(1, len(lens) - 1)), "long"]
+    pools = tuple(PoolSpec(n, long_cfg.with_(max_model_len=m, max_num_seqs=args.short_max_num_seqs).validate()
+                           if i < len(lens) - 1 else long_cfg.with_(max_model_len=m).validate(), c)
+                  for i, (n, m, c) in enumerate(zip(names, lens, counts)))
+    return FleetSpec(pools, b_short=lens[0], router=args.router, noise_p90=args.noise_p90,
+                     spillover=args.spillover, balancer=args.balancer, adaptive=args.adaptive,
+                     limits=tuple(lens[:-1]))
+
+
 def cmd_simulate(args) -> int:
     try:
         tr = _load(args)
@@ -127,12 +152,14 @@ def cmd_simulate(args) -> int:
         if args.price_per_gpu_hour is not None:
             from dataclasses import replace
             long_cfg = long_cfg.with_(gpu=replace(long_cfg.gpu, price_per_hour=args.price_per_gpu_hour))
-        if args.b_short:
+        if args.tiers:
+            spec = _tiers_spec(args, long_cfg)
+        elif args.b_short:
             short_cfg = long_cfg.with_(max_model_len=args.b_short, max_num_seqs=args.short_max_num_seqs)
             spec = FleetSpec((PoolSpec("short", short_cfg.validate(), args.short),
                               PoolSpec("long", long_cfg.validate(), args.long)),
                              b_short=args.b_short, router=args.router, noise_p90=args.noise_p90,
-                             spillover=args.spillover, balancer=args.balancer)
+                             spillover=args.spillover, balancer=args.balancer, adaptive=args.adaptive)
         else:
             spec = FleetSpec((PoolSpec("all", long_cfg.validate(), args.instances),),
                              balancer=args.balancer)
@@ -150,6 +177,10 @@ def cmd_simulate(args) -> int:
     f = s["fleet"]
     print(f"KV utilisation {f['kv_util']:.1%} (busy {f['kv_util_busy']:.1%}), GPU busy {f['gpu_busy']:.1%}, "
           f"spilled {s['spilled']}, GPU-hours {f['gpu_hours']:.2f}")
+    if r.loop is not None and spec.adaptive:
+        path = [lim for _, lim in r.loop.limits_path]
+        print(f"adaptive tier limits: {list(spec.tier_limits)} at the start, {list(path[-1]) if path else '-'} "
+              f"at the end, {sum(r.loop.router.threshold.moves)} moves")
     _write(args.out, "simulate.json", s)
     return 0
 
@@ -179,7 +210,13 @@ def add_parsers(subparsers) -> None:
     s.add_argument("--short-max-num-seqs", type=int, default=256)
     s.add_argument("--long-max-num-seqs", type=int, default=256)
     s.add_argument("--max-num-batched-tokens", type=int)
-    s.add_argument("--spillover", action="store_true", help="spill short requests to long when short is saturated")
+    s.add_argument("--tiers", help="N context tiers, e.g. 8192,32768,131072: the first N-1 are the budget "
+                                   "limits and max_model_lens, the last the last tier's max_model_len")
+    s.add_argument("--counts", help="instances per tier with --tiers, e.g. 4,2,2 (default: --short ... --long)")
+    s.add_argument("--spillover", action="store_true",
+                   help="the router's spillover: a request whose tier is saturated goes up (core.spillover)")
+    s.add_argument("--adaptive", action="store_true",
+                   help="the router's adaptive tier boundaries (core.threshold)")
     s.add_argument("--balancer", default="least-work", choices=BALANCERS)
     s.set_defaults(func=cmd_simulate)
 

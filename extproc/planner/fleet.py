@@ -33,11 +33,6 @@ _Z90_HALF = 1.6449
 MARGIN_SIGMAS = 2.0
 MIN_MARGIN = 0.02
 
-#: Short requests spill to the long pool when every short instance already has
-#: this many times its KV capacity (tokens) of outstanding work: the short pool
-#: is saturated and the request would only queue.
-SPILL_WORK_FACTOR = 1.0
-
 ROUTERS = ("oracle", "noise", "estimator")
 BALANCERS = ("least-work", "round-robin", "random")
 
@@ -51,13 +46,19 @@ class PoolSpec:
 
 @dataclass(frozen=True)
 class FleetSpec:
-    pools: tuple  # (PoolSpec,) homogeneous or (short, long)
+    pools: tuple  # (PoolSpec,) homogeneous, (short, long) or one per tier
     b_short: int | None = None  # None: one pool takes everything
     router: str = "oracle"
     noise_p90: float = NOISE_P90
     margin: float | None = None  # None: the router's learned-margin rule
-    spillover: bool = False
+    spillover: bool = False  # the router's spillover (core.spillover) on the simulated signals
     balancer: str = "least-work"
+    adaptive: bool = False   # the router's adaptive boundaries (core.threshold)
+    limits: tuple | None = None  # budget limit per tier but the last (N tiers); None: (b_short,)
+
+    @property
+    def tier_limits(self) -> tuple:
+        return self.limits if self.limits is not None else (self.b_short,)
 
     @property
     def instances(self) -> int:
@@ -69,8 +70,8 @@ class FleetSpec:
 
     def describe(self) -> str:
         ps = " + ".join(f"{p.count}x[{p.name}: {p.cfg.label()}]" for p in self.pools)
-        r = "" if self.b_short is None else f" B_short={self.b_short} router={self.router}"
-        return ps + r + (" spillover" if self.spillover else "")
+        r = "" if self.b_short is None else f" limits={','.join(map(str, self.tier_limits))} router={self.router}"
+        return ps + r + (" spillover" if self.spillover else "") + (" adaptive" if self.adaptive else "")
 
 
 def noise_sigma(p90: float) -> float:
@@ -104,7 +105,8 @@ def route(trace: Trace, spec: FleetSpec, seed: int = 0) -> tuple[np.ndarray, np.
         raise ValueError(f"unknown router {spec.router!r}; one of {ROUTERS}")
     if len(spec.pools) == 1 or spec.b_short is None:
         return np.zeros(n, dtype=np.int64), budget
-    pool = (budget > spec.b_short).astype(np.int64)
+    # the smallest tier whose limit the budget fits (core.policy.tier_for, vectorised)
+    pool = np.searchsorted(np.asarray(spec.tier_limits, dtype=np.float64), budget, side="left").astype(np.int64)
     if spec.router == "estimator" and trace.pool_hint is not None:
         hint = trace.pool_hint.astype(np.int64)
         pool = np.where(hint >= 0, hint, pool)
@@ -128,11 +130,24 @@ class SimResult:
     inst_stats: list = field(default_factory=list)  # per instance dicts
     spilled: int = 0
     wall_s: float = 0.0
+    loop: object = None  # the planner.closed_loop.LoopHook, when the closed loop ran
+
+
+def loop_hook(spec: FleetSpec, log: bool = False):
+    """The router's closed loop (spillover, adaptive boundaries) for a split
+    fleet, or None (static routing)."""
+    if len(spec.pools) < 2 or not (spec.spillover or spec.adaptive):
+        return None
+    from .closed_loop import LoopHook, loop_config
+    cfg = loop_config([p.name for p in spec.pools], [p.cfg.max_model_len for p in spec.pools],
+                      list(spec.tier_limits), spec.spillover, spec.adaptive)
+    return LoopHook(cfg, log=[] if log else None)
 
 
 def simulate(trace: Trace, spec: FleetSpec, seed: int = 0, progress: bool = False,
-             check: bool = False) -> SimResult:
-    """Run the fleet on the trace. Pure and deterministic for (trace, spec, seed)."""
+             check: bool = False, log: bool = False) -> SimResult:
+    """Run the fleet on the trace. Pure and deterministic for (trace, spec, seed).
+    ``log``: keep the closed loop's every decision (``result.loop.log``)."""
     import time as _time
     t0 = _time.perf_counter()
     n = len(trace)
@@ -152,7 +167,7 @@ def simulate(trace: Trace, spec: FleetSpec, seed: int = 0, progress: bool = Fals
             row.append(inst)
             insts.append(inst)
         pools.append(row)
-    spill_thr = SPILL_WORK_FACTOR * spec.pools[0].cfg.kv_tokens if len(pools) > 1 else INF
+    hook = loop_hook(spec, log)
     rng = np.random.default_rng(seed + 104729)
     rr = [0] * len(pools)
     bal = spec.balancer
@@ -168,14 +183,12 @@ def simulate(trace: Trace, spec: FleetSpec, seed: int = 0, progress: bool = Fals
     stamp = [0] * len(insts)
     heap: list = []
     push, pop = heapq.heappush, heapq.heappop
-    spilled = 0
     bar = None
     if progress:
         from tqdm import tqdm
         bar = tqdm(total=n, file=sys.stderr, unit="req", mininterval=0.5, leave=False,
                    desc=f"simulate {spec.instances} inst")
     tick = 0
-    spill = spec.spillover and len(pools) > 1
     for i in range(n):
         t = arrival[i]
         while heap and heap[0][0] < t:
@@ -189,12 +202,7 @@ def simulate(trace: Trace, spec: FleetSpec, seed: int = 0, progress: bool = Fals
             nt = inst.next_event()
             if nt < INF:
                 push(heap, (nt, iid, st))
-        p = R[i]
-        if spill and p == 0:
-            w0 = works[0]
-            if min(w0) > spill_thr:
-                p = 1
-                spilled += 1
+        p = R[i] if hook is None else hook.place(t, W[i], pools)
         w = works[p]
         if bal == "least-work":
             j = w.index(min(w))
@@ -233,9 +241,10 @@ def simulate(trace: Trace, spec: FleetSpec, seed: int = 0, progress: bool = Fals
                               recomputed_tokens=inst.recomputed_tokens,
                               completed=inst.completed, rejected=inst.rejected,
                               end=inst.t, free=inst.free))
+    spilled = sum(hook.router.spillover.spilled.values()) if hook is not None else 0
     f = lambda a, dt=np.float64: np.asarray(a, dtype=dt)  # noqa: E731
     return SimResult(spec, trace.name, trace.arrival, trace.prompt, trace.output,
                      f(rec.first_token), f(rec.finish), f(rec.first_sched),
                      f(rec.preempts, np.int64), np.frombuffer(bytes(rec.rejected), dtype=np.uint8).astype(bool),
                      f(rec.pool, np.int64), f(rec.inst, np.int64), stats, spilled,
-                     _time.perf_counter() - t0)
+                     _time.perf_counter() - t0, hook)

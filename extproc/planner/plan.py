@@ -14,6 +14,8 @@ Method (docs/planner.md):
 """
 from __future__ import annotations
 
+import dataclasses
+
 import math
 import sys
 from dataclasses import dataclass, field
@@ -209,8 +211,7 @@ def _verify(trace: Trace, spec: FleetSpec, plans: list[PoolPlan], slo_preempt: f
                     f"{pools[k].count} -> {grown}")
             pools[k] = PoolSpec(pools[k].name, pools[k].cfg, grown)
             plans[k].count = grown
-        spec = FleetSpec(tuple(pools), spec.b_short, spec.router, spec.noise_p90, spec.margin,
-                         spec.spillover, spec.balancer)
+        spec = dataclasses.replace(spec, pools=tuple(pools))
     return spec, s
 
 

@@ -27,6 +27,7 @@ import random
 import signal
 import time
 
+from . import monitor as mon
 from . import snapshot
 from .. import tls
 from . import transport
@@ -170,12 +171,28 @@ class Worker:
                     self.save_state()
                     last = now
 
-        task = asyncio.create_task(snapshots())
+        tasks = [asyncio.create_task(snapshots())]
+        if self.cfg.monitor.enabled:
+            tasks.append(asyncio.create_task(self.follow_signals()))
         try:
             await stop.wait()
         finally:
-            task.cancel()
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
             await self.stop()
+
+    async def follow_signals(self) -> None:
+        """Feed the router the tiers' load every monitor interval: scraped
+        here with one worker, else read from the supervisor's published file."""
+        if self.cfg.router.workers == 1:
+            m = mon.Monitor(self.cfg)
+            await m.run(lambda inst: mon.observe(self.router, inst, time.time()))
+            return
+        path = mon.signals_path(self.cfg)
+        while True:
+            mon.observe(self.router, mon.read_published(path) or {}, time.time())
+            await asyncio.sleep(self.cfg.monitor.interval_s)
 
 
 async def _worker_main(cfg: Config, index: int, config_path: str | None = None) -> None:
@@ -247,6 +264,8 @@ def serve(cfg: Config, config_path: str | None = None) -> int:
 
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
+    # One monitor for all workers: they read what it publishes (serve.monitor).
+    monitor = mon.PublishingThread(cfg).start() if cfg.monitor.enabled else None
     for i in range(cfg.router.workers):
         start(i)
     while True:
@@ -261,4 +280,6 @@ def serve(cfg: Config, config_path: str | None = None) -> int:
                 time.sleep(RESTART_PAUSE_S)
                 start(i)
         if stopping and not procs:
+            if monitor is not None:
+                monitor.stop()
             return 0

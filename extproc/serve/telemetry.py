@@ -19,9 +19,16 @@ Metrics (names as Prometheus shows them; OTel instrument names use dots):
     budget_router_learned_bytes_per_token{model,category}        gauge
     budget_router_learned_overhead_tokens{model,category}        gauge, tokens
     budget_router_learned_samples_total{model,category}          counter
-    budget_router_misroutes_detected_total{pool}                 counter
+    budget_router_misroutes_detected_total{pool,kind}            counter
     budget_router_processing_seconds{phase}                      histogram, s
     budget_router_streams_in_flight                              gauge (up-down)
+    budget_router_tier_load{tier,signal}                         gauge (running, waiting, kv_usage,
+                                                                 preemption_rate, instances) as seen
+    budget_router_tier_signal_age_seconds{tier}                  gauge, s (absent: no fresh sample)
+    budget_router_tier_saturated{tier}                           gauge 0/1 (spillover sends it up)
+    budget_router_tier_budget_limit{tier}                        gauge, tokens (the threshold in use)
+    budget_router_spillovers_total{from_tier,to_tier}            counter
+    budget_router_threshold_moves_total{tier}                    counter (adaptive threshold)
 
 Served on a Prometheus endpoint per worker ([telemetry] prometheus_port + i)
 and exported by OTLP when OTEL_EXPORTER_OTLP_ENDPOINT is set.
@@ -44,7 +51,7 @@ from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import BatchSpanProcessor
 
 from ..config import Config
-from ..core.machine import StreamMachine
+from ..core.machine import MISROUTE_CONTEXT, MISROUTE_TRUNCATED, StreamMachine
 from ..core.router import Router
 from ..core.features import CATEGORIES
 
@@ -154,7 +161,7 @@ class Telemetry:
         # the same.
         self._requests: dict[tuple[str, str, str], int] = {}
         self._samples: dict[tuple[str, str], int] = {}
-        self._misroutes: dict[str, int] = {}
+        self._misroutes: dict[tuple[str, str], int] = {}
         self._in_flight = 0
         m.create_observable_counter("budget_router.requests", [self._observe_requests], unit="",
                                     description="Requests decided, by pool, category and reason")
@@ -163,7 +170,8 @@ class Telemetry:
         m.create_observable_counter("budget_router.learned_samples", [self._observe_samples], unit="",
                                     description="Responses the estimator learned from")
         m.create_observable_counter("budget_router.misroutes_detected", [self._observe_misroutes], unit="",
-                                    description="Short-pool context-length errors seen in the response phase")
+                                    description="Harmful misroutes seen in the response phase: kind context_length "
+                                                "(the short pool's 400) or truncated (answer cut at its max_model_len)")
         self.processing = m.create_histogram("budget_router.processing", unit="s",
                                              description="Router CPU-side time per ext_proc message, by phase")
         m.create_observable_up_down_counter("budget_router.streams_in_flight", [self._observe_in_flight], unit="",
@@ -172,6 +180,46 @@ class Telemetry:
                                   description="Observed bytes per token of learned responses (EMA)")
         m.create_observable_gauge("budget_router.learned_overhead_tokens", [self._observe_overhead], unit="",
                                   description="Learned fixed chat-template overhead (intercept)")
+        m.create_observable_gauge("budget_router.tier_load", [self._observe_tier_load], unit="",
+                                  description="Tier load from the pools' vLLM metrics, as the router sees it")
+        m.create_observable_gauge("budget_router.tier_signal_age", [self._observe_tier_age], unit="s",
+                                  description="Age of the newest fresh vLLM sample of the tier")
+        m.create_observable_gauge("budget_router.tier_saturated", [self._observe_saturated], unit="",
+                                  description="1 while spillover sends the tier's requests up")
+        m.create_observable_gauge("budget_router.tier_budget_limit", [self._observe_limits], unit="",
+                                  description="Budget limit of the tier in use (adaptive threshold, pins)")
+        m.create_observable_counter("budget_router.spillovers", [self._observe_spillovers], unit="",
+                                    description="Requests sent up from a saturated tier, by (from, to)")
+        m.create_observable_counter("budget_router.threshold_moves", [self._observe_moves], unit="",
+                                    description="Moves of the tier's budget limit by the adaptive threshold")
+
+    def _observe_tier_load(self, options: CallbackOptions) -> Iterable[Observation]:
+        for load in self.router.loads:
+            if load.known:
+                for signal in ("running", "waiting", "kv_usage", "preemption_rate", "instances"):
+                    yield Observation(getattr(load, signal), {"tier": load.name, "signal": signal})
+
+    def _observe_tier_age(self, options: CallbackOptions) -> Iterable[Observation]:
+        for load in self.router.loads:
+            if load.known:
+                yield Observation(load.age_s, {"tier": load.name})
+
+    def _observe_saturated(self, options: CallbackOptions) -> Iterable[Observation]:
+        for load, sat in zip(self.router.loads, self.router.spillover.saturated):
+            yield Observation(1 if sat else 0, {"tier": load.name})
+
+    def _observe_limits(self, options: CallbackOptions) -> Iterable[Observation]:
+        for tier, limit in zip(self.router.cfg.tiers, self.router.limits()):
+            yield Observation(limit, {"tier": tier.name})
+
+    def _observe_spillovers(self, options: CallbackOptions) -> Iterable[Observation]:
+        tiers = self.router.cfg.tiers
+        for (a, b), n in list(self.router.spillover.spilled.items()):
+            yield Observation(n, {"from_tier": tiers[a].name, "to_tier": tiers[b].name})
+
+    def _observe_moves(self, options: CallbackOptions) -> Iterable[Observation]:
+        for tier, n in zip(self.router.cfg.tiers, self.router.threshold.moves):
+            yield Observation(n, {"tier": tier.name})
 
     def _observe_requests(self, options: CallbackOptions) -> Iterable[Observation]:
         for (pool, cat, reason), n in list(self._requests.items()):
@@ -192,8 +240,8 @@ class Telemetry:
             yield Observation(n, {"model": model, "category": cat})
 
     def _observe_misroutes(self, options: CallbackOptions) -> Iterable[Observation]:
-        for pool, n in list(self._misroutes.items()):
-            yield Observation(n, {"pool": pool})
+        for (pool, kind), n in list(self._misroutes.items()):
+            yield Observation(n, {"pool": pool, "kind": kind})
 
     def _observe_in_flight(self, options: CallbackOptions) -> Iterable[Observation]:
         yield Observation(self._in_flight)
@@ -234,9 +282,10 @@ class Telemetry:
                     self._prune_samples()
                 self._samples[skey] = self._samples.get(skey, 0) + 1
             if m.misroute:
-                self._misroutes[d.pool] = self._misroutes.get(d.pool, 0) + 1
-                log.warning("misroute detected: short pool rejected a request for its context length",
-                            extra={"fields": {"request_id": m.request_headers.get("x-request-id"),
+                mkey = (d.pool, m.misroute)
+                self._misroutes[mkey] = self._misroutes.get(mkey, 0) + 1
+                log.warning("misroute detected: %s", MISROUTE_LOG[m.misroute],
+                            extra={"fields": {"kind": m.misroute, "request_id": m.request_headers.get("x-request-id"),
                                               "trace_id": trace_id(s.metadata) or trace_id(m.request_headers),
                                               "estimate": d.estimate, "prompt_tokens": m.usage.prompt_tokens
                                               if m.usage else None, "category": d.category}})
@@ -264,6 +313,8 @@ class Telemetry:
                 "budget_router.estimated_prompt_tokens": d.estimate, "budget_router.budget": d.budget,
                 "budget_router.output_budget": d.output, "budget_router.margin": d.margin,
             })
+            if d.from_pool:
+                attrs["budget_router.spilled_from"] = d.from_pool
             if d.capped:
                 attrs["gen_ai.request.max_tokens"] = d.output
         if m.usage is not None:
@@ -274,9 +325,16 @@ class Telemetry:
         if m.rel_error is not None:
             attrs["budget_router.estimate_error"] = m.rel_error
         if m.misroute:
-            attrs["budget_router.misroute"] = True
+            attrs["budget_router.misroute"] = m.misroute
         span.set_attributes(attrs)
         span.end()
+
+
+#: What the warning log line says for each kind of detected misroute.
+MISROUTE_LOG = {
+    MISROUTE_CONTEXT: "the short pool refused a request for its context length (HTTP 400)",
+    MISROUTE_TRUNCATED: "the short pool cut an answer short at its max_model_len (finish_reason length)",
+}
 
 
 class ObservedStream:

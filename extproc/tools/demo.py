@@ -35,6 +35,7 @@ from .. import config as C
 from . import demo_traffic as T
 from ..core.policy import true_budget
 from .replay import percentile
+from .stack import POOL_KINDS, POOLS_SIM, POOLS_VLLM
 
 # --- Defaults ---------------------------------------------------------------------
 
@@ -42,6 +43,15 @@ from .replay import percentile
 #: its 32 "learn from everything" samples and show convergence in the last
 #: 20%, small enough for ~1-2 minutes on 2 cores.
 DEFAULT_REQUESTS = 300
+
+#: Requests of a default run with real vLLM pools (``--pools vllm``): two CPU
+#: servers answer ~2-4 requests a second on 2 cores, so ~1-2 minutes of traffic.
+DEFAULT_REQUESTS_VLLM = 150
+
+#: Prompt and output sizes of the built-in mix with real vLLM pools: their
+#: long context is 8,192 tokens (tools/vllm_pool.py), 1/16 of the 131,072 the
+#: mix is written for.
+VLLM_MIX_SCALE = 1 / 16
 
 #: Client concurrency: keeps both pools batching (a real load) while 2 cores
 #: still run Envoy, the router, two pools and this client without the client
@@ -108,6 +118,7 @@ class Result:
     reason: str | None = None
     prompt_tokens: int | None = None
     completion_tokens: int | None = None
+    finish_reason: str | None = None   # of the first choice
     latency_s: float | None = None
     sent_at: float | None = None       # seconds after the traffic started
     scheduled_at: float | None = None  # trace arrival time (scaled), if any
@@ -175,8 +186,13 @@ async def send_one(client, req: T.DemoRequest, decision_header: str, t0: float) 
             async for chunk in raw.parse():
                 if chunk.usage is not None:
                     usage = chunk.usage
+                if chunk.choices and chunk.choices[0].finish_reason:
+                    res.finish_reason = chunk.choices[0].finish_reason
         else:
-            usage = raw.parse().usage
+            parsed = raw.parse()
+            usage = parsed.usage
+            if parsed.choices:
+                res.finish_reason = parsed.choices[0].finish_reason
         if usage is not None:
             res.prompt_tokens, res.completion_tokens = usage.prompt_tokens, usage.completion_tokens
     except openai.APIStatusError as e:
@@ -298,6 +314,7 @@ def analyze(results: list[Result], b_short: int, short: str = "short") -> dict[s
     by_kind: dict[str, dict[str, int]] = {}
     statuses: dict[str, int] = {}
     harmful: list[int] = []
+    truncated: list[int] = []   # harmful, answered 200 but cut short (vLLM 0.32+)
     benign: list[int] = []
     judged = 0
     unexpected: list[dict[str, Any]] = []
@@ -322,6 +339,9 @@ def analyze(results: list[Result], b_short: int, short: str = "short") -> dict[s
             if r.pool == short and oracle != short:
                 harmful.append(r.index)
                 is_harmful = True
+                if r.status == 200 and r.finish_reason == "length" and (
+                        r.max_tokens is None or (r.completion_tokens or 0) < r.max_tokens):
+                    truncated.append(r.index)
             elif r.pool != short and oracle == short:
                 benign.append(r.index)
         if r.status != 200:
@@ -375,6 +395,7 @@ def analyze(results: list[Result], b_short: int, short: str = "short") -> dict[s
             "harmful_pct": round(100 * len(harmful) / n_judged, 2),
             "benign_pct": round(100 * len(benign) / n_judged, 2),
             "harmful_requests": harmful[:50], "benign_requests": benign[:50],
+            "harmful_truncated": len(truncated), "truncated_requests": truncated[:50],
         },
         "errors": {"deliberate": deliberate, "unexpected": unexpected},
         "request_latency_s": {"p50": _r(pct(lat, 50), 3), "p99": _r(pct(lat, 99), 3)},
@@ -481,6 +502,8 @@ def _pcts(x: float | None) -> str:
 def format_report(rep: dict[str, Any]) -> str:
     a = rep["analysis"]
     c = rep["config"]
+    pools_text = (f"real vLLM {c.get('vllm_version')} CPU servers, tiny Qwen2 with random weights"
+                  if c.get("pools") == POOLS_VLLM else f"simulated vLLM at time scale {c['time_scale']}")
     lines = [
         "# budget-router demo report",
         "",
@@ -488,7 +511,7 @@ def format_report(rep: dict[str, Any]) -> str:
         f"{rep['wall_seconds']:.1f} s of traffic",
         f"router: B_short = {c['b_short']}, sample_rate = {c['sample_rate']} (demo setting: the router learns "
         f"from every response; deployments default to {c['default_sample_rate']}), fresh calibration state",
-        f"pools: simulated vLLM at time scale {c['time_scale']} (short max_model_len {c['short_max_model_len']}, "
+        f"pools: {pools_text} (short max_model_len {c['short_max_model_len']}, "
         f"long {c['long_max_model_len']})",
         "",
         "## Requests per pool",
@@ -497,7 +520,7 @@ def format_report(rep: dict[str, Any]) -> str:
         + "   (HTTP statuses: " + ", ".join(f"{k}: {v}" for k, v in sorted(a["statuses"].items())) + ")",
         "",
         f"  end-to-end latency of successful requests: p50 {a['request_latency_s']['p50']} s, "
-        f"p99 {a['request_latency_s']['p99']} s (simulated pools at time scale {c['time_scale']})",
+        f"p99 {a['request_latency_s']['p99']} s ({pools_text})",
     ]
     if a.get("trace"):
         t = a["trace"]
@@ -526,11 +549,14 @@ def format_report(rep: dict[str, Any]) -> str:
         "",
         "## Misroutes (true budget = usage.prompt_tokens + (max_tokens if given else completion_tokens))",
         "",
-        f"  harmful (true budget > B_short, sent short): {m['harmful']} ({m['harmful_pct']:.2f}%)",
+        f"  harmful (true budget > B_short, sent short): {m['harmful']} ({m['harmful_pct']:.2f}%); "
+        f"{m.get('harmful_truncated', 0)} of them answered 200 but cut short at the short pool's max_model_len "
+        "(vLLM 0.32+ clips instead of refusing)",
         f"  benign  (true budget <= B_short, sent long): {m['benign']} ({m['benign_pct']:.2f}%)",
         f"  of {m['judged']} requests with a known true budget. Benign ones are the price of the safety margin "
         "(estimate x (1 + margin) + output budget is compared with B_short), paid by requests just under B_short; "
-        "a harmful one would be refused by the short pool (prompt + max_tokens > its max_model_len).",
+        "a harmful one is refused by the short pool when its prompt alone is too long, and otherwise cut short "
+        "(vLLM 0.32+; vLLM 0.5-0.10 refused prompt + max_tokens > max_model_len).",
         "",
         "## Errors",
         "",
@@ -572,13 +598,33 @@ def format_report(rep: dict[str, Any]) -> str:
 
 # --- Command ----------------------------------------------------------------------------
 
+def _vllm_version(pools: str) -> str | None:
+    if pools != POOLS_VLLM:
+        return None
+    from .vllm_pool import VLLM_VERSION
+    return VLLM_VERSION
+
+
 def build_requests(args: argparse.Namespace, b_short: int) -> tuple[list[T.DemoRequest], str]:
+    reqs, source = _requests(args, b_short)
+    if args.pools == POOLS_VLLM:
+        from .vllm_pool import VLLM_MODEL
+        for r in reqs:
+            r.model = VLLM_MODEL  # real vLLM answers 404 to names it does not serve
+    return reqs, source
+
+
+def _requests(args: argparse.Namespace, b_short: int) -> tuple[list[T.DemoRequest], str]:
     if args.trace:
         reqs = T.from_trace(args.trace, args.requests, args.seed, rate=args.rate, duration=args.duration)
         return reqs, f"trace {args.trace} (arrivals x{args.rate})"
     if args.prompts:
         return T.from_prompt_files(args.prompts, args.requests, args.seed, b_short), f"prompt files {args.prompts}"
-    return T.builtin_mix(args.requests, args.seed, b_short), "built-in mix (stdlib prose/code, CJK, tools, chats, long)"
+    real = args.pools == POOLS_VLLM
+    scale = VLLM_MIX_SCALE if real else 1.0
+    return (T.builtin_mix(args.requests, args.seed, b_short, scale=scale, capped_only=real),
+            "built-in mix (stdlib prose/code, CJK, tools, chats, long)"
+            + (f", sizes x{scale:g}, every request capped (random weights never stop)" if real else ""))
 
 
 def _print_stack_failure(stack, err: Exception) -> None:
@@ -595,8 +641,21 @@ def _print_stack_failure(stack, err: Exception) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from .. import defaults as D
-    from .stack import Stack, loopback_config
+    from .stack import Stack, loopback_config, vllm_config
 
+    if getattr(args, "scenario", "mix") == "burst":
+        from .burst import run as run_burst
+        return run_burst(args)
+    if args.time_scale is None:
+        args.time_scale = DEMO_TIME_SCALE
+
+    if args.requests is None:
+        args.requests = DEFAULT_REQUESTS_VLLM if args.pools == POOLS_VLLM else DEFAULT_REQUESTS
+    if args.pools == POOLS_VLLM:
+        from .vllm_pool import missing
+        if missing():
+            print(f"budget-router demo: {missing()}", file=sys.stderr)
+            return 2
     if args.requests < 1 or args.concurrency < 1:
         print("budget-router demo: --requests and --concurrency must be >= 1", file=sys.stderr)
         return 2
@@ -610,16 +669,19 @@ def run(args: argparse.Namespace) -> int:
     state_file = os.path.join(workdir, "state.json")
     base = C.load_config(args)
     cfg = loopback_config(base, router={"sample_rate": args.sample_rate, "state_file": state_file})
+    if args.pools == POOLS_VLLM:
+        cfg = vllm_config(cfg)
     b_short = cfg.policy.b_short
-    stack = Stack(cfg, workdir=workdir, time_scale=args.time_scale)
+    stack = Stack(cfg, workdir=workdir, time_scale=args.time_scale, pools=args.pools)
 
     def on_term(signum, frame):
         raise KeyboardInterrupt
 
     old_term = signal.signal(signal.SIGTERM, on_term)
     t_start = time.perf_counter()
-    print(f"budget-router demo: starting Envoy + router + short and long simulated pools "
-          f"(time scale {args.time_scale}) ...", flush=True)
+    what = ("real vLLM CPU pools (tiny Qwen2, random weights; ~1-2 min to start)" if args.pools == POOLS_VLLM
+            else f"simulated pools (time scale {args.time_scale})")
+    print(f"budget-router demo: starting Envoy + router + short and long {what} ...", flush=True)
     pool = ThreadPoolExecutor(max_workers=1)
     try:
         building = pool.submit(build_requests, args, b_short)  # builds while the stack starts
@@ -679,7 +741,8 @@ def run(args: argparse.Namespace) -> int:
     plot_pools(results, files["pools.png"], b_short, cfg.short.name)
     report = {
         "config": {
-            "source": source, "requests": args.requests, "concurrency": args.concurrency, "seed": args.seed,
+            "source": source, "pools": args.pools, "vllm_version": _vllm_version(args.pools),
+            "requests": args.requests, "concurrency": args.concurrency, "seed": args.seed,
             "time_scale": args.time_scale, "sample_rate": args.sample_rate,
             "default_sample_rate": D.SAMPLE_RATE, "b_short": b_short,
             "short_max_model_len": cfg.short.max_model_len, "long_max_model_len": cfg.long.max_model_len,
@@ -721,7 +784,11 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                           "conversations or messages) instead of the built-in mix")
     src.add_argument("--trace", metavar="FILE",
                      help="Azure LLM inference CSV or Mooncake JSONL: replay its arrival times and sizes")
-    p.add_argument("--requests", type=int, default=DEFAULT_REQUESTS, help="number of requests (default %(default)s)")
+    p.add_argument("--pools", choices=POOL_KINDS, default=POOLS_SIM,
+                   help="sim: simulated vLLM pools (default, fast); vllm: two real vLLM CPU servers "
+                        "(needs `make vllm-env`; B_short 2048, contexts 2048/8192, mix sizes /16)")
+    p.add_argument("--requests", type=int, default=None,
+                   help=f"number of requests (default {DEFAULT_REQUESTS}; {DEFAULT_REQUESTS_VLLM} with --pools vllm)")
     p.add_argument("--concurrency", type=int, default=DEFAULT_CONCURRENCY,
                    help="requests in flight at most (default %(default)s)")
     p.add_argument("--seed", type=int, default=0, help="traffic seed (default %(default)s)")
@@ -730,8 +797,12 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--duration", type=float, default=None,
                    help="with --trace: replay at most this many seconds of (scaled) arrivals")
     p.add_argument("--out", default=DEFAULT_OUT, help="report and plots directory (default %(default)s)")
-    p.add_argument("--time-scale", type=float, default=DEMO_TIME_SCALE,
-                   help="simulated pools' wall seconds per GPU second (default %(default)s)")
+    p.add_argument("--time-scale", type=float, default=None,
+                   help=f"simulated pools' wall seconds per GPU second (default {DEMO_TIME_SCALE}; "
+                        "1.0 for --scenario burst)")
+    p.add_argument("--scenario", choices=["mix", "burst"], default="mix",
+                   help="mix: realistic traffic, accuracy and overhead report (default); burst: a burst of "
+                        "short traffic saturates the short pool, static vs closed-loop routing (burst.png)")
     p.add_argument("--sample-rate", type=float, default=DEMO_SAMPLE_RATE,
                    help="router's [router] sample_rate for the demo (default %(default)s)")
     p.add_argument("--latency-pairs", type=int, default=LATENCY_PAIRS,

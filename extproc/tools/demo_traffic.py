@@ -128,9 +128,10 @@ class DemoRequest:
     target_tokens: int | None = None  # intended prompt size (trace replay)
     deliberate_error: bool = False
     clipped: bool = False            # trace prompt cut to fit the long pool
+    model: str = MODEL               # model name sent (real vLLM pools serve their own)
 
     def body(self) -> dict[str, Any]:
-        b: dict[str, Any] = {"model": MODEL, "messages": self.messages}
+        b: dict[str, Any] = {"model": self.model, "messages": self.messages}
         if self.tools:
             b["tools"] = self.tools
         if self.max_tokens is not None:
@@ -510,25 +511,40 @@ def _kinds(rng: random.Random, n: int, shares: dict[str, float]) -> list[str]:
     return kinds
 
 
-def _max_tokens(rng: random.Random) -> int | None:
-    if rng.random() < NO_MAX_TOKENS_SHARE:
+def _max_tokens(rng: random.Random, scale: float = 1.0, capped_only: bool = False) -> int | None:
+    if rng.random() < NO_MAX_TOKENS_SHARE and not capped_only:
         return None
-    return rng.choice(MAX_TOKENS_CHOICES)
+    return _scaled(rng.choice(MAX_TOKENS_CHOICES), scale)
 
 
-def make_request(rng: random.Random, index: int, kind: str, b_short: int) -> DemoRequest:
-    max_tokens = _max_tokens(rng)
+#: Smallest size a scaled prompt or output cap gets (``scale`` < 1).
+MIN_SCALED_TOKENS = 8
+
+
+def _scaled(tokens: int, scale: float) -> int:
+    return tokens if scale == 1.0 else max(MIN_SCALED_TOKENS, int(tokens * scale))
+
+
+def make_request(rng: random.Random, index: int, kind: str, b_short: int, scale: float = 1.0,
+                 capped_only: bool = False) -> DemoRequest:
+    """One request of ``kind``. ``scale`` multiplies every prompt size and
+    output cap (not the near-threshold budgets, which follow ``b_short``):
+    real vLLM pools on a CPU have 16x smaller contexts than the GPU fleet the
+    mix is written for. ``capped_only``: every request sets max_tokens (a
+    model with random weights has no natural answer length: it never emits
+    EOS and an uncapped answer runs to max_model_len)."""
+    max_tokens = _max_tokens(rng, scale, capped_only)
     stream = rng.random() < STREAM_SHARE
     tools = None
     if kind == "prose":
-        messages = [{"role": "user", "content": rng.choice(PROSE_ASKS) + "\n\n" + prose_text(rng, _chat_tokens(rng))}]
+        messages = [{"role": "user", "content": rng.choice(PROSE_ASKS) + "\n\n" + prose_text(rng, _scaled(_chat_tokens(rng), scale))}]
     elif kind == "code":
         messages = [{"role": "user", "content": rng.choice(CODE_ASKS) + "\n\n```python\n"
-                     + code_text(rng, _chat_tokens(rng)) + "\n```"}]
+                     + code_text(rng, _scaled(_chat_tokens(rng), scale)) + "\n```"}]
     elif kind == "cjk":
         lang = rng.choice(("zh", "ja"))
         ask = rng.choice(ZH_ASKS if lang == "zh" else JA_ASKS)
-        messages = [{"role": "user", "content": ask + "\n" + cjk_text(rng, _chat_tokens(rng, CJK_MAX_TOKENS), lang)}]
+        messages = [{"role": "user", "content": ask + "\n" + cjk_text(rng, _scaled(_chat_tokens(rng, CJK_MAX_TOKENS), scale), lang)}]
     elif kind == "tools":
         messages, tools = _tool_request(rng)
     elif kind == "chat":
@@ -536,19 +552,21 @@ def make_request(rng: random.Random, index: int, kind: str, b_short: int) -> Dem
         lang = "zh" if "中文" in system else "ja" if "日本語" in system else rng.choice(("prose", "prose", "code"))
         messages = [{"role": "system", "content": system}]
         for t in range(rng.randint(1, 3)):
-            messages.append({"role": "user", "content": filler_text(rng, _chat_tokens(rng, 1500), lang)})
-            messages.append({"role": "assistant", "content": filler_text(rng, rng.randint(40, 400), lang)})
-        messages.append({"role": "user", "content": filler_text(rng, rng.randint(20, 300), lang)})
+            messages.append({"role": "user", "content": filler_text(
+                rng, _scaled(_chat_tokens(rng, 1500), scale), lang)})
+            messages.append({"role": "assistant", "content": filler_text(
+                rng, _scaled(rng.randint(40, 400), scale), lang)})
+        messages.append({"role": "user", "content": filler_text(rng, _scaled(rng.randint(20, 300), scale), lang)})
     elif kind == "long":
-        tokens = int(math.exp(rng.uniform(math.log(LONG_MIN_TOKENS), math.log(LONG_MAX_TOKENS))))
+        tokens = _scaled(int(math.exp(rng.uniform(math.log(LONG_MIN_TOKENS), math.log(LONG_MAX_TOKENS)))), scale)
         body = code_text(rng, tokens) if rng.random() < 0.6 else prose_text(rng, tokens)
         messages = [{"role": "user", "content": rng.choice(LONG_ASKS) + "\n\n" + body}]
     elif kind == "near":
         # prompt + output within NEAR_BAND of B_short: a modest output and a
         # prompt that makes up the rest
-        max_tokens = rng.choice((128, 256, 512, 1024))
+        max_tokens = _scaled(rng.choice((128, 256, 512, 1024)), scale)
         total = int(b_short * rng.uniform(1 - NEAR_BAND, 1 + NEAR_BAND))
-        prompt = max(500, total - max_tokens - TEMPLATE_REQUEST_TOKENS - TEMPLATE_MESSAGE_TOKENS)
+        prompt = max(_scaled(500, scale), total - max_tokens - TEMPLATE_REQUEST_TOKENS - TEMPLATE_MESSAGE_TOKENS)
         body = code_text(rng, prompt) if rng.random() < 0.5 else prose_text(rng, prompt)
         messages = [{"role": "user", "content": body}]
     else:
@@ -574,12 +592,14 @@ def _place(rng: random.Random, reqs: list[DemoRequest], extra: list[DemoRequest]
     return out
 
 
-def builtin_mix(n: int, seed: int, b_short: int = 8192, with_errors: bool = True) -> list[DemoRequest]:
-    """n requests of the built-in mix (+2 deliberate errors when n >= 20)."""
+def builtin_mix(n: int, seed: int, b_short: int = 8192, with_errors: bool = True,
+                scale: float = 1.0, capped_only: bool = False) -> list[DemoRequest]:
+    """n requests of the built-in mix (+2 deliberate errors when n >= 20);
+    ``scale``, ``capped_only``: see ``make_request``."""
     rng = random.Random(seed)
     errors = deliberate_errors(rng) if with_errors and n >= 20 else []
     kinds = _kinds(rng, n - len(errors), MIX_SHARES)
-    reqs = [make_request(rng, i, k, b_short) for i, k in enumerate(kinds)]
+    reqs = [make_request(rng, i, k, b_short, scale, capped_only) for i, k in enumerate(kinds)]
     return _place(rng, reqs, errors)
 
 

