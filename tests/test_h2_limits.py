@@ -329,19 +329,26 @@ def test_control_replies_never_read_bound_memory(tmp_path):
     with server(tmp_path) as srv, probe_keeps_latency(srv.port):
         rss0 = srv.rss_kb()
         s = connect(srv.port)
-        s.settimeout(20)
-        ping = h2.ping_frame(b"12345678")
-        sent = 0
-        try:
-            while sent < 1_000_000:
-                s.sendall(ping * 10_000)
-                sent += 10_000
-        except OSError:  # reset by the server, or it stopped reading (timeout)
-            pass
-        st = srv.stats()["counters"]
-        assert st.get(f"goaway_{h2.ENHANCE_YOUR_CALM}", 0) + st.get("reading_paused", 0) >= 1
-        assert srv.rss_kb() - rss0 < 30_000
+        flood_unread_pings(srv, s, rss0)
         s.close()
+
+
+def flood_unread_pings(srv: Server, s: socket.socket, rss0: int) -> None:
+    """Up to 1M PINGs on ``s`` (after the preface), never reading the ACKs:
+    the server must stop reading or cut the connection off, its RSS within
+    30 MB of ``rss0``."""
+    s.settimeout(20)
+    ping = h2.ping_frame(b"12345678") * 10_000
+    sent = 0
+    try:
+        while sent < 1_000_000:
+            s.sendall(ping)
+            sent += 10_000
+    except OSError:  # reset by the server, or it stopped reading (timeout)
+        pass
+    st = srv.stats()["counters"]
+    assert st.get(f"goaway_{h2.ENHANCE_YOUR_CALM}", 0) + st.get("reading_paused", 0) >= 1, st
+    assert srv.rss_kb() - rss0 < 30_000
 
 
 def _closed_soon(sock: socket.socket) -> bool:
