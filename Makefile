@@ -8,7 +8,7 @@ STAMP   = $(VENV)/.installed
 VLLM_VENV  ?= .venv-vllm
 VLLM_STAMP  = $(VLLM_VENV)/.installed
 
-.PHONY: demo test test-vllm vllm-env bench bench-sim accuracy planner-results up envoy-config clean
+.PHONY: demo test test-vllm vllm-env bench bench-sim accuracy planner-results up envoy-config check-compose clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -38,6 +38,11 @@ test: $(STAMP) $(VLLM_STAMP)
 ## Only the real-vLLM tier (tests/vllm, marker vllm).
 test-vllm: $(STAMP) $(VLLM_STAMP)
 	ROUTER_VLLM_VENV=$(VLLM_VENV) ROUTER_TESTS_REQUIRE_VLLM=1 $(PY) -m pytest -q -s -m vllm tests/vllm
+
+## Compose's Envoy healthcheck judged by a container engine (podman, root; not in `test`:
+## needs `apt-get install -y podman runc`). Builds a local Envoy image, no registry.
+check-compose: $(STAMP)
+	$(PY) compose/check_healthcheck.py
 
 ## Router overhead: Envoy direct vs Envoy + router, concurrency 1 and 16.
 bench: $(STAMP)

@@ -171,8 +171,13 @@ MISSPELLINGS = [
     ("overlays/envoy-gateway", "EnvoyExtensionPolicy", ["spec", "extProc", 0, "failOpen"]),
     ("overlays/envoy-gateway", "ClientTrafficPolicy", ["spec", "headers", "earlyRequestHeaders"]),
     ("overlays/envoy-gateway", "HTTPRoute", ["spec", "rules", 0, "backendRefs"]),
+    ("overlays/envoy-gateway", "Backend", ["spec", "endpoints", 0, "fqdn", "hostname"]),
+    ("overlays/envoy-gateway", "BackendTrafficPolicy", ["spec", "healthCheck", "passive", "consecutiveGatewayErrors"]),
+    ("overlays/envoy-gateway", "BackendTrafficPolicy", ["spec", "retry", "retryOn", "triggers"]),
     ("overlays/istio", "EnvoyFilter", ["spec", "workloadSelector"]),
     ("overlays/istio", "VirtualService", ["spec", "http", 0, "route", 0, "destination", "host"]),
+    ("overlays/istio", "VirtualService", ["spec", "http", 0, "retries", "retryOn"]),
+    ("overlays/istio", "DestinationRule", ["spec", "trafficPolicy", "outlierDetection", "maxEjectionPercent"]),
     ("overlays/inference-pools", "InferencePool", ["spec", "endpointPickerRef", "failureMode"]),
     ("overlays/inference-pools", "Gateway", ["spec", "listeners", 0, "protocol"]),
     ("overlays/inference-pools", "EnvoyFilter", ["spec", "targetRefs"]),
@@ -201,6 +206,12 @@ def test_crd_schemas_reject_wrong_values_too():
     route = copy.deepcopy(one(pools, "HTTPRoute"))
     route["spec"]["rules"][0]["matches"][0]["headers"][0]["type"] = "Exactly"
     assert validation_errors(route)
+    btp = copy.deepcopy(one(render("overlays/envoy-gateway"), "BackendTrafficPolicy"))
+    btp["spec"]["retry"]["retryOn"]["triggers"].append("connect-failures")      # enum
+    assert validation_errors(btp)
+    btp["spec"]["retry"]["retryOn"]["triggers"].pop()
+    btp["spec"]["healthCheck"]["active"]["interval"] = "1 second"               # duration pattern
+    assert validation_errors(btp)
 
 
 # --- The CRD-derived schemas ------------------------------------------------------
@@ -510,6 +521,80 @@ def test_envoy_gateway_policies_match_the_config():
     assert "headers" not in rules[-1]["matches"][0], "the default rule (long pool) must match everything"
 
 
+def _seconds(duration: str) -> float:
+    """A Gateway API / Istio / Envoy JSON duration ("10ms", "1s", "0.010s") in seconds."""
+    m = re.fullmatch(r"([0-9.]+)(ms|s|m|h)", duration)
+    assert m, duration
+    return float(m[1]) * {"ms": 1e-3, "s": 1, "m": 60, "h": 3600}[m[2]]
+
+
+def _bootstrap_pool_resilience() -> tuple[dict, dict, dict, list[str]]:
+    """What the rendered bootstrap gives the pools: (health check, outlier
+    detection, retry policy of the short route, failover cluster order)."""
+    boot = E.to_dict(C.load(env={}))
+    clusters = {c["name"]: c for c in boot["static_resources"]["clusters"]}
+    d = C.load(env={})
+    short = clusters[d.short.cluster]
+    assert all(clusters[p.cluster]["health_checks"] == short["health_checks"] and
+               clusters[p.cluster]["outlier_detection"] == short["outlier_detection"] for p in (d.short, d.long))
+    routes = _bootstrap_hcm()["route_config"]["virtual_hosts"][0]["routes"]
+    retry = routes[0]["route"]["retry_policy"]
+    assert all(r["route"]["retry_policy"] == retry for r in routes)
+    order = clusters[E.failover_cluster_name(d.short)]["cluster_type"]["typed_config"]["clusters"]
+    return short["health_checks"][0], short["outlier_detection"], retry, order
+
+
+def _check_outlier_detection(platform: dict, ours: dict) -> None:
+    """Envoy Gateway's passive health check and Istio's outlierDetection use
+    the same field names; both must say what the bootstrap says."""
+    assert platform["splitExternalLocalOriginErrors"] is ours["split_external_local_origin_errors"] is True
+    assert platform["consecutiveLocalOriginFailures"] == ours["consecutive_local_origin_failure"]
+    assert platform["consecutiveGatewayErrors"] == ours["consecutive_gateway_failure"]
+    assert _seconds(platform["interval"]) == _seconds(ours["interval"])
+    assert _seconds(platform["baseEjectionTime"]) == _seconds(ours["base_ejection_time"])
+    assert platform["maxEjectionPercent"] == ours["max_ejection_percent"]
+
+
+def test_envoy_gateway_fails_short_over_to_long_as_the_bootstrap_does():
+    """Health checks, outlier detection, safe retries and a fallback Backend:
+    the bootstrap's pool_short_failover on Envoy Gateway."""
+    docs = render("overlays/envoy-gateway")
+    health, outlier, retry, order = _bootstrap_pool_resilience()
+    d = C.load(env={})
+    assert order == [d.short.cluster, d.long.cluster]   # what the fallback Backend reproduces
+    route = one(docs, "HTTPRoute")
+    short_rule, long_rule = route["spec"]["rules"]
+    # short: pool-short, then the long pool as a fallback Backend (priority 1).
+    refs = short_rule["backendRefs"]
+    assert [(r["group"], r["kind"]) for r in refs] == [("gateway.envoyproxy.io", "Backend")] * 2
+    primary, fallback = (one(docs, "Backend", r["name"]) for r in refs)
+    assert not primary["spec"].get("fallback") and fallback["spec"]["fallback"] is True
+    ns = route["metadata"]["namespace"]
+    for backend, ref, pool in ((primary, refs[0], "pool-short"), (fallback, refs[1], "pool-long")):
+        (ep,) = backend["spec"]["endpoints"]
+        assert ep["fqdn"] == {"hostname": f"{pool}.{ns}.svc.cluster.local", "port": ref["port"]}
+        assert backend["metadata"]["namespace"] == ns
+    # ... the same long pool the default rule serves.
+    assert (long_rule["backendRefs"][0]["name"], long_rule["backendRefs"][0]["port"]) == (
+        "pool-long", fallback["spec"]["endpoints"][0]["fqdn"]["port"])
+    btp = one(docs, "BackendTrafficPolicy")["spec"]
+    assert btp["targetRefs"] == [{"group": "gateway.networking.k8s.io", "kind": "HTTPRoute",
+                                  "name": route["metadata"]["name"]}]
+    active = btp["healthCheck"]["active"]
+    assert (active["type"], active["http"]) == ("HTTP", {"path": health["http_health_check"]["path"]})
+    assert _seconds(active["interval"]) == _seconds(health["interval"])
+    assert _seconds(active["timeout"]) == _seconds(health["timeout"])
+    assert active["unhealthyThreshold"] == health["unhealthy_threshold"]
+    assert active["healthyThreshold"] == health["healthy_threshold"]
+    _check_outlier_detection(btp["healthCheck"]["passive"], outlier)
+    r = btp["retry"]
+    assert ",".join(r["retryOn"]["triggers"]) == retry["retry_on"] == E.POOL_RETRY_ON
+    assert "httpStatusCodes" not in r["retryOn"], "a pool's answer is never retried"
+    assert r["numRetries"] == retry["num_retries"]
+    assert r["numAttemptsPerPriority"] == 1, "a retry after a refused connection goes to the fallback at once"
+    assert _seconds(r["perRetry"]["backOff"]["baseInterval"]) == _seconds(retry["retry_back_off"]["base_interval"])
+
+
 # --- Istio overlays ------------------------------------------------------------------
 
 
@@ -561,6 +646,29 @@ def test_istio_envoyfilter_matches_the_bootstrap_and_envoy_accepts_its_patches()
     first = vs["spec"]["http"][0]
     assert first["match"][0]["headers"] == {d.router.routing_header: {"exact": d.short.name}}
     assert "match" not in vs["spec"]["http"][-1], "the default route (long pool) must match everything"
+
+
+def test_istio_pools_have_outlier_detection_and_only_safe_retries():
+    """The parts of the bootstrap's pool failover Istio has (no fallback from
+    one Service to another: the overlay's comment says what you get instead)."""
+    docs = render("overlays/istio")
+    _, outlier, retry, _ = _bootstrap_pool_resilience()
+    rules = {d["spec"]["host"]: d for d in docs if d["kind"] == "DestinationRule"}
+    vs = one(docs, "VirtualService")
+    hosts = []
+    for route in vs["spec"]["http"]:
+        r = route["retries"]
+        # Istio's default retryOn includes 503s (retriable-status-codes): must be replaced.
+        assert r["retryOn"] == retry["retry_on"] == E.POOL_RETRY_ON
+        assert r["attempts"] == retry["num_retries"]
+        assert r["retryIgnorePreviousHosts"] is True
+        assert _seconds(r["backoff"]) == _seconds(retry["retry_back_off"]["base_interval"])
+        (dest,) = route["route"]
+        hosts.append(dest["destination"]["host"])
+        dr = rules[dest["destination"]["host"]]
+        assert dr["metadata"]["namespace"] == vs["metadata"]["namespace"]
+        _check_outlier_detection(dr["spec"]["trafficPolicy"]["outlierDetection"], outlier)
+    assert sorted(hosts) == sorted(rules), "one DestinationRule per pool"
 
 
 # --- Inference pools overlay -----------------------------------------------------------

@@ -7,11 +7,16 @@ import sys
 
 import orjson
 
-from .fleet import BALANCERS, ROUTERS, FleetSpec, PoolSpec, simulate
+from dataclasses import replace
+
+from .balancers import BALANCERS, DEFAULT_BALANCER
+from .fleet import ROUTERS, FleetSpec, PoolSpec, simulate
 from .hardware import GPUS, MODELS, ConfigError, make_config
 from .metrics import summarize
-from .plan import (SEARCH_WINDOW_S, SEQS_CANDIDATES, SLO_PREEMPT_PER_1K, SLO_TTFT_P99_MS, AUTO_B_SHORT,
-                   plan)
+from .plan import (AUTO_B_SHORT, SEARCH_MBTS, SEARCH_SEQS, SEARCH_WINDOW_S, SEEDS, Space,
+                   parse_baseline, plan)
+from .slo import (CLASS_BOUNDARY, SLO, SLO_PREEMPT_PER_1K, SLO_TPOT_P99_MS, SLO_TTFT_P99_MS,
+                  parse_classes)
 from .traces import TraceError, load_trace, scale_rate, tile, window
 
 
@@ -22,7 +27,7 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--rate", type=float, help="scale arrivals to this mean req/s (replay: Poisson rate)")
     p.add_argument("--duration", type=float, help="tile the trace to this many seconds (after --rate)")
     p.add_argument("--window", help="START:LEN seconds of the (scaled) trace to keep")
-    p.add_argument("--gpu", default="a100", choices=sorted(GPUS))
+    p.add_argument("--gpu", default="a100", choices=sorted(GPUS), help="GPU (plan: the baseline's)")
     p.add_argument("--model", default="llama-3-70b", choices=sorted(MODELS))
     p.add_argument("--tp", type=int, help="tensor-parallel degree (default per GPU/model)")
     p.add_argument("--router", default="oracle", choices=ROUTERS,
@@ -75,50 +80,86 @@ def _write(out: str | None, name: str, obj) -> None:
 def cmd_plan(args) -> int:
     try:
         tr = _load(args)
-        if args.b_short == "auto":
-            bs = None
-        else:
-            bs = [int(x) for x in args.b_short.split(",") if x.strip()]
-        seqs = tuple(x if x == "safe" else int(x) for x in args.max_num_seqs.split(","))
-        res = plan(tr, args.gpu, args.model, args.slo_ttft_p99_ms, args.slo_preempt_per_1k, bs,
-                   args.long_max_model_len, args.router, args.tp, seqs, args.search_window,
-                   args.seed, not args.no_progress, noise_p90=args.noise_p90,
-                   price=args.price_per_gpu_hour)
+        bs = None if args.b_short == "auto" else [int(x) for x in args.b_short.split(",") if x.strip()]
+        baseline = parse_baseline(args.baseline, gpu=args.gpu)
+        if args.tp and baseline.tp is None:
+            baseline = replace(baseline, tp=args.tp)
+        if args.long_max_model_len and baseline.max_model_len is None:
+            baseline = replace(baseline, max_model_len=args.long_max_model_len)
+        slo = SLO(parse_classes(args.slo_ttft_p99_ms, SLO_TTFT_P99_MS),
+                  parse_classes(args.slo_tpot_p99_ms, SLO_TPOT_P99_MS),
+                  args.slo_preempt_per_1k, args.class_boundary)
+        space = Space(tuple(x for x in args.search_gpus.split(",") if x) if args.search_gpus else (),
+                      _ints(args.search_tp) if args.search_tp else (None,),
+                      _ints(args.max_num_seqs), _ints(args.max_num_batched_tokens))
+        for g in space.gpus:
+            if g not in GPUS:
+                raise ConfigError(f"--search-gpus {g!r}: known {', '.join(GPUS)}")
+        res = plan(tr, args.model, baseline, slo, bs, space, args.router, args.balancer, args.seeds,
+                   args.search_window, args.workers, args.noise_p90, args.price_per_gpu_hour,
+                   not args.no_progress)
     except (TraceError, ConfigError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    print(f"trace {res['trace']}: {res['requests']:,} requests over {res['duration_s']:.0f} s "
-          f"({res['rate_rps']:.1f} req/s); {res['model']} TP{res['tp']} on {res['gpu']}; "
-          f"SLO P99 TTFT <= {args.slo_ttft_p99_ms:.0f} ms, preemptions <= {args.slo_preempt_per_1k}/1k")
-    print(HEADER)
-    h = res["homogeneous"]
-    print(_row(f"homog. len={h['pool']['max_model_len']}", h["gpus"], h["summary"]))
-    for r in res["dual"]:
-        if "error" in r:
-            print(f"B_short={r['b_short']}: {r['error']}")
-            continue
-        print(_row(f"dual B_short={r['b_short']}", r["gpus"], r["summary"]))
-    print()
-    print(f"{'B_short':>8}{'alpha':>7}{'rho':>7}{'closed form':>13}{'simulated':>11}  pools")
-    for r in res["dual"]:
-        if "error" in r:
-            continue
-        pools = ", ".join(f"{p['name']} {p['count']}x(seqs {p['max_num_seqs']})" for p in r["pools"])
-        print(f"{r['b_short']:>8}{r['alpha']:>7.3f}{r['rho']:>7.2f}{r['closed_form_savings']:>13.1%}"
-              f"{r['savings']:>11.1%}  {pools}{'' if r['feasible'] else '  (SLO infeasible)'}")
-    print(f"\nrecommendation: {res['recommendation']['reason']}")
+    print_plan(res)
     if args.out:
         _write(args.out, "plan.json", res)
         from .plots import plot_plan
-        for p in plot_plan(res, tr.total, args.out):
+        for p in plot_plan(res, args.out):
             print(f"wrote {p}")
         print(f"wrote {os.path.join(args.out, 'plan.json')}")
+    if args.emit:
+        from .emit import emit
+        for p in emit(res, args.emit):
+            print(f"wrote {p}")
     return 0
 
 
-def _ints(text: str, what: str) -> list[int]:
+def print_plan(res: dict) -> None:
+    slo = res["slo"]
+    print(f"trace {res['trace']}: {res['requests']:,} requests over {res['duration_s']:.0f} s "
+          f"({res['rate_rps']:.1f} req/s); {res['model']}; router {res['router']}, balancer "
+          f"{res['balancer']}; {len(res['seeds'])} seeds")
+    tg = slo["targets"]
+    print(f"per-class SLO (class boundary {slo['class_boundary']} tokens, same for every design): "
+          + "; ".join(f"{c} ({t['requests']:,} req) P99 TTFT <= {t['ttft_slo_ms']:.0f} ms, TPOT <= "
+                      f"{t['tpot_slo_ms']:.0f} ms" for c, t in tg.items())
+          + f"; preemptions <= {slo['preempt_per_1k']:g}/1K")
+    for c, t in tg.items():
+        if t["infeasible"]:
+            print(f"  INFEASIBLE: class {c} on an idle baseline instance has P99 TTFT "
+                  f"{t['idle_ttft_p99_ms']:,.0f} ms, TPOT {t['idle_tpot_p99_ms']:.1f} ms; every design is "
+                  f"held to {t['ttft_target_ms']:,.0f} / {t['tpot_target_ms']:.1f} ms instead")
+    cls = list(tg)
+    head = f"{'design':<18}{'GPUs':>7}{'$/h':>9}{'spread':>7}"
+    for c in cls:
+        head += f"{c + ' TTFT99':>14}{c + ' TPOT99':>13}"
+    head += f"{'pre/1K':>8}{'rej':>6}{'busy':>6}  meets"
+    print(head)
+    for d in res["designs"]:
+        row = f"{d['name']:<18}{d['gpus']:>7}{_fmt(d['usd_per_hour'], 0):>9}{d['seed_spread_gpus']:>7}"
+        for c in cls:
+            m = d["classes"][c]
+            row += f"{_fmt(m['ttft_p99_ms']):>14}{_fmt(m['tpot_p99_ms'], 1):>13}"
+        row += (f"{_fmt(d['preempt_per_1k'], 2):>8}{d['rejected']:>6}{d['gpu_busy']:>6.0%}  "
+                f"{'yes' if d['meets'] else ('effective' if d['meets_effective'] else 'NO')}")
+        print(row)
+    for d in res["designs"]:
+        if d["prefix_hit_rate"] > 0:
+            print(f"  {d['name']}: prefix cache hit rate {d['prefix_hit_rate']:.1%} of prompt blocks")
+    for d in res["designs"]:
+        print(f"  {d['name']}: {d['what']}"
+              + (f"; alpha {d['alpha']:.3f} rho {d['rho']:.2f} closed form {d['closed_form_savings']:.1%}"
+                 if d["kind"] == "split" and d["rho"] == d["rho"] else ""))
+    r = res["recommendation"]
+    sv = r["savings_vs_baseline"]
+    print(f"\nrecommendation: {r['design']}"
+          + (f" ({sv:+.1%} vs baseline)" if sv is not None else "") + f": {r['why']}")
+
+
+def _ints(text: str, what: str = "value") -> tuple[int, ...]:
     try:
-        return [int(x) for x in text.split(",") if x.strip()]
+        return tuple(int(x) for x in text.split(",") if x.strip())
     except ValueError:
         raise ValueError(f"{what} = {text!r}: expected comma-separated integers") from None
 
@@ -128,7 +169,7 @@ def _tiers_spec(args, long_cfg) -> FleetSpec:
     its context (the last for the last value), the first values as the
     budget limits; ``--counts`` instances per tier."""
     lens = _ints(args.tiers, "--tiers")
-    counts = _ints(args.counts, "--counts") if args.counts else [args.short] * (len(lens) - 1) + [args.long]
+    counts = _ints(args.counts, "--counts") if args.counts else (args.short,) * (len(lens) - 1) + (args.long,)
     if len(lens) < 2 or len(counts) != len(lens):
         raise ValueError(f"--tiers needs 2+ context lengths and --counts one count per tier "
                          f"(got {len(lens)} and {len(counts)})")
@@ -175,8 +216,12 @@ def cmd_simulate(args) -> int:
     for name, m in s["pools"].items():
         print(_row(f"  pool {name}", m["gpus"], {"fleet": m}))
     f = s["fleet"]
-    print(f"KV utilisation {f['kv_util']:.1%} (busy {f['kv_util_busy']:.1%}), GPU busy {f['gpu_busy']:.1%}, "
+    print(f"over the trace window: KV utilisation {f['kv_util']:.1%} (busy {f['kv_util_busy']:.1%}), "
+          f"GPU busy {f['gpu_busy']:.1%}, drain {f['drain_s']:.0f} s, "
           f"spilled {s['spilled']}, GPU-hours {f['gpu_hours']:.2f}")
+    if tr.hashes is not None:
+        print(f"prefix cache: {f['prefix_hit_rate']:.1%} of prompt blocks hit, "
+              f"{f['prefix_skipped_tokens']:,} prefill tokens skipped")
     if r.loop is not None and spec.adaptive:
         path = [lim for _, lim in r.loop.limits_path]
         print(f"adaptive tier limits: {list(spec.tier_limits)} at the start, {list(path[-1]) if path else '-'} "
@@ -187,17 +232,32 @@ def cmd_simulate(args) -> int:
 
 def add_parsers(subparsers) -> None:
     """Register `plan` and `simulate` on the project CLI's subparsers."""
-    p = subparsers.add_parser("plan", help="size homogeneous vs short/long pools for a trace and SLO",
-                              description="Find the smallest fleet meeting the SLO: one pool configured "
-                                          "for the worst-case context vs two pools per B_short.")
+    p = subparsers.add_parser("plan", help="cost of one pool vs short/long pools at equal per-class SLOs",
+                              description="For the operator's baseline, the best single pool and a split per "
+                                          "B_short: the cheapest fleet meeting the same per-class SLOs.")
     _common(p)
-    p.add_argument("--slo-ttft-p99-ms", type=float, default=SLO_TTFT_P99_MS)
+    p.add_argument("--baseline", help="the fleet run today: 'gpu=a100,tp=4,max_num_seqs=256,"
+                   "max_num_batched_tokens=8192,gpu_memory_utilization=0.9[,max_model_len=N][,instances=N]' "
+                   "or a TOML file; without instances it is sized")
+    p.add_argument("--slo-ttft-p99-ms", help="per class, e.g. short=2000,long=60000 (default "
+                   + ",".join(f"{k}={v:g}" for k, v in SLO_TTFT_P99_MS.items()) + ")")
+    p.add_argument("--slo-tpot-p99-ms", help="per class, e.g. short=100,long=200 (default "
+                   + ",".join(f"{k}={v:g}" for k, v in SLO_TPOT_P99_MS.items()) + ")")
     p.add_argument("--slo-preempt-per-1k", type=float, default=SLO_PREEMPT_PER_1K)
+    p.add_argument("--class-boundary", type=int, default=CLASS_BOUNDARY,
+                   help="true budget (tokens) separating the short and long classes, fixed for the run")
     p.add_argument("--b-short", default="auto", help=f"auto ({','.join(map(str, AUTO_B_SHORT))}) or N,N,...")
-    p.add_argument("--long-max-model-len", type=int, help="long/homogeneous max_model_len (default: model context)")
-    p.add_argument("--max-num-seqs", default=",".join(map(str, SEQS_CANDIDATES)),
-                   help="candidates per pool, e.g. 256,64,safe (safe = never preempts)")
+    p.add_argument("--long-max-model-len", type=int, help="baseline/long max_model_len (default: model context)")
+    p.add_argument("--search-gpus", help="GPU types searched per pool (default: the baseline's)")
+    p.add_argument("--search-tp", help="TP degrees searched, e.g. 2,4 (default: the model's default per GPU)")
+    p.add_argument("--max-num-seqs", default=",".join(map(str, SEARCH_SEQS)), help="candidates per pool")
+    p.add_argument("--max-num-batched-tokens", default=",".join(map(str, SEARCH_MBTS)),
+                   help="candidates per pool")
+    p.add_argument("--balancer", default=DEFAULT_BALANCER, choices=BALANCERS)
+    p.add_argument("--seeds", type=int, default=SEEDS, help="seeds per design (arrival jitter, sampling)")
+    p.add_argument("--workers", type=int, help="processes (default: every core)")
     p.add_argument("--search-window", type=float, default=SEARCH_WINDOW_S)
+    p.add_argument("--emit", help="directory for the deployable plan: router TOML, vLLM args, Envoy config")
     p.set_defaults(func=cmd_plan)
 
     s = subparsers.add_parser("simulate", help="simulate one fleet configuration on a trace")
@@ -217,7 +277,7 @@ def add_parsers(subparsers) -> None:
                    help="the router's spillover: a request whose tier is saturated goes up (core.spillover)")
     s.add_argument("--adaptive", action="store_true",
                    help="the router's adaptive tier boundaries (core.threshold)")
-    s.add_argument("--balancer", default="least-work", choices=BALANCERS)
+    s.add_argument("--balancer", default=DEFAULT_BALANCER, choices=BALANCERS)
     s.set_defaults(func=cmd_simulate)
 
 

@@ -1,10 +1,10 @@
 """A fleet of vLLM instances in pools, a router and an in-pool balancer.
 
 Discrete-event loop over arrivals. Before a request is dispatched, every
-instance whose next completion is due is advanced, so the balancer's
-"outstanding work" (estimated tokens of unfinished requests) is current; the
-chosen instance's counter is raised *at dispatch* (the fix for balancers that
-see empty queues at dispatch time and pile everything on instance 0).
+instance whose next completion is due is advanced, so what the balancer reads
+(active requests, queue, KV use) is current. The router's pool decision is
+`pick_pool` (one function: the routing hook); the in-pool choice is a
+`balancers.Balancer` (Envoy LEAST_REQUEST by default).
 """
 from __future__ import annotations
 
@@ -15,6 +15,9 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from ..defaults import OUTPUT_QUANTILE
+from . import balancers
+from .balancers import BALANCERS, DEFAULT_BALANCER, SCRAPE_INTERVAL_S
 from .hardware import InstanceConfig
 from .instance import INF, Instance, Records, Seq
 from .traces import Trace
@@ -33,8 +36,11 @@ _Z90_HALF = 1.6449
 MARGIN_SIGMAS = 2.0
 MIN_MARGIN = 0.02
 
+#: The noise router does not know output lengths: like the running router it
+#: adds a learned quantile of the outputs it has seen (extproc/defaults.py
+#: OUTPUT_QUANTILE, 0.85) to the prompt estimate.
+
 ROUTERS = ("oracle", "noise", "estimator")
-BALANCERS = ("least-work", "round-robin", "random")
 
 
 @dataclass(frozen=True)
@@ -52,9 +58,10 @@ class FleetSpec:
     noise_p90: float = NOISE_P90
     margin: float | None = None  # None: the router's learned-margin rule
     spillover: bool = False  # the router's spillover (core.spillover) on the simulated signals
-    balancer: str = "least-work"
     adaptive: bool = False   # the router's adaptive boundaries (core.threshold)
     limits: tuple | None = None  # budget limit per tier but the last (N tiers); None: (b_short,)
+    balancer: str = DEFAULT_BALANCER
+    scrape_interval: float = SCRAPE_INTERVAL_S
 
     @property
     def tier_limits(self) -> tuple:
@@ -71,7 +78,8 @@ class FleetSpec:
     def describe(self) -> str:
         ps = " + ".join(f"{p.count}x[{p.name}: {p.cfg.label()}]" for p in self.pools)
         r = "" if self.b_short is None else f" limits={','.join(map(str, self.tier_limits))} router={self.router}"
-        return ps + r + (" spillover" if self.spillover else "") + (" adaptive" if self.adaptive else "")
+        return (ps + r + (" spillover" if self.spillover else "") + (" adaptive" if self.adaptive else "")
+                + f" balancer={self.balancer}")
 
 
 def noise_sigma(p90: float) -> float:
@@ -95,7 +103,7 @@ def route(trace: Trace, spec: FleetSpec, seed: int = 0) -> tuple[np.ndarray, np.
         rng = np.random.default_rng(seed + 7919)
         est = P * np.exp(rng.normal(0.0, noise_sigma(spec.noise_p90), n))
         m = default_margin(spec.noise_p90) if spec.margin is None else spec.margin
-        budget = est * (1 + m) + O
+        budget = est * (1 + m) + float(np.quantile(O, OUTPUT_QUANTILE))
     elif spec.router == "estimator":
         if trace.est_budget is None:
             raise ValueError("router 'estimator' needs a replay trace (budget/pool fields); "
@@ -111,6 +119,14 @@ def route(trace: Trace, spec: FleetSpec, seed: int = 0) -> tuple[np.ndarray, np.
         hint = trace.pool_hint.astype(np.int64)
         pool = np.where(hint >= 0, hint, pool)
     return pool, budget
+
+
+def pick_pool(routed: int, hook, t: float, work: float, pools: list) -> int:
+    """The router's pool for one request at dispatch time: the tier its
+    estimated budget selects (`route`), or, with the closed loop on, what the
+    running router's own `Router.place` decides from the instances' signals
+    (spillover, adaptive boundaries; `planner.closed_loop`)."""
+    return routed if hook is None else hook.place(t, work, pools)
 
 
 @dataclass
@@ -153,9 +169,15 @@ def simulate(trace: Trace, spec: FleetSpec, seed: int = 0, progress: bool = Fals
     n = len(trace)
     rec = Records(n)
     pool_of, work_est = route(trace, spec, seed)
+    if spec.balancer not in BALANCERS:
+        raise ValueError(f"unknown balancer {spec.balancer!r}; one of {', '.join(BALANCERS)}")
+    if spec.balancer == "oracle-least-work":  # the upper bound knows true lengths
+        work_est = (trace.prompt + trace.output).astype(np.float64)
     works: list[list[float]] = []
     pools: list[list[Instance]] = []
     insts: list[Instance] = []
+    bals: list[balancers.Balancer] = []
+    rng = np.random.default_rng(seed + 104729)
     for p in spec.pools:
         if p.count < 1:
             raise ValueError(f"pool {p.name} needs at least one instance")
@@ -167,19 +189,15 @@ def simulate(trace: Trace, spec: FleetSpec, seed: int = 0, progress: bool = Fals
             row.append(inst)
             insts.append(inst)
         pools.append(row)
+        bals.append(balancers.make(spec.balancer, row, w, rng, spec.scrape_interval))
     hook = loop_hook(spec, log)
-    rng = np.random.default_rng(seed + 104729)
-    rr = [0] * len(pools)
-    bal = spec.balancer
-    if bal not in BALANCERS:
-        raise ValueError(f"unknown balancer {bal!r}; one of {BALANCERS}")
-    rnd = rng.random(n).tolist() if bal == "random" else None
 
     arrival = trace.arrival.tolist()
     P = trace.prompt.tolist()
     O = trace.output.tolist()
     R = pool_of.tolist()
     W = work_est.tolist()
+    H = trace.hashes.tolist() if trace.hashes is not None else None
     stamp = [0] * len(insts)
     heap: list = []
     push, pop = heapq.heappush, heapq.heappop
@@ -202,20 +220,13 @@ def simulate(trace: Trace, spec: FleetSpec, seed: int = 0, progress: bool = Fals
             nt = inst.next_event()
             if nt < INF:
                 push(heap, (nt, iid, st))
-        p = R[i] if hook is None else hook.place(t, W[i], pools)
-        w = works[p]
-        if bal == "least-work":
-            j = w.index(min(w))
-        elif bal == "round-robin":
-            j = rr[p] % len(w)
-            rr[p] += 1
-        else:
-            j = int(rnd[i] * len(w))
+        p = pick_pool(R[i], hook, t, W[i], pools)
+        j = bals[p].pick(t)
         inst = pools[p][j]
         inst.run_until(t)
-        w[j] += W[i]
+        works[p][j] += W[i]
         rec.pool[i] = p
-        inst.add(Seq(i, P[i], O[i], W[i]), t)
+        inst.add(Seq(i, P[i], O[i], W[i], H[i] if H is not None else None), t)
         iid = inst.iid
         st = stamp[iid] + 1
         stamp[iid] = st
@@ -227,6 +238,12 @@ def simulate(trace: Trace, spec: FleetSpec, seed: int = 0, progress: bool = Fals
             if tick >= 5000:
                 bar.update(tick)
                 tick = 0
+    # utilisation is measured over the trace window, not the drain tail
+    t_end = arrival[-1] if n else 0.0
+    win = []
+    for inst in insts:
+        inst.run_until(t_end)
+        win.append((inst.busy, inst.kv_int))
     for inst in insts:
         inst.run_until(INF)
     if bar is not None:
@@ -237,6 +254,10 @@ def simulate(trace: Trace, spec: FleetSpec, seed: int = 0, progress: bool = Fals
         for inst in pools[k]:
             stats.append(dict(pool=k, iid=inst.iid, steps=inst.steps, jumps=inst.jumps,
                               busy=inst.busy, kv_int=inst.kv_int, blocks=inst.total_blocks,
+                              busy_window=win[inst.iid][0], kv_int_window=win[inst.iid][1],
+                              prefix_hits=inst.pc.hits if inst.pc else 0,
+                              prefix_queries=inst.pc.queries if inst.pc else 0,
+                              prefix_skipped=inst.prefix_skipped,
                               peak_used=inst.peak_used, preemptions=inst.preemptions,
                               recomputed_tokens=inst.recomputed_tokens,
                               completed=inst.completed, rejected=inst.rejected,

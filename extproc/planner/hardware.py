@@ -28,6 +28,23 @@ MAX_NUM_SEQS = 256
 #: prefill always on in V1.
 MAX_NUM_BATCHED_TOKENS = 8192
 
+#: vLLM's ``--long-prefill-token-threshold``: 0 = off (its default with one
+#: partial prefill). When set, a prompt longer than this is prefilled at most
+#: this many tokens per step, leaving the rest of the step's token budget to
+#: other (short) prompts. vLLM's own suggestion when enabling concurrent partial
+#: prefills is 4% of max_model_len (LONG_PREFILL_FRACTION).
+LONG_PREFILL_TOKEN_THRESHOLD = 0
+LONG_PREFILL_FRACTION = 0.04
+
+#: vLLM's ``--max-num-partial-prefills``: 0 here = no cap (the V1 scheduler
+#: packs as many partial prefills as the token budget allows); N > 0 caps the
+#: requests in partial prefill at once (the V0 knob, default 1 there).
+MAX_NUM_PARTIAL_PREFILLS = 0
+
+#: vLLM V1 enables automatic prefix caching by default (--enable-prefix-caching);
+#: it only acts on traces that carry block hashes (Mooncake `hash_ids`).
+ENABLE_PREFIX_CACHING = True
+
 #: Memory per GPU that vLLM's profiling run keeps out of the KV cache for peak
 #: activations (a max_num_batched_tokens forward pass), CUDA graphs and the
 #: NCCL/allocator workspace. vLLM start-up logs for 70B-class models at TP 4-8
@@ -81,14 +98,23 @@ GPUS: dict[str, GPU] = {
         "H100-SXM5-80GB", 80 * GIB, 3.35e12, 989e12, 2.99,
         "NVIDIA H100 datasheet (SXM): 80GB HBM3, 3.35 TB/s, BF16 989 TFLOPS dense "
         "(1,979 with sparsity); price: Lambda on-demand H100 $2.99/h"),
+    # nvidia-smi on an H200 SXM reports 143,771 MiB (~140.4 GiB = 150.8e9 bytes):
+    # the "141 GB" of the datasheet is rounded, and 141e9 bytes would understate
+    # the KV cache by ~9.8 GB per GPU.
     "h200": GPU(
-        "H200-SXM-141GB", 141e9, 4.8e12, 989e12, 3.29,
-        "NVIDIA H200 datasheet: 141GB HBM3e, 4.8 TB/s, BF16 989 TFLOPS dense; "
-        "price: Lambda on-demand H200 $3.29/h"),
+        "H200-SXM-141GB", 143771 * 1024**2, 4.8e12, 989e12, 3.29,
+        "NVIDIA H200 datasheet (SXM): 141GB HBM3e (nvidia-smi: 143,771 MiB), 4.8 TB/s, "
+        "BF16 989 TFLOPS dense (1,979 with sparsity); price: Lambda on-demand H200 $3.29/h"),
+    # DGX/HGX B200: 1,440 GB HBM3e and 64 TB/s for 8 GPUs (180 GB, 8 TB/s each);
+    # HGX B200 FP16/BF16 36 PFLOPS with sparsity for 8 GPUs = 2.25 PFLOPS dense each.
+    "b200": GPU(
+        "B200-SXM-180GB", 180e9, 8.0e12, 2250e12, 4.99,
+        "NVIDIA DGX B200 / HGX B200 datasheets: 180GB HBM3e and 8 TB/s per GPU, BF16 "
+        "2.25 PFLOPS dense (4.5 with sparsity); price: Lambda on-demand B200 $4.99/h (assumption)"),
     "mi300x": GPU(
         "MI300X-192GB", 192 * GIB, 5.3e12, 1307.4e12, 2.50,
-        "AMD Instinct MI300X datasheet: 192GB HBM3, 5.3 TB/s, BF16 1,307.4 TFLOPS "
-        "dense; price: assumption, typical 2025 neocloud MI300X rate"),
+        "AMD Instinct MI300X datasheet: 192GB HBM3 (rocm-smi: 196,592 MiB usable "
+        "~ 192 GiB), 5.3 TB/s, BF16 1,307.4 TFLOPS dense; price: assumption, typical 2025 neocloud MI300X rate"),
 }
 
 
@@ -137,23 +163,47 @@ class Model:
         return (shared + self.expert_params * frac) * self.dtype_bytes
 
 
+def _expert_params(total: float, active: float, experts: int, k: int) -> float:
+    """Parameters in routed experts from total and active counts:
+    active = shared + expert * k/E  and  total = shared + expert."""
+    return (total - active) / (1 - k / experts)
+
+
 _QWEN_TOTAL, _QWEN_ACTIVE, _QWEN_E, _QWEN_K = 235.09e9, 22.2e9, 128, 8
-# active = shared + expert_params * k/E  and  total = shared + expert_params
-_QWEN_EXPERT = (_QWEN_TOTAL - _QWEN_ACTIVE) / (1 - _QWEN_K / _QWEN_E)
+_QWEN_EXPERT = _expert_params(_QWEN_TOTAL, _QWEN_ACTIVE, _QWEN_E, _QWEN_K)
+_Q30_TOTAL, _Q30_ACTIVE = 30.5e9, 3.3e9
 
 MODELS: dict[str, Model] = {
     "llama-3-70b": Model(
         "Llama-3.1-70B", 70.55e9, 70.55e9, 80, 64, 8, 128, 2, 131072,
-        default_tp={"a100": 4, "h100": 4, "h200": 4, "mi300x": 2},
+        default_tp={"a100": 4, "h100": 4, "h200": 4, "b200": 2, "mi300x": 2},
         source="meta-llama/Llama-3.1-70B config.json: 80 layers, 64 heads, 8 KV "
                "heads, hidden 8192 (head_dim 128), 131072 max positions; 70.6B params, BF16"),
     "qwen3-235b-a22b": Model(
         "Qwen3-235B-A22B", _QWEN_TOTAL, _QWEN_ACTIVE, 94, 64, 4, 128, 2, 131072,
         experts=_QWEN_E, experts_per_token=_QWEN_K, expert_params=_QWEN_EXPERT,
-        default_tp={"a100": 8, "h100": 8, "h200": 8, "mi300x": 4},
+        default_tp={"a100": 8, "h100": 8, "h200": 8, "b200": 4, "mi300x": 4},
         source="Qwen/Qwen3-235B-A22B model card/config.json: 235B total, 22B "
                "activated, 94 layers, 64 Q / 4 KV heads, head_dim 128, 128 experts "
                "8 active; 32,768 native context, 131,072 with YaRN"),
+    "llama-3-8b": Model(
+        "Llama-3.1-8B", 8.03e9, 8.03e9, 32, 32, 8, 128, 2, 131072,
+        default_tp={"a100": 1, "h100": 1, "h200": 1, "b200": 1, "mi300x": 1},
+        source="meta-llama/Llama-3.1-8B config.json: 32 layers, 32 heads, 8 KV heads, "
+               "hidden 4096 (head_dim 128), 131072 max positions; 8.03B params, BF16"),
+    "qwen3-32b": Model(
+        "Qwen3-32B", 32.8e9, 32.8e9, 64, 64, 8, 128, 2, 131072,
+        default_tp={"a100": 2, "h100": 2, "h200": 1, "b200": 1, "mi300x": 1},
+        source="Qwen/Qwen3-32B model card/config.json: 32.8B params, 64 layers, 64 Q / 8 KV "
+               "heads, head_dim 128; 32,768 native context, 131,072 with YaRN"),
+    "qwen3-30b-a3b": Model(
+        "Qwen3-30B-A3B", _Q30_TOTAL, _Q30_ACTIVE, 48, 32, 4, 128, 2, 131072,
+        experts=128, experts_per_token=8,
+        expert_params=_expert_params(_Q30_TOTAL, _Q30_ACTIVE, 128, 8),
+        default_tp={"a100": 1, "h100": 1, "h200": 1, "b200": 1, "mi300x": 1},
+        source="Qwen/Qwen3-30B-A3B model card/config.json: 30.5B total, 3.3B activated, 48 "
+               "layers, 32 Q / 4 KV heads, head_dim 128, 128 experts 8 active; 32,768 native "
+               "context, 131,072 with YaRN"),
 }
 
 
@@ -173,6 +223,9 @@ class InstanceConfig:
     max_num_batched_tokens: int = MAX_NUM_BATCHED_TOKENS
     gpu_memory_utilization: float = GPU_MEMORY_UTILIZATION
     block_size: int = BLOCK_SIZE
+    long_prefill_token_threshold: int = LONG_PREFILL_TOKEN_THRESHOLD
+    max_num_partial_prefills: int = MAX_NUM_PARTIAL_PREFILLS
+    enable_prefix_caching: bool = ENABLE_PREFIX_CACHING
 
     def with_(self, **kw) -> "InstanceConfig":
         return replace(self, **kw)
@@ -213,8 +266,41 @@ class InstanceConfig:
         return self
 
     def label(self) -> str:
+        extra = ""
+        if self.long_prefill_token_threshold:
+            extra += f" lpt={self.long_prefill_token_threshold}"
+        if self.max_num_partial_prefills:
+            extra += f" mpp={self.max_num_partial_prefills}"
+        if self.gpu_memory_utilization != GPU_MEMORY_UTILIZATION:
+            extra += f" gmu={self.gpu_memory_utilization}"
         return (f"{self.model.name} TP{self.tp} {self.gpu.name} len={self.max_model_len} "
-                f"seqs={self.max_num_seqs} mbt={self.max_num_batched_tokens}")
+                f"seqs={self.max_num_seqs} mbt={self.max_num_batched_tokens}{extra}")
+
+    def gpu_key(self) -> str:
+        """The GPUS key of this config's GPU (for plan.json and --emit)."""
+        return next((k for k, g in GPUS.items() if g.name == self.gpu.name), self.gpu.name)
+
+    def vllm_args(self) -> list[str]:
+        """`vllm serve` arguments that reproduce this config."""
+        a = [f"--tensor-parallel-size={self.tp}", f"--max-model-len={self.max_model_len}",
+             f"--max-num-seqs={self.max_num_seqs}",
+             f"--max-num-batched-tokens={self.max_num_batched_tokens}",
+             f"--gpu-memory-utilization={self.gpu_memory_utilization}",
+             f"--block-size={self.block_size}"]
+        if self.long_prefill_token_threshold:
+            a.append(f"--long-prefill-token-threshold={self.long_prefill_token_threshold}")
+        if self.max_num_partial_prefills:
+            a.append(f"--max-num-partial-prefills={self.max_num_partial_prefills}")
+        return a
+
+    def to_json(self) -> dict:
+        return {"gpu": self.gpu_key(), "model": self.model.name, "tp": self.tp,
+                "max_model_len": self.max_model_len, "max_num_seqs": self.max_num_seqs,
+                "max_num_batched_tokens": self.max_num_batched_tokens,
+                "gpu_memory_utilization": self.gpu_memory_utilization,
+                "long_prefill_token_threshold": self.long_prefill_token_threshold,
+                "max_num_partial_prefills": self.max_num_partial_prefills,
+                "kv_tokens": self.kv_tokens}
 
     # -- roofline constants used by the instance model -------------------------
     def step_coeffs(self) -> "StepCoeffs":

@@ -29,6 +29,8 @@ import heapq
 from collections import deque
 
 from .hardware import InstanceConfig
+from .prefix_cache import PrefixCache
+from .traces import HASH_BLOCK_TOKENS
 
 INF = float("inf")
 
@@ -51,9 +53,10 @@ class Records:
 
 class Seq:
     __slots__ = ("rid", "P", "O", "g", "target", "computed", "blocks", "dec", "base", "join",
-                 "gjoin", "ver", "work")
+                 "gjoin", "ver", "work", "h")
 
-    def __init__(self, rid: int, P: int, O: int, work: float):
+    def __init__(self, rid: int, P: int, O: int, work: float, h: tuple | None = None):
+        self.h = h  # prompt block hashes (prefix caching), or None
         self.rid = rid
         self.P = P
         self.O = O
@@ -111,6 +114,14 @@ class Instance:
         self.max_len = cfg.max_model_len
         self.max_seqs = cfg.max_num_seqs
         self.mbt = cfg.max_num_batched_tokens
+        # --long-prefill-token-threshold caps one request's chunk per step (0: off)
+        self.lpt = cfg.long_prefill_token_threshold or (1 << 62)
+        # --max-num-partial-prefills caps requests in partial prefill (0: no cap)
+        self.mpp = cfg.max_num_partial_prefills or (1 << 62)
+        # automatic prefix caching (vLLM V1 default on): LRU of 512-token blocks
+        self.pc = (PrefixCache(self.total_blocks * self.bs // HASH_BLOCK_TOKENS)
+                   if cfg.enable_prefix_caching else None)
+        self.prefix_skipped = 0  # prefill tokens served from the cache
         self.t = 0.0
         self.waiting: deque[Seq] = deque()
         self.running: dict[int, Seq] = {}
@@ -199,8 +210,10 @@ class Instance:
         room = self.mbt - self.nD
         if room <= 0:
             return False
+        if len(self.prefilling) >= self.mpp:
+            return False
         s = self.waiting[0]
-        x = s.target if s.target < room else room
+        x = min(s.target, room, self.lpt)
         need_dec = self.cnt[(-self.dc) % self.bs] if self.nD else 0
         return -(-x // self.bs) <= self.free - need_dec
 
@@ -326,9 +339,7 @@ class Instance:
                 break
             if s.rid not in self.running or s.dec:
                 continue
-            x = s.target - s.computed
-            if x > budget:
-                x = budget
+            x = min(s.target - s.computed, budget, self.lpt)
             nb = -(-(s.computed + x) // bs) - s.blocks
             gone = False
             while nb > self.free:
@@ -351,16 +362,25 @@ class Instance:
             budget -= x
         # 3) admissions (FCFS, chunked prefill), only if nothing was preempted
         if not preempted:
-            while self.waiting and len(self.running) < self.max_seqs and budget > 0:
+            while (self.waiting and len(self.running) < self.max_seqs and budget > 0
+                   and len(self.prefilling) < self.mpp):
                 s = self.waiting[0]
-                x = s.target if s.target < budget else budget
-                nb = -(-x // bs)
+                cached = 0
+                if s.h and self.pc is not None:
+                    k = self.pc.peek(s.h)
+                    if k:
+                        cached = min(k * HASH_BLOCK_TOKENS, (s.target - 1) // bs * bs)
+                x = min(s.target - cached, budget, self.lpt)
+                nb = -(-(cached + x) // bs)
                 if nb > self.free:
                     break
+                if s.h and self.pc is not None:
+                    self.pc.lookup(s.h)
+                    self.prefix_skipped += cached
                 self.waiting.popleft()
                 self.running[s.rid] = s
                 self.prefilling.append(s)
-                s.computed = 0
+                s.computed = cached
                 s.blocks = nb
                 self.free -= nb
                 self.admitted += 1
@@ -400,6 +420,8 @@ class Instance:
             if s.computed < s.target:
                 continue
             self.prefilling.remove(s)
+            if s.h and self.pc is not None:
+                self.pc.insert(s.h)
             gen = s.g + 1
             if rec.first_token[s.rid] != rec.first_token[s.rid]:
                 rec.first_token[s.rid] = self.t

@@ -13,8 +13,8 @@ def _pct(a: np.ndarray, q: float) -> float:
     return float(np.percentile(a, q)) if a.size else float("nan")
 
 
-def _block(r: SimResult, mask: np.ndarray, insts: list[dict], duration: float,
-           tp_price: list[tuple[int, float]]) -> dict:
+def _latency(r: SimResult, mask: np.ndarray) -> dict:
+    """Request-level figures of the requests in `mask`."""
     n = int(mask.sum())
     rej = r.rejected & mask
     ok = mask & ~r.rejected
@@ -24,13 +24,6 @@ def _block(r: SimResult, mask: np.ndarray, insts: list[dict], duration: float,
     multi = ok & (r.output > 1)
     tpot = ((r.finish - r.first_token) / np.maximum(r.output - 1, 1))[multi]
     pre = int(r.preempts[mask].sum())
-    busy = sum(s["busy"] for s in insts)
-    kv_int = sum(s["kv_int"] for s in insts)
-    cap = sum(s["blocks"] for s in insts)
-    cap_busy = sum(s["blocks"] * s["busy"] for s in insts)
-    span = max(duration, max((s["end"] for s in insts), default=0.0))
-    gpus = sum(tp for tp, _ in tp_price)
-    usd_h = sum(tp * price for tp, price in tp_price)
     return {
         "requests": n,
         "completed": int(ok.sum()),
@@ -43,20 +36,57 @@ def _block(r: SimResult, mask: np.ndarray, insts: list[dict], duration: float,
         "preemptions": pre,
         "preemptions_per_1k": 1000.0 * pre / max(n, 1),
         "preempted_requests": int((r.preempts[mask] > 0).sum()),
-        "recomputed_tokens": int(sum(s["recomputed_tokens"] for s in insts)),
-        "kv_util_busy": kv_int / cap_busy if cap_busy else 0.0,
-        "kv_util": kv_int / (cap * span) if cap and span else 0.0,
-        "gpu_busy": busy / (len(insts) * span) if insts and span else 0.0,
-        "instances": len(insts),
-        "gpus": gpus,
-        "gpu_hours": gpus * duration / 3600.0,
-        "usd_per_year": usd_h * HOURS_PER_YEAR,
-        "throughput_rps": int(ok.sum()) / span if span else 0.0,
     }
 
 
-def summarize(r: SimResult) -> dict:
-    """{'fleet': {...}, 'pools': {name: {...}}} for a simulation."""
+def _block(r: SimResult, mask: np.ndarray, insts: list[dict], duration: float,
+           tp_price: list[tuple[int, float]]) -> dict:
+    out = _latency(r, mask)
+    ok = mask & ~r.rejected
+    busy = sum(s["busy"] for s in insts)
+    kv_int = sum(s["kv_int"] for s in insts)
+    cap = sum(s["blocks"] for s in insts)
+    cap_busy = sum(s["blocks"] * s["busy"] for s in insts)
+    span = max(duration, max((s["end"] for s in insts), default=0.0))
+    gpus = sum(tp for tp, _ in tp_price)
+    usd_h = sum(tp * price for tp, price in tp_price)
+    win_busy = sum(s["busy_window"] for s in insts)
+    win_kv = sum(s["kv_int_window"] for s in insts)
+    out.update({
+        "recomputed_tokens": int(sum(s["recomputed_tokens"] for s in insts)),
+        "kv_util_busy": kv_int / cap_busy if cap_busy else 0.0,
+        # over the trace window [first arrival, last arrival], not the drain tail
+        "kv_util": win_kv / (cap * duration) if cap and duration else 0.0,
+        "gpu_busy": win_busy / (len(insts) * duration) if insts and duration else 0.0,
+        "drain_s": span - duration,
+        # automatic prefix caching (traces with block hashes): blocks hit / looked up
+        "prefix_hit_rate": (sum(s["prefix_hits"] for s in insts)
+                            / max(1, sum(s["prefix_queries"] for s in insts))),
+        "prefix_skipped_tokens": int(sum(s["prefix_skipped"] for s in insts)),
+        "instances": len(insts),
+        "gpus": gpus,
+        "gpu_hours": gpus * duration / 3600.0,
+        "usd_per_hour": usd_h,
+        "usd_per_year": usd_h * HOURS_PER_YEAR,
+        "throughput_rps": int(ok.sum()) / duration if duration else 0.0,
+    })
+    return out
+
+
+CLASSES = ("short", "long")
+
+
+def class_of(total: np.ndarray, boundary: int) -> np.ndarray:
+    """0 (short: true budget <= boundary) or 1 (long) per request."""
+    return (np.asarray(total) > boundary).astype(np.int64)
+
+
+def summarize(r: SimResult, boundary: int | None = None, measure_from: float = 0.0) -> dict:
+    """{'fleet': {...}, 'pools': {name: {...}}, 'classes': {short, long}} for a
+    simulation; classes (by true budget vs `boundary`) only when it is given.
+    Request figures count requests arriving at or after `measure_from` s (a
+    warm-up to discard: the fleet starts empty)."""
+    on = r.arrival >= measure_from
     duration = float(r.arrival[-1] - r.arrival[0]) if len(r.arrival) > 1 else 0.0
     out = {"trace": r.trace_name, "spec": r.spec.describe(), "duration_s": duration,
            "spilled": r.spilled, "sim_wall_s": r.wall_s,
@@ -66,11 +96,36 @@ def summarize(r: SimResult) -> dict:
         insts = [s for s in r.inst_stats if s["pool"] == k]
         tpp = [(p.cfg.tp, p.cfg.gpu.price_per_hour)] * p.count
         all_tp += tpp
-        out["pools"][p.name] = _block(r, r.pool == k, insts, duration, tpp)
-    out["fleet"] = _block(r, np.ones(len(r.arrival), dtype=bool), r.inst_stats, duration, all_tp)
+        out["pools"][p.name] = _block(r, on & (r.pool == k), insts, duration, tpp)
+    out["fleet"] = _block(r, on, r.inst_stats, duration, all_tp)
+    if boundary is not None:
+        cls = class_of(r.prompt + r.output, boundary)
+        out["classes"] = {c: _latency(r, on & (cls == k)) for k, c in enumerate(CLASSES)}
+        for j, p in enumerate(r.spec.pools):
+            out["pools"][p.name]["classes"] = {c: _latency(r, on & (cls == k) & (r.pool == j))
+                                               for k, c in enumerate(CLASSES)}
+        out["class_boundary"] = boundary
     return out
 
 
 def meets(m: dict, slo_ttft_p99_ms: float, slo_preempt_per_1k: float) -> bool:
     return (m["completed"] > 0 and m["ttft_p99_ms"] <= slo_ttft_p99_ms
             and m["preemptions_per_1k"] <= slo_preempt_per_1k)
+
+
+def average(summaries: list[dict]) -> dict:
+    """Seed average of summaries: numeric leaves are (NaN-ignoring) means, the
+    rest is taken from the first."""
+    first = summaries[0]
+    if len(summaries) == 1:
+        return first
+    out = {}
+    for k, v in first.items():
+        if isinstance(v, dict):
+            out[k] = average([s[k] for s in summaries])
+        elif isinstance(v, (int, float)) and not isinstance(v, bool):
+            xs = np.array([s[k] for s in summaries], dtype=np.float64)
+            out[k] = float(np.nanmean(xs)) if np.isfinite(xs).any() else float("nan")
+        else:
+            out[k] = v
+    return out

@@ -1,329 +1,626 @@
-"""Pool sizing: the smallest homogeneous fleet and the smallest dual fleet per
-candidate B_short that meet an SLO, with the closed form beside the result.
+"""Planner v2: what each design costs at the latency each class of request gets.
 
-Method (docs/planner.md):
-1. Search on a window of the trace (``search_window`` s); each pool is sized
-   alone on the requests the router sends it (pools are independent without
-   spillover), starting from rate / sustainable-throughput and moving up
-   geometrically, then bisecting down.
-2. Per pool, a few ``max_num_seqs`` values are tried (vLLM's 256 default down
-   to the "safe" value that can never preempt); the cheapest that meets the
-   SLO wins, ties to fewer preemptions.
-3. The winners are verified on the whole trace; a pool that misses the SLO
-   there is grown until it meets it.
+Designs compared (docs/planner.md):
+
+* ``baseline`` -- the operator's homogeneous fleet as they run it today
+  (``--baseline``): evaluated as is with ``instances=N``, else sized.
+* ``homogeneous-best`` -- the cheapest single pool the config search finds
+  (GPU, TP, max_num_seqs, max_num_batched_tokens, and vLLM's long-prefill
+  mitigations), so a split is never compared with a strawman only.
+* ``split-B`` -- a short pool (max_model_len = B) and a long pool per candidate
+  B_short, each pool's config searched the same way.
+
+Every design is sized and judged by the same per-class targets (`slo.py`).
+Method:
+1. Analytic pre-sizing: each candidate config's sustainable throughput on its
+   pool's traffic (`closed_form.throughput`); rate / throughput starts the
+   search, and the cheapest candidates by that estimate are simulated.
+2. Monotone bisection on a *seed-averaged* criterion: every instance count
+   tried is simulated over all seeds (`traces.perturb`) and the mean per-class
+   P99s decide. Long traces are searched on a window.
+3. Each final design is simulated on the whole trace for every seed and grown
+   until the seed-averaged criterion holds; the per-seed minimal sizes from the
+   search give ``seed_spread_gpus``.
+4. A split is recommended only when its saving over the best homogeneous
+   design exceeds the seed spread plus the search tolerance.
+
+Work runs on a process pool over all cores (``workers``).
 """
 from __future__ import annotations
 
-import dataclasses
-
 import math
+import multiprocessing as mp
+import os
 import sys
+import tomllib
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 
 import numpy as np
 
 from . import closed_form
+from .balancers import DEFAULT_BALANCER
 from .fleet import FleetSpec, PoolSpec, route, simulate
-from .hardware import ConfigError, InstanceConfig, make_config, safe_max_num_seqs
-from .metrics import meets, summarize
-from .traces import Trace, window
-
-#: Default SLO: P99 time to first token. 2 s is a common interactive-chat
-#: target (a user sees the answer start within ~2 s); raise it for long-context
-#: work whose prefill alone takes longer (see ttft_floor).
-SLO_TTFT_P99_MS = 2000.0
-
-#: Default SLO on preemptions per 1,000 requests: 10 (1%) keeps recompute waste
-#: small; the paper counts preemptions as a failure mode worth 5x reductions.
-SLO_PREEMPT_PER_1K = 10.0
+from .hardware import (GPUS, LONG_PREFILL_FRACTION, MAX_NUM_BATCHED_TOKENS, MAX_NUM_SEQS,
+                       ConfigError, InstanceConfig, GPU_MEMORY_UTILIZATION, make_config)
+from .metrics import average, summarize
+from .slo import SLO, judge, ok, targets
+from .traces import Trace, perturb, window
 
 #: Candidate B_short values for `--b-short auto`: the 8K-16K range production
 #: splits use, plus 4K and 32K to show the trend on both sides.
 AUTO_B_SHORT = (4096, 8192, 16384, 32768)
 
-#: max_num_seqs candidates tried per pool ("safe" = never preempts).
-SEQS_CANDIDATES = (256, "safe")
+#: Seeds per design (arrival jitter + sampling, `traces.perturb`); the issue's
+#: floor of 3 is what gives a spread at all.
+SEEDS = 3
 
-#: Seconds of the trace the search simulates when the trace is larger than
-#: SEARCH_MAX_REQUESTS (the verification uses all of it). 60 s at 1,000 req/s
-#: is 60K requests: many turnovers of every instance's batch, ~3-4 s a run.
-SEARCH_WINDOW_S = 60.0
+#: Search grid per pool. max_num_seqs: vLLM's 256 default and half of it (less
+#: KV pressure, fewer preemptions). max_num_batched_tokens: vLLM's 8192 default
+#: and 2048 (vLLM's pre-V1 chunked-prefill default: shorter steps, lower TPOT).
+SEARCH_SEQS = (MAX_NUM_SEQS, 128)
+SEARCH_MBTS = (MAX_NUM_BATCHED_TOKENS, 2048)
 
-#: Traces up to this many requests are searched whole: a window's P99 TTFT
-#: misses the rare longest prompts that dominate the full trace's P99.
-SEARCH_MAX_REQUESTS = 40000
+#: The homogeneous alternative's long-prefill mitigation: a threshold of 4% of
+#: max_model_len (vLLM's suggestion) with 4 concurrent partial prefills.
+MITIGATION_PARTIAL_PREFILLS = 4
 
-#: When the effective TTFT target has to be relaxed because even an idle
-#: instance cannot prefill the pool's P99 prompt in time, the target becomes
-#: this multiple of that floor (queueing allowance on top of the bare prefill).
-TTFT_FLOOR_SLACK = 1.5
+#: Candidates per pool simulated after analytic pre-sizing (cheapest first).
+TOP_K = 1
 
-#: Cap of the upward search (x the start size) before a pool is infeasible.
-MAX_GROWTH = 64
+#: Traces over SEARCH_MAX_REQUESTS requests are searched on a window of
+#: SEARCH_WARMUP_S + SEARCH_WINDOW_S seconds (x SEEDS runs per count) whose
+#: first SEARCH_WARMUP_S are simulated but not measured (the fleet starts
+#: empty, so an unmeasured warm-up keeps the window from being optimistic),
+#: then verified on the whole trace. 20 s at 1,000 req/s is 20K measured
+#: requests: dozens of batch turnovers per instance.
+SEARCH_WINDOW_S = 20.0
+SEARCH_WARMUP_S = 5.0
+SEARCH_MAX_REQUESTS = 20000
 
-#: The bisection stops when the bracket is within 2% of the count (or 1): the
-#: P99 of a 30 s window is itself noisier than that.
+#: The bisection stops when the bracket is within 2% of the count (or 1): a
+#: seed-averaged P99 is still noisier than that.
 SIZE_TOLERANCE = 0.02
 
-#: Verification rounds on the full trace before giving up growing a pool.
+#: Steps of the search from the analytic start: down by DOWN, up by UP, at most
+#: MAX_GROWTH x the start before a pool is declared infeasible.
+DOWN, UP, MAX_GROWTH = 0.8, 1.25, 64
+
+#: Verification rounds on the full trace (each grows failing pools by 5%).
 VERIFY_ROUNDS = 6
+VERIFY_GROWTH = 0.05
+
+
+# --- inputs ---------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Baseline:
+    """The operator's homogeneous fleet as it runs today."""
+
+    gpu: str = "a100"
+    tp: int | None = None
+    max_model_len: int | None = None
+    max_num_seqs: int = MAX_NUM_SEQS
+    max_num_batched_tokens: int = MAX_NUM_BATCHED_TOKENS
+    gpu_memory_utilization: float = GPU_MEMORY_UTILIZATION
+    instances: int | None = None
+
+    def config(self, model: str) -> InstanceConfig:
+        return make_config(self.gpu, model, self.max_model_len, self.tp,
+                           max_num_seqs=self.max_num_seqs,
+                           max_num_batched_tokens=self.max_num_batched_tokens,
+                           gpu_memory_utilization=self.gpu_memory_utilization).validate()
+
+
+_BASELINE_KEYS = {"gpu": str, "tp": int, "max_model_len": int, "max_num_seqs": int,
+                  "max_num_batched_tokens": int, "gpu_memory_utilization": float, "instances": int}
+
+
+def parse_baseline(text: str | None, gpu: str = "a100") -> Baseline:
+    """'gpu=a100,tp=4,...,instances=N' or the path of a TOML file with those keys
+    (top level or under [baseline])."""
+    raw: dict = {}
+    if text and os.path.isfile(text):
+        with open(text, "rb") as f:
+            doc = tomllib.load(f)
+        raw = dict(doc.get("baseline", doc))
+    elif text:
+        for part in text.split(","):
+            if part.strip():
+                k, sep, v = part.partition("=")
+                if not sep:
+                    raise ValueError(f"--baseline {part!r}: expected KEY=VALUE")
+                raw[k.strip()] = v.strip()
+    unknown = sorted(set(raw) - set(_BASELINE_KEYS))
+    if unknown:
+        raise ValueError(f"--baseline: unknown key(s) {', '.join(unknown)}; known: {', '.join(_BASELINE_KEYS)}")
+    kw = {"gpu": gpu}
+    for k, v in raw.items():
+        try:
+            kw[k] = _BASELINE_KEYS[k](v)
+        except ValueError:
+            raise ValueError(f"--baseline {k}={v!r}: expected {_BASELINE_KEYS[k].__name__}") from None
+    if kw["gpu"] not in GPUS:
+        raise ValueError(f"--baseline gpu={kw['gpu']!r}: known {', '.join(GPUS)}")
+    if kw.get("instances") is not None and kw["instances"] < 1:
+        raise ValueError("--baseline instances must be >= 1")
+    return Baseline(**kw)
+
+
+@dataclass(frozen=True)
+class Space:
+    """The per-pool config search space."""
+
+    gpus: tuple = ()  # () = the baseline's GPU
+    tps: tuple = (None,)  # None = the model's default TP for the GPU
+    seqs: tuple = SEARCH_SEQS
+    mbts: tuple = SEARCH_MBTS
+
+    def configs(self, model: str, base: InstanceConfig, max_model_len: int,
+                mitigation: bool = False) -> list[InstanceConfig]:
+        out = []
+        for g in self.gpus or (base.gpu_key(),):
+            for tp in self.tps:
+                for s in self.seqs:
+                    for m in self.mbts:
+                        try:
+                            c = make_config(g, model, max_model_len, tp, max_num_seqs=int(s),
+                                            max_num_batched_tokens=int(m),
+                                            gpu_memory_utilization=base.gpu_memory_utilization)
+                            if base.gpu.name == c.gpu.name:  # keep a custom price
+                                c = c.with_(gpu=base.gpu)
+                            if mitigation:
+                                c = c.with_(long_prefill_token_threshold=max(
+                                    base.block_size, int(LONG_PREFILL_FRACTION * max_model_len)),
+                                    max_num_partial_prefills=MITIGATION_PARTIAL_PREFILLS)
+                            out.append(c.validate())
+                        except ConfigError:
+                            continue
+        return out
+
+
+def _cost(cfg: InstanceConfig, n: int) -> float:
+    return n * cfg.tp * cfg.gpu.price_per_hour
+
+
+# --- process pool ------------------------------------------------------------------
+
+class _Pool:
+    """map() over a process pool (fork) when workers > 1, else in process."""
+
+    def __init__(self, workers: int):
+        self.workers = max(1, workers)
+        self.ex = None
+        if self.workers > 1:
+            self.ex = ProcessPoolExecutor(self.workers, mp_context=mp.get_context("fork"))
+
+    def map(self, fn, items: list) -> list:
+        if self.ex is None or len(items) <= 1:
+            return [fn(x) for x in items]
+        return list(self.ex.map(fn, items))
+
+    def close(self) -> None:
+        if self.ex is not None:
+            self.ex.shutdown()
+
+
+def _mu_job(a) -> float:
+    cfg, tr, seed = a
+    return closed_form.throughput(cfg, tr, seed=seed) if len(tr) else 0.0
+
+
+def _eval(tr: Trace, spec: FleetSpec, seed: int, boundary: int, measure_from: float = 0.0) -> dict:
+    return summarize(simulate(perturb(tr, seed), spec, seed=seed), boundary, measure_from)
+
+
+def _eval_job(a) -> dict:
+    return _eval(*a)
 
 
 @dataclass
-class PoolPlan:
+class Sized:
     name: str
     cfg: InstanceConfig
     count: int
-    mu: float  # sustainable req/s per instance on this pool's mix
-    rate: float  # offered req/s
-    ttft_target_ms: float
-    metrics: dict = field(default_factory=dict)
-    feasible: bool = True
+    feasible: bool
+    mu: float
+    rate: float
+    per_seed: list = field(default_factory=list)  # minimal count per seed (None: not found)
     tried: list = field(default_factory=list)
+    cliff: int | None = None  # largest count tried whose preemptions exceed the SLO
 
     def to_json(self) -> dict:
-        return {"name": self.name, "config": self.cfg.label(), "count": self.count,
-                "tp": self.cfg.tp, "gpus": self.count * self.cfg.tp,
-                "max_model_len": self.cfg.max_model_len, "max_num_seqs": self.cfg.max_num_seqs,
-                "max_num_batched_tokens": self.cfg.max_num_batched_tokens,
-                "kv_tokens": self.cfg.kv_tokens, "mu_rps": self.mu, "rate_rps": self.rate,
-                "ttft_target_ms": self.ttft_target_ms, "feasible": self.feasible,
-                "tried": self.tried, "metrics": self.metrics}
+        return {"name": self.name, "count": self.count, "config": self.cfg.to_json(),
+                "label": self.cfg.label(), "vllm_args": self.cfg.vllm_args(),
+                "mu_rps": self.mu, "rate_rps": self.rate, "feasible": self.feasible,
+                "per_seed_counts": self.per_seed, "preemption_cliff_instances": self.cliff,
+                "tried": self.tried}
 
 
-def ttft_floor_ms(cfg: InstanceConfig, prompts: np.ndarray) -> float:
-    """P99 TTFT of the pool's requests on an idle instance (chunked prefill alone)."""
-    if prompts.size == 0:
-        return 0.0
-    c = cfg.step_coeffs()
-    p = np.asarray(prompts, dtype=np.float64)
-    chunks = np.ceil(p / cfg.max_num_batched_tokens)
-    flops = c.flops_per_token * p + c.attn_flops_per_ctx * p * p / 2
-    t = chunks * c.overhead + np.maximum(flops * c.inv_flops,
-                                         chunks * c.model.weight_bytes * c.inv_bw)
-    return 1e3 * float(np.percentile(t, 99))
+def _size_job(a) -> Sized:
+    name, tr, cfg, tg, slo, seeds, mu, balancer, warmup = a
+    return size_pool(name, tr, cfg, tg, slo, seeds, mu, balancer, warmup)
 
 
-def _pool_metrics(trace: Trace, cfg: InstanceConfig, n: int, seed: int) -> dict:
-    r = simulate(trace, FleetSpec((PoolSpec("p", cfg, n),)), seed=seed)
-    return summarize(r)["fleet"]
+def size_pool(name: str, tr: Trace, cfg: InstanceConfig, tg: dict, slo: SLO, seeds, mu: float,
+              balancer: str = DEFAULT_BALANCER, warmup: float = 0.0) -> Sized:
+    """Smallest count of `cfg` whose seed-averaged per-class P99s meet `tg`.
 
-
-def size_pool(name: str, trace: Trace, cfg: InstanceConfig, slo_ttft_ms: float,
-              slo_preempt: float, seed: int = 0, log=None,
-              floor_prompts: np.ndarray | None = None) -> PoolPlan:
-    """Smallest instance count of `cfg` serving `trace` within the SLO.
-
-    `floor_prompts` (default: the trace's) are the prompts whose idle-instance
-    P99 TTFT floors the TTFT target: pass the full trace's so the search and the
-    verification use the same target.
+    Phase 1 brackets and bisects on the first seed alone (cheap); phase 2
+    bisects on the mean over all seeds around that point, so the seed average
+    decides the answer while the other seeds run only near the boundary.
     """
-    rate = len(trace) / max(trace.duration, 1e-9)
-    fp = trace.prompt if floor_prompts is None else floor_prompts
-    target = max(slo_ttft_ms, TTFT_FLOOR_SLACK * ttft_floor_ms(cfg, fp))
-    mu = closed_form.throughput(cfg, trace, seed=seed) if len(trace) else 0.0
-    plan = PoolPlan(name, cfg, 0, mu, rate, target)
-    if len(trace) == 0:
-        return plan
-    cache: dict[int, dict] = {}
+    rate = len(tr) / max(tr.duration, 1e-9)
+    runs: dict[tuple[int, int], dict] = {}  # (count, seed) -> summary
+    tried: dict[int, dict] = {}
 
-    def ok(n: int) -> bool:
-        if n not in cache:
-            cache[n] = _pool_metrics(trace, cfg, n, seed)
-            m = cache[n]
-            plan.tried.append({"count": n, "ttft_p99_ms": m["ttft_p99_ms"],
-                               "preemptions_per_1k": m["preemptions_per_1k"]})
-            if log:
-                log(f"  {name:5} seqs={cfg.max_num_seqs:<4} x{n:<5} ttft_p99={m['ttft_p99_ms']:.0f}ms "
-                    f"(target {target:.0f}) preempt/1k={m['preemptions_per_1k']:.1f}")
-        return meets(cache[n], target, slo_preempt)
+    def run(n: int, ss) -> dict:
+        spec = FleetSpec((PoolSpec(name, cfg, n),), balancer=balancer)
+        for x in ss:
+            if (n, x) not in runs:
+                runs[n, x] = _eval(tr, spec, x, slo.boundary, warmup)
+        avg = average([runs[n, x] for x in ss])
+        f = avg["fleet"]
+        tried[n] = {"count": n, "seeds": len(ss), "ok": ok(avg, tg, slo),
+                    "preempt_per_1k": f["preemptions_per_1k"],
+                    **{f"{c}_ttft_p99_ms": avg["classes"][c]["ttft_p99_ms"] for c in tg},
+                    **{f"{c}_tpot_p99_ms": avg["classes"][c]["tpot_p99_ms"] for c in tg}}
+        return avg
 
-    cap = max(1, len(trace))  # never more instances than requests
-    start = min(cap, max(1, math.ceil(rate / mu))) if mu > 0 else 1
-    if ok(start):  # halve until it fails
-        hi, lo = start, 0
-        while hi > 1:
-            n = max(1, hi // 2)
-            if ok(n):
-                hi = n
-            else:
-                lo = n
-                break
-    else:  # double until it meets
-        lo, n = start, start * 2
-        while not ok(n):
-            lo = n
-            if n >= start * MAX_GROWTH or n >= cap:
-                plan.feasible = False
-                plan.count, plan.metrics = n, cache[n]
-                return plan
-            n = min(n * 2, cap)
-        hi = n
-    while hi - lo > max(1, int(SIZE_TOLERANCE * hi)):
-        mid = (lo + hi) // 2
-        if ok(mid):
-            hi = mid
+    def search(good, start: int, cap: int, limit: int) -> tuple[int, int, bool]:
+        """(lo failing, hi meeting, feasible) for a monotone criterion."""
+        if good(start):
+            hi, lo = start, 0
+            while hi > 1:
+                m = max(1, min(hi - 1, int(hi * DOWN)))
+                if good(m):
+                    hi = m
+                else:
+                    lo = m
+                    break
         else:
-            lo = mid
-    plan.count, plan.metrics = hi, cache[hi]
-    return plan
+            lo, hi = start, None
+            while hi is None:
+                m = min(cap, max(lo + 1, math.ceil(lo * UP)))
+                if good(m):
+                    hi = m
+                elif m >= cap or m >= limit:
+                    return m, m, False
+                else:
+                    lo = m
+        while hi - lo > max(1, SIZE_TOLERANCE * hi):
+            mid = (lo + hi) // 2
+            if good(mid):
+                hi = mid
+            else:
+                lo = mid
+        return lo, hi, True
+
+    cap = max(1, len(tr))
+    start = min(cap, max(1, math.ceil(rate / mu))) if mu > 0 else 1
+    limit = start * MAX_GROWTH
+    lo, hi, feasible = search(lambda n: ok(run(n, seeds[:1]), tg, slo), start, cap, limit)
+    if feasible and len(seeds) > 1:
+        lo, hi, feasible = search(lambda n: ok(run(n, seeds), tg, slo), hi, cap, limit)
+    per_seed = []
+    counts = sorted({n for n, _ in runs})
+    for x in seeds:
+        best = None
+        for n in reversed(counts):  # smallest n from which every larger run of this seed meets
+            if (n, x) not in runs:
+                continue
+            if ok(runs[n, x], tg, slo):
+                best = n
+            else:
+                break
+        per_seed.append(best)
+    bad = [n for n in counts if runs[n, seeds[0]]["fleet"]["preemptions_per_1k"] > slo.preempt_per_1k]
+    return Sized(name, cfg, hi, feasible, mu, rate, per_seed, [tried[n] for n in sorted(tried)],
+                 max(bad) if bad else None)
 
 
-def _seqs_values(cfg: InstanceConfig, cands) -> list[int]:
-    out = []
-    for c in cands:
-        v = safe_max_num_seqs(cfg.with_(max_num_seqs=256)) if c == "safe" else int(c)
-        v = max(1, min(v, cfg.max_num_batched_tokens))
-        if v not in out:
-            out.append(v)
-    return out
+# --- designs ----------------------------------------------------------------------
+
+def _spec(pools: list[Sized], b_short: int | None, router: str, noise_p90: float,
+          balancer: str) -> FleetSpec:
+    return FleetSpec(tuple(PoolSpec(p.name, p.cfg, p.count) for p in pools),
+                     b_short=b_short if len(pools) == 2 else None, router=router,
+                     noise_p90=noise_p90, balancer=balancer)
 
 
-def best_pool(name: str, trace: Trace, base: InstanceConfig, slo_ttft_ms: float,
-              slo_preempt: float, seqs=SEQS_CANDIDATES, seed: int = 0, log=None,
-              floor_prompts: np.ndarray | None = None) -> PoolPlan:
-    best = None
-    for s in _seqs_values(base, seqs):
-        p = size_pool(name, trace, base.with_(max_num_seqs=s), slo_ttft_ms, slo_preempt, seed, log,
-                      floor_prompts)
-        key = (not p.feasible, p.count * p.cfg.tp, p.metrics.get("preemptions_per_1k", 0))
-        if best is None or key < best[0]:
-            best = (key, p)
-    return best[1]
+def _verify(ex: _Pool, trace: Trace, designs: list[dict], tg: dict, slo: SLO, seeds,
+            router: str, noise_p90: float, balancer: str, log) -> None:
+    """Simulate every design on the whole trace for every seed (in parallel);
+    grow the pools that miss their class targets until the seed average holds."""
+    todo = [d for d in designs if d.get("pinned") is not True]
+    pinned = [d for d in designs if d.get("pinned") is True]
+    for rnd in range(VERIFY_ROUNDS + 1):
+        batch = todo + (pinned if rnd == 0 else [])
+        jobs = [(trace, _spec(d["sized"], d["b_short"], router, noise_p90, balancer), s, slo.boundary)
+                for d in batch for s in seeds]
+        res = ex.map(_eval_job, jobs)
+        again = []
+        for k, d in enumerate(batch):
+            sums = res[k * len(seeds):(k + 1) * len(seeds)]
+            d["summary"] = average(sums)
+            d["per_seed_fleet"] = [dict(seed=s, **{c: {"ttft_p99_ms": x["classes"][c]["ttft_p99_ms"],
+                                                       "tpot_p99_ms": x["classes"][c]["tpot_p99_ms"]}
+                                                   for c in tg},
+                                        preempt_per_1k=x["fleet"]["preemptions_per_1k"])
+                                   for s, x in zip(seeds, sums)]
+            if d.get("pinned") is True or ok(d["summary"], tg, slo) or rnd == VERIFY_ROUNDS:
+                continue
+            grew = False
+            for p in d["sized"]:
+                ps = d["summary"]["pools"][p.name]
+                pool_view = {"fleet": ps, "classes": ps["classes"]}
+                if not ok(pool_view, tg, slo):
+                    new = max(p.count + 1, math.ceil(p.count * (1 + VERIFY_GROWTH)))
+                    if log:
+                        log(f"  verify {d['name']}: pool {p.name} misses on the whole trace; "
+                            f"{p.count} -> {new}")
+                    p.count = new
+                    grew = True
+            if grew:
+                again.append(d)
+        todo = again
+        if not todo:
+            break
 
 
-def _verify(trace: Trace, spec: FleetSpec, plans: list[PoolPlan], slo_preempt: float,
-            seed: int, progress: bool, log=None) -> tuple[FleetSpec, dict]:
-    """Simulate the fleet on the full trace; grow pools that miss their target."""
-    for _ in range(VERIFY_ROUNDS):
-        r = simulate(trace, spec, seed=seed, progress=progress)
-        s = summarize(r)
-        bad = [k for k, p in enumerate(plans)
-               if p.feasible and s["pools"][p.name]["requests"]
-               and not meets(s["pools"][p.name], p.ttft_target_ms, slo_preempt)]
-        if not bad:
-            return spec, s
-        pools = list(spec.pools)
-        for k in bad:
-            grown = max(pools[k].count + 1, math.ceil(pools[k].count * 1.1))
-            if log:
-                log(f"  verify: pool {pools[k].name} misses its SLO on the full trace; "
-                    f"{pools[k].count} -> {grown}")
-            pools[k] = PoolSpec(pools[k].name, pools[k].cfg, grown)
-            plans[k].count = grown
-        spec = dataclasses.replace(spec, pools=tuple(pools))
-    return spec, s
+def _design_json(d: dict, tg: dict, slo: SLO, base_cost: float) -> dict:
+    sized: list[Sized] = d["sized"]
+    s = d["summary"]
+    cls = judge(s, tg, slo)
+    gpus = sum(p.count * p.cfg.tp for p in sized)
+    cost = sum(_cost(p.cfg, p.count) for p in sized)
+    spread = 0
+    band = [0, 0]
+    for p in sized:
+        ks = [k for k in p.per_seed if k is not None]
+        if ks and not d.get("pinned"):
+            spread += (max(ks) - min(ks)) * p.cfg.tp
+            band[0] += min(ks) * p.cfg.tp
+            band[1] += max(ks) * p.cfg.tp
+        else:
+            band[0] += p.count * p.cfg.tp
+            band[1] += p.count * p.cfg.tp
+    f = s["fleet"]
+    return {
+        "name": d["name"], "kind": d["kind"], "b_short": d["b_short"],
+        "what": d["what"], "gpus": gpus, "usd_per_hour": cost,
+        "savings_vs_baseline": 1.0 - cost / base_cost if base_cost else float("nan"),
+        "instances": {p.name: p.count for p in sized},
+        "pools": [p.to_json() for p in sized],
+        "classes": cls,
+        "meets": bool(all(c["meets"] for c in cls.values()) and f["preemptions_per_1k"] <= slo.preempt_per_1k),
+        "meets_effective": bool(ok(s, tg, slo)),
+        "feasible": all(p.feasible for p in sized),
+        "preempt_per_1k": f["preemptions_per_1k"], "rejected": int(round(f["rejected"])),
+        "seed_spread_gpus": spread, "seed_band_gpus": band,
+        "gpu_busy": f["gpu_busy"], "kv_util": f["kv_util"], "prefix_hit_rate": f["prefix_hit_rate"],
+        "preemption_cliff_instances": {p.name: p.cliff for p in sized},
+        "per_seed": d["per_seed_fleet"],
+        "alpha": d.get("alpha"), "rho": d.get("rho"),
+        "closed_form_savings": d.get("closed_form"),
+        "summary": s,
+    }
 
 
-def plan(trace: Trace, gpu: str = "a100", model: str = "llama-3-70b",
-         slo_ttft_ms: float = SLO_TTFT_P99_MS, slo_preempt: float = SLO_PREEMPT_PER_1K,
-         b_shorts=None, long_max_len: int | None = None, router: str = "oracle",
-         tp: int | None = None, seqs=SEQS_CANDIDATES, search_window: float = SEARCH_WINDOW_S,
-         seed: int = 0, progress: bool = False, verify: bool = True, noise_p90: float = 0.10,
-         price: float | None = None) -> dict:
-    log = (lambda m: print(m, file=sys.stderr)) if progress else None
-    long_cfg = make_config(gpu, model, max_model_len=long_max_len, tp=tp).validate()
+def plan(trace: Trace, model: str = "llama-3-70b", baseline: Baseline | None = None,
+         slo: SLO | None = None, b_shorts=None, space: Space | None = None,
+         router: str = "oracle", balancer: str = DEFAULT_BALANCER, seeds: int = SEEDS,
+         search_window: float = SEARCH_WINDOW_S, workers: int | None = None,
+         noise_p90: float = 0.10, price: float | None = None, progress: bool = False,
+         verify: bool = True) -> dict:
+    log = (lambda m: print(m, file=sys.stderr, flush=True)) if progress else None
+    baseline = baseline or Baseline()
+    slo = slo or SLO()
+    space = space or Space()
+    base_cfg = baseline.config(model)
     if price is not None:
         from dataclasses import replace
-        long_cfg = long_cfg.with_(gpu=replace(long_cfg.gpu, price_per_hour=price))
-    search = trace
-    if len(trace) > SEARCH_MAX_REQUESTS and trace.duration > search_window:
-        search = window(trace, 0.0, search_window)
-    verify = verify and search is not trace
-    max_total = int(trace.total.max())
+        base_cfg = base_cfg.with_(gpu=replace(base_cfg.gpu, price_per_hour=price))
+    mml = base_cfg.max_model_len
+    seed_list = list(range(max(1, seeds)))
+    search, warmup = trace, 0.0
+    if len(trace) > SEARCH_MAX_REQUESTS and trace.duration > search_window + SEARCH_WARMUP_S:
+        search, warmup = window(trace, 0.0, search_window + SEARCH_WARMUP_S), SEARCH_WARMUP_S
+    tg = targets(slo, base_cfg, trace.prompt, trace.total)
+    if log:
+        for c, t in tg.items():
+            if t["infeasible"]:
+                log(f"class {c}: target TTFT {t['ttft_slo_ms']:.0f} ms / TPOT {t['tpot_slo_ms']:.0f} ms "
+                    f"is INFEASIBLE on an idle {base_cfg.label()} (idle P99 TTFT "
+                    f"{t['idle_ttft_p99_ms']:.0f} ms, TPOT {t['idle_tpot_p99_ms']:.1f} ms): every design "
+                    f"is held to {t['ttft_target_ms']:.0f} / {t['tpot_target_ms']:.1f} ms instead")
     if b_shorts is None:
-        b_shorts = [b for b in AUTO_B_SHORT if b < long_cfg.max_model_len]
-    b_shorts = sorted({int(b) for b in b_shorts if int(b) < long_cfg.max_model_len})
+        b_shorts = AUTO_B_SHORT
+    b_shorts = sorted({int(b) for b in b_shorts if int(b) < mml})
+    ex = _Pool(workers if workers is not None else (os.cpu_count() or 1))
+    try:
+        return _plan(ex, trace, search, warmup, model, baseline, base_cfg, slo, tg, b_shorts, space,
+                     router, balancer, seed_list, noise_p90, verify, log)
+    finally:
+        ex.close()
 
-    # (a) homogeneous, configured for the worst-case context
-    if log:
-        log(f"homogeneous pool, max_model_len={long_cfg.max_model_len}")
-    homo = best_pool("all", search, long_cfg, slo_ttft_ms, slo_preempt, seqs, seed, log,
-                     trace.prompt)
-    homo_spec = FleetSpec((PoolSpec("all", homo.cfg, homo.count),))
 
-    # rho: short-pool config vs the worst-case config on the same short traffic
-    duals = []
+def _plan(ex, trace, search, warmup, model, baseline, base_cfg, slo, tg, b_shorts, space, router,
+          balancer, seeds, noise_p90, verify, log) -> dict:
+    mml = base_cfg.max_model_len
+    # routes per B_short (search window and whole trace); identical routings collapse
+    splits = []
+    seen = {}
     for b in b_shorts:
-        if log:
-            log(f"dual pools, B_short={b}")
-        spec0 = FleetSpec((PoolSpec("short", long_cfg, 1), PoolSpec("long", long_cfg, 1)),
-                          b_short=b, router=router, noise_p90=noise_p90)
-        pool_of, budget = route(search, spec0, seed)
-        short_tr = search.take(np.nonzero(pool_of == 0)[0], "short")
-        long_tr = search.take(np.nonzero(pool_of == 1)[0], "long")
-        full_pool, full_budget = route(trace, spec0, seed)
-        try:
-            short_cfg = long_cfg.with_(max_model_len=b).validate()
-        except ConfigError as e:
-            duals.append({"b_short": b, "error": str(e)})
+        spec0 = FleetSpec((PoolSpec("short", base_cfg, 1), PoolSpec("long", base_cfg, 1)), b_short=b,
+                          router=router, noise_p90=noise_p90)
+        pool_of, _ = route(search, spec0, 0)
+        full_pool, full_budget = route(trace, spec0, 0)
+        key = full_pool.tobytes()
+        if key in seen:
+            if log:
+                log(f"B_short={b}: same routing as B_short={seen[key]}; skipped")
             continue
-        sp = best_pool("short", short_tr, short_cfg, slo_ttft_ms, slo_preempt, seqs, seed, log,
-                       trace.prompt[full_pool == 0]) if len(short_tr) else None
-        lp = best_pool("long", long_tr, long_cfg, slo_ttft_ms, slo_preempt, seqs, seed, log,
-                       trace.prompt[full_pool == 1]) if len(long_tr) else None
-        plans = [p for p in (sp, lp) if p is not None and p.count > 0]
-        mu_s = sp.mu if sp else float("nan")
-        mu_h_short = closed_form.throughput(homo.cfg, short_tr, seed=seed) if len(short_tr) else float("nan")
-        rho = mu_s / mu_h_short if mu_h_short and mu_h_short > 0 else float("nan")
-        a = closed_form.alpha(full_budget, b)
-        duals.append({"b_short": b, "plans": plans, "alpha": a, "rho": rho,
-                      "mu_short": mu_s, "mu_homog_on_short": mu_h_short,
-                      "closed_form_savings": closed_form.savings(a, rho) if rho == rho and rho > 0 else float("nan")})
+        seen[key] = b
+        splits.append({"b": b, "short": search.take(np.nonzero(pool_of == 0)[0], "short"),
+                       "long": search.take(np.nonzero(pool_of == 1)[0], "long"),
+                       "alpha": closed_form.alpha(full_budget, b)})
 
-    # verify on the full trace
+    # 1) analytic pre-sizing: throughput of every candidate config on its traffic
+    cands = []  # (role, split index or None, cfg, trace)
+    homog = space.configs(model, base_cfg, mml) + space.configs(model, base_cfg, mml, mitigation=True)
+    cands += [("homogeneous", None, c, search) for c in homog]
+    if baseline.instances is None:
+        cands.append(("baseline", None, base_cfg, search))
+    for k, sp in enumerate(splits):
+        for role, length in (("short", sp["b"]), ("long", mml)):
+            if len(sp[role]) == 0:
+                continue
+            for c in space.configs(model, base_cfg, length):
+                cands.append((role, k, c, sp[role]))
+        if len(sp["short"]):  # rho's denominator: the baseline config on short traffic
+            cands.append(("rho", k, base_cfg, sp["short"]))
     if log:
-        log("verifying on the full trace")
-    if verify:
-        homo_spec, homo_sum = _verify(trace, homo_spec, [homo], slo_preempt, seed, progress, log)
+        log(f"pre-sizing {len(cands)} candidate configs (throughput runs, {ex.workers} workers)")
+    mus = ex.map(_mu_job, [(c, tr, 0) for _, _, c, tr in cands])
+
+    def best(role, k, n=TOP_K):
+        xs = [(c, tr, mu) for (r, kk, c, tr), mu in zip(cands, mus) if r == role and kk == k and mu > 0]
+        rate = lambda tr: len(tr) / max(tr.duration, 1e-9)  # noqa: E731
+        xs.sort(key=lambda x: _cost(x[0], math.ceil(rate(x[1]) / x[2])))
+        return xs[:n]
+
+    # 2) sizing jobs (monotone bisection on the seed-averaged criterion), in parallel
+    jobs, owners = [], []
+    if baseline.instances is None:
+        for c, tr, mu in best("baseline", None):
+            jobs.append(("all", tr, c, tg, slo, seeds, mu, balancer, warmup))
+            owners.append(("baseline", None))
+    plain = best("homogeneous", None, len(homog))
+    chosen = [x for x in plain if not x[0].long_prefill_token_threshold][:TOP_K]
+    chosen += [x for x in plain if x[0].long_prefill_token_threshold][:TOP_K]
+    for c, tr, mu in chosen:
+        jobs.append(("all", tr, c, tg, slo, seeds, mu, balancer, warmup))
+        owners.append(("homogeneous", None))
+    for k, sp in enumerate(splits):
+        for role in ("short", "long"):
+            for c, tr, mu in best(role, k):
+                jobs.append((role, tr, c, tg, slo, seeds, mu, balancer, warmup))
+                owners.append((role, k))
+    key = lambda j: (id(j[1]), repr(j[2]))  # noqa: E731  same traffic, same config: one job
+    uniq: dict[tuple, int] = {}
+    ujobs = []
+    for j in jobs:
+        if key(j) not in uniq:
+            uniq[key(j)] = len(ujobs)
+            ujobs.append(j)
+    if log:
+        log(f"sizing {len(ujobs)} pools (of {len(jobs)} roles) x {len(seeds)} seeds on "
+            f"{len(search):,} requests")
+    done = ex.map(_size_job, ujobs)
+    sized = []
+    for j in jobs:
+        s0 = done[uniq[key(j)]]
+        sized.append(Sized(j[0], s0.cfg, s0.count, s0.feasible, s0.mu, s0.rate, list(s0.per_seed),
+                           s0.tried, s0.cliff))
+
+    def pick(role, k):
+        xs = [s for s, o in zip(sized, owners) if o == (role, k)]
+        xs.sort(key=lambda s: (not s.feasible, _cost(s.cfg, s.count)))
+        return xs[0] if xs else None
+
+    designs = []
+    if baseline.instances is None:
+        b0 = pick("baseline", None)
     else:
-        homo_sum = summarize(simulate(trace, homo_spec, seed=seed))
-    homo_gpus = homo_spec.gpus
-    rows = []
-    for d in duals:
-        if "error" in d:
-            rows.append(d)
+        b0 = Sized("all", base_cfg, baseline.instances, True, 0.0, len(trace) / max(trace.duration, 1e-9))
+    designs.append({"name": "baseline", "kind": "homogeneous", "b_short": None, "sized": [b0],
+                    "pinned": baseline.instances is not None,
+                    "what": f"the operator's fleet: {base_cfg.label()}"
+                            + (" (pinned)" if baseline.instances is not None else " (sized)")})
+    h = pick("homogeneous", None)
+    if h is not None:
+        designs.append({"name": "homogeneous-best", "kind": "homogeneous", "b_short": None, "sized": [h],
+                        "what": f"best single pool found: {h.cfg.label()}"})
+    rho_mu = {kk: mu for (r, kk, _, _), mu in zip(cands, mus) if r == "rho"}
+    for k, sp in enumerate(splits):
+        pools = [p for p in (pick("short", k), pick("long", k)) if p is not None]
+        if not pools:
             continue
-        plans = d["plans"]
-        if not plans:
-            continue
-        spec = FleetSpec(tuple(PoolSpec(p.name, p.cfg, p.count) for p in plans),
-                         b_short=d["b_short"] if len(plans) == 2 else None, router=router,
-                         noise_p90=noise_p90)
-        if len(plans) == 1:
-            # everything routed to one pool: keep the routing (B_short) semantics
-            spec = FleetSpec(spec.pools, None, router, noise_p90)
-        if verify:
-            spec, s = _verify(trace, spec, plans, slo_preempt, seed, progress, log)
-        else:
-            s = summarize(simulate(trace, spec, seed=seed))
-        gpus = spec.gpus
-        rows.append({
-            "b_short": d["b_short"], "alpha": d["alpha"], "rho": d["rho"],
-            "mu_short": d["mu_short"], "mu_homog_on_short": d["mu_homog_on_short"],
-            "closed_form_savings": d["closed_form_savings"],
-            "gpus": gpus, "instances": spec.instances,
-            "savings": 1.0 - gpus / homo_gpus if homo_gpus else float("nan"),
-            "feasible": all(p.feasible for p in plans),
-            "pools": [p.to_json() for p in plans], "summary": s, "spec": spec.describe(),
-        })
-    ok_rows = [r for r in rows if "error" not in r and r["feasible"]]
-    best = min(ok_rows, key=lambda r: (r["gpus"], r["summary"]["fleet"]["preemptions_per_1k"]),
-               default=None)
-    if best is not None and best["gpus"] < homo_gpus:
-        rec = {"split": True, "b_short": best["b_short"],
-               "reason": f"B_short={best['b_short']} saves {best['savings']:.1%} of GPUs "
-                         f"({homo_gpus} -> {best['gpus']}) within the SLO"}
-    else:
-        rec = {"split": False, "b_short": None,
-               "reason": "no split is cheaper than one pool at this SLO: keep one pool"}
+        s = pools[0] if pools[0].name == "short" else None
+        rho = (s.mu / rho_mu[k]) if s is not None and rho_mu.get(k) else float("nan")
+        cf = closed_form.savings(sp["alpha"], rho) if rho == rho and rho > 0 else float("nan")
+        designs.append({"name": f"split-{sp['b']}", "kind": "split", "b_short": sp["b"], "sized": pools,
+                        "alpha": sp["alpha"], "rho": rho, "closed_form": cf,
+                        "what": f"short pool max_model_len={sp['b']} + long pool {mml}: "
+                                + " + ".join(f"{p.name} {p.cfg.label()}" for p in pools)})
+
+    # 3) every design on the whole trace, every seed
+    if log:
+        log(f"verifying {len(designs)} designs x {len(seeds)} seeds on {len(trace):,} requests")
+    _verify(ex, trace, designs, tg, slo, seeds, router, noise_p90, balancer, log if verify else None)
+    base_cost = sum(_cost(p.cfg, p.count) for p in designs[0]["sized"])
+    out = [_design_json(d, tg, slo, base_cost) for d in designs]
     return {
-        "trace": trace.name, "requests": len(trace), "duration_s": trace.duration,
-        "rate_rps": len(trace) / max(trace.duration, 1e-9), "gpu": long_cfg.gpu.name,
-        "model": long_cfg.model.name, "tp": long_cfg.tp, "router": router,
-        "slo": {"ttft_p99_ms": slo_ttft_ms, "preemptions_per_1k": slo_preempt},
-        "search_requests": len(search), "max_total_tokens": max_total,
-        "homogeneous": {"gpus": homo_gpus, "instances": homo_spec.instances,
-                        "pool": homo.to_json(), "summary": homo_sum, "spec": homo_spec.describe()},
-        "dual": rows, "recommendation": rec,
+        "version": 2, "trace": trace.name, "requests": len(trace), "duration_s": trace.duration,
+        "rate_rps": len(trace) / max(trace.duration, 1e-9), "model": base_cfg.model.name,
+        "router": router, "balancer": balancer, "seeds": seeds,
+        "slo": {"class_boundary": slo.boundary, "ttft_p99_ms": slo.ttft_ms, "tpot_p99_ms": slo.tpot_ms,
+                "preempt_per_1k": slo.preempt_per_1k, "targets": tg,
+                "infeasible": any(t["infeasible"] for t in tg.values())},
+        "baseline": {**baseline.__dict__, "config": base_cfg.to_json()},
+        "search": {"requests": len(search), "window_s": search.duration, "warmup_s": warmup,
+                   "tolerance": SIZE_TOLERANCE,
+                   "gpus": list(space.gpus) or [base_cfg.gpu_key()], "tps": list(space.tps),
+                   "max_num_seqs": list(space.seqs), "max_num_batched_tokens": list(space.mbts),
+                   "b_short": [sp["b"] for sp in splits], "candidates": len(cands)},
+        "designs": out,
+        "recommendation": recommend(out),
     }
+
+
+def recommend(designs: list[dict]) -> dict:
+    """The cheapest design meeting the (effective) targets; a split only when it
+    beats the best homogeneous design by more than seed spread + tolerance."""
+    good = [d for d in designs if d["meets_effective"] and d["feasible"]]
+    homs = [d for d in good if d["kind"] == "homogeneous"]
+    sps = [d for d in good if d["kind"] == "split"]
+    best_h = min(homs, key=lambda d: d["usd_per_hour"], default=None)
+    best_s = min(sps, key=lambda d: (d["usd_per_hour"], d["preempt_per_1k"]), default=None)
+    cf_src = best_s or min((d for d in designs if d["kind"] == "split"),
+                           key=lambda d: d["usd_per_hour"], default=None)
+    closed = {"alpha": cf_src["alpha"] if cf_src else None, "rho": cf_src["rho"] if cf_src else None,
+              "predicted": cf_src["closed_form_savings"] if cf_src else None,
+              "b_short": cf_src["b_short"] if cf_src else None}
+    if best_h is None and best_s is None:
+        return {"design": None, "savings_vs_baseline": None, "closed_form": closed, "split": False,
+                "margin": None,
+                "why": "no design meets the per-class targets within the search bounds"}
+    if best_s is not None and best_h is not None:
+        saving = 1.0 - best_s["usd_per_hour"] / best_h["usd_per_hour"]
+        noise = ((best_s["seed_spread_gpus"] + best_h["seed_spread_gpus"]) / max(best_h["gpus"], 1)
+                 + 2 * SIZE_TOLERANCE)
+        margin = saving - noise
+        if margin > 0:
+            d = best_s
+            why = (f"{d['name']} costs {saving:.1%} less than the best single pool ({best_h['name']}) at "
+                   f"equal per-class SLOs, {margin:.1%} above seed spread + search tolerance ({noise:.1%})")
+        elif saving <= 0:
+            d = best_h
+            why = (f"the best split ({best_s['name']}) costs {-saving:.1%} more than {best_h['name']} at "
+                   f"equal per-class SLOs: keep one pool")
+        else:
+            d = best_h
+            why = (f"the best split ({best_s['name']}) saves {saving:.1%} over {best_h['name']}, within "
+                   f"seed spread + search tolerance ({noise:.1%}): keep one pool")
+    elif best_h is not None:
+        d, margin = best_h, None
+        why = f"no split meets the per-class targets; {best_h['name']} is the cheapest that does"
+    else:
+        d, margin = best_s, None
+        why = f"only splits meet the per-class targets; {best_s['name']} is the cheapest"
+    base = designs[0]
+    if base["name"] == "baseline" and not base["meets_effective"]:
+        why += "; note: the baseline as pinned misses the per-class targets"
+    return {"design": d["name"], "savings_vs_baseline": d["savings_vs_baseline"], "closed_form": closed,
+            "split": d["kind"] == "split", "margin": margin, "why": why}

@@ -7,7 +7,6 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
 
 
 def _save(fig, path: str) -> str:
@@ -17,54 +16,78 @@ def _save(fig, path: str) -> str:
     return path
 
 
-def plot_plan(result: dict, totals: np.ndarray, out_dir: str) -> list[str]:
+def _label(d: dict) -> str:
+    """What a design really is, in a few words."""
+    p = d["pools"]
+    if d["kind"] == "split":
+        return f"split B={d['b_short']}\n" + " + ".join(
+            f"{x['count']}x{x['config']['gpu']} TP{x['config']['tp']}" for x in p)
+    c = p[0]["config"]
+    extra = " +lpt" if c["long_prefill_token_threshold"] else ""
+    return (f"{d['name']}\n{p[0]['count']}x{c['gpu']} TP{c['tp']} seqs{c['max_num_seqs']} "
+            f"mbt{c['max_num_batched_tokens']}{extra}")
+
+
+def plot_plan(res: dict, out_dir: str) -> list[str]:
     os.makedirs(out_dir, exist_ok=True)
     paths = []
-    rows = [r for r in result["dual"] if "error" not in r]
-    homo = result["homogeneous"]
-    name = result["trace"]
+    designs = res["designs"]
+    name = res["trace"]
+    labels = [_label(d) for d in designs]
+    classes = list(res["slo"]["targets"])
 
-    # cost vs B_short, with the closed form
+    # per-class P99 TTFT / TPOT with the SLO lines
+    fig, axes = plt.subplots(2, len(classes), figsize=(4.8 * len(classes), 7.5), squeeze=False)
+    for j, c in enumerate(classes):
+        tg = res["slo"]["targets"][c]
+        for i, (metric, slo_key, eff_key, unit) in enumerate(
+                (("ttft_p99_ms", "ttft_slo_ms", "ttft_target_ms", "P99 TTFT (ms)"),
+                 ("tpot_p99_ms", "tpot_slo_ms", "tpot_target_ms", "P99 TPOT (ms)"))):
+            ax = axes[i][j]
+            vals = [d["classes"][c][metric] for d in designs]
+            colors = ["tab:green" if d["classes"][c]["meets_effective"] else "tab:red" for d in designs]
+            ax.bar(range(len(designs)), vals, color=colors)
+            ax.axhline(tg[slo_key], color="k", ls="--", label=f"SLO {tg[slo_key]:,.0f} ms")
+            if tg[eff_key] != tg[slo_key]:
+                ax.axhline(tg[eff_key], color="tab:orange", ls=":",
+                           label=f"infeasible: held to {tg[eff_key]:,.0f} ms")
+            ax.set_xticks(range(len(designs)), labels, fontsize=6, rotation=20)
+            ax.set_ylabel(unit)
+            ax.set_title(f"class {c} ({tg['requests']:,} requests)", fontsize=9)
+            ax.legend(fontsize=7)
+    fig.suptitle(f"{name}: per-class P99 at the planned sizes (mean of {len(res['seeds'])} seeds)")
+    paths.append(_save(fig, os.path.join(out_dir, "class_latency.png")))
+
+    # cost vs B_short with the seed band
     fig, ax = plt.subplots(figsize=(6.4, 4))
-    if rows:
-        b = [r["b_short"] for r in rows]
-        ax.plot(b, [r["gpus"] for r in rows], "o-", label="dual pools (simulated)")
-        ax.plot(b, [homo["gpus"] * (1 - r["closed_form_savings"]) for r in rows], "s--",
-                label="closed form  alpha(1-1/rho)")
+    sp = [d for d in designs if d["kind"] == "split"]
+    if sp:
+        b = [d["b_short"] for d in sp]
+        ax.plot(b, [d["gpus"] for d in sp], "o-", label="split (simulated)")
+        ax.fill_between(b, [d["seed_band_gpus"][0] for d in sp], [d["seed_band_gpus"][1] for d in sp],
+                        alpha=0.25, label="per-seed minimal sizes")
+        base = designs[0]["gpus"]
+        cf = [(x, base * (1 - d["closed_form_savings"])) for x, d in zip(b, sp)
+              if d["closed_form_savings"] == d["closed_form_savings"]]
+        if cf:
+            ax.plot(*zip(*cf), "s--", label="closed form: baseline x (1 - alpha(1-1/rho))")
         ax.set_xscale("log", base=2)
-    ax.axhline(homo["gpus"], color="k", ls=":", label="homogeneous (worst-case config)")
+    for d, ls in zip([d for d in designs if d["kind"] == "homogeneous"], (":", "-.")):
+        ax.axhline(d["gpus"], color="k", ls=ls, label=f"{d['name']} ({d['gpus']} GPUs)")
     ax.set_xlabel("B_short (tokens)")
     ax.set_ylabel("GPUs")
-    ax.set_title(f"{name}: fleet size vs B_short")
-    ax.legend(fontsize=8)
+    ax.set_title(f"{name}: GPUs at equal per-class SLOs vs B_short")
+    ax.legend(fontsize=7)
     paths.append(_save(fig, os.path.join(out_dir, "cost_vs_b_short.png")))
 
-    # budget CDF with thresholds
-    fig, ax = plt.subplots(figsize=(6.4, 4))
-    t = np.sort(totals)
-    ax.plot(t, np.arange(1, len(t) + 1) / len(t))
-    for r in rows:
-        ax.axvline(r["b_short"], ls="--", alpha=0.6)
-        ax.text(r["b_short"], 0.02, f" {r['b_short']}\n alpha={r['alpha']:.2f}", fontsize=7)
-    ax.set_xscale("log")
-    ax.set_xlabel("request budget: prompt + output tokens")
-    ax.set_ylabel("CDF")
-    ax.set_title(f"{name}: token budget CDF")
-    paths.append(_save(fig, os.path.join(out_dir, "budget_cdf.png")))
-
-    # TTFT and preemptions, homogeneous vs each split
-    labels = ["homog."] + [f"B={r['b_short']}" for r in rows]
-    sums = [homo["summary"]] + [r["summary"] for r in rows]
-    fig, axes = plt.subplots(1, 2, figsize=(9, 3.8))
-    axes[0].bar(labels, [s["fleet"]["ttft_p99_ms"] for s in sums], color="tab:blue", label="P99")
-    axes[0].bar(labels, [s["fleet"]["ttft_p50_ms"] for s in sums], color="tab:orange", label="P50")
-    axes[0].set_ylabel("TTFT (ms)")
-    axes[0].set_yscale("log")
-    axes[0].legend(fontsize=8)
-    axes[1].bar(labels, [s["fleet"]["preemptions_per_1k"] for s in sums], color="tab:red")
-    axes[1].set_ylabel("preemptions per 1,000 requests")
-    for a in axes:
-        a.tick_params(axis="x", labelrotation=30, labelsize=8)
-    fig.suptitle(f"{name}: latency and preemptions at the planned sizes")
-    paths.append(_save(fig, os.path.join(out_dir, "ttft_preemptions.png")))
+    # preemptions, only when there are any
+    if any(d["preempt_per_1k"] > 0 for d in designs):
+        fig, ax = plt.subplots(figsize=(6.4, 3.6))
+        ax.bar(range(len(designs)), [d["preempt_per_1k"] for d in designs], color="tab:red")
+        ax.axhline(res["slo"]["preempt_per_1k"], color="k", ls="--", label="SLO")
+        ax.set_xticks(range(len(designs)), labels, fontsize=6, rotation=20)
+        ax.set_ylabel("preemptions per 1,000 requests")
+        ax.legend(fontsize=7)
+        ax.set_title(f"{name}: preemptions at the planned sizes")
+        paths.append(_save(fig, os.path.join(out_dir, "preemptions.png")))
     return paths

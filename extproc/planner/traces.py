@@ -59,6 +59,9 @@ class Trace:
     est_budget: np.ndarray | None = None  # router's budget (replay)
     pool_hint: np.ndarray | None = None  # int8: 0 short, 1 long, -1 unknown (replay)
     report: LoadReport | None = None
+    # prompt block hashes (Mooncake `hash_ids`, one per HASH_BLOCK_TOKENS tokens):
+    # an object array of int tuples, for prefix caching
+    hashes: np.ndarray | None = None
 
     def __len__(self) -> int:
         return len(self.arrival)
@@ -80,10 +83,11 @@ class Trace:
         def sub(a):
             return None if a is None else a[idx]
         return Trace(name or self.name, self.arrival[idx], self.prompt[idx], self.output[idx],
-                     sub(self.est_prompt), sub(self.est_budget), sub(self.pool_hint), self.report)
+                     sub(self.est_prompt), sub(self.est_budget), sub(self.pool_hint), self.report,
+                     sub(self.hashes))
 
 
-def _finish(name, t, p, o, report, ep=None, eb=None, ph=None) -> Trace:
+def _finish(name, t, p, o, report, ep=None, eb=None, ph=None, hs=None) -> Trace:
     if report.good == 0:
         raise TraceError(f"{report.path}: no valid rows ({report.bad} bad): "
                          + "; ".join(f"line {n}: {r}" for n, r in report.bad_rows[:5]))
@@ -93,8 +97,13 @@ def _finish(name, t, p, o, report, ep=None, eb=None, ph=None) -> Trace:
 
     def arr(a, dt):
         return None if a is None else np.asarray(a, dtype=dt)[order]
+    hashes = None
+    if hs is not None and any(h for h in hs):
+        hashes = np.empty(len(hs), dtype=object)
+        hashes[:] = hs
+        hashes = hashes[order]
     return Trace(name, t, arr(p, np.int64), arr(o, np.int64), arr(ep, np.float64),
-                 arr(eb, np.float64), arr(ph, np.int8), report)
+                 arr(eb, np.float64), arr(ph, np.int8), report, hashes)
 
 
 def _int(v, what: str) -> int:
@@ -123,7 +132,13 @@ def load_azure_csv(path: str) -> Trace:
 def load_mooncake_jsonl(path: str) -> Trace:
     """Mooncake trace: timestamp (ms), input_length, output_length."""
     return load_generic(path, {"time": "timestamp", "prompt": "input_length",
-                               "output": "output_length", "time_unit": "ms"}, fmt="mooncake-jsonl")
+                               "output": "output_length", "time_unit": "ms", "hashes": "hash_ids"},
+                        fmt="mooncake-jsonl")
+
+
+#: Tokens per Mooncake `hash_ids` entry: the trace hashes prompts in 512-token
+#: blocks (Mooncake FAST'25 trace README: "block size 512").
+HASH_BLOCK_TOKENS = 512
 
 
 _TIME_UNITS = {"s": 1.0, "ms": 1e-3, "us": 1e-6, "ns": 1e-9}
@@ -166,6 +181,8 @@ def load_generic(path: str, mapping: dict[str, str], fmt: str = "generic") -> Tr
         raise TraceError(f"{path}: no such file")
     rep = LoadReport(path, fmt)
     tcol, pcol, ocol = mapping.get("time"), mapping["prompt"], mapping["output"]
+    hcol = mapping.get("hashes")
+    hs: list[tuple] = []
     unit = mapping.get("time_unit", "s")
     if unit != "datetime" and unit not in _TIME_UNITS:
         raise TraceError(f"unknown time_unit {unit!r}")
@@ -204,8 +221,11 @@ def load_generic(path: str, mapping: dict[str, str], fmt: str = "generic") -> Tr
             rep.add_bad(n, str(e))
             continue
         ts.append(t), ps.append(p), os_.append(o)
+        if hcol:
+            h = row.get(hcol)
+            hs.append(tuple(int(x) for x in h) if isinstance(h, list) else ())
         rep.good += 1
-    return _finish(os.path.basename(path), ts, ps, os_, rep)
+    return _finish(os.path.basename(path), ts, ps, os_, rep, hs=hs if hcol else None)
 
 
 def load_replay_jsonl(path: str, rate: float, seed: int = 0) -> Trace:
@@ -322,6 +342,12 @@ def tile(tr: Trace, duration: float) -> Trace:
     idx = np.tile(np.arange(len(tr)), k)
     out = tr.take(idx)
     out.arrival = (tr.arrival[None, :] + period * np.arange(k)[:, None]).ravel()
+    if tr.hashes is not None:
+        # each copy is new content: its prefixes must not hit the previous copy's cache
+        span = 1 + max((max(h) for h in tr.hashes if h), default=0)
+        copy = np.repeat(np.arange(k), len(tr))
+        out.hashes = np.empty(len(idx), dtype=object)
+        out.hashes[:] = [tuple(x + c * span for x in h) for h, c in zip(tr.hashes[idx], copy)]
     keep = out.arrival <= duration
     return out.take(np.nonzero(keep)[0])
 
@@ -352,3 +378,28 @@ def synthetic(n: int, rate: float, prompt_mean: float, output_mean: float, sigma
         o[over] = np.maximum(1, max_total - p[over])
     rep = LoadReport(name, "synthetic", n, n)
     return Trace(name, poisson_arrivals(n, rate, seed), p, o, report=rep)
+
+
+#: Seeds > 0 shift each arrival by up to +-ARRIVAL_JITTER mean inter-arrival
+#: gaps (uniform) and shuffle request contents within consecutive blocks of
+#: SHUFFLE_BLOCK requests: the same load and mix over time, a different draw of
+#: which request lands when (the sampling noise a re-run of the day would show).
+ARRIVAL_JITTER = 1.0
+SHUFFLE_BLOCK = 64
+
+
+def perturb(tr: Trace, seed: int) -> Trace:
+    """The trace as seed `seed` sees it: seed 0 is the trace itself."""
+    if seed == 0 or len(tr) < 2:
+        return tr
+    rng = np.random.default_rng(1_000_003 * seed + 17)
+    n = len(tr)
+    gap = tr.duration / (n - 1)
+    t = np.maximum(0.0, tr.arrival + rng.uniform(-ARRIVAL_JITTER, ARRIVAL_JITTER, n) * gap)
+    order = np.argsort(t, kind="stable")
+    # contents: a permutation inside each block of SHUFFLE_BLOCK requests
+    keys = np.arange(n) // SHUFFLE_BLOCK + rng.random(n) * 0.5
+    perm = np.argsort(keys, kind="stable")
+    out = tr.take(perm)
+    out.arrival = t[order] - t[order][0]
+    return out

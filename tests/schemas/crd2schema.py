@@ -2,6 +2,7 @@
 
     python tests/schemas/crd2schema.py                      # fetch the pinned tags from GitHub
     python tests/schemas/crd2schema.py --git kubernetes-sigs/gateway-api=/path/to/clone ...
+    python tests/schemas/crd2schema.py --only BackendTrafficPolicy --git envoyproxy/gateway=/path/to/clone
 
 For each source below, the CRD file at a released tag is read (from a local
 clone given with --git, else raw.githubusercontent.com), and each kept
@@ -52,6 +53,11 @@ SOURCES = [
     ("envoyproxy/gateway", "v1.9.0",
      "charts/gateway-crds-helm/templates/generated/gateway.envoyproxy.io_clienttrafficpolicies.yaml",
      {"ClientTrafficPolicy": ["v1alpha1"]}),
+    ("envoyproxy/gateway", "v1.9.0",
+     "charts/gateway-crds-helm/templates/generated/gateway.envoyproxy.io_backendtrafficpolicies.yaml",
+     {"BackendTrafficPolicy": ["v1alpha1"]}),
+    ("envoyproxy/gateway", "v1.9.0",
+     "charts/gateway-crds-helm/templates/generated/gateway.envoyproxy.io_backends.yaml", {"Backend": ["v1alpha1"]}),
     ("prometheus-operator/prometheus-operator", "v0.93.0",
      "example/prometheus-operator-crd/monitoring.coreos.com_podmonitors.yaml", {"PodMonitor": ["v1"]}),
     ("istio/api", "1.30.3", "kubernetes/customresourcedefinitions.gen.yaml",
@@ -158,12 +164,18 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--git", action="append", default=[], metavar="OWNER/NAME=DIR",
                     help="read that repository from a local clone (a bare git dir works) instead of GitHub")
+    ap.add_argument("--only", action="append", default=[], metavar="KIND",
+                    help="regenerate only the sources holding this kind; the other rows of SOURCES.json are kept")
     ap.add_argument("--out", type=Path, default=OUT)
     args = ap.parse_args(argv)
     clones = dict(g.split("=", 1) for g in args.git)
     args.out.mkdir(parents=True, exist_ok=True)
+    kept = json.loads((args.out / "SOURCES.json").read_text()) if args.only else []
     sources = []
     for repo, tag, path, keep in SOURCES:
+        if args.only and not set(args.only) & set(keep):
+            sources += [s for s in kept if (s["repo"], s["path"]) == (repo, path)]
+            continue
         text, commit = read_source(repo, tag, path, clones)
         source = {"repo": repo, "tag": tag, "commit": commit, "path": path}
         found = set()

@@ -41,6 +41,12 @@ def _require_env() -> None:
         pytest.skip(str(e))
 
 
+@pytest.fixture
+def vllm_env() -> None:
+    """For tests that need the vLLM environment but no running server."""
+    _require_env()
+
+
 @pytest.fixture(scope="session")
 def tier_clock():
     """Wall time of the tier (printed at the end: the CI figure)."""

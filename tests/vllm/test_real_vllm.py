@@ -219,10 +219,9 @@ def test_vllm_metric_names_exist(vllm_stack):
         assert name in names, f"dashboard queries {name}, which real vLLM does not export"
 
 
-def test_flags_exist_in_the_pinned_vllm():
+def test_flags_exist_in_the_pinned_vllm(vllm_env):
     """Every flag of the real pools (vllm_pool) and of compose's gpu profile is
     in the installed vLLM's argument parser; compose runs the pinned version."""
-    V.python()
     help_text = subprocess.run([V.python(), "-m", "vllm.entrypoints.openai.api_server", "--help=all"],
                                capture_output=True, text=True, timeout=180).stdout
     flags = {a for a in V.VLLMPool("h", 1, 2048, 1, 2048).argv("m") if a.startswith("--")}

@@ -1,0 +1,57 @@
+"""Wall time of `budget-router plan` with the default search on Azure conv at
+1,000 req/s, tiled to 60 s (issue 8 point 9: target <= 120 s on 2 cores).
+
+    PYTHONPATH=. .venv/bin/python bench/bench_plan.py [--workers N] [--trace FILE]
+
+Prints the wall seconds, the load average before and after (the machine is
+shared), and the plan's recommendation; writes bench/results/bench_plan.json.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+
+import orjson
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+from extproc.planner.cli import print_plan  # noqa: E402
+from extproc.planner.plan import plan  # noqa: E402
+from extproc.planner.traces import load_trace, scale_rate, tile  # noqa: E402
+
+TRACES = os.environ.get("TRACES_DIR", os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data", "traces"))
+RATE, TILE_S = 1000.0, 60.0
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--trace", default=os.path.join(TRACES, "AzureLLMInferenceTrace_conv.csv"))
+    ap.add_argument("--workers", type=int, default=os.cpu_count())
+    ap.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results", "bench_plan.json"))
+    a = ap.parse_args()
+    if not os.path.exists(a.trace):
+        print(f"skip: {a.trace} absent", file=sys.stderr)
+        return 0
+    tr = tile(scale_rate(load_trace(a.trace), RATE), TILE_S)
+    load0 = os.getloadavg()
+    t0 = time.perf_counter()
+    res = plan(tr, workers=a.workers, progress=True)
+    wall = time.perf_counter() - t0
+    load1 = os.getloadavg()
+    print_plan(res)
+    print(f"\nplan wall {wall:.1f} s on {a.workers} workers ({os.cpu_count()} cores); "
+          f"load average before {load0[0]:.2f}, after {load1[0]:.2f} (1-min)")
+    os.makedirs(os.path.dirname(a.out), exist_ok=True)
+    with open(a.out, "wb") as f:
+        f.write(orjson.dumps({"wall_s": wall, "workers": a.workers, "cores": os.cpu_count(),
+                              "load_before": load0, "load_after": load1, "requests": len(tr),
+                              "recommendation": res["recommendation"],
+                              "designs": [{k: d[k] for k in ("name", "gpus", "seed_spread_gpus", "meets")}
+                                          for d in res["designs"]]},
+                             option=orjson.OPT_INDENT_2 | orjson.OPT_SERIALIZE_NUMPY))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
