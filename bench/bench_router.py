@@ -81,15 +81,21 @@ def envoy_binary() -> str:
         return str(cand)
 
 
-def envoy_bootstrap(envoy_port: int, direct_port: int, admin_port: int, router_port: int, pool_port: int) -> dict:
-    """The project's rendered bootstrap plus a ``direct`` listener."""
+def envoy_bootstrap(envoy_port: int, direct_port: int, admin_port: int, router_port: int, pool_port: int,
+                    pki: dict | None = None) -> dict:
+    """The project's rendered bootstrap plus a ``direct`` listener; with
+    ``pki`` (extproc.tools.pki) the ext_proc cluster speaks mTLS."""
     from extproc.envoy.bootstrap import render_yaml
 
     ep = f"127.0.0.1:{pool_port}"
+    router_tls = {"tls_cert_file": pki["server"], "tls_key_file": pki["server_key"],
+                  "tls_client_ca_file": pki["ca"]} if pki else {}
+    envoy_tls = {"router_tls_ca_file": pki["ca"], "router_client_cert_file": pki["client"],
+                 "router_client_key_file": pki["client_key"]} if pki else {}
     cfg = C.from_mapping(
         {
-            "router": {"port": router_port, "workers": 1},
-            "envoy": {"port": envoy_port, "admin_port": admin_port},
+            "router": {"port": router_port, "workers": 1, **router_tls},
+            "envoy": {"port": envoy_port, "admin_port": admin_port, **envoy_tls},
             "pools": {"short": {"endpoints": [ep]}, "long": {"endpoints": [ep]}},
         },
         env={},
@@ -161,9 +167,11 @@ class Procs:
             self.stop(p)
 
 
-def start_router(procs: Procs, transport: str, handler: str, port: int) -> subprocess.Popen:
+def start_router(procs: Procs, transport: str, handler: str, port: int, pki: dict | None = None) -> subprocess.Popen:
+    tls = ["--tls", f"{pki['server']},{pki['server_key']},{pki['ca']}"] if pki else []
     p = procs.start(
-        [sys.executable, "-m", "bench.router_proc", "--transport", transport, "--handler", handler, "--port", str(port)],
+        [sys.executable, "-m", "bench.router_proc", "--transport", transport, "--handler", handler, "--port", str(port),
+         *tls],
         cwd=ROOT,
         stdout=subprocess.PIPE,
         text=True,
@@ -181,8 +189,13 @@ def run_load(port: int, concurrency: int, duration: float, request: bytes) -> di
 
 def bench_transport(procs: Procs, transport: str, handler: str, pool_port: int, args, workdir: Path) -> list[dict]:
     router_port, envoy_port, direct_port, admin_port = (free_port() for _ in range(4))
-    router = start_router(procs, transport, handler, router_port)
-    boot = envoy_bootstrap(envoy_port, direct_port, admin_port, router_port, pool_port)
+    pki = None
+    if args.mtls:
+        from extproc.tools.pki import make_pki
+        (workdir / "pki").mkdir(exist_ok=True)
+        pki = make_pki(str(workdir / "pki"))
+    router = start_router(procs, transport, handler, router_port, pki)
+    boot = envoy_bootstrap(envoy_port, direct_port, admin_port, router_port, pool_port, pki)
     cfg_path = workdir / f"envoy-{transport}.yaml"
     cfg_path.write_text(yaml.safe_dump(boot, sort_keys=False))
     envoy = procs.start(
@@ -212,7 +225,7 @@ def bench_transport(procs: Procs, transport: str, handler: str, pool_port: int, 
             ext = {k.split("ext_proc.", 1)[1]: v for k, v in delta.items() if ".ext_proc." in k and v}
             n = routed["requests"]
             row = {
-                "transport": transport,
+                "transport": transport + ("+mtls" if pki else ""),
                 "handler": handler,
                 "concurrency": c,
                 "direct": direct,
@@ -258,6 +271,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--concurrency", default="1,16")
     ap.add_argument("--prompt-bytes", type=int, default=2000)
     ap.add_argument("--envoy-workers", type=int, default=1)
+    ap.add_argument("--mtls", action="store_true",
+                    help="Envoy -> router over mTLS (certificates made with openssl; fast and grpcio only)")
     ap.add_argument("--out", default=str(ROOT / "out" / "bench_router.json"))
     args = ap.parse_args(argv)
     args.concurrency = [int(x) for x in args.concurrency.split(",")]

@@ -60,7 +60,11 @@ async def main_async(a) -> None:
         from bench.alt_transports import serve_grpc_sync as serve
     else:
         from bench.alt_transports import serve_grpclib as serve
-    server = await serve(new_stream, a.host, a.port, max_message_bytes=MAX_MESSAGE_BYTES)
+    tls = {}
+    if a.tls:  # "cert,key,client CA": ext_proc over mTLS (fast and grpcio only)
+        from extproc.tls import TlsFiles
+        tls = {"tls": TlsFiles("router", *a.tls.split(","))}
+    server = await serve(new_stream, a.host, a.port, max_message_bytes=MAX_MESSAGE_BYTES, **tls)
     print(f"READY {server.port}", flush=True)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -78,6 +82,7 @@ def main() -> None:
     ap.add_argument("--handler", choices=("trivial", "real"), default="trivial")
     ap.add_argument("--host", default="127.0.0.1")
     ap.add_argument("--port", type=int, default=0)
+    ap.add_argument("--tls", default="", metavar="CERT,KEY,CA", help="serve mTLS with these PEM files")
     a = ap.parse_args()
     try:
         asyncio.run(main_async(a))

@@ -25,6 +25,16 @@ def add_config_arg(p: argparse.ArgumentParser) -> None:
                    help="TOML config file (default: $BUDGET_ROUTER_CONFIG, else built-in defaults)")
 
 
+#: gRPC core's log level for the router unless GRPC_VERBOSITY says otherwise:
+#: at its INFO default (through absl) grpcio logs a line per failed TLS
+#: handshake, so plain-text or certificate-less clients on a TLS port (ext_proc
+#: with the grpcio transport, or the admin plane) could fill the log at their
+#: connection rate; ERROR is grpc's documented default. Read once, when grpc is
+#: first imported, hence set here, before any command's modules import it.
+GRPC_VERBOSITY = "ERROR"
+os.environ.setdefault("GRPC_VERBOSITY", GRPC_VERBOSITY)
+
+
 def _cmd_serve(args: argparse.Namespace) -> int:
     from .serve.server import serve
     cfg = C.load_config(args, router__workers=args.workers, router__port=args.port,

@@ -68,6 +68,12 @@ class RouterConfig:
     sample_rate: float = D.SAMPLE_RATE
     inject_include_usage: bool = D.INJECT_INCLUDE_USAGE
     drain_seconds: float = D.DRAIN_SECONDS
+    # TLS for the ext_proc port (PEM files; both transports); with
+    # tls_client_ca_file set, Envoy must present a certificate signed by that
+    # CA (mTLS). Envoy's side: [envoy] router_tls_*.
+    tls_cert_file: str = ""
+    tls_key_file: str = ""
+    tls_client_ca_file: str = ""
 
 
 @dataclass(frozen=True)
@@ -108,6 +114,14 @@ class EnvoyConfig:
     # host:port of an OTLP/gRPC collector for Envoy's OpenTelemetry tracer
     # ("" = Envoy does not trace).
     otlp_endpoint: str = ""
+    # Envoy's side of TLS to the router (used when [router] tls_cert_file is
+    # set): the CA that signed the router's certificate, the name checked
+    # against it and sent as SNI ("" = router_host), and for mTLS Envoy's own
+    # client certificate and key. Paths as Envoy sees them.
+    router_tls_ca_file: str = ""
+    router_tls_server_name: str = ""
+    router_client_cert_file: str = ""
+    router_client_key_file: str = ""
 
 
 @dataclass(frozen=True)
@@ -583,6 +597,15 @@ def _check_endpoint(where: str, ep: str) -> None:
            f"{where}: endpoint {ep!r} is not host:port with a port in 1-65535")
 
 
+def _check_tls(section: str, c: Any) -> None:
+    """The TLS keys of a port's section (files are read at start, extproc.tls)."""
+    _check(bool(c.tls_cert_file) == bool(c.tls_key_file),
+           f"[{section}] tls_cert_file and tls_key_file: set both (TLS) or neither")
+    _check(not c.tls_client_ca_file or bool(c.tls_cert_file),
+           f"[{section}] tls_client_ca_file needs tls_cert_file and tls_key_file "
+           "(mTLS is TLS plus client certificates)")
+
+
 def validate(cfg: Config) -> None:
     r, p, e, v = cfg.router, cfg.policy, cfg.estimator, cfg.envoy
     _check(1 <= r.workers <= 64, f"[router] workers = {r.workers}: expected 1-64")
@@ -624,10 +647,10 @@ def validate(cfg: Config) -> None:
            f"[admin] warm_start_timeout_s = {a.warm_start_timeout_s}: expected 0-{D.MAX_WARM_START_TIMEOUT_S:g} s")
     for peer in a.warm_start_peers:
         _check_endpoint("[admin] warm_start_peers", peer)
-    _check(bool(a.tls_cert_file) == bool(a.tls_key_file),
-           "[admin] tls_cert_file and tls_key_file: set both (TLS) or neither")
-    _check(not a.tls_client_ca_file or bool(a.tls_cert_file),
-           "[admin] tls_client_ca_file needs tls_cert_file and tls_key_file (mTLS is TLS plus client certificates)")
+    _check_tls("admin", a)
+    _check_tls("router", r)
+    _check(bool(v.router_client_cert_file) == bool(v.router_client_key_file),
+           "[envoy] router_client_cert_file and router_client_key_file: set both (mTLS to the router) or neither")
     _check(v.message_timeout_ms >= 10, f"[envoy] message_timeout_ms = {v.message_timeout_ms}: expected >= 10")
     _check(v.route_timeout_s >= 0, f"[envoy] route_timeout_s = {v.route_timeout_s}: expected >= 0 (0 = none)")
     _check(v.stream_idle_timeout_s > 0, f"[envoy] stream_idle_timeout_s = {v.stream_idle_timeout_s}: expected > 0")

@@ -17,29 +17,11 @@ from extproc import config as C
 from extproc.admin import auth
 from extproc.admin.v1 import admin_pb2 as pb
 from extproc.admin.v1 import admin_pb2_grpc as pbg
+from extproc.tools.pki import make_pki
 
 from test_warm_start import TOKEN, Router, _config
 
 pytestmark = pytest.mark.skipif(shutil.which("openssl") is None, reason="needs the openssl CLI")
-
-
-def _openssl(*args: str, cwd) -> None:
-    subprocess.run(["openssl", *args], cwd=cwd, check=True, capture_output=True, timeout=60)
-
-
-def make_pki(d) -> dict[str, str]:
-    """A CA, a server certificate for 127.0.0.1 and a client certificate."""
-    _openssl("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-subj", "/CN=test-ca",
-             "-keyout", "ca.key", "-out", "ca.pem", cwd=d)
-    for name, ext in (("server", "subjectAltName=IP:127.0.0.1"), ("client", "extendedKeyUsage=clientAuth")):
-        _openssl("req", "-newkey", "rsa:2048", "-nodes", "-subj", f"/CN={name}", "-keyout", f"{name}.key",
-                 "-out", f"{name}.csr", cwd=d)
-        with open(os.path.join(d, f"{name}.ext"), "w") as f:
-            f.write(ext + "\n")
-        _openssl("x509", "-req", "-in", f"{name}.csr", "-CA", "ca.pem", "-CAkey", "ca.key", "-CAcreateserial",
-                 "-days", "1", "-extfile", f"{name}.ext", "-out", f"{name}.pem", cwd=d)
-    return {k: os.path.join(d, v) for k, v in (("ca", "ca.pem"), ("server", "server.pem"), ("server_key", "server.key"),
-                                                ("client", "client.pem"), ("client_key", "client.key"))}
 
 
 def test_mtls_admin_plane(tmp_path):

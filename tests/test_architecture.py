@@ -41,6 +41,9 @@ FORBIDDEN: dict[str, tuple[str, ...]] = {
     "extproc.admin": ("extproc.tools", "extproc.cli"),
     "extproc.config": ("extproc.core", "extproc.serve", "extproc.tools", "extproc.envoy",
                        "extproc.backend", "extproc.planner", "extproc.admin", "extproc.cli"),
+    # TLS files of a port: config in, credentials out, nothing of the layers above.
+    "extproc.tls": ("extproc.core", "extproc.serve", "extproc.tools", "extproc.envoy",
+                    "extproc.backend", "extproc.planner", "extproc.admin", "extproc.cli"),
     "extproc.defaults": ("extproc",),
 }
 

@@ -49,6 +49,10 @@ from extproc.serve.server import Worker, max_message_bytes
 from extproc.serve.transport import serve_fast
 
 async def main():
+    limits = json.loads(sys.argv[1])
+    if "tls" in limits:  # [cert, key, client CA]
+        from extproc.tls import TlsFiles
+        limits["tls"] = TlsFiles("router", *limits["tls"])
     w = Worker(Config(), telemetry=False)
     box = []
     def stats(_req):
@@ -56,7 +60,7 @@ async def main():
         return 0, "", json.dumps({"counters": dict(s.counters), "mem_used": s.mem_used,
                                   "connections": len(s._connections)}).encode()
     srv = await serve_fast(w.new_stream, "127.0.0.1", 0, max_message_bytes=max_message_bytes(w.cfg),
-                           unary={"/test.Limits/Stats": stats}, **json.loads(sys.argv[1]))
+                           unary={"/test.Limits/Stats": stats}, **limits)
     box.append(srv)
     print(srv.port, flush=True)
     await asyncio.Event().wait()
@@ -75,9 +79,10 @@ CHAT = json.dumps({"model": "m", "messages": [{"role": "user", "content": "hello
 
 
 class Server:
-    def __init__(self, proc: subprocess.Popen, port: int, log_path: Path):
+    def __init__(self, proc: subprocess.Popen, port: int, log_path: Path, credentials=None):
         self.proc, self.port, self.log_path = proc, port, log_path
-        self.channel = grpc.insecure_channel(f"127.0.0.1:{port}")
+        target = f"127.0.0.1:{port}"
+        self.channel = grpc.secure_channel(target, credentials) if credentials else grpc.insecure_channel(target)
         self._stats = self.channel.unary_unary("/test.Limits/Stats")
 
     def stats(self) -> dict:
@@ -101,7 +106,9 @@ class Server:
 
 
 @contextmanager
-def server(tmp_path: Path, **limits):
+def server(tmp_path: Path, credentials=None, **limits):
+    """The test server; ``tls=[cert, key, client CA]`` in ``limits`` serves
+    TLS, and ``credentials`` are then the stats channel's."""
     log_path = tmp_path / "server.log"
     with open(log_path, "wb") as err:
         proc = subprocess.Popen([sys.executable, "-c", SERVER, json.dumps(limits)], stdout=subprocess.PIPE,
@@ -109,7 +116,7 @@ def server(tmp_path: Path, **limits):
     try:
         line = proc.stdout.readline()
         assert line, f"server did not start: {log_path.read_text()}"
-        s = Server(proc, int(line), log_path)
+        s = Server(proc, int(line), log_path, credentials)
         yield s
         s.channel.close()
     finally:
@@ -144,8 +151,10 @@ class Probe:
     """Routes requests one after another on its own connection and records
     each one's latency while running."""
 
-    def __init__(self, port: int):
-        self.channel = grpc.insecure_channel(f"127.0.0.1:{port}", options=OWN_CONNECTION)
+    def __init__(self, port: int, credentials=None):
+        target = f"127.0.0.1:{port}"
+        self.channel = (grpc.secure_channel(target, credentials, options=OWN_CONNECTION) if credentials
+                        else grpc.insecure_channel(target, options=OWN_CONNECTION))
         self.stub = pbg.ExternalProcessorStub(self.channel)
         self.lat: list[float] = []
         self.errors: list[Exception] = []
@@ -183,10 +192,10 @@ class Probe:
 
 
 @contextmanager
-def probe_keeps_latency(port: int):
+def probe_keeps_latency(port: int, credentials=None):
     """Baseline median first, then the median while the body runs: at most
     10x the baseline + 50 ms (generous: the machine is shared)."""
-    p = Probe(port)
+    p = Probe(port, credentials)
     base = statistics.median(p.measure(1.0))
     with p:
         yield p
@@ -320,19 +329,26 @@ def test_control_replies_never_read_bound_memory(tmp_path):
     with server(tmp_path) as srv, probe_keeps_latency(srv.port):
         rss0 = srv.rss_kb()
         s = connect(srv.port)
-        s.settimeout(20)
-        ping = h2.ping_frame(b"12345678")
-        sent = 0
-        try:
-            while sent < 1_000_000:
-                s.sendall(ping * 10_000)
-                sent += 10_000
-        except OSError:  # reset by the server, or it stopped reading (timeout)
-            pass
-        st = srv.stats()["counters"]
-        assert st.get(f"goaway_{h2.ENHANCE_YOUR_CALM}", 0) + st.get("reading_paused", 0) >= 1
-        assert srv.rss_kb() - rss0 < 30_000
+        flood_unread_pings(srv, s, rss0)
         s.close()
+
+
+def flood_unread_pings(srv: Server, s: socket.socket, rss0: int) -> None:
+    """Up to 1M PINGs on ``s`` (after the preface), never reading the ACKs:
+    the server must stop reading or cut the connection off, its RSS within
+    30 MB of ``rss0``."""
+    s.settimeout(20)
+    ping = h2.ping_frame(b"12345678") * 10_000
+    sent = 0
+    try:
+        while sent < 1_000_000:
+            s.sendall(ping)
+            sent += 10_000
+    except OSError:  # reset by the server, or it stopped reading (timeout)
+        pass
+    st = srv.stats()["counters"]
+    assert st.get(f"goaway_{h2.ENHANCE_YOUR_CALM}", 0) + st.get("reading_paused", 0) >= 1, st
+    assert srv.rss_kb() - rss0 < 30_000
 
 
 def _closed_soon(sock: socket.socket) -> bool:

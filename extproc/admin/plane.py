@@ -27,6 +27,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from .. import config as C
+from .. import tls
 from ..core.estimator import snapshot_bound_bytes
 from . import auth
 from . import service as admin_service
@@ -125,26 +126,9 @@ def _admin_handler(svc: admin_service.AdminService, authenticator: auth.Authenti
         admin_service.SERVICE, {name: unary(parse, fn) for name, (parse, fn) in svc.methods().items()})
 
 
-#: Largest PEM file read (certificate chain, key, CA bundle): a chain of a few
-#: certificates is a few KB, a full public CA bundle ~200 KB.
-MAX_PEM_BYTES = 1024 * 1024
-
-
-def _read(path: str, what: str) -> bytes:
-    try:
-        return C.read_bounded(path, MAX_PEM_BYTES, f"[admin] {what}")
-    except OSError as e:
-        raise C.ConfigError(f"[admin] {what} {path}: cannot read it: {e.strerror}") from None
-
-
 def server_credentials(cfg: C.AdminConfig) -> grpc.ServerCredentials | None:
     """TLS credentials for the admin port (mTLS with tls_client_ca_file)."""
-    if not cfg.tls_cert_file:
-        return None
-    ca = _read(cfg.tls_client_ca_file, "tls_client_ca_file") if cfg.tls_client_ca_file else None
-    return grpc.ssl_server_credentials(
-        [(_read(cfg.tls_key_file, "tls_key_file"), _read(cfg.tls_cert_file, "tls_cert_file"))],
-        root_certificates=ca, require_client_auth=ca is not None)
+    return tls.grpc_server_credentials(tls.TlsFiles.of("admin", cfg))
 
 
 def join_host_port(host: str, port: int) -> str:
@@ -155,12 +139,7 @@ def channel_credentials(cfg: C.AdminConfig) -> grpc.ChannelCredentials | None:
     """Client side of server_credentials (the CLI, warm start): the CA in
     tls_client_ca_file verifies the server, this host's cert/key are the
     client certificate (peers of one fleet share a CA)."""
-    if not cfg.tls_cert_file:
-        return None
-    return grpc.ssl_channel_credentials(
-        root_certificates=_read(cfg.tls_client_ca_file, "tls_client_ca_file") if cfg.tls_client_ca_file else None,
-        private_key=_read(cfg.tls_key_file, "tls_key_file"),
-        certificate_chain=_read(cfg.tls_cert_file, "tls_cert_file"))
+    return tls.grpc_channel_credentials(tls.TlsFiles.of("admin", cfg))
 
 
 class AdminPlane:

@@ -4,8 +4,12 @@ Here live the request parser (``request``), the byte-class features
 (``features``), the learned prompt-token estimator (``estimator``), the output
 budget (``output_budget``), the routing policy (``policy``), the facade that
 ties them together (``router``: route → want_sample → learn), response usage
-parsing (``usage``), the per-stream ext_proc state machine (``machine``) and
-the OpenAI-style error bodies (``errors``). The same objects run online (driven
+parsing (``usage``), the per-stream ext_proc state machine (``machine``),
+the OpenAI-style error bodies (``errors``), what a body holds beyond text
+(``content_coding`` bounded decompression, ``images`` dimensions from image
+headers, ``media`` audio/file parts), and the closed loop: pool signals
+turned into per-tier load (``load``), ``spillover`` and the adaptive tier
+boundaries (``threshold``). The same objects run online (driven
 by ``extproc.serve``), offline (``extproc.tools.replay``) and in the planner.
 
 May import: the standard library's pure parts, numpy, orjson, the Envoy/

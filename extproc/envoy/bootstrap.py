@@ -66,6 +66,7 @@ from envoy_data_plane.envoy.config.common.mutation_rules.v3 import (
 )
 from envoy_data_plane.envoy.config.core.v3 import (
     Address,
+    DataSource,
     GrpcService,
     GrpcServiceEnvoyGrpc,
     HeaderValue,
@@ -79,6 +80,7 @@ from envoy_data_plane.envoy.config.core.v3 import (
     RoutingPriority,
     SocketAddress,
     SubstitutionFormatString,
+    TransportSocket,
     TypedExtensionConfig,
 )
 from envoy_data_plane.envoy.config.endpoint.v3 import (
@@ -132,11 +134,22 @@ from envoy_data_plane.envoy.extensions.upstreams.http.v3 import (
     HttpProtocolOptionsExplicitHttpConfig,
 )
 from envoy_data_plane.envoy.type.matcher.v3 import StringMatcher
+from envoy_data_plane.envoy.extensions.transport_sockets.tls.v3 import (
+    CertificateValidationContext,
+    CommonTlsContext,
+    SubjectAltNameMatcher,
+    SubjectAltNameMatcherSanType,
+    TlsCertificate,
+    TlsParameters,
+    TlsParametersTlsProtocol,
+    UpstreamTlsContext,
+)
 from envoy_data_plane.google.protobuf import Any as AnyMsg
 from envoy_data_plane.google.protobuf import Struct
 
 from .. import config as C
 from .. import defaults as D
+from ..tls import ALPN_PROTOCOLS
 
 # --- Names -------------------------------------------------------------------
 
@@ -298,6 +311,9 @@ STAT_PREFIX = "budget_router_ingress"
 
 EARLY_HEADER_MUTATION = "envoy.http.early_header_mutation.header_mutation"
 EXT_PROC_FILTER = "envoy.filters.http.ext_proc"
+
+#: Envoy's TLS transport socket (extensions/transport_sockets/tls).
+TLS_TRANSPORT_SOCKET = "envoy.transport_sockets.tls"
 ROUTER_FILTER = "envoy.filters.http.router"
 HCM_FILTER = "envoy.filters.network.http_connection_manager"
 OTEL_TRACER = "envoy.tracers.opentelemetry"
@@ -633,11 +649,47 @@ def _listener(cfg: C.Config) -> Listener:
     )
 
 
+def router_tls_socket(cfg: C.Config) -> TransportSocket | None:
+    """TLS from Envoy to the router's ext_proc port, when ``[router]
+    tls_cert_file`` is set: the router's certificate verified against
+    ``[envoy] router_tls_ca_file`` and its subject alt name matched against
+    ``router_tls_server_name`` (default: ``router_host``; sent as SNI when it
+    is a name, RFC 6066 has no SNI for IP literals), ALPN h2, TLS 1.2+, and
+    Envoy's own certificate (``router_client_cert_file``/``_key_file``) when
+    the router requires one (``[router] tls_client_ca_file``). None for h2c."""
+    r, v = cfg.router, cfg.envoy
+    if not r.tls_cert_file:
+        return None
+    if not v.router_tls_ca_file:
+        raise C.ConfigError("[router] tls_cert_file is set (ext_proc over TLS): set [envoy] router_tls_ca_file, "
+                            "the CA that signed the router's certificate, as Envoy sees it")
+    if r.tls_client_ca_file and not v.router_client_cert_file:
+        raise C.ConfigError("[router] tls_client_ca_file is set (mTLS): set [envoy] router_client_cert_file and "
+                            "router_client_key_file, Envoy's client certificate signed by that CA")
+    name = v.router_tls_server_name or v.router_host
+    san = SubjectAltNameMatcher(
+        san_type=SubjectAltNameMatcherSanType.IP_ADDRESS if _is_ip(name) else SubjectAltNameMatcherSanType.DNS,
+        matcher=StringMatcher(exact=name))
+    common = CommonTlsContext(
+        tls_params=TlsParameters(tls_minimum_protocol_version=TlsParametersTlsProtocol.TLSv1_2),
+        alpn_protocols=list(ALPN_PROTOCOLS),
+        validation_context=CertificateValidationContext(
+            trusted_ca=DataSource(filename=v.router_tls_ca_file), match_typed_subject_alt_names=[san]),
+        tls_certificates=[TlsCertificate(certificate_chain=DataSource(filename=v.router_client_cert_file),
+                                         private_key=DataSource(filename=v.router_client_key_file))]
+        if v.router_client_cert_file else [],
+    )
+    ctx = UpstreamTlsContext(common_tls_context=common, sni="" if _is_ip(name) else name)
+    return TransportSocket(name=TLS_TRANSPORT_SOCKET, typed_config=AnyMsg.pack(ctx))
+
+
 def _router_cluster(cfg: C.Config) -> Cluster:
     endpoints = [(cfg.envoy.router_host, port) for port in C.worker_ports(cfg)]
     interval = _ms(HEALTH_CHECK_INTERVAL_MS)
+    tls = router_tls_socket(cfg)
     return Cluster(
         name=ROUTER_CLUSTER,
+        **({"transport_socket": tls} if tls is not None else {}),
         **_discovery(endpoints),
         connect_timeout=_ms(min(ROUTER_CONNECT_TIMEOUT_MS, cfg.envoy.message_timeout_ms)),
         lb_policy=ClusterLbPolicy.ROUND_ROBIN,
@@ -837,7 +889,11 @@ def run(args: argparse.Namespace) -> int:
     except C.ConfigError as e:
         print(f"budget-router envoy-config: {e}", file=sys.stderr)
         return 2
-    text = render_yaml(cfg)
+    try:
+        text = render_yaml(cfg)
+    except C.ConfigError as e:
+        print(f"budget-router envoy-config: {e}", file=sys.stderr)
+        return 2
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.out).write_text(text, encoding="utf-8")

@@ -3,7 +3,8 @@
 ``transport`` serves gRPC (the purpose-built HTTP/2 server over the sans-I/O
 frame layer ``h2frames``, or grpc.aio), ``server`` runs the workers (one
 process per Envoy endpoint, snapshots, signals, drain), ``telemetry`` exports
-metrics, traces and logs, ``snapshot`` writes and reads the calibration file.
+metrics, traces and logs, ``snapshot`` writes and reads the calibration file,
+``monitor`` scrapes the pools' vLLM ``/metrics`` (once, shared by the workers).
 No routing decision is made here: every message is handed to
 ``extproc.core`` (``StreamMachine``, ``Router``).
 

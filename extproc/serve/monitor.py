@@ -25,7 +25,6 @@ import asyncio
 import logging
 import os
 import socket
-import tempfile
 import threading
 import time
 from typing import Callable, Mapping
@@ -36,6 +35,7 @@ import orjson
 from .. import defaults as D
 from ..config import Config
 from ..core.load import Instance, instances_from_json, instances_to_json, parse_metrics, tier_loads
+from .snapshot import atomic_write
 
 log = logging.getLogger("budget_router.monitor")
 
@@ -145,19 +145,7 @@ class Monitor:
 def publish(path: str, instances: Mapping[str, Mapping[str, Instance]]) -> None:
     """Write the samples atomically (temporary file + rename; no fsync: they
     are worthless after three intervals anyway)."""
-    directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".signals-", dir=directory)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(orjson.dumps(instances_to_json(instances)))
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
+    atomic_write(path, orjson.dumps(instances_to_json(instances)), ".signals-", durable=False)
 
 
 def read_published(path: str) -> Instances | None:

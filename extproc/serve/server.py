@@ -29,6 +29,7 @@ import time
 
 from . import monitor as mon
 from . import snapshot
+from .. import tls
 from . import transport
 from ..admin import auth as admin_auth
 from ..admin import plane as admin_plane
@@ -61,6 +62,11 @@ SNAPSHOT_CHECK_S = 1.0
 
 def max_message_bytes(cfg: Config) -> int:
     return cfg.router.max_body_bytes + GRPC_HEADROOM_BYTES
+
+
+def router_tls(cfg: Config) -> tls.TlsFiles | None:
+    """The ext_proc port's TLS files ([router] tls_*), None for plain h2c."""
+    return tls.TlsFiles.of("router", cfg.router)
 
 
 class Worker:
@@ -134,7 +140,8 @@ class Worker:
         self.server = await transport.serve(
             self.cfg.router.transport, self.new_stream, self.cfg.router.listen, port,
             max_message_bytes=max_message_bytes(self.cfg),
-            streaming=reflection.methods([transport.EXT_PROC_SERVICE, HEALTH_SERVICE]))
+            streaming=reflection.methods([transport.EXT_PROC_SERVICE, HEALTH_SERVICE]),
+            tls=router_tls(self.cfg))
         await self.admin.set_serving(True)
         return self.server.port
 
@@ -197,8 +204,11 @@ async def _worker_main(cfg: Config, index: int, config_path: str | None = None) 
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     port = await w.start()
-    log.info("worker %d (pid %d) serving ext_proc on %s:%d via %s, admin on %s:%d",
-             index, os.getpid(), cfg.router.listen, port, cfg.router.transport, cfg.admin.listen, w.admin.port)
+    files = router_tls(cfg)
+    security = "h2c" if files is None else "mTLS" if files.mutual else "TLS"
+    log.info("worker %d (pid %d) serving ext_proc on %s:%d via %s over %s, admin on %s:%d",
+             index, os.getpid(), cfg.router.listen, port, cfg.router.transport, security, cfg.admin.listen,
+             w.admin.port)
     await w.run_until(stop)
     log.info("worker %d drained and stopped", index)
 
@@ -230,6 +240,9 @@ def serve(cfg: Config, config_path: str | None = None) -> int:
     # worker failing on it would only be restarted over and over.
     admin_auth.check_exposure(cfg, admin_auth.load_tokens(cfg))
     admin_plane.server_credentials(cfg.admin)  # TLS files readable (ConfigError if not)
+    files = router_tls(cfg)
+    if files is not None:
+        tls.server_context(files)  # ext_proc port's cert/key/CA readable, PEM, matching
     if cfg.router.workers == 1:
         asyncio.run(_worker_main(cfg, 0, config_path))
         return 0

@@ -80,15 +80,20 @@ def remove_stale_temps(path: str) -> int:
     return removed
 
 
-def save(path: str, state: dict[str, Any]) -> None:
+def atomic_write(path: str, data: bytes, prefix: str, durable: bool = True) -> None:
+    """Write ``data`` to ``path`` all or nothing: a temporary file named
+    ``prefix...`` beside it, then a rename; ``durable`` fsyncs before the
+    rename (a crash then leaves the old file or the new one, never a torn one).
+    The temporary is removed on any failure."""
     directory = os.path.dirname(os.path.abspath(path))
     os.makedirs(directory, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=temp_prefix(path), dir=directory)
+    fd, tmp = tempfile.mkstemp(prefix=prefix, dir=directory)
     try:
         with os.fdopen(fd, "wb") as f:
-            f.write(orjson.dumps(state, option=orjson.OPT_SERIALIZE_NUMPY))
-            f.flush()
-            os.fsync(f.fileno())
+            f.write(data)
+            if durable:
+                f.flush()
+                os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
         try:
@@ -96,6 +101,10 @@ def save(path: str, state: dict[str, Any]) -> None:
         except OSError:
             pass
         raise
+
+
+def save(path: str, state: dict[str, Any]) -> None:
+    atomic_write(path, orjson.dumps(state, option=orjson.OPT_SERIALIZE_NUMPY), temp_prefix(path))
 
 
 def _samples(state: dict[str, Any]) -> int:

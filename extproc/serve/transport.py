@@ -51,6 +51,7 @@ from ..defaults import (
     H2_STREAM_COST_BYTES,
     H2_WRITE_BUFFER_HIGH_WATER,
 )
+from ..tls import TlsFiles, grpc_server_credentials, server_context
 from . import h2frames as h2
 
 log = logging.getLogger("extproc.transport")
@@ -731,16 +732,28 @@ async def serve_fast(
     health_services: Iterable[str] = DEFAULT_HEALTH_SERVICES,
     unary: Mapping[str, UnaryMethod] | None = None,
     streaming: Mapping[str, StreamingMethod] | None = None,
+    tls: TlsFiles | None = None,
     **limits,
 ) -> FastServer:
     """Start the purpose-built h2c gRPC server; ``port=0`` picks a free port
     (read it back from ``server.port``). ``unary`` / ``streaming`` map method
     paths ("/pkg.Service/Method") to extra handlers (admin API, reflection).
     ``limits`` override FastServer's (max_connections, preface_timeout_s,
-    idle_timeout_s, memory_budget_bytes, write_buffer_high_water)."""
+    idle_timeout_s, memory_budget_bytes, write_buffer_high_water).
+
+    With ``tls`` the port speaks TLS (``extproc.tls.server_context``: ALPN h2,
+    TLS 1.2+, a client certificate required when a client CA is set); the
+    HTTP/2 layer above is the same, asyncio's SSL transport passes
+    pause/resume_reading and the write-buffer marks through. A handshake gets
+    the preface timeout; a failed one (plain h2c, no or a foreign client
+    certificate) closes the socket, logged only in asyncio debug mode (an
+    ``ssl.SSLError`` is an ``OSError``), so it cannot flood the log. Without
+    ``tls`` nothing on the path of a request changes."""
     server = FastServer(new_stream, max_message_bytes, health_services, unary, streaming, **limits)
     loop = asyncio.get_running_loop()
-    server._server = await loop.create_server(lambda: _GrpcConnection(server), host, port, reuse_address=True)
+    ssl_kw = {} if tls is None else {"ssl": server_context(tls), "ssl_handshake_timeout": server.preface_timeout_s}
+    server._server = await loop.create_server(lambda: _GrpcConnection(server), host, port, reuse_address=True,
+                                              **ssl_kw)
     server.port = server._server.sockets[0].getsockname()[1]
     return server
 
@@ -768,8 +781,10 @@ async def serve_grpcio(
     health_services: Iterable[str] = DEFAULT_HEALTH_SERVICES,
     unary: Mapping[str, UnaryMethod] | None = None,
     streaming: Mapping[str, StreamingMethod] | None = None,
+    tls: TlsFiles | None = None,
 ) -> GrpcioServer:
-    """The same service on grpc.aio (baseline / fallback)."""
+    """The same service on grpc.aio (baseline / fallback); with ``tls``,
+    grpc's own TLS (``require_client_auth`` when a client CA is set)."""
     import grpc
     from grpc_health.v1 import health, health_pb2_grpc
 
@@ -853,7 +868,9 @@ async def serve_grpcio(
     for name in health_services:
         await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
-    bound = server.add_insecure_port(f"{host}:{port}")
+    creds = grpc_server_credentials(tls)
+    address = f"{host}:{port}"
+    bound = server.add_secure_port(address, creds) if creds is not None else server.add_insecure_port(address)
     await server.start()
     return GrpcioServer(server, health_servicer, bound)
 
