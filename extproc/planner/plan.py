@@ -435,6 +435,8 @@ def _design_json(d: dict, tg: dict, slo: SLO, base_cost: float) -> dict:
     f = s["fleet"]
     return {
         "name": d["name"], "kind": d["kind"], "b_short": d["b_short"],
+        "limits": list(_spec(d, "oracle", 0.0, DEFAULT_BALANCER).tier_limits) if len(sized) > 1 else [],
+        "spillover": bool(d.get("spillover")), "adaptive": bool(d.get("adaptive")),
         "what": d["what"], "gpus": gpus, "usd_per_hour": cost,
         "savings_vs_baseline": 1.0 - cost / base_cost if base_cost else float("nan"),
         "instances": {p.name: p.count for p in sized},

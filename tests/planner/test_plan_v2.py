@@ -344,3 +344,13 @@ def test_cli_plan_tiers_and_spillover_judged_by_identical_targets(tmp_path, caps
     for name in ("split-8192", "tiers-8192-32768-131072"):  # spillover never needs more in the first tier
         assert by[name + "+spillover"]["instances"]["short"] <= by[name]["instances"]["short"] or \
             not by[name]["meets_effective"]
+    # the 3-tier closed-loop design deploys as [[tiers]] with spillover on
+    from extproc import config as C
+    from extproc.planner.emit import emit
+    emit(res, str(tmp_path / "deploy"), "tiers-8192-32768-131072+spillover")
+    cfg = C.load(str(tmp_path / "deploy" / "budget-router.toml"))
+    assert [t.name for t in cfg.tiers] == ["short", "tier1", "long"]
+    assert [t.budget_limit for t in cfg.tiers] == [8192, 32768, None] and cfg.spillover.enabled
+    assert [len(t.endpoints) for t in cfg.tiers] == list(by["tiers-8192-32768-131072+spillover"]["instances"].values())
+    emit(res, str(tmp_path / "static"), "tiers-8192-32768-131072")
+    assert not C.load(str(tmp_path / "static" / "budget-router.toml")).spillover.enabled
