@@ -97,7 +97,8 @@ def cmd_plan(args) -> int:
                 raise ConfigError(f"--search-gpus {g!r}: known {', '.join(GPUS)}")
         res = plan(tr, args.model, baseline, slo, bs, space, args.router, args.balancer, args.seeds,
                    args.search_window, args.workers, args.noise_p90, args.price_per_gpu_hour,
-                   not args.no_progress)
+                   not args.no_progress, tiers=_ints(args.tiers, "--tiers") if args.tiers else None,
+                   spillover=args.spillover, adaptive=args.adaptive)
     except (TraceError, ConfigError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -230,6 +231,18 @@ def cmd_simulate(args) -> int:
     return 0
 
 
+def _closed_loop_args(p: argparse.ArgumentParser, tiers_note: str) -> None:
+    """--tiers / --spillover / --adaptive, shared by simulate and plan."""
+    p.add_argument("--tiers", help="N context tiers, e.g. 8192,32768,131072: the first N-1 are the budget "
+                                   "limits and max_model_lens, the last the last tier's max_model_len" + tiers_note)
+    p.add_argument("--spillover", action="store_true",
+                   help="the router's spillover: a request whose tier is saturated goes up (core.spillover)"
+                        + (" (plan: each split design again, sized with it on)" if tiers_note else ""))
+    p.add_argument("--adaptive", action="store_true",
+                   help="the router's adaptive tier boundaries (core.threshold)"
+                        + (" (plan: each split design again, sized with it on)" if tiers_note else ""))
+
+
 def add_parsers(subparsers) -> None:
     """Register `plan` and `simulate` on the project CLI's subparsers."""
     p = subparsers.add_parser("plan", help="cost of one pool vs short/long pools at equal per-class SLOs",
@@ -258,6 +271,7 @@ def add_parsers(subparsers) -> None:
     p.add_argument("--workers", type=int, help="processes (default: every core)")
     p.add_argument("--search-window", type=float, default=SEARCH_WINDOW_S)
     p.add_argument("--emit", help="directory for the deployable plan: router TOML, vLLM args, Envoy config")
+    _closed_loop_args(p, " (plan: one more design, each tier's pool sized)")
     p.set_defaults(func=cmd_plan)
 
     s = subparsers.add_parser("simulate", help="simulate one fleet configuration on a trace")
@@ -270,13 +284,8 @@ def add_parsers(subparsers) -> None:
     s.add_argument("--short-max-num-seqs", type=int, default=256)
     s.add_argument("--long-max-num-seqs", type=int, default=256)
     s.add_argument("--max-num-batched-tokens", type=int)
-    s.add_argument("--tiers", help="N context tiers, e.g. 8192,32768,131072: the first N-1 are the budget "
-                                   "limits and max_model_lens, the last the last tier's max_model_len")
+    _closed_loop_args(s, "")
     s.add_argument("--counts", help="instances per tier with --tiers, e.g. 4,2,2 (default: --short ... --long)")
-    s.add_argument("--spillover", action="store_true",
-                   help="the router's spillover: a request whose tier is saturated goes up (core.spillover)")
-    s.add_argument("--adaptive", action="store_true",
-                   help="the router's adaptive tier boundaries (core.threshold)")
     s.add_argument("--balancer", default=DEFAULT_BALANCER, choices=BALANCERS)
     s.set_defaults(func=cmd_simulate)
 

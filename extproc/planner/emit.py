@@ -31,7 +31,15 @@ def _endpoints(pool: str, n: int) -> list[str]:
 def router_config(res: dict, design: dict) -> C.Config:
     """The router config that deploys `design` (a plan.json design)."""
     pools = {p["name"]: p for p in design["pools"]}
-    if design["kind"] == "split" and "short" in pools and "long" in pools:
+    # the closed loop as the design was sized: on for +spillover/+adaptive designs, off otherwise
+    loop = {k: {"enabled": bool(design.get(k))} for k in ("spillover", "adaptive")}
+    if design["kind"] == "split" and len(design["pools"]) > 2:  # N tiers: [[tiers]]
+        limits = list(design["limits"]) + [None]
+        raw = {"tiers": [{"name": p["name"], "max_model_len": p["config"]["max_model_len"],
+                          "endpoints": _endpoints(p["name"], p["count"]),
+                          **({"budget_limit": b} if b is not None else {})}
+                         for p, b in zip(design["pools"], limits)]}
+    elif design["kind"] == "split" and "short" in pools and "long" in pools:
         s, lg = pools["short"], pools["long"]
         raw = {"policy": {"b_short": design["b_short"]},
                "pools": {"short": {"max_model_len": s["config"]["max_model_len"],
@@ -46,7 +54,7 @@ def router_config(res: dict, design: dict) -> C.Config:
         raw = {"policy": {"b_short": mml},
                "pools": {"short": {"max_model_len": mml, "endpoints": eps},
                          "long": {"max_model_len": mml, "endpoints": eps}}}
-    return C.from_mapping(raw)
+    return C.from_mapping({**raw, **loop})
 
 
 def emit(res: dict, out_dir: str, design_name: str | None = None) -> list[str]:

@@ -86,6 +86,12 @@ SIZE_TOLERANCE = 0.02
 #: MAX_GROWTH x the start before a pool is declared infeasible.
 DOWN, UP, MAX_GROWTH = 0.8, 1.25, 64
 
+#: Shrink steps (x DOWN each) of the first tier when the router's closed loop
+#: is on: spillover lends it the larger tiers' headroom, so it may need fewer
+#: instances than sized alone; a few steps of 20% cover the 47-53%
+#: multiplexing loss the planner measured on Mooncake (issue 10).
+CLOSED_LOOP_SHRINK_STEPS = 4
+
 #: Verification rounds on the full trace (each grows failing pools by 5%).
 VERIFY_ROUNDS = 6
 VERIFY_GROWTH = 0.05
@@ -194,10 +200,20 @@ class _Pool:
         if self.workers > 1:
             self.ex = ProcessPoolExecutor(self.workers, mp_context=mp.get_context("fork"))
 
-    def map(self, fn, items: list) -> list:
+    def map(self, fn, items: list, cost=None) -> list:
+        """[fn(x) for x in items], in parallel. ``cost(x)``: an estimate of the
+        work of x; the costliest items are submitted first (longest processing
+        time first), so a long job does not start last and leave a core idle.
+        The results come back in the order of ``items`` whatever the order run."""
         if self.ex is None or len(items) <= 1:
             return [fn(x) for x in items]
-        return list(self.ex.map(fn, items))
+        order = list(range(len(items)))
+        if cost is not None:
+            order.sort(key=lambda k: -cost(items[k]))
+        out = [None] * len(items)
+        for k, r in zip(order, self.ex.map(fn, [items[k] for k in order])):
+            out[k] = r
+        return out
 
     def close(self) -> None:
         if self.ex is not None:
@@ -321,11 +337,41 @@ def size_pool(name: str, tr: Trace, cfg: InstanceConfig, tg: dict, slo: SLO, see
 
 # --- designs ----------------------------------------------------------------------
 
-def _spec(pools: list[Sized], b_short: int | None, router: str, noise_p90: float,
-          balancer: str) -> FleetSpec:
+def _spec(d: dict, router: str, noise_p90: float, balancer: str) -> FleetSpec:
+    """The fleet of a design: its sized pools, its tier limits (one fewer than
+    its pools; a split whose short pool got no traffic is one pool) and the
+    router's closed loop when the design has it on."""
+    pools = d["sized"]
+    limits = tuple(d.get("limits") or (d["b_short"],))[:len(pools) - 1]
     return FleetSpec(tuple(PoolSpec(p.name, p.cfg, p.count) for p in pools),
-                     b_short=b_short if len(pools) == 2 else None, router=router,
-                     noise_p90=noise_p90, balancer=balancer)
+                     b_short=limits[0] if limits else None, limits=limits or None, router=router,
+                     noise_p90=noise_p90, balancer=balancer,
+                     spillover=bool(d.get("spillover")), adaptive=bool(d.get("adaptive")))
+
+
+def _check_tiers(tiers, mml: int) -> tuple | None:
+    if not tiers:
+        return None
+    tiers = tuple(int(t) for t in tiers)
+    if len(tiers) < 2 or list(tiers) != sorted(set(tiers)) or tiers[-1] > mml:
+        raise ValueError(f"--tiers {','.join(map(str, tiers))}: 2+ increasing context lengths, "
+                         f"the last <= the baseline's max_model_len {mml}")
+    return tiers
+
+
+def _eval_unique(ex: _Pool, jobs: list, cache: dict) -> list:
+    """`_eval_job` over jobs, each distinct (fleet, seed) simulated once: designs
+    that come out the same (the sized baseline is often the best homogeneous
+    pool) share their runs, and a design not grown in a round is not rerun.
+    Results are the same as simulating every job: `simulate` is pure."""
+    keys = [(repr(j[1]), *j[2:]) for j in jobs]
+    todo = {}
+    for k, j in zip(keys, jobs):
+        if k not in cache and k not in todo:
+            todo[k] = j
+    for k, r in zip(todo, ex.map(_eval_job, list(todo.values()), cost=lambda j: j[1].instances)):
+        cache[k] = r
+    return [cache[k] for k in keys]
 
 
 def _verify(ex: _Pool, trace: Trace, designs: list[dict], tg: dict, slo: SLO, seeds,
@@ -334,11 +380,12 @@ def _verify(ex: _Pool, trace: Trace, designs: list[dict], tg: dict, slo: SLO, se
     grow the pools that miss their class targets until the seed average holds."""
     todo = [d for d in designs if d.get("pinned") is not True]
     pinned = [d for d in designs if d.get("pinned") is True]
+    cache: dict = {}
     for rnd in range(VERIFY_ROUNDS + 1):
         batch = todo + (pinned if rnd == 0 else [])
-        jobs = [(trace, _spec(d["sized"], d["b_short"], router, noise_p90, balancer), s, slo.boundary)
+        jobs = [(trace, _spec(d, router, noise_p90, balancer), s, slo.boundary)
                 for d in batch for s in seeds]
-        res = ex.map(_eval_job, jobs)
+        res = _eval_unique(ex, jobs, cache)
         again = []
         for k, d in enumerate(batch):
             sums = res[k * len(seeds):(k + 1) * len(seeds)]
@@ -388,6 +435,8 @@ def _design_json(d: dict, tg: dict, slo: SLO, base_cost: float) -> dict:
     f = s["fleet"]
     return {
         "name": d["name"], "kind": d["kind"], "b_short": d["b_short"],
+        "limits": list(_spec(d, "oracle", 0.0, DEFAULT_BALANCER).tier_limits) if len(sized) > 1 else [],
+        "spillover": bool(d.get("spillover")), "adaptive": bool(d.get("adaptive")),
         "what": d["what"], "gpus": gpus, "usd_per_hour": cost,
         "savings_vs_baseline": 1.0 - cost / base_cost if base_cost else float("nan"),
         "instances": {p.name: p.count for p in sized},
@@ -412,7 +461,10 @@ def plan(trace: Trace, model: str = "llama-3-70b", baseline: Baseline | None = N
          router: str = "oracle", balancer: str = DEFAULT_BALANCER, seeds: int = SEEDS,
          search_window: float = SEARCH_WINDOW_S, workers: int | None = None,
          noise_p90: float = 0.10, price: float | None = None, progress: bool = False,
-         verify: bool = True) -> dict:
+         verify: bool = True, tiers=None, spillover: bool = False, adaptive: bool = False) -> dict:
+    """Size and compare the designs (module doc). ``tiers`` (context lengths,
+    e.g. (8192, 32768, 131072)) adds an N-tier design; ``spillover`` /
+    ``adaptive`` add each split design again with the router's closed loop on."""
     log = (lambda m: print(m, file=sys.stderr, flush=True)) if progress else None
     baseline = baseline or Baseline()
     slo = slo or SLO()
@@ -440,13 +492,74 @@ def plan(trace: Trace, model: str = "llama-3-70b", baseline: Baseline | None = N
     ex = _Pool(workers if workers is not None else (os.cpu_count() or 1))
     try:
         return _plan(ex, trace, search, warmup, model, baseline, base_cfg, slo, tg, b_shorts, space,
-                     router, balancer, seed_list, noise_p90, verify, log)
+                     router, balancer, seed_list, noise_p90, verify, log, _check_tiers(tiers, mml),
+                     {k: True for k, v in (("spillover", spillover), ("adaptive", adaptive)) if v})
     finally:
         ex.close()
 
 
+def tier_names(n: int) -> list[str]:
+    """Pool names of n context tiers: short, tier1 ... tier(n-2), long (as
+    `budget-router simulate --tiers` names them)."""
+    return ["short", *(f"tier{i}" for i in range(1, n - 1)), "long"]
+
+
+def _tier_traffic(search: Trace, pool_of: np.ndarray, names, lengths) -> list:
+    """(name, max_model_len, the requests routed to it) per tier."""
+    return [(n, int(m), search.take(np.nonzero(pool_of == k)[0], n))
+            for k, (n, m) in enumerate(zip(names, lengths))]
+
+
+def _closed_loop_designs(ex, search, warmup, splits: list[dict], flags: dict, tg, slo, seeds, router,
+                         noise_p90, balancer, log) -> list[dict]:
+    """Each split design again with the router's closed loop (``flags``:
+    spillover, adaptive) on, as `fleet.loop_hook` runs it. Starting from the
+    statically sized pools, the first tier -- the one spillover relieves -- is
+    shrunk by DOWN while the whole fleet, closed loop on, still meets every
+    class target (seed average) on the search window, then bisected to
+    SIZE_TOLERANCE; `_verify` then checks the whole trace and grows any pool
+    that misses."""
+    tag = "+".join(k for k in ("spillover", "adaptive") if flags.get(k))
+    out = []
+
+    def meets(nd: dict, n: int) -> bool:  # the fleet, its first tier at n instances
+        nd["sized"][0].count = n
+        spec = _spec(nd, router, noise_p90, balancer)
+        return ok(average(_eval_unique(ex, [(search, spec, x, slo.boundary, warmup) for x in seeds], {})),
+                  tg, slo)
+
+    for d in splits:
+        if len(d["sized"]) < 2:
+            continue
+        pools = [Sized(p.name, p.cfg, p.count, p.feasible, p.mu, p.rate, list(p.per_seed), p.tried, p.cliff)
+                 for p in d["sized"]]
+        nd = {**d, "name": f"{d['name']}+{tag}", "sized": pools, **flags,
+              "what": d["what"] + f"; router {tag} on"}
+        first = pools[0]
+        hi, lo = first.count, 0  # hi meets (the static sizing), lo fails
+        for _ in range(CLOSED_LOOP_SHRINK_STEPS):
+            n = max(1, int(hi * DOWN))
+            if n == hi:
+                break
+            if not meets(nd, n):
+                lo = n
+                break
+            hi = n
+        while lo and hi - lo > max(1, SIZE_TOLERANCE * hi):
+            mid = (lo + hi) // 2
+            if meets(nd, mid):
+                hi = mid
+            else:
+                lo = mid
+        if log and hi != d["sized"][0].count:
+            log(f"  {nd['name']}: pool {first.name} {d['sized'][0].count} -> {hi} meets with the closed loop")
+        first.count = hi
+        out.append(nd)
+    return out
+
+
 def _plan(ex, trace, search, warmup, model, baseline, base_cfg, slo, tg, b_shorts, space, router,
-          balancer, seeds, noise_p90, verify, log) -> dict:
+          balancer, seeds, noise_p90, verify, log, tiers=None, closed_loop=None) -> dict:
     mml = base_cfg.max_model_len
     # routes per B_short (search window and whole trace); identical routings collapse
     splits = []
@@ -462,9 +575,18 @@ def _plan(ex, trace, search, warmup, model, baseline, base_cfg, slo, tg, b_short
                 log(f"B_short={b}: same routing as B_short={seen[key]}; skipped")
             continue
         seen[key] = b
-        splits.append({"b": b, "short": search.take(np.nonzero(pool_of == 0)[0], "short"),
-                       "long": search.take(np.nonzero(pool_of == 1)[0], "long"),
+        splits.append({"b": b, "limits": (b,), "name": f"split-{b}",
+                       "tiers": _tier_traffic(search, pool_of, ("short", "long"), (b, mml)),
                        "alpha": closed_form.alpha(full_budget, b)})
+    if tiers:  # --tiers: one more design, a pool per context tier
+        names = tier_names(len(tiers))
+        spec0 = FleetSpec(tuple(PoolSpec(n, base_cfg, 1) for n in names), b_short=tiers[0],
+                          limits=tuple(tiers[:-1]), router=router, noise_p90=noise_p90)
+        pool_of, _ = route(search, spec0, 0)
+        splits.append({"b": tiers[0], "limits": tuple(tiers[:-1]),
+                       "name": "tiers-" + "-".join(map(str, tiers)),
+                       "tiers": _tier_traffic(search, pool_of, names, tiers),
+                       "alpha": float("nan")})
 
     # 1) analytic pre-sizing: throughput of every candidate config on its traffic
     cands = []  # (role, split index or None, cfg, trace)
@@ -473,13 +595,14 @@ def _plan(ex, trace, search, warmup, model, baseline, base_cfg, slo, tg, b_short
     if baseline.instances is None:
         cands.append(("baseline", None, base_cfg, search))
     for k, sp in enumerate(splits):
-        for role, length in (("short", sp["b"]), ("long", mml)):
-            if len(sp[role]) == 0:
+        for role, length, tr in sp["tiers"]:
+            if len(tr) == 0:
                 continue
             for c in space.configs(model, base_cfg, length):
-                cands.append((role, k, c, sp[role]))
-        if len(sp["short"]):  # rho's denominator: the baseline config on short traffic
-            cands.append(("rho", k, base_cfg, sp["short"]))
+                cands.append((role, k, c, tr))
+        short = sp["tiers"][0][2]
+        if len(sp["tiers"]) == 2 and len(short):  # rho's denominator: the baseline config on short traffic
+            cands.append(("rho", k, base_cfg, short))
     if log:
         log(f"pre-sizing {len(cands)} candidate configs (throughput runs, {ex.workers} workers)")
     mus = ex.map(_mu_job, [(c, tr, 0) for _, _, c, tr in cands])
@@ -503,7 +626,7 @@ def _plan(ex, trace, search, warmup, model, baseline, base_cfg, slo, tg, b_short
         jobs.append(("all", tr, c, tg, slo, seeds, mu, balancer, warmup))
         owners.append(("homogeneous", None))
     for k, sp in enumerate(splits):
-        for role in ("short", "long"):
+        for role, _, _ in sp["tiers"]:
             for c, tr, mu in best(role, k):
                 jobs.append((role, tr, c, tg, slo, seeds, mu, balancer, warmup))
                 owners.append((role, k))
@@ -517,7 +640,7 @@ def _plan(ex, trace, search, warmup, model, baseline, base_cfg, slo, tg, b_short
     if log:
         log(f"sizing {len(ujobs)} pools (of {len(jobs)} roles) x {len(seeds)} seeds on "
             f"{len(search):,} requests")
-    done = ex.map(_size_job, ujobs)
+    done = ex.map(_size_job, ujobs, cost=lambda j: len(j[1]))
     sized = []
     for j in jobs:
         s0 = done[uniq[key(j)]]
@@ -544,16 +667,23 @@ def _plan(ex, trace, search, warmup, model, baseline, base_cfg, slo, tg, b_short
                         "what": f"best single pool found: {h.cfg.label()}"})
     rho_mu = {kk: mu for (r, kk, _, _), mu in zip(cands, mus) if r == "rho"}
     for k, sp in enumerate(splits):
-        pools = [p for p in (pick("short", k), pick("long", k)) if p is not None]
+        kept = [(pick(role, k), length) for role, length, _ in sp["tiers"]]
+        kept = [(p, length) for p, length in kept if p is not None]
+        pools = [p for p, _ in kept]
         if not pools:
             continue
         s = pools[0] if pools[0].name == "short" else None
         rho = (s.mu / rho_mu[k]) if s is not None and rho_mu.get(k) else float("nan")
         cf = closed_form.savings(sp["alpha"], rho) if rho == rho and rho > 0 else float("nan")
-        designs.append({"name": f"split-{sp['b']}", "kind": "split", "b_short": sp["b"], "sized": pools,
+        what = (f"short pool max_model_len={sp['b']} + long pool {mml}: " if len(sp["tiers"]) == 2 else
+                f"{len(sp['tiers'])} context tiers {'/'.join(str(t[1]) for t in sp['tiers'])}: ")
+        designs.append({"name": sp["name"], "kind": "split", "b_short": sp["b"], "sized": pools,
+                        "limits": tuple(length for _, length in kept[:-1]),
                         "alpha": sp["alpha"], "rho": rho, "closed_form": cf,
-                        "what": f"short pool max_model_len={sp['b']} + long pool {mml}: "
-                                + " + ".join(f"{p.name} {p.cfg.label()}" for p in pools)})
+                        "what": what + " + ".join(f"{p.name} {p.cfg.label()}" for p in pools)})
+    if closed_loop:  # --spillover / --adaptive: each split again with the router's closed loop on
+        designs += _closed_loop_designs(ex, search, warmup, [d for d in designs if d["kind"] == "split"],
+                                        closed_loop, tg, slo, seeds, router, noise_p90, balancer, log)
 
     # 3) every design on the whole trace, every seed
     if log:
@@ -573,7 +703,9 @@ def _plan(ex, trace, search, warmup, model, baseline, base_cfg, slo, tg, b_short
                    "tolerance": SIZE_TOLERANCE,
                    "gpus": list(space.gpus) or [base_cfg.gpu_key()], "tps": list(space.tps),
                    "max_num_seqs": list(space.seqs), "max_num_batched_tokens": list(space.mbts),
-                   "b_short": [sp["b"] for sp in splits], "candidates": len(cands)},
+                   "b_short": [sp["b"] for sp in splits if len(sp["tiers"]) == 2],
+                   "tiers": list(tiers) if tiers else None, "closed_loop": sorted(closed_loop or {}),
+                   "candidates": len(cands)},
         "designs": out,
         "recommendation": recommend(out),
     }

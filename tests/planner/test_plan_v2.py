@@ -303,3 +303,54 @@ def test_split_recommended_only_above_spread_and_tolerance():
     assert f"{0.20 - noise:.1%}" in far["why"]
     worse = recommend([d("baseline", "homogeneous", 100, 0), d("split-8192", "split", 120, 0)])
     assert worse["design"] == "baseline" and "costs 20.0% more" in worse["why"]
+
+
+# --- issue 10 point 5: plan compares 1, 2 and 3 tiers with and without spillover ----------
+
+def test_cli_plan_tiers_and_spillover_judged_by_identical_targets(tmp_path, capsys):
+    jsonschema = pytest.importorskip("jsonschema")
+    ap = argparse.ArgumentParser()
+    add_parsers(ap.add_subparsers(dest="cmd"))
+    tr = small_trace(400)
+    tr.prompt[::40] = 50000  # some traffic for the third tier (32K-128K)
+    tr.prompt[5::40] = 20000
+    f = tmp_path / "m.jsonl"
+    f.write_text("".join(f'{{"timestamp": {int(a * 1000)}, "input_length": {int(p)}, "output_length": {int(o)}}}\n'
+                         for a, p, o in zip(tr.arrival, tr.prompt, tr.output)))
+    out = tmp_path / "p"
+    args = ap.parse_args(["plan", "--trace", str(f), "--b-short", "8192", "--max-num-seqs", "256",
+                          "--max-num-batched-tokens", "8192", "--seeds", "2", "--workers", "1",
+                          "--tiers", "8192,32768,131072", "--spillover", "--no-progress", "--out", str(out)])
+    assert args.func(args) == 0
+    assert "tiers-8192-32768-131072+spillover" in capsys.readouterr().out
+    res = json.loads((out / "plan.json").read_text())
+    jsonschema.validate(res, json.loads(open(SCHEMA).read()))
+    by = {d["name"]: d for d in res["designs"]}
+    assert {"baseline", "homogeneous-best", "split-8192", "tiers-8192-32768-131072",
+            "split-8192+spillover", "tiers-8192-32768-131072+spillover"} <= set(by)
+    assert len(by["homogeneous-best"]["pools"]) == 1 and len(by["split-8192"]["pools"]) == 2
+    three = by["tiers-8192-32768-131072"]
+    assert [p["config"]["max_model_len"] for p in three["pools"]] == [8192, 32768, 131072]
+    assert list(three["instances"]) == ["short", "tier1", "long"]
+    tg = res["slo"]["targets"]
+    for d in res["designs"]:
+        # every design, closed loop or not, is held to the very same class targets
+        for c, m in d["classes"].items():
+            assert (m["ttft_slo_ms"], m["tpot_slo_ms"], m["ttft_target_ms"], m["tpot_target_ms"]) == \
+                (tg[c]["ttft_slo_ms"], tg[c]["tpot_slo_ms"], tg[c]["ttft_target_ms"], tg[c]["tpot_target_ms"])
+        assert sum(m["requests"] for m in d["classes"].values()) == res["requests"]
+        # the closed-loop designs ran the router's spillover (fleet.loop_hook), the others did not
+        assert (" spillover" in d["summary"]["spec"]) == d["name"].endswith("+spillover")
+    for name in ("split-8192", "tiers-8192-32768-131072"):  # spillover never needs more in the first tier
+        assert by[name + "+spillover"]["instances"]["short"] <= by[name]["instances"]["short"] or \
+            not by[name]["meets_effective"]
+    # the 3-tier closed-loop design deploys as [[tiers]] with spillover on
+    from extproc import config as C
+    from extproc.planner.emit import emit
+    emit(res, str(tmp_path / "deploy"), "tiers-8192-32768-131072+spillover")
+    cfg = C.load(str(tmp_path / "deploy" / "budget-router.toml"))
+    assert [t.name for t in cfg.tiers] == ["short", "tier1", "long"]
+    assert [t.budget_limit for t in cfg.tiers] == [8192, 32768, None] and cfg.spillover.enabled
+    assert [len(t.endpoints) for t in cfg.tiers] == list(by["tiers-8192-32768-131072+spillover"]["instances"].values())
+    emit(res, str(tmp_path / "static"), "tiers-8192-32768-131072")
+    assert not C.load(str(tmp_path / "static" / "budget-router.toml")).spillover.enabled
