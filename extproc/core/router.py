@@ -207,15 +207,19 @@ class Router:
 
     def truncation_misroute(self, d: P.Decision, prompt_tokens: int | None,
                             completion_tokens: int | None) -> bool:
-        """A short-routed answer that vLLM (0.32+) cut short at the short
-        pool's context: it ended on "length" (checked by the caller), prompt
-        + completion reached the short pool's max_model_len, and the request's
-        own cap, if any, was larger than what it got. Older vLLM refused such
-        a request with a 400; now it silently clips max_tokens to
-        max_model_len - prompt, so this is what a harmful misroute looks like."""
-        if d.pool != self.cfg.short.name or prompt_tokens is None or completion_tokens is None:
+        """An answer that vLLM (0.32+) cut short at the context of a tier
+        below the last: it ended on "length" (checked by the caller), prompt
+        + completion reached that tier's max_model_len, and the request's own
+        cap, if any, was larger than what it got. Older vLLM refused such a
+        request with a 400; now it silently clips max_tokens to
+        max_model_len - prompt, so this is what a harmful misroute looks like.
+        (The last tier has nowhere larger to send it: not a misroute.)"""
+        if prompt_tokens is None or completion_tokens is None:
             return False
-        if prompt_tokens + completion_tokens < self.cfg.short.max_model_len:
+        i = self.cfg.tier_index(d.pool)
+        if i == len(self.cfg.tiers) - 1:
+            return False
+        if prompt_tokens + completion_tokens < self.cfg.tiers[i].max_model_len:
             return False
         return not (d.capped and d.output <= completion_tokens)
 

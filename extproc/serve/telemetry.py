@@ -284,7 +284,7 @@ class Telemetry:
             if m.misroute:
                 mkey = (d.pool, m.misroute)
                 self._misroutes[mkey] = self._misroutes.get(mkey, 0) + 1
-                log.warning("misroute detected: %s", MISROUTE_LOG[m.misroute],
+                log.warning("misroute detected: pool %s %s", d.pool, MISROUTE_LOG[m.misroute],
                             extra={"fields": {"kind": m.misroute, "request_id": m.request_headers.get("x-request-id"),
                                               "trace_id": trace_id(s.metadata) or trace_id(m.request_headers),
                                               "estimate": d.estimate, "prompt_tokens": m.usage.prompt_tokens
@@ -332,8 +332,8 @@ class Telemetry:
 
 #: What the warning log line says for each kind of detected misroute.
 MISROUTE_LOG = {
-    MISROUTE_CONTEXT: "the short pool refused a request for its context length (HTTP 400)",
-    MISROUTE_TRUNCATED: "the short pool cut an answer short at its max_model_len (finish_reason length)",
+    MISROUTE_CONTEXT: "refused a request for its context length (HTTP 400)",
+    MISROUTE_TRUNCATED: "cut an answer short at its max_model_len (finish_reason length)",
 }
 
 

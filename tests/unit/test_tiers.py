@@ -127,3 +127,16 @@ def test_replay_judges_misroutes_against_the_tier_the_true_budget_needs():
     assert [(x["pool"], x["oracle_pool"]) for x in rows] == [
         ("short", "short"), ("medium", "medium"), ("short", "medium"), ("medium", "short")]
     assert (s.harmful, s.benign) == (1, 1) and s.pools == {"short": 2, "medium": 2}
+
+
+def test_truncation_at_a_middle_tiers_context_is_a_misroute():
+    """vLLM 0.32 clips an answer at the context of the tier it reached; any
+    tier but the last counts (the last has nowhere larger to send it)."""
+    r = Router(C.from_mapping(THREE, {}))
+    d = P.Decision(pool="medium", reason=P.R_LONG, capped=False)
+    assert r.truncation_misroute(d, 30000, 2768)         # reached medium's 32768
+    assert not r.truncation_misroute(d, 30000, 2000)     # ended inside the context
+    d.pool = "short"
+    assert r.truncation_misroute(d, 7000, 1192)          # reached short's 8192
+    d.pool = "long"
+    assert not r.truncation_misroute(d, 130000, 1072)    # the last tier: nowhere larger
