@@ -685,7 +685,6 @@ def router_tls_socket(cfg: C.Config) -> TransportSocket | None:
 
 def _router_cluster(cfg: C.Config) -> Cluster:
     endpoints = [(cfg.envoy.router_host, port) for port in C.worker_ports(cfg)]
-    interval = _ms(HEALTH_CHECK_INTERVAL_MS)
     tls = router_tls_socket(cfg)
     return Cluster(
         name=ROUTER_CLUSTER,
@@ -696,36 +695,32 @@ def _router_cluster(cfg: C.Config) -> Cluster:
         typed_extension_protocol_options=_protocol_options(http2=True),
         circuit_breakers=_circuit_breakers(D.EXTPROC_MAX_REQUESTS),
         per_connection_buffer_limit_bytes=buffer_limit_bytes(cfg),
-        health_checks=[
-            HealthCheck(
-                timeout=_ms(HEALTH_CHECK_TIMEOUT_MS),
-                interval=interval,
-                # Envoy probes an idle cluster only every 60 s by default; the
-                # router cluster is idle until the first request, and that is
-                # exactly when we want to know whether the workers listen.
-                no_traffic_interval=interval,
-                unhealthy_threshold=HEALTH_CHECK_UNHEALTHY_THRESHOLD,
-                healthy_threshold=HEALTH_CHECK_HEALTHY_THRESHOLD,
-                grpc_health_check=HealthCheckGrpcHealthCheck(service_name=HEALTH_SERVICE_NAME),
-            )
-        ],
+        # Envoy probes an idle cluster only every 60 s by default; the router
+        # cluster is idle until the first request, and that is exactly when we
+        # want to know whether the workers listen.
+        health_checks=[_health_check(
+            HEALTH_CHECK_TIMEOUT_MS, HEALTH_CHECK_INTERVAL_MS,
+            HEALTH_CHECK_UNHEALTHY_THRESHOLD, HEALTH_CHECK_HEALTHY_THRESHOLD,
+            grpc_health_check=HealthCheckGrpcHealthCheck(service_name=HEALTH_SERVICE_NAME))],
         load_assignment=_load_assignment(ROUTER_CLUSTER, endpoints),
     )
 
 
+def _health_check(timeout_ms: int, interval_ms: int, unhealthy: int, healthy: int, **probe) -> HealthCheck:
+    """An active health check that also probes a cluster without traffic at
+    ``interval_ms`` (Envoy's default for an idle cluster is every 60 s);
+    ``probe`` is the kind: ``grpc_health_check=...`` or ``http_health_check=...``."""
+    interval = _ms(interval_ms)
+    return HealthCheck(timeout=_ms(timeout_ms), interval=interval, no_traffic_interval=interval,
+                       unhealthy_threshold=unhealthy, healthy_threshold=healthy, **probe)
+
+
 def _pool_health_check() -> HealthCheck:
-    interval = _ms(POOL_HEALTH_CHECK_INTERVAL_MS)
-    return HealthCheck(
-        timeout=_ms(POOL_HEALTH_CHECK_TIMEOUT_MS),
-        interval=interval,
-        # Envoy probes a cluster without traffic only every 60 s by default: a
-        # smaller pool idle at night must still be known dead before the
-        # morning's first request.
-        no_traffic_interval=interval,
-        unhealthy_threshold=POOL_HEALTH_CHECK_UNHEALTHY_THRESHOLD,
-        healthy_threshold=POOL_HEALTH_CHECK_HEALTHY_THRESHOLD,
-        http_health_check=HealthCheckHttpHealthCheck(path=POOL_HEALTH_PATH),
-    )
+    # A smaller pool idle at night must still be known dead before the
+    # morning's first request: hence the no-traffic interval.
+    return _health_check(POOL_HEALTH_CHECK_TIMEOUT_MS, POOL_HEALTH_CHECK_INTERVAL_MS,
+                         POOL_HEALTH_CHECK_UNHEALTHY_THRESHOLD, POOL_HEALTH_CHECK_HEALTHY_THRESHOLD,
+                         http_health_check=HealthCheckHttpHealthCheck(path=POOL_HEALTH_PATH))
 
 
 def _outlier_detection() -> OutlierDetection:
