@@ -591,6 +591,13 @@ def _check(ok: bool, message: str) -> None:
         raise ConfigError(message)
 
 
+def split_endpoint(ep: str) -> tuple[str, int]:
+    """``host:port`` (``[v6]:port`` too) as (host, port); ``ep`` is one the
+    config validated (``_check_endpoint``)."""
+    host, _, port = ep.rpartition(":")
+    return host.strip("[]"), int(port)
+
+
 def _check_endpoint(where: str, ep: str) -> None:
     host, sep, port = ep.rpartition(":")
     _check(bool(sep and host and port.isdigit() and 0 < int(port) < 65536),

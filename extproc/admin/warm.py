@@ -22,6 +22,7 @@ from typing import Any
 import grpc
 
 from .. import config as C
+from ..serve.dns import addresses
 from . import auth
 from .service import restore_json
 from .plane import channel_credentials, join_host_port, max_message_bytes
@@ -43,18 +44,15 @@ WARM_START_GRACE_S = 0.5
 
 async def resolve(peers: tuple[str, ...]) -> list[str]:
     """gRPC targets of every address of every ``host:port`` (deduplicated, in order)."""
-    loop = asyncio.get_running_loop()
     out: list[str] = []
     for peer in peers:
-        host, _, port = peer.rpartition(":")
-        host = host.strip("[]")
         try:
-            infos = await loop.getaddrinfo(host, int(port), type=socket.SOCK_STREAM)
+            found = await addresses(peer)
         except (socket.gaierror, OSError) as e:
             log.info("warm start: cannot resolve %s: %s", peer, e)
             continue
-        for family, _, _, _, addr in infos:
-            target = join_host_port(addr[0], addr[1])
+        for ip, port in found:
+            target = join_host_port(ip, port)
             if target not in out:
                 out.append(target)
     return out[:MAX_WARM_START_PEERS]

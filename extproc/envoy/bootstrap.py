@@ -366,11 +366,6 @@ def _address(host: str, port: int) -> Address:
     return Address(socket_address=SocketAddress(address=host, port_value=port))
 
 
-def _split_endpoint(ep: str) -> tuple[str, int]:
-    host, _, port = ep.rpartition(":")
-    return host.strip("[]"), int(port)
-
-
 def _is_ip(host: str) -> bool:
     try:
         ipaddress.ip_address(host)
@@ -744,7 +739,7 @@ def _outlier_detection() -> OutlierDetection:
 
 def _pool_cluster(cfg: C.Config, pool: C.PoolConfig) -> Cluster:
     """One pool's endpoints: health-checked (GET /health) and outlier-detected."""
-    endpoints = [_split_endpoint(ep) for ep in pool.endpoints]
+    endpoints = [C.split_endpoint(ep) for ep in pool.endpoints]
     return Cluster(
         name=pool.cluster,
         **_discovery(endpoints),
@@ -783,7 +778,7 @@ def pool_clusters(cfg: C.Config) -> list[Cluster]:
 
 
 def _otel_cluster(cfg: C.Config) -> Cluster:
-    endpoints = [_split_endpoint(cfg.envoy.otlp_endpoint)]
+    endpoints = [C.split_endpoint(cfg.envoy.otlp_endpoint)]
     return Cluster(
         name=OTEL_CLUSTER,
         **_discovery(endpoints),

@@ -35,6 +35,7 @@ import orjson
 from .. import defaults as D
 from ..config import Config
 from ..core.load import Instance, instances_from_json, instances_to_json, parse_metrics, tier_loads
+from .dns import addresses
 from .snapshot import atomic_write
 
 log = logging.getLogger("budget_router.monitor")
@@ -51,11 +52,6 @@ def signals_path(cfg: Config) -> str:
     return cfg.router.state_file + ".signals.json"
 
 
-def _split(ep: str) -> tuple[str, int]:
-    host, _, port = ep.rpartition(":")
-    return host.strip("[]"), int(port)
-
-
 class Monitor:
     """Scrapes the tiers of ``cfg``; ``instances`` holds the samples
     (tier -> "ip:port" -> Instance). ``clock`` is wall time, shared by
@@ -70,17 +66,11 @@ class Monitor:
         self._session: aiohttp.ClientSession | None = None
 
     async def _resolve(self, ep: str) -> list[tuple[str, int]]:
-        host, port = _split(ep)
         try:
-            infos = await asyncio.get_running_loop().getaddrinfo(host, port, type=socket.SOCK_STREAM)
+            return await addresses(ep)
         except (socket.gaierror, UnicodeError) as e:
             log.warning("monitor: cannot resolve %s: %s", ep, e)
             return []
-        seen: dict[tuple[str, int], None] = {}
-        for family, _, _, _, addr in infos:
-            if family in (socket.AF_INET, socket.AF_INET6):
-                seen[(addr[0], port)] = None
-        return list(seen)
 
     async def _fetch(self, ip: str, port: int) -> str | None:
         assert self._session is not None
