@@ -9,6 +9,7 @@ from __future__ import annotations
 import random
 import re
 import subprocess
+import time
 from pathlib import Path
 
 import openai
@@ -52,6 +53,23 @@ def decision(headers, stack) -> dict[str, str]:
 
 def router_metrics(stack) -> dict[str, float]:
     return vllm_metrics(f"http://127.0.0.1:{stack.cfg.telemetry.prometheus_port}")
+
+
+#: How long a learned sample may take to show after the client read [DONE]:
+#: the router learns when Envoy hands it the end of the response stream, which
+#: can come just after Envoy forwarded the last chunk to the client.
+LEARN_VISIBLE_S = 5.0
+
+
+def learned_samples(stack, at_least: float) -> float:
+    """``budget_router_learned_samples_total`` once it reaches ``at_least``
+    (polled up to LEARN_VISIBLE_S), else its last value."""
+    deadline = time.monotonic() + LEARN_VISIBLE_S
+    while True:
+        n = metric_sum(router_metrics(stack), "budget_router_learned_samples_total")
+        if n >= at_least or time.monotonic() > deadline:
+            return n
+        time.sleep(0.05)
 
 
 def chat(stack, text: str, max_tokens: int, **kw):
@@ -123,8 +141,7 @@ def test_streamed_usage_injected_learned_and_hidden(vllm_stack):
     assert chunks and all(c.usage is None for c in chunks)
     assert all(c.choices for c in chunks)  # the injected usage-only chunk (choices: []) is cut out
     assert chunks[-1].choices[0].finish_reason == "length"
-    after = metric_sum(router_metrics(vllm_stack), "budget_router_learned_samples_total")
-    assert after == before + 1
+    assert learned_samples(vllm_stack, before + 1) == before + 1
 
 
 def test_streamed_usage_asked_by_the_client_passes_unchanged(vllm_stack):
@@ -135,7 +152,7 @@ def test_streamed_usage_asked_by_the_client_passes_unchanged(vllm_stack):
     # vLLM 0.32: the finish chunk has no usage; then choices [] + usage
     assert chunks[-2].choices[0].finish_reason == "length" and chunks[-2].usage is None
     assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == 6
-    assert metric_sum(router_metrics(vllm_stack), "budget_router_learned_samples_total") == before + 1
+    assert learned_samples(vllm_stack, before + 1) == before + 1
 
 
 # --- short and long requests reach the right real pool -----------------------------------------
