@@ -63,9 +63,10 @@ _CONTINUE_REQ_TRAILERS = pb.ProcessingResponse(request_trailers=pb.TrailersRespo
 _CONTINUE_RESP_TRAILERS = pb.ProcessingResponse(response_trailers=pb.TrailersResponse())
 
 #: Kinds of harmful misroute the response phase detects (metric label
-#: ``kind``): the short pool refused the prompt with a context-length 400
-#: (every vLLM version), or vLLM 0.32+ answered 200 but cut the answer at the
-#: short pool's max_model_len (finish_reason "length").
+#: ``kind``): a tier below the last (the short pool, with two) refused the
+#: prompt with a context-length 400 (every vLLM version), or vLLM 0.32+
+#: answered 200 but cut the answer at that tier's max_model_len
+#: (finish_reason "length").
 MISROUTE_CONTEXT = "context_length"
 MISROUTE_TRUNCATED = "truncated"
 
@@ -128,7 +129,7 @@ class StreamMachine:
         self.injected_usage = False
         self.scanner: JSONUsage | SSEUsage | None = None
         self.response_status = 0
-        self.watch_misroute = False   # short-routed near B_short: check the status
+        self.watch_misroute = False   # routed below the last tier near its limit: check the status
         self.misroute = ""            # "" or MISROUTE_CONTEXT / MISROUTE_TRUNCATED
         self.usage: Usage | None = None
         self.learned = False
