@@ -22,6 +22,7 @@ import yaml
 from extproc import config as C
 from extproc import defaults as D
 from extproc.envoy import bootstrap as E
+from extproc.tools.stack import free_ports
 
 ROOT = Path(__file__).resolve().parent.parent
 ENVOY_DIR = ROOT / "envoy"
@@ -370,9 +371,16 @@ def _post(cfg: C.Config, body: bytes, headers: dict[str, str] | None = None):
 
 
 def _live_cfg(pool_ports: list[int], workers: int = 1, **router) -> C.Config:
+    # Each free port is free only until used, so picks made one by one can
+    # coincide (a CI run saw the stub router on Envoy's admin port): the two
+    # Envoy ports are picked together and the router's block apart from them.
+    envoy_ports = free_ports(2)
+    router_port = _free_port_run(workers)
+    while any(router_port <= p < router_port + workers for p in envoy_ports):
+        router_port = _free_port_run(workers)
     cfg = C.Config().replace(
-        envoy={"port": _free_port(), "admin_port": _free_port()},
-        router={"port": _free_port_run(workers), "workers": workers, **router},
+        envoy={"port": envoy_ports[0], "admin_port": envoy_ports[1]},
+        router={"port": router_port, "workers": workers, **router},
     )
     return _with_pools(cfg, (f"127.0.0.1:{pool_ports[0]}",), (f"127.0.0.1:{pool_ports[1]}",))
 
