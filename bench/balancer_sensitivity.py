@@ -15,10 +15,10 @@ import sys
 import orjson
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
-from extproc.planner.fleet import FleetSpec, PoolSpec, simulate  # noqa: E402
-from extproc.planner.hardware import make_config  # noqa: E402
-from extproc.planner.metrics import summarize  # noqa: E402
-from extproc.planner.traces import load_trace, scale_rate  # noqa: E402
+from extproc.planner.sim.fleet import FleetSpec, PoolSpec, simulate  # noqa: E402
+from extproc.planner.sim.hardware import make_config  # noqa: E402
+from extproc.planner.sim.metrics import summarize  # noqa: E402
+from extproc.planner.sim.traces import load_trace, scale_rate  # noqa: E402
 
 
 def spec_of(d: dict, model: str, balancer: str) -> FleetSpec:

@@ -17,8 +17,8 @@ import orjson
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 from extproc.planner.cli import print_plan  # noqa: E402
-from extproc.planner.plan import plan  # noqa: E402
-from extproc.planner.traces import load_trace, scale_rate, tile  # noqa: E402
+from extproc.planner.sizing.plan import plan  # noqa: E402
+from extproc.planner.sim.traces import load_trace, scale_rate, tile  # noqa: E402
 
 TRACES = os.environ.get("TRACES_DIR", os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data", "traces"))
 RATE, TILE_S = 1000.0, 60.0

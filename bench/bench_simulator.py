@@ -15,10 +15,10 @@ import sys
 import time
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
-from extproc.planner.fleet import FleetSpec, PoolSpec, simulate  # noqa: E402
-from extproc.planner.hardware import make_config  # noqa: E402
-from extproc.planner.metrics import summarize  # noqa: E402
-from extproc.planner.traces import load_trace, scale_rate, synthetic, tile  # noqa: E402
+from extproc.planner.sim.fleet import FleetSpec, PoolSpec, simulate  # noqa: E402
+from extproc.planner.sim.hardware import make_config  # noqa: E402
+from extproc.planner.sim.metrics import summarize  # noqa: E402
+from extproc.planner.sim.traces import load_trace, scale_rate, synthetic, tile  # noqa: E402
 
 TRACE = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data", "traces",
                      "AzureLLMInferenceTrace_conv.csv")

@@ -18,8 +18,8 @@ import orjson
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 from extproc.planner.cli import print_plan  # noqa: E402
-from extproc.planner.plan import Baseline, Space, plan  # noqa: E402
-from extproc.planner.traces import load_trace, window  # noqa: E402
+from extproc.planner.sizing.plan import Baseline, Space, plan  # noqa: E402
+from extproc.planner.sim.traces import load_trace, window  # noqa: E402
 
 TRACE = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data", "traces", "conversation_trace.jsonl")
 TIERS = (8192, 32768, 131072)

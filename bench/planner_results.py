@@ -16,8 +16,8 @@ import time
 import orjson
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
-from extproc.planner.plan import Baseline, plan  # noqa: E402
-from extproc.planner.traces import load_trace, scale_rate, tile  # noqa: E402
+from extproc.planner.sizing.plan import Baseline, plan  # noqa: E402
+from extproc.planner.sim.traces import load_trace, scale_rate, tile  # noqa: E402
 
 TRACES = os.environ.get("TRACES_DIR", os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data", "traces"))
 FILES = ["AzureLLMInferenceTrace_code.csv", "AzureLLMInferenceTrace_conv.csv",

@@ -190,7 +190,7 @@ def _fake_package(tmp_path: Path, files: dict[str, str]) -> Path:
     "import socket",
     "from ..serve import transport",
     "from ..tools.replay import run",
-    "from extproc.planner import fleet",
+    "from extproc.planner.sim import fleet",
 ])
 def test_checker_catches_a_core_module_doing_io(tmp_path, line):
     root = _fake_package(tmp_path, {

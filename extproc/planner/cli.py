@@ -9,15 +9,15 @@ import orjson
 
 from dataclasses import replace
 
-from .balancers import BALANCERS, DEFAULT_BALANCER
-from .fleet import ROUTERS, FleetSpec, PoolSpec, simulate
-from .hardware import GPUS, MODELS, ConfigError, make_config
-from .metrics import summarize
-from .plan import (AUTO_B_SHORT, SEARCH_MBTS, SEARCH_SEQS, SEARCH_WINDOW_S, SEEDS, Space,
+from .sim.balancers import BALANCERS, DEFAULT_BALANCER
+from .sim.fleet import ROUTERS, FleetSpec, PoolSpec, simulate
+from .sim.hardware import GPUS, MODELS, ConfigError, make_config
+from .sim.metrics import summarize
+from .sizing.plan import (AUTO_B_SHORT, SEARCH_MBTS, SEARCH_SEQS, SEARCH_WINDOW_S, SEEDS, Space,
                    parse_baseline, plan)
-from .slo import (CLASS_BOUNDARY, SLO, SLO_PREEMPT_PER_1K, SLO_TPOT_P99_MS, SLO_TTFT_P99_MS,
+from .sizing.slo import (CLASS_BOUNDARY, SLO, SLO_PREEMPT_PER_1K, SLO_TPOT_P99_MS, SLO_TTFT_P99_MS,
                   parse_classes)
-from .traces import TraceError, load_trace, scale_rate, tile, window
+from .sim.traces import TraceError, load_trace, scale_rate, tile, window
 
 
 def _common(p: argparse.ArgumentParser) -> None:
@@ -105,12 +105,12 @@ def cmd_plan(args) -> int:
     print_plan(res)
     if args.out:
         _write(args.out, "plan.json", res)
-        from .plots import plot_plan
+        from .report.plots import plot_plan
         for p in plot_plan(res, args.out):
             print(f"wrote {p}")
         print(f"wrote {os.path.join(args.out, 'plan.json')}")
     if args.emit:
-        from .emit import emit
+        from .report.emit import emit
         for p in emit(res, args.emit):
             print(f"wrote {p}")
     return 0

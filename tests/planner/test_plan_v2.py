@@ -8,14 +8,14 @@ import os
 import numpy as np
 import pytest
 
-from extproc.planner import slo as S
-from extproc.planner.balancers import BALANCERS
+from extproc.planner.sizing import slo as S
+from extproc.planner.sim.balancers import BALANCERS
 from extproc.planner.cli import add_parsers
-from extproc.planner.fleet import FleetSpec, PoolSpec, simulate
-from extproc.planner.hardware import GPUS, MODELS, make_config
-from extproc.planner.metrics import summarize
-from extproc.planner.plan import Baseline, Space, parse_baseline, plan
-from extproc.planner.traces import Trace, perturb, poisson_arrivals, synthetic
+from extproc.planner.sim.fleet import FleetSpec, PoolSpec, simulate
+from extproc.planner.sim.hardware import GPUS, MODELS, make_config
+from extproc.planner.sim.metrics import summarize
+from extproc.planner.sizing.plan import Baseline, Space, parse_baseline, plan
+from extproc.planner.sim.traces import Trace, perturb, poisson_arrivals, synthetic
 
 from .test_planner import A100, conserve
 
@@ -244,7 +244,7 @@ def test_cli_plan_json_schema_plots_and_emit(tmp_path, capsys):
 # --- 5. prefix caching ------------------------------------------------------------------------
 
 def test_prefix_cache_lru_never_serves_uninserted():
-    from extproc.planner.prefix_cache import PrefixCache
+    from extproc.planner.sim.prefix_cache import PrefixCache
     c = PrefixCache(3)
     c.inserted = set()
     assert c.lookup((1, 2)) == 0
@@ -273,7 +273,7 @@ def test_prefix_caching_on_mooncake_style_trace():
     off = simulate(tr, FleetSpec((PoolSpec("p", cfg.with_(enable_prefix_caching=False), 2),)))
     assert summarize(off)["fleet"]["prefix_hit_rate"] == 0
     # every hit was a block inserted on that instance (the cache asserts it)
-    from extproc.planner import instance as I
+    from extproc.planner.sim import instance as I
     orig = I.PrefixCache.__init__
 
     def tracking(self, cap):
@@ -287,7 +287,7 @@ def test_prefix_caching_on_mooncake_style_trace():
 
 
 def test_split_recommended_only_above_spread_and_tolerance():
-    from extproc.planner.plan import SIZE_TOLERANCE, recommend
+    from extproc.planner.sizing.plan import SIZE_TOLERANCE, recommend
 
     def d(name, kind, gpus, spread):
         return {"name": name, "kind": kind, "gpus": gpus, "usd_per_hour": gpus * 2.0, "meets_effective": True,
@@ -346,7 +346,7 @@ def test_cli_plan_tiers_and_spillover_judged_by_identical_targets(tmp_path, caps
             not by[name]["meets_effective"]
     # the 3-tier closed-loop design deploys as [[tiers]] with spillover on
     from extproc import config as C
-    from extproc.planner.emit import emit
+    from extproc.planner.report.emit import emit
     emit(res, str(tmp_path / "deploy"), "tiers-8192-32768-131072+spillover")
     cfg = C.load(str(tmp_path / "deploy" / "budget-router.toml"))
     assert [t.name for t in cfg.tiers] == ["short", "tier1", "long"]

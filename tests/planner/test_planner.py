@@ -4,12 +4,12 @@ import numpy as np
 import pytest
 from hypothesis import given, settings, strategies as st
 
-from extproc.planner import closed_form
-from extproc.planner.fleet import FleetSpec, PoolSpec, route, simulate
-from extproc.planner.hardware import ConfigError, make_config, safe_max_num_seqs
-from extproc.planner.instance import _sum_max
-from extproc.planner.metrics import summarize
-from extproc.planner.traces import (Trace, TraceError, load_trace, scale_rate, synthetic, tile,
+from extproc.planner.sizing import closed_form
+from extproc.planner.sim.fleet import FleetSpec, PoolSpec, route, simulate
+from extproc.planner.sim.hardware import ConfigError, make_config, safe_max_num_seqs
+from extproc.planner.sim.instance import _sum_max
+from extproc.planner.sim.metrics import summarize
+from extproc.planner.sim.traces import (Trace, TraceError, load_trace, scale_rate, synthetic, tile,
                                     window)
 
 A100 = make_config("a100", "llama-3-70b", max_model_len=8192)

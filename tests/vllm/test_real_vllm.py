@@ -22,7 +22,7 @@ from extproc.core.router import Router
 from extproc.tools import demo_traffic as T
 from extproc.tools import vllm_pool as V
 
-from vllm_tier import metric_sum, vllm_metrics
+from .vllm_tier import metric_sum, vllm_metrics
 
 ROOT = Path(__file__).resolve().parents[2]
 CHAT = "/v1/chat/completions"

@@ -20,7 +20,7 @@ from extproc.admin.v1 import admin_pb2 as pb
 from extproc.backend.server import POOL_HEADER
 from extproc.tools.stack import loopback_config
 
-from conftest import start_stack
+from tests.conftest import start_stack
 
 #: Small tiers keep the simulated outputs short (time_scale 0 answers at once).
 THREE_TIERS = [

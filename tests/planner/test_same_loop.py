@@ -11,9 +11,9 @@ import io
 import orjson
 
 from extproc.core.router import Router
-from extproc.planner.fleet import FleetSpec, PoolSpec, simulate
-from extproc.planner.hardware import make_config
-from extproc.planner.traces import synthetic
+from extproc.planner.sim.fleet import FleetSpec, PoolSpec, simulate
+from extproc.planner.sim.hardware import make_config
+from extproc.planner.sim.traces import synthetic
 from extproc.tools.replay import Summary, replay_lines
 
 

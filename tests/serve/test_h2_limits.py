@@ -40,7 +40,7 @@ from envoy.service.ext_proc.v3 import external_processor_pb2_grpc as pbg
 from extproc import defaults as D
 from extproc.serve import h2frames as h2
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 
 SERVER = r"""
 import asyncio, json, sys

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "compose"))
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "compose"))
 import check_healthcheck as H  # noqa: E402  (compose/check_healthcheck.py)
 
 

@@ -13,9 +13,9 @@ from __future__ import annotations
 
 import numpy as np
 
-from .fleet import FleetSpec, PoolSpec, simulate
-from .hardware import InstanceConfig
-from .traces import Trace
+from ..sim.fleet import FleetSpec, PoolSpec, simulate
+from ..sim.hardware import InstanceConfig
+from ..sim.traces import Trace
 
 #: Requests used to measure an instance's sustainable throughput: enough to keep
 #: a max_num_seqs=256 batch full for several turnovers (vLLM's own

@@ -16,9 +16,9 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from ..defaults import B_SHORT
-from .hardware import InstanceConfig
-from .metrics import CLASSES, class_of
+from ...defaults import B_SHORT
+from ..sim.hardware import InstanceConfig
+from ..sim.metrics import CLASSES, class_of
 
 #: P99 TTFT targets per class (ms). short: 2 s, a common interactive-chat target
 #: (the answer starts within ~2 s). long: 60 s, a document/agent request whose

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from ..defaults import OUTPUT_QUANTILE
+from ...defaults import OUTPUT_QUANTILE
 from . import balancers
 from .balancers import BALANCERS, DEFAULT_BALANCER, SCRAPE_INTERVAL_S
 from .hardware import InstanceConfig

@@ -459,7 +459,7 @@ def test_cli_subprocess_serves(tmp_path):
     proc = subprocess.Popen(
         [sys.executable, "-m", "extproc.backend.cli", "backend", "--port", "0",
          "--name", "short", "--time-scale", "0"],
-        stderr=subprocess.PIPE, text=True, cwd=str(Path(__file__).resolve().parents[1]))
+        stderr=subprocess.PIPE, text=True, cwd=str(Path(__file__).resolve().parents[2]))
     try:
         line = proc.stderr.readline()
         assert "serving" in line, line

@@ -39,13 +39,13 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from . import closed_form
-from .balancers import DEFAULT_BALANCER
-from .fleet import FleetSpec, PoolSpec, route, simulate
-from .hardware import (GPUS, LONG_PREFILL_FRACTION, MAX_NUM_BATCHED_TOKENS, MAX_NUM_SEQS,
+from ..sim.balancers import DEFAULT_BALANCER
+from ..sim.fleet import FleetSpec, PoolSpec, route, simulate
+from ..sim.hardware import (GPUS, LONG_PREFILL_FRACTION, MAX_NUM_BATCHED_TOKENS, MAX_NUM_SEQS,
                        ConfigError, InstanceConfig, GPU_MEMORY_UTILIZATION, make_config)
-from .metrics import average, summarize
+from ..sim.metrics import average, summarize
 from .slo import SLO, judge, ok, targets
-from .traces import Trace, perturb, window
+from ..sim.traces import Trace, perturb, window
 
 #: Candidate B_short values for `--b-short auto`: the 8K-16K range production
 #: splits use, plus 4K and 32K to show the trend on both sides.

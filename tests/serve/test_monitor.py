@@ -23,7 +23,7 @@ from extproc.core.load import Sample, tier_loads
 from extproc.serve import monitor as mon
 from extproc.tools.stack import loopback_config
 
-REAL_0_32 = (Path(__file__).resolve().parent / "data" / "vllm_0_32_metrics.txt").read_text()
+REAL_0_32 = (Path(__file__).resolve().parents[1] / "data" / "vllm_0_32_metrics.txt").read_text()
 
 
 class RecordedMetrics:

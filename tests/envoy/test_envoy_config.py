@@ -24,7 +24,7 @@ from extproc import defaults as D
 from extproc.envoy import bootstrap as E
 from extproc.tools.stack import free_ports
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 ENVOY_DIR = ROOT / "envoy"
 
 #: Checked-in file -> the Config it is rendered from.

@@ -24,7 +24,7 @@ from extproc.admin.v1 import admin_pb2 as pb
 from extproc.admin.v1 import admin_pb2_grpc as pbg
 from extproc.tools.stack import free_port_block
 
-from test_startup_state import trained_router
+from tests.serve.test_startup_state import trained_router
 
 TOKEN = "warm-start-token-0123456789abcdef"
 AUTH = auth.call_metadata(TOKEN)

@@ -31,13 +31,13 @@ from extproc import config as C
 from extproc import defaults as D
 from extproc.envoy import bootstrap as E
 
-sys.path.insert(0, str(Path(__file__).resolve().parent / "schemas"))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "schemas"))
 import crd2schema  # noqa: E402  (tests/schemas/crd2schema.py)
-from envoy_fragments import bootstrap_around, envoy_validate  # noqa: E402  (tests/envoy_fragments.py)
+from tests.envoy_fragments import bootstrap_around, envoy_validate  # noqa: E402  (tests/envoy_fragments.py)
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 K8S = ROOT / "deploy" / "kubernetes"
-CRD_SCHEMAS = Path(__file__).resolve().parent / "schemas" / "crd"
+CRD_SCHEMAS = Path(__file__).resolve().parents[1] / "schemas" / "crd"
 OVERLAYS = ("base", "overlays/envoy-gateway", "overlays/istio", "overlays/inference-pools")
 #: Applied next to an overlay, not instead of one.
 EXTRAS = ("extras/podmonitor",)

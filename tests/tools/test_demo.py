@@ -18,7 +18,7 @@ import pytest
 from extproc.tools import demo
 from extproc.tools import demo_traffic as T
 
-SHARED = Path(__file__).resolve().parent.parent.parent / "shared" / "data"
+SHARED = Path(__file__).resolve().parents[2].parent / "shared" / "data"
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 

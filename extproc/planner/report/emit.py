@@ -13,8 +13,8 @@ import os
 
 import orjson
 
-from .. import config as C
-from ..envoy.bootstrap import render_yaml
+from ... import config as C
+from ...envoy.bootstrap import render_yaml
 
 #: vLLM's OpenAI server default port.
 VLLM_PORT = 8000

@@ -34,7 +34,7 @@ from extproc.serve import h2frames as h2
 from extproc.serve.transport import serve_fast
 from extproc.tools.pki import make_pki
 
-from test_h2_limits import flood_unread_pings, probe_keeps_latency, server
+from .test_h2_limits import flood_unread_pings, probe_keeps_latency, server
 
 pytestmark = pytest.mark.skipif(shutil.which("openssl") is None, reason="needs the openssl CLI")
 

@@ -14,11 +14,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from .. import defaults as D
-from ..config import Config
-from ..core.load import Instance as Signals
-from ..core.load import Sample, tier_loads
-from ..core.router import Router
+from ... import defaults as D
+from ...config import Config
+from ...core.load import Instance as Signals
+from ...core.load import Sample, tier_loads
+from ...core.router import Router
 
 #: Endpoint written into the planner's tier configs: never contacted, the
 #: config only needs a valid host:port.

@@ -24,7 +24,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from extproc.serve import h2frames as h2
 from extproc.serve.transport import serve_fast, serve_grpcio
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 MAX_MESSAGE = 9 * 1024 * 1024
 TRANSPORTS = {"fast": serve_fast, "grpcio": serve_grpcio}
 

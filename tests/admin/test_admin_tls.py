@@ -19,7 +19,7 @@ from extproc.admin.v1 import admin_pb2 as pb
 from extproc.admin.v1 import admin_pb2_grpc as pbg
 from extproc.tools.pki import make_pki
 
-from test_warm_start import TOKEN, Router, _config
+from .test_warm_start import TOKEN, Router, _config
 
 pytestmark = pytest.mark.skipif(shutil.which("openssl") is None, reason="needs the openssl CLI")
 

@@ -29,16 +29,16 @@ from extproc import config as C
 from extproc.envoy import bootstrap as E
 from extproc.tools import stack as S
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 COMPOSE = ROOT / "compose"
 DEPLOY = ROOT / "deploy"
-SCHEMAS = Path(__file__).resolve().parent / "schemas"
+SCHEMAS = Path(__file__).resolve().parents[1] / "schemas"
 TOML = COMPOSE / "budget-router.toml"
 
 sys.path.insert(0, str(DEPLOY))
 import render_snippet  # noqa: E402  (deploy/render_snippet.py)
 from extproc.backend.server import EXPORTED_METRICS  # noqa: E402
-from envoy_fragments import bootstrap_around, envoy_validate  # noqa: E402  (tests/envoy_fragments.py)
+from tests.envoy_fragments import bootstrap_around, envoy_validate  # noqa: E402  (tests/envoy_fragments.py)
 
 #: Metric names a dashboard panel may use: the router's Prometheus endpoint,
 #: Envoy's admin stats, and the pools' vLLM metrics (simulator and vLLM).
