@@ -131,13 +131,13 @@ class AdminService:
             tiers=self.tier_states(), spillover=cfg.spillover.enabled, adaptive=cfg.adaptive.enabled)
 
     def set_b_short(self, req: pb.SetBShortRequest, caller: str = "") -> pb.ConfigResult:
-        old = self.router.cfg.policy.b_short
+        old = self.router.cfg.b_short
         try:
             cfg = self.router.cfg.replace(policy={"b_short": int(req.b_short)})
         except C.ConfigError as e:
             raise AdminError(INVALID_ARGUMENT, str(e)) from None
         self._apply(cfg)
-        self._audit(caller, "b_short", old, cfg.policy.b_short)
+        self._audit(caller, "b_short", old, cfg.b_short)
         return self._result()
 
     def set_limit(self, req: pb.SetLimitRequest, caller: str = "") -> pb.ConfigResult:

@@ -35,7 +35,7 @@ from typing import Any
 
 import numpy as np
 
-from ..config import EstimatorConfig
+from ..config.schema import EstimatorConfig
 from ..defaults import MAX_MODEL_NAME_CHARS
 from .features import CATEGORIES, FEATURE_BYTES, N_FEATURES
 

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from ..config import Config
+from ..config.schema import Config
 
 # Reasons, as they appear in the decision header, metadata and logs.
 R_SHORT = "budget_fits_short"

@@ -17,7 +17,7 @@ from . import errors
 from . import media as M
 from . import policy as P
 from .content_coding import SUPPORTED as SUPPORTED_CODINGS
-from ..config import Config
+from ..config.schema import Config
 from .estimator import MARGIN_MIN_TOKENS, Estimator, bounded_model_name
 from .features import features
 from .load import TierLoad
@@ -54,7 +54,7 @@ class Router:
 
     @staticmethod
     def _margin_min(cfg: Config) -> float:
-        return max(MARGIN_MIN_TOKENS, MARGIN_BAND_FRACTION * cfg.policy.b_short)
+        return max(MARGIN_MIN_TOKENS, MARGIN_BAND_FRACTION * cfg.b_short)
 
     def reconfigure(self, cfg: Config) -> None:
         """Take a new config (e.g. a new B_short) without losing what was learned."""

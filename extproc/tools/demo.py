@@ -671,7 +671,7 @@ def run(args: argparse.Namespace) -> int:
     cfg = loopback_config(base, router={"sample_rate": args.sample_rate, "state_file": state_file})
     if args.pools == POOLS_VLLM:
         cfg = vllm_config(cfg)
-    b_short = cfg.policy.b_short
+    b_short = cfg.b_short
     stack = Stack(cfg, workdir=workdir, time_scale=args.time_scale, pools=args.pools)
 
     def on_term(signum, frame):

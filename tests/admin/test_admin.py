@@ -193,9 +193,9 @@ def test_reload_config_reads_only_the_configured_file(stack):
             assert "only the config file the router started with" in e.value.details()
         # the configured file (or naming it) works
         res = stub.ReloadConfig(pb.ReloadConfigRequest(), timeout=5, metadata=AUTH)
-        assert res.b_short == stack.cfg.policy.b_short
+        assert res.b_short == stack.cfg.b_short
         res = stub.ReloadConfig(pb.ReloadConfigRequest(path=stack.config_path()), timeout=5, metadata=AUTH)
-        assert res.b_short == stack.cfg.policy.b_short
+        assert res.b_short == stack.cfg.b_short
     # /dev/zero once grew the worker by 1 GB in 0.6 s
     assert stack.rss_kb("router") - rss < 20_000
 

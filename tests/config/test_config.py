@@ -14,7 +14,7 @@ from extproc.config import Config, ConfigError
 def test_defaults_load_without_file_or_env():
     cfg = C.load(None, env={})
     assert cfg == Config()
-    assert cfg.policy.b_short == D.B_SHORT == 8192
+    assert cfg.b_short == D.B_SHORT == 8192
     assert cfg.short.max_model_len == D.SHORT_MAX_MODEL_LEN
     assert cfg.long.max_model_len == D.LONG_MAX_MODEL_LEN
     assert cfg.short.endpoints == (f"127.0.0.1:{D.SHORT_POOL_PORT}",)
@@ -46,7 +46,7 @@ endpoints = ["10.0.0.1:8000", "10.0.0.2:8000"]
     cfg = C.load(p, env={})
     assert cfg.router.workers == 3
     assert cfg.router.sample_rate == 0.1
-    assert cfg.policy.b_short == 4096
+    assert cfg.b_short == 4096
     assert cfg.policy.margin_sigmas == 2.0
     assert cfg.short.max_model_len == 16384
     assert cfg.short.endpoints == ("10.0.0.1:8000", "10.0.0.2:8000")
@@ -64,7 +64,7 @@ endpoints = ["10.0.0.1:8000", "10.0.0.2:8000"]
         "UNRELATED": "x",
     }
     cfg = C.load(p, env=env)
-    assert cfg.policy.b_short == 16384               # env beats file
+    assert cfg.b_short == 16384               # env beats file
     assert cfg.policy.margin_sigmas == 2.0           # file kept where env is silent
     assert cfg.short.max_model_len == 32768
     assert cfg.short.endpoints == ("10.0.0.1:8000", "10.0.0.2:8000")
@@ -77,7 +77,7 @@ endpoints = ["10.0.0.1:8000", "10.0.0.2:8000"]
 def test_config_path_from_env(tmp_path):
     p = _write(tmp_path, "[policy]\nb_short = 2048\n")
     cfg = C.load(None, env={"BUDGET_ROUTER_CONFIG": str(p)})
-    assert cfg.policy.b_short == 2048
+    assert cfg.b_short == 2048
 
 
 def test_missing_and_invalid_file(tmp_path):
@@ -165,17 +165,17 @@ def test_env_bool_false_spellings(text):
 
 
 def test_env_int_forms():
-    assert C.from_mapping({}, {"BUDGET_ROUTER_POLICY_B_SHORT": "0x1000"}).policy.b_short == 4096
+    assert C.from_mapping({}, {"BUDGET_ROUTER_POLICY_B_SHORT": "0x1000"}).b_short == 4096
     assert C.from_mapping({}, {"BUDGET_ROUTER_ENVOY_PORT": "10_001"}).envoy.port == 10001
     assert C.from_mapping({}, {"BUDGET_ROUTER_POLICY_MIN_MARGIN": "0.05"}).policy.min_margin == 0.05
 
 
 def test_replace_validates():
     cfg = Config().replace(policy={"b_short": 4096})
-    assert cfg.policy.b_short == 4096 and cfg.policy.margin_sigmas == D.MARGIN_SIGMAS
+    assert cfg.b_short == 4096 and cfg.policy.margin_sigmas == D.MARGIN_SIGMAS
     cfg2 = cfg.replace(short={"max_model_len": 32768}, policy={"b_short": 16384})
     assert cfg2.short.max_model_len == 32768 and cfg2.short.name == "short"
-    assert cfg2.policy.b_short == 16384
+    assert cfg2.b_short == 16384
     with pytest.raises(ConfigError, match=r"b_short = 9000 is above"):
         Config().replace(policy={"b_short": 9000})
     with pytest.raises(ConfigError, match=r"\[policy\] unknown key"):

@@ -428,7 +428,7 @@ def test_internal_error_falls_back_to_long(monkeypatch):
 # --- misroute watch (near-threshold short requests) -------------------------------------------
 
 def near_threshold_body(r: Router) -> bytes:
-    b = r.cfg.policy.b_short
+    b = r.cfg.b_short
     body = chat_body(max_tokens=b - 1500)
     d = r.route(CHAT, body)
     assert d.pool == "short" and r.near_threshold_short(d)

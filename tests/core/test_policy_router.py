@@ -27,7 +27,7 @@ def tokens_body(n: int, **kw) -> bytes:
 
 def test_choose_boundary_and_margin():
     cfg = Config()
-    b = cfg.policy.b_short
+    b = cfg.b_short
     assert P.choose(cfg, b - 100, 100, 0.0) == ("short", P.R_SHORT)
     assert P.choose(cfg, b - 100, 101, 0.0) == ("long", P.R_LONG)
     # with a 10% margin the prompt counts 10% more
@@ -55,7 +55,7 @@ def test_surely_too_long():
 
 def test_exact_token_prompt_boundary():
     r = Router(Config())
-    b = r.cfg.policy.b_short
+    b = r.cfg.b_short
     d = r.route(COMPLETIONS_PATH, tokens_body(b - 100, max_tokens=100))
     assert (d.pool, d.reason, d.estimate, d.output, d.budget) == ("short", P.R_SHORT, b - 100, 100, b)
     assert d.exact and d.margin == 0.0 and d.category == "tokens" and d.output_source == "request"
@@ -65,7 +65,7 @@ def test_exact_token_prompt_boundary():
 
 def test_text_prompt_short_long_around_b_short_with_margin():
     r = Router(Config())
-    b = r.cfg.policy.b_short
+    b = r.cfg.b_short
     text = "The quick brown fox jumps over the lazy dog. " * 300  # 13,500 bytes
     d0 = r.route(CHAT_PATH, chat_body(text, max_tokens=0))
     est = len(text) / 4 + 5 + 6  # the prior
@@ -198,7 +198,7 @@ def test_want_sample_boosted_near_threshold():
     _teach(r, text, cfg.estimator.min_samples_confident)
     d = r.route(CHAT_PATH, chat_body(text))
     assert d.samples >= cfg.estimator.min_samples_confident
-    b = cfg.policy.b_short
+    b = cfg.b_short
     far = r.route(CHAT_PATH, chat_body(text, max_tokens=0))
     assert abs(far.estimate * (1 + far.margin) - b) > 0.25 * b
     u = cfg.router.sample_rate * 2

@@ -30,7 +30,7 @@ def _three(i: int, key: str, value) -> dict:
 def test_three_tiers_load_and_keep_short_long_accessors():
     cfg = C.from_mapping(THREE, {})
     assert [t.name for t in cfg.tiers] == ["short", "medium", "long"]
-    assert cfg.limits == (8000, 32000) and cfg.policy.b_short == 8000
+    assert cfg.limits == (8000, 32000) and cfg.b_short == 8000
     assert cfg.short.name == "short" and cfg.long.name == "long" and cfg.long.budget_limit is None
     assert [t.cluster for t in cfg.pools] == ["pool_short", "pool_medium", "pool_long"]
     assert cfg.tier("medium").endpoints == ("vllm-medium:8000",)
@@ -54,7 +54,7 @@ def test_env_overrides_reach_tiers_by_name_and_the_first_boundary():
     env = {"BUDGET_ROUTER_POLICY_B_SHORT": "4096", "BUDGET_ROUTER_POOLS_MEDIUM_ENDPOINTS": "a:1,b:2",
            "BUDGET_ROUTER_POOLS_LONG_MAX_MODEL_LEN": "262144"}
     cfg = C.from_mapping(THREE, env)
-    assert cfg.limits == (4096, 32000) and cfg.policy.b_short == 4096
+    assert cfg.limits == (4096, 32000) and cfg.b_short == 4096
     assert cfg.tier("medium").endpoints == ("a:1", "b:2") and cfg.long.max_model_len == 262144
     # the two-tier shape, as before
     cfg = C.from_mapping({}, {"BUDGET_ROUTER_POOLS_SHORT_ENDPOINTS": "x:1", "BUDGET_ROUTER_POLICY_B_SHORT": "2048"})

@@ -210,7 +210,7 @@ def test_builtin_mix_scaled_for_real_vllm_pools():
 def test_vllm_stack_config():
     from extproc.tools import stack as S
     cfg = S.vllm_config(S.loopback_config())
-    assert (cfg.short.max_model_len, cfg.long.max_model_len, cfg.policy.b_short) == (2048, 8192, 2048)
+    assert (cfg.short.max_model_len, cfg.long.max_model_len, cfg.b_short) == (2048, 8192, 2048)
 
 
 @pytest.mark.parametrize("cmd", ["demo", "up"])

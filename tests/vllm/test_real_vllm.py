@@ -196,7 +196,7 @@ def _misled_chat(stack, text: str, budget_share: float):
     to be watched (Router.near_threshold_short)."""
     body = {"model": V.VLLM_MODEL, "messages": [{"role": "user", "content": text}], "max_tokens": 1}
     d = Router(stack.cfg).route(CHAT, orjson.dumps(body))
-    max_tokens = int(budget_share * stack.cfg.policy.b_short - d.estimate * (1 + d.margin))
+    max_tokens = int(budget_share * stack.cfg.b_short - d.estimate * (1 + d.margin))
     assert max_tokens > 0
     return max_tokens, chat(stack, text, max_tokens)
 

@@ -83,6 +83,6 @@ def emit(res: dict, out_dir: str, design_name: str | None = None) -> list[str]:
                       "tp": p["config"]["tp"], "gpus": p["count"] * p["config"]["tp"],
                       "vllm_args": args, "endpoints": _endpoints(p["name"], p["count"])})
     write("deployment.json", orjson.dumps({"design": name, "what": design["what"], "pools": pools,
-                                           "b_short": cfg.policy.b_short},
+                                           "b_short": cfg.b_short},
                                           option=orjson.OPT_INDENT_2).decode())
     return paths
