@@ -8,6 +8,6 @@ token and where the plane may listen, ``warm`` the warm start from peers,
 (generated code, checked fresh by a test).
 
 May import: ``extproc.core`` (to read and change the router it serves),
-``extproc.config``/``defaults``, grpc. Must not import ``extproc.tools`` or
-``extproc.cli``.
+``extproc.config``/``defaults``, ``extproc.dns``/``tls``, grpc. Must not import
+``extproc.serve`` (which starts this plane), ``tools`` or ``cli``.
 """

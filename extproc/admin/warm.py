@@ -22,7 +22,7 @@ from typing import Any
 import grpc
 
 from .. import config as C
-from ..serve.dns import addresses
+from ..dns import addresses
 from . import auth
 from .service import restore_json
 from .plane import channel_credentials, join_host_port, max_message_bytes

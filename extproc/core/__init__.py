@@ -13,9 +13,11 @@ boundaries (``threshold``). The same objects run online (driven
 by ``extproc.serve``), offline (``extproc.tools.replay``) and in the planner.
 
 May import: the standard library's pure parts, numpy, orjson, the Envoy/
-protobuf message classes, ``extproc.config`` and ``extproc.defaults``. Must not
-import ``extproc.serve``, ``tools``, ``envoy``, ``backend``, ``planner``,
-``admin``, nor ``asyncio``, ``socket``, ``time``, ``random`` (or anything else
-that does I/O, reads a clock or draws randomness of its own): clocks and
-random numbers are passed in. ``tests/test_architecture.py`` enforces it.
+protobuf message classes, ``extproc.config.schema`` (not the config package,
+whose loader reads files) and ``extproc.defaults``. Must not import
+``extproc.serve``, ``tools``, ``envoy``, ``backend``, ``planner``, ``admin``,
+nor ``asyncio``, ``socket``, ``time``, ``random``, ``os``, ``tomllib`` (or
+anything else that does I/O, reads a clock or draws randomness of its own):
+clocks and random numbers are passed in. ``tests/test_architecture.py``
+enforces it through everything the core imports, transitively.
 """

@@ -9,6 +9,6 @@ No routing decision is made here: every message is handed to
 ``extproc.core`` (``StreamMachine``, ``Router``).
 
 May import: ``extproc.core``, ``extproc.admin`` (served beside ext_proc),
-``extproc.config``/``defaults``, asyncio, sockets, clocks. Must not import
+``extproc.config``/``defaults``, ``extproc.dns``/``tls``, asyncio, sockets, clocks. Must not import
 ``extproc.tools``, ``envoy``, ``backend`` or ``planner``.
 """

@@ -35,7 +35,7 @@ import orjson
 from .. import defaults as D
 from ..config import Config
 from ..core.load import Instance, instances_from_json, instances_to_json, parse_metrics, tier_loads
-from .dns import addresses
+from ..dns import addresses
 from .snapshot import atomic_write
 
 log = logging.getLogger("budget_router.monitor")

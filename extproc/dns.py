@@ -1,13 +1,20 @@
 """Endpoints that are DNS names: every address a ``host:port`` resolves to
 now (a Kubernetes headless Service resolves to one address per ready pod).
-Used by the pool monitor (each scrape) and the admin plane's warm start."""
+Used by the pool monitor (``extproc.serve.monitor``, each scrape) and the
+admin plane's warm start (``extproc.admin.warm``).
+
+It sits below both, beside ``extproc.tls``: ``serve`` starts ``admin``'s
+plane, so a resolver inside ``serve`` made ``admin -> serve -> admin`` a
+folder circle. May import: ``extproc.config`` and ``defaults``, asyncio,
+sockets. Must not import ``core`` or any layer above it
+(``tests/test_architecture.py``)."""
 
 from __future__ import annotations
 
 import asyncio
 import socket
 
-from ..config import split_endpoint
+from .config.endpoints import split_endpoint
 
 
 async def addresses(endpoint: str) -> list[tuple[str, int]]:
