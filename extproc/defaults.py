@@ -133,14 +133,23 @@ MAX_RESPONSE_SCAN_BYTES = 4 * 1024 * 1024
 #: even with JSON escaping; OpenAI's API caps request bodies in the same range.
 MAX_BODY_BYTES = 8 * 1024 * 1024
 
+#: Room above the body limit ([router] max_body_bytes) for what travels with
+#: a body: headers, gRPC framing, the ProcessingRequest around it. 1 MiB is
+#: Envoy's own default buffer, so headers alone never fill it. Every limit
+#: that must hold a whole body is the body limit plus this: Envoy's buffer
+#: (envoy.bootstrap.buffer_limit_bytes), the gRPC message limit on both ends
+#: of the ext_proc channel (envoy.bootstrap.grpc_max_message_bytes,
+#: serve.server.max_message_bytes).
+BODY_HEADROOM_BYTES = 1024 * 1024
+
 #: Envoy's per-connection buffer must hold a whole buffered body; Envoy's 1 MiB
-#: default answers 413 for long prompts. Body limit plus 1 MiB for headers.
-ENVOY_BUFFER_BYTES = MAX_BODY_BYTES + 1024 * 1024
+#: default answers 413 for long prompts (the default body limit's value).
+ENVOY_BUFFER_BYTES = MAX_BODY_BYTES + BODY_HEADROOM_BYTES
 
 #: gRPC message limit on the ext_proc channel: the body travels in one
 #: ProcessingRequest, so it must exceed MAX_BODY_BYTES (gRPC's 4 MiB default
-#: gives a 500). Headers and framing get 1 MiB.
-GRPC_MAX_MESSAGE_BYTES = MAX_BODY_BYTES + 1024 * 1024
+#: gives a 500); the default body limit's value.
+GRPC_MAX_MESSAGE_BYTES = MAX_BODY_BYTES + BODY_HEADROOM_BYTES
 
 #: Envoy's per-message deadline for the processor. Envoy's 200 ms default gives
 #: 504s under a CPU burst on small hosts; 1 s is still far below a first token.

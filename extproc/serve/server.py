@@ -36,6 +36,7 @@ from ..admin import plane as admin_plane
 from ..admin import reflection
 from ..admin import warm
 from ..config import Config, admin_ports, worker_ports
+from .. import defaults as D
 from ..defaults import SNAPSHOT_MIN_GAP_S
 from ..core.machine import StreamMachine
 from ..core.estimator import snapshot_bound_bytes
@@ -44,11 +45,6 @@ from ..core.router import Router
 log = logging.getLogger("budget_router")
 
 HEALTH_SERVICE = "grpc.health.v1.Health"
-
-#: gRPC framing and the request headers travel with the body in one message:
-#: 1 MiB above the body limit (gRPC's 4 MiB default would answer 500 for long
-#: prompts), matching the Envoy side (``extproc.envoy.bootstrap``).
-GRPC_HEADROOM_BYTES = 1024 * 1024
 
 #: A worker that dies is restarted after this pause, so a crash loop costs
 #: one start per second instead of a busy spin (like systemd's RestartSec).
@@ -61,7 +57,11 @@ SNAPSHOT_CHECK_S = 1.0
 
 
 def max_message_bytes(cfg: Config) -> int:
-    return cfg.router.max_body_bytes + GRPC_HEADROOM_BYTES
+    """The ext_proc server's receive limit: gRPC framing and the request
+    headers travel with the body in one message, so the body limit plus
+    D.BODY_HEADROOM_BYTES (gRPC's 4 MiB default would answer 500 for long
+    prompts), as Envoy's side (``envoy.bootstrap.grpc_max_message_bytes``)."""
+    return cfg.router.max_body_bytes + D.BODY_HEADROOM_BYTES
 
 
 def router_tls(cfg: Config) -> tls.TlsFiles | None:

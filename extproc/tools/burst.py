@@ -30,6 +30,7 @@ from dataclasses import dataclass
 import aiohttp
 
 from .. import config as C
+from .. import defaults as D
 from ..admin import cli as admin_cli
 from ..admin.v1 import admin_pb2 as pb
 from ..core.load import parse_metrics
@@ -52,8 +53,8 @@ SHORT_WORDS, LONG_WORDS = 300, 11_000
 SHORT_SEQS = 4
 #: How often the router's status and the pools' metrics are polled.
 POLL_S = 0.5
-#: Monitor interval in the scenario: the default 1 s.
-MONITOR_INTERVAL_S = 1.0
+#: Monitor interval in the scenario: the router's default.
+MONITOR_INTERVAL_S = D.MONITOR_INTERVAL_S
 #: The pools run at modelled speed (the simulator's GPU timing, unscaled).
 BURST_TIME_SCALE = 1.0
 

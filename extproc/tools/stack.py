@@ -33,7 +33,7 @@ READY_TIMEOUT_S = 30.0
 
 #: Grace given to each process after SIGTERM before SIGKILL: the router drains
 #: in-flight streams within [router] drain_seconds; a little more for exit.
-STOP_GRACE_S = 10.0
+PROCESS_STOP_GRACE_S = 10.0
 
 #: Simulated pools' time scale in ``up``: real-time-ish (1.0 would make a
 #: 1K-token answer take ~20 s at the simulator's 50 tok/s decode rate).
@@ -119,9 +119,9 @@ def vllm_config(cfg: Config) -> Config:
     """``cfg`` with the pool contexts of the real vLLM pools (``vllm_pool``)
     and B_short at the short pool's context."""
     from . import vllm_pool as V
-    return cfg.replace(short={"max_model_len": V.SHORT_MAX_MODEL_LEN},
-                       long={"max_model_len": V.LONG_MAX_MODEL_LEN},
-                       policy={"b_short": V.SHORT_MAX_MODEL_LEN})
+    return cfg.replace(short={"max_model_len": V.CPU_SHORT_MAX_MODEL_LEN},
+                       long={"max_model_len": V.CPU_LONG_MAX_MODEL_LEN},
+                       policy={"b_short": V.CPU_SHORT_MAX_MODEL_LEN})
 
 
 def _http_ok(url: str, timeout: float = 1.0) -> bool:
@@ -211,8 +211,8 @@ class Stack:
         if self.pools == POOLS_VLLM:
             from . import vllm_pool as V
             spec = V.VLLMPool(host, int(port), pool.max_model_len,
-                              V.SHORT_MAX_NUM_SEQS if short else V.LONG_MAX_NUM_SEQS,
-                              max(V.SHORT_KV_TOKENS if short else V.LONG_KV_TOKENS, pool.max_model_len))
+                              V.CPU_SHORT_MAX_NUM_SEQS if short else V.CPU_LONG_MAX_NUM_SEQS,
+                              max(V.CPU_SHORT_KV_TOKENS if short else V.CPU_LONG_KV_TOKENS, pool.max_model_len))
             p = self._spawn(f"pool-{name}", spec.argv(V.model_dir()), env=V.env())
             return name, host, port, p, V.VLLM_READY_TIMEOUT_S
         seqs = self.pool_seqs.get(name) or self.max_num_seqs(name)
@@ -318,7 +318,7 @@ class Stack:
             except ProcessLookupError:
                 pass
             try:
-                p.wait(timeout=STOP_GRACE_S)
+                p.wait(timeout=PROCESS_STOP_GRACE_S)
             except subprocess.TimeoutExpired:
                 os.killpg(p.pid, signal.SIGKILL)
                 p.wait()

@@ -19,6 +19,9 @@ import subprocess
 from dataclasses import dataclass
 from pathlib import Path
 
+# KV cache bytes per token of the tiny Qwen2, to size --kv-cache-memory-bytes.
+from .tiny_qwen import KV_BYTES_PER_TOKEN
+
 #: The vLLM release the contract test pins (tests/vllm); tests/vllm/build_env.sh
 #: installs its CPU build and compose/docker-compose.yml's gpu profile runs the
 #: same version's image.
@@ -45,25 +48,22 @@ BUILD_SCRIPT = _REPO / "tests" / "vllm" / "build_env.sh"
 #: on a loaded machine; 300 s leaves room without hanging on a broken one.
 VLLM_READY_TIMEOUT_S = 300.0
 
-#: KV cache bytes per token of the tiny Qwen2 (tiny_qwen.KV_BYTES_PER_TOKEN:
-#: 2 layers x K,V x 2 KV heads x 64 x 2 bytes), to size --kv-cache-memory-bytes.
-KV_BYTES_PER_TOKEN = 1024
-
-#: Pool shapes for real vLLM on a CPU: small enough that a prompt near the
+#: Pool shapes for real vLLM on a CPU (CPU_*: not the router's defaults of the
+#: same meaning, extproc.defaults.SHORT/LONG_MAX_MODEL_LEN): small enough that a prompt near the
 #: long pool's limit prefills in about a second on one core, with the same
 #: short/long contrast as a GPU fleet (short: small context, more sequences;
 #: long: 4x the context, few sequences). B_short = the short pool's context.
-SHORT_MAX_MODEL_LEN = 2048
-LONG_MAX_MODEL_LEN = 8192
-SHORT_MAX_NUM_SEQS = 8
-LONG_MAX_NUM_SEQS = 2
+CPU_SHORT_MAX_MODEL_LEN = 2048
+CPU_LONG_MAX_MODEL_LEN = 8192
+CPU_SHORT_MAX_NUM_SEQS = 8
+CPU_LONG_MAX_NUM_SEQS = 2
 
 #: KV cache of each pool, in tokens: room for max_num_seqs / 2 full contexts
 #: (at least 2: vLLM 0.32 refuses to start when exactly one max_model_len
 #: sequence fits -- measured: 8,192 tokens of cache for max_model_len 8,192
 #: left room for 8,064). 8 MiB and 16 MiB: nothing next to the 3 GB process.
-SHORT_KV_TOKENS = 4 * SHORT_MAX_MODEL_LEN
-LONG_KV_TOKENS = 2 * LONG_MAX_MODEL_LEN
+CPU_SHORT_KV_TOKENS = 4 * CPU_SHORT_MAX_MODEL_LEN
+CPU_LONG_KV_TOKENS = 2 * CPU_LONG_MAX_MODEL_LEN
 
 
 class VLLMUnavailable(RuntimeError):

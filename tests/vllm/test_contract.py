@@ -16,7 +16,7 @@ from extproc.backend.server import BackendSettings, BackgroundServer
 from extproc.tools import vllm_pool as V
 
 MODEL = V.VLLM_MODEL
-LEN = V.SHORT_MAX_MODEL_LEN
+LEN = V.CPU_SHORT_MAX_MODEL_LEN
 
 
 def _chat(content: str, **kw) -> dict:
@@ -96,8 +96,8 @@ def observe(base: str, path: str, body: dict) -> dict:
 @pytest.fixture(scope="module")
 def simulated():
     settings = BackendSettings(name="short", model=MODEL, served_names=(MODEL,),
-                               engine=eng.EngineConfig(max_model_len=LEN, kv_cache_tokens=V.SHORT_KV_TOKENS,
-                                                       max_num_seqs=V.SHORT_MAX_NUM_SEQS))
+                               engine=eng.EngineConfig(max_model_len=LEN, kv_cache_tokens=V.CPU_SHORT_KV_TOKENS,
+                                                       max_num_seqs=V.CPU_SHORT_MAX_NUM_SEQS))
     with BackgroundServer(settings) as srv:
         yield srv.url
 

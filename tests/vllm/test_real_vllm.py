@@ -179,7 +179,7 @@ def misled_stack(vllm_stack, stack_factory):
     """A fresh router + Envoy in front of the same two vLLM servers whose
     prior reads 12 bytes per token (3x too few tokens for " the" prose): its
     first decisions send too-long requests short."""
-    return stack_factory(pools_from=vllm_stack, policy={"b_short": V.SHORT_MAX_MODEL_LEN},
+    return stack_factory(pools_from=vllm_stack, policy={"b_short": V.CPU_SHORT_MAX_MODEL_LEN},
                          estimator={"prior_bytes_per_token": 12.0},
                          router={"sample_rate": 1.0})
 
@@ -216,7 +216,7 @@ def test_truncation_misroute_detected(misled_stack):
     max_tokens, (r, d) = _misled_chat(misled_stack, text, 0.9)
     assert d["pool"] == "short"
     assert r.choices[0].finish_reason == "length"
-    assert r.usage.prompt_tokens + r.usage.completion_tokens == V.SHORT_MAX_MODEL_LEN
+    assert r.usage.prompt_tokens + r.usage.completion_tokens == V.CPU_SHORT_MAX_MODEL_LEN
     assert r.usage.completion_tokens < max_tokens   # silently cut short by vLLM 0.32
     assert misroutes(misled_stack) == {"context_length": 0.0, "truncated": 1.0}
 

@@ -15,12 +15,14 @@ from datetime import datetime
 import numpy as np
 import orjson
 
+from ... import defaults as D
+
 #: How many bad-row reasons a load report keeps verbatim (the count is exact).
 MAX_BAD_ROWS_KEPT = 20
 
 #: Default output budget assumed for replay rows without completion_tokens nor
-#: a budget: the router's own DEFAULT_OUTPUT_TOKENS (1024, extproc/defaults.py).
-REPLAY_DEFAULT_OUTPUT = 1024
+#: a budget: the router's own (read from where the router reads it).
+REPLAY_DEFAULT_OUTPUT = D.DEFAULT_OUTPUT_TOKENS
 
 
 class TraceError(ValueError):
