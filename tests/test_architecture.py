@@ -305,10 +305,11 @@ def test_no_folder_circles():
 
 
 def test_every_layer_folder_says_what_it_may_import():
-    for layer in ("core", "serve", "envoy", "tools", "admin", "backend", "planner"):
+    layers = ("core", "serve", "envoy", "tools", "admin", "backend", "planner", "config")
+    for layer in layers:
         doc = ast.get_docstring(ast.parse((ROOT / layer / "__init__.py").read_text(encoding="utf-8")))
         assert doc and len(doc) > 80, f"extproc/{layer}/__init__.py needs a docstring"
-    for layer in ("core", "serve", "envoy", "tools", "admin", "backend", "planner"):
+    for layer in layers:
         doc = ast.get_docstring(ast.parse((ROOT / layer / "__init__.py").read_text(encoding="utf-8")))
         assert "may import" in doc.lower(), f"extproc/{layer}/__init__.py: say what it may import"
 

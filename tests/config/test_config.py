@@ -214,3 +214,41 @@ def test_media_section_validated_and_overridable():
                        ({"file_tokens": 0}, "file_tokens")]:
         with pytest.raises(ConfigError, match=words):
             C.from_mapping({"media": bad}, env={})
+
+
+# --- The package: tiers in one form, the old shape translated ----------------
+
+LEGACY = {"policy": {"b_short": 4096, "margin_sigmas": 1.5},
+          "pools": {"short": {"max_model_len": 16384, "endpoints": ["a:1", "b:2"]},
+                    "long": {"endpoints": ["c:3"]}}}
+TIERS = {"policy": {"margin_sigmas": 1.5},
+         "tiers": [{"name": "short", "max_model_len": 16384, "budget_limit": 4096, "endpoints": ["a:1", "b:2"]},
+                   {"name": "long", "max_model_len": D.LONG_MAX_MODEL_LEN, "endpoints": ["c:3"]}]}
+
+
+def test_old_pools_shape_is_the_same_config_as_its_tiers():
+    assert C.from_mapping(LEGACY, {}) == C.from_mapping(TIERS, {})
+    assert "b_short" not in {f for f in C.PolicyConfig.__dataclass_fields__}  # one place for B_short
+    assert C.from_mapping(LEGACY, {}).b_short == C.from_mapping(TIERS, {}).limits[0] == 4096
+
+
+def test_replace_translates_the_old_spellings_like_the_loader():
+    base = C.from_mapping(TIERS, {})
+    assert base.replace(policy={"b_short": 2048}) == base.with_limits([2048])
+    assert base.replace(policy={"b_short": 2048}) == C.from_mapping(TIERS, {"BUDGET_ROUTER_POLICY_B_SHORT": "2048"})
+    assert base.replace(short={"endpoints": ["x:9"]}) == C.from_mapping(
+        TIERS, {"BUDGET_ROUTER_POOLS_SHORT_ENDPOINTS": "x:9"})
+    assert base.replace(long={"max_model_len": 262144}).long.max_model_len == 262144
+    with pytest.raises(ConfigError, match=r"unknown section or tier 'medium'"):
+        base.replace(medium={"endpoints": ["x:9"]})
+    with pytest.raises(ConfigError, match=r"\[pools.short\] unknown key\(s\) colour"):
+        base.replace(short={"colour": "red"})
+
+
+def test_package_reexports_the_loader_on_first_use():
+    from extproc.config import load as load_  # noqa: F401 (PEP 562 re-export)
+    from extproc.config import loader
+    assert C.load is loader.load and C.MAX_CONFIG_BYTES == loader.MAX_CONFIG_BYTES
+    assert "load_config" in dir(C)
+    with pytest.raises(AttributeError):
+        C.no_such_name  # noqa: B018
