@@ -22,6 +22,8 @@ from typing import Any
 
 import pytest
 
+from tests.test_architecture import _fake_package
+
 PACKAGE = "extproc"
 ROOT = Path(__file__).resolve().parent.parent / PACKAGE
 DEFAULTS = f"{PACKAGE}.defaults"
@@ -261,12 +263,7 @@ def test_allowed_look_alikes_are_real(pkg, name):
 # The checker itself, on a throwaway package.
 
 def _fake(tmp_path: Path, files: dict[str, str]) -> Package:
-    root = tmp_path / PACKAGE
-    for rel, text in files.items():
-        p = root / rel
-        p.parent.mkdir(parents=True, exist_ok=True)
-        p.write_text(text, encoding="utf-8")
-    return Package(root)
+    return Package(_fake_package(tmp_path, files))
 
 
 _FILES = {
