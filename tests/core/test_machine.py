@@ -134,7 +134,7 @@ def test_short_request_not_sampled_exact_sequence():
     assert md["budget"] == m.decision.estimate + m.decision.output
     assert md["decision"] == (f"pool=short; est={m.decision.estimate}; budget={m.decision.budget}; "
                               "cat=prose; reason=budget_fits_short")
-    assert m.sampled is False and m.state == M.S_DONE
+    assert m.sampled is False and m.state == M.State.DONE
 
 
 def test_short_request_sampled_then_json_usage_learned():
@@ -150,7 +150,7 @@ def test_short_request_sampled_then_json_usage_learned():
     assert m.receive(resp_body(data[:40])) == ([CONT_RESP_BODY], False)
     assert m.receive(resp_body(b"")) == ([CONT_RESP_BODY], False)
     assert m.receive(resp_body(data[40:], eos=True)) == ([CONT_RESP_BODY], True)
-    assert m.learned and m.state == M.S_DONE
+    assert m.learned and m.state == M.State.DONE
     assert r.estimator.fits[("llama", "prose")].samples == samples + 1
     assert m.usage == Usage(31, 77) and not m.misroute
     assert m.rel_error == pytest.approx((m.decision.estimate - 31) / 31, abs=0.05)
@@ -268,7 +268,7 @@ def test_non_llm_methods_routed_long_at_headers(method, eos):
     assert common.clear_route_cache is True
     md = metadata(out[0])["token_budget_router"]
     assert md["pool"] == "long" and md["reason"] == "not_llm"
-    assert m.state == M.S_DONE and m.decision.detail
+    assert m.state == M.State.DONE and m.decision.detail
 
 
 def test_malformed_json_routed_long_not_sampled():
@@ -327,7 +327,7 @@ def test_abort_before_usage_learns_nothing():
     m.receive(resp_body(content_chunk("Hi")))
     assert m.scanner.usage is None
     m.abort()
-    assert m.aborted and m.state == M.S_DONE
+    assert m.aborted and m.state == M.State.DONE
     assert m.receive(resp_body(usage_chunk(30, 2) + b"data: [DONE]\n\n", eos=True)) == ([CONT_RESP_BODY], True)
     assert not m.learned and m.usage is None
     assert all(f.samples == 0 for f in r.estimator.fits.values())
