@@ -11,7 +11,7 @@ nothing else).
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any, Protocol, runtime_checkable
 
 from .policy import Decision
 
@@ -35,6 +35,7 @@ class StreamSettings:
                    r.metadata_namespace, cfg.long.name)
 
 
+@runtime_checkable
 class RouterPort(Protocol):
     """What the stream machine asks of the router, by phase of the stream."""
 
