@@ -167,7 +167,7 @@ class Router:
     def place(self, padded: float) -> tuple[int, int]:
         """(tier index, the tier the budget alone chose) for a padded budget:
         the smallest tier whose limit it fits, then spillover. The planner's
-        fleet simulator calls this very method (planner.closed_loop)."""
+        fleet simulator calls this very method (planner.sim.closed_loop)."""
         i = P.tier_for(self.limits(), padded)
         j = self.spillover.target(i) if self.cfg.spillover.enabled else i
         return j, i
