@@ -261,6 +261,38 @@ class _GrpcConnection(asyncio.Protocol):
         if conn.closed or ((conn.last_stream_id is not None or conn.peer_goaway) and conn.idle):
             transport.close()
 
+    # -- memory budget: every charge and refund goes through these four -------
+    # (a per-connection or per-peer share of the budget belongs here)
+
+    def _admit(self, call: _Call) -> bool:
+        """Charge a new stream's fixed cost; False (nothing charged) when the
+        budget is already spent."""
+        server = self.server
+        if server.mem_used >= server.memory_budget:
+            return False
+        call.charged = server.stream_cost
+        server.mem_used += call.charged
+        return True
+
+    def _reserve(self, call: _Call, length: int) -> bool:
+        """Charge a message that will sit in memory until its last byte
+        arrives (0 refunds it); False (nothing charged) if it does not fit."""
+        server = self.server
+        if length and server.mem_used + length > server.memory_budget:
+            return False
+        server.mem_used += length - call.reserved
+        call.reserved = length
+        return True
+
+    def _hold(self, call: _Call, held: int) -> bool:
+        """Charge what the handler keeps between messages (its held_bytes);
+        False when it grew past the budget (still charged: _release refunds)."""
+        server = self.server
+        server.mem_used += held - call.held
+        grew = held > call.held
+        call.held = held
+        return not (grew and server.mem_used > server.memory_budget)
+
     def _release(self, call: _Call) -> None:
         """Give the call's share of the memory budget back."""
         if call.reserved or call.held or call.charged:
@@ -351,15 +383,11 @@ class _GrpcConnection(asyncio.Protocol):
             self._end_call(call, UNIMPLEMENTED, f"unknown method {path}")
             return
         self.calls[sid] = call
-        server = self.server
         # Health and the unary (admin) methods still answer, so that operators
         # see why; their message still needs the budget if it arrives in parts.
-        if call.kind in (_KIND_PROCESS, _KIND_STREAMING):
-            if server.mem_used >= server.memory_budget:
-                self._refuse_memory(call)
-                return
-            call.charged = server.stream_cost
-            server.mem_used += call.charged
+        if call.kind in (_KIND_PROCESS, _KIND_STREAMING) and not self._admit(call):
+            self._refuse_memory(call)
+            return
         call.encoding = encoding  # only a message actually compressed is refused (see _on_data)
         if timeout is not None:
             seconds = _parse_timeout(timeout)
@@ -412,19 +440,14 @@ class _GrpcConnection(asyncio.Protocol):
                 self._fail(call, RESOURCE_EXHAUSTED, f"message of {length} bytes exceeds the limit of {max_bytes}")
                 return
             if len(buf) < 5 + length:
-                if not call.reserved:
-                    # The rest of this message will sit in memory: take it
-                    # from the budget now, or refuse the stream.
-                    server = self.server
-                    if server.mem_used + length > server.memory_budget:
-                        self._refuse_memory(call)
-                        return
-                    server.mem_used += length
-                    call.reserved = length
+                # The rest of this message will sit in memory: take it
+                # from the budget now, or refuse the stream.
+                if not call.reserved and not self._reserve(call, length):
+                    self._refuse_memory(call)
+                    return
                 break
             if call.reserved:
-                self.server.mem_used -= call.reserved
-                call.reserved = 0
+                self._reserve(call, 0)
             if len(buf) == 5 + length:
                 msg = bytes(buf[5:]) if length else b""
                 buf.clear()
@@ -477,14 +500,9 @@ class _GrpcConnection(asyncio.Protocol):
             return
         if not close:
             held = getattr(handler, "held_bytes", 0)
-            if held != call.held:
-                server = self.server
-                server.mem_used += held - call.held
-                grew = held > call.held
-                call.held = held
-                if grew and server.mem_used > server.memory_budget:
-                    self._refuse_memory(call)
-                    return
+            if held != call.held and not self._hold(call, held):
+                self._refuse_memory(call)
+                return
         if responses:
             parts = []
             for r in responses:
