@@ -10,7 +10,7 @@ from concurrent import futures
 from envoy.service.ext_proc.v3 import external_processor_pb2 as pb
 from grpc_health.v1 import health_pb2
 
-from extproc.serve.transport import HEALTH_CHECK_METHOD, PROCESS_METHOD, EXT_PROC_SERVICE
+from extproc.serve.rpc import HEALTH_CHECK_METHOD, PROCESS_METHOD, EXT_PROC_SERVICE
 
 #: Threads of the sync server: one per concurrently open stream (a stream
 #: holds its thread), so above the benchmark's concurrency of 16.

@@ -15,7 +15,8 @@ import asyncio
 import signal
 import sys
 
-from extproc.serve.transport import serve_fast, serve_grpcio
+from extproc.serve.grpc_aio import serve_grpcio
+from extproc.serve.h2c import serve_fast
 
 TRANSPORTS = ("fast", "grpcio", "grpc_sync", "grpclib")
 

@@ -24,6 +24,10 @@ BUFFERED, response headers SEND, response body STREAMED):
                         added include_usage ourselves); at end of stream: learn
                         and close
 
+The transitions between these phases are one table, ``TRANSITIONS``
+((state, event) -> next state; anything else raises ``IllegalTransition``).
+The machine talks to the router through ``extproc.core.port.RouterPort``.
+
 Every message gets exactly one response of its own kind, in order, whatever
 state we are in (duplicate end-of-stream, empty chunks, late trailers); a bug
 in the core never loses the request: it is routed to the long pool.
@@ -31,6 +35,7 @@ in the core never loses the request: it is routed to the long pool.
 
 from __future__ import annotations
 
+import enum
 import logging
 from typing import Callable
 
@@ -43,7 +48,7 @@ from google.protobuf import struct_pb2
 from . import content_coding
 from . import policy as P
 from .policy import Decision
-from .router import Router
+from .port import RouterPort
 from .usage import JSONUsage, SSEUsage, Usage, context_error
 
 log = logging.getLogger(__name__)
@@ -82,8 +87,63 @@ def is_json_content_type(value: str) -> bool:
     return media == _JSON_TYPE or (media.startswith("application/") and media.endswith(_JSON_SUFFIX))
 
 
-# States
-S_REQ_HEADERS, S_REQ_BODY, S_RESP_HEADERS, S_RESP_BODY, S_DONE = range(5)
+class State(enum.IntEnum):
+    """Where one stream is: the phase whose message it waits for."""
+
+    REQ_HEADERS = 0
+    REQ_BODY = 1
+    RESP_HEADERS = 2
+    RESP_BODY = 3
+    DONE = 4  # nothing left to do: every further message is answered "continue"
+
+
+class Event(enum.IntEnum):
+    """What happened on a stream: the machine's decisions and the transport's calls."""
+
+    HEADERS_CONTINUED = 0  # request headers of a JSON POST: wait for its body
+    HEADERS_ROUTED = 1     # request headers decided it (no body, not JSON): routed, closed
+    REFUSED = 2            # an immediate response (413, 415, 400): closed
+    BODY_PART = 3          # part of a split request body: wait for the rest
+    ROUTED_WATCHED = 4     # body routed, its response watched (sampled or near a limit)
+    ROUTED = 5             # body routed, nothing to watch: closed
+    RESPONSE_READ = 6      # response headers worth reading the body of
+    RESPONSE_SKIPPED = 7   # response headers with nothing to learn: closed
+    RESPONSE_PART = 8      # a chunk of a watched response body
+    RESPONSE_END = 9       # the end of a watched response body: learned, closed
+    UNKNOWN_MESSAGE = 10   # a message of no kind we know: closed
+    FAILED = 11            # the core raised: routed to the last tier, closed
+    FINISHED = 12          # the transport saw the client half-close
+    ABORTED = 13           # the transport saw the stream reset
+
+
+#: Every transition of one stream, as h11's ``_state.py`` keeps them: (state,
+#: event) -> next state. Any pair not here is a bug (``IllegalTransition``).
+#: Messages that arrive out of phase (a duplicate end of stream, late
+#: trailers) are answered "continue" and change nothing: they are no event.
+TRANSITIONS: dict[tuple[State, Event], State] = {
+    (State.REQ_HEADERS, Event.HEADERS_CONTINUED): State.REQ_BODY,
+    (State.REQ_HEADERS, Event.HEADERS_ROUTED): State.DONE,
+    (State.REQ_HEADERS, Event.REFUSED): State.DONE,
+    (State.REQ_BODY, Event.BODY_PART): State.REQ_BODY,
+    (State.REQ_BODY, Event.REFUSED): State.DONE,
+    (State.REQ_BODY, Event.ROUTED_WATCHED): State.RESP_HEADERS,
+    (State.REQ_BODY, Event.ROUTED): State.DONE,
+    (State.RESP_HEADERS, Event.RESPONSE_READ): State.RESP_BODY,
+    (State.RESP_HEADERS, Event.RESPONSE_SKIPPED): State.DONE,
+    (State.RESP_BODY, Event.RESPONSE_PART): State.RESP_BODY,
+    (State.RESP_BODY, Event.RESPONSE_END): State.DONE,
+    # From anywhere (DONE included: abort after the end is a no-op).
+    **{(state, event): State.DONE for state in State
+       for event in (Event.UNKNOWN_MESSAGE, Event.FAILED, Event.FINISHED, Event.ABORTED)},
+}
+
+
+class IllegalTransition(Exception):
+    """The machine tried a transition ``TRANSITIONS`` does not have (a bug)."""
+
+    def __init__(self, state: State, event: Event):
+        super().__init__(f"no transition from {state.name} on {event.name}")
+        self.state, self.event = state, event
 
 
 def _header(key: str, value: str) -> base_pb2.HeaderValueOption:
@@ -114,10 +174,10 @@ def _metadata(namespace: str, d: Decision) -> struct_pb2.Struct:
 class StreamMachine:
     """One ext_proc stream. ``draw`` returns a uniform number in [0, 1)."""
 
-    def __init__(self, router: Router, draw: Callable[[], float]):
+    def __init__(self, router: RouterPort, draw: Callable[[], float]):
         self.router = router
         self.draw = draw
-        self.state = S_REQ_HEADERS
+        self.state = State.REQ_HEADERS
         self.path = ""
         self.method = ""
         self.request_headers: dict[str, str] = {}
@@ -136,6 +196,13 @@ class StreamMachine:
         self.rel_error: float | None = None
         self.aborted = False
 
+    def _to(self, event: Event) -> None:
+        """Take the transition ``event`` calls for in this state."""
+        try:
+            self.state = TRANSITIONS[self.state, event]
+        except KeyError:
+            raise IllegalTransition(self.state, event) from None
+
     # --- transport interface -------------------------------------------------
     def receive(self, req: pb.ProcessingRequest) -> tuple[list[pb.ProcessingResponse], bool]:
         kind = req.WhichOneof("request")
@@ -151,7 +218,7 @@ class StreamMachine:
             if kind == "request_trailers":
                 return [_CONTINUE_REQ_TRAILERS], False
             if kind == "response_trailers":
-                return [_CONTINUE_RESP_TRAILERS], self.state == S_DONE
+                return [_CONTINUE_RESP_TRAILERS], self.state == State.DONE
         except Exception:  # a bug must not lose the request: answer and go on
             log.exception("ext_proc state machine failed on %s; continuing without the router", kind)
             return [self._fallback(kind)], True
@@ -159,7 +226,7 @@ class StreamMachine:
         # of its kind to give, so end the stream (OK) and let Envoy go on
         # without us rather than wait for an answer that never comes.
         log.warning("ext_proc message of unknown kind %r: closing the stream", kind)
-        self.state = S_DONE
+        self._to(Event.UNKNOWN_MESSAGE)
         return [], True
 
     @property
@@ -177,17 +244,17 @@ class StreamMachine:
     def abort(self) -> None:
         # A client that stops reading at "data: [DONE]" makes Envoy reset the
         # stream before the body's end reaches us: the usage is already here.
-        if self.state == S_RESP_BODY and not self.learned:
+        if self.state == State.RESP_BODY and not self.learned:
             self._learn()
         self.aborted = True
-        self.state = S_DONE
+        self._to(Event.ABORTED)
 
     def finish(self) -> None:
-        self.state = S_DONE
+        self._to(Event.FINISHED)
 
     # --- phases ----------------------------------------------------------------
     def _on_request_headers(self, msg: pb.HttpHeaders) -> tuple[list[pb.ProcessingResponse], bool]:
-        if self.state != S_REQ_HEADERS:
+        if self.state != State.REQ_HEADERS:
             return [_CONTINUE_REQ_HEADERS], False
         h = _headers_dict(msg)
         self.request_headers = h
@@ -199,7 +266,7 @@ class StreamMachine:
                                else f"method {self.method}")
             return [self._route_headers(d)], True
         length = h.get("content-length")
-        if length is not None and length.isdigit() and int(length) > router.cfg.router.max_body_bytes:
+        if length is not None and length.isdigit() and int(length) > self.router.stream_settings.max_body_bytes:
             return self._refuse(router.too_large(int(length)))
         ctype = h.get("content-type")
         if ctype is not None and ctype != _JSON_TYPE and not is_json_content_type(ctype):
@@ -210,21 +277,23 @@ class StreamMachine:
             if isinstance(codings, content_coding.Unsupported):
                 return self._refuse(router.unsupported_encoding(codings.coding[:64]))
             self.codings = codings
-        self.state = S_REQ_BODY
+        self._to(Event.HEADERS_CONTINUED)
         return [_CONTINUE_REQ_HEADERS], False
 
     def _on_request_body(self, msg: pb.HttpBody) -> tuple[list[pb.ProcessingResponse], bool]:
-        if self.state != S_REQ_BODY:
-            return [_CONTINUE_REQ_BODY], self.state == S_DONE
+        if self.state != State.REQ_BODY:
+            return [_CONTINUE_REQ_BODY], self.state == State.DONE
+        max_body_bytes = self.router.stream_settings.max_body_bytes
         if msg.body:
             self.body_size += len(msg.body)
-            if self.body_size <= self.router.cfg.router.max_body_bytes:
+            if self.body_size <= max_body_bytes:
                 self.body_parts.append(msg.body)
         if not msg.end_of_stream:
             # BUFFERED mode sends one message; tolerate a split body anyway.
+            self._to(Event.BODY_PART)
             return [_CONTINUE_REQ_BODY], False
         decoded = None
-        if self.body_size > self.router.cfg.router.max_body_bytes:
+        if self.body_size > max_body_bytes:
             d = self.router.too_large(self.body_size)
         else:
             body = self.body_parts[0] if len(self.body_parts) == 1 else b"".join(self.body_parts)
@@ -234,23 +303,22 @@ class StreamMachine:
         self.body_parts = []
         self.decision = d
         if d.status is not None:
-            self.state = S_DONE
+            self._to(Event.REFUSED)
             return [self._immediate(d)], True
         mutation = None
-        cfg = self.router.cfg
-        if d.stream and not d.include_usage and cfg.router.inject_include_usage and d.routable:
+        if d.stream and not d.include_usage and self.router.stream_settings.inject_include_usage and d.routable:
             mutation = self._inject_include_usage(body)
         if mutation is None and decoded is not None:
             mutation = decoded  # pools read plain bodies (vLLM does not decompress requests)
         self.sampled = mutation is not None or self.router.want_sample(d, self.draw())
         self.watch_misroute = self.router.near_threshold_short(d)
         keep = self.sampled or self.watch_misroute
-        self.state = S_RESP_HEADERS if keep else S_DONE
+        self._to(Event.ROUTED_WATCHED if keep else Event.ROUTED)
         return [self._route_body(d, mutation)], not keep
 
     def _on_response_headers(self, msg: pb.HttpHeaders) -> tuple[list[pb.ProcessingResponse], bool]:
-        if self.state != S_RESP_HEADERS:
-            return [_CONTINUE_RESP_HEADERS], self.state == S_DONE
+        if self.state != State.RESP_HEADERS:
+            return [_CONTINUE_RESP_HEADERS], self.state == State.DONE
         h = _headers_dict(msg)
         status = h.get(":status", "0")
         self.response_status = int(status) if status.isdigit() else 0
@@ -260,23 +328,23 @@ class StreamMachine:
         if watch and self.response_status == 400:
             # Maybe vLLM's "maximum context length" error: read the JSON body.
             self.scanner = JSONUsage()
-            self.state = S_RESP_BODY
+            self._to(Event.RESPONSE_READ)
             return [_CONTINUE_RESP_HEADERS], False
         if not (self.sampled or watch) or self.response_status != 200 or encoded or msg.end_of_stream:
             # (A watched 200 is read for finish_reason "length": vLLM 0.32+
             # cuts a too-long answer short instead of refusing it.)
-            self.state = S_DONE
+            self._to(Event.RESPONSE_SKIPPED)
             return [_CONTINUE_RESP_HEADERS], True
         if ctype.startswith("text/event-stream"):
             self.scanner = SSEUsage(strip_usage_chunk=self.injected_usage)
         else:
             self.scanner = JSONUsage()
-        self.state = S_RESP_BODY
+        self._to(Event.RESPONSE_READ)
         return [_CONTINUE_RESP_HEADERS], False
 
     def _on_response_body(self, msg: pb.HttpBody) -> tuple[list[pb.ProcessingResponse], bool]:
-        if self.state != S_RESP_BODY or self.scanner is None:
-            return [_CONTINUE_RESP_BODY], self.state == S_DONE
+        if self.state != State.RESP_BODY or self.scanner is None:
+            return [_CONTINUE_RESP_BODY], self.state == State.DONE
         out = self.scanner.feed(msg.body, msg.end_of_stream)
         if out is not None and out != msg.body:
             resp = pb.ProcessingResponse(response_body=pb.BodyResponse(
@@ -286,8 +354,9 @@ class StreamMachine:
         if not msg.end_of_stream:
             if isinstance(self.scanner, SSEUsage) and self.scanner.done and not self.learned:
                 self._learn()  # [DONE] seen: the usage chunk came before it
+            self._to(Event.RESPONSE_PART)
             return [resp], False
-        self.state = S_DONE
+        self._to(Event.RESPONSE_END)
         if not self.learned:
             self._learn()
         return [resp], True
@@ -295,12 +364,12 @@ class StreamMachine:
     # --- helpers -----------------------------------------------------------------
     def _refuse(self, d: Decision) -> tuple[list[pb.ProcessingResponse], bool]:
         self.decision = d
-        self.state = S_DONE
+        self._to(Event.REFUSED)
         return [self._immediate(d)], True
 
     def _decode(self, body: bytes) -> bytes | Decision:
         """The body with its Content-Encoding undone, or the refusal."""
-        out = content_coding.decode(body, self.codings, self.router.cfg.router.max_body_bytes)
+        out = content_coding.decode(body, self.codings, self.router.stream_settings.max_body_bytes)
         if isinstance(out, content_coding.TooLarge):
             return self.router.decoded_too_large()
         if isinstance(out, content_coding.Corrupt):
@@ -333,18 +402,17 @@ class StreamMachine:
         self.learned = True
 
     def _route_common(self, d: Decision, extra: list[base_pb2.HeaderValueOption] | None = None) -> pb.CommonResponse:
-        cfg = self.router.cfg.router
-        hdrs = [_header(cfg.routing_header, d.pool)]
+        hdrs = [_header(self.router.stream_settings.routing_header, d.pool)]
         if extra:
             hdrs += extra
         return pb.CommonResponse(header_mutation=pb.HeaderMutation(set_headers=hdrs), clear_route_cache=True)
 
     def _route_headers(self, d: Decision) -> pb.ProcessingResponse:
         self.decision = d
-        self.state = S_DONE
+        self._to(Event.HEADERS_ROUTED)
         return pb.ProcessingResponse(
             request_headers=pb.HeadersResponse(response=self._route_common(d)),
-            dynamic_metadata=_metadata(self.router.cfg.router.metadata_namespace, d))
+            dynamic_metadata=_metadata(self.router.stream_settings.metadata_namespace, d))
 
     def _route_body(self, d: Decision, new_body: bytes | None) -> pb.ProcessingResponse:
         extra = None
@@ -357,7 +425,7 @@ class StreamMachine:
                 common.header_mutation.remove_headers.append("content-encoding")
         return pb.ProcessingResponse(
             request_body=pb.BodyResponse(response=common),
-            dynamic_metadata=_metadata(self.router.cfg.router.metadata_namespace, d))
+            dynamic_metadata=_metadata(self.router.stream_settings.metadata_namespace, d))
 
     def _immediate(self, d: Decision) -> pb.ProcessingResponse:
         assert d.status is not None and d.error is not None
@@ -365,11 +433,11 @@ class StreamMachine:
             immediate_response=pb.ImmediateResponse(
                 status=http_status_pb2.HttpStatus(code=d.status),
                 headers=pb.HeaderMutation(set_headers=[
-                    _JSON_CT, _header(self.router.cfg.router.decision_header, d.header_value())]),
+                    _JSON_CT, _header(self.router.stream_settings.decision_header, d.header_value())]),
                 body=d.error,
                 details=f"budget_router_{d.reason}",
             ),
-            dynamic_metadata=_metadata(self.router.cfg.router.metadata_namespace, d))
+            dynamic_metadata=_metadata(self.router.stream_settings.metadata_namespace, d))
 
     def _inject_include_usage(self, body: bytes) -> bytes | None:
         try:
@@ -385,8 +453,8 @@ class StreamMachine:
 
     def _fallback(self, kind: str | None) -> pb.ProcessingResponse:
         """Answer ``kind`` routing to the long pool (after an internal error)."""
-        self.state = S_DONE
-        d = Decision(pool=self.router.cfg.long.name, reason=P.R_INTERNAL)
+        self._to(Event.FAILED)
+        d = Decision(pool=self.router.stream_settings.fallback_pool, reason=P.R_INTERNAL)
         self.decision = d
         if kind == "request_headers":
             return pb.ProcessingResponse(request_headers=pb.HeadersResponse(response=self._route_common(d)))

@@ -73,6 +73,11 @@ class OutputBudget:
         self.min_samples = min_samples
         self.sketches: dict[tuple[str, str], QuantileSketch] = {}
 
+    def reconfigure(self, default_tokens: int, quantile: float) -> None:
+        """Take a new default and quantile; what was learned stays."""
+        self.default_tokens = default_tokens
+        self.q = quantile
+
     def budget(self, key: tuple[str, str], max_output: int | None) -> tuple[int, str]:
         """(output tokens, source) where source is "request", "learned" or "default"."""
         if max_output is not None:

@@ -24,6 +24,7 @@ from .load import TierLoad
 from .spillover import Spillover
 from .threshold import Move, Threshold
 from .output_budget import OutputBudget
+from .port import StreamSettings
 from .request import NotRoutable, parse
 from .. import defaults as D
 
@@ -41,8 +42,11 @@ MARGIN_BAND_FRACTION = 0.5
 
 
 class Router:
+    """Implements ``extproc.core.port.RouterPort``, what the stream machine needs."""
+
     def __init__(self, cfg: Config):
         self.cfg = cfg
+        self.stream_settings = StreamSettings.from_config(cfg)
         self.max_context = P.largest_context(cfg)
         self.estimator = Estimator(cfg.estimator, self._margin_min(cfg))
         self.outputs = OutputBudget(cfg.policy.default_output_tokens, cfg.policy.output_quantile,
@@ -59,20 +63,17 @@ class Router:
     def reconfigure(self, cfg: Config) -> None:
         """Take a new config (e.g. a new B_short) without losing what was learned."""
         self.cfg = cfg
+        self.stream_settings = StreamSettings.from_config(cfg)
         self.max_context = P.largest_context(cfg)
         self.estimator.set_margin_min_tokens(self._margin_min(cfg))
-        self.outputs.default_tokens = cfg.policy.default_output_tokens
-        self.outputs.q = cfg.policy.output_quantile
-        same_tiers = [t.name for t in cfg.tiers] == [t.name for t in self.loads]
-        spill, thr = Spillover.from_config(cfg), Threshold.from_config(cfg)
-        if same_tiers:  # keep what the loop has seen and counted; pins stay
-            spill.saturated, spill.spilled = self.spillover.saturated, self.spillover.spilled
-            thr.pinned, thr.history, thr.moves = self.threshold.pinned, self.threshold.history, self.threshold.moves
-            if thr.base == self.threshold.base:  # boundaries not reconfigured: keep where they moved
-                thr.limits, thr.last_move = self.threshold.limits, self.threshold.last_move
+        self.outputs.reconfigure(cfg.policy.default_output_tokens, cfg.policy.output_quantile)
+        if [t.name for t in cfg.tiers] == [t.name for t in self.loads]:
+            # Same tiers: keep what the loop has seen and counted; pins stay.
+            self.spillover = self.spillover.reconfigured(cfg)
+            self.threshold = self.threshold.reconfigured(cfg)
         else:
             self.loads = tuple(TierLoad(t.name) for t in cfg.tiers)
-        self.spillover, self.threshold = spill, thr
+            self.spillover, self.threshold = Spillover.from_config(cfg), Threshold.from_config(cfg)
 
     # --- closed loop ---------------------------------------------------------
     def observe(self, loads: tuple[TierLoad, ...], now: float) -> list[Move]:
@@ -166,7 +167,7 @@ class Router:
     def place(self, padded: float) -> tuple[int, int]:
         """(tier index, the tier the budget alone chose) for a padded budget:
         the smallest tier whose limit it fits, then spillover. The planner's
-        fleet simulator calls this very method (planner.closed_loop)."""
+        fleet simulator calls this very method (planner.sim.closed_loop)."""
         i = P.tier_for(self.limits(), padded)
         j = self.spillover.target(i) if self.cfg.spillover.enabled else i
         return j, i

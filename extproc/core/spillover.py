@@ -15,7 +15,7 @@ that is not. Pure: loads in (``observe``), a target tier out (``target``).
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Sequence
 
 from .load import TierLoad
@@ -41,6 +41,11 @@ class Spillover:
     def from_config(cls, cfg) -> "Spillover":
         s = cfg.spillover
         return cls(len(cfg.tiers), s.waiting_per_instance, s.waiting_clear, s.kv_usage, s.kv_clear)
+
+    def reconfigured(self, cfg) -> "Spillover":
+        """This spillover under a new config with the same tiers: the new
+        thresholds, what it has seen (saturation) and counted (spills) kept."""
+        return replace(Spillover.from_config(cfg), saturated=self.saturated, spilled=self.spilled)
 
     def _hot(self, load: TierLoad) -> bool:
         return load.waiting_per_instance >= self.waiting_per_instance or load.kv_usage >= self.kv_usage

@@ -17,7 +17,7 @@ in ``history`` for the log, the metrics and ``status``.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Sequence
 
 from .. import defaults as D
@@ -63,6 +63,16 @@ class Threshold:
         a = cfg.adaptive
         caps = tuple(int(t.max_model_len * (1.0 - cfg.policy.min_margin)) for t in cfg.tiers[:-1])
         return cls(cfg.limits, caps, a.enabled, a.step_fraction, a.dwell_s, a.dead_band, a.min_fraction)
+
+    def reconfigured(self, cfg) -> "Threshold":
+        """These boundaries under a new config with the same tiers: pins,
+        history and move counts kept; where the boundaries moved kept too,
+        unless the config sets them anew (then they start from there)."""
+        new = Threshold.from_config(cfg)
+        kept = dict(pinned=self.pinned, history=self.history, moves=self.moves)
+        if new.base == self.base:
+            kept.update(limits=self.limits, last_move=self.last_move)
+        return replace(new, **kept)
 
     def bounds(self, b: int) -> tuple[int, int]:
         """Where boundary ``b`` may move: its own bounds within its neighbours."""

@@ -61,7 +61,7 @@ def usage_from_obj(obj: object) -> Usage | None:
 #: whose group 1 is the prompt length, whether that length is only a lower
 #: bound). vLLM 0.32 stops tokenizing one token past max_model_len, so it
 #: reports "at least N" with N = max_model_len + 1, not the real length.
-#: tests/unit/test_usage.py keeps the full texts seen from each version.
+#: tests/core/test_usage.py keeps the full texts seen from each version.
 CONTEXT_ERROR_FORMS: tuple[tuple[str, bytes, bool], ...] = (
     # v0.5-v0.10: "However, you requested M tokens (P in the messages, C in the completion)."
     ("0.5-0.10 (with max_tokens)", rb"However, you requested \d+ tokens \((\d+) in the (?:messages|input|prompt)",

@@ -1,7 +1,9 @@
 """The I/O shell of the running router: it pumps bytes and observes.
 
-``transport`` serves gRPC (the purpose-built HTTP/2 server over the sans-I/O
-frame layer ``h2frames``, or grpc.aio), ``server`` runs the workers (one
+gRPC: ``h2c`` is the purpose-built HTTP/2 server over the sans-I/O frame
+layer ``h2frames``, ``grpc_aio`` the same service on grpc.aio, ``rpc`` the
+contract both serve, ``limits`` every HTTP/2 limit with its reason, and
+``transport`` picks a server by name. ``server`` runs the workers (one
 process per Envoy endpoint, snapshots, signals, drain), ``telemetry`` exports
 metrics, traces and logs, ``snapshot`` writes and reads the calibration file,
 ``monitor`` scrapes the pools' vLLM ``/metrics`` (once, shared by the workers).

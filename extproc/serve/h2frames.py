@@ -2,13 +2,15 @@
 
 Bytes in (``receive_data``) -> events out; method calls (``send_headers``,
 ``send_data``, ``reset_stream``, ...) -> bytes out (``data_to_send``). No
-sockets, no asyncio: ``extproc.serve.transport`` is the I/O shell, and the tests
+sockets, no asyncio: ``extproc.serve.h2c`` is the I/O shell, and the tests
 drive this class directly with arbitrary chunkings of a byte stream.
 
 Scope is what a gRPC server behind Envoy needs, done correctly:
 
-* h2c with prior knowledge (the 24-byte preface, then SETTINGS); no Upgrade,
-  no TLS (Envoy talks to the router on loopback / a pod network).
+* HTTP/2 with prior knowledge (the 24-byte preface, then SETTINGS); no
+  HTTP/1.1 Upgrade. This class sees plaintext frames either way: with TLS
+  (``extproc.tls``, ALPN h2) the shell's transport decrypts, and the
+  connection here is the same.
 * SETTINGS and their ACK, PING, WINDOW_UPDATE with flow control both ways
   (large receive windows so a 9 MiB gRPC message streams without stalls,
   outbound DATA queued per stream until the peer opens its windows),
@@ -19,7 +21,7 @@ Scope is what a gRPC server behind Envoy needs, done correctly:
   encoder is stateless and the common blocks are precomputed constants.
 * Any connection error becomes GOAWAY(code) + a ``ConnectionTerminated``
   event; the caller closes the socket. Nothing here raises on peer input.
-* Flood limits (extproc.defaults, "HTTP/2 transport limits"): SETTINGS
+* Flood limits (``extproc.serve.limits``, with their reasons): SETTINGS
   entries and rate, CONTINUATION frames per block, empty DATA frames, client
   resets (Rapid Reset), control frames owed while the shell's write buffer
   has not drained (``output_drained``), reused stream IDs. Rates use the
@@ -41,16 +43,25 @@ import hpack.huffman_table as _hufftab
 from hpack.exceptions import HPACKDecodingError, HPACKError, InvalidTableIndex
 from hpack.table import HeaderTable
 
-from ..defaults import (
+from .limits import (
     H2_MAX_CONSECUTIVE_EMPTY_FRAMES,
     H2_MAX_CONTINUATIONS,
-    H2_MAX_HEADER_LIST_SIZE,
     H2_MAX_PENDING_CONTROL_FRAMES,
     H2_MAX_SETTINGS_PER_FRAME,
     H2_RESET_BURST,
     H2_RESET_RATE_PER_S,
     H2_SETTINGS_BURST,
     H2_SETTINGS_RATE_PER_S,
+    HEADER_CACHE_ENTRIES,
+    LOCAL_CONNECTION_WINDOW,
+    LOCAL_HEADER_TABLE_SIZE,
+    LOCAL_INITIAL_WINDOW,
+    LOCAL_MAX_CONCURRENT_STREAMS,
+    LOCAL_MAX_FRAME_SIZE,
+    LOCAL_MAX_HEADER_LIST_SIZE,
+    MAX_HEADER_BLOCK_BYTES,
+    RECENT_RESETS,
+    WINDOW_UPDATE_RATIO,
 )
 
 # --- Protocol constants (RFC 9113 section 6 / 7 / 11) --------------------------
@@ -89,63 +100,6 @@ DEFAULT_WINDOW = 65_535
 DEFAULT_MAX_FRAME_SIZE = 16_384
 MAX_WINDOW = 2**31 - 1
 MAX_FRAME_SIZE_LIMIT = 2**24 - 1
-
-# --- Our limits (each a named choice with its reason) --------------------------
-
-#: Largest frame payload we accept (advertised in SETTINGS_MAX_FRAME_SIZE).
-#: 1 MiB lets a peer send an 8 MiB request body in 8 frames instead of 512
-#: (fewer Python iterations), while still bounding one frame's buffer.
-#: grpc-go advertises 16 KiB, nghttp2 up to 16 MiB; Envoy honours the setting.
-LOCAL_MAX_FRAME_SIZE = 1 << 20
-
-#: Per-stream receive window (SETTINGS_INITIAL_WINDOW_SIZE). 16 MiB is larger
-#: than the biggest gRPC message we accept (9 MiB, extproc.defaults
-#: GRPC_MAX_MESSAGE_BYTES), so a whole body arrives without a WINDOW_UPDATE
-#: round trip. Envoy's own default stream window is 256 MiB; grpc-go's BDP
-#: estimator grows to 16 MiB.
-LOCAL_INITIAL_WINDOW = 16 << 20
-
-#: Connection receive window, opened by a WINDOW_UPDATE right after our
-#: SETTINGS (the connection window cannot be set by SETTINGS). 64 MiB lets
-#: several large bodies stream concurrently on Envoy's single connection;
-#: Envoy's default connection window is 256 MiB.
-LOCAL_CONNECTION_WINDOW = 64 << 20
-
-#: Concurrent streams we allow (SETTINGS_MAX_CONCURRENT_STREAMS): one ext_proc
-#: stream per in-flight HTTP request on Envoy's one connection per worker.
-#: 4096 is above any plausible in-flight count per router worker, and bounds
-#: per-connection memory (grpc C-core has no default cap; h2o uses 100).
-LOCAL_MAX_CONCURRENT_STREAMS = 4096
-
-#: Largest decoded header list we advertise and enforce (see
-#: extproc.defaults.H2_MAX_HEADER_LIST_SIZE for the reason).
-LOCAL_MAX_HEADER_LIST_SIZE = H2_MAX_HEADER_LIST_SIZE
-
-#: Largest *encoded* header block we buffer across CONTINUATION frames.
-#: Twice the decoded limit covers any sane encoding; past it the peer is
-#: flooding CONTINUATIONs (CVE-2024-27316 class) and we drop the connection.
-MAX_HEADER_BLOCK_BYTES = 2 * LOCAL_MAX_HEADER_LIST_SIZE
-
-#: HPACK dynamic table we let the peer use: the RFC 7541 default of 4096.
-LOCAL_HEADER_TABLE_SIZE = 4096
-
-#: Decoded header blocks remembered per connection (see ``_decode``). Envoy's
-#: ext_proc client sends the same block for every stream (its :path is a
-#: Huffman literal *without* indexing, ~30 us to decode in pure Python), so
-#: a handful of entries suffices; the cache is cleared when full.
-HEADER_CACHE_ENTRIES = 64
-
-#: We send a WINDOW_UPDATE once this fraction of a receive window has been
-#: consumed: half, like nghttp2 and grpc-go, so updates are rare but the
-#: sender never stalls.
-WINDOW_UPDATE_RATIO = 0.5
-
-#: Stream IDs we reset while the peer could still send on them, remembered so
-#: that its late trailers (HEADERS + END_STREAM already in flight, RFC 9113
-#: 5.1 "closed") are ignored while any other HEADERS on an old stream ID is
-#: the PROTOCOL_ERROR RFC 9113 5.1.1 asks for. The oldest is forgotten first;
-#: 1024 covers far more resets than fit in one round trip.
-RECENT_RESETS = 1024
 
 #: Opaque data of the PING that follows the first (drain-announcing) GOAWAY;
 #: its ACK tells us every stream the peer opened before seeing it has arrived.
@@ -521,7 +475,7 @@ class H2ServerConnection:
         self._cont: tuple[int, int, bytearray] | None = None  # (sid, flags of HEADERS, fragment)
         self._continuations = 0  # CONTINUATION frames of the header block in _cont
         self._got_settings = False
-        # Flood limits (extproc.defaults H2_*); ``now`` comes from receive_data.
+        # Flood limits (extproc.serve.limits H2_*); ``now`` comes from receive_data.
         self._now = 0.0
         self._settings_bucket = TokenBucket(H2_SETTINGS_RATE_PER_S, H2_SETTINGS_BURST)
         self._reset_bucket = TokenBucket(H2_RESET_RATE_PER_S, H2_RESET_BURST)

@@ -31,6 +31,7 @@ from . import monitor as mon
 from . import snapshot
 from .. import tls
 from . import transport
+from .rpc import EXT_PROC_SERVICE
 from ..admin import auth as admin_auth
 from ..admin import plane as admin_plane
 from ..admin import reflection
@@ -140,7 +141,7 @@ class Worker:
         self.server = await transport.serve(
             self.cfg.router.transport, self.new_stream, self.cfg.router.listen, port,
             max_message_bytes=max_message_bytes(self.cfg),
-            streaming=reflection.methods([transport.EXT_PROC_SERVICE, HEALTH_SERVICE]),
+            streaming=reflection.methods([EXT_PROC_SERVICE, HEALTH_SERVICE]),
             tls=router_tls(self.cfg))
         await self.admin.set_serving(True)
         return self.server.port

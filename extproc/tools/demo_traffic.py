@@ -13,7 +13,8 @@ Everything here is pure request *building* (no network): a list of
 * ``from_prompt_files``: the formats of ../shared/data/prompts (JSONL with
   ``turns`` or ``prompt``; JSON lists with ``instruction``/``input``,
   ``conversations`` (+ ``tools``) or ``messages``).
-* ``from_trace``: Azure LLM inference CSV or Mooncake JSONL: arrival times and
+* ``from_trace``: Azure LLM inference CSV or Mooncake JSONL, read by the
+  planner's loader (``extproc.planner.sim.traces.load_trace``): arrival times and
   sizes; prompts are filler text from the built-in mix cut to the trace's
   input length (cl100k as the guide), max_tokens = the output length.
 
@@ -24,8 +25,6 @@ the chat template's few tokens).
 
 from __future__ import annotations
 
-import csv
-import datetime as _dt
 import importlib
 import inspect
 import json
@@ -35,6 +34,8 @@ import random
 from dataclasses import dataclass
 from functools import lru_cache
 from typing import Any, Iterator
+
+from ..planner.sim.traces import load_trace
 
 # --- Traffic mix ----------------------------------------------------------------
 
@@ -737,51 +738,6 @@ def from_prompt_files(path: str, n: int, seed: int, b_short: int = 8192) -> list
 
 # --- Traces ---------------------------------------------------------------------------------
 
-@dataclass
-class TraceRow:
-    t: float          # seconds from the first request
-    input_tokens: int
-    output_tokens: int
-
-
-def _azure_time(s: str) -> float:
-    s = s.strip()
-    if "." in s:
-        head, frac = s.split(".", 1)
-        s = f"{head}.{frac[:6]}"  # 7 fractional digits -> microseconds
-        fmt = "%Y-%m-%d %H:%M:%S.%f"
-    else:
-        fmt = "%Y-%m-%d %H:%M:%S"
-    return _dt.datetime.strptime(s, fmt).timestamp()
-
-
-def load_trace(path: str, limit: int | None = None) -> list[TraceRow]:
-    """Azure LLM inference CSV (TIMESTAMP, ContextTokens, GeneratedTokens) or
-    Mooncake JSONL (timestamp ms, input_length, output_length)."""
-    rows: list[tuple[float, int, int]] = []
-    with open(path, encoding="utf-8") as f:
-        first = f.readline()
-        f.seek(0)
-        if first.lstrip().startswith("{"):
-            for line in f:
-                if not line.strip():
-                    continue
-                r = json.loads(line)
-                rows.append((float(r["timestamp"]) / 1000.0, int(r["input_length"]), int(r["output_length"])))
-                if limit and len(rows) >= limit:
-                    break
-        else:
-            for r in csv.DictReader(f):
-                rows.append((_azure_time(r["TIMESTAMP"]), int(r["ContextTokens"]), int(r["GeneratedTokens"])))
-                if limit and len(rows) >= limit:
-                    break
-    if not rows:
-        raise ValueError(f"{path}: no trace rows")
-    rows.sort(key=lambda r: r[0])
-    t0 = rows[0][0]
-    return [TraceRow(t - t0, max(1, i), max(1, o)) for t, i, o in rows]
-
-
 #: Filler kinds for trace prompts, in rotation: the built-in mix's categories,
 #: weighted like the mix (prose and code most).
 TRACE_FILLER = ("prose", "code", "prose", "code", "zh", "ja")
@@ -791,14 +747,14 @@ def from_trace(path: str, n: int, seed: int, rate: float = 1.0, duration: float 
     """Requests following a trace's arrival times (divided by ``rate``) and
     sizes, at most n of them and within ``duration`` seconds of scaled time."""
     rng = random.Random(seed)
-    rows = load_trace(path, limit=n)
+    tr = load_trace(path)
     reqs: list[DemoRequest] = []
-    for i, r in enumerate(rows):
-        at = r.t / rate
+    for i in range(min(n, len(tr))):
+        at = float(tr.arrival[i]) / rate
         if duration is not None and at > duration:
             break
-        out = r.output_tokens
-        prompt = r.input_tokens
+        out = int(tr.output[i])
+        prompt = int(tr.prompt[i])
         clipped = False
         if prompt + out > TRACE_MAX_TOTAL_TOKENS:
             clipped = True
@@ -808,5 +764,5 @@ def from_trace(path: str, n: int, seed: int, rate: float = 1.0, duration: float 
         text = filler_text(rng, max(1, prompt - TEMPLATE_REQUEST_TOKENS - TEMPLATE_MESSAGE_TOKENS), kind)
         reqs.append(DemoRequest(i, f"trace:{'cjk' if kind in ('zh', 'ja') else kind}",
                                 [{"role": "user", "content": text}], out, rng.random() < STREAM_SHARE,
-                                at=at, target_tokens=r.input_tokens, clipped=clipped))
+                                at=at, target_tokens=int(tr.prompt[i]), clipped=clipped))
     return reqs

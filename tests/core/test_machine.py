@@ -134,7 +134,7 @@ def test_short_request_not_sampled_exact_sequence():
     assert md["budget"] == m.decision.estimate + m.decision.output
     assert md["decision"] == (f"pool=short; est={m.decision.estimate}; budget={m.decision.budget}; "
                               "cat=prose; reason=budget_fits_short")
-    assert m.sampled is False and m.state == M.S_DONE
+    assert m.sampled is False and m.state == M.State.DONE
 
 
 def test_short_request_sampled_then_json_usage_learned():
@@ -150,7 +150,7 @@ def test_short_request_sampled_then_json_usage_learned():
     assert m.receive(resp_body(data[:40])) == ([CONT_RESP_BODY], False)
     assert m.receive(resp_body(b"")) == ([CONT_RESP_BODY], False)
     assert m.receive(resp_body(data[40:], eos=True)) == ([CONT_RESP_BODY], True)
-    assert m.learned and m.state == M.S_DONE
+    assert m.learned and m.state == M.State.DONE
     assert r.estimator.fits[("llama", "prose")].samples == samples + 1
     assert m.usage == Usage(31, 77) and not m.misroute
     assert m.rel_error == pytest.approx((m.decision.estimate - 31) / 31, abs=0.05)
@@ -268,7 +268,7 @@ def test_non_llm_methods_routed_long_at_headers(method, eos):
     assert common.clear_route_cache is True
     md = metadata(out[0])["token_budget_router"]
     assert md["pool"] == "long" and md["reason"] == "not_llm"
-    assert m.state == M.S_DONE and m.decision.detail
+    assert m.state == M.State.DONE and m.decision.detail
 
 
 def test_malformed_json_routed_long_not_sampled():
@@ -327,7 +327,7 @@ def test_abort_before_usage_learns_nothing():
     m.receive(resp_body(content_chunk("Hi")))
     assert m.scanner.usage is None
     m.abort()
-    assert m.aborted and m.state == M.S_DONE
+    assert m.aborted and m.state == M.State.DONE
     assert m.receive(resp_body(usage_chunk(30, 2) + b"data: [DONE]\n\n", eos=True)) == ([CONT_RESP_BODY], True)
     assert not m.learned and m.usage is None
     assert all(f.samples == 0 for f in r.estimator.fits.values())
@@ -551,3 +551,70 @@ def test_far_from_threshold_not_watched():
     m.receive(req_headers())
     _, close = m.receive(req_body(chat_body(max_tokens=10)))
     assert close is True and not m.watch_misroute
+
+
+# --- the transition table and the router port -----------------------------------------
+
+def test_transition_table_reaches_every_state_and_ends_in_done():
+    S, E = M.State, M.Event
+    seen, todo = {S.REQ_HEADERS}, [S.REQ_HEADERS]
+    while todo:
+        s = todo.pop()
+        for (frm, _), to in M.TRANSITIONS.items():
+            if frm == s and to not in seen:
+                seen.add(to)
+                todo.append(to)
+    assert seen == set(S)
+    # the transport's calls and failures end a stream from anywhere, DONE included
+    for s in S:
+        for e in (E.ABORTED, E.FINISHED, E.FAILED, E.UNKNOWN_MESSAGE):
+            assert M.TRANSITIONS[s, e] == S.DONE
+    assert not any(frm == S.DONE and to != S.DONE for (frm, _), to in M.TRANSITIONS.items())
+
+
+def test_illegal_transition_raises_and_the_stream_still_gets_its_answer(monkeypatch):
+    m = machine()
+    with pytest.raises(M.IllegalTransition, match="REQ_HEADERS on ROUTED"):
+        m._to(M.Event.ROUTED)
+    assert m.state == M.State.REQ_HEADERS
+    # A table missing a transition the machine takes is a bug in the core: the
+    # request is still answered (routed to the last tier), never lost.
+    table = {k: v for k, v in M.TRANSITIONS.items() if k != (M.State.REQ_HEADERS, M.Event.HEADERS_CONTINUED)}
+    monkeypatch.setattr(M, "TRANSITIONS", table)
+    out, close = m.receive(req_headers())
+    assert close is True and out[0].request_headers.response.header_mutation.set_headers[0].header.raw_value == b"long"
+    assert m.state == M.State.DONE
+
+
+class _PortOnly:
+    """A router seen only through RouterPort: any other attribute is an error."""
+
+    def __init__(self, router: Router):
+        self._router = router
+
+    def __getattr__(self, name):
+        if name != "stream_settings" and name not in vars(M.RouterPort):
+            raise AssertionError(f"the machine reached past RouterPort: router.{name}")
+        return getattr(self._router, name)
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_machine_talks_to_the_router_only_through_its_port(stream):
+    r = Router(Config())
+    assert isinstance(r, M.RouterPort)
+    m = M.StreamMachine(_PortOnly(r), lambda: 0.0)
+    body = chat_body(stream=stream)
+    assert m.receive(req_headers()) == ([CONT_REQ_HEADERS], False)
+    out, close = m.receive(req_body(body))
+    assert close is False and out[0].request_body.response.header_mutation.set_headers[0].header.key == "x-budget-pool"
+    m.receive(resp_headers(ctype="text/event-stream" if stream else "application/json"))
+    data = (content_chunk("hi") + usage_chunk(29, 5) + b"data: [DONE]\n\n") if stream else json_response(29, 5)
+    assert m.receive(resp_body(data, eos=True))[1] is True
+    assert m.learned and m.usage == Usage(29, 5)
+    # refusals and the fallback go through the port too
+    big = M.StreamMachine(_PortOnly(r), lambda: 0.0)
+    out, close = big.receive(req_headers(content_length=str(r.cfg.router.max_body_bytes + 1)))
+    assert close and out[0].immediate_response.status.code == 413
+    gz = M.StreamMachine(_PortOnly(r), lambda: 0.0)
+    out, close = gz.receive(req_headers(content_encoding="br;q=1, zstd"))
+    assert close and out[0].HasField("immediate_response")

@@ -37,7 +37,7 @@ from hypothesis import strategies as st
 from envoy.service.ext_proc.v3 import external_processor_pb2 as pb
 from envoy.service.ext_proc.v3 import external_processor_pb2_grpc as pbg
 
-from extproc import defaults as D
+from extproc.serve import limits as L
 from extproc.serve import h2frames as h2
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -46,7 +46,7 @@ SERVER = r"""
 import asyncio, json, sys
 from extproc.config import Config
 from extproc.serve.server import Worker, max_message_bytes
-from extproc.serve.transport import serve_fast
+from extproc.serve.h2c import serve_fast
 
 async def main():
     limits = json.loads(sys.argv[1])
@@ -292,12 +292,12 @@ def test_settings_flood_is_cut_off_and_costs_no_stall(tmp_path):
         s.close()
         # A SETTINGS rate far above Envoy's (one per connection).
         s = connect(srv.port)
-        frame = h2.settings_frame([(h2.SETTINGS_INITIAL_WINDOW_SIZE, 70_000)] * D.H2_MAX_SETTINGS_PER_FRAME)
-        send_in_background(s, frame * (5 * D.H2_SETTINGS_BURST))
+        frame = h2.settings_frame([(h2.SETTINGS_INITIAL_WINDOW_SIZE, 70_000)] * L.H2_MAX_SETTINGS_PER_FRAME)
+        send_in_background(s, frame * (5 * L.H2_SETTINGS_BURST))
         frames, closed = read_until_closed(s)
         assert closed and h2.ENHANCE_YOUR_CALM in goaway_codes(frames)
         acks = [f for f in frames if f[0] == h2.SETTINGS and f[1] & h2.FLAG_ACK]
-        assert len(acks) <= D.H2_SETTINGS_BURST + 1
+        assert len(acks) <= L.H2_SETTINGS_BURST + 1
         s.close()
     assert srv.log().count("Traceback") == 0
 
@@ -330,7 +330,7 @@ def test_rapid_reset_gets_goaway(tmp_path):
         frames, closed = read_until_closed(s)
         assert closed and h2.ENHANCE_YOUR_CALM in goaway_codes(frames)
         last_stream = struct.unpack(">L", [f for f in frames if f[0] == h2.GOAWAY][-1][3][:4])[0]
-        assert last_stream < 2 * (D.H2_RESET_BURST + 200)  # far fewer than the 20,000 streams sent
+        assert last_stream < 2 * (L.H2_RESET_BURST + 200)  # far fewer than the 20,000 streams sent
         s.close()
 
 
@@ -426,7 +426,7 @@ def test_empty_processing_request_is_answered(tmp_path, kind):
 
     from extproc.config import Config
     from extproc.serve.server import Worker
-    from extproc.serve.transport import serve_grpcio
+    from extproc.serve.grpc_aio import serve_grpcio
 
     async def main():
         w = Worker(Config(), telemetry=False)
@@ -449,7 +449,7 @@ def test_memory_budget_refuses_new_streams(tmp_path):
     """Bodies held across DATA frames count against the budget: a message that
     does not fit, and any new stream while it is spent, get RESOURCE_EXHAUSTED;
     resetting the holders gives the budget back."""
-    budget = 2 * ((8 << 20) + D.H2_STREAM_COST_BYTES)  # two open streams holding 8 MiB messages
+    budget = 2 * ((8 << 20) + L.H2_STREAM_COST_BYTES)  # two open streams holding 8 MiB messages
     with server(tmp_path, memory_budget_bytes=budget) as srv:
         enc = hpack.Encoder()
         s = connect(srv.port)
@@ -507,7 +507,7 @@ def test_memory_budget_counts_scanned_response_bodies(tmp_path):
     """Sampled responses the router keeps for usage count too: past the
     budget the growing stream and new streams get RESOURCE_EXHAUSTED; ending
     the streams gives it back."""
-    mib, cost = 1 << 20, D.H2_STREAM_COST_BYTES
+    mib, cost = 1 << 20, L.H2_STREAM_COST_BYTES
     with server(tmp_path, memory_budget_bytes=4 * mib + mib // 2 + 5 * cost + cost // 2) as srv:
         stub = pbg.ExternalProcessorStub(srv.channel)
         held = [_sampled_stream(stub, [mib]) for _ in range(4)]
@@ -539,7 +539,7 @@ def test_open_streams_count_against_the_budget(tmp_path):
     """Header-only streams cost H2_STREAM_COST_BYTES each: past the budget a
     flood of them is refused instead of growing memory without bound."""
     n_fit = 100
-    with server(tmp_path, memory_budget_bytes=n_fit * D.H2_STREAM_COST_BYTES) as srv:
+    with server(tmp_path, memory_budget_bytes=n_fit * L.H2_STREAM_COST_BYTES) as srv:
         enc = hpack.Encoder()
         s = connect(srv.port)
         s.sendall(b"".join(headers(enc, 2 * i + 1) for i in range(n_fit + 50)))
@@ -547,7 +547,7 @@ def test_open_streams_count_against_the_budget(tmp_path):
         while srv.counter("memory_refused") < 50 and time.monotonic() < deadline:
             time.sleep(0.05)
         st = srv.stats()
-        assert st["counters"]["memory_refused"] == 50 and st["mem_used"] == n_fit * D.H2_STREAM_COST_BYTES
+        assert st["counters"]["memory_refused"] == 50 and st["mem_used"] == n_fit * L.H2_STREAM_COST_BYTES
         s.close()
         deadline = time.monotonic() + 10
         while srv.stats()["mem_used"] and time.monotonic() < deadline:
@@ -644,22 +644,22 @@ def test_settings_entries_capped_and_window_applied_once():
     c = _conn()
     enc = hpack.Encoder()
     c.receive_data(headers(enc, 1))
-    values = [100_000 + i for i in range(D.H2_MAX_SETTINGS_PER_FRAME)]
+    values = [100_000 + i for i in range(L.H2_MAX_SETTINGS_PER_FRAME)]
     ev = c.receive_data(h2.settings_frame([(h2.SETTINGS_INITIAL_WINDOW_SIZE, v) for v in values]))
     assert _terminated(ev) is None
     assert c.peer_initial_window == values[-1] and c.streams[1].send_window == values[-1]
-    ev = c.receive_data(h2.settings_frame([(h2.SETTINGS_ENABLE_PUSH, 0)] * (D.H2_MAX_SETTINGS_PER_FRAME + 1)))
+    ev = c.receive_data(h2.settings_frame([(h2.SETTINGS_ENABLE_PUSH, 0)] * (L.H2_MAX_SETTINGS_PER_FRAME + 1)))
     assert _terminated(ev) == h2.ENHANCE_YOUR_CALM
 
 
 def test_settings_rate():
     c = _conn()
-    for i in range(D.H2_SETTINGS_BURST + 50):  # one per second is fine
+    for i in range(L.H2_SETTINGS_BURST + 50):  # one per second is fine
         assert _terminated(c.receive_data(h2.settings_frame([]), now=float(i))) is None
         c.output_drained()
     c = _conn()
     ev = []
-    for _ in range(D.H2_SETTINGS_BURST + 1):
+    for _ in range(L.H2_SETTINGS_BURST + 1):
         ev += c.receive_data(h2.settings_frame([]), now=5.0)
         c.output_drained()
     assert _terminated(ev) == h2.ENHANCE_YOUR_CALM
@@ -668,10 +668,10 @@ def test_settings_rate():
 def test_continuation_frames_capped():
     block = hpack.Encoder().encode(GRPC_REQ)
     ok = h2.frame(h2.HEADERS, 0, 1, block[:4])
-    ok += h2.frame(h2.CONTINUATION, 0, 1) * (D.H2_MAX_CONTINUATIONS - 1)
+    ok += h2.frame(h2.CONTINUATION, 0, 1) * (L.H2_MAX_CONTINUATIONS - 1)
     ok += h2.frame(h2.CONTINUATION, h2.FLAG_END_HEADERS, 1, block[4:])
     assert [type(e) for e in _conn().receive_data(ok)] == [h2.RequestReceived]
-    flood = h2.frame(h2.HEADERS, 0, 1, block[:4]) + h2.frame(h2.CONTINUATION, 0, 1) * (D.H2_MAX_CONTINUATIONS + 1)
+    flood = h2.frame(h2.HEADERS, 0, 1, block[:4]) + h2.frame(h2.CONTINUATION, 0, 1) * (L.H2_MAX_CONTINUATIONS + 1)
     assert _terminated(_conn().receive_data(flood)) == h2.ENHANCE_YOUR_CALM
 
 
@@ -679,8 +679,8 @@ def test_empty_data_frames_capped():
     c = _conn()
     c.receive_data(headers(hpack.Encoder(), 1))
     empty = h2.frame(h2.DATA, 0, 1)
-    assert _terminated(c.receive_data(empty * D.H2_MAX_CONSECUTIVE_EMPTY_FRAMES + h2.frame(h2.DATA, 0, 1, b"x"))) is None
-    assert _terminated(c.receive_data(empty * (D.H2_MAX_CONSECUTIVE_EMPTY_FRAMES + 1))) == h2.ENHANCE_YOUR_CALM
+    assert _terminated(c.receive_data(empty * L.H2_MAX_CONSECUTIVE_EMPTY_FRAMES + h2.frame(h2.DATA, 0, 1, b"x"))) is None
+    assert _terminated(c.receive_data(empty * (L.H2_MAX_CONSECUTIVE_EMPTY_FRAMES + 1))) == h2.ENHANCE_YOUR_CALM
 
 
 def _open_and_reset(c: h2.H2ServerConnection, enc, n: int, start: int, now) -> list:
@@ -695,18 +695,18 @@ def _open_and_reset(c: h2.H2ServerConnection, enc, n: int, start: int, now) -> l
 def test_rapid_reset_bucket():
     enc = hpack.Encoder()
     c = _conn()
-    assert _terminated(_open_and_reset(c, enc, D.H2_RESET_BURST, 1, lambda i: 0.0)) is None
-    ev = _open_and_reset(c, enc, 1, 2 * D.H2_RESET_BURST + 1, lambda i: 0.0)
+    assert _terminated(_open_and_reset(c, enc, L.H2_RESET_BURST, 1, lambda i: 0.0)) is None
+    ev = _open_and_reset(c, enc, 1, 2 * L.H2_RESET_BURST + 1, lambda i: 0.0)
     assert _terminated(ev) == h2.ENHANCE_YOUR_CALM
     # At the refill rate, resets go on forever.
     enc = hpack.Encoder()
     c = _conn()
-    ev = _open_and_reset(c, enc, 3 * D.H2_RESET_BURST, 1, lambda i: i / D.H2_RESET_RATE_PER_S)
+    ev = _open_and_reset(c, enc, 3 * L.H2_RESET_BURST, 1, lambda i: i / L.H2_RESET_RATE_PER_S)
     assert _terminated(ev) is None
     # Streams we answered may be reset at any rate (Envoy's client went away).
     enc = hpack.Encoder()
     c = _conn()
-    for i in range(3 * D.H2_RESET_BURST):
+    for i in range(3 * L.H2_RESET_BURST):
         sid = 2 * i + 1
         c.receive_data(headers(enc, sid))
         c.send_headers(sid, h2.encode_headers([(":status", "200")]))
@@ -729,9 +729,9 @@ def test_stream_id_reuse_and_late_trailers():
 def test_pending_control_frames_capped():
     c = _conn()
     ping = h2.ping_frame(b"12345678")
-    assert _terminated(c.receive_data(ping * D.H2_MAX_PENDING_CONTROL_FRAMES)) is None
+    assert _terminated(c.receive_data(ping * L.H2_MAX_PENDING_CONTROL_FRAMES)) is None
     c.output_drained()  # the shell saw its write buffer empty
-    assert _terminated(c.receive_data(ping * D.H2_MAX_PENDING_CONTROL_FRAMES)) is None
+    assert _terminated(c.receive_data(ping * L.H2_MAX_PENDING_CONTROL_FRAMES)) is None
     assert _terminated(c.receive_data(ping)) == h2.ENHANCE_YOUR_CALM
 
 

@@ -31,7 +31,7 @@ from extproc import config as C
 from extproc import tls
 from extproc.envoy import bootstrap as E
 from extproc.serve import h2frames as h2
-from extproc.serve.transport import serve_fast
+from extproc.serve.h2c import serve_fast
 from extproc.tools.pki import make_pki
 
 from .test_h2_limits import flood_unread_pings, probe_keeps_latency, server

@@ -13,7 +13,6 @@ import sys
 import time
 
 import orjson
-import pytest
 
 from extproc import config as C
 from extproc.core.router import Router

@@ -22,7 +22,8 @@ from envoy.service.ext_proc.v3 import external_processor_pb2_grpc as pbg
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from extproc.serve import h2frames as h2
-from extproc.serve.transport import serve_fast, serve_grpcio
+from extproc.serve.grpc_aio import serve_grpcio
+from extproc.serve.h2c import serve_fast
 
 ROOT = Path(__file__).resolve().parents[2]
 MAX_MESSAGE = 9 * 1024 * 1024

@@ -63,9 +63,9 @@ def test_trace_loaders(tmp_path):
                      "2023-11-16 18:17:03.9799600,4808,10\n"
                      "2023-11-16 18:17:04.0319600,3180,8\n"
                      "2023-11-16 18:17:05.9799600,100,20\n")
-    rows = T.load_trace(str(azure))
-    assert [r.input_tokens for r in rows] == [4808, 3180, 100]
-    assert rows[0].t == 0 and abs(rows[1].t - 0.052) < 1e-6 and abs(rows[2].t - 2.0) < 1e-6
+    reqs = T.from_trace(str(azure), n=10, seed=0)  # the planner's loader (one for both)
+    assert [r.target_tokens for r in reqs] == [4808, 3180, 100]
+    assert reqs[0].at == 0 and abs(reqs[1].at - 0.052) < 1e-6 and abs(reqs[2].at - 2.0) < 1e-6
     moon = tmp_path / "moon.jsonl"
     moon.write_text("\n".join(json.dumps({"timestamp": t, "input_length": i, "output_length": o, "hash_ids": []})
                               for t, i, o in [(0, 500, 50), (1500, 20_000, 100), (3000, 200_000, 900)]) + "\n")
@@ -221,3 +221,25 @@ def test_pools_vllm_without_the_environment_says_how_to_build_it(cmd, tmp_path):
     p = subprocess.run([sys.executable, "-m", "extproc.cli", cmd, "--pools", "vllm"], env=env,
                        capture_output=True, text=True, timeout=60)
     assert p.returncode == 2 and "make vllm-env" in p.stderr, p.stderr
+
+
+def test_one_trace_loader_azure_time_is_read_as_utc(monkeypatch, tmp_path):
+    """demo --trace reads traces with the planner's loader, whose Azure
+    TIMESTAMPs (no zone) are UTC: the arrivals do not depend on the machine's
+    time zone, even across a DST change (New York sprang forward at 02:00 on
+    2023-03-12; read as local time these two rows would be 2 minutes apart)."""
+    import time
+    if not os.path.exists("/usr/share/zoneinfo/America/New_York"):
+        pytest.skip("no tz database")
+    azure = tmp_path / "azure.csv"
+    azure.write_text("TIMESTAMP,ContextTokens,GeneratedTokens\n"
+                     "2023-03-12 01:59:00.5000000,100,10\n"
+                     "2023-03-12 03:01:00.5000000,100,10\n")
+    monkeypatch.setenv("TZ", "America/New_York")
+    time.tzset()
+    try:
+        reqs = T.from_trace(str(azure), n=10, seed=0)
+    finally:
+        monkeypatch.undo()
+        time.tzset()
+    assert [r.at for r in reqs] == [0.0, 3720.0]

@@ -125,7 +125,7 @@ def pick_pool(routed: int, hook, t: float, work: float, pools: list) -> int:
     """The router's pool for one request at dispatch time: the tier its
     estimated budget selects (`route`), or, with the closed loop on, what the
     running router's own `Router.place` decides from the instances' signals
-    (spillover, adaptive boundaries; `planner.closed_loop`)."""
+    (spillover, adaptive boundaries; `planner.sim.closed_loop`)."""
     return routed if hook is None else hook.place(t, work, pools)
 
 
@@ -146,7 +146,7 @@ class SimResult:
     inst_stats: list = field(default_factory=list)  # per instance dicts
     spilled: int = 0
     wall_s: float = 0.0
-    loop: object = None  # the planner.closed_loop.LoopHook, when the closed loop ran
+    loop: object = None  # the planner.sim.closed_loop.LoopHook, when the closed loop ran
 
 
 def loop_hook(spec: FleetSpec, log: bool = False):

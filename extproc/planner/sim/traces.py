@@ -3,6 +3,10 @@
 A trace is arrival times (s, from 0, sorted) plus true prompt and output token
 counts, optionally with what a router estimated (replay JSONL). Loaders count
 bad rows with their line numbers; a file whose rows are all bad is an error.
+
+The one trace loader of the project: the planner, the benches and
+``budget-router demo --trace`` (``extproc.tools.demo_traffic.from_trace``)
+all read traces through ``load_trace``.
 """
 from __future__ import annotations
 
@@ -10,7 +14,7 @@ import csv
 import io
 import os
 from dataclasses import dataclass, field, replace
-from datetime import datetime
+from datetime import datetime, timezone
 
 import numpy as np
 import orjson
@@ -117,12 +121,24 @@ def _int(v, what: str) -> int:
     return int(x)
 
 
-def parse_azure_timestamp(s: str) -> float:
-    """'2023-11-16 18:17:03.9799600' -> POSIX seconds (7 fractional digits kept)."""
-    s = s.strip()
-    base, _, frac = s.partition(".")
-    dt = datetime.fromisoformat(base)
-    return dt.timestamp() + (float("0." + frac) if frac else 0.0)
+def parse_azure_timestamp(s: str, cache: dict[str, float] | None = None) -> float:
+    """'2023-11-16 18:17:03.9799600' -> POSIX seconds.
+
+    The Azure 2023 traces write TIMESTAMP with 7 fractional digits (100 ns,
+    /work/shared/data/README.md), more than ``datetime`` holds: the seconds
+    are parsed as a datetime and all 7 digits added as a fraction (strptime's
+    %f would have to cut the 7th). The string has no zone; it is read as UTC
+    so that a loader's arrivals do not depend on the machine's time zone (a
+    DST change inside a trace would add or drop an hour). Only differences
+    are used (arrivals start at 0). ``cache`` maps the seconds part to its
+    value: a trace has many requests per second."""
+    base, _, frac = s.strip().partition(".")
+    b = cache.get(base) if cache is not None else None
+    if b is None:
+        b = datetime.fromisoformat(base).replace(tzinfo=timezone.utc).timestamp()
+        if cache is not None:
+            cache[base] = b
+    return b + (float("0." + frac) if frac else 0.0)
 
 
 def load_azure_csv(path: str) -> Trace:
@@ -202,11 +218,7 @@ def load_generic(path: str, mapping: dict[str, str], fmt: str = "generic") -> Tr
                 if v is None or v == "":
                     raise ValueError(f"missing {tcol}")
                 if unit == "datetime":
-                    base, _, frac = str(v).strip().partition(".")
-                    b = dcache.get(base)
-                    if b is None:
-                        b = dcache[base] = datetime.fromisoformat(base).timestamp()
-                    t = b + (float("0." + frac) if frac else 0.0)
+                    t = parse_azure_timestamp(str(v), dcache)
                 else:
                     t = float(v) * scale
                     if not np.isfinite(t):

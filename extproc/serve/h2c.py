@@ -1,0 +1,709 @@
+"""The fast gRPC server: gRPC over HTTP/2 on asyncio, built for ext_proc.
+
+An ``asyncio.Protocol`` shell around the sans-I/O ``extproc.serve.h2frames``
+connection. It costs a fraction of grpc.aio's CPU per stream (docs/bench.md),
+which is what the router's throughput is made of: every routed request is one
+short stream. ``extproc.serve.grpc_aio`` serves the same contract
+(``extproc.serve.rpc``) on grpc.aio.
+
+What it implements of gRPC (PROTOCOL-HTTP2.md): 5-byte message framing,
+uncompressed messages only (a compressed one gets UNIMPLEMENTED, an unknown
+grpc-encoding the same, as the spec asks), trailers with grpc-status and
+percent-encoded grpc-message, trailers-only error responses, a max message
+size (RESOURCE_EXHAUSTED), unknown method -> UNIMPLEMENTED, non-gRPC
+content-type -> HTTP 415, grpc-timeout deadlines (DEADLINE_EXCEEDED), client
+cancellation (RST_STREAM -> ``handler.abort()``), and the unary
+``grpc.health.v1.Health/Check`` that Envoy's gRPC health checker calls.
+
+Limits (``extproc.serve.limits``, ``ServerLimits`` per server): the flood
+limits of h2frames, fed this shell's clock; reading paused while the write
+buffer is above its high-water mark; connections per worker (the longest-idle
+one evicted first); preface and idle timeouts; and a per-process memory
+budget for open streams and the bodies they hold, past which new streams get
+RESOURCE_EXHAUSTED. ``FastServer.counters`` counts what they did.
+
+Layout: ``_Call`` is one stream's state, ``_GrpcConnection`` one HTTP/2
+connection (asyncio callbacks in, h2frames events dispatched to the
+``_on_*`` methods), ``FastServer`` what the connections of one listening
+socket share (limits, memory budget, counters, drain).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import dataclasses
+import logging
+import time
+from typing import Callable, Iterable, Mapping
+from urllib.parse import quote
+
+from envoy.service.ext_proc.v3 import external_processor_pb2 as pb
+from grpc_health.v1 import health_pb2
+
+from ..tls import TlsFiles, server_context
+from . import h2frames as h2
+from .limits import DRAIN_PING_TIMEOUT_S, LOG_PERIOD_S, MAX_DEADLINE_S, MIN_TIMER_S, ServerLimits
+from .rpc import (
+    DEADLINE_EXCEEDED,
+    DEFAULT_HEALTH_SERVICES,
+    HEALTH_CHECK_METHOD,
+    INTERNAL,
+    INVALID_ARGUMENT,
+    NOT_FOUND,
+    OK,
+    PROCESS_METHOD,
+    RESOURCE_EXHAUSTED,
+    TRACE_METADATA,
+    UNAVAILABLE,
+    UNIMPLEMENTED,
+    NewStream,
+    StreamHandler,
+    StreamingMethod,
+    UnaryMethod,
+)
+
+log = logging.getLogger("extproc.serve.h2c")
+
+# --- precomputed header blocks (stateless HPACK, see h2frames.encode_headers) ---
+
+_RESPONSE_HEADERS = h2.encode_headers(
+    [(":status", "200"), ("content-type", "application/grpc"), ("grpc-accept-encoding", "identity")]
+)
+_TRAILERS_OK = h2.encode_headers([("grpc-status", "0")])
+_HTTP_415 = h2.encode_headers([(":status", "415"), ("content-type", "text/plain")])
+_HEALTH_RESPONSES = {
+    status: (lambda b: len(b).to_bytes(5, "big") + b)(health_pb2.HealthCheckResponse(status=status).SerializeToString())
+    for status in (health_pb2.HealthCheckResponse.SERVING, health_pb2.HealthCheckResponse.NOT_SERVING)
+}
+
+
+def _status_block(code: int, message: str, *, trailers_only: bool) -> bytes:
+    fields = []
+    if trailers_only:
+        fields += [(":status", "200"), ("content-type", "application/grpc")]
+    fields.append(("grpc-status", str(code)))
+    if message:
+        # grpc-message is percent-encoded UTF-8 (PROTOCOL-HTTP2.md).
+        fields.append(("grpc-message", quote(message, safe=" !\"#$&'()*+,-./:;<=>?@[\\]^_`{|}~")))
+    return h2.encode_headers(fields)
+
+
+def _parse_timeout(value: str) -> float | None:
+    """grpc-timeout: up to 8 digits + unit (H M S m u n)."""
+    if not 2 <= len(value) <= 9 or not value[:-1].isdigit():
+        return None
+    scale = {"H": 3600.0, "M": 60.0, "S": 1.0, "m": 1e-3, "u": 1e-6, "n": 1e-9}.get(value[-1])
+    if scale is None:
+        return None
+    seconds = int(value[:-1]) * scale
+    return seconds if seconds <= MAX_DEADLINE_S else None
+
+
+# --- per-stream state -------------------------------------------------------------
+
+_KIND_PROCESS = 0
+_KIND_HEALTH = 1
+_KIND_UNARY = 2
+_KIND_STREAMING = 3
+
+
+class _Call:
+    __slots__ = ("sid", "kind", "handler", "buf", "headers_sent", "done", "timer", "messages", "encoding", "method",
+                 "reserved", "held", "charged")
+
+    def __init__(self, sid: int, kind: int):
+        self.sid = sid
+        self.kind = kind
+        self.handler: StreamHandler | None = None
+        self.buf = bytearray()
+        self.headers_sent = False
+        self.done = False
+        self.timer: asyncio.TimerHandle | None = None
+        self.messages: list[bytes] | None = None  # unary: the request message
+        self.encoding: str | None = None  # grpc-encoding of the request
+        self.method: Callable | None = None  # unary / streaming extra method
+        self.reserved = 0  # memory budget taken by the message being reassembled
+        self.held = 0  # memory budget taken by what the handler keeps (its held_bytes)
+        self.charged = 0  # memory budget taken by the open stream itself (ServerLimits.stream_cost_bytes)
+
+
+class _GrpcConnection(asyncio.Protocol):
+    """One HTTP/2 connection (Envoy keeps one per worker thread)."""
+
+    def __init__(self, server: "FastServer"):
+        self.server = server
+        self.conn = h2.H2ServerConnection()
+        self.calls: dict[int, _Call] = {}
+        self.transport: asyncio.Transport | None = None
+        self._drain_timer: asyncio.TimerHandle | None = None
+        self._timer: asyncio.TimerHandle | None = None  # preface, then idle timeout
+        self._loop = asyncio.get_running_loop()
+        self.last_activity = self._loop.time()
+        self._reading_paused = False
+
+    # -- asyncio.Protocol ------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+        server = self.server
+        if len(server._connections) >= server.max_connections and not server.evict_idle():
+            # Over the cap, none idle to make room: GOAWAY and close, never an fd exhausted.
+            server.count("connections_refused")
+            server.warn("connections_refused", "refusing HTTP/2 connection: %d open (limit %d)",
+                        len(server._connections), server.max_connections)
+            self.conn.close(h2.ENHANCE_YOUR_CALM, "too many connections")
+            transport.write(self.conn.data_to_send())  # type: ignore[attr-defined]
+            transport.close()
+            return
+        server._connections.add(self)
+        transport.set_write_buffer_limits(high=server.limits.write_buffer_high_water)  # type: ignore[attr-defined]
+        transport.write(self.conn.data_to_send())  # type: ignore[attr-defined]
+        self._timer = self._loop.call_later(server.limits.preface_timeout_s, self._on_timer)
+        if server._draining:
+            self.start_drain()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.server._connections.discard(self)
+        if self._drain_timer:
+            self._drain_timer.cancel()
+        if self._timer:
+            self._timer.cancel()
+        for call in list(self.calls.values()):
+            self._abort_call(call)
+        self.calls.clear()
+        self.server._connection_closed()
+
+    def pause_writing(self) -> None:
+        # Our write buffer is above the high-water mark: the peer is not
+        # reading. Stop reading its requests (and control frames) until it does.
+        if not self._reading_paused and self.transport is not None and not self.transport.is_closing():
+            self._reading_paused = True
+            self.server.count("reading_paused")
+            self.transport.pause_reading()
+
+    def resume_writing(self) -> None:
+        if self._reading_paused and self.transport is not None and not self.transport.is_closing():
+            self._reading_paused = False
+            self.transport.resume_reading()
+
+    def _on_timer(self) -> None:
+        """Preface timeout first; once the client's SETTINGS arrived, the idle
+        timeout (no stream and no frame for idle_timeout_s)."""
+        self._timer = None
+        conn, server = self.conn, self.server
+        if self.transport is None or self.transport.is_closing() or conn.closed:
+            return
+        if not conn.preface_received:
+            server.count("preface_timeouts")
+            server.warn("preface_timeouts", "closing HTTP/2 connection: no client preface within %.1f s",
+                        server.limits.preface_timeout_s)
+            self._close(h2.PROTOCOL_ERROR, "no client preface")
+            return
+        now = self._loop.time()
+        idle_timeout_s = server.limits.idle_timeout_s
+        remaining = self.last_activity + idle_timeout_s - now
+        if remaining <= 0 and not self.calls and conn.idle:
+            server.count("idle_closed")
+            log.debug("closing HTTP/2 connection idle for %.1f s", now - self.last_activity)
+            self._close(h2.NO_ERROR, "idle timeout")
+            return
+        self._timer = self._loop.call_later(max(remaining, idle_timeout_s if remaining <= 0 else MIN_TIMER_S),
+                                            self._on_timer)
+
+    def evict(self) -> None:
+        """Make room for a new connection (this one is idle: no stream)."""
+        self.server._connections.discard(self)
+        self.server.count("connections_evicted")
+        self._close(h2.NO_ERROR, "idle connection evicted for a new one")
+
+    def _close(self, code: int, reason: str) -> None:
+        for call in list(self.calls.values()):
+            self._fail(call, UNAVAILABLE, reason)
+        self.calls.clear()
+        self.conn.close(code, reason)
+        self._flush()
+
+    def data_received(self, data: bytes) -> None:
+        conn = self.conn
+        now = self.last_activity = self._loop.time()
+        for ev in conn.receive_data(data, now):
+            t = type(ev)
+            if t is h2.DataReceived:
+                call = self.calls.get(ev.stream_id)
+                if call is not None:
+                    self._on_data(call, ev.data, ev.end_stream)
+            elif t is h2.RequestReceived:
+                self._on_request(ev)
+            elif t is h2.StreamReset:
+                call = self.calls.pop(ev.stream_id, None)
+                if call is not None:
+                    self._abort_call(call)
+            elif t is h2.ConnectionTerminated:
+                key = f"goaway_{ev.error_code}"
+                self.server.count(key)
+                self.server.warn(key, "closing HTTP/2 connection: %s (code %d)", ev.reason, ev.error_code)
+            # GoAwayReceived: in-flight streams continue; we close when idle.
+        self._flush()
+
+    # -- helpers -------------------------------------------------------------
+
+    def _flush(self) -> None:
+        out = self.conn.data_to_send()
+        transport = self.transport
+        if transport is None:
+            return
+        conn = self.conn
+        if out:
+            transport.write(out)
+            if conn.pending_control and not transport.get_write_buffer_size():
+                conn.output_drained()
+        if conn.closed or ((conn.last_stream_id is not None or conn.peer_goaway) and conn.idle):
+            transport.close()
+
+    # -- memory budget: every charge and refund goes through these four -------
+    # (a per-connection or per-peer share of the budget belongs here)
+
+    def _admit(self, call: _Call) -> bool:
+        """Charge a new stream's fixed cost; False (nothing charged) when the
+        budget is already spent."""
+        server = self.server
+        if server.mem_used >= server.memory_budget:
+            return False
+        call.charged = server.stream_cost
+        server.mem_used += call.charged
+        return True
+
+    def _reserve(self, call: _Call, length: int) -> bool:
+        """Charge a message that will sit in memory until its last byte
+        arrives (0 refunds it); False (nothing charged) if it does not fit."""
+        server = self.server
+        if length and server.mem_used + length > server.memory_budget:
+            return False
+        server.mem_used += length - call.reserved
+        call.reserved = length
+        return True
+
+    def _hold(self, call: _Call, held: int) -> bool:
+        """Charge what the handler keeps between messages (its held_bytes);
+        False when it grew past the budget (still charged: _release refunds)."""
+        server = self.server
+        server.mem_used += held - call.held
+        grew = held > call.held
+        call.held = held
+        return not (grew and server.mem_used > server.memory_budget)
+
+    def _release(self, call: _Call) -> None:
+        """Give the call's share of the memory budget back."""
+        if call.reserved or call.held or call.charged:
+            self.server.mem_used -= call.reserved + call.held + call.charged
+            call.reserved = call.held = call.charged = 0
+
+    def _abort_call(self, call: _Call) -> None:
+        call.done = True
+        self._release(call)
+        if call.timer:
+            call.timer.cancel()
+        if call.handler is not None:
+            try:
+                call.handler.abort()
+            except Exception:
+                log.exception("handler.abort() failed")
+
+    def _end_call(self, call: _Call, code: int, message: str = "") -> None:
+        """Send the status (trailers, or trailers-only) and end the stream; if
+        the client is still sending, RST_STREAM(NO_ERROR) tells it to stop."""
+        if call.done:
+            return
+        call.done = True
+        self._release(call)
+        if call.timer:
+            call.timer.cancel()
+        self.calls.pop(call.sid, None)
+        conn = self.conn
+        if code == OK and call.headers_sent:
+            block = _TRAILERS_OK
+        else:
+            block = _status_block(code, message, trailers_only=not call.headers_sent)
+        conn.send_headers(call.sid, block, end_stream=True)
+        stream = conn.streams.get(call.sid)
+        if stream is not None and not stream.remote_closed and not stream.pending:
+            conn.reset_stream(call.sid, h2.NO_ERROR)
+
+    def _fail(self, call: _Call, code: int, message: str) -> None:
+        handler = call.handler
+        call.handler = None
+        self._end_call(call, code, message)
+        if handler is not None:
+            try:
+                handler.abort()
+            except Exception:
+                log.exception("handler.abort() failed")
+
+    # -- streams ---------------------------------------------------------------
+
+    def _on_request(self, ev: h2.RequestReceived) -> None:
+        sid = ev.stream_id
+        path = method = ctype = encoding = timeout = None
+        meta: dict[str, str] = {}
+        for name, value in ev.headers:
+            if name in TRACE_METADATA:
+                meta[name] = value
+            elif name == ":path":
+                path = value
+            elif name == ":method":
+                method = value
+            elif name == "content-type":
+                ctype = value
+            elif name == "grpc-encoding":
+                encoding = value
+            elif name == "grpc-timeout":
+                timeout = value
+        conn = self.conn
+        if method != "POST" or ctype is None or not (ctype == "application/grpc" or ctype.startswith(("application/grpc+", "application/grpc;"))):
+            conn.send_headers(sid, _HTTP_415, end_stream=True)
+            if not ev.end_stream:
+                conn.reset_stream(sid, h2.NO_ERROR)
+            return
+        if path == PROCESS_METHOD:
+            call = _Call(sid, _KIND_PROCESS)
+        elif path == HEALTH_CHECK_METHOD:
+            call = _Call(sid, _KIND_HEALTH)
+            call.messages = []
+        elif path in self.server.unary:
+            call = _Call(sid, _KIND_UNARY)
+            call.messages = []
+            call.method = self.server.unary[path]
+        elif path in self.server.streaming:
+            call = _Call(sid, _KIND_STREAMING)
+            call.method = self.server.streaming[path]
+        else:
+            call = _Call(sid, _KIND_PROCESS)
+            self.calls[sid] = call
+            self._end_call(call, UNIMPLEMENTED, f"unknown method {path}")
+            return
+        self.calls[sid] = call
+        # Health and the unary (admin) methods still answer, so that operators
+        # see why; their message still needs the budget if it arrives in parts.
+        if call.kind in (_KIND_PROCESS, _KIND_STREAMING) and not self._admit(call):
+            self._refuse_memory(call)
+            return
+        call.encoding = encoding  # only a message actually compressed is refused (see _on_data)
+        if timeout is not None:
+            seconds = _parse_timeout(timeout)
+            if seconds is not None:
+                call.timer = asyncio.get_running_loop().call_later(seconds, self._deadline, call)
+        if call.kind == _KIND_PROCESS:
+            try:
+                call.handler = self.server.new_stream(meta)
+            except Exception:
+                log.exception("new_stream() failed")
+                self._end_call(call, INTERNAL, "could not start the stream handler")
+                return
+        if ev.end_stream:
+            self._on_data(call, b"", True)
+
+    def _refuse_memory(self, call: _Call) -> None:
+        server = self.server
+        server.count("memory_refused")
+        server.warn("memory_refused", "refusing gRPC stream: %d of %d bytes of the memory budget in use",
+                    server.mem_used, server.memory_budget)
+        self._fail(call, RESOURCE_EXHAUSTED, "router memory budget exhausted; try again later")
+
+    def _deadline(self, call: _Call) -> None:
+        if call.done:
+            return
+        call.timer = None
+        self._fail(call, DEADLINE_EXCEEDED, "deadline exceeded")
+        self.conn.reset_stream(call.sid, h2.CANCEL)
+        self._flush()
+
+    def _on_data(self, call: _Call, data: bytes, end_stream: bool) -> None:
+        if call.done:
+            return
+        buf = call.buf
+        if data:
+            buf += data
+        max_bytes = self.server.max_message_bytes
+        while len(buf) >= 5:
+            if buf[0] != 0:
+                if buf[0] == 1 and call.encoding not in (None, "identity"):
+                    # PROTOCOL-HTTP2.md: an encoding the server does not support -> UNIMPLEMENTED.
+                    self._fail(call, UNIMPLEMENTED, f"grpc-encoding {call.encoding} is not supported; send uncompressed messages")
+                elif buf[0] == 1:
+                    self._fail(call, INTERNAL, "compressed flag set without a grpc-encoding")
+                else:
+                    self._fail(call, INTERNAL, f"invalid message flags {buf[0]:#x}")
+                return
+            length = int.from_bytes(buf[1:5], "big")
+            if length > max_bytes:
+                self._fail(call, RESOURCE_EXHAUSTED, f"message of {length} bytes exceeds the limit of {max_bytes}")
+                return
+            if len(buf) < 5 + length:
+                # The rest of this message will sit in memory: take it
+                # from the budget now, or refuse the stream.
+                if not call.reserved and not self._reserve(call, length):
+                    self._refuse_memory(call)
+                    return
+                break
+            if call.reserved:
+                self._reserve(call, 0)
+            if len(buf) == 5 + length:
+                msg = bytes(buf[5:]) if length else b""
+                buf.clear()
+            else:
+                msg = bytes(buf[5 : 5 + length])
+                del buf[: 5 + length]
+            if call.kind == _KIND_PROCESS:
+                self._on_process_message(call, msg)
+            elif call.kind == _KIND_STREAMING:
+                self._on_streaming_message(call, msg)
+            else:
+                call.messages.append(msg)  # type: ignore[union-attr]
+            if call.done:
+                return
+        if end_stream:
+            if buf:
+                self._fail(call, INTERNAL, "stream ended inside a message")
+            elif call.kind == _KIND_PROCESS:
+                handler = call.handler
+                try:
+                    if handler is not None:
+                        handler.finish()
+                except Exception:
+                    log.exception("handler.finish() failed")
+                    self._end_call(call, INTERNAL, "stream handler failed")
+                    return
+                self._end_call(call, OK)
+            elif call.kind == _KIND_STREAMING:
+                self._end_call(call, OK)
+            elif call.kind == _KIND_UNARY:
+                self._on_unary(call)
+            else:
+                self._on_health(call)
+
+    def _on_process_message(self, call: _Call, msg: bytes) -> None:
+        if not msg:
+            self._fail(call, INVALID_ARGUMENT, "empty ProcessingRequest: no request phase set")
+            return
+        try:
+            req = pb.ProcessingRequest.FromString(msg)
+        except Exception:
+            self._fail(call, INTERNAL, "could not parse ProcessingRequest")
+            return
+        handler = call.handler
+        try:
+            responses, close = handler.receive(req)  # type: ignore[union-attr]
+        except Exception:
+            log.exception("stream handler failed")
+            self._fail(call, INTERNAL, "stream handler failed")
+            return
+        if not close:
+            held = getattr(handler, "held_bytes", 0)
+            if held != call.held and not self._hold(call, held):
+                self._refuse_memory(call)
+                return
+        if responses:
+            parts = []
+            for r in responses:
+                b = r.SerializeToString()
+                parts.append(len(b).to_bytes(5, "big"))
+                parts.append(b)
+            conn = self.conn
+            if not call.headers_sent:
+                call.headers_sent = True
+                conn.send_headers(call.sid, _RESPONSE_HEADERS)
+            conn.send_data(call.sid, b"".join(parts))
+        if close:
+            call.handler = None
+            self._end_call(call, OK)
+
+    def _send_message(self, call: _Call, body: bytes) -> None:
+        if not call.headers_sent:
+            call.headers_sent = True
+            self.conn.send_headers(call.sid, _RESPONSE_HEADERS)
+        self.conn.send_data(call.sid, len(body).to_bytes(5, "big") + body)
+
+    def _on_unary(self, call: _Call) -> None:
+        msgs = call.messages or []
+        if len(msgs) != 1:
+            self._end_call(call, INTERNAL if not msgs else UNIMPLEMENTED, "a unary method takes exactly one request message")
+            return
+        try:
+            code, message, body = call.method(msgs[0])  # type: ignore[misc]
+        except Exception:
+            log.exception("unary method failed")
+            self._end_call(call, INTERNAL, "method failed")
+            return
+        if code == OK:
+            self._send_message(call, body)
+        self._end_call(call, code, message)
+
+    def _on_streaming_message(self, call: _Call, msg: bytes) -> None:
+        try:
+            body = call.method(msg)  # type: ignore[misc]
+        except Exception:
+            log.exception("streaming method failed")
+            self._fail(call, INTERNAL, "method failed")
+            return
+        self._send_message(call, body)
+
+    def _on_health(self, call: _Call) -> None:
+        msgs = call.messages or []
+        if len(msgs) != 1:
+            self._end_call(call, INTERNAL if not msgs else UNIMPLEMENTED, "Check takes exactly one request message")
+            return
+        try:
+            req = health_pb2.HealthCheckRequest.FromString(msgs[0])
+        except Exception:
+            self._end_call(call, INTERNAL, "could not parse HealthCheckRequest")
+            return
+        if req.service not in self.server.health_services:
+            self._end_call(call, NOT_FOUND, f"unknown service {req.service!r}")
+            return
+        status = (
+            health_pb2.HealthCheckResponse.NOT_SERVING if self.server._draining else health_pb2.HealthCheckResponse.SERVING
+        )
+        call.headers_sent = True
+        self.conn.send_headers(call.sid, _RESPONSE_HEADERS)
+        self.conn.send_data(call.sid, _HEALTH_RESPONSES[status])
+        self._end_call(call, OK)
+
+    # -- shutdown -------------------------------------------------------------
+
+    def start_drain(self) -> None:
+        self.conn.start_drain()
+        self._flush()
+        self._drain_timer = asyncio.get_running_loop().call_later(DRAIN_PING_TIMEOUT_S, self.finish_drain)
+
+    def finish_drain(self) -> None:
+        self.conn.finish_drain()
+        self._flush()
+
+    def cancel_all(self) -> None:
+        """Grace period over: abort what is left and close."""
+        self._close(h2.NO_ERROR, "server shutting down")
+        if self.transport is not None:
+            self.transport.close()
+
+
+class FastServer:
+    """Handle returned by ``serve_fast``."""
+
+    def __init__(self, new_stream: NewStream, max_message_bytes: int, health_services: Iterable[str],
+                 unary: Mapping[str, UnaryMethod] | None = None,
+                 streaming: Mapping[str, StreamingMethod] | None = None,
+                 *,
+                 limits: ServerLimits = ServerLimits()):
+        self.new_stream = new_stream
+        self.limits = limits
+        # Read on every stream, kept as plain attributes (one lookup less).
+        self.max_connections = limits.connections()
+        self.memory_budget = limits.memory_budget_bytes
+        self.stream_cost = limits.stream_cost_bytes
+        self.mem_used = 0  # bytes of the memory budget in use, all connections
+        #: What the limits did (refused connections, GOAWAYs by code, ...).
+        self.counters: collections.Counter[str] = collections.Counter()
+        self._warned: dict[str, tuple[float, int]] = {}  # kind -> (last logged, left out since)
+        self.unary = dict(unary or {})
+        self.streaming = dict(streaming or {})
+        self.max_message_bytes = max_message_bytes
+        self.health_services = frozenset(health_services)
+        self._server: asyncio.base_events.Server | None = None
+        self._connections: set[_GrpcConnection] = set()
+        self._draining = False
+        self._idle = asyncio.Event()
+        self.port = 0
+
+    def _connection_closed(self) -> None:
+        if not self._connections:
+            self._idle.set()
+
+    def evict_idle(self) -> bool:
+        """At the connection cap: close the connection idle the longest (no
+        open stream) to make room, so that sockets held open and silent cannot
+        lock Envoy out until the idle timeout. False if none is idle."""
+        idle = [c for c in self._connections if not c.calls and c.conn.idle]
+        if not idle:
+            return False
+        min(idle, key=lambda c: c.last_activity).evict()
+        return True
+
+    def count(self, key: str) -> None:
+        self.counters[key] += 1
+
+    def warn(self, kind: str, msg: str, *args) -> None:
+        """A warning logged at most once per LOG_PERIOD_S per kind."""
+        now = time.monotonic()
+        last, left_out = self._warned.get(kind, (-LOG_PERIOD_S, 0))
+        if now - last < LOG_PERIOD_S:
+            self._warned[kind] = (last, left_out + 1)
+            return
+        self._warned[kind] = (now, 0)
+        if left_out:
+            msg += " (%d more like it not logged)"
+            args += (left_out,)
+        log.warning(msg, *args)
+
+    async def stop(self, grace_seconds: float | None = None) -> None:
+        """Refuse new connections and streams, let in-flight streams finish for
+        up to ``grace_seconds``, then cancel the rest and close."""
+        self._draining = True
+        if self._server is not None:
+            self._server.close()
+        conns = list(self._connections)
+        for c in conns:
+            c.start_drain()
+        if self._connections:
+            self._idle.clear()
+            try:
+                await asyncio.wait_for(self._idle.wait(), timeout=grace_seconds or 0.0)
+            except asyncio.TimeoutError:
+                pass
+        for c in list(self._connections):
+            c.cancel_all()
+        if self._server is not None:
+            await self._server.wait_closed()
+
+    @property
+    def active_streams(self) -> int:
+        return sum(len(c.calls) for c in self._connections)
+
+
+async def serve_fast(
+    new_stream: NewStream,
+    host: str,
+    port: int,
+    *,
+    max_message_bytes: int,
+    health_services: Iterable[str] = DEFAULT_HEALTH_SERVICES,
+    unary: Mapping[str, UnaryMethod] | None = None,
+    streaming: Mapping[str, StreamingMethod] | None = None,
+    tls: TlsFiles | None = None,
+    limits: ServerLimits | None = None,
+    **overrides,
+) -> FastServer:
+    """Start the purpose-built h2c gRPC server; ``port=0`` picks a free port
+    (read it back from ``server.port``). ``unary`` / ``streaming`` map method
+    paths ("/pkg.Service/Method") to extra handlers (admin API, reflection).
+    ``limits`` (default ``ServerLimits()``) are the server's limits;
+    ``overrides`` replace some of its fields by name (max_connections,
+    preface_timeout_s, idle_timeout_s, memory_budget_bytes,
+    write_buffer_high_water, stream_cost_bytes).
+
+    With ``tls`` the port speaks TLS (``extproc.tls.server_context``: ALPN h2,
+    TLS 1.2+, a client certificate required when a client CA is set); the
+    HTTP/2 layer above is the same, asyncio's SSL transport passes
+    pause/resume_reading and the write-buffer marks through. A handshake gets
+    the preface timeout; a failed one (plain h2c, no or a foreign client
+    certificate) closes the socket, logged only in asyncio debug mode (an
+    ``ssl.SSLError`` is an ``OSError``), so it cannot flood the log. Without
+    ``tls`` nothing on the path of a request changes."""
+    limits = dataclasses.replace(limits or ServerLimits(), **overrides)
+    server = FastServer(new_stream, max_message_bytes, health_services, unary, streaming, limits=limits)
+    loop = asyncio.get_running_loop()
+    ssl_kw = {} if tls is None else {"ssl": server_context(tls), "ssl_handshake_timeout": limits.preface_timeout_s}
+    server._server = await loop.create_server(lambda: _GrpcConnection(server), host, port, reuse_address=True,
+                                              **ssl_kw)
+    server.port = server._server.sockets[0].getsockname()[1]
+    return server

@@ -1,0 +1,243 @@
+"""Every limit of the router's gRPC servers, in one place.
+
+Limits for everything a peer on the ext_proc port can make us hold: bytes,
+frames, streams, connections and time. Each is a named constant whose comment
+gives the reason and the precedent (issue 11). Envoy, the only legitimate
+client, stays far below each of them; an attacker hits them and gets
+GOAWAY(ENHANCE_YOUR_CALM), a refused stream or a closed socket instead of the
+router's CPU or memory. Precedents: nghttp2 (the C library in curl, Apache and
+Envoy's old codec), grpc-go, grpc C-core, and Envoy's own
+http2_protocol_options / overload manager.
+
+Who reads what:
+
+* ``extproc.serve.h2frames`` (the sans-I/O HTTP/2 connection): the flood
+  limits and the settings we advertise; no clock of its own, rates use the
+  ``now`` its shell passes in.
+* ``extproc.serve.h2c`` (the asyncio shell): the shell limits, gathered per
+  server in :class:`ServerLimits` (overridable per server, e.g. by tests and
+  ``serve_fast(**limits)``); ``connection_limit`` fits the connection cap to
+  the process's open-file limit.
+* ``extproc.serve.grpc_aio`` leaves its limits to grpc.aio, except the
+  message size, which the caller passes (extproc.defaults GRPC_MAX_MESSAGE_BYTES).
+
+A new limit (a per-stream timeout, a per-peer share of the memory budget)
+goes here as a constant, and as a :class:`ServerLimits` field if a server
+may override it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+# --- Flood limits (enforced by h2frames) ---------------------------------------
+
+#: Entries accepted in one SETTINGS frame. RFC 9113 defines 6 settings, a
+#: frame repeating them is legal but a 1 MiB frame holds 174,762 entries:
+#: nghttp2 caps it at 32 (NGHTTP2_DEFAULT_MAX_SETTINGS, CVE-2020-11080) and so
+#: do we. Above it: GOAWAY(ENHANCE_YOUR_CALM).
+H2_MAX_SETTINGS_PER_FRAME = 32
+
+#: SETTINGS frames (each costs an ACK and, with INITIAL_WINDOW_SIZE, a pass
+#: over the open streams): a token bucket of this burst refilled at this rate
+#: per second. Envoy sends one at connect; gRPC clients a few (BDP window
+#: updates). Same shape and order as nghttp2's stream-reset bucket below.
+H2_SETTINGS_BURST = 100
+H2_SETTINGS_RATE_PER_S = 10.0
+
+#: CONTINUATION frames after one HEADERS. nghttp2 1.61 caps them at 8
+#: (CVE-2024-27316 "CONTINUATION flood", where empty frames were accepted
+#: forever); a header list within H2_MAX_HEADER_LIST_SIZE never needs more
+#: with Envoy's 16 KiB frames. Above it: GOAWAY(ENHANCE_YOUR_CALM).
+H2_MAX_CONTINUATIONS = 8
+
+#: Largest decoded header list (SETTINGS_MAX_HEADER_LIST_SIZE, RFC 7541
+#: accounting: name + value + 32 per field). 8 KiB is grpc C-core's default
+#: metadata limit (grpc.max_metadata_size) and half of h11's 16 KiB header
+#: buffer; Envoy's ext_proc call metadata is under 1 KiB. Decoding is the
+#: dominant per-byte cost of a header block, so this also bounds CPU per stream.
+H2_MAX_HEADER_LIST_SIZE = 8 << 10
+
+#: Consecutive DATA frames with an empty payload and no END_STREAM we
+#: tolerate (each costs an event and a pass through the stream): Envoy's
+#: max_consecutive_inbound_frames_with_empty_payload default of 1.
+H2_MAX_CONSECUTIVE_EMPTY_FRAMES = 1
+
+#: "Rapid Reset" (CVE-2023-44487): streams the client resets before we sent
+#: them any response headers, as a token bucket: burst 1000, refill 33/s,
+#: nghttp2 1.57's default (nghttp2_option_set_stream_reset_rate_limit). Envoy
+#: resets an ext_proc stream before our first answer only when its downstream
+#: request dies within a millisecond; resets of answered streams (a client
+#: leaving a sampled response early) are not counted. Above it:
+#: GOAWAY(ENHANCE_YOUR_CALM) and close.
+H2_RESET_BURST = 1000
+H2_RESET_RATE_PER_S = 33.0
+
+#: Control frames (PING/SETTINGS ACKs, RST_STREAMs) we owe the peer while our
+#: write buffer has not drained: Envoy's max_outbound_control_frames default
+#: of 1000. A peer that floods PINGs and never reads the replies is closed
+#: with GOAWAY(ENHANCE_YOUR_CALM) instead of growing our memory.
+H2_MAX_PENDING_CONTROL_FRAMES = 1000
+
+
+# --- Settings we advertise, and per-connection memory (h2frames) ---------------
+
+#: Largest frame payload we accept (advertised in SETTINGS_MAX_FRAME_SIZE).
+#: 1 MiB lets a peer send an 8 MiB request body in 8 frames instead of 512
+#: (fewer Python iterations), while still bounding one frame's buffer.
+#: grpc-go advertises 16 KiB, nghttp2 up to 16 MiB; Envoy honours the setting.
+LOCAL_MAX_FRAME_SIZE = 1 << 20
+
+#: Per-stream receive window (SETTINGS_INITIAL_WINDOW_SIZE). 16 MiB is larger
+#: than the biggest gRPC message we accept (9 MiB, extproc.defaults
+#: GRPC_MAX_MESSAGE_BYTES), so a whole body arrives without a WINDOW_UPDATE
+#: round trip. Envoy's own default stream window is 256 MiB; grpc-go's BDP
+#: estimator grows to 16 MiB.
+LOCAL_INITIAL_WINDOW = 16 << 20
+
+#: Connection receive window, opened by a WINDOW_UPDATE right after our
+#: SETTINGS (the connection window cannot be set by SETTINGS). 64 MiB lets
+#: several large bodies stream concurrently on Envoy's single connection;
+#: Envoy's default connection window is 256 MiB.
+LOCAL_CONNECTION_WINDOW = 64 << 20
+
+#: Concurrent streams we allow (SETTINGS_MAX_CONCURRENT_STREAMS): one ext_proc
+#: stream per in-flight HTTP request on Envoy's one connection per worker.
+#: 4096 is above any plausible in-flight count per router worker, and bounds
+#: per-connection memory (grpc C-core has no default cap; h2o uses 100).
+LOCAL_MAX_CONCURRENT_STREAMS = 4096
+
+#: Largest decoded header list we advertise (SETTINGS_MAX_HEADER_LIST_SIZE)
+#: and enforce: H2_MAX_HEADER_LIST_SIZE above, under the name h2frames uses
+#: for the values it advertises.
+LOCAL_MAX_HEADER_LIST_SIZE = H2_MAX_HEADER_LIST_SIZE
+
+#: Largest *encoded* header block we buffer across CONTINUATION frames.
+#: Twice the decoded limit covers any sane encoding; past it the peer is
+#: flooding CONTINUATIONs (CVE-2024-27316 class) and we drop the connection.
+MAX_HEADER_BLOCK_BYTES = 2 * LOCAL_MAX_HEADER_LIST_SIZE
+
+#: HPACK dynamic table we let the peer use: the RFC 7541 default of 4096.
+LOCAL_HEADER_TABLE_SIZE = 4096
+
+#: Decoded header blocks remembered per connection (see ``_decode``). Envoy's
+#: ext_proc client sends the same block for every stream (its :path is a
+#: Huffman literal *without* indexing, ~30 us to decode in pure Python), so
+#: a handful of entries suffices; the cache is cleared when full.
+HEADER_CACHE_ENTRIES = 64
+
+#: We send a WINDOW_UPDATE once this fraction of a receive window has been
+#: consumed: half, like nghttp2 and grpc-go, so updates are rare but the
+#: sender never stalls.
+WINDOW_UPDATE_RATIO = 0.5
+
+#: Stream IDs we reset while the peer could still send on them, remembered so
+#: that its late trailers (HEADERS + END_STREAM already in flight, RFC 9113
+#: 5.1 "closed") are ignored while any other HEADERS on an old stream ID is
+#: the PROTOCOL_ERROR RFC 9113 5.1.1 asks for. The oldest is forgotten first;
+#: 1024 covers far more resets than fit in one round trip.
+RECENT_RESETS = 1024
+
+
+# --- Shell limits (the asyncio h2c server, extproc.serve.h2c) ------------------
+
+#: Write-buffer high-water mark per connection: above it we stop reading
+#: (asyncio pause_reading) until the peer has read our replies down to a
+#: quarter of it (asyncio's default low mark). asyncio's own default is
+#: 64 KiB; 1 MiB keeps Envoy's large body mutations flowing without a pause.
+H2_WRITE_BUFFER_HIGH_WATER = 1 << 20
+
+#: Concurrent HTTP/2 connections per worker process. Envoy opens one per
+#: worker thread (even 16 Envoys x 32 threads is 512); a flood of idle
+#: sockets is refused with a log line instead of exhausting file descriptors
+#: (nginx worker_connections defaults to 512, Envoy's listener
+#: max_connections is unset but its overload manager caps it). Also kept
+#: H2_FD_RESERVE below the process's open-file limit.
+H2_MAX_CONNECTIONS = 1024
+
+#: File descriptors left to the rest of the process (state file, telemetry
+#: sockets, the listening socket) when the open-file limit is below
+#: H2_MAX_CONNECTIONS.
+H2_FD_RESERVE = 64
+
+#: The client preface and its SETTINGS must arrive within this time after
+#: the TCP accept. Envoy sends them at once; grpc-go bounds its handshake
+#: with ConnectionTimeout (120 s), nginx reading a request header with
+#: client_header_timeout (60 s); a router on loopback / a pod network needs
+#: far less.
+H2_PREFACE_TIMEOUT_S = 10.0
+
+#: A connection with no open stream and no frame for this long is closed with
+#: GOAWAY(NO_ERROR); Envoy reconnects on its next request (one loopback
+#: handshake). nginx's keepalive_timeout is 75 s, Envoy's upstream
+#: idle_timeout 1 h; 5 minutes frees an attacker's sockets while Envoy's
+#: connection between bursts of traffic survives.
+H2_IDLE_TIMEOUT_S = 300.0
+
+#: Bytes the router may hold for unfinished gRPC messages (a request body
+#: arriving in many DATA frames) and for response bodies it scans for usage,
+#: across all streams and connections of one worker process. Beyond it a new
+#: stream, or a message that would not fit, gets RESOURCE_EXHAUSTED (gRPC
+#: status 8): Envoy's ext_proc fails open and the request goes on. 256 MiB
+#: is 32 bodies of the 8 MiB maximum at once (a typical chat body is 2-50
+#: KB), in the spirit of Envoy's overload manager heap thresholds.
+H2_MEMORY_BUDGET_BYTES = 256 << 20
+
+#: What one open stream costs the memory budget before any body: its handler,
+#: state machine and protobufs (1.7 KB of RSS per open Process stream measured
+#: without telemetry; 4 KiB leaves room for the telemetry span). Without it,
+#: 4096 header-only streams x H2_MAX_CONNECTIONS would be gigabytes; with it
+#: the budget admits 65,536 open streams per worker.
+H2_STREAM_COST_BYTES = 4 << 10
+
+#: Until the stop() grace period starts counting, how long we wait for the
+#: ACK of the drain PING before sending the final GOAWAY anyway. 1 s is far
+#: above a loopback/pod RTT; grpc-go waits for the ACK with no timer but
+#: bounds the whole drain, as stop() does here.
+DRAIN_PING_TIMEOUT_S = 1.0
+
+#: Connection-level warnings (refused connections, GOAWAYs for floods) are
+#: logged at most once per this many seconds per kind, with a count of those
+#: left out, so an attack costs a log line per second, not a log flood
+#: (Envoy's ENVOY_LOG_PERIODIC has the same 1 s period).
+LOG_PERIOD_S = 1.0
+
+#: Shortest re-arm of the idle-connection timer: it never spins on a clock
+#: that has not moved (50 ms, the order of asyncio's slow-callback warning
+#: of 100 ms; the idle timeout it serves is minutes).
+MIN_TIMER_S = 0.05
+
+#: Largest grpc-timeout we honour as a deadline (the header allows 8 digits
+#: of hours). Anything longer is treated as no deadline; 1 day is beyond any
+#: ext_proc stream, whose lifetime is one HTTP request.
+MAX_DEADLINE_S = 86_400.0
+
+
+@dataclass(frozen=True, slots=True)
+class ServerLimits:
+    """The limits one h2c server applies, each defaulting to its constant
+    above. ``max_connections=None`` means ``connection_limit()``."""
+
+    max_connections: int | None = None
+    preface_timeout_s: float = H2_PREFACE_TIMEOUT_S
+    idle_timeout_s: float = H2_IDLE_TIMEOUT_S
+    memory_budget_bytes: int = H2_MEMORY_BUDGET_BYTES
+    write_buffer_high_water: int = H2_WRITE_BUFFER_HIGH_WATER
+    stream_cost_bytes: int = H2_STREAM_COST_BYTES
+
+    def connections(self) -> int:
+        """The connection cap this server enforces."""
+        return self.max_connections if self.max_connections is not None else connection_limit()
+
+
+def connection_limit() -> int:
+    """H2_MAX_CONNECTIONS, or fewer when the open-file limit would run out
+    first (keeping H2_FD_RESERVE descriptors for the rest of the process)."""
+    try:
+        import resource
+        soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+    except (ImportError, OSError, ValueError):
+        return H2_MAX_CONNECTIONS
+    if soft == resource.RLIM_INFINITY:
+        return H2_MAX_CONNECTIONS
+    return max(1, min(H2_MAX_CONNECTIONS, soft - H2_FD_RESERVE))
