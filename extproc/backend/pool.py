@@ -219,6 +219,9 @@ class Pool:
         self._released_at = now  # model time of the last release
 
     # -- queries --------------------------------------------------------------
+    # The gauges (running, waiting, KV usage, preemptions) describe the model's
+    # state after the step in progress, as vLLM's scheduler stats describe the
+    # batch it has scheduled.
 
     @property
     def now(self) -> float:
@@ -332,6 +335,7 @@ class Pool:
         done = []
         for rid, out in self._live.items():
             out.state = RUNNING if rid in m.running else WAITING
+            out.num_preemptions = rec.preempts[rid]
             finish = rec.finish[rid]
             g = out.max_tokens if not _nan(finish) else m.generated(out.seq)
             if g == out.generated and _nan(finish):
@@ -339,7 +343,6 @@ class Pool:
             self._changed[rid] = out
             st.generation_tokens += g - out.generated
             out.generated = g
-            out.num_preemptions = rec.preempts[rid]
             if out.first_token_at is None and g > 0:
                 out.first_token_at = rec.first_token[rid]
                 st.prompt_tokens += out.prompt_tokens
