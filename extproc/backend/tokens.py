@@ -27,7 +27,7 @@ from typing import Any
 
 import tiktoken
 
-from ..core.request import NotRoutable, chat_texts
+from ..core.request import NotRoutable, chat_texts, completion_prompts
 
 #: Default tokenizer: the offline copy of OpenAI's cl100k_base (100K BPE
 #: vocabulary, close to Llama-3's 128K tiktoken-based vocabulary in bytes per
@@ -106,31 +106,25 @@ class TokenCounter:
     # -- completions ----------------------------------------------------------
 
     def completion_prompt_tokens(self, prompt: Any) -> list[int]:
-        """Token count of each prompt of a /v1/completions request.
-
-        A string is one prompt; a list of strings or a list of token-id lists
-        is a batch (one choice set per prompt, like OpenAI and vLLM); a flat
-        list of ints is a single pre-tokenized prompt.
-        """
+        """Token count of each prompt of a /v1/completions request (the split
+        is ``extproc.core.request.completion_prompts``): text gets the BOS
+        token, token-id prompts count as given."""
+        prompts = completion_prompts(prompt)
+        if isinstance(prompts, NotRoutable):
+            raise PromptError(
+                "'prompt' must be a string, a list of strings or a list of token ids")
         bos = self.template.completion_bos
-        if isinstance(prompt, str):
-            return [self.count_text(prompt) + bos]
-        if isinstance(prompt, list) and prompt:
-            if all(isinstance(p, int) and not isinstance(p, bool) for p in prompt):
-                return [len(prompt)]
-            out = []
-            for i, p in enumerate(prompt):
-                if isinstance(p, str):
-                    out.append(self.count_text(p) + bos)
-                elif isinstance(p, list) and p and all(
-                        isinstance(x, int) and not isinstance(x, bool) for x in p):
-                    out.append(len(p))
-                else:
-                    raise PromptError(
-                        f"prompt[{i}] must be a string or a non-empty list of token ids")
-            return out
-        raise PromptError(
-            "'prompt' must be a string, a list of strings or a list of token ids")
+        out = []
+        for i, p in enumerate(prompts):
+            if isinstance(p, str):
+                out.append(self.count_text(p) + bos)
+            elif p and all(isinstance(x, int) and not isinstance(x, bool) for x in p):
+                out.append(len(p))
+            elif p is prompt:
+                raise PromptError("'prompt' token ids must be integers")
+            else:
+                raise PromptError(f"prompt[{i}] must be a string or a non-empty list of token ids")
+        return out
 
 
 def validate_messages(messages: Any) -> None:

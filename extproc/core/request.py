@@ -120,6 +120,21 @@ def chat_texts(messages: Any, tools: Any = None, functions: Any = None) -> ChatT
     return ChatTexts(out, len(messages), has_tools, media)
 
 
+def completion_prompts(prompt: Any) -> list[str | list[Any]] | NotRoutable:
+    """The prompts of a /v1/completions request: a string is one prompt, a
+    flat list of ints one pre-tokenized prompt, any other list a batch of
+    prompts (strings or token-id lists), one sequence each. Token ids are not
+    checked here; the simulated pool refuses bad ones as vLLM does."""
+    if isinstance(prompt, str):
+        return [prompt]
+    if isinstance(prompt, list) and prompt:
+        if all(isinstance(t, int) for t in prompt):
+            return [prompt]
+        if all(isinstance(p, (str, list)) for p in prompt):
+            return list(prompt)
+    return NotRoutable("completions request without a string or token-list 'prompt'")
+
+
 def _max_output(body: dict[str, Any]) -> tuple[int | None, str]:
     for key in ("max_completion_tokens", "max_tokens"):
         v = body.get(key)
@@ -151,20 +166,18 @@ def parse(path: str, body: bytes) -> ParsedRequest | NotRoutable:
             return chat
         texts, n, has_tools, media = chat.texts, chat.n_messages, chat.has_tools, chat.media
     else:
-        prompt = doc.get("prompt")
+        prompts = completion_prompts(doc.get("prompt"))
         n = 1
-        if isinstance(prompt, str):
-            texts.append(prompt)
-        elif isinstance(prompt, list) and prompt and all(isinstance(p, str) for p in prompt):
+        if isinstance(prompts, NotRoutable):
+            return prompts
+        if all(isinstance(p, str) for p in prompts):
             # A batch of prompts: each becomes a sequence; the longest decides
             # whether the batch fits, and vLLM checks each against the limit.
-            texts.append(max(prompt, key=len))
-        elif isinstance(prompt, list) and prompt and all(isinstance(t, int) for t in prompt):
-            exact = len(prompt)
-        elif isinstance(prompt, list) and prompt and all(isinstance(p, list) for p in prompt):
-            exact = max(len(p) for p in prompt)
+            texts.append(max(prompts, key=len))
+        elif all(isinstance(p, list) for p in prompts):
+            exact = max(len(p) for p in prompts)
         else:
-            return NotRoutable("completions request without a string or token-list 'prompt'")
+            return NotRoutable("completions request mixing text and token-id prompts")
     joined = "\n".join(texts)
     so = doc.get("stream_options")
     sq = sum(len(t) * len(t) for t in texts)
