@@ -448,3 +448,36 @@ def test_checker_finds_a_circle_between_sub_folders(tmp_path):
     assert cycles(import_graph(root)) != []  # a module circle too, here
     (found,) = cycles(folder_graph(root), skip_parents=False)
     assert sorted(found[:-1]) == ["extproc.planner.report", "extproc.planner.sim", "extproc.planner.sizing"]
+
+
+# One model of vLLM's scheduler (issue 15): the simulated pool drives the
+# planner's Instance, and no other module schedules sequences itself.
+
+#: Where the model lives, and the names a scheduler of its own would need
+#: (preempting and stepping a batch).
+SCHEDULER_MODULE = "extproc.planner.sim.instance"
+SCHEDULER_METHODS = ("_preempt", "_preempt_last", "_schedule", "_step", "_finish_step")
+
+
+def schedulers(root: Path = ROOT) -> list[str]:
+    """Modules defining a class with a scheduler's methods."""
+    out = []
+    for path in sorted(root.rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if isinstance(node, ast.ClassDef) and any(
+                    isinstance(f, ast.FunctionDef) and f.name in SCHEDULER_METHODS for f in node.body):
+                out.append(f"{module_name(path, root)}.{node.name}")
+    return out
+
+
+def test_the_simulated_pool_runs_the_planners_model():
+    assert SCHEDULER_MODULE in import_graph()["extproc.backend.pool"]
+    assert schedulers() == [f"{SCHEDULER_MODULE}.Instance"]
+
+
+def test_checker_finds_a_second_scheduler(tmp_path):
+    root = _fake_package(tmp_path, {
+        "__init__.py": "", "backend/__init__.py": "",
+        "backend/engine.py": "class Engine:\n    def _schedule(self, now):\n        pass\n",
+    })
+    assert schedulers(root) == ["extproc.backend.engine.Engine"]

@@ -30,12 +30,7 @@ DEFAULTS = f"{PACKAGE}.defaults"
 
 #: Names defined in several modules with values that differ on purpose:
 #: name -> (the modules, why they are not one constant).
-ALLOWED: dict[str, tuple[frozenset[str], str]] = {
-    "RUNNING": (frozenset({"extproc.core.load", "extproc.backend.engine"}),
-                "core.load: vLLM's metric name; backend.engine: a sequence's state"),
-    "WAITING": (frozenset({"extproc.core.load", "extproc.backend.engine"}),
-                "core.load: vLLM's metric name; backend.engine: a sequence's state"),
-}
+ALLOWED: dict[str, tuple[frozenset[str], str]] = {}
 
 #: Known drift being fixed on another branch: name -> (module, what fixes it).
 #: Each entry has an xfail(strict) test below, so the entry must go the day

@@ -11,8 +11,7 @@ import asyncio
 import signal
 import sys
 
-from . import engine as eng
-from . import tokens
+from . import pool, tokens
 from .server import COMPAT_032, COMPATS, DEFAULT_MODEL, BackendSettings, serve
 
 #: vLLM's default bind is 0.0.0.0; the simulator binds loopback by default
@@ -66,31 +65,30 @@ def configure_parser(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
                    help="vLLM generation to answer like: 0.32 (default) clips prompt + max_tokens "
                         "over --max-model-len (finish_reason length); 0.6 (vLLM 0.5-0.10) refuses it "
                         "with a 400 and uses the flat error body")
-    p.add_argument("--max-model-len", type=_positive_int, default=eng.DEFAULT_MAX_MODEL_LEN,
+    p.add_argument("--max-model-len", type=_positive_int, default=pool.DEFAULT_MAX_MODEL_LEN,
                    help="context length, prompt + output (default %(default)s)")
-    p.add_argument("--max-num-seqs", type=_positive_int, default=eng.DEFAULT_MAX_NUM_SEQS,
+    p.add_argument("--max-num-seqs", type=_positive_int, default=pool.hw.MAX_NUM_SEQS,
                    help="running sequences per step (default %(default)s, vLLM's)")
-    p.add_argument("--kv-tokens", type=_positive_int, default=eng.DEFAULT_KV_CACHE_TOKENS,
-                   help="KV-cache capacity in tokens (default %(default)s: Llama-3-8B "
-                        "on one 80 GB GPU); must be >= --max-model-len")
-    p.add_argument("--block-size", type=_positive_int, default=eng.DEFAULT_BLOCK_SIZE,
+    p.add_argument("--kv-tokens", type=_positive_int, default=None,
+                   help="KV-cache capacity in tokens, like vLLM's --kv-cache-memory-bytes "
+                        "(default: what the GPU's memory leaves after the weights); "
+                        "must be >= --max-model-len")
+    p.add_argument("--block-size", type=_positive_int, default=pool.hw.BLOCK_SIZE,
                    help="KV block size in tokens (default %(default)s, vLLM's)")
     p.add_argument("--max-num-batched-tokens", type=_positive_int,
-                   default=eng.DEFAULT_MAX_NUM_BATCHED_TOKENS,
+                   default=pool.hw.MAX_NUM_BATCHED_TOKENS,
                    help="token budget per step (default %(default)s)")
     p.add_argument("--max-waiting", type=_positive_int, default=None,
                    help="waiting-queue bound before HTTP 503 "
-                        f"(default {eng.WAITING_PER_SEQ_SLOT} x --max-num-seqs)")
-    p.add_argument("--prefill-tps", type=_positive_float, default=eng.DEFAULT_PREFILL_TPS,
-                   help="prefill throughput, tokens/s (default %(default)s)")
-    p.add_argument("--decode-tps", type=_positive_float, default=eng.DEFAULT_DECODE_TPS,
-                   help="decode rate of a lone sequence, tokens/s (default %(default)s)")
-    p.add_argument("--decode-seq-cost", type=_nonneg_float,
-                   default=eng.DEFAULT_DECODE_SECONDS_PER_SEQ,
-                   help="extra step seconds per running sequence (default %(default)s)")
-    p.add_argument("--decode-ctx-cost", type=_nonneg_float,
-                   default=eng.DEFAULT_DECODE_SECONDS_PER_CTX_TOKEN,
-                   help="extra step seconds per cached context token (default %(default)s)")
+                        f"(default {pool.WAITING_PER_SEQ_SLOT} x --max-num-seqs)")
+    p.add_argument("--gpu", choices=sorted(pool.hw.GPUS), default=pool.DEFAULT_GPU,
+                   help="GPU whose step times the pool models, from the planner's "
+                        "profiles (default %(default)s)")
+    p.add_argument("--model-profile", choices=sorted(pool.hw.MODELS),
+                   default=pool.DEFAULT_MODEL_PROFILE,
+                   help="model whose step times the pool models (default %(default)s)")
+    p.add_argument("--tp", type=_positive_int, default=None,
+                   help="tensor-parallel degree (default: the model's for the GPU)")
     p.add_argument("--time-scale", type=_nonneg_float, default=1.0,
                    help="wall seconds per simulated second; 0 answers at once "
                         "(default %(default)s)")
@@ -117,24 +115,23 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
 
 
 def settings_from_args(args: argparse.Namespace) -> BackendSettings:
-    engine_config = eng.EngineConfig(
+    pool_config = pool.PoolConfig(
         max_model_len=args.max_model_len,
         max_num_seqs=args.max_num_seqs,
         kv_cache_tokens=args.kv_tokens,
         block_size=args.block_size,
         max_num_batched_tokens=args.max_num_batched_tokens,
-        prefill_tps=args.prefill_tps,
-        decode_tps=args.decode_tps,
-        decode_seconds_per_seq=args.decode_seq_cost,
-        decode_seconds_per_ctx_token=args.decode_ctx_cost,
         max_waiting=args.max_waiting,
+        gpu=args.gpu,
+        model=args.model_profile,
+        tp=args.tp,
     ).validate()
     template = tokens.ChatTemplate(request_overhead=args.template_overhead,
                                    per_message_overhead=args.per_message_overhead,
                                    completion_bos=args.completion_bos)
     return BackendSettings(name=args.name, model=args.model, time_scale=args.time_scale,
                            tokenizer=args.tokenizer, template=template,
-                           engine=engine_config, compat=args.vllm_compat,
+                           pool=pool_config, compat=args.vllm_compat,
                            served_names=tuple(args.served_model_name or ()))
 
 
@@ -142,13 +139,15 @@ def main(args: argparse.Namespace) -> int:
     try:
         settings = settings_from_args(args)
         tokens.get_encoding(settings.tokenizer)
-    except (eng.ConfigError, ValueError) as exc:
+    except (pool.ConfigError, ValueError) as exc:
         print(f"budget-router backend: error: {exc}", file=sys.stderr)
         return 2
     def bound(port: int) -> None:
         print(f"backend {settings.name!r}: serving {settings.model} on "
               f"http://{args.host}:{port} (max_model_len={args.max_model_len}, "
-              f"max_num_seqs={args.max_num_seqs}, kv_tokens={args.kv_tokens}, "
+              f"max_num_seqs={args.max_num_seqs}, "
+              f"kv_tokens={settings.pool.instance_config().kv_tokens}, "
+              f"{settings.pool.instance_config().label()}, "
               f"time_scale={args.time_scale})", file=sys.stderr, flush=True)
 
     async def run() -> None:

@@ -1,10 +1,11 @@
 """Simulated OpenAI/vLLM-compatible HTTP server: a thin aiohttp shell over
-``engine.Engine`` (timing) and ``tokens.TokenCounter`` (prompt tokens).
+``pool.Pool`` (the planner's vLLM scheduler model, ``Instance``, driven by this
+server's clock) and ``tokens.TokenCounter`` (prompt tokens).
 
 Request parsing and response shaping are plain functions; the only stateful
-part is ``Backend``, which owns the engine, maps simulated time to wall time
-(``time_scale`` wall seconds per simulated second) and wakes the handlers
-whose sequences produced tokens.
+part is ``Backend``, which owns the pool, maps simulated time to wall time
+(``time_scale`` wall seconds per simulated second; 0: as fast as possible)
+and wakes the handlers whose sequences produced tokens.
 
 Simulator-specific behaviour (not in vLLM):
 
@@ -43,7 +44,7 @@ from typing import Any, Callable
 import orjson
 from aiohttp import web
 
-from . import engine as eng
+from .pool import Pool, PoolConfig, QueueFull, Sequence
 from .tokens import ChatTemplate, PromptError, TokenCounter, output_text, DEFAULT_TOKENIZER
 
 # --- Defaults ---------------------------------------------------------------
@@ -65,7 +66,7 @@ OUTPUT_LOG_SIGMA = 0.86
 #: this many tokens so clients see a realistic multi-chunk stream.
 STREAM_TOKENS_PER_CHUNK = 16
 
-#: Shortest wall-clock sleep of the engine driver: bounds its CPU use and the
+#: Shortest wall-clock sleep of the pool's driver: bounds its CPU use and the
 #: streaming chunk rate (~500 wake-ups/s at most).
 MIN_DRIVER_SLEEP = 0.002
 
@@ -399,12 +400,12 @@ ADMISSION_QUEUE_REASON = "max_num_queued_reqs"
 ADMISSION_REASONS = ("max_num_queued_reqs", "max_num_queued_tokens")
 
 
-def render_metrics(engine: eng.Engine, model_name: str) -> str:
+def render_metrics(pool: Pool, model_name: str) -> str:
     """Prometheus text exposition with vLLM 0.32's metric names and labels
     (``engine="0"``, ``model_name``)."""
     model = f'model_name="{_esc(model_name)}"'
     lbl = f'engine="0",{model}'
-    st = engine.stats
+    st = pool.stats
     lines: list[str] = []
 
     def metric(name: str, typ: str, help_: str, samples: list[tuple[str, str, float]]) -> None:
@@ -415,15 +416,15 @@ def render_metrics(engine: eng.Engine, model_name: str) -> str:
 
     metric("vllm:num_requests_running", "gauge",
            "Number of requests in model execution batches.",
-           [("", lbl, engine.num_running)])
+           [("", lbl, pool.num_running)])
     metric("vllm:num_requests_waiting", "gauge",
            "Number of requests waiting to be processed.",
-           [("", lbl, engine.num_waiting)])
+           [("", lbl, pool.num_waiting)])
     metric("vllm:kv_cache_usage_perc", "gauge",
-           "KV-cache usage. 1 means 100 percent usage.", [("", lbl, engine.kv_usage)])
+           "KV-cache usage. 1 means 100 percent usage.", [("", lbl, pool.kv_usage)])
     metric("vllm:num_preemptions", "counter",
            "Cumulative number of preemption from the engine.",
-           [("_total", lbl, st.num_preemptions)])
+           [("_total", lbl, pool.num_preemptions)])
     metric("vllm:prompt_tokens", "counter", "Number of prefill tokens processed.",
            [("_total", lbl, st.prompt_tokens)])
     metric("vllm:generation_tokens", "counter", "Number of generation tokens processed.",
@@ -457,21 +458,21 @@ class BackendSettings:
     time_scale: float = 0.0
     tokenizer: str = DEFAULT_TOKENIZER
     template: ChatTemplate = ChatTemplate()
-    engine: eng.EngineConfig = eng.EngineConfig()
+    pool: PoolConfig = PoolConfig()
     compat: str = COMPAT_032                 # vLLM generation answered like (COMPATS)
     served_names: tuple[str, ...] = ()       # model names served; empty: any name
 
 
 class Backend:
-    """Owns the engine and maps simulated time onto the event loop."""
+    """Owns the pool and maps simulated time onto the event loop."""
 
     def __init__(self, settings: BackendSettings) -> None:
         if settings.time_scale < 0:
             raise ValueError("time_scale must be >= 0")
         self.settings = settings
         self.counter = TokenCounter(settings.tokenizer, settings.template)
-        self.engine = eng.Engine(settings.engine)
-        self.max_model_len = settings.engine.max_model_len
+        self.pool = Pool(settings.pool)
+        self.max_model_len = settings.pool.max_model_len
         self._ids = itertools.count()
         self._prefix = os.urandom(4).hex()
         self._events: dict[str, asyncio.Event] = {}
@@ -487,7 +488,7 @@ class Backend:
 
     def sim_now(self) -> float:
         if not self.realtime:
-            return self.engine.now
+            return self.pool.now
         return (asyncio.get_running_loop().time() - self._t0) / self.settings.time_scale
 
     async def start(self, app: web.Application | None = None) -> None:
@@ -505,7 +506,7 @@ class Backend:
             except asyncio.CancelledError:
                 pass
 
-    def _notify(self, changed: list[eng.Sequence]) -> None:
+    def _notify(self, changed: list[Sequence]) -> None:
         for seq in changed:
             ev = self._events.get(seq.req_id.split("#", 1)[0])
             if ev is not None:
@@ -516,8 +517,8 @@ class Backend:
         scale = self.settings.time_scale
         while True:
             now = self.sim_now()
-            self._notify(self.engine.advance(now))
-            nxt = self.engine.next_event_time()
+            self._notify(self.pool.advance(now))
+            nxt = self.pool.next_event_time()
             self._wake.clear()
             if nxt is None:
                 await self._wake.wait()
@@ -530,39 +531,39 @@ class Backend:
 
     # -- request lifecycle -------------------------------------------------------
 
-    def _submit(self, rid: str, parsed: ParsedRequest) -> list[eng.Sequence]:
-        seqs: list[eng.Sequence] = []
+    def _submit(self, rid: str, parsed: ParsedRequest) -> list[Sequence]:
+        seqs: list[Sequence] = []
         now = self.sim_now()
         try:
             for ch in parsed.choices:
-                seqs.append(self.engine.submit(f"{rid}#{ch.index}", ch.prompt_tokens,
+                seqs.append(self.pool.submit(f"{rid}#{ch.index}", ch.prompt_tokens,
                                                ch.output_tokens, now, ch.finish_reason))
-        except eng.QueueFull:
+        except QueueFull:
             for s in seqs:
-                self.engine.abort(s.req_id, now)
-                self.engine.release(s.req_id)
+                self.pool.abort(s.req_id, now)
+                self.pool.release(s.req_id)
             raise ApiError(503, QUEUE_FULL_MESSAGE, err_type="Service Unavailable") from None
         if self.realtime:
             assert self._wake is not None
             self._wake.set()
         else:
             for s in seqs:
-                self.engine.run_until_done(s.req_id)
+                self.pool.run_until_done(s.req_id)
         return seqs
 
     def sync(self) -> None:
-        """Bring the engine up to now and wake handlers (realtime mode)."""
+        """Bring the pool up to now and wake handlers (realtime mode)."""
         if self.realtime:
-            self._notify(self.engine.advance(self.sim_now()))
+            self._notify(self.pool.advance(self.sim_now()))
 
-    def _finish(self, seqs: list[eng.Sequence]) -> None:
+    def _finish(self, seqs: list[Sequence]) -> None:
         now = self.sim_now()
         aborted = False
         for s in seqs:
             if not s.done:
-                self.engine.abort(s.req_id, now)
+                self.pool.abort(s.req_id, now)
                 aborted = True
-            self.engine.release(s.req_id)
+            self.pool.release(s.req_id)
         if aborted and self._wake is not None:
             self._wake.set()  # the freed slot may admit a waiting request
 
@@ -576,7 +577,7 @@ class Backend:
         created = int(time.time())
         event = asyncio.Event()
         self._events[rid] = event
-        seqs: list[eng.Sequence] = []
+        seqs: list[Sequence] = []
         try:
             seqs = self._submit(rid, parsed)
             if parsed.stream:
@@ -591,7 +592,7 @@ class Backend:
             self._finish(seqs)
 
     async def _stream(self, request: web.Request, parsed: ParsedRequest, rid: str,
-                      created: int, seqs: list[eng.Sequence],
+                      created: int, seqs: list[Sequence],
                       event: asyncio.Event) -> web.StreamResponse:
         resp = web.StreamResponse(headers={"Content-Type": "text/event-stream",
                                            "Cache-Control": "no-cache"})
@@ -663,7 +664,7 @@ def create_app(settings: BackendSettings) -> web.Application:
 
     async def metrics(request: web.Request) -> web.Response:
         backend.sync()
-        return web.Response(text=render_metrics(backend.engine, settings.model),
+        return web.Response(text=render_metrics(backend.pool, settings.model),
                             content_type="text/plain", charset="utf-8",
                             headers={"X-Content-Type-Options": "nosniff"})
 

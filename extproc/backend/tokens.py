@@ -13,9 +13,9 @@ tokens add a fixed number of tokens per request and per message:
 
 What the model "sees" for a chat request is therefore
 ``REQUEST_OVERHEAD + PER_MESSAGE_OVERHEAD * len(messages) + tokens(text)``
-where the text is every message's content parts, ``name``, tool calls
-(function name + arguments) and the tool/function definitions serialized as
-compact JSON. Completions count the prompt plus the BOS token that vLLM's
+where the text is what the router's parser extracts
+(``extproc.core.request.chat_texts``: every message's content parts, ``name``,
+tool calls and the tool/function definitions as compact JSON). Completions count the prompt plus the BOS token that vLLM's
 tokenizer adds (``add_special_tokens=True`` for /v1/completions).
 """
 
@@ -25,8 +25,9 @@ import functools
 from dataclasses import dataclass
 from typing import Any
 
-import orjson
 import tiktoken
+
+from ..core.request import NotRoutable, chat_texts, completion_prompts
 
 #: Default tokenizer: the offline copy of OpenAI's cl100k_base (100K BPE
 #: vocabulary, close to Llama-3's 128K tiktoken-based vocabulary in bytes per
@@ -90,96 +91,68 @@ class TokenCounter:
 
     # -- chat ---------------------------------------------------------------
 
-    def _content_text(self, content: Any, where: str) -> list[str]:
-        if content is None:
-            return []
-        if isinstance(content, str):
-            return [content]
-        if isinstance(content, list):
-            out: list[str] = []
-            for i, part in enumerate(content):
-                if isinstance(part, str):
-                    out.append(part)
-                    continue
-                if not isinstance(part, dict):
-                    raise PromptError(f"{where}.content[{i}] must be an object")
-                if part.get("type", "text") == "text":
-                    text = part.get("text")
-                    if not isinstance(text, str):
-                        raise PromptError(f"{where}.content[{i}].text must be a string")
-                    out.append(text)
-                # Non-text parts (image_url, input_audio, ...) have no tokens
-                # in a text-only model; vLLM would reject them, we ignore them.
-            return out
-        raise PromptError(f"{where}.content must be a string or a list of parts")
-
     def chat_prompt_tokens(self, messages: Any, tools: Any = None,
                            functions: Any = None) -> int:
-        """Prompt tokens of a chat request: text + template overhead."""
-        if not isinstance(messages, list) or not messages:
-            raise PromptError("'messages' must be a non-empty list")
-        texts: list[str] = []
-        for i, msg in enumerate(messages):
-            where = f"messages[{i}]"
-            if not isinstance(msg, dict):
-                raise PromptError(f"{where} must be an object")
-            if not isinstance(msg.get("role"), str):
-                raise PromptError(f"{where}.role must be a string")
-            texts.extend(self._content_text(msg.get("content"), where))
-            name = msg.get("name")
-            if isinstance(name, str):
-                texts.append(name)
-            tool_calls = msg.get("tool_calls")
-            if isinstance(tool_calls, list):
-                for call in tool_calls:
-                    fn = call.get("function") if isinstance(call, dict) else None
-                    if isinstance(fn, dict):
-                        for key in ("name", "arguments"):
-                            val = fn.get(key)
-                            if isinstance(val, str):
-                                texts.append(val)
-                            elif val is not None:
-                                texts.append(orjson.dumps(val).decode())
-            fn_call = msg.get("function_call")  # legacy single call
-            if isinstance(fn_call, dict):
-                for key in ("name", "arguments"):
-                    if isinstance(fn_call.get(key), str):
-                        texts.append(fn_call[key])
-        for defs in (tools, functions):
-            if defs:
-                texts.append(orjson.dumps(defs).decode())
-        n = sum(self.count_text(t) for t in texts)
+        """Prompt tokens of a chat request: text + template overhead. The text
+        is what the router's parser extracts (``extproc.core.request.chat_texts``);
+        a malformed request is refused first, as vLLM's schema would."""
+        validate_messages(messages)
+        chat = chat_texts(messages, tools, functions)
+        assert not isinstance(chat, NotRoutable)  # validate_messages is stricter
+        n = sum(self.count_text(t) for t in chat.texts)
         t = self.template
-        return n + t.request_overhead + t.per_message_overhead * len(messages)
+        return n + t.request_overhead + t.per_message_overhead * chat.n_messages
 
     # -- completions ----------------------------------------------------------
 
     def completion_prompt_tokens(self, prompt: Any) -> list[int]:
-        """Token count of each prompt of a /v1/completions request.
-
-        A string is one prompt; a list of strings or a list of token-id lists
-        is a batch (one choice set per prompt, like OpenAI and vLLM); a flat
-        list of ints is a single pre-tokenized prompt.
-        """
+        """Token count of each prompt of a /v1/completions request (the split
+        is ``extproc.core.request.completion_prompts``): text gets the BOS
+        token, token-id prompts count as given."""
+        prompts = completion_prompts(prompt)
+        if isinstance(prompts, NotRoutable):
+            raise PromptError(
+                "'prompt' must be a string, a list of strings or a list of token ids")
         bos = self.template.completion_bos
-        if isinstance(prompt, str):
-            return [self.count_text(prompt) + bos]
-        if isinstance(prompt, list) and prompt:
-            if all(isinstance(p, int) and not isinstance(p, bool) for p in prompt):
-                return [len(prompt)]
-            out = []
-            for i, p in enumerate(prompt):
-                if isinstance(p, str):
-                    out.append(self.count_text(p) + bos)
-                elif isinstance(p, list) and p and all(
-                        isinstance(x, int) and not isinstance(x, bool) for x in p):
-                    out.append(len(p))
-                else:
-                    raise PromptError(
-                        f"prompt[{i}] must be a string or a non-empty list of token ids")
-            return out
-        raise PromptError(
-            "'prompt' must be a string, a list of strings or a list of token ids")
+        out = []
+        for i, p in enumerate(prompts):
+            if isinstance(p, str):
+                out.append(self.count_text(p) + bos)
+            elif p and all(isinstance(x, int) and not isinstance(x, bool) for x in p):
+                out.append(len(p))
+            elif p is prompt:
+                raise PromptError("'prompt' token ids must be integers")
+            else:
+                raise PromptError(f"prompt[{i}] must be a string or a non-empty list of token ids")
+        return out
+
+
+def validate_messages(messages: Any) -> None:
+    """Refuse (PromptError, HTTP 400) the chat messages vLLM's request schema
+    refuses: not a non-empty list, a message that is not an object or has no
+    string role, content neither a string nor a list of parts, a text part
+    without a string text. Non-text parts (image_url, input_audio, ...) have no
+    tokens in a text-only model; vLLM would reject them, we ignore them."""
+    if not isinstance(messages, list) or not messages:
+        raise PromptError("'messages' must be a non-empty list")
+    for i, msg in enumerate(messages):
+        where = f"messages[{i}]"
+        if not isinstance(msg, dict):
+            raise PromptError(f"{where} must be an object")
+        if not isinstance(msg.get("role"), str):
+            raise PromptError(f"{where}.role must be a string")
+        content = msg.get("content")
+        if content is None or isinstance(content, str):
+            continue
+        if not isinstance(content, list):
+            raise PromptError(f"{where}.content must be a string or a list of parts")
+        for j, part in enumerate(content):
+            if isinstance(part, str):
+                continue
+            if not isinstance(part, dict):
+                raise PromptError(f"{where}.content[{j}] must be an object")
+            if part.get("type", "text") == "text" and not isinstance(part.get("text"), str):
+                raise PromptError(f"{where}.content[{j}].text must be a string")
 
 
 # -- generated text -----------------------------------------------------------

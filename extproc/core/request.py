@@ -71,15 +71,29 @@ def _dump(obj: Any) -> str:
     return orjson.dumps(obj).decode()
 
 
-def _chat_texts(body: dict[str, Any], out: list[str], media: list[dict[str, Any]]) -> int | NotRoutable:
-    messages = body.get("messages")
+@dataclass(frozen=True, slots=True)
+class ChatTexts:
+    """The texts a chat request puts before the model, in order."""
+
+    texts: list[str]         # contents, names, tool calls, then tool definitions
+    n_messages: int
+    has_tools: bool          # a non-empty tools/functions list
+    media: list[dict[str, Any]]  # content parts without text (images, audio, ...)
+
+
+def chat_texts(messages: Any, tools: Any = None, functions: Any = None) -> ChatTexts | NotRoutable:
+    """Extract the text of a chat request: every message's content parts, its
+    ``name``, its tool calls (function name + arguments) and legacy
+    ``function_call``, then the ``tools``/``functions`` definitions as compact
+    JSON. The one extractor of request text: the router estimates from it and
+    the simulated pool (``extproc.backend.tokens``) counts its tokens."""
     if not isinstance(messages, list) or not messages:
         return NotRoutable("chat request without a non-empty 'messages' list")
-    n = 0
+    out: list[str] = []
+    media: list[dict[str, Any]] = []
     for m in messages:
         if not isinstance(m, dict):
             return NotRoutable("a chat message is not an object")
-        n += 1
         _content_text(m.get("content"), out, media)
         name = m.get("name")
         if isinstance(name, str):
@@ -98,7 +112,27 @@ def _chat_texts(body: dict[str, Any], out: list[str], media: list[dict[str, Any]
         fc = m.get("function_call")
         if isinstance(fc, dict):
             out.append(_dump(fc))
-    return n
+    has_tools = False
+    for defs in (tools, functions):
+        if isinstance(defs, list) and defs:
+            has_tools = True
+            out.append(_dump(defs))
+    return ChatTexts(out, len(messages), has_tools, media)
+
+
+def completion_prompts(prompt: Any) -> list[str | list[Any]] | NotRoutable:
+    """The prompts of a /v1/completions request: a string is one prompt, a
+    flat list of ints one pre-tokenized prompt, any other list a batch of
+    prompts (strings or token-id lists), one sequence each. Token ids are not
+    checked here; the simulated pool refuses bad ones as vLLM does."""
+    if isinstance(prompt, str):
+        return [prompt]
+    if isinstance(prompt, list) and prompt:
+        if all(isinstance(t, int) for t in prompt):
+            return [prompt]
+        if all(isinstance(p, (str, list)) for p in prompt):
+            return list(prompt)
+    return NotRoutable("completions request without a string or token-list 'prompt'")
 
 
 def _max_output(body: dict[str, Any]) -> tuple[int | None, str]:
@@ -127,29 +161,23 @@ def parse(path: str, body: bytes) -> ParsedRequest | NotRoutable:
     exact: int | None = None
     has_tools = False
     if route == CHAT_PATH:
-        n = _chat_texts(doc, texts, media)
-        if isinstance(n, NotRoutable):
-            return n
-        for key in ("tools", "functions"):
-            defs = doc.get(key)
-            if isinstance(defs, list) and defs:
-                has_tools = True
-                texts.append(_dump(defs))
+        chat = chat_texts(doc.get("messages"), doc.get("tools"), doc.get("functions"))
+        if isinstance(chat, NotRoutable):
+            return chat
+        texts, n, has_tools, media = chat.texts, chat.n_messages, chat.has_tools, chat.media
     else:
-        prompt = doc.get("prompt")
+        prompts = completion_prompts(doc.get("prompt"))
         n = 1
-        if isinstance(prompt, str):
-            texts.append(prompt)
-        elif isinstance(prompt, list) and prompt and all(isinstance(p, str) for p in prompt):
+        if isinstance(prompts, NotRoutable):
+            return prompts
+        if all(isinstance(p, str) for p in prompts):
             # A batch of prompts: each becomes a sequence; the longest decides
             # whether the batch fits, and vLLM checks each against the limit.
-            texts.append(max(prompt, key=len))
-        elif isinstance(prompt, list) and prompt and all(isinstance(t, int) for t in prompt):
-            exact = len(prompt)
-        elif isinstance(prompt, list) and prompt and all(isinstance(p, list) for p in prompt):
-            exact = max(len(p) for p in prompt)
+            texts.append(max(prompts, key=len))
+        elif all(isinstance(p, list) for p in prompts):
+            exact = max(len(p) for p in prompts)
         else:
-            return NotRoutable("completions request without a string or token-list 'prompt'")
+            return NotRoutable("completions request mixing text and token-id prompts")
     joined = "\n".join(texts)
     so = doc.get("stream_options")
     sq = sum(len(t) * len(t) for t in texts)

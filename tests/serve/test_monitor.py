@@ -17,7 +17,7 @@ from pathlib import Path
 from extproc import config as C
 from extproc.admin import cli as admin_cli
 from extproc.admin.v1 import admin_pb2 as pb
-from extproc.backend import engine as eng
+from extproc.backend.pool import PoolConfig
 from extproc.backend.server import BackendSettings, BackgroundServer
 from extproc.core.load import Sample, tier_loads
 from extproc.serve import monitor as mon
@@ -87,7 +87,7 @@ def test_recorded_vllm_0_32_metrics_scraped_by_dns_name_and_turn_stale():
 
 
 def test_simulated_pool_queue_shows_as_waiting():
-    settings = BackendSettings(name="short", time_scale=0.05, engine=eng.EngineConfig(
+    settings = BackendSettings(name="short", time_scale=0.05, pool=PoolConfig(
         max_model_len=8192, max_num_seqs=1, kv_cache_tokens=65536))
     body = b'{"model":"m","messages":[{"role":"user","content":"hi"}],"max_tokens":400,"ignore_eos":true}'
     with BackgroundServer(settings) as srv:

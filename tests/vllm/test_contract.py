@@ -11,7 +11,7 @@ import urllib.request
 
 import pytest
 
-from extproc.backend import engine as eng
+from extproc.backend.pool import PoolConfig
 from extproc.backend.server import BackendSettings, BackgroundServer
 from extproc.tools import vllm_pool as V
 
@@ -96,8 +96,8 @@ def observe(base: str, path: str, body: dict) -> dict:
 @pytest.fixture(scope="module")
 def simulated():
     settings = BackendSettings(name="short", model=MODEL, served_names=(MODEL,),
-                               engine=eng.EngineConfig(max_model_len=LEN, kv_cache_tokens=V.CPU_SHORT_KV_TOKENS,
-                                                       max_num_seqs=V.CPU_SHORT_MAX_NUM_SEQS))
+                               pool=PoolConfig(max_model_len=LEN, kv_cache_tokens=V.CPU_SHORT_KV_TOKENS,
+                                               max_num_seqs=V.CPU_SHORT_MAX_NUM_SEQS))
     with BackgroundServer(settings) as srv:
         yield srv.url
 

@@ -226,12 +226,18 @@ class InstanceConfig:
     long_prefill_token_threshold: int = LONG_PREFILL_TOKEN_THRESHOLD
     max_num_partial_prefills: int = MAX_NUM_PARTIAL_PREFILLS
     enable_prefix_caching: bool = ENABLE_PREFIX_CACHING
+    #: vLLM's ``--kv-cache-memory-bytes`` (per GPU): a fixed KV cache instead of what
+    #: gpu_memory_utilization leaves; 0 = off, vLLM's default. The simulated pools
+    #: (``budget-router backend --kv-tokens``) set it; the planner does not.
+    kv_cache_memory_bytes: int = 0
 
     def with_(self, **kw) -> "InstanceConfig":
         return replace(self, **kw)
 
     @property
     def kv_bytes_total(self) -> float:
+        if self.kv_cache_memory_bytes:
+            return float(self.kv_cache_memory_bytes * self.tp)
         return (self.gpu.memory_bytes * self.gpu_memory_utilization * self.tp
                 - self.model.weight_bytes - NON_KV_RESERVE_PER_GPU * self.tp)
 
@@ -287,6 +293,8 @@ class InstanceConfig:
              f"--max-num-batched-tokens={self.max_num_batched_tokens}",
              f"--gpu-memory-utilization={self.gpu_memory_utilization}",
              f"--block-size={self.block_size}"]
+        if self.kv_cache_memory_bytes:
+            a.append(f"--kv-cache-memory-bytes={self.kv_cache_memory_bytes}")
         if self.long_prefill_token_threshold:
             a.append(f"--long-prefill-token-threshold={self.long_prefill_token_threshold}")
         if self.max_num_partial_prefills:

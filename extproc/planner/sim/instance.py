@@ -143,6 +143,29 @@ class Instance:
         self.rejected = 0
         self.admitted = 0
 
+    # -- the live pool's view (extproc.backend.pool drives the model by a wall clock) --
+    def generated(self, s: Seq) -> int:
+        """Output tokens ``s`` has produced by ``self.t`` (never decreases; tokens
+        survive a preemption). The caller knows from ``rec.finish`` when it is done."""
+        if s.dec:
+            return s.gjoin + self.dc - s.join
+        return s.g
+
+    def abort(self, s: Seq) -> bool:
+        """Drop ``s`` (its client went away; vLLM aborts the request): its slot and
+        KV blocks are free for the next step. False if it was not here."""
+        if s.rid in self.running:
+            self._unlink(s)
+        elif s in self.waiting:
+            self.waiting.remove(s)
+        else:
+            return False
+        self.work[self.widx] -= s.work
+        return True
+
+    def used_blocks(self) -> int:
+        return self.total_blocks - self.free
+
     # -- helpers -----------------------------------------------------------------
     def _w(self, tokens: int) -> float:
         w = self._wread.get(tokens)
@@ -178,9 +201,10 @@ class Instance:
         self.work[self.widx] -= s.work
         self.completed += 1
 
-    def _preempt_last(self) -> Seq:
-        rid = next(reversed(self.running))
-        v = self.running.pop(rid)
+    def _unlink(self, v: Seq) -> None:
+        """Take running ``v`` out of the batch and free its KV blocks; ``v.g``
+        keeps the tokens it generated."""
+        del self.running[v.rid]
         if v.dec:
             L = v.base + self.dc - v.join
             blocks = -(-L // self.bs)
@@ -195,6 +219,10 @@ class Instance:
             self.prefilling.remove(v)
         self.free += blocks
         v.blocks = 0
+
+    def _preempt_last(self) -> Seq:
+        v = self.running[next(reversed(self.running))]
+        self._unlink(v)
         v.computed = 0
         v.target = v.P + v.g
         self.recomputed_tokens += v.target
