@@ -167,12 +167,30 @@ class Judged:
                    savings_vs_baseline=1.0 - d.cost / base_cost if base_cost else float("nan"),
                    seed_spread_gpus=spread, seed_band_gpus=(lo, hi))
 
-    name = property(lambda self: self.design.name)
-    kind = property(lambda self: self.design.kind)
-    gpus = property(lambda self: self.design.gpus)
-    usd_per_hour = property(lambda self: self.design.cost)
-    feasible = property(lambda self: all(p.feasible for p in self.design.pools))
-    preempt_per_1k = property(lambda self: self.summary["fleet"]["preemptions_per_1k"])
+    @property
+    def name(self) -> str:
+        return self.design.name
+
+    @property
+    def kind(self) -> str:
+        return self.design.kind
+
+    @property
+    def gpus(self) -> int:
+        return self.design.gpus
+
+    @property
+    def usd_per_hour(self) -> float:
+        return self.design.cost
+
+    @property
+    def feasible(self) -> bool:
+        """Every pool's search found a count that meets (none hit the growth limit)."""
+        return all(p.feasible for p in self.design.pools)
+
+    @property
+    def preempt_per_1k(self) -> float:
+        return self.summary["fleet"]["preemptions_per_1k"]
 
 
 def _seed_band(d: Design) -> tuple[int, int, int]:

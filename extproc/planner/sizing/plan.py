@@ -58,14 +58,14 @@ class PlanResult:
     """Everything plan.json reports (`report.plan_json`)."""
 
     trace: Trace = field(compare=False, repr=False)
-    search: Trace = field(compare=False, repr=False)
-    inputs: Inputs = None
-    splits: tuple = ()  # of SplitTraffic
-    tiers: tuple | None = None
-    closed_loop: tuple = ()  # "adaptive", "spillover" as on
-    candidates: int = 0
-    designs: tuple = ()  # of Judged, the baseline first
-    recommendation: Recommendation = None
+    search: Trace = field(compare=False, repr=False)  # what the sizing searched (a window of a long trace)
+    inputs: Inputs
+    splits: tuple  # of SplitTraffic
+    tiers: tuple | None  # --tiers
+    closed_loop: tuple  # "adaptive", "spillover" as on
+    candidates: int  # configs pre-sized
+    designs: tuple  # of Judged, the baseline first
+    recommendation: Recommendation
 
 
 def _pick(sized: list[SizedPool], owners: list[Owner], owner: Owner) -> SizedPool | None:

@@ -70,9 +70,9 @@ class EvalJob:
     """Simulate `spec` on `trace` perturbed by `seed`; summarize from `measure_from` s."""
 
     trace: Trace = field(compare=False, repr=False)
-    spec: FleetSpec = None
-    seed: int = 0
-    boundary: int = 0
+    spec: FleetSpec
+    seed: int
+    boundary: int
     measure_from: float = 0.0
 
     @property
