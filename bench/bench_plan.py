@@ -16,7 +16,8 @@ import time
 import orjson
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
-from extproc.planner.cli import print_plan  # noqa: E402
+from extproc.planner.report.plan_json import plan_json  # noqa: E402
+from extproc.planner.report.text import print_plan  # noqa: E402
 from extproc.planner.sizing.plan import plan  # noqa: E402
 from extproc.planner.sim.traces import load_trace, scale_rate, tile  # noqa: E402
 
@@ -36,7 +37,7 @@ def main() -> int:
     tr = tile(scale_rate(load_trace(a.trace), RATE), TILE_S)
     load0 = os.getloadavg()
     t0 = time.perf_counter()
-    res = plan(tr, workers=a.workers, progress=True)
+    res = plan_json(plan(tr, workers=a.workers, progress=True))
     wall = time.perf_counter() - t0
     load1 = os.getloadavg()
     print_plan(res)

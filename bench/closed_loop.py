@@ -17,8 +17,10 @@ import time
 import orjson
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
-from extproc.planner.cli import print_plan  # noqa: E402
-from extproc.planner.sizing.plan import Baseline, Space, plan  # noqa: E402
+from extproc.planner.report.plan_json import plan_json  # noqa: E402
+from extproc.planner.report.text import print_plan  # noqa: E402
+from extproc.planner.sizing.plan import plan  # noqa: E402
+from extproc.planner.sizing.space import Baseline, Space  # noqa: E402
 from extproc.planner.sim.traces import load_trace, window  # noqa: E402
 
 TRACE = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data", "traces", "conversation_trace.jsonl")
@@ -41,8 +43,8 @@ def main() -> int:
     if a.window:
         tr = window(tr, 0.0, a.window)
     t0 = time.perf_counter()
-    res = plan(tr, baseline=Baseline(gpu=a.gpu), b_shorts=[TIERS[0]], space=Space(seqs=(256,), mbts=(8192,)),
-               workers=a.workers, progress=True, tiers=TIERS, spillover=True, adaptive=a.adaptive)
+    res = plan_json(plan(tr, baseline=Baseline(gpu=a.gpu), b_shorts=[TIERS[0]], space=Space(seqs=(256,), mbts=(8192,)),
+                         workers=a.workers, progress=True, tiers=TIERS, spillover=True, adaptive=a.adaptive))
     print_plan(res)
     print(f"\nwall {time.perf_counter() - t0:.0f} s")
     os.makedirs(os.path.dirname(a.out), exist_ok=True)

@@ -16,7 +16,9 @@ import time
 import orjson
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
-from extproc.planner.sizing.plan import Baseline, plan  # noqa: E402
+from extproc.planner.report.plan_json import plan_json  # noqa: E402
+from extproc.planner.sizing.plan import plan  # noqa: E402
+from extproc.planner.sizing.space import Baseline  # noqa: E402
 from extproc.planner.sim.traces import load_trace, scale_rate, tile  # noqa: E402
 
 TRACES = os.environ.get("TRACES_DIR", os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data", "traces"))
@@ -78,7 +80,7 @@ def main() -> int:
                     tr = tile(scale_rate(tr, float(rate)), TILE_S)
                 t0 = time.perf_counter()
                 bs = None if a.b_short == "auto" else [int(x) for x in a.b_short.split(",")]
-                res = plan(tr, a.model, Baseline(gpu=gpu), b_shorts=bs, workers=a.workers, progress=True)
+                res = plan_json(plan(tr, a.model, Baseline(gpu=gpu), b_shorts=bs, workers=a.workers, progress=True))
                 wall = time.perf_counter() - t0
                 res["plan_wall_s"] = wall
                 name = f"{f.split('.')[0]}_{rate}_{gpu}_{a.model}.json"

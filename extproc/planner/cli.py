@@ -4,20 +4,19 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-
-import orjson
-
 from dataclasses import replace
 
+from .report.plan_json import plan_json, write_json
+from .report.text import print_plan, print_simulate
 from .sim.balancers import BALANCERS, DEFAULT_BALANCER
 from .sim.fleet import ROUTERS, FleetSpec, PoolSpec, simulate
 from .sim.hardware import GPUS, MODELS, ConfigError, make_config
 from .sim.metrics import summarize
-from .sizing.plan import (AUTO_B_SHORT, SEARCH_MBTS, SEARCH_SEQS, SEARCH_WINDOW_S, SEEDS, Space,
-                   parse_baseline, plan)
-from .sizing.slo import (CLASS_BOUNDARY, SLO, SLO_PREEMPT_PER_1K, SLO_TPOT_P99_MS, SLO_TTFT_P99_MS,
-                  parse_classes)
 from .sim.traces import TraceError, load_trace, scale_rate, tile, window
+from .sizing.plan import SEARCH_WINDOW_S, SEEDS, plan
+from .sizing.slo import (CLASS_BOUNDARY, SLO, SLO_PREEMPT_PER_1K, SLO_TPOT_P99_MS, SLO_TTFT_P99_MS,
+                         parse_classes)
+from .sizing.space import AUTO_B_SHORT, SEARCH_MBTS, SEARCH_SEQS, Space, parse_baseline, tier_names
 
 
 def _common(p: argparse.ArgumentParser) -> None:
@@ -53,30 +52,6 @@ def _load(args):
     return tr
 
 
-def _fmt(v, d=0):
-    return "-" if v is None or v != v else f"{v:,.{d}f}"
-
-
-def _row(label, gpus, s):
-    f = s["fleet"]
-    return (f"{label:<22}{gpus:>7}{_fmt(f['ttft_p50_ms']):>10}{_fmt(f['ttft_p99_ms']):>11}"
-            f"{_fmt(f['tpot_p50_ms']):>9}{_fmt(f['preemptions_per_1k'], 2):>11}{f['rejected']:>8}"
-            f"{_fmt(f['usd_per_year'] / 1e6, 2):>10}")
-
-
-HEADER = (f"{'fleet':<22}{'GPUs':>7}{'TTFT p50':>10}{'TTFT p99':>11}{'TPOT p50':>9}"
-          f"{'preempt/1k':>11}{'reject':>8}{'M$/year':>10}")
-
-
-def _write(out: str | None, name: str, obj) -> None:
-    if not out:
-        return
-    os.makedirs(out, exist_ok=True)
-    with open(os.path.join(out, name), "wb") as f:
-        f.write(orjson.dumps(obj, option=orjson.OPT_INDENT_2 | orjson.OPT_SERIALIZE_NUMPY,
-                             default=lambda o: float(o) if hasattr(o, "__float__") else str(o)))
-
-
 def cmd_plan(args) -> int:
     try:
         tr = _load(args)
@@ -95,16 +70,16 @@ def cmd_plan(args) -> int:
         for g in space.gpus:
             if g not in GPUS:
                 raise ConfigError(f"--search-gpus {g!r}: known {', '.join(GPUS)}")
-        res = plan(tr, args.model, baseline, slo, bs, space, args.router, args.balancer, args.seeds,
+        res = plan_json(plan(tr, args.model, baseline, slo, bs, space, args.router, args.balancer, args.seeds,
                    args.search_window, args.workers, args.noise_p90, args.price_per_gpu_hour,
                    not args.no_progress, tiers=_ints(args.tiers, "--tiers") if args.tiers else None,
-                   spillover=args.spillover, adaptive=args.adaptive)
+                   spillover=args.spillover, adaptive=args.adaptive))
     except (TraceError, ConfigError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     print_plan(res)
     if args.out:
-        _write(args.out, "plan.json", res)
+        write_json(args.out, "plan.json", res)
         from .report.plots import plot_plan
         for p in plot_plan(res, args.out):
             print(f"wrote {p}")
@@ -114,48 +89,6 @@ def cmd_plan(args) -> int:
         for p in emit(res, args.emit):
             print(f"wrote {p}")
     return 0
-
-
-def print_plan(res: dict) -> None:
-    slo = res["slo"]
-    print(f"trace {res['trace']}: {res['requests']:,} requests over {res['duration_s']:.0f} s "
-          f"({res['rate_rps']:.1f} req/s); {res['model']}; router {res['router']}, balancer "
-          f"{res['balancer']}; {len(res['seeds'])} seeds")
-    tg = slo["targets"]
-    print(f"per-class SLO (class boundary {slo['class_boundary']} tokens, same for every design): "
-          + "; ".join(f"{c} ({t['requests']:,} req) P99 TTFT <= {t['ttft_slo_ms']:.0f} ms, TPOT <= "
-                      f"{t['tpot_slo_ms']:.0f} ms" for c, t in tg.items())
-          + f"; preemptions <= {slo['preempt_per_1k']:g}/1K")
-    for c, t in tg.items():
-        if t["infeasible"]:
-            print(f"  INFEASIBLE: class {c} on an idle baseline instance has P99 TTFT "
-                  f"{t['idle_ttft_p99_ms']:,.0f} ms, TPOT {t['idle_tpot_p99_ms']:.1f} ms; every design is "
-                  f"held to {t['ttft_target_ms']:,.0f} / {t['tpot_target_ms']:.1f} ms instead")
-    cls = list(tg)
-    head = f"{'design':<18}{'GPUs':>7}{'$/h':>9}{'spread':>7}"
-    for c in cls:
-        head += f"{c + ' TTFT99':>14}{c + ' TPOT99':>13}"
-    head += f"{'pre/1K':>8}{'rej':>6}{'busy':>6}  meets"
-    print(head)
-    for d in res["designs"]:
-        row = f"{d['name']:<18}{d['gpus']:>7}{_fmt(d['usd_per_hour'], 0):>9}{d['seed_spread_gpus']:>7}"
-        for c in cls:
-            m = d["classes"][c]
-            row += f"{_fmt(m['ttft_p99_ms']):>14}{_fmt(m['tpot_p99_ms'], 1):>13}"
-        row += (f"{_fmt(d['preempt_per_1k'], 2):>8}{d['rejected']:>6}{d['gpu_busy']:>6.0%}  "
-                f"{'yes' if d['meets'] else ('effective' if d['meets_effective'] else 'NO')}")
-        print(row)
-    for d in res["designs"]:
-        if d["prefix_hit_rate"] > 0:
-            print(f"  {d['name']}: prefix cache hit rate {d['prefix_hit_rate']:.1%} of prompt blocks")
-    for d in res["designs"]:
-        print(f"  {d['name']}: {d['what']}"
-              + (f"; alpha {d['alpha']:.3f} rho {d['rho']:.2f} closed form {d['closed_form_savings']:.1%}"
-                 if d["kind"] == "split" and d["rho"] == d["rho"] else ""))
-    r = res["recommendation"]
-    sv = r["savings_vs_baseline"]
-    print(f"\nrecommendation: {r['design']}"
-          + (f" ({sv:+.1%} vs baseline)" if sv is not None else "") + f": {r['why']}")
 
 
 def _ints(text: str, what: str = "value") -> tuple[int, ...]:
@@ -174,7 +107,7 @@ def _tiers_spec(args, long_cfg) -> FleetSpec:
     if len(lens) < 2 or len(counts) != len(lens):
         raise ValueError(f"--tiers needs 2+ context lengths and --counts one count per tier "
                          f"(got {len(lens)} and {len(counts)})")
-    names = ["short", *(f"tier{i}" for i in range(1, len(lens) - 1)), "long"]
+    names = tier_names(len(lens))
     pools = tuple(PoolSpec(n, long_cfg.with_(max_model_len=m, max_num_seqs=args.short_max_num_seqs).validate()
                            if i < len(lens) - 1 else long_cfg.with_(max_model_len=m).validate(), c)
                   for i, (n, m, c) in enumerate(zip(names, lens, counts)))
@@ -192,7 +125,6 @@ def cmd_simulate(args) -> int:
         long_cfg = make_config(args.gpu, args.model, args.long_max_model_len, args.tp,
                                max_num_seqs=args.long_max_num_seqs, **kw)
         if args.price_per_gpu_hour is not None:
-            from dataclasses import replace
             long_cfg = long_cfg.with_(gpu=replace(long_cfg.gpu, price_per_hour=args.price_per_gpu_hour))
         if args.tiers:
             spec = _tiers_spec(args, long_cfg)
@@ -210,24 +142,8 @@ def cmd_simulate(args) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     s = summarize(r)
-    print(f"{spec.describe()}\n{len(tr):,} requests, {s['duration_s']:.0f} s, simulated in "
-          f"{r.wall_s:.2f} s ({s['sim_req_per_s']:,.0f} req/s)")
-    print(HEADER)
-    print(_row("fleet", spec.gpus, s))
-    for name, m in s["pools"].items():
-        print(_row(f"  pool {name}", m["gpus"], {"fleet": m}))
-    f = s["fleet"]
-    print(f"over the trace window: KV utilisation {f['kv_util']:.1%} (busy {f['kv_util_busy']:.1%}), "
-          f"GPU busy {f['gpu_busy']:.1%}, drain {f['drain_s']:.0f} s, "
-          f"spilled {s['spilled']}, GPU-hours {f['gpu_hours']:.2f}")
-    if tr.hashes is not None:
-        print(f"prefix cache: {f['prefix_hit_rate']:.1%} of prompt blocks hit, "
-              f"{f['prefix_skipped_tokens']:,} prefill tokens skipped")
-    if r.loop is not None and spec.adaptive:
-        path = [lim for _, lim in r.loop.limits_path]
-        print(f"adaptive tier limits: {list(spec.tier_limits)} at the start, {list(path[-1]) if path else '-'} "
-              f"at the end, {sum(r.loop.router.threshold.moves)} moves")
-    _write(args.out, "simulate.json", s)
+    print_simulate(spec, tr, r, s)
+    write_json(args.out, "simulate.json", s)
     return 0
 
 

@@ -14,13 +14,20 @@ from extproc.planner.cli import add_parsers
 from extproc.planner.sim.fleet import FleetSpec, PoolSpec, simulate
 from extproc.planner.sim.hardware import GPUS, MODELS, make_config
 from extproc.planner.sim.metrics import summarize
-from extproc.planner.sizing.plan import Baseline, Space, parse_baseline, plan
+from extproc.planner.report.plan_json import plan_json
+from extproc.planner.sizing.plan import plan as plan_typed
+from extproc.planner.sizing.space import Baseline, Space, parse_baseline
 from extproc.planner.sim.traces import Trace, perturb, poisson_arrivals, synthetic
 
 from .test_planner import A100, conserve
 
 SCHEMA = os.path.join(os.path.dirname(__file__), "..", "schemas", "plan.schema.json")
 SMALL_SPACE = Space(seqs=(256,), mbts=(8192,))
+
+
+def plan(*a, **kw) -> dict:
+    """A plan as plan.json has it."""
+    return plan_json(plan_typed(*a, **kw))
 
 
 def small_trace(n=500, seed=7):
@@ -287,22 +294,35 @@ def test_prefix_caching_on_mooncake_style_trace():
 
 
 def test_split_recommended_only_above_spread_and_tolerance():
-    from extproc.planner.sizing.plan import SIZE_TOLERANCE, recommend
+    from extproc.planner.report.plan_json import recommendation_json
+    from extproc.planner.sizing.bisect import SIZE_TOLERANCE
+    from extproc.planner.sizing.design import Design, Judged, SizedPool
+    from extproc.planner.sizing.recommend import recommend
 
-    def d(name, kind, gpus, spread):
-        return {"name": name, "kind": kind, "gpus": gpus, "usd_per_hour": gpus * 2.0, "meets_effective": True,
-                "feasible": True, "seed_spread_gpus": spread, "preempt_per_1k": 0.0, "alpha": 0.5, "rho": 1.0,
-                "closed_form_savings": 0.0, "b_short": 8192 if kind == "split" else None,
-                "savings_vs_baseline": 1 - gpus / 100}
+    def d(name, kind, instances, spread):  # A100 TP4: 4 GPUs an instance
+        pool = SizedPool("all", A100, instances, True, 1.0, 1.0)
+        des = Design(name, kind, (pool,), name, b_short=8192 if kind == "split" else None,
+                     alpha=0.5, rho=1.0, closed_form=0.0)
+        summary = {"fleet": {"preemptions_per_1k": 0.0}}
+        return Judged(des, summary, (), {}, True, True, 1 - instances / 25, spread, (0, 0))
+
     noise = (4 + 4) / 100 + 2 * SIZE_TOLERANCE  # 12%
-    near = recommend([d("baseline", "homogeneous", 100, 4), d("split-8192", "split", 90, 4)])
+    near = recommendation_json(recommend([d("baseline", "homogeneous", 25, 4), d("split-8192", "split", 23, 4)]))
     assert near["design"] == "baseline" and not near["split"] and "within" in near["why"]
-    far = recommend([d("baseline", "homogeneous", 100, 4), d("split-8192", "split", 80, 4)])
+    far = recommendation_json(recommend([d("baseline", "homogeneous", 25, 4), d("split-8192", "split", 20, 4)]))
     assert far["design"] == "split-8192" and far["split"]
     assert far["margin"] == pytest.approx(0.20 - noise)
     assert f"{0.20 - noise:.1%}" in far["why"]
-    worse = recommend([d("baseline", "homogeneous", 100, 0), d("split-8192", "split", 120, 0)])
+    assert far["savings_vs_baseline"] == pytest.approx(0.20)
+    worse = recommendation_json(recommend([d("baseline", "homogeneous", 25, 0), d("split-8192", "split", 30, 0)]))
     assert worse["design"] == "baseline" and "costs 20.0% more" in worse["why"]
+    none = recommendation_json(recommend([replace_meets(d("baseline", "homogeneous", 25, 0))]))
+    assert none["design"] is None and none["margin"] is None and not none["split"]
+
+
+def replace_meets(j):
+    from dataclasses import replace
+    return replace(j, meets_effective=False)
 
 
 # --- issue 10 point 5: plan compares 1, 2 and 3 tiers with and without spillover ----------

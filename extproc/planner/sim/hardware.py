@@ -132,7 +132,7 @@ class Model:
     experts: int = 0  # routed experts per MoE layer (0 = dense)
     experts_per_token: int = 0
     expert_params: float = 0.0  # parameters in routed experts (all of them)
-    default_tp: dict = field(default_factory=dict)
+    default_tp: dict = field(default_factory=dict, hash=False)  # out of the hash: configs key the planner's caches
     source: str = ""
 
     @property

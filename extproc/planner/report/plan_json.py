@@ -1,0 +1,87 @@
+"""plan.json: a typed plan (`sizing.plan.PlanResult`) as JSON, every field
+written here and nowhere else (tests/schemas/plan.schema.json)."""
+from __future__ import annotations
+
+import os
+
+import orjson
+
+from ..sizing.bisect import SIZE_TOLERANCE
+from ..sizing.design import Judged, SizedPool
+from ..sizing.plan import PlanResult
+from ..sizing.recommend import Recommendation
+
+
+def pool_json(p: SizedPool) -> dict:
+    return {"name": p.name, "count": p.count, "config": p.cfg.to_json(),
+            "label": p.cfg.label(), "vllm_args": p.cfg.vllm_args(),
+            "mu_rps": p.mu, "rate_rps": p.rate, "feasible": p.feasible,
+            "per_seed_counts": list(p.per_seed), "preemption_cliff_instances": p.cliff,
+            "tried": list(p.tried)}
+
+
+def design_json(j: Judged) -> dict:
+    d, f = j.design, j.summary["fleet"]
+    return {
+        "name": d.name, "kind": d.kind, "b_short": d.b_short,
+        "limits": list(d.tier_limits) if len(d.pools) > 1 else [],
+        "spillover": d.spillover, "adaptive": d.adaptive,
+        "what": d.what, "gpus": d.gpus, "usd_per_hour": d.cost,
+        "savings_vs_baseline": j.savings_vs_baseline,
+        "instances": {p.name: p.count for p in d.pools},
+        "pools": [pool_json(p) for p in d.pools],
+        "classes": j.classes,
+        "meets": j.meets,
+        "meets_effective": j.meets_effective,
+        "feasible": j.feasible,
+        "preempt_per_1k": f["preemptions_per_1k"], "rejected": int(round(f["rejected"])),
+        "seed_spread_gpus": j.seed_spread_gpus, "seed_band_gpus": list(j.seed_band_gpus),
+        "gpu_busy": f["gpu_busy"], "kv_util": f["kv_util"], "prefix_hit_rate": f["prefix_hit_rate"],
+        "preemption_cliff_instances": {p.name: p.cliff for p in d.pools},
+        "per_seed": list(j.per_seed),
+        "alpha": d.alpha, "rho": d.rho,
+        "closed_form_savings": d.closed_form,
+        "summary": j.summary,
+    }
+
+
+def recommendation_json(r: Recommendation) -> dict:
+    cf = r.closed_form
+    closed = {"alpha": cf.alpha, "rho": cf.rho, "predicted": cf.predicted, "b_short": cf.b_short}
+    d = r.design
+    return {"design": d.name if d else None, "savings_vs_baseline": d.savings_vs_baseline if d else None,
+            "closed_form": closed, "split": d is not None and d.kind == "split", "margin": r.margin,
+            "why": r.why}
+
+
+def plan_json(res: PlanResult) -> dict:
+    tr, inp = res.trace, res.inputs
+    slo, tg, space, base_cfg = inp.ctx.slo, inp.ctx.tg, inp.space, inp.base_cfg
+    return {
+        "version": 2, "trace": tr.name, "requests": len(tr), "duration_s": tr.duration,
+        "rate_rps": len(tr) / max(tr.duration, 1e-9), "model": base_cfg.model.name,
+        "router": inp.router, "balancer": inp.ctx.balancer, "seeds": list(inp.ctx.seeds),
+        "slo": {"class_boundary": slo.boundary, "ttft_p99_ms": slo.ttft_ms, "tpot_p99_ms": slo.tpot_ms,
+                "preempt_per_1k": slo.preempt_per_1k, "targets": tg,
+                "infeasible": any(t["infeasible"] for t in tg.values())},
+        "baseline": {**inp.baseline.__dict__, "config": base_cfg.to_json()},
+        "search": {"requests": len(res.search), "window_s": res.search.duration, "warmup_s": inp.ctx.warmup,
+                   "tolerance": SIZE_TOLERANCE,
+                   "gpus": list(space.gpus) or [base_cfg.gpu_key()], "tps": list(space.tps),
+                   "max_num_seqs": list(space.seqs), "max_num_batched_tokens": list(space.mbts),
+                   "b_short": [sp.b for sp in res.splits if len(sp.tiers) == 2],
+                   "tiers": list(res.tiers) if res.tiers else None, "closed_loop": sorted(res.closed_loop),
+                   "candidates": res.candidates},
+        "designs": [design_json(j) for j in res.designs],
+        "recommendation": recommendation_json(res.recommendation),
+    }
+
+
+def write_json(out: str | None, name: str, obj) -> None:
+    """obj as indented JSON in out/name (nothing without out)."""
+    if not out:
+        return
+    os.makedirs(out, exist_ok=True)
+    with open(os.path.join(out, name), "wb") as f:
+        f.write(orjson.dumps(obj, option=orjson.OPT_INDENT_2 | orjson.OPT_SERIALIZE_NUMPY,
+                             default=lambda o: float(o) if hasattr(o, "__float__") else str(o)))

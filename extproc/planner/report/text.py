@@ -1,0 +1,83 @@
+"""The plan and a simulation as text (what `budget-router plan|simulate` print)."""
+from __future__ import annotations
+
+from ..sim.fleet import FleetSpec, SimResult
+from ..sim.traces import Trace
+
+
+def _fmt(v, d=0):
+    return "-" if v is None or v != v else f"{v:,.{d}f}"
+
+
+def _row(label, gpus, s):
+    f = s["fleet"]
+    return (f"{label:<22}{gpus:>7}{_fmt(f['ttft_p50_ms']):>10}{_fmt(f['ttft_p99_ms']):>11}"
+            f"{_fmt(f['tpot_p50_ms']):>9}{_fmt(f['preemptions_per_1k'], 2):>11}{f['rejected']:>8}"
+            f"{_fmt(f['usd_per_year'] / 1e6, 2):>10}")
+
+
+HEADER = (f"{'fleet':<22}{'GPUs':>7}{'TTFT p50':>10}{'TTFT p99':>11}{'TPOT p50':>9}"
+          f"{'preempt/1k':>11}{'reject':>8}{'M$/year':>10}")
+
+
+def print_plan(res: dict) -> None:
+    slo = res["slo"]
+    print(f"trace {res['trace']}: {res['requests']:,} requests over {res['duration_s']:.0f} s "
+          f"({res['rate_rps']:.1f} req/s); {res['model']}; router {res['router']}, balancer "
+          f"{res['balancer']}; {len(res['seeds'])} seeds")
+    tg = slo["targets"]
+    print(f"per-class SLO (class boundary {slo['class_boundary']} tokens, same for every design): "
+          + "; ".join(f"{c} ({t['requests']:,} req) P99 TTFT <= {t['ttft_slo_ms']:.0f} ms, TPOT <= "
+                      f"{t['tpot_slo_ms']:.0f} ms" for c, t in tg.items())
+          + f"; preemptions <= {slo['preempt_per_1k']:g}/1K")
+    for c, t in tg.items():
+        if t["infeasible"]:
+            print(f"  INFEASIBLE: class {c} on an idle baseline instance has P99 TTFT "
+                  f"{t['idle_ttft_p99_ms']:,.0f} ms, TPOT {t['idle_tpot_p99_ms']:.1f} ms; every design is "
+                  f"held to {t['ttft_target_ms']:,.0f} / {t['tpot_target_ms']:.1f} ms instead")
+    cls = list(tg)
+    head = f"{'design':<18}{'GPUs':>7}{'$/h':>9}{'spread':>7}"
+    for c in cls:
+        head += f"{c + ' TTFT99':>14}{c + ' TPOT99':>13}"
+    head += f"{'pre/1K':>8}{'rej':>6}{'busy':>6}  meets"
+    print(head)
+    for d in res["designs"]:
+        row = f"{d['name']:<18}{d['gpus']:>7}{_fmt(d['usd_per_hour'], 0):>9}{d['seed_spread_gpus']:>7}"
+        for c in cls:
+            m = d["classes"][c]
+            row += f"{_fmt(m['ttft_p99_ms']):>14}{_fmt(m['tpot_p99_ms'], 1):>13}"
+        row += (f"{_fmt(d['preempt_per_1k'], 2):>8}{d['rejected']:>6}{d['gpu_busy']:>6.0%}  "
+                f"{'yes' if d['meets'] else ('effective' if d['meets_effective'] else 'NO')}")
+        print(row)
+    for d in res["designs"]:
+        if d["prefix_hit_rate"] > 0:
+            print(f"  {d['name']}: prefix cache hit rate {d['prefix_hit_rate']:.1%} of prompt blocks")
+    for d in res["designs"]:
+        print(f"  {d['name']}: {d['what']}"
+              + (f"; alpha {d['alpha']:.3f} rho {d['rho']:.2f} closed form {d['closed_form_savings']:.1%}"
+                 if d["kind"] == "split" and d["rho"] == d["rho"] else ""))
+    r = res["recommendation"]
+    sv = r["savings_vs_baseline"]
+    print(f"\nrecommendation: {r['design']}"
+          + (f" ({sv:+.1%} vs baseline)" if sv is not None else "") + f": {r['why']}")
+
+
+def print_simulate(spec: FleetSpec, tr: Trace, r: SimResult, s: dict) -> None:
+    """A simulation's table: the fleet, each pool, utilisation, prefix cache, adaptive limits."""
+    print(f"{spec.describe()}\n{len(tr):,} requests, {s['duration_s']:.0f} s, simulated in "
+          f"{r.wall_s:.2f} s ({s['sim_req_per_s']:,.0f} req/s)")
+    print(HEADER)
+    print(_row("fleet", spec.gpus, s))
+    for name, m in s["pools"].items():
+        print(_row(f"  pool {name}", m["gpus"], {"fleet": m}))
+    f = s["fleet"]
+    print(f"over the trace window: KV utilisation {f['kv_util']:.1%} (busy {f['kv_util_busy']:.1%}), "
+          f"GPU busy {f['gpu_busy']:.1%}, drain {f['drain_s']:.0f} s, "
+          f"spilled {s['spilled']}, GPU-hours {f['gpu_hours']:.2f}")
+    if tr.hashes is not None:
+        print(f"prefix cache: {f['prefix_hit_rate']:.1%} of prompt blocks hit, "
+              f"{f['prefix_skipped_tokens']:,} prefill tokens skipped")
+    if r.loop is not None and spec.adaptive:
+        path = [lim for _, lim in r.loop.limits_path]
+        print(f"adaptive tier limits: {list(spec.tier_limits)} at the start, {list(path[-1]) if path else '-'} "
+              f"at the end, {sum(r.loop.router.threshold.moves)} moves")

@@ -1,0 +1,125 @@
+"""Monotone search for the smallest instance count that meets the targets:
+bracket from the analytic start, then bisect to SIZE_TOLERANCE."""
+from __future__ import annotations
+
+import math
+from typing import Callable
+
+from ..sim.fleet import FleetSpec, PoolSpec
+from ..sim.metrics import average
+from .design import SizedPool, SizingContext, SizingJob
+from .slo import ok
+from .workers import EvalJob, evaluate
+
+#: The bisection stops when the bracket is within 2% of the count (or 1): a
+#: seed-averaged P99 is still noisier than that.
+SIZE_TOLERANCE = 0.02
+
+#: Steps of the search from the analytic start: down by DOWN, up by UP, at most
+#: MAX_GROWTH x the start before a pool is declared infeasible.
+DOWN, UP, MAX_GROWTH = 0.8, 1.25, 64
+
+
+def narrow(good: Callable[[int], bool], lo: int, hi: int) -> int:
+    """Bisect between lo (fails) and hi (meets) until within SIZE_TOLERANCE; the meeting end."""
+    while hi - lo > max(1, SIZE_TOLERANCE * hi):
+        mid = (lo + hi) // 2
+        if good(mid):
+            hi = mid
+        else:
+            lo = mid
+    return hi
+
+
+def search(good: Callable[[int], bool], start: int, cap: int, limit: int) -> tuple[int, bool]:
+    """(smallest count meeting, feasible) for a monotone criterion: down by
+    DOWN from a start that meets, or up by UP (at most to cap, giving up past
+    limit) from one that fails, then `narrow`."""
+    if good(start):
+        hi, lo = start, 0
+        while hi > 1:
+            m = max(1, min(hi - 1, int(hi * DOWN)))
+            if good(m):
+                hi = m
+            else:
+                lo = m
+                break
+    else:
+        lo, hi = start, None
+        while hi is None:
+            m = min(cap, max(lo + 1, math.ceil(lo * UP)))
+            if good(m):
+                hi = m
+            elif m >= cap or m >= limit:
+                return m, False
+            else:
+                lo = m
+    return narrow(good, lo, hi), True
+
+
+class _Runs:
+    """The simulations of one sizing job, per (count, seed), and the
+    seed-averaged record of every count tried."""
+
+    def __init__(self, job: SizingJob, ctx: SizingContext):
+        self.job, self.ctx = job, ctx
+        self.runs: dict[tuple[int, int], dict] = {}  # (count, seed) -> summary
+        self.tried: dict[int, dict] = {}
+
+    def meets(self, n: int, seeds) -> bool:
+        """Do n instances meet the targets, averaged over these seeds?"""
+        job, ctx = self.job, self.ctx
+        spec = FleetSpec((PoolSpec(job.pool, job.cfg, n),), balancer=ctx.balancer)
+        for x in seeds:
+            if (n, x) not in self.runs:
+                self.runs[n, x] = evaluate(EvalJob(job.trace, spec, x, ctx.slo.boundary, ctx.warmup))
+        avg = average([self.runs[n, x] for x in seeds])
+        f, met = avg["fleet"], ok(avg, ctx.tg, ctx.slo)
+        self.tried[n] = {"count": n, "seeds": len(seeds), "ok": met,
+                         "preempt_per_1k": f["preemptions_per_1k"],
+                         **{f"{c}_ttft_p99_ms": avg["classes"][c]["ttft_p99_ms"] for c in ctx.tg},
+                         **{f"{c}_tpot_p99_ms": avg["classes"][c]["tpot_p99_ms"] for c in ctx.tg}}
+        return met
+
+    def per_seed(self) -> tuple:
+        """Per seed, the smallest count from which every larger run of that seed meets."""
+        counts = sorted({n for n, _ in self.runs})
+        out = []
+        for x in self.ctx.seeds:
+            best = None
+            for n in reversed(counts):
+                if (n, x) not in self.runs:
+                    continue
+                if ok(self.runs[n, x], self.ctx.tg, self.ctx.slo):
+                    best = n
+                else:
+                    break
+            out.append(best)
+        return tuple(out)
+
+    def cliff(self) -> int | None:
+        """The largest count whose first-seed preemptions exceed the SLO."""
+        s0, cap = self.ctx.seeds[0], self.ctx.slo.preempt_per_1k
+        bad = [n for n in sorted({n for n, _ in self.runs})
+               if self.runs[n, s0]["fleet"]["preemptions_per_1k"] > cap]
+        return max(bad) if bad else None
+
+
+def size_pool(job: SizingJob, ctx: SizingContext) -> SizedPool:
+    """Smallest count of `job.cfg` whose seed-averaged per-class P99s meet the targets.
+
+    Phase 1 brackets and bisects on the first seed alone (cheap); phase 2
+    bisects on the mean over all seeds around that point, so the seed average
+    decides the answer while the other seeds run only near the boundary.
+    """
+    tr, seeds = job.trace, ctx.seeds
+    rate = len(tr) / max(tr.duration, 1e-9)
+    runs = _Runs(job, ctx)
+    cap = max(1, len(tr))
+    start = min(cap, max(1, math.ceil(rate / job.mu))) if job.mu > 0 else 1
+    limit = start * MAX_GROWTH
+    hi, feasible = search(lambda n: runs.meets(n, seeds[:1]), start, cap, limit)
+    if feasible and len(seeds) > 1:
+        hi, feasible = search(lambda n: runs.meets(n, seeds), hi, cap, limit)
+    return SizedPool(job.pool, job.cfg, hi, feasible, job.mu, rate, runs.per_seed(),
+                     tuple(runs.tried[n] for n in sorted(runs.tried)), runs.cliff())
