@@ -4,6 +4,7 @@
     git clone https://github.com/microsoft/vidur /tmp/vidur   # its data/profiling
     python bench/calibrate.py --vidur /tmp/vidur [--out tests/planner/data/reference_steps.json]
     python bench/calibrate.py --compare      # model vs the committed table, no extra needed
+    python bench/calibrate.py --fit          # refit hardware.EFFICIENCY per GPU to the table
 
 Anchors, per point (GPU, model, TP, step shape):
 
@@ -285,12 +286,67 @@ def compare(table: dict) -> list[dict]:
     return out
 
 
+#: --fit: bounds of each Efficiency field (fractions of peak stay physical; all-reduce
+#: bandwidth in bytes/s, latency in s) and the objective's scale: a soft-L1 loss on
+#: log(model / median) with scale 0.1, plus a steep penalty past 18% so the fit keeps
+#: points inside the test's 20% before it polishes the rest.
+FIT_LO = (0.1, 0.3, 0.1, 0.3, 0.1, 0.3, 20e9, 0.0)
+FIT_HI = (0.95, 0.92, 0.95, 0.95, 1.0, 1.0, 400e9, 100e-6)
+FIT_SCALE, FIT_KNEE = 0.1, 0.18
+
+
+def fit(table: dict) -> dict:
+    """Per GPU, the Efficiency minimising the objective over that GPU's points
+    (coordinate search with multiplicative steps; deterministic)."""
+    import math
+    from dataclasses import astuple
+    sys.path.insert(0, ROOT)
+    from extproc.planner.sim import hardware as hw
+    out = {}
+    for gpu in SYSTEMS:
+        pts = [p for p in table["points"] if p["gpu"] == gpu]
+        cfgs = [hw.make_config(gpu, p["model"], tp=p["tp"], max_model_len=4096) for p in pts]
+        meds = [statistics.median(p["anchors"].values()) for p in pts]
+        saved = hw.EFFICIENCY[gpu]
+
+        def loss(x):
+            hw.EFFICIENCY[gpu] = hw.Efficiency(*x)
+            tot = 0.0
+            for p, c, med in zip(pts, cfgs, meds):
+                e = math.log(hw.reference_step_ms(c, p["kind"], p["tokens"], p["context"], p["batch"]) / med)
+                tot += math.sqrt(1 + (e / FIT_SCALE) ** 2) + 50 * max(abs(e) - math.log(1 + FIT_KNEE), 0) ** 2
+            return tot
+
+        x = list(astuple(saved))
+        best, step = loss(x), 0.3
+        while step > 1e-3:
+            better = False
+            for i in range(len(x)):
+                for f in (1 + step, 1 / (1 + step)):
+                    y = list(x)
+                    y[i] = min(max(y[i] * f if y[i] else FIT_HI[i] / 10, FIT_LO[i]), FIT_HI[i])
+                    v = loss(y)
+                    if v < best:
+                        x, best, better = y, v, True
+            if not better:
+                step /= 2
+        hw.EFFICIENCY[gpu] = saved
+        out[gpu] = x
+        print(f"{gpu}: Efficiency(" + ", ".join(f"{v:.3g}" for v in x) + f")  loss {best:.1f}")
+    return out
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", default=TABLE)
     ap.add_argument("--vidur", help="a clone of github.com/microsoft/vidur (its git dir or work tree)")
     ap.add_argument("--compare", action="store_true", help="only print model vs the table")
+    ap.add_argument("--fit", action="store_true",
+                    help="print hardware.EFFICIENCY refitted to the table (then paste, round, rerun the test)")
     a = ap.parse_args()
+    if a.fit:
+        fit(load(a.out))
+        return 0
     if not a.compare:
         try:
             metadata.version("aiconfigurator")

@@ -85,7 +85,8 @@ class Efficiency:
     allreduce_latency: float  # s
 
 
-#: Per-GPU fits (bench/calibrate.py --compare prints the residuals). A100 reaches a
+#: Per-GPU fits, rounded (`bench/calibrate.py --fit` reproduces them; `--compare` prints
+#: every point). A100 reaches a
 #: higher fraction of its (lower) peak than H100/H200 in attention; the all-reduce
 #: bandwidth grows with NVLink generation (A100 NVLink3 600 GB/s, H100/H200 NVLink4
 #: 900 GB/s; vLLM's custom all-reduce/NCCL reach ~20-25% of it in algorithm bandwidth
