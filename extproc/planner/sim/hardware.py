@@ -16,8 +16,9 @@ GIB = 1024**3
 BLOCK_SIZE = 16
 
 #: vLLM's default ``--gpu-memory-utilization``: the fraction of each GPU's memory
-#: the engine may use for weights + activations + KV cache.
-GPU_MEMORY_UTILIZATION = 0.9
+#: the engine may use for weights + activations + KV cache. 0.92 in the pinned vLLM
+#: 0.32 (vllm/config/cache.py CacheConfig.gpu_memory_utilization; 0.9 before).
+GPU_MEMORY_UTILIZATION = 0.92
 
 #: vLLM's default ``--max-num-seqs`` (256 in V0 and for the OpenAI server on
 #: GPUs < 70 GB in V1): the cap on concurrently running sequences.
@@ -45,36 +46,58 @@ MAX_NUM_PARTIAL_PREFILLS = 0
 #: it only acts on traces that carry block hashes (Mooncake `hash_ids`).
 ENABLE_PREFIX_CACHING = True
 
-#: Memory per GPU that vLLM's profiling run keeps out of the KV cache for peak
-#: activations (a max_num_batched_tokens forward pass), CUDA graphs and the
-#: NCCL/allocator workspace. vLLM start-up logs for 70B-class models at TP 4-8
-#: typically report 1-4 GiB of non-weight, non-KV use per GPU; 3 GiB is mid-range.
-NON_KV_RESERVE_PER_GPU = 3 * GIB
+#: Memory per GPU that vLLM's profiling run keeps out of the KV cache: peak
+#: activations of a max_num_batched_tokens forward pass, the NCCL workspace and the
+#: runtime (CUDA context, CUDA graphs, allocator). aiconfigurator 0.12's vLLM memory
+#: model gives 0.6-0.8 GiB activations at 8,192 tokens + 0.3-0.4 GiB NCCL at TP > 1
+#: + 3.5 GiB "others" for Llama-3.1-8B/70B and Qwen3-32B: ~4.5 GiB (3 GiB before).
+NON_KV_RESERVE_PER_GPU = 4.5 * GIB
 
-# --- Roofline efficiencies (calibrated, see docs/planner.md) -----------------
+# --- Step-time model (fitted to measured data, see docs/planner.md) -----------
 
-#: Fraction of peak HBM bandwidth a decode step achieves when streaming weights
-#: and KV. Memory-bound GEMV/attention kernels reach 70-85% of peak on A100/H100
-#: (e.g. a single-request Llama-8B decode measured at ~77% of A100 bandwidth,
-#: johnmusgrave.com "vLLM throughput-latency sweep on NVIDIA A100").
-MEM_EFFICIENCY = 0.8
-
-#: Fraction of dense BF16 peak FLOP/s reached by large prefill/decode GEMMs in
-#: vLLM (model FLOPs utilisation). 0.5-0.6 is the usual MFU of TP-sharded
-#: inference GEMMs; 0.55 is our calibrated value (docs/planner.md).
-COMPUTE_EFFICIENCY = 0.55
-
-#: Fixed per-step cost independent of TP: scheduler, input preparation,
-#: sampling and kernel-launch gaps that CUDA graphs do not hide. vLLM v0.6.0's
-#: performance blog measured CPU-side overheads of a few ms per step; 2 ms is
-#: what remains after its async output processing.
+#: Fixed per-step cost: scheduler, input preparation, sampling and kernel-launch
+#: gaps that CUDA graphs do not hide. vLLM v0.6.0's performance blog measured
+#: CPU-side overheads of a few ms per step; 2 ms is what remains after its async
+#: output processing. The reference anchors are kernel sums without it; the fit of
+#: the efficiencies below holds it at 2 ms.
 STEP_OVERHEAD_S = 0.002
 
-#: Latency of one small all-reduce across TP GPUs (NVLink/xGMI). Tensor
-#: parallelism does 2 all-reduces per layer per step; NCCL/RCCL small-message
-#: all-reduce latency within a node is ~10-30 us. Calibrated to 30 us against
-#: vLLM's published Llama-3-70B TP4 H200 latency test (docs/planner.md).
-ALLREDUCE_LATENCY_S = 30e-6
+
+@dataclass(frozen=True)
+class Efficiency:
+    """Fractions of datasheet peaks one GPU reaches in vLLM's kernels, and its
+    all-reduce. Fitted per GPU by least squares on log step time against the
+    reference table (tests/planner/data/reference_steps.json: aiconfigurator 0.12
+    silicon vLLM data and vidur's profiles; fit in docs/planner.md), rounded.
+
+    A step is the kernels in sequence (not one roofline over the whole step):
+      overhead + all-reduces + max(GEMM FLOPs / F_gemm, weight bytes / B_gemm)
+               + max(attention FLOPs / F_attn, KV bytes / B_attn)
+    so attention's KV reads at large decode batch add to the weight GEMMs."""
+
+    gemm_flops: float  # dense BF16 GEMM FLOP/s fraction (prefill-sized GEMMs)
+    gemm_bw: float  # HBM fraction streaming weights (decode-sized GEMMs)
+    attn_flops: float  # FlashAttention prefill FLOP/s fraction
+    attn_bw: float  # paged decode attention HBM fraction reading KV
+    moe_flops: float  # fused-MoE kernels, relative to gemm_flops
+    moe_bw: float  # fused-MoE weight streaming, relative to gemm_bw
+    allreduce_bw: float  # bytes/s: one all-reduce of S bytes takes lat + 2(tp-1)/tp * S / bw
+    allreduce_latency: float  # s
+
+
+#: Per-GPU fits, rounded (`bench/calibrate.py --fit` reproduces them; `--compare` prints
+#: every point). A100 reaches a
+#: higher fraction of its (lower) peak than H100/H200 in attention; the all-reduce
+#: bandwidth grows with NVLink generation (A100 NVLink3 600 GB/s, H100/H200 NVLink4
+#: 900 GB/s; vLLM's custom all-reduce/NCCL reach ~20-25% of it in algorithm bandwidth
+#: at these message sizes).
+EFFICIENCY: dict[str, Efficiency] = {
+    "a100": Efficiency(0.825, 0.89, 0.61, 0.70, 0.46, 0.79, 118e9, 56e-6),
+    "h100": Efficiency(0.82, 0.92, 0.67, 0.94, 0.50, 0.86, 185e9, 26e-6),
+    "h200": Efficiency(0.82, 0.92, 0.65, 0.91, 0.58, 0.78, 211e9, 15e-6),
+}
+#: B200 and MI300X have no measured anchors here: H100's fractions, an assumption.
+EFFICIENCY["b200"] = EFFICIENCY["mi300x"] = EFFICIENCY["h100"]
 
 
 @dataclass(frozen=True)
@@ -134,6 +157,7 @@ class Model:
     expert_params: float = 0.0  # parameters in routed experts (all of them)
     default_tp: dict = field(default_factory=dict, hash=False)  # out of the hash: configs key the planner's caches
     source: str = ""
+    hidden: int = 0  # residual stream width (what a TP all-reduce carries per token)
 
     @property
     def kv_bytes_per_token(self) -> int:
@@ -177,23 +201,27 @@ MODELS: dict[str, Model] = {
     "llama-3-70b": Model(
         "Llama-3.1-70B", 70.55e9, 70.55e9, 80, 64, 8, 128, 2, 131072,
         default_tp={"a100": 4, "h100": 4, "h200": 4, "b200": 2, "mi300x": 2},
+        hidden=8192,
         source="meta-llama/Llama-3.1-70B config.json: 80 layers, 64 heads, 8 KV "
                "heads, hidden 8192 (head_dim 128), 131072 max positions; 70.6B params, BF16"),
     "qwen3-235b-a22b": Model(
         "Qwen3-235B-A22B", _QWEN_TOTAL, _QWEN_ACTIVE, 94, 64, 4, 128, 2, 131072,
         experts=_QWEN_E, experts_per_token=_QWEN_K, expert_params=_QWEN_EXPERT,
         default_tp={"a100": 8, "h100": 8, "h200": 8, "b200": 4, "mi300x": 4},
+        hidden=4096,
         source="Qwen/Qwen3-235B-A22B model card/config.json: 235B total, 22B "
                "activated, 94 layers, 64 Q / 4 KV heads, head_dim 128, 128 experts "
                "8 active; 32,768 native context, 131,072 with YaRN"),
     "llama-3-8b": Model(
         "Llama-3.1-8B", 8.03e9, 8.03e9, 32, 32, 8, 128, 2, 131072,
         default_tp={"a100": 1, "h100": 1, "h200": 1, "b200": 1, "mi300x": 1},
+        hidden=4096,
         source="meta-llama/Llama-3.1-8B config.json: 32 layers, 32 heads, 8 KV heads, "
                "hidden 4096 (head_dim 128), 131072 max positions; 8.03B params, BF16"),
     "qwen3-32b": Model(
         "Qwen3-32B", 32.8e9, 32.8e9, 64, 64, 8, 128, 2, 131072,
         default_tp={"a100": 2, "h100": 2, "h200": 1, "b200": 1, "mi300x": 1},
+        hidden=5120,
         source="Qwen/Qwen3-32B model card/config.json: 32.8B params, 64 layers, 64 Q / 8 KV "
                "heads, head_dim 128; 32,768 native context, 131,072 with YaRN"),
     "qwen3-30b-a3b": Model(
@@ -201,6 +229,7 @@ MODELS: dict[str, Model] = {
         experts=128, experts_per_token=8,
         expert_params=_expert_params(_Q30_TOTAL, _Q30_ACTIVE, 128, 8),
         default_tp={"a100": 1, "h100": 1, "h200": 1, "b200": 1, "mi300x": 1},
+        hidden=2048,
         source="Qwen/Qwen3-30B-A3B model card/config.json: 30.5B total, 3.3B activated, 48 "
                "layers, 32 Q / 4 KV heads, head_dim 128, 128 experts 8 active; 32,768 native "
                "context, 131,072 with YaRN"),
@@ -319,14 +348,19 @@ class InstanceConfig:
 class StepCoeffs:
     """Coefficients of the step-time model, precomputed per config.
 
-    time = overhead + max(flops / F, bytes / BW) where
-      flops = 2 * active * tokens + attn * ctx_tokens_attended
-      bytes = weights_read(tokens) + kvb * ctx_tokens_read
+    time = fixed + per_token * tokens                      (overhead + TP all-reduces)
+         + max(flops_per_token * tokens * inv_flops, weights_read(tokens) * inv_bw)   (GEMMs)
+         + max(attn * ctx_attended * inv_attn_flops, kvb * kv_read * inv_attn_bw)     (attention)
+    The GEMMs and attention are separate kernels run one after the other: their
+    times add (issue 16: one max over the whole step hid KV reads under the GEMMs).
     """
 
-    overhead: float
-    inv_flops: float  # s per FLOP (whole instance, with efficiency)
-    inv_bw: float  # s per byte
+    overhead: float  # s per step: STEP_OVERHEAD_S + all-reduce latencies
+    per_token: float  # s per batched token: all-reduce bytes
+    inv_flops: float  # s per GEMM FLOP (whole instance, with efficiency)
+    inv_bw: float  # s per weight byte
+    inv_attn_flops: float  # s per attention FLOP
+    inv_attn_bw: float  # s per KV byte read
     flops_per_token: float
     attn_flops_per_ctx: float
     kv_bytes_per_token: float
@@ -334,22 +368,45 @@ class StepCoeffs:
 
     @staticmethod
     def of(cfg: InstanceConfig) -> "StepCoeffs":
-        m = cfg.model
-        comm = 0.0 if cfg.tp == 1 else 2 * m.layers * ALLREDUCE_LATENCY_S
+        m, tp = cfg.model, cfg.tp
+        e = EFFICIENCY.get(cfg.gpu_key(), EFFICIENCY["h100"])
+        ff, fb = (e.moe_flops, e.moe_bw) if m.experts else (1.0, 1.0)
+        n_ar = 0 if tp == 1 else 2 * m.layers  # 2 all-reduces per layer (attention, MLP)
+        hidden = m.hidden or m.q_heads * m.head_dim
+        ring = 2.0 * (tp - 1) / tp
         return StepCoeffs(
-            overhead=STEP_OVERHEAD_S + comm,
-            inv_flops=1.0 / (cfg.gpu.peak_flops * COMPUTE_EFFICIENCY * cfg.tp),
-            inv_bw=1.0 / (cfg.gpu.hbm_bandwidth * MEM_EFFICIENCY * cfg.tp),
+            overhead=STEP_OVERHEAD_S + n_ar * e.allreduce_latency,
+            per_token=n_ar * ring * hidden * m.dtype_bytes / e.allreduce_bw,
+            inv_flops=1.0 / (cfg.gpu.peak_flops * e.gemm_flops * ff * tp),
+            inv_bw=1.0 / (cfg.gpu.hbm_bandwidth * e.gemm_bw * fb * tp),
+            inv_attn_flops=1.0 / (cfg.gpu.peak_flops * e.attn_flops * tp),
+            inv_attn_bw=1.0 / (cfg.gpu.hbm_bandwidth * e.attn_bw * tp),
             flops_per_token=2.0 * m.active_params,
             attn_flops_per_ctx=m.attn_flops_per_ctx_token,
             kv_bytes_per_token=float(m.kv_bytes_per_token),
             model=m,
         )
 
+    def fixed(self, tokens: int) -> float:
+        """The part of a step set by its token count alone: overhead, all-reduces, GEMMs."""
+        g = self.flops_per_token * tokens * self.inv_flops
+        w = self.model.weight_bytes_read(tokens) * self.inv_bw
+        return self.overhead + self.per_token * tokens + (g if g > w else w)
+
     def step_time(self, tokens: int, attn_ctx: float, kv_read: float) -> float:
-        c = (self.flops_per_token * tokens + self.attn_flops_per_ctx * attn_ctx) * self.inv_flops
-        b = (self.model.weight_bytes_read(tokens) + self.kv_bytes_per_token * kv_read) * self.inv_bw
-        return self.overhead + (c if c > b else b)
+        a = self.attn_flops_per_ctx * attn_ctx * self.inv_attn_flops
+        k = self.kv_bytes_per_token * kv_read * self.inv_attn_bw
+        return self.fixed(tokens) + (a if a > k else k)
+
+
+def reference_step_ms(cfg: InstanceConfig, kind: str, tokens: int, context: int, batch: int) -> float:
+    """The model's time (ms) for one step of the reference table's shapes: a prefill
+    of `tokens` after `context` cached tokens (kind prefill/chunk), or a decode step
+    of `batch` requests at `context` tokens each."""
+    c = cfg.step_coeffs()
+    if kind == "decode":
+        return 1e3 * c.step_time(batch, batch * context, batch * context)
+    return 1e3 * c.step_time(tokens, tokens * context + tokens * tokens / 2, context)
 
 
 def make_config(gpu: str, model: str, max_model_len: int | None = None, tp: int | None = None,

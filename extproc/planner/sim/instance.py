@@ -21,7 +21,7 @@ Speed: decoding requests are not touched per step. Their KV length is
 phase class (length mod block_size), and runs of pure-decode steps with no
 admission possible are jumped over analytically up to the next event (first
 completion, the step whose block need exceeds free blocks, or the caller's
-time limit). Step time is the roofline of ``hardware.StepCoeffs``.
+time limit). Step time is ``hardware.StepCoeffs.step_time`` (GEMMs, then attention).
 """
 from __future__ import annotations
 
@@ -103,11 +103,11 @@ class Instance:
         self.work = work
         self.widx = widx
         self.check = check
-        c = cfg.step_coeffs()
-        self.ovh, self.invF, self.invB = c.overhead, c.inv_flops, c.inv_bw
-        self.fpt, self.attn, self.kvb = c.flops_per_token, c.attn_flops_per_ctx, c.kv_bytes_per_token
+        c = self.coeffs = cfg.step_coeffs()
+        self.invFa, self.invBa = c.inv_attn_flops, c.inv_attn_bw
+        self.attn, self.kvb = c.attn_flops_per_ctx, c.kv_bytes_per_token
         self.model = cfg.model
-        self._wread = {}  # tokens -> weight bytes read (MoE depends on batch)
+        self._fixed = {}  # tokens -> overhead + all-reduces + GEMM time (hardware.StepCoeffs.fixed)
         self.bs = cfg.block_size
         self.total_blocks = cfg.num_blocks
         self.free = self.total_blocks
@@ -167,11 +167,11 @@ class Instance:
         return self.total_blocks - self.free
 
     # -- helpers -----------------------------------------------------------------
-    def _w(self, tokens: int) -> float:
-        w = self._wread.get(tokens)
-        if w is None:
-            w = self._wread[tokens] = self.model.weight_bytes_read(tokens)
-        return w
+    def _f(self, tokens: int) -> float:
+        f = self._fixed.get(tokens)
+        if f is None:
+            f = self._fixed[tokens] = self.coeffs.fixed(tokens)
+        return f
 
     def idle(self) -> bool:
         return not self.running and not self.waiting
@@ -286,10 +286,12 @@ class Instance:
         if n <= 0:
             return None
         S0 = self.sum_off + nD * dc
-        a1 = self.ovh + (self.fpt * nD + self.attn * S0) * self.invF
-        b1 = self.attn * nD * self.invF
-        a2 = self.ovh + (self._w(nD) + self.kvb * S0) * self.invB
-        b2 = self.kvb * nD * self.invB
+        # step k of the run: fixed(nD) + max(attention FLOPs, KV reads), both linear in k
+        f = self._f(nD)
+        a1 = f + self.attn * S0 * self.invFa
+        b1 = self.attn * nD * self.invFa
+        a2 = f + self.kvb * S0 * self.invBa
+        b2 = self.kvb * nD * self.invBa
         return n, a1, b1, a2, b2
 
     def _blocks_needed(self, n: int) -> int:
@@ -423,7 +425,7 @@ class Instance:
             # newest one (vLLM would preempt it when allocation fails).
             self._preempt_last()
             return
-        # 4) step time (roofline)
+        # 4) step time (hardware.StepCoeffs.step_time, inlined)
         tokens = nD
         attn_ctx = S_dec
         kv_read = S_dec
@@ -431,9 +433,9 @@ class Instance:
             tokens += x
             attn_ctx += x * s.computed + x * x * 0.5
             kv_read += s.computed
-        c = (self.fpt * tokens + self.attn * attn_ctx) * self.invF
-        b = (self._w(tokens) + self.kvb * kv_read) * self.invB
-        dt = self.ovh + (c if c > b else b)
+        a = self.attn * attn_ctx * self.invFa
+        k = self.kvb * kv_read * self.invBa
+        dt = self._f(tokens) + (a if a > k else k)
         used = self.total_blocks - self.free
         self.kv_int += used * dt
         self.busy += dt

@@ -77,11 +77,19 @@ def idle_figures(cfg: InstanceConfig, prompts: np.ndarray) -> tuple[float, float
         return 0.0, 0.0
     c = cfg.step_coeffs()
     p = np.asarray(prompts, dtype=np.float64)
-    chunks = np.ceil(p / cfg.max_num_batched_tokens)
-    flops = c.flops_per_token * p + c.attn_flops_per_ctx * p * p / 2
-    t = chunks * c.overhead + np.maximum(flops * c.inv_flops, chunks * c.model.weight_bytes * c.inv_bw)
-    dec = c.overhead + np.maximum((c.flops_per_token + c.attn_flops_per_ctx * p) * c.inv_flops,
-                                  (c.model.weight_bytes_read(1) + c.kv_bytes_per_token * p) * c.inv_bw)
+    mbt = cfg.max_num_batched_tokens
+    chunks = np.ceil(p / mbt)
+    # chunk i (of mbt tokens) reads the KV of the i*mbt tokens before it
+    kv_read = mbt * chunks * (chunks - 1) / 2
+    full = chunks - 1  # full chunks, then one of the remainder
+    last = p - full * mbt
+    u, inv = np.unique(last, return_inverse=True)
+    fixed = full * c.fixed(mbt) + np.array([c.fixed(int(x)) for x in u])[inv]
+    attn = np.maximum(c.attn_flops_per_ctx * p * p / 2 * c.inv_attn_flops,
+                      c.kv_bytes_per_token * kv_read * c.inv_attn_bw)
+    t = fixed + attn
+    dec = c.fixed(1) + np.maximum(c.attn_flops_per_ctx * p * c.inv_attn_flops,
+                                  c.kv_bytes_per_token * p * c.inv_attn_bw)
     return 1e3 * float(np.percentile(t, 99)), 1e3 * float(np.percentile(dec, 99))
 
 
