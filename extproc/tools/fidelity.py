@@ -124,13 +124,14 @@ DESIGNS = (
 
 # --- calibration ----------------------------------------------------------------
 
-#: Prefill sizes timed alone: 1 to 15 steps of MBT, plus one short prompt.
-CALIB_PROMPTS = (32, 512, 1024, 2048, 3072, 4096, 6144, 7680)
-CALIB_REPEATS = 3
+#: Prefill sizes timed alone: 1 to 15 steps of MBT, plus one short prompt; five
+#: repeats each (medians: on a loaded machine single timings scatter 2x).
+CALIB_PROMPTS = (32, 512, 1024, 2048, 4096, 7680)
+CALIB_REPEATS = 5
 #: Decode batches timed (prompt, output tokens): the TPOT of b requests together.
-DECODE_BATCHES = (1, 4, 8)
+DECODE_BATCHES = (1, 2, 4, 8)
 DECODE_PROMPT, DECODE_OUTPUT = 64, 32
-DECODE_REPEATS = 2
+DECODE_REPEATS = 4
 
 #: Token ids of the random prompts: inside Qwen's BPE ranks, no special tokens.
 #: Every prompt is fresh, so prefix caching never hits (the simulator runs
@@ -222,14 +223,19 @@ def latency(ttft_s: np.ndarray, e2e_s: np.ndarray, output: np.ndarray) -> dict:
             "tpot_p50_ms": pct(tpot, 50), "tpot_p90_ms": pct(tpot, 90)}
 
 
-def sim_latency(tr: Trace, design: Design, profiles: list) -> dict:
-    """The simulator's figures; TTFT includes the profile's per-request overhead."""
+def sim_times(tr: Trace, design: Design, profiles: list) -> tuple[np.ndarray, np.ndarray]:
+    """(TTFT s, e2e s) per request in the simulator, the profile's per-request
+    overhead included; NaN where rejected."""
     r = simulate(tr, spec_of(design, profiles))
     over = np.array([profiles[k].request_overhead_s for k in route(tr, design)])
     ok = ~r.rejected
-    ttft = np.where(ok, r.first_token - r.arrival + over, np.nan)
-    e2e = np.where(ok, r.finish - r.arrival + over, np.nan)
-    return latency(ttft, e2e, tr.output)
+    return (np.where(ok, r.first_token - r.arrival + over, np.nan),
+            np.where(ok, r.finish - r.arrival + over, np.nan))
+
+
+def sim_latency(tr: Trace, design: Design, profiles: list) -> dict:
+    """The simulator's four figures."""
+    return latency(*sim_times(tr, design, profiles), tr.output)
 
 
 def compare(configs: list[dict]) -> dict:
@@ -310,45 +316,63 @@ class Calibration:
     decode_repeats: int = DECODE_REPEATS
 
 
-async def calibrate(port: int, rng: np.random.Generator, log=print,
-                    cal: Calibration = Calibration()) -> tuple[list, list, list]:
-    """(features, seconds, rows) of the isolated timings: a warm-up pass of every
-    prompt size and batch is discarded; sizes interleaved across repeats."""
-    for n in cal.prompts:
-        await completion(port, _body(_ids(rng, n), 1))
-    for b in cal.batches:
-        await asyncio.gather(*[completion(port, _body(_ids(rng, DECODE_PROMPT), DECODE_OUTPUT))
-                               for _ in range(b)])
-    ttft: dict[int, list] = {}
+async def time_alone(port: int, rng: np.random.Generator, cal: Calibration = Calibration(),
+                     warm: bool = True, max_model_len: int = SINGLE_LEN) -> dict:
+    """Isolated timings of one server: {"prefill": {tokens: [TTFT s]}, "decode":
+    {batch: [TPOT s]}}. With ``warm`` a first pass of every size and batch is
+    run and discarded (the first request at a new size is slower); sizes are
+    interleaved across repeats. Prompts longer than the server takes (with
+    one output token) are replaced by its longest."""
+    prompts = sorted({min(n, max_model_len - 1) for n in cal.prompts})
+    if warm:
+        for n in prompts:
+            await completion(port, _body(_ids(rng, n), 1))
+        for b in cal.batches:
+            await asyncio.gather(*[completion(port, _body(_ids(rng, DECODE_PROMPT), DECODE_OUTPUT))
+                                   for _ in range(b)])
+    out: dict = {"prefill": {}, "decode": {}}
     for _ in range(cal.repeats):
-        for n in cal.prompts:
+        for n in prompts:
             t, _, _ = await completion(port, _body(_ids(rng, n), 1))
-            ttft.setdefault(n, []).append(t)
-    tpot: dict[int, list] = {}
+            out["prefill"].setdefault(n, []).append(t)
     for _ in range(cal.decode_repeats):
         for b in cal.batches:
-            out = await asyncio.gather(*[completion(port, _body(_ids(rng, DECODE_PROMPT), DECODE_OUTPUT))
+            got = await asyncio.gather(*[completion(port, _body(_ids(rng, DECODE_PROMPT), DECODE_OUTPUT))
                                          for _ in range(b)])
-            tpot.setdefault(b, []).extend((e - t) / (DECODE_OUTPUT - 1) for t, e, _ in out)
+            out["decode"].setdefault(b, []).extend((e - t) / (DECODE_OUTPUT - 1) for t, e, _ in got)
+    return out
+
+
+def merge(*timings: dict) -> dict:
+    out: dict = {"prefill": {}, "decode": {}}
+    for t in timings:
+        for kind in out:
+            for k, v in t[kind].items():
+                out[kind].setdefault(k, []).extend(v)
+    return out
+
+
+def fit_profile(timings: dict, source: str) -> tuple[CP.CPUProfile, list]:
+    """The profile fitted to the medians of ``timings``, and a row per point
+    (measured and fitted ms)."""
     feats, secs, rows = [], [], []
-    for n, v in ttft.items():
+    for n, v in sorted(timings["prefill"].items()):
         feats.append(CP.prefill_features(n, MBT))
         secs.append(float(np.median(v)))
-        rows.append({"kind": "prefill", "tokens": n, "median_ms": 1e3 * secs[-1]})
-    for b, v in tpot.items():
+        rows.append({"kind": "prefill", "tokens": n, "samples": len(v), "median_ms": 1e3 * secs[-1]})
+    for b, v in sorted(timings["decode"].items()):
         feats.append(CP.decode_features(b, DECODE_PROMPT, DECODE_OUTPUT))
         secs.append(float(np.median(v)))
-        rows.append({"kind": "decode", "batch": b, "median_ms": 1e3 * secs[-1]})
-    log("  calibration: " + ", ".join(
-        f"{r['kind'][0]}{r.get('tokens', r.get('batch'))}={r['median_ms']:.1f}ms" for r in rows))
-    return feats, secs, rows
-
-
-def fit_profile(feats, secs, rows, source: str) -> tuple[CP.CPUProfile, list]:
+        rows.append({"kind": "decode", "batch": b, "samples": len(v), "median_ms": 1e3 * secs[-1]})
     prof = CP.fit(feats, secs, source)
     for f, r in zip(feats, rows):
         r["fit_ms"] = 1e3 * CP.predict(prof, f)
     return prof, rows
+
+
+def _show(rows: list) -> str:
+    return ", ".join(f"{r['kind'][0]}{r.get('tokens', r.get('batch'))}={r['median_ms']:.0f}/{r['fit_ms']:.0f}"
+                     for r in rows)
 
 
 async def replay(tr: Trace, server_of: np.ndarray, ports: list[int], rng: np.random.Generator,
@@ -438,16 +462,13 @@ async def run_design(design: Design, ports: list[int], tr: Trace | None, base: T
                      cal: Calibration = Calibration()) -> dict:
     """Calibrate the design's servers, fit, (stretch ``base`` when ``tr`` is
     None: the first design sets the arrivals of all), replay, simulate."""
-    profiles, calib = [], []
-    for s, port in zip(design.servers, ports):
-        log(f"[{design.name}] timing server {s.name} alone (load {os.getloadavg()[0]:.1f})")
-        feats, secs, rows = await calibrate(port, rng, log, cal)
-        prof, rows = fit_profile(feats, secs, rows, f"fitted in this run on server {s.name} ({design.name})")
-        log(f"  profile: {json.dumps({k: round(v, 2) for k, v in prof.to_json().items()})}")
-        profiles.append(prof)
-        calib.append({"server": s.name, "profile": prof.to_json(), "timings": rows})
+    before = []
+    for srv, port in zip(design.servers, ports):
+        log(f"[{design.name}] timing server {srv.name} alone (load {os.getloadavg()[0]:.1f})")
+        before.append(await time_alone(port, rng, cal, max_model_len=srv.max_model_len))
     if tr is None:
-        f = stretch_for(base, design, profiles)
+        first = [fit_profile(b, "before the replay")[0] for b in before]
+        f = stretch_for(base, design, first)
         tr = scaled(base, f)
         log(f"  arrivals x{f:.2f}: {len(tr)} requests over {tr.duration:.0f} s")
     server_of = route(tr, design)
@@ -459,8 +480,23 @@ async def run_design(design: Design, ports: list[int], tr: Trace | None, base: T
         if done % 50 == 0 or done == n:
             log(f"  {done}/{n} done, {time.monotonic() - t_start:.0f} s")
     ttft, e2e, late = await replay(tr, server_of, ports, rng, progress)
+    wall = time.monotonic() - t_start
     real = latency(ttft, e2e, tr.output)
-    sim = sim_latency(tr, design, profiles)
+    # The load moves: the servers are timed again after the replay and the
+    # profile is fitted to both blocks (it brackets the replay).
+    profiles, calib = [], []
+    for srv, port, b in zip(design.servers, ports, before):
+        after = await time_alone(port, rng, cal, warm=False, max_model_len=srv.max_model_len)
+        prof, rows = fit_profile(merge(b, after), f"fitted in this run on server {srv.name} ({design.name}), "
+                                                  "timed before and after the replay")
+        log(f"  {srv.name}: measured/fitted ms {_show(rows)}")
+        log(f"  profile {json.dumps({k: round(v, 2) for k, v in prof.to_json().items()})}")
+        profiles.append(prof)
+        calib.append({"server": srv.name, "profile": prof.to_json(), "timings": rows,
+                      "profile_before": fit_profile(b, "before")[0].to_json(),
+                      "profile_after": fit_profile(after, "after")[0].to_json()})
+    sim_ttft, sim_e2e = sim_times(tr, design, profiles)
+    sim = latency(sim_ttft, sim_e2e, tr.output)
     log(f"  real {json.dumps({k: round(v, 1) for k, v in real.items()})}")
     log(f"  sim  {json.dumps({k: round(v, 1) for k, v in sim.items()})}")
     return {"name": design.name, "real": real, "sim": sim, "trace": tr,
@@ -468,7 +504,10 @@ async def run_design(design: Design, ports: list[int], tr: Trace | None, base: T
                          "kv_tokens": s.kv_tokens, "max_num_batched_tokens": MBT,
                          "long_prefill_token_threshold": s.lpt, "cpus": s.cpus} for s in design.servers],
             "calibration": calib, "late_sends": late, "load_at_replay": load0, "load_after": load_note(),
-            "replay_wall_s": time.monotonic() - t_start}
+            "replay_wall_s": wall,
+            "per_request": {k: [None if not np.isfinite(x) else round(float(x), 5) for x in a]
+                            for k, a in (("real_ttft_s", ttft), ("real_e2e_s", e2e),
+                                         ("sim_ttft_s", sim_ttft), ("sim_e2e_s", sim_e2e))}}
 
 
 def plot(doc: dict, path: str) -> None:
@@ -476,7 +515,7 @@ def plot(doc: dict, path: str) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     cfgs = doc["configs"]
-    fig, axes = plt.subplots(1, 3, figsize=(15, 4.5))
+    fig, axes = plt.subplots(1, 4, figsize=(20, 4.5))
     x = np.arange(len(cfgs))
     for ax, pair, title in ((axes[0], ("ttft_p50_ms", "ttft_p90_ms"), "TTFT (ms)"),
                             (axes[1], ("tpot_p50_ms", "tpot_p90_ms"), "TPOT (ms)")):
@@ -497,7 +536,17 @@ def plot(doc: dict, path: str) -> None:
     ax.set_xticks(x, [c["name"] for c in cfgs])
     ax.set_title(f"sim / real (ranking by {doc['ranking_metric']} agrees: {doc['ranking_agrees']})")
     ax.legend(fontsize=7)
-    fig.suptitle(f"Simulator vs real vLLM {V.VLLM_VERSION} CPU, {len(cfgs[0]['trace_arrival_s'])} requests, "
+    ax = axes[3]
+    for k, c in enumerate(cfgs):
+        col = f"C{k}"
+        for side, ls in (("real", "-"), ("sim", "--")):
+            v = np.sort([x for x in c["per_request"][f"{side}_ttft_s"] if x is not None])
+            ax.plot(1e3 * v, np.arange(1, len(v) + 1) / len(v), ls, color=col, label=f"{c['name']} {side}")
+    ax.set_xscale("log")
+    ax.set_xlabel("TTFT (ms)")
+    ax.set_title("TTFT CDF per request")
+    ax.legend(fontsize=7)
+    fig.suptitle(f"Simulator vs real vLLM {V.VLLM_VERSION} CPU, {len(cfgs[0]['per_request']['real_ttft_s'])} requests, "
                  f"load {doc['load_start']['load1']:.1f} on {doc['load_start']['cpus']} CPUs at start")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
