@@ -32,8 +32,11 @@ SERVER = F.Server("single", F.SINGLE_LEN, F.SINGLE_SEQS, F.SINGLE_KV, F.LPT_ON)
 
 
 @pytest.fixture(scope="module")
-def fidelity_server(vllm_env, tmp_path_factory, tier_clock):
+def fidelity_server(tmp_path_factory, tier_clock):
     from extproc.tools.stack import free_ports
+
+    from .conftest import _require_env
+    _require_env()
     run = F.Running()
     port = free_ports(1)[0]
     try:
