@@ -8,7 +8,7 @@ STAMP   = $(VENV)/.installed
 VLLM_VENV  ?= .venv-vllm
 VLLM_STAMP  = $(VLLM_VENV)/.installed
 
-.PHONY: demo test test-vllm vllm-env bench bench-sim accuracy planner-results up envoy-config check-compose clean
+.PHONY: demo test test-vllm vllm-env bench bench-sim accuracy planner-results fidelity up envoy-config check-compose clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -59,6 +59,12 @@ accuracy: $(STAMP)
 ## Planner result tables for docs/planner.md (slow: minutes per trace).
 planner-results: $(STAMP)
 	$(PY) bench/planner_results.py
+
+## The simulator against real vLLM CPU servers (issue 16.7): one mixed trace, three designs,
+## out/fidelity/fidelity.json + fidelity.png (10-15 min on 2 cores; needs ../shared/data,
+## or FIDELITY_ARGS="--data DIR").
+fidelity: $(STAMP) $(VLLM_STAMP)
+	ROUTER_VLLM_VENV=$(VLLM_VENV) $(PY) -m extproc.tools.fidelity --out out/fidelity $(FIDELITY_ARGS)
 
 up: $(STAMP)
 	$(PY) -m extproc.cli up

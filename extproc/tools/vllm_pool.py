@@ -119,6 +119,8 @@ class VLLMPool:
     max_model_len: int
     max_num_seqs: int
     kv_tokens: int
+    max_num_batched_tokens: int = 0  # 0: vLLM's default (2,048 on CPU)
+    long_prefill_token_threshold: int = 0  # 0: off (vLLM's default)
 
     def argv(self, model: str) -> list[str]:
         # Flags checked against `python -m vllm.entrypoints.openai.api_server --help`
@@ -130,7 +132,11 @@ class VLLMPool:
                 "--enable-auto-tool-choice", "--tool-call-parser", "hermes",
                 "--max-model-len", str(self.max_model_len), "--max-num-seqs", str(self.max_num_seqs),
                 "--kv-cache-memory-bytes", str(self.kv_tokens * KV_BYTES_PER_TOKEN),
-                "--host", self.host, "--port", str(self.port)]
+                "--host", self.host, "--port", str(self.port),
+                *(["--max-num-batched-tokens", str(self.max_num_batched_tokens)]
+                  if self.max_num_batched_tokens else []),
+                *(["--long-prefill-token-threshold", str(self.long_prefill_token_threshold)]
+                  if self.long_prefill_token_threshold else [])]
 
 
 def env() -> dict[str, str]:

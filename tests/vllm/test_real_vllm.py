@@ -241,7 +241,7 @@ def test_flags_exist_in_the_pinned_vllm(vllm_env):
     in the installed vLLM's argument parser; compose runs the pinned version."""
     help_text = subprocess.run([V.python(), "-m", "vllm.entrypoints.openai.api_server", "--help=all"],
                                capture_output=True, text=True, timeout=180).stdout
-    flags = {a for a in V.VLLMPool("h", 1, 2048, 1, 2048).argv("m") if a.startswith("--")}
+    flags = {a for a in V.VLLMPool("h", 1, 2048, 1, 2048, 512, 128).argv("m") if a.startswith("--")}
     compose = yaml.safe_load((ROOT / "compose" / "docker-compose.yaml").read_text())
     for name in ("vllm-short", "vllm-long"):
         svc = compose["services"][name]

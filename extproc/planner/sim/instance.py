@@ -173,6 +173,11 @@ class Instance:
             f = self._fixed[tokens] = self.coeffs.fixed(tokens)
         return f
 
+    def _lpt(self) -> int:
+        """The long-prefill threshold of the next step: vLLM 0.32's scheduler
+        drops it when one request is running or waiting (nobody to starve)."""
+        return self.lpt if len(self.running) + len(self.waiting) > 1 else self.mbt
+
     def idle(self) -> bool:
         return not self.running and not self.waiting
 
@@ -241,7 +246,7 @@ class Instance:
         if len(self.prefilling) >= self.mpp:
             return False
         s = self.waiting[0]
-        x = min(s.target, room, self.lpt)
+        x = min(s.target, room, self._lpt())
         need_dec = self.cnt[(-self.dc) % self.bs] if self.nD else 0
         return -(-x // self.bs) <= self.free - need_dec
 
@@ -351,6 +356,7 @@ class Instance:
     def _step(self) -> None:
         bs, rec = self.bs, self.rec
         budget = self.mbt
+        lpt = self._lpt()
         preempted = False
         # 1) running decodes: one token each; preempt from the tail if blocks run out
         need = self.cnt[(-self.dc) % bs] if self.nD else 0
@@ -369,7 +375,7 @@ class Instance:
                 break
             if s.rid not in self.running or s.dec:
                 continue
-            x = min(s.target - s.computed, budget, self.lpt)
+            x = min(s.target - s.computed, budget, lpt)
             nb = -(-(s.computed + x) // bs) - s.blocks
             gone = False
             while nb > self.free:
@@ -400,7 +406,7 @@ class Instance:
                     k = self.pc.peek(s.h)
                     if k:
                         cached = min(k * HASH_BLOCK_TOKENS, (s.target - 1) // bs * bs)
-                x = min(s.target - cached, budget, self.lpt)
+                x = min(s.target - cached, budget, lpt)
                 nb = -(-(cached + x) // bs)
                 if nb > self.free:
                     break

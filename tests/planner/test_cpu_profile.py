@@ -1,0 +1,116 @@
+"""The measured CPU profile (planner.sim.cpu_profile) and the pure half of the
+fidelity check (tools/fidelity.py): the fit, the profile inside the instance
+model, vLLM 0.32's lone-request threshold rule, the comparison."""
+import numpy as np
+import pytest
+
+from extproc.planner.sim import cpu_profile as CP
+from extproc.planner.sim.fleet import FleetSpec, PoolSpec, simulate
+from extproc.planner.sim.hardware import ConfigError
+from extproc.planner.sim.traces import Trace
+from extproc.tools import fidelity as F
+
+PROF = CP.CPUProfile(step_overhead_s=0.008, per_token_s=20e-6, per_ctx_s=25e-9, request_overhead_s=0.009)
+
+
+def cfg(**kw):
+    kw.setdefault("max_num_batched_tokens", 512)
+    return CP.cpu_config("tiny-qwen2", 8192, profile=PROF, kv_tokens=32768, max_num_seqs=8,
+                       enable_prefix_caching=False, **kw)
+
+
+def run(c, arrival, prompt, output):
+    tr = Trace("t", np.asarray(arrival, float), np.asarray(prompt, np.int64), np.asarray(output, np.int64))
+    return simulate(tr, FleetSpec((PoolSpec("p", c, 1),)), check=True)
+
+
+def test_the_cpu_registry_gives_a_config_with_the_measured_profile():
+    c = CP.cpu_config("tiny-qwen2", 2048)
+    assert isinstance(c, CP.CPUInstanceConfig) and c.gpu_key() == "cpu"
+    c.validate()
+    assert c.kv_tokens == 4 * 2048
+    assert "--kv-cache-memory-bytes=8388608" in c.vllm_args()  # 1 KiB per token
+    assert c.step_coeffs().overhead == CP.CPU_PROFILES["tiny-qwen2"].step_overhead_s
+    with pytest.raises(ConfigError):
+        CP.cpu_config("llama-3-70b")
+
+
+def test_fit_recovers_the_terms_it_was_made_from():
+    feats = [CP.prefill_features(n, 512) for n in (32, 512, 1024, 3072, 7680)]
+    feats += [CP.decode_features(b, 64, 32) for b in (1, 4, 8)]
+    secs = [CP.predict(PROF, f) for f in feats]
+    got = CP.fit(feats, secs)
+    for k in CP.TERMS:
+        assert getattr(got, k) == pytest.approx(getattr(PROF, k), rel=1e-6)
+
+
+def test_fit_keeps_every_term_non_negative():
+    feats = [CP.prefill_features(n, 512) for n in (32, 512, 1024, 3072)] + [CP.decode_features(1, 64, 32)]
+    secs = [0.02, 0.02, 0.021, 0.019, 0.03]  # flat: no per-token or context cost visible
+    got = CP.fit(feats, secs)
+    assert min(getattr(got, k) for k in CP.TERMS) >= 0.0
+    with pytest.raises(ValueError):
+        CP.fit(feats[:3], secs[:3])
+
+
+@pytest.mark.parametrize("n", [32, 512, 1500, 7680])
+def test_the_instance_model_prices_a_lone_prefill_as_the_fit_does(n):
+    """The fit's features and the simulator's steps are the same model: a lone
+    prompt's engine TTFT is the profile's prediction less the request overhead."""
+    r = run(cfg(), [0.0], [n], [1])
+    assert r.first_token[0] == pytest.approx(CP.predict(PROF, CP.prefill_features(n, 512))
+                                             - PROF.request_overhead_s, rel=1e-9)
+
+
+def test_the_instance_model_prices_a_decode_batch_as_the_fit_does():
+    b, p, o = 4, 64, 32
+    r = run(cfg(), [0.0] * b, [p] * b, [o] * b)
+    tpot = (r.finish - r.first_token) / (o - 1)
+    want = CP.predict(PROF, CP.decode_features(b, p, o))
+    assert np.allclose(tpot, want, rtol=0.01)
+
+
+def test_long_prefill_threshold_is_off_for_a_lone_request():
+    """vLLM 0.32 (v1/core/sched/scheduler.py): the threshold applies only when
+    more than one request is running or waiting."""
+    lone = run(cfg(long_prefill_token_threshold=128), [0.0], [2048], [1])
+    free = run(cfg(), [0.0], [2048], [1])
+    assert lone.first_token[0] == pytest.approx(free.first_token[0])  # 4 steps of 512, not 16 of 128
+    # with a second request waiting, the long prompt is cut to 128 tokens a step
+    two = run(cfg(long_prefill_token_threshold=128), [0.0, 0.0], [2048, 64], [1, 2])
+    two_off = run(cfg(), [0.0, 0.0], [2048, 64], [1, 2])
+    assert two.first_token[1] < two_off.first_token[1]  # the short one no longer waits behind it
+    assert two.first_token[0] > two_off.first_token[0]
+
+
+def test_latency_counts_tpot_as_vllms_benchmark_does():
+    ttft = np.array([0.1, 0.2, np.nan, 0.1])
+    e2e = np.array([0.5, 0.2, 1.0, 1.1])
+    out = np.array([5, 1, 3, 11])
+    m = F.latency(ttft, e2e, out)
+    assert m["requests"] == 3
+    assert m["tpot_p50_ms"] == pytest.approx(100.0)  # (0.5-0.1)/4 and (1.1-0.1)/10; 1-token excluded
+    assert m["ttft_p50_ms"] == pytest.approx(100.0)
+
+
+def test_compare_ratios_and_ranking():
+    def m(t50, t90, p50, p90):
+        return {"requests": 1, "ttft_p50_ms": t50, "ttft_p90_ms": t90, "tpot_p50_ms": p50, "tpot_p90_ms": p90}
+    cfgs = [{"name": "a", "real": m(100, 200, 10, 20), "sim": m(110, 210, 9, 19)},
+            {"name": "b", "real": m(50, 100, 10, 20), "sim": m(60, 90, 10, 30)}]
+    doc = F.compare(cfgs)
+    assert doc["configs"][0]["ratio"]["ttft_p50_ms"] == pytest.approx(1.1)
+    assert doc["ranking_agrees"]  # b < a on TTFT p90 in both
+    assert not doc["all_ratios_in_band"]  # 30/20 = 1.5
+    cfgs[1]["sim"]["ttft_p90_ms"] = 300
+    assert not F.compare(cfgs)["ranking_agrees"]
+
+
+def test_the_fidelity_trace(traces_dir):
+    tr = F.build_trace(traces_dir.rsplit("/", 1)[0])
+    assert len(tr) == F.N_REQUESTS >= 300
+    assert (tr.prompt + tr.output <= F.SINGLE_LEN).all()
+    assert tr.prompt.max() > 0.8 * F.SINGLE_LEN  # prompts reach toward the long pool's context
+    ia = np.diff(tr.arrival)
+    assert ia.std() / ia.mean() > 1.5  # bursts (Poisson has CV 1)
+    assert (F.route(tr, F.DESIGNS[2]) == 1).sum() >= 20  # the split's long server gets real work
