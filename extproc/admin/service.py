@@ -199,25 +199,36 @@ class AdminService:
     def restore_snapshot(self, req: pb.Snapshot, caller: str = "") -> pb.RestoreSnapshotResponse:
         before = self.router.samples()
         try:
-            # All or nothing, with the plausibility check a state file passes.
-            restore_json(self.router, req.state_json)
+            # The plausibility check a state file passes: a bad root refuses
+            # the whole snapshot, a bad fit or sketch costs only itself.
+            dropped = restore_json(self.router, req.state_json)
         except ValueError as e:
             raise AdminError(INVALID_ARGUMENT, f"calibration snapshot refused, nothing changed: {e}") from None
         after = self.router.samples()
-        self._audit(caller, "calibration restored", f"{before} samples", f"{after} samples")
+        log_dropped(f"worker {self.worker.index}: admin RestoreSnapshot", dropped)
+        self._audit(caller, "calibration restored", f"{before} samples",
+                    f"{after} samples" + (f" ({len(dropped)} bad part(s) dropped)" if dropped else ""))
         return pb.RestoreSnapshotResponse(samples=after)
 
 
-def restore_json(router: Any, state_json: bytes) -> None:
-    """Restore ``router`` from a snapshot's JSON (``Router.restore``: all or
-    nothing, plausibility-checked); ValueError if it is not one."""
+def log_dropped(where: str, dropped: list[str]) -> None:
+    """One warning per part of a snapshot that a restore dropped."""
+    for what in dropped:
+        logging.getLogger("budget_router").warning("%s: calibration snapshot part dropped, learned afresh: %s",
+                                                   where, what)
+
+
+def restore_json(router: Any, state_json: bytes) -> list[str]:
+    """Restore ``router`` from a snapshot's JSON (``Router.restore``,
+    plausibility-checked); returns the parts dropped; ValueError if it is
+    not a snapshot this router can take at all."""
     try:
         state = orjson.loads(state_json)
     except orjson.JSONDecodeError as e:
         raise ValueError(f"not JSON: {e}") from None
     if not isinstance(state, dict):
         raise ValueError("not a JSON object")
-    router.restore(state)
+    return router.restore(state)
 
 
 def _value(cfg: C.Config, key: str) -> Any:

@@ -34,6 +34,7 @@ from . import transport
 from ..admin import auth as admin_auth
 from ..admin import plane as admin_plane
 from ..admin import reflection
+from ..admin import service as admin_service
 from ..admin import warm
 from ..config import Config, admin_ports, worker_ports
 from ..defaults import SNAPSHOT_MIN_GAP_S
@@ -91,18 +92,20 @@ class Worker:
             self.telemetry = Telemetry(cfg, self.router, index)
 
     def load_state(self) -> bool:
-        """Restore the best snapshot file, all or nothing; True if restored."""
+        """Restore the best snapshot file (a bad part costs only itself,
+        logged; a bad root or layout costs the file); True if restored."""
         snapshot.remove_stale_temps(self.state_path)
         state, src = snapshot.load_best(self.cfg.router.state_file,
                                         snapshot_bound_bytes(self.cfg.estimator.max_models))
         if state is None:
             return False
         try:
-            self.router.restore(state)
+            dropped = self.router.restore(state)
         except (ValueError, KeyError, TypeError) as e:
             log.warning("worker %d: calibration snapshot %s refused, nothing restored (starting from the prior): %s",
                         self.index, src, e)
             return False
+        admin_service.log_dropped(f"worker {self.index}: {src}", dropped)
         log.info("worker %d: calibration restored from %s (%d samples)", self.index, src, self.router.samples())
         return True
 
