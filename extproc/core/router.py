@@ -155,7 +155,8 @@ class Router:
             d.media_tokens, d.media = media.tokens, media.flags
         if P.surely_too_long(cfg, estimate, d.exact):
             d.reason, d.status = P.R_CONTEXT, P.STATUS_BAD_REQUEST
-            d.error = errors.context_length_exceeded(d.estimate, cfg.long.max_model_len, output)
+            d.error = errors.context_length_exceeded(int(P.low_estimate(cfg, estimate, d.exact)),
+                                                     cfg.long.max_model_len)
             return d
         j, i = self.place(P.padded_budget(estimate, output, margin))
         d.pool, d.reason = cfg.tiers[i].name, P.reason_for(i, len(cfg.tiers))

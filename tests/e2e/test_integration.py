@@ -339,8 +339,8 @@ def test_impossible_length_400_without_touching_pools(main, c):
         c.chat.completions.create(model="m", messages=msgs(text), max_tokens=16)
     e = ei.value
     assert e.status_code == 400
-    assert e.code == "context_length_exceeded"
-    assert e.type == "invalid_request_error"
+    # vLLM 0.32's body (issue 17): the same shape the pool answers with
+    assert e.code == 400 and e.type == "BadRequestError" and e.param == "input_tokens"
     assert "x-pool-name" not in e.response.headers
     d = decision(e.response.headers)
     assert d["reason"] == "context_length_exceeded" and int(d["est"]) > LONG_MML, d
