@@ -15,6 +15,7 @@ config validation.
 from __future__ import annotations
 
 import dataclasses
+import errno
 import logging
 import math
 import time
@@ -30,6 +31,8 @@ SERVICE = "budget_router.admin.v1.Admin"
 
 INVALID_ARGUMENT = 3
 FAILED_PRECONDITION = 9
+RESOURCE_EXHAUSTED = 8
+INTERNAL = 13
 
 audit_log = logging.getLogger("budget_router.audit")
 
@@ -192,7 +195,13 @@ class AdminService:
     def take_snapshot(self, req: pb.TakeSnapshotRequest, caller: str = "") -> pb.Snapshot:
         state = self.router.snapshot()
         if req.write:
-            self.worker.save_state()
+            err = self.worker.save_state()
+            if err is not None:
+                # A full disk is RESOURCE_EXHAUSTED (as gRPC's own guide
+                # names "out of disk space"); any other write error INTERNAL.
+                code = RESOURCE_EXHAUSTED if getattr(err, "errno", None) in (errno.ENOSPC, errno.EDQUOT) else INTERNAL
+                raise AdminError(code, f"calibration snapshot not written to {self.worker.state_path}: {err} "
+                                       "(the previous file is unchanged)")
         return pb.Snapshot(state_json=orjson.dumps(state, option=orjson.OPT_SERIALIZE_NUMPY),
                            samples=self.router.estimator.root.samples)
 

@@ -86,10 +86,11 @@ class Worker:
         self.saved_samples = 0
         self.state_path = snapshot.worker_path(cfg.router.state_file, index)
         self.streams = 0
+        self.snapshot_failures = 0
         self.telemetry = None
         if telemetry:
             from .telemetry import Telemetry
-            self.telemetry = Telemetry(cfg, self.router, index)
+            self.telemetry = Telemetry(cfg, self.router, index, worker_state=self)
 
     def load_state(self) -> bool:
         """Restore the best snapshot file (a bad part costs only itself,
@@ -109,12 +110,21 @@ class Worker:
         log.info("worker %d: calibration restored from %s (%d samples)", self.index, src, self.router.samples())
         return True
 
-    def save_state(self) -> None:
-        self.saved_samples = self.router.samples()
+    def save_state(self) -> OSError | None:
+        """Write the calibration snapshot; returns the error if the write
+        failed (a full disk, a read-only volume), which is also logged and
+        counted (``budget_router_snapshot_failures_total``); the previous
+        file stays as it was."""
+        samples = self.router.samples()
         try:
             snapshot.save(self.state_path, self.router.snapshot())
         except OSError as e:
-            log.warning("worker %d: could not write calibration snapshot %s: %s", self.index, self.state_path, e)
+            self.snapshot_failures += 1
+            log.warning("worker %d: could not write calibration snapshot %s: %s", self.index, self.state_path, e,
+                        extra={"fields": {"snapshot_failures": self.snapshot_failures}})
+            return e
+        self.saved_samples = samples
+        return None
 
     def new_stream(self, metadata: dict[str, str] | None = None):
         """One ext_proc stream; ``metadata`` is the gRPC call's trace context."""
