@@ -68,6 +68,9 @@ class RouterConfig:
     sample_rate: float = D.SAMPLE_RATE
     inject_include_usage: bool = D.INJECT_INCLUDE_USAGE
     drain_seconds: float = D.DRAIN_SECONDS
+    # After SIGTERM: health NOT_SERVING, still serving, for this long; then
+    # the port closes and in-flight streams get drain_seconds.
+    drain_delay_s: float = D.DRAIN_DELAY_S
     # TLS for the ext_proc port (PEM files; both transports); with
     # tls_client_ca_file set, Envoy must present a certificate signed by that
     # CA (mTLS). Envoy's side: [envoy] router_tls_*.
@@ -630,6 +633,7 @@ def validate(cfg: Config) -> None:
     _check(0.0 <= r.sample_rate <= 1.0, f"[router] sample_rate = {r.sample_rate}: expected 0.0-1.0")
     _check(r.snapshot_interval_s > 0, f"[router] snapshot_interval_s = {r.snapshot_interval_s}: expected > 0")
     _check(r.drain_seconds >= 0, f"[router] drain_seconds = {r.drain_seconds}: expected >= 0")
+    _check(r.drain_delay_s >= 0, f"[router] drain_delay_s = {r.drain_delay_s}: expected >= 0")
     _validate_tiers(cfg)
     _check(p.margin_sigmas >= 0, f"[policy] margin_sigmas = {p.margin_sigmas}: expected >= 0")
     _check(0 <= p.min_margin < 1, f"[policy] min_margin = {p.min_margin}: expected 0.0-1.0")

@@ -181,7 +181,8 @@ class AdminService:
             live = old.replace(policy=dataclasses.asdict(new.policy),
                                router={k: getattr(new.router, k) for k in ("sample_rate", "inject_include_usage",
                                                                              "max_body_bytes", "snapshot_interval_s",
-                                                                             "snapshot_samples", "drain_seconds")},
+                                                                             "snapshot_samples", "drain_seconds",
+                                                                             "drain_delay_s")},
                                spillover=dataclasses.asdict(new.spillover), adaptive=dataclasses.asdict(new.adaptive),
                                **({"tiers": new.tiers} if same_names else {}))
         except C.ConfigError as e:

@@ -598,7 +598,8 @@ class _GrpcConnection(asyncio.Protocol):
             self._end_call(call, NOT_FOUND, f"unknown service {req.service!r}")
             return
         status = (
-            health_pb2.HealthCheckResponse.NOT_SERVING if self.server._draining else health_pb2.HealthCheckResponse.SERVING
+            health_pb2.HealthCheckResponse.NOT_SERVING if self.server._draining or not self.server.serving
+            else health_pb2.HealthCheckResponse.SERVING
         )
         call.headers_sent = True
         self.conn.send_headers(call.sid, _RESPONSE_HEADERS)
@@ -652,8 +653,14 @@ class FastServer:
         self._server: asyncio.base_events.Server | None = None
         self._connections: set[_GrpcConnection] = set()
         self._draining = False
+        #: Health says NOT_SERVING while False; streams are still served (the
+        #: drain delay before stop: serve.server.Worker.drain).
+        self.serving = True
         self._idle = asyncio.Event()
         self.port = 0
+
+    async def set_serving(self, serving: bool) -> None:
+        self.serving = serving
 
     def _connection_closed(self) -> None:
         if not self._connections:
@@ -762,10 +769,17 @@ async def serve_fast(
 
 
 class GrpcioServer:
-    def __init__(self, server, health_servicer, port: int):
+    def __init__(self, server, health_servicer, port: int, health_services: Iterable[str] = ()):
         self._server = server
         self._health = health_servicer
+        self._health_services = tuple(health_services)
         self.port = port
+
+    async def set_serving(self, serving: bool) -> None:
+        from grpc_health.v1 import health_pb2
+        status = health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
+        for name in self._health_services:
+            await self._health.set(name, status)
 
     async def stop(self, grace_seconds: float | None = None) -> None:
         await self._health.enter_graceful_shutdown()
@@ -872,7 +886,7 @@ async def serve_grpcio(
     address = f"{host}:{port}"
     bound = server.add_secure_port(address, creds) if creds is not None else server.add_insecure_port(address)
     await server.start()
-    return GrpcioServer(server, health_servicer, bound)
+    return GrpcioServer(server, health_servicer, bound, health_services)
 
 
 async def serve(transport: str, new_stream: NewStream, host: str, port: int, **kw):

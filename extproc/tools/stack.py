@@ -104,7 +104,8 @@ def loopback_config(base: Config | None = None, workers: int | None = None, **se
     prom_port = free_port_block(n)
     admin_plane_port = free_port_block(n)
     cfg = cfg.replace(
-        router={"port": router_port, "workers": n, "listen": "127.0.0.1"},
+        # no drain delay: nothing but the test's own Envoy routes here
+        router={"port": router_port, "workers": n, "listen": "127.0.0.1", "drain_delay_s": 0.0},
         admin={"port": admin_plane_port, "listen": "127.0.0.1"},
         telemetry={"prometheus_port": prom_port, "prometheus_listen": "127.0.0.1"},
         envoy={"port": envoy_port, "admin_port": admin_port, "listen": "127.0.0.1", "router_host": "127.0.0.1"},
