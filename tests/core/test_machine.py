@@ -483,6 +483,44 @@ def test_near_threshold_short_truncated_sse_is_a_misroute():
     assert m.misroute == M.MISROUTE_TRUNCATED and m.learned and m.usage == Usage(1600, 6592)
 
 
+def test_near_threshold_stream_without_usage_truncation_detected_client_sees_the_same():
+    """Issue 17: a watched stream whose client did not ask for usage gets
+    include_usage added (inject_include_usage off, the default), the
+    truncation is counted, and the client receives exactly the bytes it
+    would have without it (the usage-only chunk is cut out)."""
+    r = confident_router()
+    assert not r.cfg.router.inject_include_usage
+    m = machine(r, draw=0.99)
+    m.receive(req_headers())
+    body = json.loads(near_threshold_body(r))
+    out, close = m.receive(req_body(json.dumps({**body, "stream": True}).encode()))
+    assert close is False and m.watch_misroute and m.injected_usage
+    sent = json.loads(out[0].request_body.response.body_mutation.body)
+    assert sent["stream_options"] == {"include_usage": True}
+    m.receive(resp_headers(ctype="text/event-stream"))
+    finish = sse({"id": "x", "object": "chat.completion.chunk", "choices": [
+        {"index": 0, "delta": {"content": ""}, "finish_reason": "length"}]})
+    chunks = (content_chunk("a"), finish, usage_chunk(1600, 6592), sse(b"[DONE]"))
+    client = b""
+    for i, chunk in enumerate(chunks):
+        (resp,), _ = m.receive(resp_body(chunk, eos=i == len(chunks) - 1))
+        mut = resp.response_body.response
+        client += mut.body_mutation.body if mut.HasField("body_mutation") else chunk
+    assert client == content_chunk("a") + finish + sse(b"[DONE]")
+    assert m.misroute == M.MISROUTE_TRUNCATED and m.usage == Usage(1600, 6592)
+
+
+def test_stream_far_from_the_threshold_is_not_rewritten():
+    """Only watched (near-threshold, short) streams get include_usage: the
+    rest of the traffic is routed as before, body untouched."""
+    r = confident_router()
+    m = machine(r, draw=0.99)
+    m.receive(req_headers())
+    out, close = m.receive(req_body(chat_body(stream=True)))
+    assert not m.watch_misroute and not m.injected_usage and close is True
+    assert not out[0].request_body.response.HasField("body_mutation")
+
+
 @pytest.mark.parametrize("pt, ct", [
     (1600, 6692),   # the request's own cap ended it: not a misroute
     (1000, 6692),   # finished on its cap well inside the context
