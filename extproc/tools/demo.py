@@ -142,7 +142,8 @@ class Result:
 
 
 def parse_decision(value: str | None) -> dict[str, str]:
-    """``pool=short; est=1234; budget=2258; cat=prose; reason=...`` -> dict."""
+    """``pool=short; est=1234; budget=2258; margin=0.120; cat=prose; reason=...`` -> dict
+    (budget: the padded one the limits were compared with)."""
     out: dict[str, str] = {}
     for part in (value or "").split(";"):
         k, sep, v = part.strip().partition("=")
@@ -639,9 +640,52 @@ def _print_stack_failure(stack, err: Exception) -> None:
             print("other logs: " + ", ".join(others), file=sys.stderr)
 
 
+def port_layout(cfg: C.Config, port_base: int) -> dict[str, Any]:
+    """The demo's ports from ``port_base`` up, in this order: Envoy's
+    listener, Envoy's admin, one per pool (tier order), the router workers,
+    their admin planes, their Prometheus endpoints."""
+    n_tiers, w = len(cfg.tiers), cfg.router.workers
+    envoy, envoy_admin = port_base, port_base + 1
+    pools = [port_base + 2 + i for i in range(n_tiers)]
+    router = port_base + 2 + n_tiers
+    return {"envoy": envoy, "envoy_admin": envoy_admin, "pools": pools, "router": router,
+            "admin": router + w, "prometheus": router + 2 * w, "last": router + 3 * w - 1}
+
+
+def demo_config(base: C.Config, port_base: int | None = None, **sections: Any) -> C.Config:
+    """``loopback_config`` (free loopback ports), or with ``port_base`` the
+    fixed ``port_layout`` (for firewalls, dashboards or a second demo beside
+    the first); ValueError naming the ports in use or out of range."""
+    import dataclasses
+    import socket
+    from .stack import loopback_config
+    cfg = loopback_config(base, **sections)
+    if port_base is None:
+        return cfg
+    lay = port_layout(cfg, port_base)
+    if port_base < 1 or lay["last"] > 65535:
+        raise ValueError(f"--port-base {port_base}: the demo needs ports {port_base}-{lay['last']}, "
+                         "which must lie within 1-65535")
+    busy = []
+    for port in range(port_base, lay["last"] + 1):
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sk:
+            try:
+                sk.bind(("127.0.0.1", port))
+            except OSError:
+                busy.append(port)
+    if busy:
+        raise ValueError(f"--port-base {port_base}: port(s) {', '.join(map(str, busy))} of "
+                         f"{port_base}-{lay['last']} in use")
+    return cfg.replace(
+        router={"port": lay["router"]}, admin={"port": lay["admin"]},
+        telemetry={"prometheus_port": lay["prometheus"]},
+        envoy={"port": lay["envoy"], "admin_port": lay["envoy_admin"]},
+        tiers=[dataclasses.replace(t, endpoints=(f"127.0.0.1:{p}",)) for t, p in zip(cfg.tiers, lay["pools"])])
+
+
 def run(args: argparse.Namespace) -> int:
     from .. import defaults as D
-    from .stack import Stack, loopback_config, vllm_config
+    from .stack import Stack, vllm_config
 
     if getattr(args, "scenario", "mix") == "burst":
         from .burst import run as run_burst
@@ -668,7 +712,12 @@ def run(args: argparse.Namespace) -> int:
     workdir = tempfile.mkdtemp(prefix="budget-router-demo-")
     state_file = os.path.join(workdir, "state.json")
     base = C.load_config(args)
-    cfg = loopback_config(base, router={"sample_rate": args.sample_rate, "state_file": state_file})
+    try:
+        cfg = demo_config(base, getattr(args, "port_base", None),
+                          router={"sample_rate": args.sample_rate, "state_file": state_file})
+    except ValueError as e:
+        print(f"budget-router demo: {e}", file=sys.stderr)
+        return 2
     if args.pools == POOLS_VLLM:
         cfg = vllm_config(cfg)
     b_short = cfg.policy.b_short
@@ -777,7 +826,11 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p = subparsers.add_parser(
         "demo", help="start the stack, replay real-looking traffic through Envoy, report and plot",
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--config", metavar="FILE", help="TOML config (B_short, pools, ...); ports are always free loopback ports")
+    p.add_argument("--config", metavar="FILE", help="TOML config (B_short, pools, ...); ports are free loopback "
+                                                    "ports unless --port-base is given")
+    p.add_argument("--port-base", type=int, metavar="PORT",
+                   help="use loopback ports PORT, PORT+1, ...: Envoy, Envoy admin, one per pool, the router "
+                        "workers, their admin planes, their Prometheus endpoints (default: any free ports)")
     src = p.add_mutually_exclusive_group()
     src.add_argument("--prompts", metavar="DIR_OR_FILE",
                      help="real prompt files (.jsonl with turns/prompt; .json lists with instruction/input, "
