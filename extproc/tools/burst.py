@@ -140,8 +140,7 @@ def _poll(stack, stop: threading.Event, rows: list[dict]) -> None:
 
 def run_once(base: C.Config, closed_loop: bool, time_scale: float, seed: int, workdir: str,
              port_base: int | None = None) -> dict:
-    from .stack import Stack
-    from .demo import demo_config
+    from .stack import Stack, demo_config
     cfg = demo_config(base, port_base,
                           router={"state_file": os.path.join(workdir, "state.json"), "sample_rate": 0.05},
                           monitor={"interval_s": MONITOR_INTERVAL_S},

@@ -640,52 +640,9 @@ def _print_stack_failure(stack, err: Exception) -> None:
             print("other logs: " + ", ".join(others), file=sys.stderr)
 
 
-def port_layout(cfg: C.Config, port_base: int) -> dict[str, Any]:
-    """The demo's ports from ``port_base`` up, in this order: Envoy's
-    listener, Envoy's admin, one per pool (tier order), the router workers,
-    their admin planes, their Prometheus endpoints."""
-    n_tiers, w = len(cfg.tiers), cfg.router.workers
-    envoy, envoy_admin = port_base, port_base + 1
-    pools = [port_base + 2 + i for i in range(n_tiers)]
-    router = port_base + 2 + n_tiers
-    return {"envoy": envoy, "envoy_admin": envoy_admin, "pools": pools, "router": router,
-            "admin": router + w, "prometheus": router + 2 * w, "last": router + 3 * w - 1}
-
-
-def demo_config(base: C.Config, port_base: int | None = None, **sections: Any) -> C.Config:
-    """``loopback_config`` (free loopback ports), or with ``port_base`` the
-    fixed ``port_layout`` (for firewalls, dashboards or a second demo beside
-    the first); ValueError naming the ports in use or out of range."""
-    import dataclasses
-    import socket
-    from .stack import loopback_config
-    cfg = loopback_config(base, **sections)
-    if port_base is None:
-        return cfg
-    lay = port_layout(cfg, port_base)
-    if port_base < 1 or lay["last"] > 65535:
-        raise ValueError(f"--port-base {port_base}: the demo needs ports {port_base}-{lay['last']}, "
-                         "which must lie within 1-65535")
-    busy = []
-    for port in range(port_base, lay["last"] + 1):
-        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sk:
-            try:
-                sk.bind(("127.0.0.1", port))
-            except OSError:
-                busy.append(port)
-    if busy:
-        raise ValueError(f"--port-base {port_base}: port(s) {', '.join(map(str, busy))} of "
-                         f"{port_base}-{lay['last']} in use")
-    return cfg.replace(
-        router={"port": lay["router"]}, admin={"port": lay["admin"]},
-        telemetry={"prometheus_port": lay["prometheus"]},
-        envoy={"port": lay["envoy"], "admin_port": lay["envoy_admin"]},
-        tiers=[dataclasses.replace(t, endpoints=(f"127.0.0.1:{p}",)) for t, p in zip(cfg.tiers, lay["pools"])])
-
-
 def run(args: argparse.Namespace) -> int:
     from .. import defaults as D
-    from .stack import Stack, vllm_config
+    from .stack import Stack, demo_config, vllm_config
 
     if getattr(args, "scenario", "mix") == "burst":
         from .burst import run as run_burst

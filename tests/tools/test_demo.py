@@ -230,21 +230,22 @@ def test_port_base_gives_the_documented_layout_and_refuses_busy_ports():
     Prometheus, in that order; a busy or out-of-range port is refused."""
     import socket
     from extproc import config as C
+    from extproc.tools import stack
     from extproc.tools.stack import free_port_block
     args = _parse(["--port-base", "20000", "--requests", "5"])
     assert args.port_base == 20000
     base_cfg = C.load(env={}).replace(router={"workers": 2})
     port = free_port_block(12)
-    cfg = demo.demo_config(base_cfg, port)
+    cfg = stack.demo_config(base_cfg, port)
     assert (cfg.envoy.port, cfg.envoy.admin_port) == (port, port + 1)
     assert [t.endpoints for t in cfg.tiers] == [(f"127.0.0.1:{port + 2}",), (f"127.0.0.1:{port + 3}",)]
     assert (cfg.router.port, cfg.admin.port, cfg.telemetry.prometheus_port) == (port + 4, port + 6, port + 8)
-    assert demo.port_layout(cfg, port)["last"] == port + 9
+    assert stack.port_layout(cfg, port)["last"] == port + 9
     with socket.socket() as s:
         s.bind(("127.0.0.1", port + 5))
         s.listen()
         with pytest.raises(ValueError, match=f"port\\(s\\) {port + 5} of"):
-            demo.demo_config(base_cfg, port)
+            stack.demo_config(base_cfg, port)
     with pytest.raises(ValueError, match="within 1-65535"):
-        demo.demo_config(base_cfg, 65530)
-    assert demo.demo_config(base_cfg).envoy.port != 0  # without it: free ports, as before
+        stack.demo_config(base_cfg, 65530)
+    assert stack.demo_config(base_cfg).envoy.port != 0  # without it: free ports, as before
