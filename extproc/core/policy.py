@@ -74,23 +74,26 @@ class Decision:
     def padded(self) -> int:
         """The budget the tiers' limits were compared with: the estimate
         padded by the margin, plus the output budget."""
-        return int(round(padded_budget(self.estimate, self.output, self.margin)))
+        return round(self.estimate * (1.0 + self.margin) + self.output)
 
     @property
     def routable(self) -> bool:
         return bool(self.vector) or self.exact
 
-    def header_value(self) -> str:
+    def header_value(self, padded: int | None = None) -> str:
         """Compact form for the decision response header and logs."""
-        return (f"pool={self.pool}; est={self.estimate}; budget={self.padded}; margin={self.margin:.3f}; "
+        if padded is None:
+            padded = self.padded
+        return (f"pool={self.pool}; est={self.estimate}; budget={padded}; margin={self.margin:.3f}; "
                 f"cat={self.category or '-'}; reason={self.reason}"
                 + (f"; from={self.from_pool}" if self.from_pool else ""))
 
     def metadata(self) -> dict[str, object]:
+        padded = self.padded
         md: dict[str, object] = {
             "pool": self.pool, "reason": self.reason, "estimate": self.estimate,
-            "budget": self.padded, "category": self.category or "-", "model": self.model or "-",
-            "margin": round(self.margin, 4), "decision": self.header_value(),
+            "budget": padded, "category": self.category or "-", "model": self.model or "-",
+            "margin": round(self.margin, 4), "decision": self.header_value(padded),
             **({"from_pool": self.from_pool} if self.from_pool else {}),
         }
         if self.media:
