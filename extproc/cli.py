@@ -38,7 +38,8 @@ os.environ.setdefault("GRPC_VERBOSITY", GRPC_VERBOSITY)
 def _cmd_serve(args: argparse.Namespace) -> int:
     from .serve.server import serve
     cfg = C.load_config(args, router__workers=args.workers, router__port=args.port,
-                      router__transport=args.transport, router__state_file=args.state_file)
+                      router__transport=args.transport, router__state_file=args.state_file,
+                      router__drain_delay_s=args.drain_delay)
     return serve(cfg, args.config or os.environ.get(C.ENV_PREFIX + "CONFIG"))
 
 
@@ -69,6 +70,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--port", type=int, help="gRPC port of the first worker")
     p.add_argument("--transport", choices=["fast", "grpcio"], help="gRPC server implementation")
     p.add_argument("--state-file", help="calibration snapshot file")
+    p.add_argument("--drain-delay", type=float, metavar="SECONDS",
+                   help="after SIGTERM, answer health NOT_SERVING and keep serving this long before closing "
+                        "([router] drain_delay_s, default 5)")
     p.set_defaults(func=_cmd_serve)
 
     p = sub.add_parser("replay", help="run a request log (JSONL) through estimator and policy")

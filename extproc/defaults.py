@@ -172,6 +172,16 @@ STREAM_IDLE_TIMEOUT_S = 300
 #: Kubernetes' default terminationGracePeriodSeconds is 30 s; stay below it.
 DRAIN_SECONDS = 20.0
 
+#: Drain delay: after SIGTERM a worker answers health NOT_SERVING and keeps
+#: serving this long before it closes its port, so Envoy stops opening
+#: streams to it before they would be refused (refused streams fail open, to
+#: the long pool, unclassified). Envoy's gRPC health check here marks it down
+#: within 2 x 1 s (bootstrap.HEALTH_CHECK_*), and Kubernetes takes a few
+#: seconds to drop an endpoint; 5 s covers both, as the usual preStop sleep
+#: does. With drain_seconds (20 s) it stays under Kubernetes' default 30 s
+#: termination grace period. [router] drain_delay_s, `serve --drain-delay`.
+DRAIN_DELAY_S = 5.0
+
 #: Calibration snapshot period. Losing 30 s of learning on a crash is cheap
 #: (the sampler refills it in seconds) and writing a few KB every 30 s is free.
 SNAPSHOT_INTERVAL_S = 30.0

@@ -15,6 +15,7 @@ config validation.
 from __future__ import annotations
 
 import dataclasses
+import errno
 import logging
 import math
 import time
@@ -30,6 +31,8 @@ SERVICE = "budget_router.admin.v1.Admin"
 
 INVALID_ARGUMENT = 3
 FAILED_PRECONDITION = 9
+RESOURCE_EXHAUSTED = 8
+INTERNAL = 13
 
 audit_log = logging.getLogger("budget_router.audit")
 
@@ -178,7 +181,8 @@ class AdminService:
             live = old.replace(policy=dataclasses.asdict(new.policy),
                                router={k: getattr(new.router, k) for k in ("sample_rate", "inject_include_usage",
                                                                              "max_body_bytes", "snapshot_interval_s",
-                                                                             "snapshot_samples", "drain_seconds")},
+                                                                             "snapshot_samples", "drain_seconds",
+                                                                             "drain_delay_s")},
                                spillover=dataclasses.asdict(new.spillover), adaptive=dataclasses.asdict(new.adaptive),
                                **({"tiers": new.tiers} if same_names else {}))
         except C.ConfigError as e:
@@ -192,32 +196,49 @@ class AdminService:
     def take_snapshot(self, req: pb.TakeSnapshotRequest, caller: str = "") -> pb.Snapshot:
         state = self.router.snapshot()
         if req.write:
-            self.worker.save_state()
+            err = self.worker.save_state()
+            if err is not None:
+                # A full disk is RESOURCE_EXHAUSTED (as gRPC's own guide
+                # names "out of disk space"); any other write error INTERNAL.
+                code = RESOURCE_EXHAUSTED if getattr(err, "errno", None) in (errno.ENOSPC, errno.EDQUOT) else INTERNAL
+                raise AdminError(code, f"calibration snapshot not written to {self.worker.state_path}: {err} "
+                                       "(the previous file is unchanged)")
         return pb.Snapshot(state_json=orjson.dumps(state, option=orjson.OPT_SERIALIZE_NUMPY),
                            samples=self.router.estimator.root.samples)
 
     def restore_snapshot(self, req: pb.Snapshot, caller: str = "") -> pb.RestoreSnapshotResponse:
         before = self.router.samples()
         try:
-            # All or nothing, with the plausibility check a state file passes.
-            restore_json(self.router, req.state_json)
+            # The plausibility check a state file passes: a bad root refuses
+            # the whole snapshot, a bad fit or sketch costs only itself.
+            dropped = restore_json(self.router, req.state_json)
         except ValueError as e:
             raise AdminError(INVALID_ARGUMENT, f"calibration snapshot refused, nothing changed: {e}") from None
         after = self.router.samples()
-        self._audit(caller, "calibration restored", f"{before} samples", f"{after} samples")
+        log_dropped(f"worker {self.worker.index}: admin RestoreSnapshot", dropped)
+        self._audit(caller, "calibration restored", f"{before} samples",
+                    f"{after} samples" + (f" ({len(dropped)} bad part(s) dropped)" if dropped else ""))
         return pb.RestoreSnapshotResponse(samples=after)
 
 
-def restore_json(router: Any, state_json: bytes) -> None:
-    """Restore ``router`` from a snapshot's JSON (``Router.restore``: all or
-    nothing, plausibility-checked); ValueError if it is not one."""
+def log_dropped(where: str, dropped: list[str]) -> None:
+    """One warning per part of a snapshot that a restore dropped."""
+    for what in dropped:
+        logging.getLogger("budget_router").warning("%s: calibration snapshot part dropped, learned afresh: %s",
+                                                   where, what)
+
+
+def restore_json(router: Any, state_json: bytes) -> list[str]:
+    """Restore ``router`` from a snapshot's JSON (``Router.restore``,
+    plausibility-checked); returns the parts dropped; ValueError if it is
+    not a snapshot this router can take at all."""
     try:
         state = orjson.loads(state_json)
     except orjson.JSONDecodeError as e:
         raise ValueError(f"not JSON: {e}") from None
     if not isinstance(state, dict):
         raise ValueError("not a JSON object")
-    router.restore(state)
+    return router.restore(state)
 
 
 def _value(cfg: C.Config, key: str) -> Any:

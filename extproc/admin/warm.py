@@ -24,7 +24,7 @@ import grpc
 from .. import config as C
 from ..dns import addresses
 from . import auth
-from .service import restore_json
+from .service import log_dropped, restore_json
 from .plane import channel_credentials, join_host_port, max_message_bytes
 from .v1 import admin_pb2 as pb
 from .v1 import admin_pb2_grpc as pbg
@@ -103,7 +103,7 @@ async def warm_start(router: Any, cfg: C.Config, token: str | None) -> str | Non
             t.cancel()
     for target, snap in sorted(answers, key=lambda a: -a[1].samples):
         try:
-            restore_json(router, snap.state_json)
+            log_dropped(f"warm start from {target}", restore_json(router, snap.state_json))
         except ValueError as e:
             log.warning("warm start: calibration from %s refused: %s", target, e)
             continue

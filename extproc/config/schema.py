@@ -52,6 +52,9 @@ class RouterConfig:
     sample_rate: float = D.SAMPLE_RATE
     inject_include_usage: bool = D.INJECT_INCLUDE_USAGE
     drain_seconds: float = D.DRAIN_SECONDS
+    # After SIGTERM: health NOT_SERVING, still serving, for this long; then
+    # the port closes and in-flight streams get drain_seconds.
+    drain_delay_s: float = D.DRAIN_DELAY_S
     # TLS for the ext_proc port (PEM files; both transports); with
     # tls_client_ca_file set, Envoy must present a certificate signed by that
     # CA (mTLS). Envoy's side: [envoy] router_tls_*.

@@ -55,6 +55,7 @@ def validate(cfg: Any) -> None:
     _check(0.0 <= r.sample_rate <= 1.0, f"[router] sample_rate = {r.sample_rate}: expected 0.0-1.0")
     _check(r.snapshot_interval_s > 0, f"[router] snapshot_interval_s = {r.snapshot_interval_s}: expected > 0")
     _check(r.drain_seconds >= 0, f"[router] drain_seconds = {r.drain_seconds}: expected >= 0")
+    _check(r.drain_delay_s >= 0, f"[router] drain_delay_s = {r.drain_delay_s}: expected >= 0")
     _validate_tiers(cfg)
     _check(p.margin_sigmas >= 0, f"[policy] margin_sigmas = {p.margin_sigmas}: expected >= 0")
     _check(0 <= p.min_margin < 1, f"[policy] min_margin = {p.min_margin}: expected 0.0-1.0")

@@ -10,16 +10,30 @@ from __future__ import annotations
 import orjson
 
 
-def error_body(message: str, type_: str, code: str | None, param: str | None = None) -> bytes:
+def error_body(message: str, type_: str, code: str | int | None, param: str | None = None) -> bytes:
     return orjson.dumps({"error": {"message": message, "type": type_, "param": param, "code": code}})
 
 
-def context_length_exceeded(estimate: int, limit: int, output: int) -> bytes:
+#: vLLM 0.32's answer to a prompt over max_model_len (vllm/renderers/params.py
+#: ``_token_len_check`` raising VLLMValidationError, rendered by
+#: ``create_error_response``): type "BadRequestError", param "input_tokens",
+#: code the HTTP status as an integer, and the exception's text with its
+#: "(parameter=..., value=...)" suffix. The router answers the same body, so
+#: a client sees one shape whoever refused the prompt (tests/vllm/test_contract.py
+#: compares it with the real server).
+VLLM_BAD_REQUEST_TYPE = "BadRequestError"
+VLLM_PROMPT_PARAM = "input_tokens"
+
+
+def context_length_exceeded(tokens: int, limit: int) -> bytes:
+    """vLLM 0.32's body for a prompt over ``limit`` tokens. The router knows
+    only a lower bound (``tokens``: the estimate less its reject margin), hence
+    vLLM's own "at least" wording."""
     return error_body(
-        f"This request's prompt is about {estimate} tokens (estimated before tokenization), "
-        f"more than this deployment's maximum context length of {limit} tokens "
-        f"({output} more were asked for the completion). Please reduce the length of the messages.",
-        "invalid_request_error", "context_length_exceeded", "messages",
+        f"This model's maximum context length is {limit} tokens. However, your prompt contains at least "
+        f"{tokens} input tokens, which exceeds this limit even without any output tokens. "
+        f"Please reduce the length of the input prompt. (parameter={VLLM_PROMPT_PARAM}, value={tokens})",
+        VLLM_BAD_REQUEST_TYPE, 400, VLLM_PROMPT_PARAM,
     )
 
 

@@ -114,9 +114,12 @@ MAX_TEMPLATE_TOKENS = 4096.0
 #: snapshot can impose.
 MAX_REL_ERROR = 100.0
 
-#: Observed bytes per token: 1 is byte-fallback BPE on arbitrary bytes (half of
-#: that for slack), the upper end is MAX_BYTES_PER_TOKEN.
-MIN_OBSERVED_BYTES_PER_TOKEN = 0.5
+#: Text tokens per text byte at most: a byte-level BPE (or byte-fallback
+#: SentencePiece) spends at most one token per byte, so a prompt of n text
+#: bytes and m messages counts at most n + MAX_TEMPLATE_TOKENS * (m + 1)
+#: tokens. (Observed bytes per *prompt* token, template included, has no
+#: useful floor: "hi" through a chat template is 2 bytes in 11 tokens.)
+MAX_TOKENS_PER_BYTE = 1.0
 
 #: Sample counters are integers a float can hold exactly (2^53): a router
 #: learning 10^5 samples/s for a century stays below 2^49.
@@ -162,6 +165,9 @@ class Estimate:
     category: str
 
 
+_FEATURE_BYTES = np.array(FEATURE_BYTES, dtype=float)
+
+
 def _prior_weights(bytes_per_token: float) -> np.ndarray:
     w = np.array(FEATURE_BYTES, dtype=float) / bytes_per_token
     w[10] = PRIOR_TOKENS_PER_MESSAGE
@@ -173,7 +179,7 @@ class Fit:
     """One exponentially-weighted ridge fit, shrunk toward ``parent``."""
 
     __slots__ = ("parent", "prior", "A", "b", "w", "wt", "version", "solved_at", "samples", "long_n",
-                 "abs_err", "lm", "bpt", "_ridge", "margin_min")
+                 "abs_err", "lm", "_ridge", "margin_min")
 
     def __init__(self, parent: "Fit | None", prior_w: np.ndarray | None, rel_error: float, ridge: np.ndarray,
                  margin_min_tokens: float = MARGIN_MIN_TOKENS):
@@ -199,8 +205,6 @@ class Fit:
         # e2 = a + b*u; the prior is one text (u = 1) with the prior error.
         self.lm = list(parent.lm) if parent is not None else [rel_error ** 2, 1.0, rel_error ** 2, 1.0]
         self.long_n = 0
-        # EMA of observed bytes per token: for people, not for prediction.
-        self.bpt = parent.bpt if parent is not None else 0.0
         self._ridge = ridge
         self.margin_min = parent.margin_min if parent is not None else margin_min_tokens
 
@@ -240,6 +244,31 @@ class Fit:
             a, b = 0.0, (e2u / u2 if u2 > 0 else e2)
         return a + b / max(k_eff, 1.0)
 
+    def bytes_per_token(self) -> float | None:
+        """The fitted text bytes per text token over this fit's own
+        (decayed) data: b holds sum(x/y), so FEATURE_BYTES . b is the data's
+        bytes and w . b over the text features the tokens the fit gives that
+        text, both per prompt token. Template tokens are left out, so a
+        tiny chat does not drag it down ("hi" is 2 bytes of 11 tokens).
+        None without data of its own."""
+        if not self.samples:
+            return None
+        text_bytes = float(_FEATURE_BYTES @ self.b)
+        text_tokens = float(self.weights()[:10] @ self.b[:10])
+        if text_bytes <= 0.0 or text_tokens <= 0.0:
+            return None
+        return text_bytes / text_tokens
+
+    def state(self) -> tuple:
+        """What ``learn`` changes, to take a sample back (``set_state``)."""
+        return self.A.copy(), self.b.copy(), self.samples, self.long_n, self.abs_err, list(self.lm)
+
+    def set_state(self, st: tuple) -> None:
+        self.A, self.b, self.samples, self.long_n, self.abs_err, self.lm = st
+        # A new version (never an old one): weights solved from the
+        # taken-back state anywhere down the chain are solved again.
+        self.version += 1
+
     def learn(self, x: np.ndarray, y: float, n_bytes: int, forgetting: float, ema: float,
               k_eff: float = 1.0) -> float:
         """Learn one sample; returns the relative error it had before."""
@@ -255,9 +284,6 @@ class Fit:
             e2 = rel * rel
             for i, v in enumerate((e2, u, e2 * u, u * u)):
                 self.lm[i] += wgt * (v - self.lm[i])
-        if n_bytes:
-            b = n_bytes / y
-            self.bpt = b if self.bpt == 0.0 else self.bpt + ema * (b - self.bpt)
         z = x / y
         self.A *= forgetting
         self.b *= forgetting
@@ -275,17 +301,42 @@ def _finite(name: str, v: Any, low: float = 0.0, high: float = math.inf) -> floa
     return v
 
 
+# --- The one plausibility rule ---------------------------------------------------
+# ``plausible_sample`` says which exchanges ``learn`` takes, ``_check_fit``
+# which fits can exist. ``learn`` runs ``_check_fit`` on every fit a sample
+# touched and takes the sample back if one fails, and ``restore`` runs the
+# same ``_check_fit``: whatever learning produced, a restore accepts
+# (tests/core/test_estimator.py checks it as a property over random exchanges).
+
+def plausible_sample(n_bytes: int, n_messages: float, prompt_tokens: int) -> bool:
+    """Can a tokenizer count ``prompt_tokens`` for ``n_bytes`` text bytes in
+    ``n_messages`` messages? At most MAX_BYTES_PER_TOKEN bytes per token and
+    at most MAX_TOKENS_PER_BYTE tokens per byte plus MAX_TEMPLATE_TOKENS per
+    message and per request. Anything else is not this text's count (a
+    multimodal placeholder, a proxy that rewrote usage): not learned."""
+    if prompt_tokens <= 0 or prompt_tokens * MAX_BYTES_PER_TOKEN < n_bytes:
+        return False
+    return prompt_tokens <= MAX_TOKENS_PER_BYTE * n_bytes + MAX_TEMPLATE_TOKENS * (max(n_messages, 0.0) + 1.0)
+
+
 def _check_fit(where: str, f: Fit, parent_samples: int | None) -> None:
-    """Raise ValueError unless ``f`` (already loaded, its parents too)
-    describes a tokenizer that can exist (see MAX_TOKENS_PER_UNIT)."""
+    """Raise ValueError unless ``f`` (its parents already checked)
+    describes a tokenizer that can exist (see MAX_TOKENS_PER_UNIT) with
+    error averages and counters in range."""
+    if not 0 <= f.samples <= MAX_SAMPLES:
+        raise ValueError(f"{where}: implausible samples {f.samples!r}")
     if parent_samples is not None and f.samples > parent_samples:
         raise ValueError(f"{where}: {f.samples} samples, more than its parent's {parent_samples}")
-    if f.long_n > f.samples:
+    if not 0 <= f.long_n <= f.samples:
         raise ValueError(f"{where}: {f.long_n} long-prompt samples, more than its {f.samples} samples")
+    if not 0.0 <= f.abs_err <= MAX_REL_ERROR:
+        raise ValueError(f"{where}: implausible abs_err {f.abs_err!r} (expected 0 to {MAX_REL_ERROR:g})")
+    # [E e2, E u, E e2*u, E u^2]: u = 1/k is in (0, 1].
+    for v, high in zip(f.lm, (MAX_REL_ERROR ** 2, 1.0, MAX_REL_ERROR ** 2, 1.0)):
+        if not 0.0 <= v <= high:
+            raise ValueError(f"{where}: implausible error moment {v!r} (expected 0 to {high:g})")
     if np.any(np.diag(f.A) < 0):
         raise ValueError(f"{where}: a negative sum of squares")
-    if f.bpt and not MIN_OBSERVED_BYTES_PER_TOKEN <= f.bpt <= MAX_BYTES_PER_TOKEN:
-        raise ValueError(f"{where}: implausible bytes per token {f.bpt!r}")
     try:
         w = f.weights()
     except np.linalg.LinAlgError:
@@ -302,28 +353,29 @@ def _check_fit(where: str, f: Fit, parent_samples: int | None) -> None:
 
 
 def _load_fit(f: Fit, d: dict[str, Any]) -> None:
-    A = np.asarray(d["A"], dtype=float).reshape(N_FEATURES, N_FEATURES)
-    b = np.asarray(d["b"], dtype=float).reshape(N_FEATURES)
+    """Parse one fit's numbers (shape and finiteness; ``_check_fit`` judges
+    them). A "bpt" key of older snapshots (an EMA of observed bytes per
+    prompt token, shown to people only) is ignored."""
+    try:
+        A = np.asarray(d["A"], dtype=float).reshape(N_FEATURES, N_FEATURES)
+        b = np.asarray(d["b"], dtype=float).reshape(N_FEATURES)
+        lm = d["lm"]
+        if not isinstance(lm, list) or len(lm) != 4:
+            raise ValueError("snapshot holds a bad error model")
+        f.lm = [_finite("error moment", v, low=-math.inf) for v in lm]
+        f.samples = int(_finite("samples", d["samples"], low=-math.inf))
+        f.abs_err = _finite("abs_err", d["abs_err"], low=-math.inf)
+        f.long_n = int(_finite("long_n", d["long_n"], low=-math.inf))
+    except (KeyError, TypeError, AttributeError) as e:
+        raise ValueError(f"malformed fit: {e!r}") from None
     if not (np.all(np.isfinite(A)) and np.all(np.isfinite(b))):
         raise ValueError("snapshot holds non-finite numbers")
     f.A, f.b = A, b
-    f.samples = int(_finite("samples", d["samples"], high=MAX_SAMPLES))
-    f.abs_err = _finite("abs_err", d["abs_err"], high=MAX_REL_ERROR)
-    lm = d["lm"]
-    if not isinstance(lm, list) or len(lm) != 4:
-        raise ValueError("snapshot holds a bad error model")
-    # [E e2, E u, E e2*u, E u^2]: u = 1/k is in (0, 1].
-    highs = (MAX_REL_ERROR ** 2, 1.0, MAX_REL_ERROR ** 2, 1.0)
-    f.lm = [_finite("error moment", v, high=h) for v, h in zip(lm, highs)]
-    f.long_n = int(_finite("long_n", d["long_n"], high=MAX_SAMPLES))
-    f.bpt = _finite("bpt", d.get("bpt", 0.0))
     f.version += 1
 
 
-def _check_name(m: Any) -> None:
-    if not isinstance(m, str) or len(m) > MAX_MODEL_NAME_CHARS:
-        raise ValueError(f"snapshot holds a model name that is not a string of at most "
-                         f"{MAX_MODEL_NAME_CHARS} characters")
+def _name_ok(m: Any) -> bool:
+    return isinstance(m, str) and len(m) <= MAX_MODEL_NAME_CHARS
 
 
 class Estimator:
@@ -345,6 +397,8 @@ class Estimator:
         #: Called with a model name the table dropped (the router drops the
         #: name's output budgets with it).
         self.on_evict: Any = None
+        #: Counts ``learn`` did not take (see ``plausible_sample``).
+        self.refused_samples = 0
 
     # --- lookup --------------------------------------------------------------
     def model_key(self, model: str) -> str:
@@ -424,11 +478,19 @@ class Estimator:
     def learn(self, model: str, category: str, x: tuple[float, ...], n_bytes: int,
               prompt_tokens: int, k_eff: float = 1.0) -> float | None:
         """Learn from vLLM's count; returns the relative error the estimate
-        had (None for an unusable count)."""
+        had (None for a count it does not take: not a positive integer, not
+        ``plausible_sample``, or one that would leave a fit ``_check_fit``
+        refuses, which is then taken back: learning never writes what a
+        restore would refuse)."""
         if not isinstance(prompt_tokens, int) or prompt_tokens <= 0:
+            return None
+        if not plausible_sample(n_bytes, x[10] if len(x) > 10 else 0.0, prompt_tokens):
+            self.refused_samples += 1
             return None
         xa = np.asarray(x, dtype=float)
         fit = self._fit(model, category, create=True)
+        chain = (fit, fit.parent, self.root)
+        before = [f.state() for f in chain]
         ema = self.cfg.error_ema_weight
         lam = self.cfg.rls_forgetting
         # Learn in the leaf first so the returned error is the leaf's own.
@@ -436,8 +498,16 @@ class Estimator:
         rel = fit.learn(xa, y, n_bytes, lam, ema, k_eff)
         fit.parent.learn(xa, y, n_bytes, lam, ema, k_eff)
         self.root.learn(xa, y, n_bytes, lam, ema, k_eff)
+        try:
+            _check_fit("root fit", self.root, None)
+            _check_fit("model fit", fit.parent, self.root.samples)
+            _check_fit("category fit", fit, fit.parent.samples)
+        except ValueError:
+            for f, st in zip(chain, before):
+                f.set_state(st)
+            self.refused_samples += 1
+            return None
         return rel
-
     def confident(self, model: str, category: str) -> bool:
         own = self.fits.get((self.model_key(model), category))
         return own is not None and own.samples >= self.cfg.min_samples_confident
@@ -447,9 +517,10 @@ class Estimator:
         rows = []
         for (model, cat), fit in sorted(self.fits.items()):
             w = fit.weights()
+            bpt = fit.bytes_per_token()
             rows.append({
                 "model": model, "category": cat, "samples": fit.samples,
-                "bytes_per_token": round(fit.bpt, 3) if fit.bpt else None,
+                "bytes_per_token": None if bpt is None else round(bpt, 3),
                 "tokens_per_message": round(float(w[10]), 2), "overhead": round(float(w[11]), 2),
                 "rel_error": round(fit.abs_err, 4), "long_rms": round(math.sqrt(fit.lm[0]), 4),
             })
@@ -458,7 +529,7 @@ class Estimator:
     def snapshot(self) -> dict[str, Any]:
         def dump(f: Fit) -> dict[str, Any]:
             return {"A": f.A.ravel().tolist(), "b": f.b.tolist(), "samples": f.samples,
-                    "abs_err": f.abs_err, "lm": list(f.lm), "long_n": f.long_n, "bpt": f.bpt}
+                    "abs_err": f.abs_err, "lm": list(f.lm), "long_n": f.long_n}
         return {
             "version": SNAPSHOT_VERSION,
             "features": N_FEATURES,
@@ -467,35 +538,68 @@ class Estimator:
             "fits": [{"model": m, "category": c, **dump(f)} for (m, c), f in self.fits.items()],
         }
 
-    def restore(self, snap: dict[str, Any]) -> None:
-        """Load a snapshot, all or nothing; raises ValueError (leaving this
-        estimator unchanged) if it does not fit this build or holds bad numbers."""
+    def restore(self, snap: dict[str, Any]) -> list[str]:
+        """Load a snapshot; returns what was dropped, one line each. A bad
+        model fit costs that model (its category fits hang off it), a bad
+        category fit only itself; a snapshot of another version, a bad root
+        fit (every other fit hangs off it) or a malformed layout raises
+        ValueError, leaving this estimator unchanged. Every fit passes the
+        ``_check_fit`` that ``learn`` keeps to."""
+        dropped: list[str] = []
         try:
             if snap.get("version") != SNAPSHOT_VERSION or snap.get("features") != N_FEATURES:
                 raise ValueError("snapshot from an incompatible version")
             fresh = Estimator(self.cfg, self.margin_min_tokens)
             _load_fit(fresh.root, snap["root"])
+            _check_fit("root fit", fresh.root, None)
             now = fresh.root.samples
-            seen = {}
-            for m, d in snap.get("models", {}).items():
-                _check_name(m)
-                if fresh.model_key(m) == m:
-                    _load_fit(fresh._model(m), d)
-                    if m != ANY_MODEL:
-                        seen[m] = int(_finite("seen", d.get("seen", now), high=now))
-            for d in snap.get("fits", []):
-                _check_name(d["model"])
-                if d.get("category") in CATEGORIES and d["model"] in fresh.models:
-                    _load_fit(fresh._fit(d["model"], d["category"], create=True), d)
-            fresh.seen = seen
-            fresh.check_plausible()
+            models = snap.get("models", {})
+            if not isinstance(models, dict):
+                raise ValueError("snapshot's models are not an object")
+            for m, d in models.items():
+                if not _name_ok(m):
+                    dropped.append(f"a model name that is not a string of at most {MAX_MODEL_NAME_CHARS} characters")
+                    continue
+                if fresh.model_key(m) != m:
+                    continue  # over this config's max_models: learned afresh in the shared bucket
+                try:
+                    f = Fit(fresh.root, None, 0.0, fresh._ridge)
+                    _load_fit(f, d)
+                    _check_fit(f"fit of model {m!r}", f, now)
+                    seen = int(_finite("seen", d.get("seen", now), high=now))
+                except (ValueError, TypeError, AttributeError) as e:
+                    dropped.append(f"model {m!r} and its categories: {e}")
+                    continue
+                fresh.models[m] = f
+                if m != ANY_MODEL:
+                    fresh.seen[m] = seen
+            fits = snap.get("fits", [])
+            if not isinstance(fits, list):
+                raise ValueError("snapshot's fits are not a list")
+            for d in fits:
+                try:
+                    m, c = d["model"], d["category"]
+                except (KeyError, TypeError) as e:
+                    dropped.append(f"a malformed category fit: {e!r}")
+                    continue
+                if not _name_ok(m) or c not in CATEGORIES or m not in fresh.models:
+                    continue
+                try:
+                    f = Fit(fresh.models[m], None, 0.0, fresh._ridge)
+                    _load_fit(f, d)
+                    _check_fit(f"fit of ({m!r}, {c})", f, f.parent.samples)
+                except ValueError as e:
+                    dropped.append(f"({m!r}, {c}): {e}")
+                    continue
+                fresh.fits[(m, c)] = f
         except (KeyError, TypeError, AttributeError) as e:
             raise ValueError(f"malformed snapshot: {e!r}") from None
         self.root, self.models, self.fits, self.seen = fresh.root, fresh.models, fresh.fits, fresh.seen
+        return dropped
 
     def check_plausible(self) -> None:
-        """Raise ValueError unless every fit is physically possible (see
-        MAX_TOKENS_PER_UNIT) and the sample counts nest (a model's fit has
+        """Raise ValueError unless every fit passes ``_check_fit`` (the
+        physical bounds, and sample counts that nest: a model's fit has
         learned at most what every model learned, a category at most what
         its model did)."""
         _check_fit("root fit", self.root, None)

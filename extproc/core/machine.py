@@ -306,12 +306,16 @@ class StreamMachine:
             self._to(Event.REFUSED)
             return [self._immediate(d)], True
         mutation = None
-        if d.stream and not d.include_usage and self.router.stream_settings.inject_include_usage and d.routable:
+        self.watch_misroute = self.router.near_threshold_short(d)
+        # A watched stream without usage gets include_usage added (and its
+        # usage chunk cut out of what the client receives), so a truncation
+        # misroute is counted by default, not only when the client asked.
+        if (d.stream and not d.include_usage and d.routable
+                and (self.router.stream_settings.inject_include_usage or self.watch_misroute)):
             mutation = self._inject_include_usage(body)
         if mutation is None and decoded is not None:
             mutation = decoded  # pools read plain bodies (vLLM does not decompress requests)
         self.sampled = mutation is not None or self.router.want_sample(d, self.draw())
-        self.watch_misroute = self.router.near_threshold_short(d)
         keep = self.sampled or self.watch_misroute
         self._to(Event.ROUTED_WATCHED if keep else Event.ROUTED)
         return [self._route_body(d, mutation)], not keep

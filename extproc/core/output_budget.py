@@ -101,26 +101,35 @@ class OutputBudget:
         return [{"model": m, "category": c, "counts": s.counts, "total": s.total, "samples": s.samples}
                 for (m, c), s in self.sketches.items()]
 
-    def restore(self, rows: list[dict[str, Any]], keep: Any) -> None:
-        """Load ``rows`` (all or nothing: ValueError, nothing changed, if any
-        row is not a possible sketch); rows whose key ``keep`` refuses are skipped."""
-        sketches = {}
+    def restore(self, rows: list[dict[str, Any]], keep: Any) -> list[str]:
+        """Load ``rows``; rows whose key ``keep`` refuses are skipped, rows
+        that are not a possible sketch dropped (one line each in the list
+        returned: a bad row costs only itself)."""
+        if not isinstance(rows, list):
+            return ["output budgets: not a list"]
+        sketches, dropped = {}, []
         for d in rows:
-            key = (d["model"], d["category"])
-            if not keep(key) or len(d["counts"]) != N_BUCKETS:
+            try:
+                key = (d["model"], d["category"])
+                if not keep(key) or len(d["counts"]) != N_BUCKETS:
+                    continue
+                sk = QuantileSketch()
+                sk.counts = [float(c) for c in d["counts"]]
+                sk.total = float(d["total"])
+                sk.samples = int(d["samples"])
+            except (KeyError, TypeError, ValueError, OverflowError) as e:
+                dropped.append(f"a malformed output-length sketch: {e!r}")
                 continue
-            sk = QuantileSketch()
-            sk.counts = [float(c) for c in d["counts"]]
-            sk.total = float(d["total"])
-            sk.samples = int(d["samples"])
             # Decayed counts: non-negative, finite, summing to the total, and
             # never more than the completions seen.
             if not (all(math.isfinite(c) and c >= 0 for c in sk.counts) and math.isfinite(sk.total)
                     and 0 <= sk.total <= sk.samples + 1e-6 and abs(sum(sk.counts) - sk.total) <= 1e-6 * max(1.0, sk.total)
                     and sk.samples >= 0):
-                raise ValueError(f"snapshot holds an implausible output-length sketch for {key!r}")
+                dropped.append(f"an implausible output-length sketch for {key!r}")
+                continue
             sketches[key] = sk
         self.sketches.update(sketches)
+        return dropped
 
     def drop_model(self, model: str) -> None:
         """Forget the budgets of ``model`` (its estimator slot was freed)."""

@@ -71,20 +71,29 @@ class Decision:
         return self.estimate + self.output
 
     @property
+    def padded(self) -> int:
+        """The budget the tiers' limits were compared with: the estimate
+        padded by the margin, plus the output budget."""
+        return round(self.estimate * (1.0 + self.margin) + self.output)
+
+    @property
     def routable(self) -> bool:
         return bool(self.vector) or self.exact
 
-    def header_value(self) -> str:
+    def header_value(self, padded: int | None = None) -> str:
         """Compact form for the decision response header and logs."""
-        return (f"pool={self.pool}; est={self.estimate}; budget={self.budget}; "
+        if padded is None:
+            padded = self.padded
+        return (f"pool={self.pool}; est={self.estimate}; budget={padded}; margin={self.margin:.3f}; "
                 f"cat={self.category or '-'}; reason={self.reason}"
                 + (f"; from={self.from_pool}" if self.from_pool else ""))
 
     def metadata(self) -> dict[str, object]:
+        padded = self.padded
         md: dict[str, object] = {
             "pool": self.pool, "reason": self.reason, "estimate": self.estimate,
-            "budget": self.budget, "category": self.category or "-", "model": self.model or "-",
-            "margin": round(self.margin, 4), "decision": self.header_value(),
+            "budget": padded, "category": self.category or "-", "model": self.model or "-",
+            "margin": round(self.margin, 4), "decision": self.header_value(padded),
             **({"from_pool": self.from_pool} if self.from_pool else {}),
         }
         if self.media:
@@ -128,11 +137,15 @@ def choose(cfg: Config, estimate: float, output: int, margin: float,
     return cfg.tiers[i].name, reason_for(i, len(cfg.tiers))
 
 
+def low_estimate(cfg: Config, estimate: float, exact: bool) -> float:
+    """An optimistic reading of the estimate (exact for token-id prompts)."""
+    return estimate if exact else estimate * (1.0 - cfg.policy.reject_margin)
+
+
 def surely_too_long(cfg: Config, estimate: float, exact: bool) -> bool:
     """True when even an optimistic reading of the estimate exceeds the long
     pool's context (vLLM needs at least one slot for output: prompt >= limit)."""
-    low = estimate if exact else estimate * (1.0 - cfg.policy.reject_margin)
-    return low >= cfg.long.max_model_len
+    return low_estimate(cfg, estimate, exact) >= cfg.long.max_model_len
 
 
 def largest_context(cfg: Config) -> int:

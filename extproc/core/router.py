@@ -156,7 +156,8 @@ class Router:
             d.media_tokens, d.media = media.tokens, media.flags
         if P.surely_too_long(cfg, estimate, d.exact):
             d.reason, d.status = P.R_CONTEXT, P.STATUS_BAD_REQUEST
-            d.error = errors.context_length_exceeded(d.estimate, cfg.long.max_model_len, output)
+            d.error = errors.context_length_exceeded(int(P.low_estimate(cfg, estimate, d.exact)),
+                                                     cfg.long.max_model_len)
             return d
         j, i = self.place(P.padded_budget(estimate, output, margin))
         d.pool, d.reason = cfg.tiers[i].name, P.reason_for(i, len(cfg.tiers))
@@ -240,18 +241,22 @@ class Router:
     def snapshot(self) -> dict[str, Any]:
         return {"estimator": self.estimator.snapshot(), "outputs": self.outputs.snapshot()}
 
-    def restore(self, snap: dict[str, Any]) -> None:
-        """Load a snapshot, all or nothing: ValueError (this router
-        unchanged) unless every part of it is well-formed and plausible."""
+    def restore(self, snap: dict[str, Any]) -> list[str]:
+        """Load a snapshot; returns the parts dropped (a bad fit or sketch
+        costs only itself; the caller logs them). ValueError, this router
+        unchanged, if the estimator's root or layout is unusable."""
         fresh = Router(self.cfg)
         try:
-            fresh.estimator.restore(snap["estimator"])
-            fresh.outputs.restore(snap.get("outputs", []),
-                                  lambda key: fresh.estimator.model_key(key[0]) == key[0])
+            if not isinstance(snap, dict):
+                raise ValueError("not a JSON object")
+            dropped = fresh.estimator.restore(snap["estimator"])
+            dropped += fresh.outputs.restore(snap.get("outputs", []),
+                                             lambda key: fresh.estimator.model_key(key[0]) == key[0])
         except (KeyError, TypeError, AttributeError) as e:
             raise ValueError(f"malformed snapshot: {e!r}") from None
         self.estimator, self.outputs = fresh.estimator, fresh.outputs
         self.estimator.on_evict = self.outputs.drop_model
+        return dropped
 
     def samples(self) -> int:
         """Responses learned from in all (the estimator's root fit)."""

@@ -29,10 +29,16 @@ log = logging.getLogger("extproc.serve.grpc_aio")
 
 
 class GrpcioServer:
-    def __init__(self, server, health_servicer, port: int):
+    def __init__(self, server, health_servicer, port: int, health_services: Iterable[str] = ()):
         self._server = server
         self._health = health_servicer
+        self._health_services = tuple(health_services)
         self.port = port
+
+    async def set_serving(self, serving: bool) -> None:
+        status = health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
+        for name in self._health_services:
+            await self._health.set(name, status)
 
     async def stop(self, grace_seconds: float | None = None) -> None:
         await self._health.enter_graceful_shutdown()
@@ -139,4 +145,4 @@ async def serve_grpcio(
     address = f"{host}:{port}"
     bound = server.add_secure_port(address, creds) if creds is not None else server.add_insecure_port(address)
     await server.start()
-    return GrpcioServer(server, health_servicer, bound)
+    return GrpcioServer(server, health_servicer, bound, health_services)

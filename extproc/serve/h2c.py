@@ -562,7 +562,8 @@ class _GrpcConnection(asyncio.Protocol):
             self._end_call(call, NOT_FOUND, f"unknown service {req.service!r}")
             return
         status = (
-            health_pb2.HealthCheckResponse.NOT_SERVING if self.server._draining else health_pb2.HealthCheckResponse.SERVING
+            health_pb2.HealthCheckResponse.NOT_SERVING if self.server._draining or not self.server.serving
+            else health_pb2.HealthCheckResponse.SERVING
         )
         call.headers_sent = True
         self.conn.send_headers(call.sid, _RESPONSE_HEADERS)
@@ -612,8 +613,14 @@ class FastServer:
         self._server: asyncio.base_events.Server | None = None
         self._connections: set[_GrpcConnection] = set()
         self._draining = False
+        #: Health says NOT_SERVING while False; streams are still served (the
+        #: drain delay before stop: serve.server.Worker.drain).
+        self.serving = True
         self._idle = asyncio.Event()
         self.port = 0
+
+    async def set_serving(self, serving: bool) -> None:
+        self.serving = serving
 
     def _connection_closed(self) -> None:
         if not self._connections:

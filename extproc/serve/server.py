@@ -5,9 +5,12 @@ on its own port (``config.worker_ports``: Envoy's ext_proc cluster lists every
 worker as an endpoint, so each gets its own HTTP/2 connection and the streams
 spread over processes), creates one ``StreamMachine`` per stream, snapshots
 calibration periodically, after ``snapshot_samples`` new samples and on
-shutdown, and drains in-flight streams on SIGTERM/SIGINT. With
-``workers > 1`` a supervisor process starts the workers, restarts one that
-dies, and forwards signals.
+shutdown, and drains on SIGTERM (health NOT_SERVING for ``drain_delay_s``
+while still serving, then in-flight streams get ``drain_seconds``); SIGHUP
+reloads the config file. With ``workers > 1`` a supervisor process starts the
+workers, restarts one that dies, and forwards signals; a worker gets SIGTERM
+from the kernel if the supervisor dies (parent-death signal). Every signal's
+behaviour: README "Signals".
 
 Start order of a worker: stale snapshot temporaries removed, state file
 restored (all or nothing), admin plane up on its own port
@@ -25,6 +28,7 @@ import multiprocessing as mp
 import os
 import random
 import signal
+import sys
 import time
 
 from . import monitor as mon
@@ -35,6 +39,7 @@ from .rpc import EXT_PROC_SERVICE
 from ..admin import auth as admin_auth
 from ..admin import plane as admin_plane
 from ..admin import reflection
+from ..admin import service as admin_service
 from ..admin import warm
 from ..config import Config, admin_ports, worker_ports
 from .. import defaults as D
@@ -86,33 +91,45 @@ class Worker:
         self.saved_samples = 0
         self.state_path = snapshot.worker_path(cfg.router.state_file, index)
         self.streams = 0
+        self.snapshot_failures = 0
         self.telemetry = None
         if telemetry:
             from .telemetry import Telemetry
-            self.telemetry = Telemetry(cfg, self.router, index)
+            self.telemetry = Telemetry(cfg, self.router, index, worker_state=self)
 
     def load_state(self) -> bool:
-        """Restore the best snapshot file, all or nothing; True if restored."""
+        """Restore the best snapshot file (a bad part costs only itself,
+        logged; a bad root or layout costs the file); True if restored."""
         snapshot.remove_stale_temps(self.state_path)
         state, src = snapshot.load_best(self.cfg.router.state_file,
                                         snapshot_bound_bytes(self.cfg.estimator.max_models))
         if state is None:
             return False
         try:
-            self.router.restore(state)
+            dropped = self.router.restore(state)
         except (ValueError, KeyError, TypeError) as e:
             log.warning("worker %d: calibration snapshot %s refused, nothing restored (starting from the prior): %s",
                         self.index, src, e)
             return False
+        admin_service.log_dropped(f"worker {self.index}: {src}", dropped)
         log.info("worker %d: calibration restored from %s (%d samples)", self.index, src, self.router.samples())
         return True
 
-    def save_state(self) -> None:
-        self.saved_samples = self.router.samples()
+    def save_state(self) -> OSError | None:
+        """Write the calibration snapshot; returns the error if the write
+        failed (a full disk, a read-only volume), which is also logged and
+        counted (``budget_router_snapshot_failures_total``); the previous
+        file stays as it was."""
+        samples = self.router.samples()
         try:
             snapshot.save(self.state_path, self.router.snapshot())
         except OSError as e:
-            log.warning("worker %d: could not write calibration snapshot %s: %s", self.index, self.state_path, e)
+            self.snapshot_failures += 1
+            log.warning("worker %d: could not write calibration snapshot %s: %s", self.index, self.state_path, e,
+                        extra={"fields": {"snapshot_failures": self.snapshot_failures}})
+            return e
+        self.saved_samples = samples
+        return None
 
     def new_stream(self, metadata: dict[str, str] | None = None):
         """One ext_proc stream; ``metadata`` is the gRPC call's trace context."""
@@ -146,6 +163,41 @@ class Worker:
         await self.admin.set_serving(True)
         return self.server.port
 
+    async def drain(self, skip: asyncio.Event | None = None) -> None:
+        """Before ``stop``: health NOT_SERVING on the ext_proc and admin ports
+        while streams are still served, for [router] drain_delay_s (cut short
+        when ``skip`` is set: a second SIGTERM/SIGINT), so Envoy takes this
+        worker out of its cluster before the port closes."""
+        delay = self.cfg.router.drain_delay_s
+        if self.server is not None and hasattr(self.server, "set_serving"):
+            await self.server.set_serving(False)
+        if self.admin is not None:
+            await self.admin.set_serving(False)
+        if delay <= 0:
+            return
+        log.info("worker %d: draining: health NOT_SERVING, still serving for %.1f s", self.index, delay,
+                 extra={"fields": {"drain_delay_s": delay}})
+        waiter = asyncio.ensure_future((skip or asyncio.Event()).wait())
+        try:
+            await asyncio.wait_for(waiter, timeout=delay)
+        except asyncio.TimeoutError:
+            pass
+
+    def reload(self) -> None:
+        """SIGHUP: re-read the configured file as admin ReloadConfig does
+        (live keys applied, the rest reported as needing a restart); a bad
+        file is logged and changes nothing."""
+        from ..admin.v1 import admin_pb2 as pb
+        svc = admin_service.AdminService(self, self.config_path)
+        try:
+            res = svc.reload_config(pb.ReloadConfigRequest(), caller="signal SIGHUP")
+        except admin_service.AdminError as e:
+            log.error("worker %d: SIGHUP: configuration not reloaded, nothing changed: %s", self.index, e.message)
+            return
+        log.info("worker %d: SIGHUP: configuration reloaded from %s%s", self.index,
+                 self.config_path or "the environment",
+                 f" (needs a restart: {', '.join(res.restart_required)})" if res.restart_required else "")
+
     async def stop(self) -> None:
         if self.server is not None:
             await self.server.stop(self.cfg.router.drain_seconds)
@@ -157,7 +209,7 @@ class Worker:
         if self.telemetry is not None:
             self.telemetry.shutdown()
 
-    async def run_until(self, stop: asyncio.Event) -> None:
+    async def run_until(self, stop: asyncio.Event, skip_drain: asyncio.Event | None = None) -> None:
         async def snapshots() -> None:
             # Every snapshot_interval_s, and sooner once snapshot_samples new
             # samples were learned (at most one per SNAPSHOT_MIN_GAP_S).
@@ -177,6 +229,7 @@ class Worker:
             tasks.append(asyncio.create_task(self.follow_signals()))
         try:
             await stop.wait()
+            await self.drain(skip_drain)
         finally:
             for task in tasks:
                 task.cancel()
@@ -200,22 +253,60 @@ async def _worker_main(cfg: Config, index: int, config_path: str | None = None) 
     w = Worker(cfg, index, config_path=config_path)
     # Signals first: a SIGTERM during start (a warm start takes seconds) stops
     # the worker cleanly once started, with a snapshot, instead of killing it.
-    stop = asyncio.Event()
+    # SIGTERM: drain (NOT_SERVING for drain_delay_s), then stop; SIGINT (a
+    # person at a terminal): stop without the delay; either one again during
+    # the delay: stop now. SIGHUP: reload the config file.
+    stop, skip_drain = asyncio.Event(), asyncio.Event()
     loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
+
+    def on_stop(delay: bool) -> None:
+        if stop.is_set() or not delay:
+            skip_drain.set()
+        stop.set()
+
+    loop.add_signal_handler(signal.SIGTERM, on_stop, True)
+    loop.add_signal_handler(signal.SIGINT, on_stop, False)
+    loop.add_signal_handler(signal.SIGHUP, w.reload)
     port = await w.start()
     files = router_tls(cfg)
     security = "h2c" if files is None else "mTLS" if files.mutual else "TLS"
     log.info("worker %d (pid %d) serving ext_proc on %s:%d via %s over %s, admin on %s:%d",
              index, os.getpid(), cfg.router.listen, port, cfg.router.transport, security, cfg.admin.listen,
              w.admin.port)
-    await w.run_until(stop)
+    await w.run_until(stop, skip_drain)
     log.info("worker %d drained and stopped", index)
 
 
-def _worker_process(cfg: Config, index: int, config_path: str | None) -> None:
+#: prctl(2) option: the signal the kernel sends this process when its parent
+#: dies (linux/prctl.h).
+PR_SET_PDEATHSIG = 1
+
+
+def die_with_parent(parent_pid: int) -> bool:
+    """Ask the kernel for SIGTERM when the supervisor dies (even by kill -9),
+    so a worker never outlives it holding its ports: it drains and stops as on
+    any SIGTERM. Linux only (prctl PR_SET_PDEATHSIG); returns False where not
+    available. If the supervisor is already gone (it died before the call),
+    the worker stops at once."""
+    ok = False
+    if sys.platform.startswith("linux"):
+        try:
+            import ctypes
+            libc = ctypes.CDLL(None, use_errno=True)
+            ok = libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0) == 0
+        except (OSError, AttributeError):
+            ok = False
+    if os.getppid() != parent_pid:
+        os.kill(os.getpid(), signal.SIGTERM)
+    return ok
+
+
+def _worker_process(cfg: Config, index: int, config_path: str | None, parent_pid: int | None = None) -> None:
     setup_logging()
+    # The supervisor's signal handlers are not inherited (spawn), but its
+    # ignored signals would be: start from the defaults.
+    if parent_pid is not None and not die_with_parent(parent_pid):
+        log.warning("worker %d: no parent-death signal on this platform: stop the supervisor with SIGTERM", index)
     asyncio.run(_worker_main(cfg, index, config_path))
 
 
@@ -252,19 +343,31 @@ def serve(cfg: Config, config_path: str | None = None) -> int:
     stopping = False
 
     def start(i: int) -> None:
-        p = ctx.Process(target=_worker_process, args=(cfg, i, config_path), name=f"budget-router-w{i}", daemon=False)
+        p = ctx.Process(target=_worker_process, args=(cfg, i, config_path, os.getpid()),
+                        name=f"budget-router-w{i}", daemon=False)
         p.start()
         procs[i] = p
 
-    def on_signal(signum, frame) -> None:
-        nonlocal stopping
-        stopping = True
+    def forward(signum: int) -> None:
         for p in procs.values():
             if p.is_alive():
-                os.kill(p.pid, signal.SIGTERM)
+                os.kill(p.pid, signum)
+
+    def on_signal(signum, frame) -> None:
+        # SIGTERM / SIGINT: every worker drains and stops, then the
+        # supervisor exits; the same signal again reaches the workers again
+        # (cutting their drain delay short).
+        nonlocal stopping
+        stopping = True
+        forward(signum)
+
+    def on_hup(signum, frame) -> None:
+        log.info("supervisor: SIGHUP: every worker reloads the configuration")
+        forward(signal.SIGHUP)
 
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
+    signal.signal(signal.SIGHUP, on_hup)
     # One monitor for all workers: they read what it publishes (serve.monitor).
     monitor = mon.PublishingThread(cfg).start() if cfg.monitor.enabled else None
     for i in range(cfg.router.workers):

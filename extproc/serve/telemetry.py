@@ -29,6 +29,13 @@ Metrics (names as Prometheus shows them; OTel instrument names use dots):
     budget_router_tier_budget_limit{tier}                        gauge, tokens (the threshold in use)
     budget_router_spillovers_total{from_tier,to_tier}            counter
     budget_router_threshold_moves_total{tier}                    counter (adaptive threshold)
+    budget_router_snapshot_failures_total                        counter (snapshot writes that failed)
+    budget_router_refused_samples_total                          counter (usage counts not learned:
+                                                                 implausible for the text)
+
+Counters with a known label set (misroutes by tier and kind, spillovers by
+tier pair, threshold moves, snapshot failures) are on the page at 0 from the
+start, so ``rate()`` has a series before the first event and counts it.
 
 Served on a Prometheus endpoint per worker ([telemetry] prometheus_port + i)
 and exported by OTLP when OTEL_EXPORTER_OTLP_ENDPOINT is set.
@@ -52,6 +59,8 @@ from opentelemetry.sdk.trace.export import BatchSpanProcessor
 
 from ..config import Config
 from ..core.machine import MISROUTE_CONTEXT, MISROUTE_TRUNCATED, StreamMachine
+
+MISROUTE_KINDS = (MISROUTE_CONTEXT, MISROUTE_TRUNCATED)
 from ..core.router import Router
 from ..core.features import CATEGORIES
 
@@ -109,9 +118,11 @@ class JsonFormatter(logging.Formatter):
 class Telemetry:
     """Per worker process: providers, instruments and the Prometheus endpoint."""
 
-    def __init__(self, cfg: Config, router: Router, worker: int = 0):
+    def __init__(self, cfg: Config, router: Router, worker: int = 0, *, worker_state: Any = None):
         self.cfg = cfg
         self.router = router
+        #: The Worker (snapshot failures); None in tests that drive a bare router.
+        self.worker_state = worker_state
         resource = Resource.create({"service.name": os.environ.get("OTEL_SERVICE_NAME", SERVICE_NAME),
                                     "service.instance.id": f"{os.uname().nodename}-{os.getpid()}",
                                     "budget_router.worker": worker})
@@ -177,7 +188,7 @@ class Telemetry:
         m.create_observable_up_down_counter("budget_router.streams_in_flight", [self._observe_in_flight], unit="",
                                             description="ext_proc streams open in this worker")
         m.create_observable_gauge("budget_router.learned_bytes_per_token", [self._observe_bpt], unit="",
-                                  description="Observed bytes per token of learned responses (EMA)")
+                                  description="Fitted text bytes per text token (chat-template tokens apart)")
         m.create_observable_gauge("budget_router.learned_overhead_tokens", [self._observe_overhead], unit="",
                                   description="Learned fixed chat-template overhead (intercept)")
         m.create_observable_gauge("budget_router.tier_load", [self._observe_tier_load], unit="",
@@ -192,6 +203,16 @@ class Telemetry:
                                     description="Requests sent up from a saturated tier, by (from, to)")
         m.create_observable_counter("budget_router.threshold_moves", [self._observe_moves], unit="",
                                     description="Moves of the tier's budget limit by the adaptive threshold")
+        m.create_observable_counter("budget_router.snapshot_failures", [self._observe_snapshot_failures], unit="",
+                                    description="Calibration snapshot writes that failed (full disk, read-only volume)")
+        m.create_observable_counter("budget_router.refused_samples", [self._observe_refused], unit="",
+                                    description="Usage counts not learned: no tokenizer gives them for the text")
+
+    def _observe_snapshot_failures(self, options: CallbackOptions) -> Iterable[Observation]:
+        yield Observation(getattr(self.worker_state, "snapshot_failures", 0))
+
+    def _observe_refused(self, options: CallbackOptions) -> Iterable[Observation]:
+        yield Observation(self.router.estimator.refused_samples)
 
     def _observe_tier_load(self, options: CallbackOptions) -> Iterable[Observation]:
         for load in self.router.loads:
@@ -213,9 +234,12 @@ class Telemetry:
             yield Observation(limit, {"tier": tier.name})
 
     def _observe_spillovers(self, options: CallbackOptions) -> Iterable[Observation]:
+        # Every pair spillover can use (from a tier to any larger one), 0 until it does.
         tiers = self.router.cfg.tiers
-        for (a, b), n in list(self.router.spillover.spilled.items()):
-            yield Observation(n, {"from_tier": tiers[a].name, "to_tier": tiers[b].name})
+        spilled = self.router.spillover.spilled
+        for a in range(len(tiers) - 1):
+            for b in range(a + 1, len(tiers)):
+                yield Observation(spilled.get((a, b), 0), {"from_tier": tiers[a].name, "to_tier": tiers[b].name})
 
     def _observe_moves(self, options: CallbackOptions) -> Iterable[Observation]:
         for tier, n in zip(self.router.cfg.tiers, self.router.threshold.moves):
@@ -240,7 +264,13 @@ class Telemetry:
             yield Observation(n, {"model": model, "category": cat})
 
     def _observe_misroutes(self, options: CallbackOptions) -> Iterable[Observation]:
-        for (pool, kind), n in list(self._misroutes.items()):
+        # Every tier below the last (where a misroute can happen) and kind, 0
+        # until the first; other keys (a tier renamed by a reload) as counted.
+        seen = dict(self._misroutes)
+        for tier in self.router.cfg.tiers[:-1]:
+            for kind in MISROUTE_KINDS:
+                seen.setdefault((tier.name, kind), 0)
+        for (pool, kind), n in seen.items():
             yield Observation(n, {"pool": pool, "kind": kind})
 
     def _observe_in_flight(self, options: CallbackOptions) -> Iterable[Observation]:

@@ -139,9 +139,11 @@ def _poll(stack, stop: threading.Event, rows: list[dict]) -> None:
         stop.wait(POLL_S)
 
 
-def run_once(base: C.Config, closed_loop: bool, time_scale: float, seed: int, workdir: str) -> dict:
-    from .stack import Stack, loopback_config
-    cfg = loopback_config(base, router={"state_file": os.path.join(workdir, "state.json"), "sample_rate": 0.05},
+def run_once(base: C.Config, closed_loop: bool, time_scale: float, seed: int, workdir: str,
+             port_base: int | None = None) -> dict:
+    from .stack import Stack, demo_config
+    cfg = demo_config(base, port_base,
+                          router={"state_file": os.path.join(workdir, "state.json"), "sample_rate": 0.05},
                           monitor={"interval_s": MONITOR_INTERVAL_S},
                           spillover={"enabled": closed_loop}, adaptive={"enabled": closed_loop})
     stack = Stack(cfg, workdir=workdir, time_scale=time_scale, pool_seqs={cfg.short.name: SHORT_SEQS})
@@ -250,7 +252,7 @@ def run(args: argparse.Namespace) -> int:
         print(f"burst scenario, {'closed-loop' if closed else 'static'} routing ({RUN_S:g} s) ...", flush=True)
         try:
             scale = BURST_TIME_SCALE if args.time_scale is None else args.time_scale
-            runs.append(run_once(base, closed, scale, args.seed, workdir))
+            runs.append(run_once(base, closed, scale, args.seed, workdir, getattr(args, "port_base", None)))
         except RuntimeError as e:
             print(f"budget-router demo: the stack did not start: {e} (logs in {workdir})", file=sys.stderr)
             return 1

@@ -142,7 +142,8 @@ class Result:
 
 
 def parse_decision(value: str | None) -> dict[str, str]:
-    """``pool=short; est=1234; budget=2258; cat=prose; reason=...`` -> dict."""
+    """``pool=short; est=1234; budget=2258; margin=0.120; cat=prose; reason=...`` -> dict
+    (budget: the padded one the limits were compared with)."""
     out: dict[str, str] = {}
     for part in (value or "").split(";"):
         k, sep, v = part.strip().partition("=")
@@ -641,7 +642,7 @@ def _print_stack_failure(stack, err: Exception) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from .. import defaults as D
-    from .stack import Stack, loopback_config, vllm_config
+    from .stack import Stack, demo_config, vllm_config
 
     if getattr(args, "scenario", "mix") == "burst":
         from .burst import run as run_burst
@@ -668,7 +669,12 @@ def run(args: argparse.Namespace) -> int:
     workdir = tempfile.mkdtemp(prefix="budget-router-demo-")
     state_file = os.path.join(workdir, "state.json")
     base = C.load_config(args)
-    cfg = loopback_config(base, router={"sample_rate": args.sample_rate, "state_file": state_file})
+    try:
+        cfg = demo_config(base, getattr(args, "port_base", None),
+                          router={"sample_rate": args.sample_rate, "state_file": state_file})
+    except ValueError as e:
+        print(f"budget-router demo: {e}", file=sys.stderr)
+        return 2
     if args.pools == POOLS_VLLM:
         cfg = vllm_config(cfg)
     b_short = cfg.b_short
@@ -777,7 +783,11 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p = subparsers.add_parser(
         "demo", help="start the stack, replay real-looking traffic through Envoy, report and plot",
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--config", metavar="FILE", help="TOML config (B_short, pools, ...); ports are always free loopback ports")
+    p.add_argument("--config", metavar="FILE", help="TOML config (B_short, pools, ...); ports are free loopback "
+                                                    "ports unless --port-base is given")
+    p.add_argument("--port-base", type=int, metavar="PORT",
+                   help="use loopback ports PORT, PORT+1, ...: Envoy, Envoy admin, one per pool, the router "
+                        "workers, their admin planes, their Prometheus endpoints (default: any free ports)")
     src = p.add_mutually_exclusive_group()
     src.add_argument("--prompts", metavar="DIR_OR_FILE",
                      help="real prompt files (.jsonl with turns/prompt; .json lists with instruction/input, "

@@ -22,6 +22,7 @@ import time
 import urllib.error
 import urllib.request
 from dataclasses import dataclass, field
+from typing import Any
 
 from .. import config as C
 from ..config import Config
@@ -104,7 +105,8 @@ def loopback_config(base: Config | None = None, workers: int | None = None, **se
     prom_port = free_port_block(n)
     admin_plane_port = free_port_block(n)
     cfg = cfg.replace(
-        router={"port": router_port, "workers": n, "listen": "127.0.0.1"},
+        # no drain delay: nothing but the test's own Envoy routes here
+        router={"port": router_port, "workers": n, "listen": "127.0.0.1", "drain_delay_s": 0.0},
         admin={"port": admin_plane_port, "listen": "127.0.0.1"},
         telemetry={"prometheus_port": prom_port, "prometheus_listen": "127.0.0.1"},
         envoy={"port": envoy_port, "admin_port": admin_port, "listen": "127.0.0.1", "router_host": "127.0.0.1"},
@@ -113,6 +115,46 @@ def loopback_config(base: Config | None = None, workers: int | None = None, **se
     if sections:
         cfg = cfg.replace(**sections)
     return cfg
+
+
+def port_layout(cfg: Config, port_base: int) -> dict[str, Any]:
+    """The demo's ports from ``port_base`` up, in this order: Envoy's
+    listener, Envoy's admin, one per pool (tier order), the router workers,
+    their admin planes, their Prometheus endpoints."""
+    n_tiers, w = len(cfg.tiers), cfg.router.workers
+    envoy, envoy_admin = port_base, port_base + 1
+    pools = [port_base + 2 + i for i in range(n_tiers)]
+    router = port_base + 2 + n_tiers
+    return {"envoy": envoy, "envoy_admin": envoy_admin, "pools": pools, "router": router,
+            "admin": router + w, "prometheus": router + 2 * w, "last": router + 3 * w - 1}
+
+
+def demo_config(base: Config, port_base: int | None = None, **sections: Any) -> Config:
+    """``loopback_config`` (free loopback ports), or with ``port_base`` the
+    fixed ``port_layout`` (for firewalls, dashboards or a second demo beside
+    the first); ValueError naming the ports in use or out of range."""
+    cfg = loopback_config(base, **sections)
+    if port_base is None:
+        return cfg
+    lay = port_layout(cfg, port_base)
+    if port_base < 1 or lay["last"] > 65535:
+        raise ValueError(f"--port-base {port_base}: the demo needs ports {port_base}-{lay['last']}, "
+                         "which must lie within 1-65535")
+    busy = []
+    for port in range(port_base, lay["last"] + 1):
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sk:
+            try:
+                sk.bind(("127.0.0.1", port))
+            except OSError:
+                busy.append(port)
+    if busy:
+        raise ValueError(f"--port-base {port_base}: port(s) {', '.join(map(str, busy))} of "
+                         f"{port_base}-{lay['last']} in use")
+    return cfg.replace(
+        router={"port": lay["router"]}, admin={"port": lay["admin"]},
+        telemetry={"prometheus_port": lay["prometheus"]},
+        envoy={"port": lay["envoy"], "admin_port": lay["envoy_admin"]},
+        tiers=[dataclasses.replace(t, endpoints=(f"127.0.0.1:{p}",)) for t, p in zip(cfg.tiers, lay["pools"])])
 
 
 def vllm_config(cfg: Config) -> Config:

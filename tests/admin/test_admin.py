@@ -219,3 +219,50 @@ class _MetadataInterceptor(grpc.StreamStreamClientInterceptor):
     def intercept_stream_stream(self, continuation, details, request_iterator):
         details = details._replace(metadata=list(details.metadata or []) + self.metadata)
         return continuation(details, request_iterator)
+
+
+@pytest.fixture
+def full_disk(tmp_path):
+    """A directory on a 64 KiB tmpfs filled to the last byte (a real ENOSPC);
+    needs mount rights (root), else skipped: the not-a-directory case below
+    runs everywhere."""
+    where = tmp_path / "full"
+    where.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(where)],
+                      capture_output=True).returncode != 0:
+        pytest.skip("cannot mount a tmpfs here (not root)")
+    try:
+        fd = os.open(where / "filler", os.O_WRONLY | os.O_CREAT)
+        try:
+            while os.write(fd, b"\0" * 4096):
+                pass
+        except OSError:
+            pass
+        finally:
+            os.close(fd)
+        yield where
+    finally:
+        subprocess.run(["umount", str(where)], check=False)
+
+
+@pytest.mark.parametrize("case", ["full disk", "not a directory"])
+def test_failed_snapshot_write_is_an_error_to_the_caller_and_counted(case, tmp_path, request):
+    """Issue 17: TakeSnapshot(write=true) on a full disk returned OK; now the
+    caller gets the error (RESOURCE_EXHAUSTED for ENOSPC), it is counted, and
+    the router keeps serving its calibration (the answer without write works)."""
+    from extproc import config as C
+    from extproc.admin.service import RESOURCE_EXHAUSTED, INTERNAL, AdminError, AdminService
+    from extproc.serve import server as S
+    if case == "full disk":
+        state = request.getfixturevalue("full_disk") / "state.json"
+    else:
+        (tmp_path / "file").write_text("")
+        state = tmp_path / "file" / "state.json"
+    w = S.Worker(C.Config().replace(router={"state_file": str(state)}), 0, telemetry=False)
+    svc = AdminService(w, None)
+    with pytest.raises(AdminError) as e:
+        svc.take_snapshot(pb.TakeSnapshotRequest(write=True))
+    assert e.value.code == (RESOURCE_EXHAUSTED if case == "full disk" else INTERNAL)
+    assert "not written" in e.value.message and str(state) in e.value.message
+    assert w.snapshot_failures == 1
+    assert json.loads(svc.take_snapshot(pb.TakeSnapshotRequest()).state_json)["estimator"]["root"]["samples"] == 0

@@ -131,8 +131,10 @@ def test_short_request_not_sampled_exact_sequence():
     assert md["pool"] == "short" and md["reason"] == "budget_fits_short"
     assert md["estimate"] == m.decision.estimate and 20 <= md["estimate"] <= 35
     assert m.decision.output_source == "learned" and 100 <= m.decision.output <= 110
-    assert md["budget"] == m.decision.estimate + m.decision.output
-    assert md["decision"] == (f"pool=short; est={m.decision.estimate}; budget={m.decision.budget}; "
+    # issue 17: the budget shown is the padded one the limits saw, with its margin
+    d = m.decision
+    assert d.margin > 0 and md["budget"] == d.padded == round(d.estimate * (1 + d.margin) + d.output) > d.budget
+    assert md["decision"] == (f"pool=short; est={d.estimate}; budget={d.padded}; margin={d.margin:.3f}; "
                               "cat=prose; reason=budget_fits_short")
     assert m.sampled is False and m.state == M.State.DONE
 
@@ -209,7 +211,7 @@ def test_content_length_over_limit_immediate_413_at_headers():
     assert ir.status == http_status_pb2.HttpStatus(code=413)
     assert list(ir.headers.set_headers) == [
         hv("content-type", "application/json"),
-        hv("x-budget-decision", f"pool=long; est=0; budget=0; cat=-; reason=body_too_large")]
+        hv("x-budget-decision", f"pool=long; est=0; budget=0; margin=0.000; cat=-; reason=body_too_large")]
     err = json.loads(ir.body)["error"]
     assert err["code"] == "request_too_large" and f"{limit + 1} bytes" in err["message"]
     assert ir.details == "budget_router_body_too_large"
@@ -252,9 +254,10 @@ def test_impossible_length_immediate_400_json():
     assert ir.headers.set_headers[0] == hv("content-type", "application/json")
     assert ir.headers.set_headers[1].header.key == "x-budget-decision"
     err = json.loads(ir.body)
-    assert err["error"]["code"] == "context_length_exceeded"
-    assert err["error"]["type"] == "invalid_request_error"
-    assert f"about {n} tokens" in err["error"]["message"]
+    # issue 17: vLLM 0.32's shape, whoever answers
+    assert err["error"]["code"] == 400 and err["error"]["param"] == "input_tokens"
+    assert err["error"]["type"] == "BadRequestError"
+    assert f"at least {n} input tokens" in err["error"]["message"]
 
 
 @pytest.mark.parametrize("method, eos", [("GET", True), ("GET", False), ("POST", True), ("DELETE", False)])
@@ -478,6 +481,44 @@ def test_near_threshold_short_truncated_sse_is_a_misroute():
     for chunk in (content_chunk("a"), finish, usage_chunk(1600, 6592), sse(b"[DONE]")):
         assert m.receive(resp_body(chunk)) == ([CONT_RESP_BODY], False)
     assert m.misroute == M.MISROUTE_TRUNCATED and m.learned and m.usage == Usage(1600, 6592)
+
+
+def test_near_threshold_stream_without_usage_truncation_detected_client_sees_the_same():
+    """Issue 17: a watched stream whose client did not ask for usage gets
+    include_usage added (inject_include_usage off, the default), the
+    truncation is counted, and the client receives exactly the bytes it
+    would have without it (the usage-only chunk is cut out)."""
+    r = confident_router()
+    assert not r.cfg.router.inject_include_usage
+    m = machine(r, draw=0.99)
+    m.receive(req_headers())
+    body = json.loads(near_threshold_body(r))
+    out, close = m.receive(req_body(json.dumps({**body, "stream": True}).encode()))
+    assert close is False and m.watch_misroute and m.injected_usage
+    sent = json.loads(out[0].request_body.response.body_mutation.body)
+    assert sent["stream_options"] == {"include_usage": True}
+    m.receive(resp_headers(ctype="text/event-stream"))
+    finish = sse({"id": "x", "object": "chat.completion.chunk", "choices": [
+        {"index": 0, "delta": {"content": ""}, "finish_reason": "length"}]})
+    chunks = (content_chunk("a"), finish, usage_chunk(1600, 6592), sse(b"[DONE]"))
+    client = b""
+    for i, chunk in enumerate(chunks):
+        (resp,), _ = m.receive(resp_body(chunk, eos=i == len(chunks) - 1))
+        mut = resp.response_body.response
+        client += mut.body_mutation.body if mut.HasField("body_mutation") else chunk
+    assert client == content_chunk("a") + finish + sse(b"[DONE]")
+    assert m.misroute == M.MISROUTE_TRUNCATED and m.usage == Usage(1600, 6592)
+
+
+def test_stream_far_from_the_threshold_is_not_rewritten():
+    """Only watched (near-threshold, short) streams get include_usage: the
+    rest of the traffic is routed as before, body untouched."""
+    r = confident_router()
+    m = machine(r, draw=0.99)
+    m.receive(req_headers())
+    out, close = m.receive(req_body(chat_body(stream=True)))
+    assert not m.watch_misroute and not m.injected_usage and close is True
+    assert not out[0].request_body.response.HasField("body_mutation")
 
 
 @pytest.mark.parametrize("pt, ct", [

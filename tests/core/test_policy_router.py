@@ -92,15 +92,20 @@ def test_context_length_exceeded_is_openai_shaped_400():
     err = json.loads(d.error)
     assert set(err) == {"error"}
     assert set(err["error"]) == {"message", "type", "param", "code"}
-    assert err["error"]["type"] == "invalid_request_error"
-    assert err["error"]["code"] == "context_length_exceeded"
-    assert err["error"]["param"] == "messages"
-    assert str(lim) in err["error"]["message"] and str(lim) in err["error"]["message"]
+    # vLLM 0.32's body for the same refusal (issue 17: one shape whoever answers)
+    assert err["error"]["type"] == "BadRequestError"
+    assert err["error"]["code"] == 400
+    assert err["error"]["param"] == "input_tokens"
+    assert err["error"]["message"] == (
+        f"This model's maximum context length is {lim} tokens. However, your prompt contains at least {lim} "
+        "input tokens, which exceeds this limit even without any output tokens. Please reduce the length of "
+        f"the input prompt. (parameter=input_tokens, value={lim})")
     # text: needs an estimate 25% above the limit even at the prior
     text = "a" * int(4 * lim / 0.75 + 400)
     d = r.route(CHAT_PATH, chat_body(text))
-    assert d.status == 400 and json.loads(d.error)["error"]["code"] == "context_length_exceeded"
-    assert f"about {d.estimate} tokens" in json.loads(d.error)["error"]["message"]
+    assert d.status == 400 and json.loads(d.error)["error"]["param"] == "input_tokens"
+    low = int(d.estimate * (1 - r.cfg.policy.reject_margin))
+    assert f"at least {low} input tokens" in json.loads(d.error)["error"]["message"]
     # just long (over the limit at the prior, not surely): routed long, not refused
     d = r.route(CHAT_PATH, chat_body("a" * (4 * lim + 100)))
     assert d.status is None and d.pool == "long" and d.reason == P.R_LONG
@@ -139,7 +144,7 @@ def test_not_llm_routes_long(path, body):
 def test_decision_header_and_metadata():
     r = Router(Config())
     d = r.route(COMPLETIONS_PATH, tokens_body(1000, max_tokens=24))
-    assert d.header_value() == "pool=short; est=1000; budget=1024; cat=tokens; reason=budget_fits_short"
+    assert d.header_value() == "pool=short; est=1000; budget=1024; margin=0.000; cat=tokens; reason=budget_fits_short"
     md = d.metadata()
     assert md == {"pool": "short", "reason": "budget_fits_short", "estimate": 1000, "budget": 1024,
                   "category": "tokens", "model": "llama", "margin": 0.0, "decision": d.header_value()}

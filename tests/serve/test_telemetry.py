@@ -210,3 +210,42 @@ def test_trace_covers_the_pool_hop(stack, receiver):
     # ... as is Envoy's ext_proc span, the parent of the router's span.
     (router,) = [s for s in spans if s["service"] == "budget-router"]
     assert by_id[router["parent"]]["parent"] == ingress["span_id"]
+
+
+def _series(text: str, name: str, **labels: str) -> float | None:
+    """The value of ``name`` whose labels include ``labels`` on a Prometheus page."""
+    for line in text.splitlines():
+        if not line.startswith(name + "{") and not line.startswith(name + " "):
+            continue
+        if all(f'{k}="{v}"' in line for k, v in labels.items()):
+            return float(line.rsplit(" ", 1)[1])
+    return None
+
+
+def test_fresh_router_exports_known_counters_at_zero_and_snapshot_failures(tmp_path):
+    """Issue 17: a fresh router's page already has misroutes (each tier but
+    the last x each kind), spillovers (each pair) and snapshot failures at 0,
+    so rate() sees the first event; a failed snapshot write is counted."""
+    from extproc import config as C
+    from extproc.serve import server as S
+    from extproc.tools.stack import free_port_block
+    port = free_port_block(1)
+    blocker = tmp_path / "not-a-directory"
+    blocker.write_text("")
+    cfg = C.Config().replace(telemetry={"prometheus_port": port, "prometheus_listen": "127.0.0.1"},
+                             router={"state_file": str(blocker / "state.json")})
+    w = S.Worker(cfg, 0)
+    try:
+        def page() -> str:
+            return urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
+        text = page()
+        for kind in ("context_length", "truncated"):
+            assert _series(text, "budget_router_misroutes_detected_total", kind=kind, pool="short") == 0
+            assert _series(text, "budget_router_misroutes_detected_total", kind=kind, pool="long") is None
+        assert _series(text, "budget_router_spillovers_total", from_tier="short", to_tier="long") == 0
+        assert _series(text, "budget_router_snapshot_failures_total") == 0
+        assert _series(text, "budget_router_refused_samples_total") == 0
+        assert isinstance(w.save_state(), OSError)  # its directory is a file: the write fails
+        assert _series(page(), "budget_router_snapshot_failures_total") == 1
+    finally:
+        w.telemetry.shutdown()

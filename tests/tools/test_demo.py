@@ -31,8 +31,9 @@ def _parse(argv: list[str]) -> argparse.Namespace:
 # --- pure parts ---------------------------------------------------------------------
 
 def test_parse_decision_header():
-    d = demo.parse_decision("pool=short; est=1234; budget=2258; cat=prose; reason=budget_fits_short")
-    assert d == {"pool": "short", "est": "1234", "budget": "2258", "cat": "prose", "reason": "budget_fits_short"}
+    d = demo.parse_decision("pool=short; est=1234; budget=2258; margin=0.120; cat=prose; reason=budget_fits_short")
+    assert d == {"pool": "short", "est": "1234", "budget": "2258", "margin": "0.120", "cat": "prose",
+                 "reason": "budget_fits_short"}
     assert demo.parse_decision(None) == {}
 
 
@@ -243,3 +244,30 @@ def test_one_trace_loader_azure_time_is_read_as_utc(monkeypatch, tmp_path):
         monkeypatch.undo()
         time.tzset()
     assert [r.at for r in reqs] == [0.0, 3720.0]
+
+
+def test_port_base_gives_the_documented_layout_and_refuses_busy_ports():
+    """Issue 17: `demo --port-base` (ports for firewalls, dashboards, a
+    second demo): Envoy, Envoy admin, pools, workers, admin planes,
+    Prometheus, in that order; a busy or out-of-range port is refused."""
+    import socket
+    from extproc import config as C
+    from extproc.tools import stack
+    from extproc.tools.stack import free_port_block
+    args = _parse(["--port-base", "20000", "--requests", "5"])
+    assert args.port_base == 20000
+    base_cfg = C.load(env={}).replace(router={"workers": 2})
+    port = free_port_block(12)
+    cfg = stack.demo_config(base_cfg, port)
+    assert (cfg.envoy.port, cfg.envoy.admin_port) == (port, port + 1)
+    assert [t.endpoints for t in cfg.tiers] == [(f"127.0.0.1:{port + 2}",), (f"127.0.0.1:{port + 3}",)]
+    assert (cfg.router.port, cfg.admin.port, cfg.telemetry.prometheus_port) == (port + 4, port + 6, port + 8)
+    assert stack.port_layout(cfg, port)["last"] == port + 9
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", port + 5))
+        s.listen()
+        with pytest.raises(ValueError, match=f"port\\(s\\) {port + 5} of"):
+            stack.demo_config(base_cfg, port)
+    with pytest.raises(ValueError, match="within 1-65535"):
+        stack.demo_config(base_cfg, 65530)
+    assert stack.demo_config(base_cfg).envoy.port != 0  # without it: free ports, as before

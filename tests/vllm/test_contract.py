@@ -123,3 +123,20 @@ def test_simulated_pool_matches_real_vllm(vllm_stack, simulated):
         "status": 200, "shape": "usage", "finish": "length", "at_limit": True}
     assert by_case["stream + include_usage"]["shape"] == "role,finish,usage,DONE"
     assert by_case["prompt > max_model_len"]["param"] == "input_tokens"
+
+
+def test_router_refuses_a_long_prompt_with_vllms_own_body(vllm_stack):
+    """Issue 17: one error shape for "prompt too long" whoever answers: the
+    router's body is the real server's, numbers aside."""
+    import re
+    from extproc.core import errors
+    _, _, data = _post(vllm_stack.pool_url("short"), "/v1/chat/completions", _chat(" the" * 2600, max_tokens=10))
+    real = json.loads(data)
+    ours = json.loads(errors.context_length_exceeded(2600, LEN))
+    numbers = re.compile(r"\d+")
+    assert set(ours) == set(real) == {"error"} and set(ours["error"]) == set(real["error"])
+    for k in ("type", "param", "code"):
+        assert ours["error"][k] == real["error"][k]
+    # the router knows a lower bound only: vLLM's own "at least " wording
+    assert (numbers.sub("N", ours["error"]["message"]).replace("at least ", "")
+            == numbers.sub("N", real["error"]["message"]).replace("at least ", ""))
