@@ -35,12 +35,7 @@ ALLOWED: dict[str, tuple[frozenset[str], str]] = {}
 #: Known drift being fixed on another branch: name -> (module, what fixes it).
 #: Each entry has an xfail(strict) test below, so the entry must go the day
 #: the drift does.
-PENDING: dict[str, tuple[str, str]] = {
-    "MARGIN_SIGMAS": ("extproc.planner.sim.fleet",
-                      "the planner's noise router must use the router's margin (issue 15, planner-typed)"),
-    "MIN_MARGIN": ("extproc.planner.sim.fleet",
-                   "a literal copy of the router's default (issue 15, planner-typed)"),
-}
+PENDING: dict[str, tuple[str, str]] = {}
 
 _UPPER = re.compile(r"^[A-Z][A-Z0-9_]*$")
 

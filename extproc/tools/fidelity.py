@@ -83,7 +83,7 @@ LPT_ON = 128
 
 #: One server for everything: the long pool's context, 8 sequences, KV for 4
 #: full contexts.
-SINGLE_LEN, SINGLE_SEQS, SINGLE_KV = V.LONG_MAX_MODEL_LEN, V.SHORT_MAX_NUM_SEQS, 4 * V.LONG_MAX_MODEL_LEN
+SINGLE_LEN, SINGLE_SEQS, SINGLE_KV = V.CPU_LONG_MAX_MODEL_LEN, V.CPU_SHORT_MAX_NUM_SEQS, 4 * V.CPU_LONG_MAX_MODEL_LEN
 
 
 @dataclass(frozen=True)
@@ -117,9 +117,9 @@ class Design:
 DESIGNS = (
     Design("single-lpt-off", (Server("single", SINGLE_LEN, SINGLE_SEQS, SINGLE_KV),)),
     Design("single-lpt-on", (Server("single", SINGLE_LEN, SINGLE_SEQS, SINGLE_KV, LPT_ON),)),
-    Design("split", (Server("short", V.SHORT_MAX_MODEL_LEN, V.SHORT_MAX_NUM_SEQS, V.SHORT_KV_TOKENS, 0, "0"),
-                     Server("long", V.LONG_MAX_MODEL_LEN, V.LONG_MAX_NUM_SEQS, V.LONG_KV_TOKENS, 0, "1")),
-           V.SHORT_MAX_MODEL_LEN),
+    Design("split", (Server("short", V.CPU_SHORT_MAX_MODEL_LEN, V.CPU_SHORT_MAX_NUM_SEQS, V.CPU_SHORT_KV_TOKENS, 0, "0"),
+                     Server("long", V.CPU_LONG_MAX_MODEL_LEN, V.CPU_LONG_MAX_NUM_SEQS, V.CPU_LONG_KV_TOKENS, 0, "1")),
+           V.CPU_SHORT_MAX_MODEL_LEN),
 )
 
 # --- calibration ----------------------------------------------------------------

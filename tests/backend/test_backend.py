@@ -445,7 +445,7 @@ def test_cli_parser_and_settings():
     assert s.name == "long" and s.pool.max_model_len == 131072
     assert s.pool.max_num_seqs == 16 and s.pool.waiting_bound == 64
     assert s.pool.kv_cache_tokens is None           # what one H100 leaves for Llama-3-8B
-    assert s.pool.instance_config().kv_tokens == 442704
+    assert s.pool.instance_config().kv_tokens == 443536
     assert s.time_scale == 0.01 and s.template.per_message_overhead == 4
     kv = cli.settings_from_args(parser.parse_args(["backend", "--kv-tokens", "262144"]))
     assert kv.pool.instance_config().kv_tokens == 262144

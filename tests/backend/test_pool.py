@@ -275,7 +275,7 @@ def test_config_validation():
         PoolConfig(max_model_len=300_000).validate()   # over the model's context
     PoolConfig().validate()
     # Without --kv-tokens the cache is what the GPU's memory leaves.
-    assert PoolConfig().instance_config().kv_tokens == 442704
+    assert PoolConfig().instance_config().kv_tokens == 443536
     assert PoolConfig(kv_cache_tokens=262144).instance_config().kv_tokens == 262144
     assert PoolConfig(max_model_len=64, kv_cache_tokens=100).instance_config().kv_tokens == 96  # whole blocks
 

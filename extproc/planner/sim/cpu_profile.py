@@ -16,9 +16,9 @@ fidelity``) with four terms:
   request's TTFT by a constant (a constant delay on every arrival leaves the
   queueing unchanged), so the simulator adds it to TTFT and leaves TPOT alone.
 
-A profile maps onto ``hardware.StepCoeffs`` exactly: ``inv_flops`` 1 s per
-unit, ``flops_per_token`` = per-token cost, ``attn_flops_per_ctx`` =
-per-pair cost and no memory term, so ``Instance`` runs it unchanged.
+A profile maps onto ``hardware.StepCoeffs`` exactly: ``per_token`` = per-token
+cost, no GEMM term, ``inv_attn_flops`` 1 s per unit with ``attn_flops_per_ctx``
+= per-pair cost and no memory term, so ``Instance`` runs it unchanged.
 
 Pure: the fit is a function of the measured samples (no I/O, no clock).
 """
@@ -66,8 +66,9 @@ class CPUProfile:
 
     def coeffs(self, model: Model) -> StepCoeffs:
         """The profile as the instance model's step coefficients (no memory term)."""
-        return StepCoeffs(overhead=self.step_overhead_s, inv_flops=1.0, inv_bw=0.0,
-                          flops_per_token=self.per_token_s, attn_flops_per_ctx=self.per_ctx_s,
+        return StepCoeffs(overhead=self.step_overhead_s, per_token=self.per_token_s,
+                          inv_flops=0.0, inv_bw=0.0, inv_attn_flops=1.0, inv_attn_bw=0.0,
+                          flops_per_token=0.0, attn_flops_per_ctx=self.per_ctx_s,
                           kv_bytes_per_token=float(model.kv_bytes_per_token), model=model)
 
     def to_json(self) -> dict:
