@@ -138,7 +138,7 @@ def test_every_alert_has_a_runbook_line():
     section = section[:section.find("\n## ", 1)] if "\n## " in section[1:] else section
     for rule in _rules():
         assert rule["annotations"]["runbook"] == "docs/deploy.md#alerts"
-        assert re.search(rf"^\| `{rule['alert']}` \|", section, re.M), f"no runbook row for {rule['alert']}"
+        assert re.search(rf"^\| `{rule['alert']}`[^|]*\|", section, re.M), f"no runbook row for {rule['alert']}"
         assert rule["labels"]["severity"] in ("page", "warning")
 
 
