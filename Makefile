@@ -39,10 +39,18 @@ test: $(STAMP) $(VLLM_STAMP)
 test-vllm: $(STAMP) $(VLLM_STAMP)
 	ROUTER_VLLM_VENV=$(VLLM_VENV) ROUTER_TESTS_REQUIRE_VLLM=1 $(PY) -m pytest -q -s -m vllm tests/vllm
 
-## Compose's Envoy healthcheck judged by a container engine (podman, root; not in `test`:
-## needs `apt-get install -y podman runc`). Builds a local Envoy image, no registry.
-check-compose: $(STAMP)
+## Compose in a container engine (podman, root; not in `test`: needs
+## `apt-get install -y podman runc prometheus wget`): Envoy's healthcheck judged by
+## podman, then the whole stack up with PyPI's podman-compose from images built
+## from local roots (no registry), a short and a long request through it.
+COMPOSE_VENV ?= .venv-compose
+$(COMPOSE_VENV)/bin/podman-compose:
+	$(PYTHON) -m venv $(COMPOSE_VENV)
+	$(COMPOSE_VENV)/bin/pip install --quiet podman-compose
+
+check-compose: $(STAMP) $(COMPOSE_VENV)/bin/podman-compose
 	$(PY) compose/check_healthcheck.py
+	PATH="$(abspath $(COMPOSE_VENV))/bin:$$PATH" $(PY) compose/check_compose_stack.py
 
 ## Router overhead: Envoy direct vs Envoy + router, concurrency 1 and 16.
 bench: $(STAMP)
@@ -74,4 +82,4 @@ envoy-config: $(STAMP)
 	$(PY) -m extproc.cli envoy-config --workers 4 --out envoy/envoy-4-workers.yaml --check
 
 clean:
-	rm -rf $(VENV) $(VLLM_VENV) out .pytest_cache .hypothesis build *.egg-info
+	rm -rf $(VENV) $(VLLM_VENV) $(COMPOSE_VENV) out .pytest_cache .hypothesis build *.egg-info

@@ -14,6 +14,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "compose"))
 import check_healthcheck as H  # noqa: E402  (compose/check_healthcheck.py)
@@ -47,3 +48,30 @@ def test_image_root_runs_envoy_bash_and_grep(tmp_path):
                          env={"PATH": "/usr/local/bin:/usr/bin"})
     assert res.returncode == 0, res.stderr
     assert "version:" in res.stdout and res.stdout.strip().endswith("ok"), res.stdout
+
+
+# --- compose/check_compose_stack.py and what podman accepts ---------------------------
+
+
+import check_compose_stack as K  # noqa: E402  (compose/check_compose_stack.py)
+
+
+def test_compose_uses_no_option_podman_43_refuses():
+    """podman 4.3 (Debian 12) refuses a healthcheck's start_interval ("unknown
+    flag: --health-startup-interval") when podman-compose creates the
+    container; make check-compose brings the stack up there."""
+    compose = yaml.safe_load(H.COMPOSE_FILE.read_text())
+    for name, service in compose["services"].items():
+        assert "start_interval" not in service.get("healthcheck", {}), name
+
+
+def test_stack_check_images_resolve_as_podman_resolves_compose_names():
+    assert K.full_name("token-budget-router:0.1.0") == "localhost/token-budget-router:0.1.0"
+    assert K.full_name("envoyproxy/envoy:v1.40.0") == "docker.io/envoyproxy/envoy:v1.40.0"
+    assert K.full_name("ghcr.io/org/img:1") == "ghcr.io/org/img:1"
+    assert K.full_name("localhost:5000/img:1") == "localhost:5000/img:1"
+    # Every image compose names (profile sim) is one the check builds or stands in for.
+    compose = yaml.safe_load(H.COMPOSE_FILE.read_text())
+    images = {s["image"] for s in compose["services"].values() if "sim" in s.get("profiles", ["sim"])}
+    assert images == {compose["services"][n]["image"] for n in
+                      ("envoy", "router", "prometheus", "otel-collector", "jaeger", "grafana")}

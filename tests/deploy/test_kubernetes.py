@@ -66,6 +66,12 @@ def envoy_gateway_proxy_labels(name: str, namespace: str) -> dict[str, str]:
 #: Gateway (Istio among them) put on its pods.
 GATEWAY_NAME_LABEL = "gateway.networking.k8s.io/gateway-name"
 
+#: Overlays whose router pod may carry an Istio sidecar (the shared component).
+ISTIO_OVERLAYS = ("overlays/istio", "overlays/inference-pools")
+#: istio-agent's merged Prometheus endpoint (Istio's metrics merge rewrites
+#: the prometheus.io/port annotation to it when a sidecar is injected).
+ISTIO_MERGED_METRICS_PORT = 15020
+
 
 # --- Rendering and validation --------------------------------------------------
 
@@ -413,7 +419,7 @@ def test_pdb_spread_and_hpa_select_the_router_pods(base):
     assert hpa["scaleTargetRef"] == {"apiVersion": "apps/v1", "kind": "Deployment", "name": "budget-router"}
     assert hpa["minReplicas"] >= 2 and "replicas" not in dep["spec"]
     assert dep["spec"]["strategy"]["rollingUpdate"] == {"maxSurge": 1, "maxUnavailable": 0}
-    for svc in (d for d in base if d["kind"] == "Service"):
+    for svc in (d for d in base if d["kind"] == "Service" and d["metadata"]["name"].startswith("budget-router")):
         assert selects({"matchLabels": svc["spec"]["selector"]}, labels)
 
 
@@ -475,9 +481,11 @@ def test_network_policy_lets_only_the_gateway_reach_ext_proc(overlay, router_cfg
     assert not _admits(rule, ns, ns, router_labels)
     assert not _admits(rule, ns, gw_ns, {"app": "something-else"})
     assert not _admits(rule, ns, "default", gw_labels)
-    # The other rules keep their own ports.
+    # The other rules keep their own ports; Istio's metrics merge (a router
+    # pod with a sidecar is scraped on the agent's 15020) in the Istio overlays.
+    mesh = {ISTIO_MERGED_METRICS_PORT} if overlay in ISTIO_OVERLAYS else set()
     assert {p["port"] for r in np["spec"]["ingress"] for p in r["ports"]} == {
-        router_cfg.router.port, 50151, router_cfg.telemetry.prometheus_port}
+        router_cfg.router.port, 50151, router_cfg.telemetry.prometheus_port} | mesh
 
 
 @pytest.mark.parametrize("overlay", OVERLAYS)
@@ -572,7 +580,11 @@ def test_envoy_gateway_fails_short_over_to_long_as_the_bootstrap_does():
     ns = route["metadata"]["namespace"]
     for backend, ref, pool in ((primary, refs[0], "pool-short"), (fallback, refs[1], "pool-long")):
         (ep,) = backend["spec"]["endpoints"]
-        assert ep["fqdn"] == {"hostname": f"{pool}.{ns}.svc.cluster.local", "port": ref["port"]}
+        # Per pod: the headless Service of the pool (a ClusterIP would be one
+        # endpoint, ejected whole), named without the cluster domain.
+        assert ep["fqdn"] == {"hostname": f"{pool}-pods.{ns}.svc", "port": ref["port"]}
+        svc = one(docs, "Service", f"{pool}-pods")
+        assert svc["spec"]["clusterIP"] == "None" and ref["port"] in [p["port"] for p in svc["spec"]["ports"]]
         assert backend["metadata"]["namespace"] == ns
     # ... the same long pool the default rule serves.
     assert (long_rule["backendRefs"][0]["name"], long_rule["backendRefs"][0]["port"]) == (
@@ -717,8 +729,9 @@ def test_each_inference_pool_has_its_own_endpoint_picker(pools):
         assert args[args.index("--pool-name") + 1] == name
         assert args[args.index("--pool-namespace") + 1] == pool["metadata"]["namespace"]
         # Istio originates TLS to the EPP's self-signed endpoint.
-        dr = next(d for d in pools if d["kind"] == "DestinationRule"
-                  and d["spec"]["host"] == f"{svc['metadata']['name']}.{svc['metadata']['namespace']}.svc.cluster.local")
+        # A short name: Istio reads it in the rule's namespace (no cluster domain).
+        dr = next(d for d in pools if d["kind"] == "DestinationRule" and d["spec"]["host"] == svc["metadata"]["name"])
+        assert dr["metadata"]["namespace"] == svc["metadata"]["namespace"]
         assert dr["spec"]["trafficPolicy"]["tls"]["mode"] == "SIMPLE"
         # The EPP's RBAC binds its own ServiceAccount.
         sa = backing[0]["spec"]["template"]["spec"]["serviceAccountName"]
@@ -726,15 +739,19 @@ def test_each_inference_pool_has_its_own_endpoint_picker(pools):
         assert binding["subjects"][0]["name"] == sa and one(pools, "Role", binding["roleRef"]["name"])
 
 
-def test_router_is_the_first_gateway_filter_before_the_endpoint_pickers(pools):
+def test_router_runs_after_authn_authz_and_before_the_endpoint_pickers(pools):
     ef = one(pools, "EnvoyFilter")
     gw = one(pools, "Gateway")
     assert ef["spec"]["targetRefs"] == [{"group": "gateway.networking.k8s.io", "kind": "Gateway",
                                          "name": gw["metadata"]["name"]}]
     assert ef["metadata"]["namespace"] == gw["metadata"]["namespace"]
     http = _patches(ef)["HTTP_FILTER"]
-    assert http["patch"]["operation"] == "INSERT_FIRST"
-    assert "subFilter" not in http["match"]["listener"]["filterChain"]["filter"]
+    # Istio builds the gateway chain as [mx, ext_authz, authn, rbac, wasm,
+    # envoy.filters.http.ext_proc (the pickers'), grpc_stats, ..., router]
+    # (1.28, buildHTTPConnectionManager): before the pickers' filter is after
+    # authn/authz; INSERT_FIRST would parse unauthenticated bodies.
+    assert http["patch"]["operation"] == "INSERT_BEFORE"
+    assert http["match"]["listener"]["filterChain"]["filter"]["subFilter"] == {"name": E.EXT_PROC_FILTER}
     ext_proc, early, limit = _check_istio_ext_proc(ef, pools)
     # Its own filter name: Istio's per-route settings for the pickers' ext_proc never reach it.
     assert ext_proc["name"] != E.EXT_PROC_FILTER and ext_proc["name"].startswith(E.EXT_PROC_FILTER + ".")
@@ -746,8 +763,10 @@ def test_router_is_the_first_gateway_filter_before_the_endpoint_pickers(pools):
     snip = yaml.safe_load((ROOT / "deploy/envoy-filter-snippet.yaml").read_text())
     epp_cluster = {**copy.deepcopy(snip["clusters"][0]), "name": "epp"}
     epp_cluster["load_assignment"]["cluster_name"] = "epp"
+    rbac = {"name": "envoy.filters.http.rbac", "typed_config": {
+        "@type": "type.googleapis.com/envoy.extensions.filters.http.rbac.v3.RBAC"}}
     hcm = {"early_header_mutation_extensions": early,
-           "http_filters": [ext_proc, picker, ours["http_filters"][1]],
+           "http_filters": [rbac, ext_proc, picker, ours["http_filters"][1]],
            "route_config": snip["http_connection_manager"]["route_config"]}
     envoy_validate(bootstrap_around(hcm, limit, [*snip["clusters"], epp_cluster]))
 
@@ -776,7 +795,7 @@ def test_responses_name_the_pool_that_served_them(overlay):
     for vs in (d for d in docs if d["kind"] == "VirtualService"):
         for route in vs["spec"]["http"]:
             assert route["headers"]["response"]["set"] == {D.ROUTING_HEADER: route["name"]}
-            assert route["route"][0]["destination"]["host"].startswith(f"pool-{route['name']}.")
+            assert route["route"][0]["destination"]["host"] == f"pool-{route['name']}"   # short name, namespace llm
             served.append(route["name"])
     assert served == [D.SHORT_POOL, D.LONG_POOL]
 
@@ -853,3 +872,142 @@ def test_router_serves_with_a_read_only_root_and_snapshots_to_the_state_volume(b
     saved = Path(snapshot.worker_path(local.router.state_file, 0))
     assert saved.parent == state and saved.exists(), sorted(p.name for p in state.iterdir())
     assert "Read-only file system" not in out, out[-3000:]
+
+
+# --- Pools the router can see -----------------------------------------------------------
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_every_endpoint_the_router_scrapes_is_a_headless_service(overlay):
+    """The pool monitor scrapes every address an endpoint's name resolves to
+    (extproc.serve.monitor): each must be a headless Service in the rendered
+    overlay, or the monitor must be off. A ClusterIP shows one random pod per
+    scrape; a name with no Service does not resolve at all."""
+    docs = render(overlay)
+    cfg, _ = _parse_router_toml(_router_toml(docs))
+    if not cfg.monitor.enabled:
+        return
+    ns = one(docs, "Deployment", "budget-router")["metadata"]["namespace"]
+    services = {d["metadata"]["name"]: d for d in docs if d["kind"] == "Service"}
+    pools = {d["metadata"]["name"]: d for d in docs if d["kind"] == "InferencePool"}
+    seen = []
+    for tier in cfg.tiers:
+        for ep in tier.endpoints:
+            host, _, port = ep.rpartition(":")
+            name = host.removesuffix(f".{ns}").removesuffix(f".{ns}.svc")
+            assert "." not in name, f"{ep}: a Service of the router's namespace, without the cluster domain"
+            svc = services.get(name)
+            assert svc is not None, f"{overlay}: {ep} names no Service of the overlay"
+            assert svc["metadata"]["namespace"] == ns
+            assert svc["spec"].get("clusterIP") == "None", f"{ep}: {name} is not headless"
+            assert svc["spec"].get("publishNotReadyAddresses") is False
+            assert int(port) in [p["port"] for p in svc["spec"]["ports"]]
+            seen.append(svc)
+            # Where the overlay has the pool as an InferencePool, the Service
+            # selects exactly its pods, on its port.
+            pool = pools.get(f"vllm-{tier.name}")
+            if pool is not None:
+                assert svc["spec"]["selector"] == pool["spec"]["selector"]["matchLabels"], (name, pool["metadata"]["name"])
+                assert int(port) in [p["number"] for p in pool["spec"]["targetPorts"]]
+    assert len({s["metadata"]["name"] for s in seen}) == len(cfg.tiers), "one Service per tier"
+    if overlay == "overlays/inference-pools":
+        assert len(pools) == len(cfg.tiers)
+    # The Envoy Gateway Backends name the same Services (per-pod health and ejection).
+    for backend in (d for d in docs if d["kind"] == "Backend"):
+        for ep in backend["spec"]["endpoints"]:
+            assert ep["fqdn"]["hostname"].split(".")[0] in {s["metadata"]["name"] for s in seen}
+
+
+def test_a_clusterip_or_missing_pool_service_fails_the_scrape_check():
+    """The check above can fail: the base with a ClusterIP, and with the
+    Service gone."""
+    docs = render("base")
+    svc = next(d for d in docs if d["kind"] == "Service" and d["metadata"]["name"] == "pool-short-pods")
+    del svc["spec"]["clusterIP"]
+    _render_text.cache_clear()
+    original = _render_text
+    try:
+        globals()["_render_text"] = lambda overlay: yaml.safe_dump_all(docs)
+        with pytest.raises(AssertionError, match="not headless"):
+            test_every_endpoint_the_router_scrapes_is_a_headless_service("base")
+        docs.remove(svc)
+        with pytest.raises(AssertionError, match="names no Service"):
+            test_every_endpoint_the_router_scrapes_is_a_headless_service("base")
+    finally:
+        globals()["_render_text"] = original
+
+
+# --- Rollouts drop nothing ------------------------------------------------------------------
+
+
+#: What the pod's grace period must hold besides the preStop sleep: the
+#: server's NOT_SERVING-but-serving delay after SIGTERM ([router]
+#: drain_delay_s, issue 17's drain; up to this much is budgeted until the
+#: server has it), the in-flight drain ([router] drain_seconds), and the
+#: snapshot and exit.
+DRAIN_DELAY_BUDGET_S = 20.0
+EXIT_MARGIN_S = 5.0
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_pod_drains_before_it_stops(overlay):
+    docs = render(overlay)
+    cfg, _ = _parse_router_toml(_router_toml(docs))
+    pod = one(docs, "Deployment", "budget-router")["spec"]["template"]["spec"]
+    c = _container(docs)
+    pre = c["lifecycle"]["preStop"]
+    # The kubelet's own sleep (no binary in the image); long enough for the
+    # endpoint removal to reach the gateways' Envoys.
+    assert set(pre) == {"sleep"} and pre["sleep"]["seconds"] >= 5
+    delay = getattr(cfg.router, "drain_delay_s", None)
+    delay = DRAIN_DELAY_BUDGET_S if delay is None else delay
+    assert delay <= DRAIN_DELAY_BUDGET_S
+    need = pre["sleep"]["seconds"] + delay + cfg.router.drain_seconds + EXIT_MARGIN_S
+    assert pod["terminationGracePeriodSeconds"] >= need, (pod["terminationGracePeriodSeconds"], need)
+    # Liveness never kills a pod while it drains (NOT_SERVING, then refused).
+    live = c["livenessProbe"]
+    assert live["periodSeconds"] * live["failureThreshold"] > delay + cfg.router.drain_seconds
+    if overlay in ISTIO_OVERLAYS:
+        # A sidecar that stopped after Istio's 5 s default would cut the drain short.
+        ann = one(docs, "Deployment", "budget-router")["spec"]["template"]["metadata"]["annotations"]
+        drain = _seconds(yaml.safe_load(ann["proxy.istio.io/config"])["terminationDrainDuration"])
+        assert pre["sleep"]["seconds"] + delay + cfg.router.drain_seconds <= drain < pod["terminationGracePeriodSeconds"]
+
+
+# --- Envoy Gateway: a Gateway with a ClientTrafficPolicy already ----------------------------
+
+
+def test_client_traffic_merge_patch_carries_the_overlays_two_settings():
+    """client-traffic-merge-patch.yaml, merged into someone else's policy
+    (kubectl patch --type merge), gives it exactly our settings, and the
+    result is still a valid ClientTrafficPolicy."""
+    docs = render("overlays/envoy-gateway")
+    ours = one(docs, "ClientTrafficPolicy")
+    patch = yaml.safe_load((K8S / "overlays/envoy-gateway/client-traffic-merge-patch.yaml").read_text())
+    assert patch["spec"] == {k: ours["spec"][k] for k in ("headers", "connection")}
+
+    def merge(a, b):   # RFC 7396
+        if not isinstance(b, dict):
+            return b
+        out = dict(a) if isinstance(a, dict) else {}
+        for k, v in b.items():
+            out[k] = merge(out.get(k), v) if v is not None else out.pop(k, None)
+        return {k: v for k, v in out.items() if v is not None}
+
+    theirs = {"apiVersion": ours["apiVersion"], "kind": "ClientTrafficPolicy",
+              "metadata": {"name": "platform", "namespace": "llm"},
+              "spec": {"targetRefs": ours["spec"]["targetRefs"], "timeout": {"http": {"idleTimeout": "15s"}},
+                       "connection": {"connectionLimit": {"value": 10000}}}}
+    merged = merge(theirs, patch)
+    assert not validation_errors(merged)
+    assert merged["spec"]["connection"] == {"connectionLimit": {"value": 10000}, "bufferLimit": "9Mi"}
+    assert merged["spec"]["timeout"] == theirs["spec"]["timeout"]
+
+
+def test_the_cluster_domain_is_named_once():
+    """cluster.local appears only in the EnvoyFilter's cluster name (Istio
+    names clusters by FQDN); everything else uses names the resolver or the
+    mesh completes, so another cluster domain is one edit (docs/deploy.md)."""
+    found = [(o, d["kind"], d["metadata"]["name"]) for o in OVERLAYS for d in render(o)
+             if "cluster.local" in yaml.safe_dump(d)]
+    assert {(k, n) for _, k, n in found} <= {("EnvoyFilter", "budget-router")}, found
