@@ -61,6 +61,10 @@ def _changed_keys(old: C.Config, new: C.Config) -> list[tuple[str, str]]:
             continue
         if dataclasses.is_dataclass(a):
             out += [(f.name, g.name) for g in dataclasses.fields(a) if getattr(a, g.name) != getattr(b, g.name)]
+        elif f.name == "tiers":  # [[tiers]]: one key per tier and field, "<tier>.<field>"
+            for ta, tb in zip(a, b):
+                out += [(f.name, f"{ta.name}.{g.name}") for g in dataclasses.fields(ta)
+                        if getattr(ta, g.name) != getattr(tb, g.name)]
     return out
 
 
@@ -243,4 +247,7 @@ def restore_json(router: Any, state_json: bytes) -> list[str]:
 
 def _value(cfg: C.Config, key: str) -> Any:
     section, name = key[1:].split("] ")
+    if section == "tiers":
+        tier, field = name.split(".", 1)
+        return getattr(next(t for t in cfg.tiers if t.name == tier), field)
     return getattr(getattr(cfg, section), name)

@@ -136,7 +136,7 @@ def test_sighup_reloads_the_config_file_and_nothing_dies(tmp_path, workers):
         os.kill(s.p.pid, signal.SIGHUP)
         s.wait_log("SIGHUP: configuration reloaded", workers)
         audit = s.wait_log("admin change: config reload", workers)
-        assert all("b_short = 512" in a["msg"] and a["caller"] == "signal SIGHUP" for a in audit)
+        assert all("[tiers] short.budget_limit = 512" in a["msg"] and a["caller"] == "signal SIGHUP" for a in audit)
         assert s.p.poll() is None and s.worker_pids() == pids
         for i in range(workers):
             assert s.health(i) == health_pb2.HealthCheckResponse.SERVING
