@@ -190,6 +190,33 @@ H2_MEMORY_BUDGET_BYTES = 256 << 20
 #: the budget admits 65,536 open streams per worker.
 H2_STREAM_COST_BYTES = 4 << 10
 
+#: Share of the memory budget one connection may hold (its open streams,
+#: their bodies and scanned responses): one peer filling a connection with
+#: held streams leaves 3/4 of the budget to the others (issue 17: 20
+#: connections x 4,000 held streams took all of it). A quarter is still 64
+#: MiB, 16,384 open streams at H2_STREAM_COST_BYTES -- four times the
+#: LOCAL_MAX_CONCURRENT_STREAMS Envoy's one connection per worker may open --
+#: or eight 8 MiB bodies at once. Same idea as Envoy's per-connection
+#: buffer limits (per_connection_buffer_limit_bytes) under a global overload
+#: manager, and nginx's per-key limit_conn under worker_connections.
+H2_CONNECTION_BUDGET_SHARE = 0.25
+
+#: An ext_proc stream whose request phase (request headers and the body's
+#: end, i.e. routed) has not completed this long after it opened is reset
+#: (RST_STREAM CANCEL after gRPC status DEADLINE_EXCEEDED) and its memory
+#: returned: a stream held open without ever finishing its request only
+#: holds the budget. Envoy sends the body in BUFFERED mode once the
+#: downstream client sent it all, so the time includes a slow client's
+#: upload: nginx bounds that with client_header_timeout / client_body_timeout
+#: 60 s, Envoy's HCM with stream_idle_timeout 300 s; Envoy's own per-message
+#: ext_proc message_timeout is 200 ms, so a real request waits on us for
+#: milliseconds, on its client for up to this. 60 s: nginx's bound; an
+#: upload slower than that would fail at nginx too. Checked every
+#: REQUEST_SWEEP_FRACTION of it per connection (not per stream: no timer on
+#: the routing path), so a stream is reset within 1.25x of it.
+H2_REQUEST_TIMEOUT_S = 60.0
+REQUEST_SWEEP_FRACTION = 0.25
+
 #: Until the stop() grace period starts counting, how long we wait for the
 #: ACK of the drain PING before sending the final GOAWAY anyway. 1 s is far
 #: above a loopback/pod RTT; grpc-go waits for the ACK with no timer but
@@ -224,6 +251,8 @@ class ServerLimits:
     memory_budget_bytes: int = H2_MEMORY_BUDGET_BYTES
     write_buffer_high_water: int = H2_WRITE_BUFFER_HIGH_WATER
     stream_cost_bytes: int = H2_STREAM_COST_BYTES
+    connection_budget_share: float = H2_CONNECTION_BUDGET_SHARE
+    request_timeout_s: float = H2_REQUEST_TIMEOUT_S
 
     def connections(self) -> int:
         """The connection cap this server enforces."""
