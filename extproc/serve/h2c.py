@@ -44,7 +44,7 @@ from grpc_health.v1 import health_pb2
 from ..tls import TlsFiles, server_context
 from . import h2frames as h2
 from ..core.machine import State
-from .limits import DRAIN_PING_TIMEOUT_S, LOG_PERIOD_S, MAX_DEADLINE_S, MIN_TIMER_S, REQUEST_SWEEP_FRACTION, ServerLimits
+from .limits import DRAIN_PING_TIMEOUT_S, H2_MAX_TRACKED_PEERS, LOG_PERIOD_S, MAX_DEADLINE_S, MIN_TIMER_S, REQUEST_SWEEP_FRACTION, ServerLimits
 from .rpc import (
     DEADLINE_EXCEEDED,
     DEFAULT_HEALTH_SERVICES,
@@ -152,6 +152,7 @@ class _GrpcConnection(asyncio.Protocol):
         self._timer: asyncio.TimerHandle | None = None  # preface, then idle timeout
         self._sweep: asyncio.TimerHandle | None = None  # request timeout of held streams
         self.mem_used = 0  # bytes of the memory budget this connection holds (its share)
+        self.peer = ""  # the peer's address (resets are counted per peer)
         self._loop = asyncio.get_running_loop()
         self.last_activity = self._loop.time()
         self._reading_paused = False
@@ -161,6 +162,15 @@ class _GrpcConnection(asyncio.Protocol):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
         server = self.server
+        peername = transport.get_extra_info("peername")
+        self.peer = peername[0] if isinstance(peername, tuple) else str(peername)
+        if server.banned(self.peer, self._loop.time()):
+            server.count("peer_refused")
+            server.warn("peer_refused", "refusing HTTP/2 connection from %s: too many stream resets", self.peer)
+            self.conn.close(h2.ENHANCE_YOUR_CALM, "too many stream resets from this address")
+            transport.write(self.conn.data_to_send())  # type: ignore[attr-defined]
+            transport.close()
+            return
         if len(server._connections) >= server.max_connections and not server.evict_idle():
             # Over the cap, none idle to make room: GOAWAY and close, never an fd exhausted.
             server.count("connections_refused")
@@ -277,6 +287,14 @@ class _GrpcConnection(asyncio.Protocol):
                 call = self.calls.pop(ev.stream_id, None)
                 if call is not None:
                     self._abort_call(call)
+                    if ev.remote and not call.headers_sent and self.server.note_reset(self.peer, now):
+                        server = self.server
+                        server.count("peer_resets_exceeded")
+                        server.warn("peer_resets_exceeded", "closing HTTP/2 connection from %s: more than %d "
+                                    "stream resets in %.0f s from this address", self.peer,
+                                    server.limits.peer_max_resets, server.limits.peer_reset_window_s)
+                        self._close(h2.ENHANCE_YOUR_CALM, "too many stream resets from this address")
+                        break
             elif t is h2.ConnectionTerminated:
                 key = f"goaway_{ev.error_code}"
                 self.server.count(key)
@@ -658,6 +676,8 @@ class FastServer:
         #: What the limits did (refused connections, GOAWAYs by code, ...).
         self.counters: collections.Counter[str] = collections.Counter()
         self._warned: dict[str, tuple[float, int]] = {}  # kind -> (last logged, left out since)
+        self._peer_resets: dict[str, list] = {}  # peer address -> [window start, resets in it]
+        self._banned: dict[str, float] = {}  # peer address -> loop time its ban ends
         self.unary = dict(unary or {})
         self.streaming = dict(streaming or {})
         self.max_message_bytes = max_message_bytes
@@ -673,6 +693,39 @@ class FastServer:
 
     async def set_serving(self, serving: bool) -> None:
         self.serving = serving
+
+    def note_reset(self, peer: str, now: float) -> bool:
+        """Count a reset of an unanswered stream from ``peer``; True when it
+        is over peer_max_resets in the current window (the peer is then
+        refused new connections for peer_ban_s)."""
+        limits = self.limits
+        entry = self._peer_resets.get(peer)
+        if entry is None or now - entry[0] >= limits.peer_reset_window_s:
+            if entry is None and len(self._peer_resets) >= H2_MAX_TRACKED_PEERS:
+                self._forget_peers(now)
+            entry = self._peer_resets[peer] = [now, 0]
+        entry[1] += 1
+        if entry[1] <= limits.peer_max_resets:
+            return False
+        self._banned[peer] = now + limits.peer_ban_s
+        return True
+
+    def banned(self, peer: str, now: float) -> bool:
+        until = self._banned.get(peer)
+        if until is None:
+            return False
+        if now < until:
+            return True
+        del self._banned[peer]
+        return False
+
+    def _forget_peers(self, now: float) -> None:
+        window = self.limits.peer_reset_window_s
+        old = [p for p, (start, _) in self._peer_resets.items() if now - start >= window]
+        for p in old or list(self._peer_resets):
+            del self._peer_resets[p]
+        if len(self._banned) >= H2_MAX_TRACKED_PEERS:
+            self._banned = {p: t for p, t in self._banned.items() if t > now}
 
     @property
     def exhausted(self) -> bool:
@@ -758,7 +811,7 @@ async def serve_fast(
     ``overrides`` replace some of its fields by name (max_connections,
     preface_timeout_s, idle_timeout_s, memory_budget_bytes,
     write_buffer_high_water, stream_cost_bytes, connection_budget_share,
-    request_timeout_s).
+    request_timeout_s, peer_reset_window_s, peer_max_resets, peer_ban_s).
 
     With ``tls`` the port speaks TLS (``extproc.tls.server_context``: ALPN h2,
     TLS 1.2+, a client certificate required when a client CA is set); the

@@ -217,6 +217,29 @@ H2_CONNECTION_BUDGET_SHARE = 0.25
 H2_REQUEST_TIMEOUT_S = 60.0
 REQUEST_SWEEP_FRACTION = 0.25
 
+#: "Rapid reset by reconnecting" (issue 17): the per-connection reset bucket
+#: above (H2_RESET_BURST) is fresh on every connection, so an attacker
+#: sending 990 HEADERS+RST pairs per connection and reconnecting never meets
+#: it. Resets of unanswered streams are therefore also counted per peer
+#: address, across its connections, in fixed windows of this many seconds;
+#: past H2_PEER_MAX_RESETS in one window the connection that crossed it gets
+#: GOAWAY(ENHANCE_YOUR_CALM) and new connections from the address are
+#: refused for H2_PEER_BAN_S. 2,000 per 10 s is twice nghttp2's burst for one
+#: connection and about what its refill allows one connection in the window
+#: (1000 + 33/s x 10 s); Envoy, resetting an unanswered ext_proc stream only
+#: when its downstream request dies within milliseconds, stays far below it
+#: on all its connections together. The ban is the window again (nginx's
+#: limit_req / fail2ban shape, minutes there; seconds here, since Envoy
+#: shares the address of a rogue sidecar in the same pod).
+H2_PEER_RESET_WINDOW_S = 10.0
+H2_PEER_MAX_RESETS = 2000
+H2_PEER_BAN_S = 10.0
+
+#: Peer addresses whose resets we track at once; past it, the entries whose
+#: window has ended are dropped (and all of them if none has), so that a
+#: spread of source addresses cannot grow memory.
+H2_MAX_TRACKED_PEERS = 4096
+
 #: Until the stop() grace period starts counting, how long we wait for the
 #: ACK of the drain PING before sending the final GOAWAY anyway. 1 s is far
 #: above a loopback/pod RTT; grpc-go waits for the ACK with no timer but
@@ -253,6 +276,9 @@ class ServerLimits:
     stream_cost_bytes: int = H2_STREAM_COST_BYTES
     connection_budget_share: float = H2_CONNECTION_BUDGET_SHARE
     request_timeout_s: float = H2_REQUEST_TIMEOUT_S
+    peer_reset_window_s: float = H2_PEER_RESET_WINDOW_S
+    peer_max_resets: int = H2_PEER_MAX_RESETS
+    peer_ban_s: float = H2_PEER_BAN_S
 
     def connections(self) -> int:
         """The connection cap this server enforces."""

@@ -839,3 +839,40 @@ def test_held_stream_is_reset_after_the_request_timeout(tmp_path):
         q.put(None)
         assert _wait_for(lambda: srv.stats()["mem_used"] == 0)
         s.close()
+
+
+# --- rapid reset by reconnecting (issue 17, item 3) ---------------------------------
+
+
+def test_rapid_reset_by_reconnecting_is_counted_per_peer(tmp_path):
+    """HEADERS+RST pairs below the per-connection burst on each of many
+    connections from one address: past peer_max_resets in the window the
+    connection gets GOAWAY(ENHANCE_YOUR_CALM) and new connections from the
+    address are refused until the ban ends; a client already connected keeps
+    routing."""
+    per_conn, max_resets, ban = L.H2_RESET_BURST // 2, 2000, 2.0
+    assert per_conn < L.H2_RESET_BURST
+    with server(tmp_path, peer_max_resets=max_resets, peer_ban_s=ban) as srv:
+        srv.stats()  # the stats channel connects before the ban
+        with probe_keeps_latency(srv.port):
+            cut_off_after = None
+            for n in range(1, 3 * max_resets // per_conn):
+                enc = hpack.Encoder()
+                s = connect(srv.port)
+                s.sendall(b"".join(headers(enc, 2 * i + 1) + h2.rst_stream_frame(2 * i + 1, h2.CANCEL)
+                                   for i in range(per_conn)))
+                frames, closed = read_until_closed(s, timeout=0.3)
+                s.close()
+                if h2.ENHANCE_YOUR_CALM in goaway_codes(frames):
+                    cut_off_after = n
+                    break
+            assert cut_off_after == max_resets // per_conn + 1
+            t_ban = time.monotonic()
+            s = connect(srv.port)  # refused at once while banned
+            frames, closed = read_until_closed(s, timeout=5)
+            assert closed and h2.ENHANCE_YOUR_CALM in goaway_codes(frames)
+            s.close()
+        assert srv.counter("peer_resets_exceeded") == 1 and srv.counter("peer_refused") >= 1
+        time.sleep(max(0.0, ban - (time.monotonic() - t_ban)) + 0.2)
+        with grpc.insecure_channel(f"127.0.0.1:{srv.port}", options=OWN_CONNECTION) as ch:
+            _route_once(pbg.ExternalProcessorStub(ch))  # the ban is over
