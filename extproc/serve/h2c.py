@@ -43,7 +43,8 @@ from grpc_health.v1 import health_pb2
 
 from ..tls import TlsFiles, server_context
 from . import h2frames as h2
-from .limits import DRAIN_PING_TIMEOUT_S, LOG_PERIOD_S, MAX_DEADLINE_S, MIN_TIMER_S, ServerLimits
+from ..core.machine import State
+from .limits import DRAIN_PING_TIMEOUT_S, H2_MAX_TRACKED_PEERS, LOG_PERIOD_S, MAX_DEADLINE_S, MIN_TIMER_S, REQUEST_SWEEP_FRACTION, ServerLimits
 from .rpc import (
     DEADLINE_EXCEEDED,
     DEFAULT_HEALTH_SERVICES,
@@ -110,7 +111,7 @@ _KIND_STREAMING = 3
 
 class _Call:
     __slots__ = ("sid", "kind", "handler", "buf", "headers_sent", "done", "timer", "messages", "encoding", "method",
-                 "reserved", "held", "charged")
+                 "reserved", "held", "charged", "opened")
 
     def __init__(self, sid: int, kind: int):
         self.sid = sid
@@ -126,6 +127,17 @@ class _Call:
         self.reserved = 0  # memory budget taken by the message being reassembled
         self.held = 0  # memory budget taken by what the handler keeps (its held_bytes)
         self.charged = 0  # memory budget taken by the open stream itself (ServerLimits.stream_cost_bytes)
+        self.opened = 0.0  # loop time the stream opened (request timeout)
+
+
+def _request_pending(call: _Call) -> bool:
+    """A Process stream whose request phase is not over: its handler (the
+    StreamMachine, bare or inside telemetry's ObservedStream) still waits for
+    the request headers or the body's end. A handler without a state is
+    never judged pending."""
+    handler = call.handler
+    state = getattr(getattr(handler, "machine", handler), "state", None)
+    return state is not None and state < State.RESP_HEADERS
 
 
 class _GrpcConnection(asyncio.Protocol):
@@ -138,6 +150,9 @@ class _GrpcConnection(asyncio.Protocol):
         self.transport: asyncio.Transport | None = None
         self._drain_timer: asyncio.TimerHandle | None = None
         self._timer: asyncio.TimerHandle | None = None  # preface, then idle timeout
+        self._sweep: asyncio.TimerHandle | None = None  # request timeout of held streams
+        self.mem_used = 0  # bytes of the memory budget this connection holds (its share)
+        self.peer = ""  # the peer's address (resets are counted per peer)
         self._loop = asyncio.get_running_loop()
         self.last_activity = self._loop.time()
         self._reading_paused = False
@@ -147,6 +162,15 @@ class _GrpcConnection(asyncio.Protocol):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
         server = self.server
+        peername = transport.get_extra_info("peername")
+        self.peer = peername[0] if isinstance(peername, tuple) else str(peername)
+        if server.banned(self.peer, self._loop.time()):
+            server.count("peer_refused")
+            server.warn("peer_refused", "refusing HTTP/2 connection from %s: too many stream resets", self.peer)
+            self.conn.close(h2.ENHANCE_YOUR_CALM, "too many stream resets from this address")
+            transport.write(self.conn.data_to_send())  # type: ignore[attr-defined]
+            transport.close()
+            return
         if len(server._connections) >= server.max_connections and not server.evict_idle():
             # Over the cap, none idle to make room: GOAWAY and close, never an fd exhausted.
             server.count("connections_refused")
@@ -160,6 +184,7 @@ class _GrpcConnection(asyncio.Protocol):
         transport.set_write_buffer_limits(high=server.limits.write_buffer_high_water)  # type: ignore[attr-defined]
         transport.write(self.conn.data_to_send())  # type: ignore[attr-defined]
         self._timer = self._loop.call_later(server.limits.preface_timeout_s, self._on_timer)
+        self._sweep = self._loop.call_later(server.request_sweep_s, self._on_sweep)
         if server._draining:
             self.start_drain()
 
@@ -169,6 +194,8 @@ class _GrpcConnection(asyncio.Protocol):
             self._drain_timer.cancel()
         if self._timer:
             self._timer.cancel()
+        if self._sweep:
+            self._sweep.cancel()
         for call in list(self.calls.values()):
             self._abort_call(call)
         self.calls.clear()
@@ -211,6 +238,27 @@ class _GrpcConnection(asyncio.Protocol):
         self._timer = self._loop.call_later(max(remaining, idle_timeout_s if remaining <= 0 else MIN_TIMER_S),
                                             self._on_timer)
 
+    def _on_sweep(self) -> None:
+        """Reset the Process streams whose request has not completed within
+        request_timeout_s of opening (issue 17: held streams); O(open streams)
+        once per sweep period, nothing per request."""
+        self._sweep = None
+        if self.transport is None or self.transport.is_closing() or self.conn.closed:
+            return
+        server = self.server
+        cutoff = self._loop.time() - server.limits.request_timeout_s
+        late = [c for c in self.calls.values()
+                if c.kind == _KIND_PROCESS and c.opened <= cutoff and not c.done and _request_pending(c)]
+        if late:
+            server.counters["request_timeouts"] += len(late)
+            server.warn("request_timeouts", "resetting %d gRPC stream(s): request not complete within %.1f s",
+                        len(late), server.limits.request_timeout_s)
+            for call in late:
+                self._fail(call, DEADLINE_EXCEEDED, "request not complete in time")
+                self.conn.reset_stream(call.sid, h2.CANCEL)
+            self._flush()
+        self._sweep = self._loop.call_later(server.request_sweep_s, self._on_sweep)
+
     def evict(self) -> None:
         """Make room for a new connection (this one is idle: no stream)."""
         self.server._connections.discard(self)
@@ -239,6 +287,14 @@ class _GrpcConnection(asyncio.Protocol):
                 call = self.calls.pop(ev.stream_id, None)
                 if call is not None:
                     self._abort_call(call)
+                    if ev.remote and not call.headers_sent and self.server.note_reset(self.peer, now):
+                        server = self.server
+                        server.count("peer_resets_exceeded")
+                        server.warn("peer_resets_exceeded", "closing HTTP/2 connection from %s: more than %d "
+                                    "stream resets in %.0f s from this address", self.peer,
+                                    server.limits.peer_max_resets, server.limits.peer_reset_window_s)
+                        self._close(h2.ENHANCE_YOUR_CALM, "too many stream resets from this address")
+                        break
             elif t is h2.ConnectionTerminated:
                 key = f"goaway_{ev.error_code}"
                 self.server.count(key)
@@ -262,41 +318,51 @@ class _GrpcConnection(asyncio.Protocol):
             transport.close()
 
     # -- memory budget: every charge and refund goes through these four -------
-    # (a per-connection or per-peer share of the budget belongs here)
+    # Each charge counts against the process's budget and against this
+    # connection's share of it (ServerLimits.connection_budget_share).
 
     def _admit(self, call: _Call) -> bool:
         """Charge a new stream's fixed cost; False (nothing charged) when the
-        budget is already spent."""
+        budget, or this connection's share of it, is already spent."""
         server = self.server
-        if server.mem_used >= server.memory_budget:
+        if server.mem_used >= server.memory_budget or self.mem_used >= server.connection_budget:
             return False
-        call.charged = server.stream_cost
-        server.mem_used += call.charged
+        cost = call.charged = server.stream_cost
+        server.mem_used += cost
+        self.mem_used += cost
         return True
 
     def _reserve(self, call: _Call, length: int) -> bool:
         """Charge a message that will sit in memory until its last byte
         arrives (0 refunds it); False (nothing charged) if it does not fit."""
         server = self.server
-        if length and server.mem_used + length > server.memory_budget:
+        if length and (server.mem_used + length > server.memory_budget
+                       or self.mem_used + length > server.connection_budget):
             return False
-        server.mem_used += length - call.reserved
+        delta = length - call.reserved
+        server.mem_used += delta
+        self.mem_used += delta
         call.reserved = length
         return True
 
     def _hold(self, call: _Call, held: int) -> bool:
         """Charge what the handler keeps between messages (its held_bytes);
-        False when it grew past the budget (still charged: _release refunds)."""
+        False when it grew past the budget or the connection's share (still
+        charged: _release refunds)."""
         server = self.server
-        server.mem_used += held - call.held
-        grew = held > call.held
+        delta = held - call.held
+        server.mem_used += delta
+        self.mem_used += delta
         call.held = held
-        return not (grew and server.mem_used > server.memory_budget)
+        return not (delta > 0 and (server.mem_used > server.memory_budget
+                                   or self.mem_used > server.connection_budget))
 
     def _release(self, call: _Call) -> None:
         """Give the call's share of the memory budget back."""
         if call.reserved or call.held or call.charged:
-            self.server.mem_used -= call.reserved + call.held + call.charged
+            total = call.reserved + call.held + call.charged
+            self.server.mem_used -= total
+            self.mem_used -= total
             call.reserved = call.held = call.charged = 0
 
     def _abort_call(self, call: _Call) -> None:
@@ -394,6 +460,7 @@ class _GrpcConnection(asyncio.Protocol):
             if seconds is not None:
                 call.timer = asyncio.get_running_loop().call_later(seconds, self._deadline, call)
         if call.kind == _KIND_PROCESS:
+            call.opened = self.last_activity
             try:
                 call.handler = self.server.new_stream(meta)
             except Exception:
@@ -562,7 +629,8 @@ class _GrpcConnection(asyncio.Protocol):
             self._end_call(call, NOT_FOUND, f"unknown service {req.service!r}")
             return
         status = (
-            health_pb2.HealthCheckResponse.NOT_SERVING if self.server._draining or not self.server.serving
+            health_pb2.HealthCheckResponse.NOT_SERVING
+            if self.server._draining or not self.server.serving or self.server.exhausted
             else health_pb2.HealthCheckResponse.SERVING
         )
         call.headers_sent = True
@@ -602,10 +670,14 @@ class FastServer:
         self.max_connections = limits.connections()
         self.memory_budget = limits.memory_budget_bytes
         self.stream_cost = limits.stream_cost_bytes
+        self.connection_budget = int(limits.memory_budget_bytes * limits.connection_budget_share)
+        self.request_sweep_s = limits.request_timeout_s * REQUEST_SWEEP_FRACTION
         self.mem_used = 0  # bytes of the memory budget in use, all connections
         #: What the limits did (refused connections, GOAWAYs by code, ...).
         self.counters: collections.Counter[str] = collections.Counter()
         self._warned: dict[str, tuple[float, int]] = {}  # kind -> (last logged, left out since)
+        self._peer_resets: dict[str, list] = {}  # peer address -> [window start, resets in it]
+        self._banned: dict[str, float] = {}  # peer address -> loop time its ban ends
         self.unary = dict(unary or {})
         self.streaming = dict(streaming or {})
         self.max_message_bytes = max_message_bytes
@@ -621,6 +693,48 @@ class FastServer:
 
     async def set_serving(self, serving: bool) -> None:
         self.serving = serving
+
+    def note_reset(self, peer: str, now: float) -> bool:
+        """Count a reset of an unanswered stream from ``peer``; True when it
+        is over peer_max_resets in the current window (the peer is then
+        refused new connections for peer_ban_s)."""
+        limits = self.limits
+        entry = self._peer_resets.get(peer)
+        if entry is None or now - entry[0] >= limits.peer_reset_window_s:
+            if entry is None and len(self._peer_resets) >= H2_MAX_TRACKED_PEERS:
+                self._forget_peers(now)
+            entry = self._peer_resets[peer] = [now, 0]
+        entry[1] += 1
+        if entry[1] <= limits.peer_max_resets:
+            return False
+        self._banned[peer] = now + limits.peer_ban_s
+        return True
+
+    def banned(self, peer: str, now: float) -> bool:
+        until = self._banned.get(peer)
+        if until is None:
+            return False
+        if now < until:
+            return True
+        del self._banned[peer]
+        return False
+
+    def _forget_peers(self, now: float) -> None:
+        window = self.limits.peer_reset_window_s
+        old = [p for p, (start, _) in self._peer_resets.items() if now - start >= window]
+        for p in old or list(self._peer_resets):
+            del self._peer_resets[p]
+        if len(self._banned) >= H2_MAX_TRACKED_PEERS:
+            self._banned = {p: t for p, t in self._banned.items() if t > now}
+
+    @property
+    def exhausted(self) -> bool:
+        """The memory budget cannot take one more stream: health says
+        NOT_SERVING (Envoy's health checker takes the router out, so its
+        ext_proc fails open at once instead of after a RESOURCE_EXHAUSTED
+        per request) until streams end or time out and return memory; read
+        at each check, so it recovers by itself."""
+        return self.mem_used + self.stream_cost > self.memory_budget
 
     def _connection_closed(self) -> None:
         if not self._connections:
@@ -696,7 +810,8 @@ async def serve_fast(
     ``limits`` (default ``ServerLimits()``) are the server's limits;
     ``overrides`` replace some of its fields by name (max_connections,
     preface_timeout_s, idle_timeout_s, memory_budget_bytes,
-    write_buffer_high_water, stream_cost_bytes).
+    write_buffer_high_water, stream_cost_bytes, connection_budget_share,
+    request_timeout_s, peer_reset_window_s, peer_max_resets, peer_ban_s).
 
     With ``tls`` the port speaks TLS (``extproc.tls.server_context``: ALPN h2,
     TLS 1.2+, a client certificate required when a client CA is set); the

@@ -190,6 +190,56 @@ H2_MEMORY_BUDGET_BYTES = 256 << 20
 #: the budget admits 65,536 open streams per worker.
 H2_STREAM_COST_BYTES = 4 << 10
 
+#: Share of the memory budget one connection may hold (its open streams,
+#: their bodies and scanned responses): one peer filling a connection with
+#: held streams leaves 3/4 of the budget to the others (issue 17: 20
+#: connections x 4,000 held streams took all of it). A quarter is still 64
+#: MiB, 16,384 open streams at H2_STREAM_COST_BYTES -- four times the
+#: LOCAL_MAX_CONCURRENT_STREAMS Envoy's one connection per worker may open --
+#: or eight 8 MiB bodies at once. Same idea as Envoy's per-connection
+#: buffer limits (per_connection_buffer_limit_bytes) under a global overload
+#: manager, and nginx's per-key limit_conn under worker_connections.
+H2_CONNECTION_BUDGET_SHARE = 0.25
+
+#: An ext_proc stream whose request phase (request headers and the body's
+#: end, i.e. routed) has not completed this long after it opened is reset
+#: (RST_STREAM CANCEL after gRPC status DEADLINE_EXCEEDED) and its memory
+#: returned: a stream held open without ever finishing its request only
+#: holds the budget. Envoy sends the body in BUFFERED mode once the
+#: downstream client sent it all, so the time includes a slow client's
+#: upload: nginx bounds that with client_header_timeout / client_body_timeout
+#: 60 s, Envoy's HCM with stream_idle_timeout 300 s; Envoy's own per-message
+#: ext_proc message_timeout is 200 ms, so a real request waits on us for
+#: milliseconds, on its client for up to this. 60 s: nginx's bound; an
+#: upload slower than that would fail at nginx too. Checked every
+#: REQUEST_SWEEP_FRACTION of it per connection (not per stream: no timer on
+#: the routing path), so a stream is reset within 1.25x of it.
+H2_REQUEST_TIMEOUT_S = 60.0
+REQUEST_SWEEP_FRACTION = 0.25
+
+#: "Rapid reset by reconnecting" (issue 17): the per-connection reset bucket
+#: above (H2_RESET_BURST) is fresh on every connection, so an attacker
+#: sending 990 HEADERS+RST pairs per connection and reconnecting never meets
+#: it. Resets of unanswered streams are therefore also counted per peer
+#: address, across its connections, in fixed windows of this many seconds;
+#: past H2_PEER_MAX_RESETS in one window the connection that crossed it gets
+#: GOAWAY(ENHANCE_YOUR_CALM) and new connections from the address are
+#: refused for H2_PEER_BAN_S. 2,000 per 10 s is twice nghttp2's burst for one
+#: connection and about what its refill allows one connection in the window
+#: (1000 + 33/s x 10 s); Envoy, resetting an unanswered ext_proc stream only
+#: when its downstream request dies within milliseconds, stays far below it
+#: on all its connections together. The ban is the window again (nginx's
+#: limit_req / fail2ban shape, minutes there; seconds here, since Envoy
+#: shares the address of a rogue sidecar in the same pod).
+H2_PEER_RESET_WINDOW_S = 10.0
+H2_PEER_MAX_RESETS = 2000
+H2_PEER_BAN_S = 10.0
+
+#: Peer addresses whose resets we track at once; past it, the entries whose
+#: window has ended are dropped (and all of them if none has), so that a
+#: spread of source addresses cannot grow memory.
+H2_MAX_TRACKED_PEERS = 4096
+
 #: Until the stop() grace period starts counting, how long we wait for the
 #: ACK of the drain PING before sending the final GOAWAY anyway. 1 s is far
 #: above a loopback/pod RTT; grpc-go waits for the ACK with no timer but
@@ -224,6 +274,11 @@ class ServerLimits:
     memory_budget_bytes: int = H2_MEMORY_BUDGET_BYTES
     write_buffer_high_water: int = H2_WRITE_BUFFER_HIGH_WATER
     stream_cost_bytes: int = H2_STREAM_COST_BYTES
+    connection_budget_share: float = H2_CONNECTION_BUDGET_SHARE
+    request_timeout_s: float = H2_REQUEST_TIMEOUT_S
+    peer_reset_window_s: float = H2_PEER_RESET_WINDOW_S
+    peer_max_resets: int = H2_PEER_MAX_RESETS
+    peer_ban_s: float = H2_PEER_BAN_S
 
     def connections(self) -> int:
         """The connection cap this server enforces."""

@@ -450,7 +450,7 @@ def test_memory_budget_refuses_new_streams(tmp_path):
     does not fit, and any new stream while it is spent, get RESOURCE_EXHAUSTED;
     resetting the holders gives the budget back."""
     budget = 2 * ((8 << 20) + L.H2_STREAM_COST_BYTES)  # two open streams holding 8 MiB messages
-    with server(tmp_path, memory_budget_bytes=budget) as srv:
+    with server(tmp_path, memory_budget_bytes=budget, connection_budget_share=1.0) as srv:
         enc = hpack.Encoder()
         s = connect(srv.port)
         part = grpc_message(b"x" * (512 << 10), declared=8 << 20)
@@ -508,7 +508,7 @@ def test_memory_budget_counts_scanned_response_bodies(tmp_path):
     budget the growing stream and new streams get RESOURCE_EXHAUSTED; ending
     the streams gives it back."""
     mib, cost = 1 << 20, L.H2_STREAM_COST_BYTES
-    with server(tmp_path, memory_budget_bytes=4 * mib + mib // 2 + 5 * cost + cost // 2) as srv:
+    with server(tmp_path, memory_budget_bytes=4 * mib + mib // 2 + 5 * cost + cost // 2, connection_budget_share=1.0) as srv:
         stub = pbg.ExternalProcessorStub(srv.channel)
         held = [_sampled_stream(stub, [mib]) for _ in range(4)]
         assert all(err is None for _, _, err in held)
@@ -539,7 +539,7 @@ def test_open_streams_count_against_the_budget(tmp_path):
     """Header-only streams cost H2_STREAM_COST_BYTES each: past the budget a
     flood of them is refused instead of growing memory without bound."""
     n_fit = 100
-    with server(tmp_path, memory_budget_bytes=n_fit * L.H2_STREAM_COST_BYTES) as srv:
+    with server(tmp_path, memory_budget_bytes=n_fit * L.H2_STREAM_COST_BYTES, connection_budget_share=1.0) as srv:
         enc = hpack.Encoder()
         s = connect(srv.port)
         s.sendall(b"".join(headers(enc, 2 * i + 1) for i in range(n_fit + 50)))
@@ -752,3 +752,127 @@ def test_huffman_decoder_matches_hpack(raw, encode, cut):
     data = _HUFF.encode(raw) if encode else raw
     data = data[: len(data) - cut] if cut and encode else data
     assert _outcome(h2.decode_huffman, data) == _outcome(hpack.huffman_table.decode_huffman, data)
+
+
+# --- held streams (issue 17, item 1) -----------------------------------------------
+
+
+def _health(srv: Server) -> int:
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+    return health_pb2_grpc.HealthStub(srv.channel).Check(health_pb2.HealthCheckRequest(service=""), timeout=10).status
+
+
+def _wait_for(pred, timeout: float = 10.0) -> bool:
+    end = time.monotonic() + timeout
+    while not pred() and time.monotonic() < end:
+        time.sleep(0.05)
+    return pred()
+
+
+def test_held_streams_on_one_connection_leave_the_others_their_share(tmp_path):
+    """One connection opening far more header-only streams than its share
+    (ServerLimits.connection_budget_share of the budget) gets the rest
+    refused; a client on another connection still routes and health stays
+    SERVING. Connections holding the whole budget turn health NOT_SERVING;
+    it comes back by itself when they go."""
+    from grpc_health.v1 import health_pb2
+    cost, n_budget = L.H2_STREAM_COST_BYTES, 100
+    share = int(n_budget * L.H2_CONNECTION_BUDGET_SHARE)  # streams one connection may hold
+    with server(tmp_path, memory_budget_bytes=n_budget * cost) as srv:
+        enc = hpack.Encoder()
+        hog = connect(srv.port)
+        hog.sendall(b"".join(headers(enc, 2 * i + 1) for i in range(4 * share)))
+        assert _wait_for(lambda: srv.counter("memory_refused") >= 3 * share)
+        st = srv.stats()
+        assert st["counters"]["memory_refused"] == 3 * share and st["mem_used"] == share * cost
+        stub = pbg.ExternalProcessorStub(grpc.insecure_channel(f"127.0.0.1:{srv.port}", options=OWN_CONNECTION))
+        for _ in range(20):
+            _route_once(stub)
+        assert _health(srv) == health_pb2.HealthCheckResponse.SERVING
+        # Enough connections to hold the whole budget: no stream fits any more.
+        hogs = [hog]
+        for _ in range(n_budget // share - 1):
+            s, e = connect(srv.port), hpack.Encoder()
+            s.sendall(b"".join(headers(e, 2 * i + 1) for i in range(share)))
+            hogs.append(s)
+        assert _wait_for(lambda: srv.stats()["mem_used"] == n_budget * cost)
+        assert _health(srv) == health_pb2.HealthCheckResponse.NOT_SERVING
+        for s in hogs:
+            s.close()
+        assert _wait_for(lambda: srv.stats()["mem_used"] == 0)
+        assert _health(srv) == health_pb2.HealthCheckResponse.SERVING
+        _route_once(stub)
+
+
+def test_held_stream_is_reset_after_the_request_timeout(tmp_path):
+    """Streams whose request never completes (headers only; request headers
+    of a JSON POST whose body never comes) are reset with DEADLINE_EXCEEDED
+    and RST_STREAM(CANCEL) after request_timeout_s, their memory returned; a
+    routed stream waiting for its response is left alone."""
+    timeout = 0.5
+    with server(tmp_path, request_timeout_s=timeout) as srv:
+        enc = hpack.Encoder()
+        s = connect(srv.port)
+        hdr = pb.ProcessingRequest()
+        for k, v in ((":method", "POST"), (":path", "/v1/chat/completions"), ("content-type", "application/json")):
+            hdr.request_headers.headers.headers.add(key=k, raw_value=v.encode())
+        t0 = time.monotonic()
+        s.sendall(headers(enc, 1) + headers(enc, 3) + h2.frame(h2.DATA, 0, 3, grpc_message(hdr.SerializeToString())))
+        stub = pbg.ExternalProcessorStub(srv.channel)
+        q, call, err = _sampled_stream(stub, [])  # routed, its response awaited: not a held request
+        assert err is None
+        dec, reader = hpack.Decoder(), h2.FrameReader(h2.MAX_FRAME_SIZE_LIMIT, expect_preface=False)
+        status: dict[int, str] = {}
+        resets: dict[int, int] = {}
+        s.settimeout(10)
+        while not (set(status) == set(resets) == {1, 3}):
+            for ftype, _flags, sid, payload in reader.feed(s.recv(1 << 16)):
+                if ftype == h2.HEADERS:
+                    status[sid] = dict(dec.decode(payload)).get("grpc-status")
+                elif ftype == h2.RST_STREAM:
+                    resets[sid] = struct.unpack(">L", payload)[0]
+        assert time.monotonic() - t0 >= timeout
+        assert status == {1: "4", 3: "4"} and resets == {1: h2.CANCEL, 3: h2.CANCEL}
+        assert srv.counter("request_timeouts") == 2
+        time.sleep(2 * timeout)
+        assert srv.counter("request_timeouts") == 2  # the routed stream lives on
+        q.put(None)
+        assert _wait_for(lambda: srv.stats()["mem_used"] == 0)
+        s.close()
+
+
+# --- rapid reset by reconnecting (issue 17, item 3) ---------------------------------
+
+
+def test_rapid_reset_by_reconnecting_is_counted_per_peer(tmp_path):
+    """HEADERS+RST pairs below the per-connection burst on each of many
+    connections from one address: past peer_max_resets in the window the
+    connection gets GOAWAY(ENHANCE_YOUR_CALM) and new connections from the
+    address are refused until the ban ends; a client already connected keeps
+    routing."""
+    per_conn, max_resets, ban = L.H2_RESET_BURST // 2, 2000, 2.0
+    assert per_conn < L.H2_RESET_BURST
+    with server(tmp_path, peer_max_resets=max_resets, peer_ban_s=ban) as srv:
+        srv.stats()  # the stats channel connects before the ban
+        with probe_keeps_latency(srv.port):
+            cut_off_after = None
+            for n in range(1, 3 * max_resets // per_conn):
+                enc = hpack.Encoder()
+                s = connect(srv.port)
+                s.sendall(b"".join(headers(enc, 2 * i + 1) + h2.rst_stream_frame(2 * i + 1, h2.CANCEL)
+                                   for i in range(per_conn)))
+                frames, closed = read_until_closed(s, timeout=0.3)
+                s.close()
+                if h2.ENHANCE_YOUR_CALM in goaway_codes(frames):
+                    cut_off_after = n
+                    break
+            assert cut_off_after == max_resets // per_conn + 1
+            t_ban = time.monotonic()
+            s = connect(srv.port)  # refused at once while banned
+            frames, closed = read_until_closed(s, timeout=5)
+            assert closed and h2.ENHANCE_YOUR_CALM in goaway_codes(frames)
+            s.close()
+        assert srv.counter("peer_resets_exceeded") == 1 and srv.counter("peer_refused") >= 1
+        time.sleep(max(0.0, ban - (time.monotonic() - t_ban)) + 0.2)
+        with grpc.insecure_channel(f"127.0.0.1:{srv.port}", options=OWN_CONNECTION) as ch:
+            _route_once(pbg.ExternalProcessorStub(ch))  # the ban is over
