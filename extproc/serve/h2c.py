@@ -34,6 +34,7 @@ import asyncio
 import collections
 import dataclasses
 import logging
+import ssl
 import time
 from typing import Callable, Iterable, Mapping
 from urllib.parse import quote
@@ -156,40 +157,138 @@ class _GrpcConnection(asyncio.Protocol):
         self._loop = asyncio.get_running_loop()
         self.last_activity = self._loop.time()
         self._reading_paused = False
+        # TLS only: the handshake task, the TCP transport under it and the
+        # bytes the SSL layer handed us before the task resumed (see _handshake_task).
+        self._handshake: asyncio.Task | None = None
+        self._raw: asyncio.Transport | None = None
+        self._early: bytearray | None = None
 
     # -- asyncio.Protocol ------------------------------------------------------
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self.transport = transport  # type: ignore[assignment]
+        """The TCP accept: the connection counts against the cap from here,
+        a TLS one while its handshake is pending as well (issue 17)."""
         server = self.server
         peername = transport.get_extra_info("peername")
         self.peer = peername[0] if isinstance(peername, tuple) else str(peername)
+        tls = server.ssl_context is not None
         if server.banned(self.peer, self._loop.time()):
             server.count("peer_refused")
             server.warn("peer_refused", "refusing HTTP/2 connection from %s: too many stream resets", self.peer)
-            self.conn.close(h2.ENHANCE_YOUR_CALM, "too many stream resets from this address")
-            transport.write(self.conn.data_to_send())  # type: ignore[attr-defined]
-            transport.close()
+            self._refuse(transport, tls, "too many stream resets from this address")
             return
         if len(server._connections) >= server.max_connections and not server.evict_idle():
             # Over the cap, none idle to make room: GOAWAY and close, never an fd exhausted.
             server.count("connections_refused")
             server.warn("connections_refused", "refusing HTTP/2 connection: %d open (limit %d)",
                         len(server._connections), server.max_connections)
-            self.conn.close(h2.ENHANCE_YOUR_CALM, "too many connections")
-            transport.write(self.conn.data_to_send())  # type: ignore[attr-defined]
-            transport.close()
+            self._refuse(transport, tls, "too many connections")
             return
         server._connections.add(self)
-        transport.set_write_buffer_limits(high=server.limits.write_buffer_high_water)  # type: ignore[attr-defined]
-        transport.write(self.conn.data_to_send())  # type: ignore[attr-defined]
+        if tls:
+            self._begin_handshake(transport)  # type: ignore[arg-type]
+        else:
+            self._start(transport)  # type: ignore[arg-type]
+
+    def _refuse(self, transport: asyncio.BaseTransport, tls: bool, reason: str) -> None:
+        if not tls:  # (a GOAWAY in clear text means nothing to a TLS client)
+            self.conn.close(h2.ENHANCE_YOUR_CALM, reason)
+            transport.write(self.conn.data_to_send())  # type: ignore[attr-defined]
+        transport.close()
+
+    def _start(self, transport: asyncio.Transport) -> None:
+        """HTTP/2 begins: our SETTINGS, the preface and request-sweep timers."""
+        server = self.server
+        self.transport = transport
+        transport.set_write_buffer_limits(high=server.limits.write_buffer_high_water)
+        transport.write(self.conn.data_to_send())
         self._timer = self._loop.call_later(server.limits.preface_timeout_s, self._on_timer)
         self._sweep = self._loop.call_later(server.request_sweep_s, self._on_sweep)
         if server._draining:
             self.start_drain()
 
+    # -- TLS handshake (issue 17: half ClientHellos) ------------------------------
+    # A pending handshake holds a socket and ~300 KB (asyncio's SSLProtocol
+    # buffer and OpenSSL's state): it is in server._connections (the cap) and
+    # server._handshakes (at most max_pending_handshakes, the oldest closed to
+    # make room), charged tls_handshake_cost_bytes of the memory budget, and
+    # bounded by tls_handshake_timeout_s; every way out goes through
+    # _end_handshake, which returns the charge once.
+
+    def _begin_handshake(self, raw: asyncio.Transport) -> None:
+        server = self.server
+        if len(server._handshakes) >= server.limits.max_pending_handshakes:
+            oldest = next(iter(server._handshakes))  # insertion order: the oldest accept
+            server.count("tls_handshakes_evicted")
+            server.warn("tls_handshakes_evicted", "closing the oldest pending TLS handshake (from %s): %d pending",
+                        oldest.peer, len(server._handshakes))
+            oldest.evict()
+        self._raw = raw
+        server._handshakes[self] = None
+        cost = server.limits.tls_handshake_cost_bytes
+        self.mem_used += cost
+        server.mem_used += cost
+        raw.pause_reading()  # start_tls resumes it once its SSL layer is in place
+        self._handshake = self._loop.create_task(self._handshake_task(raw))
+
+    async def _handshake_task(self, raw: asyncio.Transport) -> None:
+        server = self.server
+        try:
+            transport = await self._loop.start_tls(raw, self, server.ssl_context, server_side=True,
+                                                   ssl_handshake_timeout=server.limits.tls_handshake_timeout_s)
+        except asyncio.CancelledError:  # evicted, or the server stops
+            transport = None
+        except ConnectionAbortedError:  # asyncio's handshake timeout
+            server.count("tls_handshake_timeouts")
+            server.warn("tls_handshake_timeouts", "closing TLS connection from %s: no handshake within %.1f s",
+                        self.peer, server.limits.tls_handshake_timeout_s)
+            transport = None
+        except (OSError, ValueError, RuntimeError):
+            # A failed handshake (plain h2c, no or a foreign client
+            # certificate, garbage): ssl.SSLError is an OSError. Counted, not
+            # logged, so that it cannot flood the log.
+            server.count("tls_handshakes_failed")
+            transport = None
+        self._end_handshake()
+        if transport is None or transport.is_closing():
+            raw.abort()
+            self._gone()
+            return
+        self._start(transport)
+        early, self._early = self._early, None
+        if early:
+            self.data_received(bytes(early))
+
+    def _end_handshake(self) -> None:
+        """The handshake is over (done, failed, timed out, evicted): its
+        budget charge is returned, once."""
+        if self._raw is None:
+            return
+        self._raw = None
+        server = self.server
+        server._handshakes.pop(self, None)
+        cost = server.limits.tls_handshake_cost_bytes
+        self.mem_used -= cost
+        server.mem_used -= cost
+
+    def _abort_handshake(self) -> None:
+        raw = self._raw
+        self._end_handshake()
+        if self._handshake is not None:
+            self._handshake.cancel()
+        if raw is not None:
+            raw.abort()
+        self._gone()
+
+    def _gone(self) -> None:
+        server = self.server
+        if self in server._connections:
+            server._connections.discard(self)
+            server._connection_closed()
+
     def connection_lost(self, exc: Exception | None) -> None:
         self.server._connections.discard(self)
+        self._end_handshake()  # (TLS: asyncio reports some failed handshakes here too)
         if self._drain_timer:
             self._drain_timer.cancel()
         if self._timer:
@@ -260,9 +359,13 @@ class _GrpcConnection(asyncio.Protocol):
         self._sweep = self._loop.call_later(server.request_sweep_s, self._on_sweep)
 
     def evict(self) -> None:
-        """Make room for a new connection (this one is idle: no stream)."""
+        """Make room for a new connection (this one is idle: no stream, or
+        its TLS handshake is still pending)."""
         self.server._connections.discard(self)
         self.server.count("connections_evicted")
+        if self.transport is None:
+            self._abort_handshake()
+            return
         self._close(h2.NO_ERROR, "idle connection evicted for a new one")
 
     def _close(self, code: int, reason: str) -> None:
@@ -273,6 +376,14 @@ class _GrpcConnection(asyncio.Protocol):
         self._flush()
 
     def data_received(self, data: bytes) -> None:
+        if self.transport is None:
+            # TLS: asyncio's SSL layer passes the first decrypted bytes on as
+            # the handshake completes, before _handshake_task resumes (one
+            # read, at most its 256 KiB buffer); they are replayed from there.
+            if self._early is None:
+                self._early = bytearray()
+            self._early += data
+            return
         conn = self.conn
         now = self.last_activity = self._loop.time()
         for ev in conn.receive_data(data, now):
@@ -641,6 +752,9 @@ class _GrpcConnection(asyncio.Protocol):
     # -- shutdown -------------------------------------------------------------
 
     def start_drain(self) -> None:
+        if self.transport is None:  # TLS handshake still pending: no HTTP/2 yet
+            self._abort_handshake()
+            return
         self.conn.start_drain()
         self._flush()
         self._drain_timer = asyncio.get_running_loop().call_later(DRAIN_PING_TIMEOUT_S, self.finish_drain)
@@ -684,6 +798,10 @@ class FastServer:
         self.health_services = frozenset(health_services)
         self._server: asyncio.base_events.Server | None = None
         self._connections: set[_GrpcConnection] = set()
+        #: Connections whose TLS handshake is pending, oldest first (a dict as an ordered set).
+        self._handshakes: dict[_GrpcConnection, None] = {}
+        #: The port's TLS context; None for h2c (extproc.tls.server_context).
+        self.ssl_context: ssl.SSLContext | None = None
         self._draining = False
         #: Health says NOT_SERVING while False; streams are still served (the
         #: drain delay before stop: serve.server.Worker.drain).
@@ -811,21 +929,25 @@ async def serve_fast(
     ``overrides`` replace some of its fields by name (max_connections,
     preface_timeout_s, idle_timeout_s, memory_budget_bytes,
     write_buffer_high_water, stream_cost_bytes, connection_budget_share,
-    request_timeout_s, peer_reset_window_s, peer_max_resets, peer_ban_s).
+    request_timeout_s, peer_reset_window_s, peer_max_resets, peer_ban_s,
+    tls_handshake_timeout_s, max_pending_handshakes, tls_handshake_cost_bytes).
 
     With ``tls`` the port speaks TLS (``extproc.tls.server_context``: ALPN h2,
     TLS 1.2+, a client certificate required when a client CA is set); the
     HTTP/2 layer above is the same, asyncio's SSL transport passes
-    pause/resume_reading and the write-buffer marks through. A handshake gets
-    the preface timeout; a failed one (plain h2c, no or a foreign client
-    certificate) closes the socket, logged only in asyncio debug mode (an
-    ``ssl.SSLError`` is an ``OSError``), so it cannot flood the log. Without
-    ``tls`` nothing on the path of a request changes."""
+    pause/resume_reading and the write-buffer marks through. The handshake
+    runs on the accepted TCP connection (``loop.start_tls``), so a pending one
+    counts against the connection cap and the memory budget from the accept,
+    is bounded in number (the oldest closed to make room) and in time
+    (``tls_handshake_timeout_s``), and returns its charge however it ends; a
+    failed one (plain h2c, no or a foreign client certificate) is counted in
+    ``counters``, not logged, so it cannot flood the log. Without ``tls``
+    nothing on the path of a request changes."""
     limits = dataclasses.replace(limits or ServerLimits(), **overrides)
     server = FastServer(new_stream, max_message_bytes, health_services, unary, streaming, limits=limits)
     loop = asyncio.get_running_loop()
-    ssl_kw = {} if tls is None else {"ssl": server_context(tls), "ssl_handshake_timeout": limits.preface_timeout_s}
-    server._server = await loop.create_server(lambda: _GrpcConnection(server), host, port, reuse_address=True,
-                                              **ssl_kw)
+    if tls is not None:
+        server.ssl_context = server_context(tls)
+    server._server = await loop.create_server(lambda: _GrpcConnection(server), host, port, reuse_address=True)
     server.port = server._server.sockets[0].getsockname()[1]
     return server

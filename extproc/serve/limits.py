@@ -167,6 +167,36 @@ H2_FD_RESERVE = 64
 #: far less.
 H2_PREFACE_TIMEOUT_S = 10.0
 
+#: A TLS handshake (ext_proc port with ``tls_cert_file``) must complete
+#: within this time after the TCP accept, or the socket is closed and what it
+#: held returned (issue 17: 6,000 half ClientHellos were held with no bound).
+#: Envoy completes a loopback / pod-network handshake in milliseconds.
+#: Precedents: nginx ssl_handshake_timeout and asyncio's default
+#: ssl_handshake_timeout are 60 s, Go's http.Server bounds it with
+#: ReadHeaderTimeout/ReadTimeout; 10 s is our H2_PREFACE_TIMEOUT_S, the bound
+#: on the step right after it, and still 1000x a real handshake.
+H2_TLS_HANDSHAKE_TIMEOUT_S = 10.0
+
+#: TLS handshakes in progress at once per worker. Each counts against the
+#: connection cap from its TCP accept; past this many the oldest one pending
+#: is closed to make room (like the idle-connection eviction at the cap), so
+#: a flood of half ClientHellos can never lock Envoy out: Envoy's handshakes
+#: finish in milliseconds and are never the oldest. Envoy opens one
+#: connection per worker thread, so it has at most a few dozen handshakes in
+#: flight after a restart; 128 is several times that. (HAProxy bounds the
+#: same thing with tune.maxsslconn / maxsslrate; nginx only by
+#: worker_connections.)
+H2_MAX_PENDING_HANDSHAKES = 128
+
+#: What one pending TLS handshake costs the memory budget until it completes
+#: or fails: asyncio's SSLProtocol allocates a 256 KiB read buffer per
+#: connection (sslproto.SSLProtocol.max_size) and OpenSSL its SSL object and
+#: BIOs (tens of KB); issue 17 measured ~250-350 KB of RSS per pending
+#: handshake. 128 of them charge 40 MiB, under the connection share of
+#: H2_CONNECTION_BUDGET_SHARE (64 MiB), so half handshakes alone never
+#: exhaust the budget that streams need.
+H2_TLS_HANDSHAKE_COST_BYTES = 320 << 10
+
 #: A connection with no open stream and no frame for this long is closed with
 #: GOAWAY(NO_ERROR); Envoy reconnects on its next request (one loopback
 #: handshake). nginx's keepalive_timeout is 75 s, Envoy's upstream
@@ -279,6 +309,9 @@ class ServerLimits:
     peer_reset_window_s: float = H2_PEER_RESET_WINDOW_S
     peer_max_resets: int = H2_PEER_MAX_RESETS
     peer_ban_s: float = H2_PEER_BAN_S
+    tls_handshake_timeout_s: float = H2_TLS_HANDSHAKE_TIMEOUT_S
+    max_pending_handshakes: int = H2_MAX_PENDING_HANDSHAKES
+    tls_handshake_cost_bytes: int = H2_TLS_HANDSHAKE_COST_BYTES
 
     def connections(self) -> int:
         """The connection cap this server enforces."""
