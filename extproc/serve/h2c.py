@@ -45,7 +45,7 @@ from grpc_health.v1 import health_pb2
 from ..tls import TlsFiles, server_context
 from . import h2frames as h2
 from ..core.machine import State
-from .limits import DRAIN_PING_TIMEOUT_S, H2_MAX_TRACKED_PEERS, LOG_PERIOD_S, MAX_DEADLINE_S, MIN_TIMER_S, REQUEST_SWEEP_FRACTION, ServerLimits
+from .limits import DRAIN_PING_TIMEOUT_S, H2_ACCEPT_BACKLOG, H2_MAX_TRACKED_PEERS, LOG_PERIOD_S, MAX_DEADLINE_S, MIN_TIMER_S, REQUEST_SWEEP_FRACTION, ServerLimits
 from .rpc import (
     DEADLINE_EXCEEDED,
     DEFAULT_HEALTH_SERVICES,
@@ -948,6 +948,7 @@ async def serve_fast(
     loop = asyncio.get_running_loop()
     if tls is not None:
         server.ssl_context = server_context(tls)
-    server._server = await loop.create_server(lambda: _GrpcConnection(server), host, port, reuse_address=True)
+    server._server = await loop.create_server(lambda: _GrpcConnection(server), host, port, reuse_address=True,
+                                              backlog=H2_ACCEPT_BACKLOG)
     server.port = server._server.sockets[0].getsockname()[1]
     return server

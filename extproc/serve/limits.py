@@ -155,6 +155,15 @@ H2_WRITE_BUFFER_HIGH_WATER = 1 << 20
 #: H2_FD_RESERVE below the process's open-file limit.
 H2_MAX_CONNECTIONS = 1024
 
+#: listen() backlog of the ext_proc port, which asyncio also uses as the
+#: number of sockets it accepts in one loop iteration before any of their
+#: connection_made callbacks (where the cap above is enforced) runs; a
+#: refused or evicted socket is closed one iteration later. So descriptors
+#: stay within H2_MAX_CONNECTIONS + 2 x this under a connection flood. 100 is
+#: asyncio's default (and nginx's listen backlog is 511); Envoy connects a
+#: few sockets at a time.
+H2_ACCEPT_BACKLOG = 100
+
 #: File descriptors left to the rest of the process (state file, telemetry
 #: sockets, the listening socket) when the open-file limit is below
 #: H2_MAX_CONNECTIONS.

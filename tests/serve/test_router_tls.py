@@ -31,6 +31,7 @@ from extproc import config as C
 from extproc import tls
 from extproc.envoy import bootstrap as E
 from extproc.serve import h2frames as h2
+from extproc.serve import limits as L
 from extproc.serve.h2c import serve_fast
 from extproc.tools.pki import make_pki
 
@@ -284,3 +285,83 @@ def test_pause_reading_holds_over_tls(pki):
             await srv.stop(0)
 
     asyncio.run(run())
+
+
+# --- half-finished TLS handshakes (issue 17 item 2) --------------------------------
+
+#: Half ClientHellos one attack opens: past both the connection cap and the
+#: pending-handshake bound of each case below, and well under the test
+#: process's open-file limit.
+HALF_HELLOS = 1_500
+#: The handshake timeout the test server runs with (H2_TLS_HANDSHAKE_TIMEOUT_S in production).
+HANDSHAKE_TIMEOUT_S = 2.0
+
+
+def _half_client_hello(ca: str) -> bytes:
+    """The first half of a real TLS ClientHello (from an in-memory client)."""
+    ctx = ssl.create_default_context(cafile=ca)
+    ctx.set_alpn_protocols(["h2"])
+    out = ssl.MemoryBIO()
+    obj = ctx.wrap_bio(ssl.MemoryBIO(), out, server_hostname="localhost")
+    with pytest.raises(ssl.SSLWantReadError):
+        obj.do_handshake()
+    hello = out.read()
+    assert hello[0] == 0x16 and len(hello) > 100  # a handshake record
+    return hello[: len(hello) // 2]
+
+
+def _fds(pid: int) -> int:
+    return len(os.listdir(f"/proc/{pid}/fd"))
+
+
+@pytest.mark.parametrize("limits", [{"max_connections": 100}, {"max_connections": 1000, "max_pending_handshakes": 64}],
+                         ids=["connection-cap", "pending-bound"])
+def test_half_tls_handshakes_are_bounded_and_released(tmp_path, pki, limits):
+    """1,500 half ClientHellos on the TLS port: pending handshakes count
+    against the connection cap (or their own bound) from the TCP accept, so
+    the server's descriptors stay within it and its RSS bounded; a
+    well-behaved client keeps routing and a new TLS client still connects;
+    the ones left pending time out and their budget charge is returned."""
+    creds = _creds(pki)
+    bound = min(limits["max_connections"], limits.get("max_pending_handshakes", 128))
+    with server(tmp_path, creds, tls=[pki["server"], pki["server_key"], pki["ca"]],
+                tls_handshake_timeout_s=HANDSHAKE_TIMEOUT_S, **limits) as srv:
+        srv.stats()  # the stats channel's own connection is up before the flood
+        rss0, fd0, mem0 = srv.rss_kb(), _fds(srv.proc.pid), srv.stats()["mem_used"]
+        half = _half_client_hello(pki["ca"])
+        socks: list[socket.socket] = []
+        peak_fds = 0
+        try:
+            with probe_keeps_latency(srv.port, creds):
+                for i in range(HALF_HELLOS):
+                    s = socket.create_connection(("127.0.0.1", srv.port), timeout=5)
+                    try:
+                        s.sendall(half)
+                    except OSError:  # already closed by the server: fine
+                        pass
+                    socks.append(s)
+                    if i % 100 == 99:
+                        peak_fds = max(peak_fds, _fds(srv.proc.pid))
+                assert _health(srv.port, creds) == health_pb2.HealthCheckResponse.SERVING  # a new TLS client
+                stats = srv.stats()
+            rss1 = srv.rss_kb()
+            # asyncio accepts a batch before connection_made enforces the cap and
+            # closes evicted sockets an iteration later (L.H2_ACCEPT_BACKLOG);
+            # a few more: the probe's and the health check's connections.
+            assert peak_fds <= fd0 + bound + 2 * L.H2_ACCEPT_BACKLOG + 4, (peak_fds, fd0, bound)
+            assert stats["connections"] <= bound + 4, stats
+            c = stats["counters"]
+            assert c.get("connections_evicted", 0) + c.get("tls_handshakes_evicted", 0) >= HALF_HELLOS - bound - 4, c
+            # Each pending one is charged L.H2_TLS_HANDSHAKE_COST_BYTES, at most ``bound`` of them.
+            assert stats["mem_used"] - mem0 <= bound * L.H2_TLS_HANDSHAKE_COST_BYTES + (64 << 10), stats
+            # issue 17: 6,000 of them took 850 MB; at most ``bound`` pending at ~350 KB each, plus slack.
+            assert rss1 - rss0 < bound * 350 + 40_000, (rss0, rss1)
+            # Still held open by us: the handshake timeout closes them and returns their charge.
+            time.sleep(HANDSHAKE_TIMEOUT_S + 1.5)
+            stats = srv.stats()
+            assert stats["counters"].get("tls_handshake_timeouts", 0) >= 1, stats
+            assert stats["mem_used"] == mem0 and stats["connections"] <= 2, stats
+            assert _fds(srv.proc.pid) <= fd0 + 2
+        finally:
+            for s in socks:
+                s.close()
