@@ -45,7 +45,7 @@ from grpc_health.v1 import health_pb2
 from ..tls import TlsFiles, server_context
 from . import h2frames as h2
 from ..core.machine import State
-from .limits import DRAIN_PING_TIMEOUT_S, H2_ACCEPT_BACKLOG, H2_MAX_TRACKED_PEERS, LOG_PERIOD_S, MAX_DEADLINE_S, MIN_TIMER_S, REQUEST_SWEEP_FRACTION, ServerLimits
+from .limits import DRAIN_PING_TIMEOUT_S, H2_ACCEPT_BACKLOG, LOG_PERIOD_S, MAX_DEADLINE_S, MIN_TIMER_S, REQUEST_SWEEP_FRACTION, PeerResets, ServerLimits
 from .rpc import (
     DEADLINE_EXCEEDED,
     DEFAULT_HEALTH_SERVICES,
@@ -790,8 +790,7 @@ class FastServer:
         #: What the limits did (refused connections, GOAWAYs by code, ...).
         self.counters: collections.Counter[str] = collections.Counter()
         self._warned: dict[str, tuple[float, int]] = {}  # kind -> (last logged, left out since)
-        self._peer_resets: dict[str, list] = {}  # peer address -> [window start, resets in it]
-        self._banned: dict[str, float] = {}  # peer address -> loop time its ban ends
+        self._peers = PeerResets(limits)  # resets per peer address, bans (loop time)
         self.unary = dict(unary or {})
         self.streaming = dict(streaming or {})
         self.max_message_bytes = max_message_bytes
@@ -816,34 +815,10 @@ class FastServer:
         """Count a reset of an unanswered stream from ``peer``; True when it
         is over peer_max_resets in the current window (the peer is then
         refused new connections for peer_ban_s)."""
-        limits = self.limits
-        entry = self._peer_resets.get(peer)
-        if entry is None or now - entry[0] >= limits.peer_reset_window_s:
-            if entry is None and len(self._peer_resets) >= H2_MAX_TRACKED_PEERS:
-                self._forget_peers(now)
-            entry = self._peer_resets[peer] = [now, 0]
-        entry[1] += 1
-        if entry[1] <= limits.peer_max_resets:
-            return False
-        self._banned[peer] = now + limits.peer_ban_s
-        return True
+        return self._peers.note(peer, now)
 
     def banned(self, peer: str, now: float) -> bool:
-        until = self._banned.get(peer)
-        if until is None:
-            return False
-        if now < until:
-            return True
-        del self._banned[peer]
-        return False
-
-    def _forget_peers(self, now: float) -> None:
-        window = self.limits.peer_reset_window_s
-        old = [p for p, (start, _) in self._peer_resets.items() if now - start >= window]
-        for p in old or list(self._peer_resets):
-            del self._peer_resets[p]
-        if len(self._banned) >= H2_MAX_TRACKED_PEERS:
-            self._banned = {p: t for p, t in self._banned.items() if t > now}
+        return self._peers.banned(peer, now)
 
     @property
     def exhausted(self) -> bool:
@@ -930,7 +905,8 @@ async def serve_fast(
     preface_timeout_s, idle_timeout_s, memory_budget_bytes,
     write_buffer_high_water, stream_cost_bytes, connection_budget_share,
     request_timeout_s, peer_reset_window_s, peer_max_resets, peer_ban_s,
-    tls_handshake_timeout_s, max_pending_handshakes, tls_handshake_cost_bytes).
+    tls_handshake_timeout_s, max_pending_handshakes, tls_handshake_cost_bytes;
+    peer_max_calls is read by the grpcio transport only).
 
     With ``tls`` the port speaks TLS (``extproc.tls.server_context``: ALPN h2,
     TLS 1.2+, a client certificate required when a client CA is set); the

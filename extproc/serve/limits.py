@@ -18,8 +18,10 @@ Who reads what:
   server in :class:`ServerLimits` (overridable per server, e.g. by tests and
   ``serve_fast(**limits)``); ``connection_limit`` fits the connection cap to
   the process's open-file limit.
-* ``extproc.serve.grpc_aio`` leaves its limits to grpc.aio, except the
-  message size, which the caller passes (extproc.defaults GRPC_MAX_MESSAGE_BYTES).
+* ``extproc.serve.grpc_aio`` leaves its HTTP/2 limits to grpc.aio, except
+  the message size, which the caller passes (extproc.defaults
+  GRPC_MAX_MESSAGE_BYTES), LOCAL_MAX_CONCURRENT_STREAMS, and the per-peer
+  accounting it can do above grpc (PeerResets, GRPCIO_PEER_MAX_CALLS).
 
 A new limit (a per-stream timeout, a per-peer share of the memory budget)
 goes here as a constant, and as a :class:`ServerLimits` field if a server
@@ -274,6 +276,15 @@ H2_PEER_RESET_WINDOW_S = 10.0
 H2_PEER_MAX_RESETS = 2000
 H2_PEER_BAN_S = 10.0
 
+#: Concurrent calls one peer address may hold on the grpcio transport (issue
+#: 17: grpc.aio has no per-connection memory share, so the per-peer count is
+#: what it can bound): Envoy's ext_proc connections of one host together
+#: stay under LOCAL_MAX_CONCURRENT_STREAMS x its worker threads; 16,384 is
+#: the per-connection share of the fast transport's budget in streams
+#: (H2_CONNECTION_BUDGET_SHARE x H2_MEMORY_BUDGET_BYTES / H2_STREAM_COST_BYTES).
+#: Past it a new call gets RESOURCE_EXHAUSTED.
+GRPCIO_PEER_MAX_CALLS = 16_384
+
 #: Peer addresses whose resets we track at once; past it, the entries whose
 #: window has ended are dropped (and all of them if none has), so that a
 #: spread of source addresses cannot grow memory.
@@ -321,6 +332,7 @@ class ServerLimits:
     tls_handshake_timeout_s: float = H2_TLS_HANDSHAKE_TIMEOUT_S
     max_pending_handshakes: int = H2_MAX_PENDING_HANDSHAKES
     tls_handshake_cost_bytes: int = H2_TLS_HANDSHAKE_COST_BYTES
+    peer_max_calls: int = GRPCIO_PEER_MAX_CALLS  # grpcio transport only
 
     def connections(self) -> int:
         """The connection cap this server enforces."""
@@ -338,3 +350,51 @@ def connection_limit() -> int:
     if soft == resource.RLIM_INFINITY:
         return H2_MAX_CONNECTIONS
     return max(1, min(H2_MAX_CONNECTIONS, soft - H2_FD_RESERVE))
+
+
+class PeerResets:
+    """Resets of unanswered streams per peer address, across its connections,
+    in fixed windows (peer_reset_window_s); past peer_max_resets in a window
+    the address is banned for peer_ban_s. Pure: the caller passes ``now``.
+    At most H2_MAX_TRACKED_PEERS addresses are tracked (entries whose window
+    ended are dropped first, all if none has), so a spread of source
+    addresses cannot grow memory. Used by both transports."""
+
+    __slots__ = ("limits", "_resets", "_banned")
+
+    def __init__(self, limits: ServerLimits):
+        self.limits = limits
+        self._resets: dict[str, list] = {}  # peer address -> [window start, resets in it]
+        self._banned: dict[str, float] = {}  # peer address -> time its ban ends
+
+    def note(self, peer: str, now: float) -> bool:
+        """Count one reset from ``peer``; True when it is over the limit (the
+        peer is then banned)."""
+        limits = self.limits
+        entry = self._resets.get(peer)
+        if entry is None or now - entry[0] >= limits.peer_reset_window_s:
+            if entry is None and len(self._resets) >= H2_MAX_TRACKED_PEERS:
+                self._forget(now)
+            entry = self._resets[peer] = [now, 0]
+        entry[1] += 1
+        if entry[1] <= limits.peer_max_resets:
+            return False
+        self._banned[peer] = now + limits.peer_ban_s
+        return True
+
+    def banned(self, peer: str, now: float) -> bool:
+        until = self._banned.get(peer)
+        if until is None:
+            return False
+        if now < until:
+            return True
+        del self._banned[peer]
+        return False
+
+    def _forget(self, now: float) -> None:
+        window = self.limits.peer_reset_window_s
+        old = [p for p, (start, _) in self._resets.items() if now - start >= window]
+        for p in old or list(self._resets):
+            del self._resets[p]
+        if len(self._banned) >= H2_MAX_TRACKED_PEERS:
+            self._banned = {p: t for p, t in self._banned.items() if t > now}
