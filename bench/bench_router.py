@@ -30,6 +30,7 @@ import asyncio
 import copy
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -167,11 +168,13 @@ class Procs:
             self.stop(p)
 
 
-def start_router(procs: Procs, transport: str, handler: str, port: int, pki: dict | None = None) -> subprocess.Popen:
+def start_router(procs: Procs, transport: str, handler: str, port: int, pki: dict | None = None,
+                 profile: str = "", loop: str = "auto") -> subprocess.Popen:
     tls = ["--tls", f"{pki['server']},{pki['server_key']},{pki['ca']}"] if pki else []
+    extra = ["--profile", profile] if profile else []
     p = procs.start(
         [sys.executable, "-m", "bench.router_proc", "--transport", transport, "--handler", handler, "--port", str(port),
-         *tls],
+         "--loop", loop, *tls, *extra],
         cwd=ROOT,
         stdout=subprocess.PIPE,
         text=True,
@@ -194,7 +197,14 @@ def bench_transport(procs: Procs, transport: str, handler: str, pool_port: int, 
         from extproc.tools.pki import make_pki
         (workdir / "pki").mkdir(exist_ok=True)
         pki = make_pki(str(workdir / "pki"))
-    router = start_router(procs, transport, handler, router_port, pki)
+    prof_dir = Path(args.out).parent
+    prof_stem = f"{Path(args.out).stem}-profile-{transport}"
+    profile = str(prof_dir / prof_stem) if args.profile else ""
+    if profile:
+        prof_dir.mkdir(parents=True, exist_ok=True)
+        for old in prof_dir.glob(f"{prof_stem}.*.prof"):
+            old.unlink()
+    router = start_router(procs, transport, handler, router_port, pki, profile, args.loop)
     boot = envoy_bootstrap(envoy_port, direct_port, admin_port, router_port, pool_port, pki)
     cfg_path = workdir / f"envoy-{transport}.yaml"
     cfg_path.write_text(yaml.safe_dump(boot, sort_keys=False))
@@ -217,9 +227,19 @@ def bench_transport(procs: Procs, transport: str, handler: str, pool_port: int, 
             direct = run_load(direct_port, c, args.duration, request_direct)
             asyncio.run(loadgen.run("127.0.0.1", envoy_port, c, WARMUP_S, request_routed, warmup=0))
             before = counters(admin_port)
+            if profile:
+                router.send_signal(signal.SIGUSR1)
             r0, e0 = cpu_seconds(router.pid), cpu_seconds(envoy.pid)
             routed = asyncio.run(loadgen.run("127.0.0.1", envoy_port, c, args.duration, request_routed, warmup=0))
             r1, e1 = cpu_seconds(router.pid), cpu_seconds(envoy.pid)
+            breakdown = None
+            if profile:
+                router.send_signal(signal.SIGUSR2)
+                if router.stdout.readline().strip() != "PROFILED":
+                    raise RuntimeError("router did not write its profile")
+                breakdown = profile_breakdown(sorted(prof_dir.glob(f"{prof_stem}.*.prof"),
+                                                     key=lambda q: int(q.suffixes[-2][1:]))[-1],
+                                              routed["requests"])
             after = counters(admin_port)
             delta = {k: after.get(k, 0) - before.get(k, 0) for k in after}
             ext = {k.split("ext_proc.", 1)[1]: v for k, v in delta.items() if ".ext_proc." in k and v}
@@ -237,18 +257,104 @@ def bench_transport(procs: Procs, transport: str, handler: str, pool_port: int, 
                 "added_p50_us": routed["p50_us"] - direct["p50_us"],
                 "added_p99_us": routed["p99_us"] - direct["p99_us"],
             }
+            if breakdown is not None:
+                row["profile"] = breakdown
             rows.append(row)
             print(fmt_row(row), flush=True)
+            if breakdown is not None:
+                print(fmt_profile(breakdown), flush=True)
         return rows
     finally:
         procs.stop(envoy)
         procs.stop(router)
 
 
+#: Where a profiled function's own time (cProfile tottime) is booked: the first
+#: rule whose pattern occurs in "file:function" wins. The router's layers by
+#: module; C functions by their name.
+PROFILE_BUCKETS = (
+    ("event loop: wait (idle, not CPU)", ("method 'poll' of 'select.epoll'", "method 'select' of 'select.epoll'",
+                                          "select.epoll", "uvloop.loop.Loop.run_forever", "method 'run_forever'")),
+    ("socket syscalls (send/recv: kernel TCP loopback)", ("method 'send' of", "method 'recv' of",
+                                                          "method 'sendmsg'", "method 'recv_into'")),
+    ("HPACK", ("hpack", "_huffman", "decode_header", "encode_header")),
+    ("HTTP/2 framing (h2frames)", ("serve/h2frames.py",)),
+    ("gRPC transport (h2c: streams, messages)", ("serve/h2c.py", "serve/limits.py")),
+    ("protobuf decode", ("ParseFromString", "FromString", "MergeFromString")),
+    ("protobuf encode / build", ("SerializeToString", "google/protobuf", "_pb2.py", "google._upb", "CopyFrom",
+                                 "MergeFrom", "struct_pb2", "Struct", "HeaderValue", "ProcessingResponse")),
+    ("JSON parse", ("json/", "_json", "orjson", "loads", "dumps")),
+    ("feature extraction", ("core/features.py", "core/request.py", "core/content_coding.py", "core/images.py",
+                            "core/media.py")),
+    ("estimator", ("core/estimator.py", "numpy", "linalg", "core/output_budget.py")),
+    ("policy (router, threshold, spillover, load)", ("core/router.py", "core/policy.py", "core/threshold.py",
+                                                     "core/spillover.py", "core/load.py", "core/usage.py")),
+    ("state machine (machine.py)", ("core/machine.py",)),
+    ("telemetry / spans / metrics", ("serve/telemetry.py", "opentelemetry", "prometheus")),
+    ("event loop: Python/C callbacks, epoll bookkeeping", ("asyncio/", "selectors.py", "socket", "uvloop",
+                                                           "transport", "_run_once", "method 'write'")),
+)
+
+
+def profile_breakdown(path: Path, requests: int) -> dict:
+    """cProfile stats -> {bucket: µs per request of own time}, plus the top
+    functions of the "other" bucket so that nothing hides there."""
+    import pstats
+
+    st = pstats.Stats(str(path))
+    buckets: dict[str, float] = {name: 0.0 for name, _ in PROFILE_BUCKETS}
+    buckets["other"] = 0.0
+    other: dict[str, float] = {}
+
+    def bucket(file: str, func: str) -> str | None:
+        key = f"{file}:{func}"
+        for name, pats in PROFILE_BUCKETS:
+            if any(p in key for p in pats):
+                return name
+        return None
+
+    for (file, line, func), (_cc, _nc, tottime, _ct, callers) in st.stats.items():
+        name = bucket(file, func)
+        if name is None and file == "~" and callers:
+            # A C builtin (len, isinstance, bytes.count...) not named in a
+            # rule: its time goes to its callers' buckets, split as cProfile
+            # recorded it per caller.
+            for (cfile, cline, cfunc), cstat in callers.items():
+                cname = bucket(cfile, cfunc)
+                if cname is None:
+                    buckets["other"] += cstat[2]
+                    k = f"{Path(cfile).name}:{cline}:{cfunc} > {func}"
+                    other[k] = other.get(k, 0.0) + cstat[2]
+                else:
+                    buckets[cname] += cstat[2]
+            continue
+        if name is None:
+            buckets["other"] += tottime
+            other[f"{Path(file).name}:{line}:{func}"] = tottime
+        else:
+            buckets[name] += tottime
+    n = max(requests, 1)
+    top = sorted(other.items(), key=lambda kv: -kv[1])[:8]
+    return {"us_per_req": {k: v / n * 1e6 for k, v in buckets.items()},
+            "other_top_us_per_req": {k: v / n * 1e6 for k, v in top},
+            "prof": str(path)}
+
+
+def fmt_profile(b: dict) -> str:
+    d = b["us_per_req"]
+    busy = sum(v for k, v in d.items() if not k.startswith("event loop: wait"))
+    lines = ["| where (cProfile own time) | µs/req (profiled) | share of busy |", "|---|---|---|"]
+    for k, v in sorted(d.items(), key=lambda kv: -kv[1]):
+        share = "" if k.startswith("event loop: wait") else f"{v / busy:.0%}" if busy else ""
+        lines.append(f"| {k} | {v:.1f} | {share} |")
+    lines.append("other, top: " + ", ".join(f"{k} {v:.1f}" for k, v in b["other_top_us_per_req"].items()))
+    return "\n".join(lines)
+
+
 HEADER = (
     "| transport | c | direct rps | routed rps | direct p50/p99 µs | routed p50/p99 µs | added p50 / p99 µs "
-    "| router CPU µs/req | Envoy CPU µs/req (routed) | routed by router | ext_proc failures |\n"
-    "|---|---|---|---|---|---|---|---|---|---|---|"
+    "| router CPU µs/req | Envoy CPU µs/req (routed) | router/Envoy | routed by router | ext_proc failures |\n"
+    "|---|---|---|---|---|---|---|---|---|---|---|---|"
 )
 
 
@@ -258,7 +364,8 @@ def fmt_row(r: dict) -> str:
     return (
         f"| {r['transport']} | {r['concurrency']} | {d['rps']:.0f} | {t['rps']:.0f} | {d['p50_us']:.0f} / {d['p99_us']:.0f} "
         f"| {t['p50_us']:.0f} / {t['p99_us']:.0f} | {r['added_p50_us']:.0f} / {r['added_p99_us']:.0f} "
-        f"| {r['router_cpu_us_per_req']:.0f} | {r['envoy_cpu_us_per_req']:.0f} | {r['routed_to_short']}/{t['requests']} | {fails} |"
+        f"| {r['router_cpu_us_per_req']:.0f} | {r['envoy_cpu_us_per_req']:.0f} "
+        f"| {r['router_cpu_us_per_req'] / r['envoy_cpu_us_per_req']:.2f} | {r['routed_to_short']}/{t['requests']} | {fails} |"
     )
 
 
@@ -273,6 +380,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--envoy-workers", type=int, default=1)
     ap.add_argument("--mtls", action="store_true",
                     help="Envoy -> router over mTLS (certificates made with openssl; fast and grpcio only)")
+    ap.add_argument("--profile", action="store_true",
+                    help="cProfile the router during each routed run and print where its time goes "
+                         "(profiling inflates the CPU figures of that run; measure without it)")
+    ap.add_argument("--loop", choices=("auto", "asyncio", "uvloop"), default="auto",
+                    help="router's event loop (auto: uvloop if installed)")
     ap.add_argument("--out", default=str(ROOT / "out" / "bench_router.json"))
     args = ap.parse_args(argv)
     args.concurrency = [int(x) for x in args.concurrency.split(",")]

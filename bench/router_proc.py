@@ -13,6 +13,7 @@ import argparse
 import os
 import asyncio
 import signal
+import time
 import sys
 
 from extproc.serve.grpc_aio import serve_grpcio
@@ -71,6 +72,28 @@ async def main_async(a) -> None:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
+    if a.profile:
+        # SIGUSR1 starts a cProfile of this process, SIGUSR2 stops it and
+        # writes the stats to <profile>.<n>.prof (bench_router --profile
+        # brackets each routed run with them).
+        import cProfile
+        prof: list = []
+        dumps = [0]
+
+        def start_profile() -> None:
+            prof[:] = [cProfile.Profile(time.thread_time)]  # CPU, not wall: the host is shared
+            prof[0].enable()
+
+        def stop_profile() -> None:
+            if prof:
+                prof[0].disable()
+                dumps[0] += 1
+                prof[0].dump_stats(f"{a.profile}.{dumps[0]}.prof")
+                prof.clear()
+            print("PROFILED", flush=True)
+
+        loop.add_signal_handler(signal.SIGUSR1, start_profile)
+        loop.add_signal_handler(signal.SIGUSR2, stop_profile)
     await stop.wait()
     await server.stop(1.0)
     if worker is not None and worker.admin is not None:
@@ -84,9 +107,14 @@ def main() -> None:
     ap.add_argument("--host", default="127.0.0.1")
     ap.add_argument("--port", type=int, default=0)
     ap.add_argument("--tls", default="", metavar="CERT,KEY,CA", help="serve mTLS with these PEM files")
+    ap.add_argument("--profile", default="", metavar="PREFIX",
+                    help="cProfile between SIGUSR1 and SIGUSR2, stats to PREFIX.<n>.prof")
+    ap.add_argument("--loop", choices=("auto", "asyncio", "uvloop"), default="auto",
+                    help="event loop: auto = the router's own choice (extproc.serve.loop)")
     a = ap.parse_args()
     try:
-        asyncio.run(main_async(a))
+        from extproc.serve.loop import run
+        run(main_async(a), a.loop)
     except KeyboardInterrupt:
         sys.exit(0)
 
