@@ -23,6 +23,12 @@ fetched at run time. Writes out/bench-e2e/report.json, report.md, e2e.png.
 
     .venv/bin/python bench/bench_e2e.py --streams 1,8 --seconds 15
     .venv/bin/python bench/bench_e2e.py --pools vllm --streams 1,4 --seconds 30 --output-tokens 16
+
+``--workers-compare 1,2`` instead measures what ``budget-router serve
+--workers N`` buys: the same stack (instant simulated pools) saturated through
+Envoy by bench.loadgen's closed loop (c=16, non-streaming; guidellm's own CPU
+would saturate two cores before the router does), routed req/s and router CPU
+per request for each N. Writes out/bench-e2e/workers.json.
 """
 
 from __future__ import annotations
@@ -257,6 +263,43 @@ def tokenizer_dir(bench_venv: Path, out: Path) -> str:
     return str(path)
 
 
+#: --workers-compare: closed-loop concurrency and seconds per N (as bench_router's c=16).
+WORKERS_CONCURRENCY = 16
+WORKERS_SECONDS = 8.0
+
+
+def workers_compare(ns: list[int], out: Path, seconds: float = WORKERS_SECONDS) -> list[dict]:
+    """Routed throughput and router CPU per request for each router worker count."""
+    import asyncio
+
+    from bench import loadgen
+    rows = []
+    for n in ns:
+        cfg = S.loopback_config(workers=n)
+        stack = S.Stack(cfg, workdir=str(out / f"stack-w{n}"), time_scale=0.0)
+        os.makedirs(stack.workdir, exist_ok=True)
+        with stack:
+            port = cfg.envoy.port
+            req = loadgen.chat_request("127.0.0.1", port, 2000)
+            sid = stack.procs["router"].pid
+            asyncio.run(loadgen.run("127.0.0.1", port, WORKERS_CONCURRENCY, 1.0, req, warmup=0))
+            before, eb = session_cpu_s(sid), session_cpu_s(stack.procs["envoy"].pid)
+            r = asyncio.run(loadgen.run("127.0.0.1", port, WORKERS_CONCURRENCY, seconds, req, warmup=0))
+            cpu, ecpu = session_cpu_s(sid) - before, session_cpu_s(stack.procs["envoy"].pid) - eb
+        ok = r["statuses"].get(200, 0)
+        row = {"workers": n, "concurrency": WORKERS_CONCURRENCY, "seconds": r["seconds"], "requests": r["requests"],
+               "ok": ok, "statuses": {str(k): v for k, v in r["statuses"].items()}, "rps": r["rps"],
+               "p50_us": r["p50_us"], "p99_us": r["p99_us"],
+               "router_cores": cpu / r["seconds"], "router_us_per_req": 1e6 * cpu / max(1, r["requests"]),
+               "envoy_cores": ecpu / r["seconds"], "envoy_us_per_req": 1e6 * ecpu / max(1, r["requests"])}
+        rows.append(row)
+        print(f"  workers={n}: {r['rps']:.0f} req/s ({ok}/{r['requests']} 200), p50 {r['p50_us']:.0f} µs, "
+              f"router {row['router_cores']:.2f} cores {row['router_us_per_req']:.0f} µs/req, "
+              f"Envoy {row['envoy_cores']:.2f} cores {row['envoy_us_per_req']:.0f} µs/req", flush=True)
+    (out / "workers.json").write_text(json.dumps(rows, indent=1))
+    return rows
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--pools", choices=S.POOL_KINDS, default=S.POOLS_SIM)
@@ -269,7 +312,12 @@ def main(argv=None) -> int:
     ap.add_argument("--time-scale", type=float, default=DEFAULT_TIME_SCALE, help="simulated pools' delay scale")
     ap.add_argument("--bench-venv", type=Path, default=DEFAULT_BENCH_VENV)
     ap.add_argument("--out", type=Path, default=REPO / "out" / "bench-e2e")
+    ap.add_argument("--workers-compare", metavar="N,N", help="measure router worker counts instead (bench.loadgen)")
     args = ap.parse_args(argv)
+    if args.workers_compare:
+        args.out.mkdir(parents=True, exist_ok=True)
+        workers_compare([int(n) for n in args.workers_compare.split(",")], args.out)
+        return 0
     streams = [int(s) for s in args.streams.split(",") if s]
     if not (args.bench_venv / "bin" / "guidellm").exists():
         print(f"bench-e2e: no guidellm in {args.bench_venv}: build it with `make bench-e2e`", file=sys.stderr)
