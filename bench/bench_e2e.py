@@ -314,6 +314,8 @@ def main(argv=None) -> int:
     ap.add_argument("--out", type=Path, default=REPO / "out" / "bench-e2e")
     ap.add_argument("--workers-compare", metavar="N,N", help="measure router worker counts instead (bench.loadgen)")
     args = ap.parse_args(argv)
+    args.bench_venv = args.bench_venv.resolve()  # guidellm runs with cwd = --out
+    args.out = args.out.resolve()
     if args.workers_compare:
         args.out.mkdir(parents=True, exist_ok=True)
         workers_compare([int(n) for n in args.workers_compare.split(",")], args.out)
