@@ -93,7 +93,7 @@ class Server:
     max_num_seqs: int
     kv_tokens: int
     lpt: int = 0
-    cpus: str = "0"  # the core the whole server runs on (taskset) and its OMP threads bind to
+    cpus: str = "0"  # VLLM_CPU_OMP_THREADS_BIND: the core its worker computes on
 
     def pool(self, port: int) -> V.VLLMPool:
         return V.VLLMPool("127.0.0.1", port, self.max_model_len, self.max_num_seqs, self.kv_tokens,
@@ -112,13 +112,16 @@ class Design:
     b_short: int | None = None
 
 
-#: The designs. Every server runs wholly on one core, its processes (OpenAI
-#: API server, engine core, worker) confined there by ``taskset`` and its OMP
-#: threads bound to it: one server = one core, as one instance = one GPU in
-#: the planner. The split's two servers use different cores (a fleet's
-#: servers do not share hardware): unpinned, both API servers float over both
-#: cores and steal the other server's compute while it is timed alone or not,
-#: which the simulator (independent instances) cannot and should not model.
+#: The designs. The split's two workers compute on different cores (a fleet's
+#: servers do not share hardware); the single servers use core 0 alone. Each
+#: server is three processes (API server, engine core, worker); only the
+#: worker is bound. Confining a whole server to one core (taskset) was tried
+#: on 2026-12-05: decode steps doubled (22 vs 11 ms) and the replay's
+#: streaming then competes with the worker in a way timings alone do not show
+#: (single threshold-off TTFT P90 sim/real 0.60, TPOT P90 0.63). The split's
+#: servers therefore still share the machine's two cores through their
+#: unbound processes, which the simulator (independent instances) does not
+#: model.
 DESIGNS = (
     Design("single-lpt-off", (Server("single", SINGLE_LEN, SINGLE_SEQS, SINGLE_KV),)),
     Design("single-lpt-on", (Server("single", SINGLE_LEN, SINGLE_SEQS, SINGLE_KV, LPT_ON),)),
@@ -450,8 +453,7 @@ class Running:
         for k, v in V.env().items():
             if v is None:
                 env.pop(k, None)
-        argv = ["taskset", "-c", server.cpus, *server.pool(port).argv(V.model_dir())]
-        p = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT,
+        p = subprocess.Popen(server.pool(port).argv(V.model_dir()), stdout=log, stderr=subprocess.STDOUT,
                              stdin=subprocess.DEVNULL, env=env, start_new_session=True)
         log.close()
         self.procs.append(p)
