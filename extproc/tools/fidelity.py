@@ -113,7 +113,15 @@ class Design:
 
 
 #: The designs. The split's two workers compute on different cores (a fleet's
-#: servers do not share hardware); the single servers use core 0 alone.
+#: servers do not share hardware); the single servers use core 0 alone. Each
+#: server is three processes (API server, engine core, worker); only the
+#: worker is bound. Confining a whole server to one core (taskset) was tried
+#: on 2026-12-05: decode steps doubled (22 vs 11 ms) and the replay's
+#: streaming then competes with the worker in a way timings alone do not show
+#: (single threshold-off TTFT P90 sim/real 0.60, TPOT P90 0.63). The split's
+#: servers therefore still share the machine's two cores through their
+#: unbound processes, which the simulator (independent instances) does not
+#: model.
 DESIGNS = (
     Design("single-lpt-off", (Server("single", SINGLE_LEN, SINGLE_SEQS, SINGLE_KV),)),
     Design("single-lpt-on", (Server("single", SINGLE_LEN, SINGLE_SEQS, SINGLE_KV, LPT_ON),)),
@@ -132,6 +140,12 @@ CALIB_REPEATS = 5
 DECODE_BATCHES = (1, 2, 4, 8)
 DECODE_PROMPT, DECODE_OUTPUT = 64, 32
 DECODE_REPEATS = 4
+#: One-step prompts at token counts the server has never run, around these
+#: sizes (each sample a fresh count within +-COLD_JITTER, never repeated): the
+#: step then builds its oneDNN primitives (cpu_profile ``new_shape_s``). A
+#: replay's mixed steps run counts like these; timings at repeated sizes never do.
+COLD_PROMPTS = (128, 384)
+COLD_JITTER = 64
 
 #: Token ids of the random prompts: inside Qwen's BPE ranks, no special tokens.
 #: Every prompt is fresh, so prefix caching never hits (the simulator runs
@@ -314,15 +328,25 @@ class Calibration:
     repeats: int = CALIB_REPEATS
     batches: tuple = DECODE_BATCHES
     decode_repeats: int = DECODE_REPEATS
+    cold: tuple = COLD_PROMPTS
 
 
 async def time_alone(port: int, rng: np.random.Generator, cal: Calibration = Calibration(),
-                     warm: bool = True, max_model_len: int = SINGLE_LEN) -> dict:
+                     warm: bool = True, max_model_len: int = SINGLE_LEN, used: set | None = None) -> dict:
     """Isolated timings of one server: {"prefill": {tokens: [TTFT s]}, "decode":
-    {batch: [TPOT s]}}. With ``warm`` a first pass of every size and batch is
-    run and discarded (the first request at a new size is slower); sizes are
-    interleaved across repeats. Prompts longer than the server takes (with
-    one output token) are replaced by its longest."""
+    {batch: [TPOT s]}, "cold": {size: [(tokens, TTFT s)]}}. With ``warm`` a
+    first pass of every size and batch is run and discarded (the first
+    request at a new size is slower); sizes are interleaved across repeats.
+    Prompts longer than the server takes (with one output token) are replaced
+    by its longest. "cold" prompts run a token count this server has not run
+    (``used``: the counts already drawn for it)."""
+    used = set() if used is None else used
+
+    def fresh(center: int) -> int:
+        free = [n for n in range(center - COLD_JITTER, center + COLD_JITTER + 1) if n not in used]
+        n = int(rng.choice(free))
+        used.add(n)
+        return n
     prompts = sorted({min(n, max_model_len - 1) for n in cal.prompts})
     if warm:
         for n in prompts:
@@ -330,11 +354,17 @@ async def time_alone(port: int, rng: np.random.Generator, cal: Calibration = Cal
         for b in cal.batches:
             await asyncio.gather(*[completion(port, _body(_ids(rng, DECODE_PROMPT), DECODE_OUTPUT))
                                    for _ in range(b)])
-    out: dict = {"prefill": {}, "decode": {}}
+    used.update(prompts)
+    used.update(cal.batches)
+    out: dict = {"prefill": {}, "decode": {}, "cold": {}}
     for _ in range(cal.repeats):
         for n in prompts:
             t, _, _ = await completion(port, _body(_ids(rng, n), 1))
             out["prefill"].setdefault(n, []).append(t)
+        for c in cal.cold:
+            n = fresh(c)
+            t, _, _ = await completion(port, _body(_ids(rng, n), 1))
+            out["cold"].setdefault(c, []).append((n, t))
     for _ in range(cal.decode_repeats):
         for b in cal.batches:
             got = await asyncio.gather(*[completion(port, _body(_ids(rng, DECODE_PROMPT), DECODE_OUTPUT))
@@ -344,7 +374,7 @@ async def time_alone(port: int, rng: np.random.Generator, cal: Calibration = Cal
 
 
 def merge(*timings: dict) -> dict:
-    out: dict = {"prefill": {}, "decode": {}}
+    out: dict = {"prefill": {}, "decode": {}, "cold": {}}
     for t in timings:
         for kind in out:
             for k, v in t[kind].items():
@@ -364,6 +394,11 @@ def fit_profile(timings: dict, source: str) -> tuple[CP.CPUProfile, list]:
         feats.append(CP.decode_features(b, DECODE_PROMPT, DECODE_OUTPUT))
         secs.append(float(np.median(v)))
         rows.append({"kind": "decode", "batch": b, "samples": len(v), "median_ms": 1e3 * secs[-1]})
+    for c, v in sorted(timings.get("cold", {}).items()):
+        n = int(round(np.mean([x for x, _ in v])))
+        feats.append(CP.prefill_features(n, MBT, new_shapes=1))
+        secs.append(float(np.median([t for _, t in v])))
+        rows.append({"kind": "new-shape prefill", "tokens": n, "samples": len(v), "median_ms": 1e3 * secs[-1]})
     prof = CP.fit(feats, secs, source)
     for f, r in zip(feats, rows):
         r["fit_ms"] = 1e3 * CP.predict(prof, f)
@@ -462,10 +497,10 @@ async def run_design(design: Design, ports: list[int], tr: Trace | None, base: T
                      cal: Calibration = Calibration()) -> dict:
     """Calibrate the design's servers, fit, (stretch ``base`` when ``tr`` is
     None: the first design sets the arrivals of all), replay, simulate."""
-    before = []
-    for srv, port in zip(design.servers, ports):
+    before, used = [], [set() for _ in design.servers]
+    for srv, port, u in zip(design.servers, ports, used):
         log(f"[{design.name}] timing server {srv.name} alone (load {os.getloadavg()[0]:.1f})")
-        before.append(await time_alone(port, rng, cal, max_model_len=srv.max_model_len))
+        before.append(await time_alone(port, rng, cal, max_model_len=srv.max_model_len, used=u))
     if tr is None:
         first = [fit_profile(b, "before the replay")[0] for b in before]
         f = stretch_for(base, design, first)
@@ -485,8 +520,8 @@ async def run_design(design: Design, ports: list[int], tr: Trace | None, base: T
     # The load moves: the servers are timed again after the replay and the
     # profile is fitted to both blocks (it brackets the replay).
     profiles, calib = [], []
-    for srv, port, b in zip(design.servers, ports, before):
-        after = await time_alone(port, rng, cal, warm=False, max_model_len=srv.max_model_len)
+    for srv, port, b, u in zip(design.servers, ports, before, used):
+        after = await time_alone(port, rng, cal, warm=False, max_model_len=srv.max_model_len, used=u)
         prof, rows = fit_profile(merge(b, after), f"fitted in this run on server {srv.name} ({design.name}), "
                                                   "timed before and after the replay")
         log(f"  {srv.name}: measured/fitted ms {_show(rows)}")

@@ -6,7 +6,7 @@ import pytest
 
 from extproc.planner.sim import cpu_profile as CP
 from extproc.planner.sim.fleet import FleetSpec, PoolSpec, simulate
-from extproc.planner.sim.hardware import ConfigError
+from extproc.planner.sim.hardware import MODELS, ConfigError, make_config
 from extproc.planner.sim.traces import Trace
 from extproc.tools import fidelity as F
 
@@ -51,6 +51,35 @@ def test_fit_keeps_every_term_non_negative():
     assert min(getattr(got, k) for k in CP.TERMS) >= 0.0
     with pytest.raises(ValueError):
         CP.fit(feats[:3], secs[:3])
+
+
+def test_fit_recovers_the_new_shape_cost_from_never_run_sizes():
+    prof = CP.CPUProfile(0.008, 20e-6, 25e-9, 0.009, new_shape_s=0.012)
+    feats = [CP.prefill_features(n, 512) for n in (32, 512, 1024, 3072, 7680)]
+    feats += [CP.decode_features(b, 64, 32) for b in (1, 4, 8)]
+    feats += [CP.prefill_features(n, 512, new_shapes=1) for n in (130, 390)]
+    got = CP.fit(feats, [CP.predict(prof, f) for f in feats])
+    for k in CP.TERMS:
+        assert getattr(got, k) == pytest.approx(getattr(prof, k), rel=1e-6)
+
+
+def test_a_step_at_a_new_token_count_pays_the_shape_build_once():
+    """vLLM CPU builds a oneDNN primitive per row count (LRU of SHAPE_CACHE):
+    the first lone prompt of 300 tokens pays new_shape_s, the next one at 300
+    does not, one at 301 does; after SHAPE_CACHE other counts 300 pays again.
+    The GPU configs have no shape cache."""
+    pen = 0.05
+    c = CP.cpu_config("tiny-qwen2", 8192, profile=CP.CPUProfile(0.008, 20e-6, 25e-9, 0.009, new_shape_s=pen),
+                      kv_tokens=32768, max_num_seqs=8, enable_prefix_caching=False, max_num_batched_tokens=512)
+    base = run(cfg(), [0.0], [300], [1]).first_token[0]
+    sizes = [300, 300, 301] + list(range(100, 100 + CP.SHAPE_CACHE)) + [300]
+    r = run(c, [10.0 * i for i in range(len(sizes))], sizes, [1] * len(sizes))
+    ttft = r.first_token - r.arrival
+    assert ttft[0] == pytest.approx(base + pen, rel=1e-9)
+    assert ttft[1] == pytest.approx(base, rel=1e-9)
+    assert ttft[2] > base + pen * 0.99
+    assert ttft[-1] == pytest.approx(base + pen, rel=1e-9)
+    assert getattr(make_config("h100", next(iter(MODELS))), "shape_cache", None) is None
 
 
 @pytest.mark.parametrize("n", [32, 512, 1500, 7680])

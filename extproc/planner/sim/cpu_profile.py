@@ -15,6 +15,14 @@ fidelity``) with four terms:
   OpenAI server's input processing and output streaming. It shifts every
   request's TTFT by a constant (a constant delay on every arrival leaves the
   queueing unchanged), so the simulator adds it to TTFT and leaves TPOT alone.
+* ``new_shape_s``      -- a step whose batch token count is new to the engine:
+  vLLM's CPU build runs each linear layer through a oneDNN matmul handler
+  with an LRU of SHAPE_CACHE primitives keyed by the row count (vllm
+  0.32 model_executor/layers/utils.py: ``create_onednn_mm(weight, 32)``); a
+  count outside it builds (JIT-compiles) a primitive per layer first.
+  Measured on this machine, one 256x512 bf16 layer: 0.1-0.6 ms warm, 0.6-7
+  ms at a new row count. Timings at repeated sizes never pay it; a replay's
+  mixed steps (decodes + a chunk of any size) pay it on most steps.
 
 A profile maps onto ``hardware.StepCoeffs`` exactly: ``per_token`` = per-token
 cost, no GEMM term, ``inv_attn_flops`` 1 s per unit with ``attn_flops_per_ctx``
@@ -59,6 +67,7 @@ class CPUProfile:
     per_token_s: float
     per_ctx_s: float
     request_overhead_s: float
+    new_shape_s: float = 0.0
     source: str = ""
 
     def step_time(self, tokens: int, attn_ctx: float) -> float:
@@ -73,7 +82,8 @@ class CPUProfile:
 
     def to_json(self) -> dict:
         return {"step_overhead_ms": 1e3 * self.step_overhead_s, "per_token_us": 1e6 * self.per_token_s,
-                "per_ctx_ns": 1e9 * self.per_ctx_s, "request_overhead_ms": 1e3 * self.request_overhead_s}
+                "per_ctx_ns": 1e9 * self.per_ctx_s, "request_overhead_ms": 1e3 * self.request_overhead_s,
+                "new_shape_ms": 1e3 * self.new_shape_s}
 
 
 #: Profiles by model key. Measured by ``make fidelity`` on 2026-12-05 on the
@@ -90,6 +100,11 @@ CPU_PROFILES: dict[str, CPUProfile] = {
 
 CPU_MODELS: dict[str, Model] = {"tiny-qwen2": TINY_QWEN2}
 
+#: Row counts each oneDNN matmul handler keeps compiled (LRU): the
+#: ``primitive_cache_size`` vLLM 0.32 passes for unquantized linear layers on
+#: CPU (model_executor/layers/utils.py ``create_onednn_mm(weight, 32)``).
+SHAPE_CACHE = 32
+
 
 @dataclass(frozen=True)
 class CPUInstanceConfig(InstanceConfig):
@@ -105,6 +120,13 @@ class CPUInstanceConfig(InstanceConfig):
 
     def step_coeffs(self) -> StepCoeffs:
         return self.profile.coeffs(self.model)
+
+    @property
+    def shape_cache(self) -> tuple[int, float] | None:
+        """(LRU size, seconds per step at a new batch token count), read by
+        ``Instance``; GPU configs have none (CUDA graphs / cuBLAS pay no
+        per-shape build in the step)."""
+        return (SHAPE_CACHE, self.profile.new_shape_s) if self.profile.new_shape_s > 0 else None
 
     def gpu_key(self) -> str:
         return CPU
@@ -133,32 +155,34 @@ def cpu_config(model: str, max_model_len: int | None = None, profile: CPUProfile
 
 # --- fitting ---------------------------------------------------------------------
 
-def prefill_features(prompt: int, mbt: int) -> tuple[float, float, float, float]:
-    """(requests, steps, tokens, attention pairs) of one request prefilled alone
-    in chunks of ``mbt`` tokens (vLLM V1 chunked prefill; a lone request takes
-    the whole budget even with a long-prefill threshold)."""
+def prefill_features(prompt: int, mbt: int, new_shapes: int = 0) -> tuple[float, ...]:
+    """(requests, steps, tokens, attention pairs, steps at a new token count) of
+    one request prefilled alone in chunks of ``mbt`` tokens (vLLM V1 chunked
+    prefill; a lone request takes the whole budget even with a long-prefill
+    threshold); ``new_shapes``: how many of its steps ran a row count the
+    engine had not compiled (the caller knows: it chose the sizes)."""
     steps, pairs, done = 0, 0.0, 0
     while done < prompt:
         x = min(mbt, prompt - done)
         pairs += x * done + x * x * 0.5
         done += x
         steps += 1
-    return 1.0, float(steps), float(prompt), pairs
+    return 1.0, float(steps), float(prompt), pairs, float(new_shapes)
 
 
-def decode_features(batch: int, prompt: int, output: int) -> tuple[float, float, float, float]:
+def decode_features(batch: int, prompt: int, output: int) -> tuple[float, ...]:
     """The mean decode step of ``batch`` requests of ``prompt`` tokens decoding
     ``output`` tokens together (what their TPOT measures)."""
-    return 0.0, 1.0, float(batch), batch * (prompt + output / 2.0)
+    return 0.0, 1.0, float(batch), batch * (prompt + output / 2.0), 0.0
 
 
 #: Names of the fitted terms, in feature order.
-TERMS = ("request_overhead_s", "step_overhead_s", "per_token_s", "per_ctx_s")
+TERMS = ("request_overhead_s", "step_overhead_s", "per_token_s", "per_ctx_s", "new_shape_s")
 
 
 def fit(features: list[tuple[float, ...]], seconds: list[float], source: str = "") -> CPUProfile:
     """Least squares in relative error with every term >= 0 (all subsets of the
-    four terms are solved; the best non-negative one wins: exact for 4 terms)."""
+    terms are solved; the best non-negative one wins: exact for 5 terms)."""
     X = np.asarray(features, dtype=np.float64)
     y = np.asarray(seconds, dtype=np.float64)
     if X.ndim != 2 or X.shape[1] != len(TERMS) or len(y) != len(X) or len(y) < len(TERMS):
@@ -178,10 +202,11 @@ def fit(features: list[tuple[float, ...]], seconds: list[float], source: str = "
             if err < best_err:
                 best, best_err = coef, err
     return CPUProfile(request_overhead_s=float(best[0]), step_overhead_s=float(best[1]),
-                      per_token_s=float(best[2]), per_ctx_s=float(best[3]), source=source)
+                      per_token_s=float(best[2]), per_ctx_s=float(best[3]), new_shape_s=float(best[4]),
+                      source=source)
 
 
 def predict(profile: CPUProfile, features: tuple[float, ...]) -> float:
     f = features
     return (profile.request_overhead_s * f[0] + profile.step_overhead_s * f[1]
-            + profile.per_token_s * f[2] + profile.per_ctx_s * f[3])
+            + profile.per_token_s * f[2] + profile.per_ctx_s * f[3] + profile.new_shape_s * f[4])

@@ -26,7 +26,7 @@ time limit). Step time is ``hardware.StepCoeffs.step_time`` (GEMMs, then attenti
 from __future__ import annotations
 
 import heapq
-from collections import deque
+from collections import OrderedDict, deque
 
 from .hardware import InstanceConfig
 from .prefix_cache import PrefixCache
@@ -108,6 +108,12 @@ class Instance:
         self.attn, self.kvb = c.attn_flops_per_ctx, c.kv_bytes_per_token
         self.model = cfg.model
         self._fixed = {}  # tokens -> overhead + all-reduces + GEMM time (hardware.StepCoeffs.fixed)
+        # Engines that build a kernel per batch row count (vLLM's CPU build:
+        # oneDNN primitives, cpu_profile.SHAPE_CACHE) pay ``_shape_s`` on a step
+        # whose token count is not among the last ``_shape_n`` distinct ones.
+        sc = getattr(cfg, "shape_cache", None)
+        self._shape_n, self._shape_s = sc if sc else (0, 0.0)
+        self._shapes: OrderedDict[int, None] | None = OrderedDict() if sc else None
         self.bs = cfg.block_size
         self.total_blocks = cfg.num_blocks
         self.free = self.total_blocks
@@ -270,10 +276,26 @@ class Instance:
         return h[0][0] if h else self.dc + (1 << 40)
 
     # -- decode-run planning -------------------------------------------------------
+    def _shape_cost(self, tokens: int) -> float:
+        """The new-shape cost of a step of ``tokens`` (0 when compiled), and
+        the shape marked most recently used."""
+        sh = self._shapes
+        if sh is None:
+            return 0.0
+        if tokens in sh:
+            sh.move_to_end(tokens)
+            return 0.0
+        sh[tokens] = None
+        if len(sh) > self._shape_n:
+            sh.popitem(last=False)
+        return self._shape_s
+
     def _plan(self):
         """(n, a1, b1, a2, b2) for the pure-decode run possible now, or None."""
         if self.prefilling or not self.nD or self._admissible():
             return None
+        if self._shapes is not None and self.nD not in self._shapes:
+            return None  # its first step builds the shape: a detailed step
         nD, bs, dc, cnt = self.nD, self.bs, self.dc, self.cnt
         n_fin = self._head_finish() - dc
         full = self.free // nD
@@ -338,6 +360,7 @@ class Instance:
                         lo = mid + 1
                 n = lo
                 dt = _sum_max(a1, b1, a2, b2, n)
+            self._shape_cost(self.nD)  # compiled (``_plan``): marks it recently used
             need = self._blocks_needed(n)
             used0 = self.total_blocks - self.free
             self.free -= need
@@ -441,7 +464,7 @@ class Instance:
             kv_read += s.computed
         a = self.attn * attn_ctx * self.invFa
         k = self.kvb * kv_read * self.invBa
-        dt = self._f(tokens) + (a if a > k else k)
+        dt = self._f(tokens) + (a if a > k else k) + self._shape_cost(tokens)
         used = self.total_blocks - self.free
         self.kv_int += used * dt
         self.busy += dt
