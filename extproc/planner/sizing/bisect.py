@@ -125,5 +125,10 @@ def size_pool(job: SizingJob, ctx: SizingContext) -> SizedPool:
     hi, feasible = search(lambda n: runs.meets(n, seeds[:1]), start, cap, limit)
     if feasible and len(seeds) > 1:
         hi, feasible = search(lambda n: runs.meets(n, seeds), hi, cap, limit)
-    return SizedPool(job.pool, job.cfg, hi, feasible, job.mu, rate, runs.per_seed(),
+    per_seed = runs.per_seed()
+    if feasible and per_seed and all(x is not None for x in per_seed):
+        # a larger count that failed on some seed makes `hi` luck: take the
+        # count from which every count tried meets on every seed
+        hi = max(hi, *per_seed)
+    return SizedPool(job.pool, job.cfg, hi, feasible, job.mu, rate, per_seed,
                      tuple(runs.tried[n] for n in sorted(runs.tried)), runs.cliff())
