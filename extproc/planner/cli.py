@@ -12,10 +12,11 @@ from .sim.balancers import BALANCERS, DEFAULT_BALANCER
 from .sim.fleet import ROUTERS, FleetSpec, PoolSpec, simulate
 from .sim.hardware import GPUS, MODELS, ConfigError, make_config
 from .sim.metrics import summarize
-from .sim.traces import TraceError, load_trace, scale_rate, tile, window
+from .sim.traces import TraceError, cover, load_trace, scale_rate, tile, window
 from .sizing.plan import SEARCH_WINDOW_S, SEEDS, plan
 from .sizing.slo import (CLASS_BOUNDARY, SLO, SLO_PREEMPT_PER_1K, SLO_TPOT_P99_MS, SLO_TTFT_P99_MS,
                          parse_classes)
+from .sizing.steady import p99_horizon_s
 from .sizing.space import AUTO_B_SHORT, SEARCH_MBTS, SEARCH_SEQS, Space, parse_baseline, tier_names
 
 
@@ -36,6 +37,21 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", help="directory for JSON (and PNG plots for plan)")
     p.add_argument("--no-progress", action="store_true", help="no progress output on stderr")
+    p.add_argument("--p99-horizon", type=float,
+                   help="tile a shorter trace to this many seconds, with a notice (default: what a P99 needs, "
+                        "max(10 min, 20 x the largest TTFT target); 0: off; --duration wins)")
+
+
+def _horizon(args, tr, ttft_ms) -> tuple:
+    """(trace, notice): `tr` tiled to the P99 horizon (issue 16 item 3) unless
+    --duration set the length or --p99-horizon 0 turns it off."""
+    if args.duration:
+        return tr, None
+    h = p99_horizon_s(ttft_ms.values()) if args.p99_horizon is None else args.p99_horizon
+    tr, note = cover(tr, h) if h > 0 else (tr, None)
+    if note:
+        print(note, file=sys.stderr)
+    return tr, note
 
 
 def _load(args):
@@ -70,6 +86,7 @@ def cmd_plan(args) -> int:
         for g in space.gpus:
             if g not in GPUS:
                 raise ConfigError(f"--search-gpus {g!r}: known {', '.join(GPUS)}")
+        tr, _ = _horizon(args, tr, slo.ttft_ms)
         res = plan_json(plan(tr, args.model, baseline, slo, bs, space, args.router, args.balancer, args.seeds,
                    args.search_window, args.workers, args.noise_p90, args.price_per_gpu_hour,
                    not args.no_progress, tiers=_ints(args.tiers, "--tiers") if args.tiers else None,
@@ -116,7 +133,38 @@ def _tiers_spec(args, long_cfg) -> FleetSpec:
                      limits=tuple(lens[:-1]))
 
 
+def cmd_simulate_deployment(args) -> int:
+    """`simulate --deployment`: the emitted plan on this trace and horizon; simulate.json."""
+    from .simulate import load_deployment, simulate_deployment, targets
+    try:
+        dep = load_deployment(args.deployment)
+        tr = _load(args)
+        tt = parse_classes(args.slo_ttft_p99_ms, {}) if args.slo_ttft_p99_ms else None
+        tp = parse_classes(args.slo_tpot_p99_ms, {}) if args.slo_tpot_p99_ms else None
+        tr, note = _horizon(args, tr, {c: t for c, (t, _) in targets(dep, tt, tp).items()})
+        res, spec, r = simulate_deployment(dep, tr, args.seed, tt, tp,
+                                           router=args.router if args.router != "oracle" else None,
+                                           balancer=args.balancer, notice=note, progress=not args.no_progress)
+    except (TraceError, ConfigError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print_simulate(spec, tr, r, res["summary"])
+    for c, m in res["classes"].items():
+        print(f"class {c}: TTFT P99 {m['ttft_p99_ms']:.0f} / {m['ttft_slo_ms']:.0f} ms, TPOT P99 "
+              f"{m['tpot_p99_ms']:.1f} / {m['tpot_slo_ms']:.0f} ms: {'meets' if m['meets'] else 'MISSES'}")
+    for n, p in res["steady"]["pools"].items():
+        print(f"pool {n}: utilization {p['utilization']:.2f} (max {res['steady']['max_utilization']}), mean wait "
+              f"{p['wait_first_s']:.2f} s -> {p['wait_last_s']:.2f} s: "
+              f"{'steady' if p['ok'] else 'NOT STEADY (over capacity or queue grows)'}")
+    print(f"deployment {res['deployment']}: {'meets' if res['meets'] else 'does NOT meet'} on {tr.name}")
+    write_json(args.out or os.path.dirname(os.path.abspath(args.deployment)), "simulate.json", res)
+    return 0
+
+
 def cmd_simulate(args) -> int:
+    if args.deployment:
+        return cmd_simulate_deployment(args)
+    args.balancer = args.balancer or DEFAULT_BALANCER
     try:
         tr = _load(args)
         kw = {}
@@ -202,7 +250,12 @@ def add_parsers(subparsers) -> None:
     s.add_argument("--max-num-batched-tokens", type=int)
     _closed_loop_args(s, "")
     s.add_argument("--counts", help="instances per tier with --tiers, e.g. 4,2,2 (default: --short ... --long)")
-    s.add_argument("--balancer", default=DEFAULT_BALANCER, choices=BALANCERS)
+    s.add_argument("--balancer", choices=BALANCERS,
+                   help=f"in-pool balancer (default {DEFAULT_BALANCER}; with --deployment: the deployment's)")
+    s.add_argument("--deployment", help="re-simulate `plan --emit`'s DIR/deployment.json (its pools, limits, "
+                                        "balancer and class targets); writes simulate.json to --out or DIR")
+    s.add_argument("--slo-ttft-p99-ms", help="with --deployment: override its TTFT targets, e.g. short=2000")
+    s.add_argument("--slo-tpot-p99-ms", help="with --deployment: override its TPOT targets, e.g. short=100")
     s.set_defaults(func=cmd_simulate)
 
 

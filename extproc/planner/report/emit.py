@@ -81,8 +81,18 @@ def emit(res: dict, out_dir: str, design_name: str | None = None) -> list[str]:
         write(f"vllm-{p['name']}.args", " ".join(args) + "\n")
         pools.append({"name": p["name"], "instances": p["count"], "gpu": p["config"]["gpu"],
                       "tp": p["config"]["tp"], "gpus": p["count"] * p["config"]["tp"],
-                      "vllm_args": args, "endpoints": _endpoints(p["name"], p["count"])})
+                      "vllm_args": args, "endpoints": _endpoints(p["name"], p["count"]),
+                      "config": p["config"]})  # what `simulate --deployment` rebuilds the pool from
+    slo = res.get("slo", {})
     write("deployment.json", orjson.dumps({"design": name, "what": design["what"], "pools": pools,
-                                           "b_short": cfg.b_short},
+                                           "b_short": cfg.b_short, "limits": design.get("limits", []),
+                                           "model": res["model"], "balancer": res.get("balancer"),
+                                           "router": res.get("router"),
+                                           "spillover": bool(design.get("spillover")),
+                                           "adaptive": bool(design.get("adaptive")),
+                                           "class_boundary": slo.get("class_boundary"),
+                                           "ttft_p99_ms": slo.get("ttft_p99_ms"),
+                                           "tpot_p99_ms": slo.get("tpot_p99_ms"),
+                                           "preempt_per_1k": slo.get("preempt_per_1k")},
                                           option=orjson.OPT_INDENT_2).decode())
     return paths

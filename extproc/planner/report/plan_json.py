@@ -61,6 +61,8 @@ def plan_json(res: PlanResult) -> dict:
         "version": 2, "trace": tr.name, "requests": len(tr), "duration_s": tr.duration,
         "rate_rps": len(tr) / max(tr.duration, 1e-9), "model": base_cfg.model.name,
         "router": inp.router, "balancer": inp.ctx.balancer, "seeds": list(inp.ctx.seeds),
+        # issue 16 item 4: a design meets only if it meets on every seed (per-seed sizes: pools' per_seed_counts)
+        "seed_rule": "every seed",
         "slo": {"class_boundary": slo.boundary, "ttft_p99_ms": slo.ttft_ms, "tpot_p99_ms": slo.tpot_ms,
                 "preempt_per_1k": slo.preempt_per_1k, "targets": tg,
                 "infeasible": any(t["infeasible"] for t in tg.values())},

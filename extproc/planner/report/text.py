@@ -24,7 +24,7 @@ def print_plan(res: dict) -> None:
     slo = res["slo"]
     print(f"trace {res['trace']}: {res['requests']:,} requests over {res['duration_s']:.0f} s "
           f"({res['rate_rps']:.1f} req/s); {res['model']}; router {res['router']}, balancer "
-          f"{res['balancer']}; {len(res['seeds'])} seeds")
+          f"{res['balancer']}; {len(res['seeds'])} seeds (a design meets only if it meets on every seed)")
     tg = slo["targets"]
     print(f"per-class SLO (class boundary {slo['class_boundary']} tokens, same for every design): "
           + "; ".join(f"{c} ({t['requests']:,} req) P99 TTFT <= {t['ttft_slo_ms']:.0f} ms, TPOT <= "

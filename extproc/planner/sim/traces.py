@@ -366,6 +366,26 @@ def tile(tr: Trace, duration: float) -> Trace:
     return out.take(np.nonzero(keep)[0])
 
 
+#: A P99 needs a trace at least this long (s) and at least P99_HORIZON_TTFTS x
+#: the largest TTFT target: 10 min holds many busy periods of any pool, and a
+#: request that waits as long as its target must be one of dozens of such
+#: waits for the window to show whether the queue drains (issue 16: 60 s
+#: traces under a 60 s target hid queues that grew for the whole window).
+P99_MIN_HORIZON_S = 600.0
+P99_HORIZON_TTFTS = 20.0
+
+
+def cover(tr: Trace, seconds: float) -> tuple[Trace, str | None]:
+    """The trace tiled (`tile`) to `seconds` when shorter, with the notice to
+    show; unchanged (notice None) when long enough."""
+    if tr.duration >= seconds or len(tr) < 2:
+        return tr, None
+    out = tile(tr, seconds)
+    return out, (f"notice: trace {tr.name} lasts {tr.duration:.0f} s, shorter than the {seconds:.0f} s a P99 "
+                 f"needs (max({P99_MIN_HORIZON_S:.0f} s, {P99_HORIZON_TTFTS:.0f} x the largest TTFT target)); "
+                 f"tiled to {len(out):,} requests over {out.duration:.0f} s (copies shifted in time)")
+
+
 def window(tr: Trace, start: float, duration: float) -> Trace:
     """Requests arriving in [start, start + duration), times rebased to 0."""
     lo, hi = np.searchsorted(tr.arrival, [start, start + duration])

@@ -6,13 +6,13 @@ import math
 from typing import Callable
 
 from ..sim.fleet import FleetSpec, PoolSpec
-from ..sim.metrics import average
 from .design import SizedPool, SizingContext, SizingJob
 from .slo import ok
+from .steady import worst
 from .workers import EvalJob, evaluate
 
 #: The bisection stops when the bracket is within 2% of the count (or 1): a
-#: seed-averaged P99 is still noisier than that.
+#: P99 differs between seeds by more than that.
 SIZE_TOLERANCE = 0.02
 
 #: Steps of the search from the analytic start: down by DOWN, up by UP, at most
@@ -58,8 +58,9 @@ def search(good: Callable[[int], bool], start: int, cap: int, limit: int) -> tup
 
 
 class _Runs:
-    """The simulations of one sizing job, per (count, seed), and the
-    seed-averaged record of every count tried."""
+    """The simulations of one sizing job, per (count, seed), and the record of
+    every count tried (the worst seed's figures: a count meets only if every
+    seed meets, issue 16 item 4)."""
 
     def __init__(self, job: SizingJob, ctx: SizingContext):
         self.job, self.ctx = job, ctx
@@ -67,18 +68,20 @@ class _Runs:
         self.tried: dict[int, dict] = {}
 
     def meets(self, n: int, seeds) -> bool:
-        """Do n instances meet the targets, averaged over these seeds?"""
+        """Do n instances meet the targets on every one of these seeds?"""
         job, ctx = self.job, self.ctx
         spec = FleetSpec((PoolSpec(job.pool, job.cfg, n),), balancer=ctx.balancer)
         for x in seeds:
             if (n, x) not in self.runs:
                 self.runs[n, x] = evaluate(EvalJob(job.trace, spec, x, ctx.slo.boundary, ctx.warmup))
-        avg = average([self.runs[n, x] for x in seeds])
-        f, met = avg["fleet"], ok(avg, ctx.tg, ctx.slo)
-        self.tried[n] = {"count": n, "seeds": len(seeds), "ok": met,
+        seed_ok = [ok(self.runs[n, x], ctx.tg, ctx.slo) for x in seeds]
+        w = worst([self.runs[n, x] for x in seeds])
+        f, met = w["fleet"], all(seed_ok)
+        self.tried[n] = {"count": n, "seeds": len(seeds), "ok": met, "seed_ok": seed_ok,
                          "preempt_per_1k": f["preemptions_per_1k"],
-                         **{f"{c}_ttft_p99_ms": avg["classes"][c]["ttft_p99_ms"] for c in ctx.tg},
-                         **{f"{c}_tpot_p99_ms": avg["classes"][c]["tpot_p99_ms"] for c in ctx.tg}}
+                         "steady_ok": bool(w.get("steady", {}).get("ok", True)),
+                         **{f"{c}_ttft_p99_ms": w["classes"][c]["ttft_p99_ms"] for c in ctx.tg},
+                         **{f"{c}_tpot_p99_ms": w["classes"][c]["tpot_p99_ms"] for c in ctx.tg}}
         return met
 
     def per_seed(self) -> tuple:
@@ -106,11 +109,12 @@ class _Runs:
 
 
 def size_pool(job: SizingJob, ctx: SizingContext) -> SizedPool:
-    """Smallest count of `job.cfg` whose seed-averaged per-class P99s meet the targets.
+    """Smallest count of `job.cfg` whose per-class P99s meet the targets on every seed.
 
     Phase 1 brackets and bisects on the first seed alone (cheap); phase 2
-    bisects on the mean over all seeds around that point, so the seed average
-    decides the answer while the other seeds run only near the boundary.
+    searches up from that point with every seed, so the answer meets on each
+    seed (never a size below some seed's own minimum) while the other seeds
+    run only near the boundary.
     """
     tr, seeds = job.trace, ctx.seeds
     rate = len(tr) / max(tr.duration, 1e-9)
@@ -121,5 +125,10 @@ def size_pool(job: SizingJob, ctx: SizingContext) -> SizedPool:
     hi, feasible = search(lambda n: runs.meets(n, seeds[:1]), start, cap, limit)
     if feasible and len(seeds) > 1:
         hi, feasible = search(lambda n: runs.meets(n, seeds), hi, cap, limit)
-    return SizedPool(job.pool, job.cfg, hi, feasible, job.mu, rate, runs.per_seed(),
+    per_seed = runs.per_seed()
+    if feasible and per_seed and all(x is not None for x in per_seed):
+        # a larger count that failed on some seed makes `hi` luck: take the
+        # count from which every count tried meets on every seed
+        hi = max(hi, *per_seed)
+    return SizedPool(job.pool, job.cfg, hi, feasible, job.mu, rate, per_seed,
                      tuple(runs.tried[n] for n in sorted(runs.tried)), runs.cliff())

@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from ...defaults import B_SHORT
+from .steady import steady_ok
 from ..sim.hardware import InstanceConfig
 from ..sim.metrics import CLASSES, class_of
 
@@ -124,6 +125,7 @@ def class_ok(m: dict, tg: dict) -> bool:
 def ok(summary: dict, tg: dict, slo: SLO) -> bool:
     """The design-level criterion every design is sized and judged by."""
     return (summary["fleet"]["preemptions_per_1k"] <= slo.preempt_per_1k
+            and steady_ok(summary)  # issue 16 item 3: a pool past capacity never meets
             and all(class_ok(summary["classes"][c], tg[c]) for c in CLASSES))
 
 

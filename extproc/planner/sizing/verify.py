@@ -1,13 +1,14 @@
 """Every design on the whole trace for every seed; pools that miss their
-class targets there grow until the seed average holds."""
+class targets (or steady state, `steady.py`) on any seed grow until every
+seed meets (issue 16 item 4: no averaging into a size no seed meets)."""
 from __future__ import annotations
 
 import math
 
-from ..sim.metrics import average
 from ..sim.traces import Trace
 from .design import Design, SizingContext, Verified
 from .slo import ok
+from .steady import worst
 from .workers import EvalJob, Workers, evaluate_unique
 
 #: Verification rounds on the full trace (each grows failing pools by 5%).
@@ -15,11 +16,14 @@ VERIFY_ROUNDS = 6
 VERIFY_GROWTH = 0.05
 
 
-def per_seed_figures(sums: list[dict], seeds, tg: dict) -> tuple:
-    """plan.json's `per_seed`: each seed's class P99s and preemptions."""
+def per_seed_figures(sums: list[dict], seeds, tg: dict, slo) -> tuple:
+    """plan.json's `per_seed`: each seed's class P99s, preemptions, whether
+    it meets on its own and its steady-state verdict."""
     return tuple(dict(seed=s, **{c: {"ttft_p99_ms": x["classes"][c]["ttft_p99_ms"],
                                      "tpot_p99_ms": x["classes"][c]["tpot_p99_ms"]} for c in tg},
-                      preempt_per_1k=x["fleet"]["preemptions_per_1k"])
+                      preempt_per_1k=x["fleet"]["preemptions_per_1k"], meets=ok(x, tg, slo),
+                      steady={n: {"utilization": v["utilization"], "queue_grows": v["grows"], "ok": v["ok"]}
+                              for n, v in x.get("steady", {}).get("pools", {}).items()})
                  for s, x in zip(seeds, sums))
 
 
@@ -29,10 +33,12 @@ def grow_missing(d: Design, summary: dict, ctx: SizingContext, log) -> Design | 
     grown = d
     for k, p in enumerate(d.pools):
         ps = summary["pools"][p.name]
-        if not ok({"fleet": ps, "classes": ps["classes"]}, ctx.tg, ctx.slo):
+        st = summary.get("steady", {}).get("pools", {}).get(p.name)
+        if not ok({"fleet": ps, "classes": ps["classes"], **({"steady": st} if st else {})}, ctx.tg, ctx.slo):
             new = max(p.count + 1, math.ceil(p.count * (1 + VERIFY_GROWTH)))
             if log:
-                log(f"  verify {d.name}: pool {p.name} misses on the whole trace; {p.count} -> {new}")
+                why = "" if st is None or st["ok"] else f" (steady state: utilization {st['utilization']:.2f}, queue grows {st['grows']})"
+                log(f"  verify {d.name}: pool {p.name} misses on the whole trace on some seed{why}; {p.count} -> {new}")
             grown = grown.with_count(k, new)
     return grown if grown is not d else None
 
@@ -40,7 +46,7 @@ def grow_missing(d: Design, summary: dict, ctx: SizingContext, log) -> Design | 
 def verify(ex: Workers, trace: Trace, designs: list[Design], ctx: SizingContext, router: str,
            noise_p90: float, log) -> list[Verified]:
     """Simulate every design on the whole trace for every seed (in parallel);
-    grow the pools that miss their class targets until the seed average holds.
+    grow the pools that miss their class targets on any seed until every seed meets.
     A pinned design is simulated once, as pinned. Returns one Verified per
     design, in order, at its final size."""
     current = list(designs)
@@ -57,7 +63,7 @@ def verify(ex: Workers, trace: Trace, designs: list[Design], ctx: SizingContext,
         again = []
         for k, i in enumerate(batch):
             sums = res[k * n:(k + 1) * n]
-            out[i] = Verified(current[i], average(sums), per_seed_figures(sums, ctx.seeds, ctx.tg))
+            out[i] = Verified(current[i], worst(sums), per_seed_figures(sums, ctx.seeds, ctx.tg, ctx.slo))
             if current[i].pinned or ok(out[i].summary, ctx.tg, ctx.slo) or rnd == VERIFY_ROUNDS:
                 continue
             grown = grow_missing(current[i], out[i].summary, ctx, log)

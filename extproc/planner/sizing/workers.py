@@ -11,6 +11,7 @@ from ..sim.fleet import FleetSpec, simulate
 from ..sim.hardware import InstanceConfig
 from ..sim.metrics import summarize
 from ..sim.traces import Trace, perturb
+from .steady import verdict
 
 
 class Workers:
@@ -81,8 +82,11 @@ class EvalJob:
 
 
 def evaluate(job: EvalJob) -> dict:
-    return summarize(simulate(perturb(job.trace, job.seed), job.spec, seed=job.seed), job.boundary,
-                     job.measure_from)
+    """The run's summary with its steady-state verdict (`steady.verdict`) as `steady`."""
+    r = simulate(perturb(job.trace, job.seed), job.spec, seed=job.seed)
+    out = summarize(r, job.boundary, job.measure_from)
+    out["steady"] = verdict(r, job.measure_from)
+    return out
 
 
 def evaluate_unique(ex: Workers, jobs: list[EvalJob], cache: dict) -> list[dict]:
