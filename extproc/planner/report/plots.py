@@ -8,6 +8,8 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
+from ..sizing.slo import TIGHT_IDLE_RATIO  # noqa: E402
+
 
 def _save(fig, path: str) -> str:
     fig.tight_layout()
@@ -106,7 +108,7 @@ def plot_short_ttft_sweep(res: dict, sweep: list[dict], out_dir: str) -> str:
         ax.plot(x, y, m, label=lab)
     idle = res["slo"]["targets"]["short"]["idle_ttft_p99_ms"]
     ax.axvline(idle, color="tab:red", ls=":", label=f"idle P99 {idle:,.0f} ms")
-    ax.axvline(1.25 * idle, color="tab:orange", ls=":", label="1.25x idle (tight below)")
+    ax.axvline(TIGHT_IDLE_RATIO * idle, color="tab:orange", ls=":", label=f"{TIGHT_IDLE_RATIO:g}x idle (tight below)")
     ax.axvline(res["slo"]["targets"]["short"]["ttft_slo_ms"], color="k", ls="--", label="plan's target")
     ax.set_xscale("log")
     ax.set_xlabel("short class P99 TTFT target (ms)")

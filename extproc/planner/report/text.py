@@ -3,6 +3,7 @@ from __future__ import annotations
 
 from ..sim.fleet import FleetSpec, SimResult
 from ..sim.traces import Trace
+from ..sizing.slo import TIGHT_IDLE_RATIO
 
 
 def _fmt(v, d=0):
@@ -83,7 +84,8 @@ def print_slo_realism(res: dict) -> None:
     for c, t in x["idle_slack"].items():
         print(f"  {c:<6} idle P99 TTFT {t['idle_ttft_p99_ms']:>9,.0f} ms: target = {t['idle_ttft_ratio']:.2f}x idle "
               f"({t['idle_ttft_slack_ms']:+,.0f} ms); idle TPOT {t['idle_tpot_p99_ms']:.1f} ms: "
-              f"{t['idle_tpot_ratio']:.2f}x" + ("   TIGHT: under 1.25x idle, the target sets the size" if t["tight"]
+              f"{t['idle_tpot_ratio']:.2f}x" + (f"   TIGHT: under {TIGHT_IDLE_RATIO:g}x idle, the target sets the size"
+                                               if t["tight"]
                                                else ""))
     print("  TPOT as `vllm bench serve` computes it: requests with >= 2 output tokens, (e2e - TTFT)/(tokens - 1); "
           "ITL P99 over every token gap: "
