@@ -91,6 +91,7 @@ def cmd_plan(args) -> int:
                    args.search_window, args.workers, args.noise_p90, args.price_per_gpu_hour,
                    not args.no_progress, tiers=_ints(args.tiers, "--tiers") if args.tiers else None,
                    spillover=args.spillover, adaptive=args.adaptive))
+        res["slo_realism"] = _slo_realism(args, tr, res, baseline, slo, space)
     except (TraceError, ConfigError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -207,6 +208,21 @@ def _closed_loop_args(p: argparse.ArgumentParser, tiers_note: str) -> None:
                         + (" (plan: each split design again, sized with it on)" if tiers_note else ""))
 
 
+def _slo_realism(args, tr, res, baseline, slo, space) -> dict:
+    """plan.json's `slo_realism` (sizing/slo_sweep.py); with --slo-sweep the
+    bounded re-plans (targets x2, short-TTFT sweep, identical-config split)."""
+    from .sizing.slo_sweep import realism
+
+    def replan(slo, b_shorts, pinned=False):
+        sp = (Space((baseline.gpu,), (baseline.tp,), (baseline.max_num_seqs,), (baseline.max_num_batched_tokens,))
+              if pinned else space)
+        return plan_json(plan(tr, args.model, baseline, slo, b_shorts, sp, args.router, args.balancer, args.seeds,
+                              args.search_window, args.workers, args.noise_p90, args.price_per_gpu_hour, False,
+                              verify=False))
+    log = None if args.no_progress else (lambda m: print(m, file=sys.stderr, flush=True))
+    return realism(res, slo, replan, sweep=args.slo_sweep, log=log)
+
+
 def add_parsers(subparsers) -> None:
     """Register `plan` and `simulate` on the project CLI's subparsers."""
     p = subparsers.add_parser("plan", help="cost of one pool vs short/long pools at equal per-class SLOs",
@@ -234,6 +250,9 @@ def add_parsers(subparsers) -> None:
     p.add_argument("--seeds", type=int, default=SEEDS, help="seeds per design (arrival jitter, sampling)")
     p.add_argument("--workers", type=int, help="processes (default: every core)")
     p.add_argument("--search-window", type=float, default=SEARCH_WINDOW_S)
+    p.add_argument("--slo-sweep", action="store_true",
+                   help="re-size the best split at targets x2, at a few short TTFT targets and with both pools "
+                        "on the baseline's config (isolation vs configuration); one bounded plan per point")
     p.add_argument("--emit", help="directory for the deployable plan: router TOML, vLLM args, Envoy config")
     _closed_loop_args(p, " (plan: one more design, each tier's pool sized)")
     p.set_defaults(func=cmd_plan)

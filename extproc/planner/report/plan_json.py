@@ -36,6 +36,7 @@ def design_json(j: Judged) -> dict:
         "feasible": j.feasible,
         "preempt_per_1k": f["preemptions_per_1k"], "rejected": int(round(f["rejected"])),
         "seed_spread_gpus": j.seed_spread_gpus, "seed_band_gpus": list(j.seed_band_gpus),
+        "itl_p99_ms": f.get("itl_p99_ms"),  # inter-token latency P99 over every token gap
         "gpu_busy": f["gpu_busy"], "kv_util": f["kv_util"], "prefix_hit_rate": f["prefix_hit_rate"],
         "preemption_cliff_instances": {p.name: p.cliff for p in d.pools},
         "per_seed": list(j.per_seed),

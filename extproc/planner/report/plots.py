@@ -8,6 +8,8 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
+from ..sizing.slo import TIGHT_IDLE_RATIO  # noqa: E402
+
 
 def _save(fig, path: str) -> str:
     fig.tight_layout()
@@ -90,4 +92,27 @@ def plot_plan(res: dict, out_dir: str) -> list[str]:
         ax.legend(fontsize=7)
         ax.set_title(f"{name}: preemptions at the planned sizes")
         paths.append(_save(fig, os.path.join(out_dir, "preemptions.png")))
+    sw = res.get("slo_realism", {}).get("short_ttft_sweep")
+    if sw:
+        paths.append(plot_short_ttft_sweep(res, sw, out_dir))
     return paths
+
+
+def plot_short_ttft_sweep(res: dict, sweep: list[dict], out_dir: str) -> str:
+    """Saving of the split vs the short class's P99 TTFT target (slo_sweep.py)."""
+    fig, ax = plt.subplots(figsize=(6.4, 4))
+    x = [p["short_ttft_ms"] for p in sweep]
+    for key, lab, m in (("saving_vs_baseline", "split vs baseline", "o-"),
+                        ("saving_vs_best_single", "split vs best single pool", "s--")):
+        y = [100 * p[key] if p[key] is not None else float("nan") for p in sweep]
+        ax.plot(x, y, m, label=lab)
+    idle = res["slo"]["targets"]["short"]["idle_ttft_p99_ms"]
+    ax.axvline(idle, color="tab:red", ls=":", label=f"idle P99 {idle:,.0f} ms")
+    ax.axvline(TIGHT_IDLE_RATIO * idle, color="tab:orange", ls=":", label=f"{TIGHT_IDLE_RATIO:g}x idle (tight below)")
+    ax.axvline(res["slo"]["targets"]["short"]["ttft_slo_ms"], color="k", ls="--", label="plan's target")
+    ax.set_xscale("log")
+    ax.set_xlabel("short class P99 TTFT target (ms)")
+    ax.set_ylabel("saving (%)")
+    ax.set_title(f"{res['trace']}: saving vs the short TTFT target", fontsize=9)
+    ax.legend(fontsize=7)
+    return _save(fig, os.path.join(out_dir, "saving_vs_short_ttft.png"))

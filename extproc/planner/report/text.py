@@ -3,6 +3,7 @@ from __future__ import annotations
 
 from ..sim.fleet import FleetSpec, SimResult
 from ..sim.traces import Trace
+from ..sizing.slo import TIGHT_IDLE_RATIO
 
 
 def _fmt(v, d=0):
@@ -60,6 +61,50 @@ def print_plan(res: dict) -> None:
     sv = r["savings_vs_baseline"]
     print(f"\nrecommendation: {r['design']}"
           + (f" ({sv:+.1%} vs baseline)" if sv is not None else "") + f": {r['why']}")
+    if "slo_realism" in res:
+        print_slo_realism(res)
+
+
+def _pct_or_dash(v) -> str:
+    return "-" if v is None or v != v else f"{v:+.1%}"
+
+
+def _verdict_row(label: str, v: dict) -> str:
+    sp, sg = v["best_split"], v["best_single"]
+    return (f"  {label:<28}{v['baseline_gpus']:>9}{(sg['gpus'] if sg else '-'):>8}"
+            f"{(sp['gpus'] if sp else '-'):>8}{_pct_or_dash(v['saving_vs_baseline']):>10}"
+            f"{_pct_or_dash(v['saving_vs_best_single']):>10}")
+
+
+def print_slo_realism(res: dict) -> None:
+    """SLO realism (issue 16 item 5): idle slack per class, TPOT/ITL, what kind
+    of saving it is, and with --slo-sweep how it moves with the targets."""
+    x = res["slo_realism"]
+    print("\nSLO realism: what an idle instance of the baseline needs per class (cost model) and the slack left")
+    for c, t in x["idle_slack"].items():
+        print(f"  {c:<6} idle P99 TTFT {t['idle_ttft_p99_ms']:>9,.0f} ms: target = {t['idle_ttft_ratio']:.2f}x idle "
+              f"({t['idle_ttft_slack_ms']:+,.0f} ms); idle TPOT {t['idle_tpot_p99_ms']:.1f} ms: "
+              f"{t['idle_tpot_ratio']:.2f}x" + (f"   TIGHT: under {TIGHT_IDLE_RATIO:g}x idle, the target sets the size"
+                                               if t["tight"]
+                                               else ""))
+    print("  TPOT as `vllm bench serve` computes it: requests with >= 2 output tokens, (e2e - TTFT)/(tokens - 1); "
+          "ITL P99 over every token gap: "
+          + "; ".join(f"{d['name']} {_fmt(d['summary']['fleet'].get('itl_p99_ms'), 1)} ms" for d in res["designs"]))
+    if x.get("saving_kind"):
+        print(f"  the recommended split has rho {x['recommended_rho']:.2f}: its saving is {x['saving_kind']}"
+              + (" (the short pool does no more work per instance; the saving is keeping long prefills out of "
+                 "short requests' steps)" if x["saving_kind"] == "latency isolation" else ""))
+    if "sensitivity" in x:
+        s = x["sensitivity"]
+        print(f"  re-sized at B_short={x['b_short']} (seeds as above):{'baseline':>9}{'single':>8}{'split':>8}"
+              f"{'vs base':>10}{'vs single':>10}")
+        print(_verdict_row("targets as given", s["at_targets"]))
+        print(_verdict_row(f"targets x{s['factor']:g} (sensitivity)", s["at_scaled_targets"]))
+        for p in x["short_ttft_sweep"]:
+            print(_verdict_row(f"short TTFT {p['short_ttft_ms']:,.0f} ms", p))
+        d = x["decomposition"]
+        print(f"  decomposition: saving vs baseline {_pct_or_dash(d['saving_vs_baseline'])} = isolation "
+              f"{_pct_or_dash(d['isolation'])} + pool configuration {_pct_or_dash(d['configuration'])} ({d['how']})")
 
 
 def print_simulate(spec: FleetSpec, tr: Trace, r: SimResult, s: dict) -> None:

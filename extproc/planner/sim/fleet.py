@@ -261,7 +261,7 @@ def simulate(trace: Trace, spec: FleetSpec, seed: int = 0, progress: bool = Fals
                               peak_used=inst.peak_used, preemptions=inst.preemptions,
                               recomputed_tokens=inst.recomputed_tokens,
                               completed=inst.completed, rejected=inst.rejected,
-                              end=inst.t, free=inst.free))
+                              end=inst.t, free=inst.free, itl_hist=inst.itl_hist))
     spilled = sum(hook.router.spillover.spilled.values()) if hook is not None else 0
     f = lambda a, dt=np.float64: np.asarray(a, dtype=dt)  # noqa: E731
     return SimResult(spec, trace.name, trace.arrival, trace.prompt, trace.output,

@@ -26,6 +26,7 @@ time limit). Step time is ``hardware.StepCoeffs.step_time`` (GEMMs, then attenti
 from __future__ import annotations
 
 import heapq
+import math
 from collections import OrderedDict, deque
 
 from .hardware import InstanceConfig
@@ -33,6 +34,10 @@ from .prefix_cache import PrefixCache
 from .traces import HASH_BLOCK_TOKENS
 
 INF = float("inf")
+
+#: Inter-token-latency histogram bins per e-fold of step time (metrics.itl_p99):
+#: 50 bins per e-fold is 2% wide, finer than the cost model's own accuracy.
+ITL_BINS_PER_E = 50.0
 
 
 class Records:
@@ -148,6 +153,8 @@ class Instance:
         self.completed = 0
         self.rejected = 0
         self.admitted = 0
+        # inter-token latency: {log-bin of a decode step's time: token gaps in steps of that time}
+        self.itl_hist: dict[int, int] = {}
 
     # -- the live pool's view (extproc.backend.pool drives the model by a wall clock) --
     def generated(self, s: Seq) -> int:
@@ -367,6 +374,9 @@ class Instance:
             self.kv_int += (used0 + need * 0.5) * dt
             self.busy += dt
             self.t += dt
+            if self.nD:  # n pure-decode steps: n * nD token gaps at (about) the mean step time
+                b = int(math.floor(math.log(dt / n) * ITL_BINS_PER_E))
+                self.itl_hist[b] = self.itl_hist.get(b, 0) + n * self.nD
             self.dc += n
             self.steps += n
             self.jumps += 1
@@ -471,6 +481,9 @@ class Instance:
         if used > self.peak_used:
             self.peak_used = used
         self.t += dt
+        if nD:  # every decoding request waited dt for this token
+            b = int(math.floor(math.log(dt) * ITL_BINS_PER_E))
+            self.itl_hist[b] = self.itl_hist.get(b, 0) + nD
         self.dc += 1
         self.steps += 1
         # 5) prefill progress: the step that finishes a prefill samples a token

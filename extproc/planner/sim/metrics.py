@@ -1,9 +1,12 @@
 """Per-pool and fleet metrics of a simulation (pure functions of a SimResult)."""
 from __future__ import annotations
 
+import math
+
 import numpy as np
 
 from .fleet import SimResult
+from .instance import ITL_BINS_PER_E
 
 HOURS_PER_YEAR = 8760
 
@@ -21,6 +24,9 @@ def _latency(r: SimResult, mask: np.ndarray) -> dict:
     ttft = (r.first_token - r.arrival)[ok]
     e2e = (r.finish - r.arrival)[ok]
     queue = (r.first_sched - r.arrival)[ok]
+    # TPOT as vLLM's benchmark computes it (`vllm bench serve`): over requests
+    # with >= 2 output tokens, (e2e - TTFT) / (output tokens - 1); one-token
+    # requests have no TPOT.
     multi = ok & (r.output > 1)
     tpot = ((r.finish - r.first_token) / np.maximum(r.output - 1, 1))[multi]
     pre = int(r.preempts[mask].sum())
@@ -37,6 +43,27 @@ def _latency(r: SimResult, mask: np.ndarray) -> dict:
         "preemptions_per_1k": 1000.0 * pre / max(n, 1),
         "preempted_requests": int((r.preempts[mask] > 0).sum()),
     }
+
+
+def itl_p99_ms(insts: list[dict], q: float = 99.0) -> float:
+    """Inter-token latency percentile (ms) over every token gap of these
+    instances (vLLM's benchmark ITL: each gap between consecutive output
+    tokens of a request, all requests pooled), from the instances' per-step
+    histograms; the upper edge of the bin holding the percentile. Runs of
+    pure-decode steps count at their mean step time. NaN without any gap."""
+    h: dict[int, int] = {}
+    for s in insts:
+        for b, n in s.get("itl_hist", {}).items():
+            h[b] = h.get(b, 0) + n
+    total = sum(h.values())
+    if not total:
+        return float("nan")
+    need, acc = q / 100.0 * total, 0
+    for b in sorted(h):
+        acc += h[b]
+        if acc >= need:
+            return 1e3 * math.exp((b + 1) / ITL_BINS_PER_E)
+    return 1e3 * math.exp((max(h) + 1) / ITL_BINS_PER_E)
 
 
 def _block(r: SimResult, mask: np.ndarray, insts: list[dict], duration: float,
@@ -63,6 +90,8 @@ def _block(r: SimResult, mask: np.ndarray, insts: list[dict], duration: float,
         "prefix_hit_rate": (sum(s["prefix_hits"] for s in insts)
                             / max(1, sum(s["prefix_queries"] for s in insts))),
         "prefix_skipped_tokens": int(sum(s["prefix_skipped"] for s in insts)),
+        # over the whole simulation, warm-up included (per step, not per request)
+        "itl_p99_ms": itl_p99_ms(insts),
         "instances": len(insts),
         "gpus": gpus,
         "gpu_hours": gpus * duration / 3600.0,

@@ -43,6 +43,18 @@ CLASS_BOUNDARY = B_SHORT
 #: the bare prefill), and the output says so.
 INFEASIBLE_SLACK = 1.5
 
+#: A feasible target under this multiple of the idle-instance P99 is flagged
+#: "tight": with less than 25% above the bare prefill, one long prefill's mixed
+#: step (0.3-1 s on 70B) or one request queued in front uses up the slack, so
+#: the target, not the traffic, sets the fleet size (issue 16 item 5: A100,
+#: Mooncake short class, idle 1,718 ms against 2,000 ms = 1.16x).
+TIGHT_IDLE_RATIO = 1.25
+
+#: The sensitivity row re-sizes the designs with every latency target times
+#: this factor (issue 16 item 5: "targets x2"): a saving that shrinks a lot
+#: there was bought by a tight target.
+SENSITIVITY_FACTOR = 2.0
+
 
 def parse_classes(text: str | None, default: dict[str, float]) -> dict[str, float]:
     """'short=2000,long=60000' -> {'short': 2000.0, 'long': 60000.0}."""
@@ -94,6 +106,26 @@ def idle_figures(cfg: InstanceConfig, prompts: np.ndarray) -> tuple[float, float
     return 1e3 * float(np.percentile(t, 99)), 1e3 * float(np.percentile(dec, 99))
 
 
+def slack(ttft: float, tpot: float, idle_ttft: float, idle_tpot: float) -> dict:
+    """The slack a class's targets leave over the idle-instance P99s: the
+    ratios target / idle, the slack in ms, and `tight` (a feasible target
+    under TIGHT_IDLE_RATIO x idle on TTFT or TPOT)."""
+    rt = ttft / idle_ttft if idle_ttft > 0 else float("inf")
+    rp = tpot / idle_tpot if idle_tpot > 0 else float("inf")
+    return {"idle_ttft_ratio": rt, "idle_tpot_ratio": rp,
+            "idle_ttft_slack_ms": ttft - idle_ttft, "idle_tpot_slack_ms": tpot - idle_tpot,
+            "tight": bool(1.0 <= rt < TIGHT_IDLE_RATIO or 1.0 <= rp < TIGHT_IDLE_RATIO)}
+
+
+def scaled(slo: SLO, factor: float, short_ttft_ms: float | None = None) -> SLO:
+    """`slo` with every latency target times `factor` (the sensitivity row);
+    `short_ttft_ms` then overrides the short class's TTFT (the TTFT sweep)."""
+    ttft = {c: v * factor for c, v in slo.ttft_ms.items()}
+    if short_ttft_ms is not None:
+        ttft["short"] = float(short_ttft_ms)
+    return SLO(ttft, {c: v * factor for c, v in slo.tpot_ms.items()}, slo.preempt_per_1k, slo.boundary)
+
+
 def targets(slo: SLO, cfg: InstanceConfig, prompt: np.ndarray, total: np.ndarray) -> dict:
     """Per class: the user's targets, the idle-instance figures on `cfg` (the
     baseline's config) and the effective targets every design is sized to."""
@@ -105,6 +137,7 @@ def targets(slo: SLO, cfg: InstanceConfig, prompt: np.ndarray, total: np.ndarray
         inf_ttft, inf_tpot = idle_ttft > ttft, idle_tpot > tpot
         out[c] = {"ttft_slo_ms": ttft, "tpot_slo_ms": tpot,
                   "idle_ttft_p99_ms": idle_ttft, "idle_tpot_p99_ms": idle_tpot,
+                  **slack(ttft, tpot, idle_ttft, idle_tpot),
                   "infeasible": bool(inf_ttft or inf_tpot),
                   "ttft_target_ms": INFEASIBLE_SLACK * idle_ttft if inf_ttft else ttft,
                   "tpot_target_ms": INFEASIBLE_SLACK * idle_tpot if inf_tpot else tpot,
@@ -141,5 +174,6 @@ def judge(summary: dict, tg: dict, slo: SLO) -> dict:
                   "tpot_slo_ms": t["tpot_slo_ms"], "meets": bool(meets_eff and not t["infeasible"]),
                   "meets_effective": bool(meets_eff), "infeasible": t["infeasible"],
                   "idle_ttft_p99_ms": t["idle_ttft_p99_ms"], "idle_tpot_p99_ms": t["idle_tpot_p99_ms"],
+                  "tight": t["tight"],
                   "ttft_target_ms": t["ttft_target_ms"], "tpot_target_ms": t["tpot_target_ms"]}
     return out
