@@ -114,6 +114,37 @@ def test_oracle_is_only_an_explicit_upper_bound():
     assert "least-work" not in BALANCERS and "oracle-least-work" in BALANCERS
 
 
+def test_prefill_aware_keeps_short_requests_off_a_long_prefill():
+    """One 128K-token prompt then short ones at a steady rate on 2 instances:
+    least-request sees one active request on each side and keeps feeding the
+    instance stuck in the long prefill half the time; prefill-aware (estimated
+    prompt tokens outstanding) sends the short ones to the other instance."""
+    n = 400
+    arrival = np.concatenate([[0.0], 0.01 + np.arange(n - 1) * 0.02])
+    prompt = np.concatenate([[120_000], np.full(n - 1, 500)])
+    tr = Trace("one-long", arrival, prompt, np.full(n, 20))
+    cfg = make_config("a100", "llama-3-70b", max_model_len=131072)
+    spec = lambda b: FleetSpec((PoolSpec("p", cfg, 2),), balancer=b)  # noqa: E731
+    pa = simulate(tr, spec("prefill-aware"), seed=1, check=True)
+    conserve(pa)
+    long_inst = pa.inst[0]
+    assert np.count_nonzero(pa.inst[1:40] == long_inst) == 0  # none behind the long prefill
+    lr = simulate(tr, spec("least-request"), seed=1)
+    assert np.count_nonzero(lr.inst[1:40] == lr.inst[0]) > 0
+
+
+def test_recommendation_names_the_best_single_pool(small_plan):
+    r, ds = small_plan["recommendation"], {d["name"]: d for d in small_plan["designs"]}
+    assert all(d["balancer"] == small_plan["balancer"] for d in ds.values())
+    b = r["best_single_pool"]
+    if b is not None:
+        singles = [d for d in ds.values() if d["kind"] == "homogeneous" and d["meets_effective"] and d["feasible"]]
+        cheapest = min(singles, key=lambda d: d["usd_per_hour"])
+        assert b["design"] == cheapest["name"] and b["gpus"] == cheapest["gpus"]
+        rec = ds[r["design"]]
+        assert r["saving_vs_best_single_pool"] == pytest.approx(1 - rec["usd_per_hour"] / cheapest["usd_per_hour"])
+
+
 # --- 3. baseline and config search -------------------------------------------------------
 
 def test_parse_baseline(tmp_path):

@@ -45,13 +45,16 @@ def design_json(j: Judged) -> dict:
     }
 
 
-def recommendation_json(r: Recommendation) -> dict:
+def recommendation_json(r: Recommendation, balancer: str | None = None) -> dict:
     cf = r.closed_form
     closed = {"alpha": cf.alpha, "rho": cf.rho, "predicted": cf.predicted, "b_short": cf.b_short}
     d = r.design
     return {"design": d.name if d else None, "savings_vs_baseline": d.savings_vs_baseline if d else None,
             "closed_form": closed, "split": d is not None and d.kind == "split", "margin": r.margin,
-            "why": r.why}
+            "why": r.why,
+            "best_single_pool": ({"design": r.best_single_pool.name, "gpus": r.best_single_pool.design.gpus,
+                                  "balancer": balancer} if r.best_single_pool is not None else None),
+            "saving_vs_best_single_pool": r.saving_vs_best_single_pool}
 
 
 def plan_json(res: PlanResult) -> dict:
@@ -72,8 +75,8 @@ def plan_json(res: PlanResult) -> dict:
                    "b_short": [sp.b for sp in res.splits if len(sp.tiers) == 2],
                    "tiers": list(res.tiers) if res.tiers else None, "closed_loop": sorted(res.closed_loop),
                    "candidates": res.candidates},
-        "designs": [design_json(j) for j in res.designs],
-        "recommendation": recommendation_json(res.recommendation),
+        "designs": [{**design_json(j), "balancer": inp.ctx.balancer} for j in res.designs],
+        "recommendation": recommendation_json(res.recommendation, inp.ctx.balancer),
     }
 
 
