@@ -133,6 +133,19 @@ def test_prefill_aware_keeps_short_requests_off_a_long_prefill():
     assert np.count_nonzero(lr.inst[1:40] == lr.inst[0]) > 0
 
 
+def test_mitigated_single_pools_use_thresholds_that_take_effect():
+    """vLLM V1: a threshold only caps a chunk below the step budget, and
+    max_num_partial_prefills is ignored, so the search never sets it."""
+    sp = Space(seqs=(256,), mbts=(2048, 8192, 16384))
+    base = make_config("a100", "llama-3-70b", max_model_len=131072)
+    cs = sp.configs("llama-3-70b", base, 131072, mitigation=True)
+    got = {(c.max_num_batched_tokens, c.long_prefill_token_threshold) for c in cs}
+    assert got == {(2048, 256), (2048, 1024), (8192, 256), (8192, 1024), (8192, 4096),
+                   (16384, 256), (16384, 1024), (16384, 4096)}
+    assert all(c.max_num_partial_prefills == 0 for c in cs)
+    assert all(c.long_prefill_token_threshold == 0 for c in sp.configs("llama-3-70b", base, 131072))
+
+
 def test_recommendation_names_the_best_single_pool(small_plan):
     r, ds = small_plan["recommendation"], {d["name"]: d for d in small_plan["designs"]}
     assert all(d["balancer"] == small_plan["balancer"] for d in ds.values())
@@ -143,6 +156,8 @@ def test_recommendation_names_the_best_single_pool(small_plan):
         assert b["design"] == cheapest["name"] and b["gpus"] == cheapest["gpus"]
         rec = ds[r["design"]]
         assert r["saving_vs_best_single_pool"] == pytest.approx(1 - rec["usd_per_hour"] / cheapest["usd_per_hour"])
+    sized = small_plan["sized_candidates"]
+    assert sum(c["role"] == "homogeneous" for c in sized) >= 2  # several single pools SLO-sized, all reported
 
 
 # --- 3. baseline and config search -------------------------------------------------------

@@ -72,11 +72,15 @@ def plan_json(res: PlanResult) -> dict:
                    "tolerance": SIZE_TOLERANCE,
                    "gpus": list(space.gpus) or [base_cfg.gpu_key()], "tps": list(space.tps),
                    "max_num_seqs": list(space.seqs), "max_num_batched_tokens": list(space.mbts),
+                   "long_prefill_token_threshold": list(space.lpts),
                    "b_short": [sp.b for sp in res.splits if len(sp.tiers) == 2],
                    "tiers": list(res.tiers) if res.tiers else None, "closed_loop": sorted(res.closed_loop),
                    "candidates": res.candidates},
         "designs": [{**design_json(j), "balancer": inp.ctx.balancer} for j in res.designs],
         "recommendation": recommendation_json(res.recommendation, inp.ctx.balancer),
+        # every pool the SLO search sized (not only the ones the designs kept)
+        "sized_candidates": [{"role": o.role, "split": o.split, "balancer": inp.ctx.balancer, **pool_json(p)}
+                             for o, p in res.sized],
     }
 
 
