@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from extproc.planner.sizing import slo as S
-from extproc.planner.sim.balancers import BALANCERS
+from extproc.planner.sim.balancers import BALANCERS, REALISTIC_BALANCERS
 from extproc.planner.cli import add_parsers
 from extproc.planner.sim.fleet import FleetSpec, PoolSpec, simulate
 from extproc.planner.sim.hardware import GPUS, MODELS, make_config
@@ -248,6 +248,37 @@ def test_utilisation_over_trace_window():
 
 
 # --- 8. plan.json contract, plots, 7. --emit validated by Envoy -----------------------------
+
+def test_cli_plan_balancer_matrix(tmp_path, capsys):
+    """--balancer realistic: every design under each realistic balancer, the
+    verdict against the cheapest meeting single pool of all of them."""
+    jsonschema = pytest.importorskip("jsonschema")
+    ap = argparse.ArgumentParser()
+    add_parsers(ap.add_subparsers(dest="cmd"))
+    f = tmp_path / "m.jsonl"
+    rng = np.random.default_rng(1)
+    f.write_text("".join(f'{{"timestamp": {i * 250}, "input_length": {int(rng.integers(100, 20000))}, '
+                         f'"output_length": {int(rng.integers(10, 300))}}}\n' for i in range(200)))
+    out = tmp_path / "p"
+    args = ap.parse_args(["plan", "--trace", str(f), "--b-short", "8192", "--max-num-seqs", "256",
+                          "--max-num-batched-tokens", "8192", "--seeds", "1", "--workers", "1",
+                          "--balancer", "realistic", "--no-progress", "--out", str(out)])
+    assert args.func(args) == 0
+    assert "GPUs by balancer" in capsys.readouterr().out
+    res = json.loads((out / "plan.json").read_text())
+    jsonschema.validate(res, json.loads(open(SCHEMA).read()))
+    assert set(res["balancer_matrix"]) == set(REALISTIC_BALANCERS)
+    assert {d["balancer"] for d in res["designs"]} == set(REALISTIC_BALANCERS)
+    r = res["recommendation"]
+    ok = [d for d in res["designs"] if d["meets_effective"] and d["feasible"]]
+    singles = [d for d in ok if d["kind"] == "homogeneous"]
+    if singles:
+        best = min(singles, key=lambda d: d["usd_per_hour"])
+        assert r["best_single_pool"]["gpus"] == best["gpus"]
+        assert r["best_single_pool"]["balancer"] in REALISTIC_BALANCERS
+        assert r["saving_vs_best_single_pool"] >= 0  # the single pool is itself a candidate
+    assert os.path.exists(out / "balancer_matrix.png")
+
 
 def test_cli_plan_json_schema_plots_and_emit(tmp_path, capsys):
     jsonschema = pytest.importorskip("jsonschema")

@@ -84,6 +84,43 @@ def plan_json(res: PlanResult) -> dict:
     }
 
 
+def matrix_json(plans: list[dict]) -> dict:
+    """One plan.json from the same plan run under several balancers (one
+    plan dict each, `plan_json`): every design of every run, each carrying its
+    ``balancer``; ``balancer_matrix`` {balancer: {design: gpus or None when it
+    misses}}; the recommendation is the cheapest meeting design of all, judged
+    against the strongest realistic single pool (the cheapest meeting
+    homogeneous design under any balancer but the oracle, a named bound only)."""
+    from ..sim.balancers import REALISTIC_BALANCERS
+    out = dict(plans[0])
+    designs = [d for p in plans for d in p["designs"]]
+    ok = [d for d in designs if d["meets_effective"] and d["feasible"]]
+    singles = [d for d in ok if d["kind"] == "homogeneous" and d["balancer"] in REALISTIC_BALANCERS]
+    best_h = min(singles, key=lambda d: d["usd_per_hour"], default=None)
+    best = min(ok, key=lambda d: (d["usd_per_hour"], d["kind"] == "split"), default=None)
+    saving = 1.0 - best["usd_per_hour"] / best_h["usd_per_hour"] if best and best_h else None
+    per_run = {p["balancer"]: p["recommendation"] for p in plans}
+    why = (f"{best['name']} under {best['balancer']} is the cheapest design meeting the per-class targets"
+           + (f"; {saving:.1%} below the best realistic single pool ({best_h['name']} under "
+              f"{best_h['balancer']}, {best_h['gpus']} GPUs)" if saving is not None else "")
+           if best else "no design meets the per-class targets under any balancer")
+    out.update({
+        "balancer": "matrix", "balancers": [p["balancer"] for p in plans], "designs": designs,
+        "balancer_matrix": {p["balancer"]: {d["name"]: (d["gpus"] if d["meets_effective"] and d["feasible"] else None)
+                                            for d in p["designs"]} for p in plans},
+        "sized_candidates": [c for p in plans for c in p.get("sized_candidates", [])],
+        "recommendation": {
+            "design": best["name"] if best else None, "balancer": best["balancer"] if best else None,
+            "savings_vs_baseline": best["savings_vs_baseline"] if best else None,
+            "closed_form": per_run[best["balancer"]]["closed_form"] if best else plans[0]["recommendation"]["closed_form"],
+            "split": bool(best and best["kind"] == "split"), "margin": None, "why": why,
+            "best_single_pool": ({"design": best_h["name"], "gpus": best_h["gpus"], "balancer": best_h["balancer"]}
+                                 if best_h else None),
+            "saving_vs_best_single_pool": saving, "per_balancer": per_run},
+    })
+    return out
+
+
 def write_json(out: str | None, name: str, obj) -> None:
     """obj as indented JSON in out/name (nothing without out)."""
     if not out:
