@@ -6,9 +6,9 @@ import os
 import sys
 from dataclasses import replace
 
-from .report.plan_json import plan_json, write_json
+from .report.plan_json import matrix_json, plan_json, write_json
 from .report.text import print_plan, print_simulate
-from .sim.balancers import BALANCERS, DEFAULT_BALANCER
+from .sim.balancers import BALANCERS, DEFAULT_BALANCER, REALISTIC_BALANCERS
 from .sim.fleet import ROUTERS, FleetSpec, PoolSpec, simulate
 from .sim.hardware import GPUS, MODELS, ConfigError, make_config
 from .sim.metrics import summarize
@@ -87,10 +87,12 @@ def cmd_plan(args) -> int:
             if g not in GPUS:
                 raise ConfigError(f"--search-gpus {g!r}: known {', '.join(GPUS)}")
         tr, _ = _horizon(args, tr, slo.ttft_ms)
-        res = plan_json(plan(tr, args.model, baseline, slo, bs, space, args.router, args.balancer, args.seeds,
-                   args.search_window, args.workers, args.noise_p90, args.price_per_gpu_hour,
-                   not args.no_progress, tiers=_ints(args.tiers, "--tiers") if args.tiers else None,
-                   spillover=args.spillover, adaptive=args.adaptive))
+        bals = REALISTIC_BALANCERS if args.balancer == "realistic" else (args.balancer,)
+        runs = [plan_json(plan(tr, args.model, baseline, slo, bs, space, args.router, b, args.seeds,
+                               args.search_window, args.workers, args.noise_p90, args.price_per_gpu_hour,
+                               not args.no_progress, tiers=_ints(args.tiers, "--tiers") if args.tiers else None,
+                               spillover=args.spillover, adaptive=args.adaptive)) for b in bals]
+        res = matrix_json(runs) if len(runs) > 1 else runs[0]
         res["slo_realism"] = _slo_realism(args, tr, res, baseline, slo, space)
     except (TraceError, ConfigError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
@@ -216,7 +218,9 @@ def _slo_realism(args, tr, res, baseline, slo, space) -> dict:
     def replan(slo, b_shorts, pinned=False):
         sp = (Space((baseline.gpu,), (baseline.tp,), (baseline.max_num_seqs,), (baseline.max_num_batched_tokens,))
               if pinned else space)
-        return plan_json(plan(tr, args.model, baseline, slo, b_shorts, sp, args.router, args.balancer, args.seeds,
+        # under --balancer realistic the re-plans use the recommended design's balancer
+        bal = res["recommendation"].get("balancer") or args.balancer
+        return plan_json(plan(tr, args.model, baseline, slo, b_shorts, sp, args.router, bal, args.seeds,
                               args.search_window, args.workers, args.noise_p90, args.price_per_gpu_hour, False,
                               verify=False))
     log = None if args.no_progress else (lambda m: print(m, file=sys.stderr, flush=True))
@@ -246,7 +250,9 @@ def add_parsers(subparsers) -> None:
     p.add_argument("--max-num-seqs", default=",".join(map(str, SEARCH_SEQS)), help="candidates per pool")
     p.add_argument("--max-num-batched-tokens", default=",".join(map(str, SEARCH_MBTS)),
                    help="candidates per pool")
-    p.add_argument("--balancer", default=DEFAULT_BALANCER, choices=BALANCERS)
+    p.add_argument("--balancer", default=DEFAULT_BALANCER, choices=(*BALANCERS, "realistic"),
+                   help="in-pool balancer; 'realistic': size every design under each of "
+                        f"{', '.join(REALISTIC_BALANCERS)} and judge against the best single pool of all")
     p.add_argument("--seeds", type=int, default=SEEDS, help="seeds per design (arrival jitter, sampling)")
     p.add_argument("--workers", type=int, help="processes (default: every core)")
     p.add_argument("--search-window", type=float, default=SEARCH_WINDOW_S)

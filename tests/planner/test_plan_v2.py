@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from extproc.planner.sizing import slo as S
-from extproc.planner.sim.balancers import BALANCERS
+from extproc.planner.sim.balancers import BALANCERS, REALISTIC_BALANCERS
 from extproc.planner.cli import add_parsers
 from extproc.planner.sim.fleet import FleetSpec, PoolSpec, simulate
 from extproc.planner.sim.hardware import GPUS, MODELS, make_config
@@ -114,6 +114,52 @@ def test_oracle_is_only_an_explicit_upper_bound():
     assert "least-work" not in BALANCERS and "oracle-least-work" in BALANCERS
 
 
+def test_prefill_aware_keeps_short_requests_off_a_long_prefill():
+    """One 128K-token prompt then short ones at a steady rate on 2 instances:
+    least-request sees one active request on each side and keeps feeding the
+    instance stuck in the long prefill half the time; prefill-aware (estimated
+    prompt tokens outstanding) sends the short ones to the other instance."""
+    n = 400
+    arrival = np.concatenate([[0.0], 0.01 + np.arange(n - 1) * 0.02])
+    prompt = np.concatenate([[120_000], np.full(n - 1, 500)])
+    tr = Trace("one-long", arrival, prompt, np.full(n, 20))
+    cfg = make_config("a100", "llama-3-70b", max_model_len=131072)
+    spec = lambda b: FleetSpec((PoolSpec("p", cfg, 2),), balancer=b)  # noqa: E731
+    pa = simulate(tr, spec("prefill-aware"), seed=1, check=True)
+    conserve(pa)
+    long_inst = pa.inst[0]
+    assert np.count_nonzero(pa.inst[1:40] == long_inst) == 0  # none behind the long prefill
+    lr = simulate(tr, spec("least-request"), seed=1)
+    assert np.count_nonzero(lr.inst[1:40] == lr.inst[0]) > 0
+
+
+def test_mitigated_single_pools_use_thresholds_that_take_effect():
+    """vLLM V1: a threshold only caps a chunk below the step budget, and
+    max_num_partial_prefills is ignored, so the search never sets it."""
+    sp = Space(seqs=(256,), mbts=(2048, 8192, 16384))
+    base = make_config("a100", "llama-3-70b", max_model_len=131072)
+    cs = sp.configs("llama-3-70b", base, 131072, mitigation=True)
+    got = {(c.max_num_batched_tokens, c.long_prefill_token_threshold) for c in cs}
+    assert got == {(2048, 256), (2048, 1024), (8192, 256), (8192, 1024), (8192, 4096),
+                   (16384, 256), (16384, 1024), (16384, 4096)}
+    assert all(c.max_num_partial_prefills == 0 for c in cs)
+    assert all(c.long_prefill_token_threshold == 0 for c in sp.configs("llama-3-70b", base, 131072))
+
+
+def test_recommendation_names_the_best_single_pool(small_plan):
+    r, ds = small_plan["recommendation"], {d["name"]: d for d in small_plan["designs"]}
+    assert all(d["balancer"] == small_plan["balancer"] for d in ds.values())
+    b = r["best_single_pool"]
+    if b is not None:
+        singles = [d for d in ds.values() if d["kind"] == "homogeneous" and d["meets_effective"] and d["feasible"]]
+        cheapest = min(singles, key=lambda d: d["usd_per_hour"])
+        assert b["design"] == cheapest["name"] and b["gpus"] == cheapest["gpus"]
+        rec = ds[r["design"]]
+        assert r["saving_vs_best_single_pool"] == pytest.approx(1 - rec["usd_per_hour"] / cheapest["usd_per_hour"])
+    sized = small_plan["sized_candidates"]
+    assert sum(c["role"] == "homogeneous" for c in sized) >= 2  # several single pools SLO-sized, all reported
+
+
 # --- 3. baseline and config search -------------------------------------------------------
 
 def test_parse_baseline(tmp_path):
@@ -202,6 +248,37 @@ def test_utilisation_over_trace_window():
 
 
 # --- 8. plan.json contract, plots, 7. --emit validated by Envoy -----------------------------
+
+def test_cli_plan_balancer_matrix(tmp_path, capsys):
+    """--balancer realistic: every design under each realistic balancer, the
+    verdict against the cheapest meeting single pool of all of them."""
+    jsonschema = pytest.importorskip("jsonschema")
+    ap = argparse.ArgumentParser()
+    add_parsers(ap.add_subparsers(dest="cmd"))
+    f = tmp_path / "m.jsonl"
+    rng = np.random.default_rng(1)
+    f.write_text("".join(f'{{"timestamp": {i * 250}, "input_length": {int(rng.integers(100, 20000))}, '
+                         f'"output_length": {int(rng.integers(10, 300))}}}\n' for i in range(200)))
+    out = tmp_path / "p"
+    args = ap.parse_args(["plan", "--trace", str(f), "--b-short", "8192", "--max-num-seqs", "256",
+                          "--max-num-batched-tokens", "8192", "--seeds", "1", "--workers", "1",
+                          "--balancer", "realistic", "--no-progress", "--out", str(out)])
+    assert args.func(args) == 0
+    assert "GPUs by balancer" in capsys.readouterr().out
+    res = json.loads((out / "plan.json").read_text())
+    jsonschema.validate(res, json.loads(open(SCHEMA).read()))
+    assert set(res["balancer_matrix"]) == set(REALISTIC_BALANCERS)
+    assert {d["balancer"] for d in res["designs"]} == set(REALISTIC_BALANCERS)
+    r = res["recommendation"]
+    ok = [d for d in res["designs"] if d["meets_effective"] and d["feasible"]]
+    singles = [d for d in ok if d["kind"] == "homogeneous"]
+    if singles:
+        best = min(singles, key=lambda d: d["usd_per_hour"])
+        assert r["best_single_pool"]["gpus"] == best["gpus"]
+        assert r["best_single_pool"]["balancer"] in REALISTIC_BALANCERS
+        assert r["saving_vs_best_single_pool"] >= 0  # the single pool is itself a candidate
+    assert os.path.exists(out / "balancer_matrix.png")
+
 
 def test_cli_plan_json_schema_plots_and_emit(tmp_path, capsys):
     jsonschema = pytest.importorskip("jsonschema")

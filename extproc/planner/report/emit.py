@@ -59,7 +59,8 @@ def router_config(res: dict, design: dict) -> C.Config:
 
 def emit(res: dict, out_dir: str, design_name: str | None = None) -> list[str]:
     name = design_name or res["recommendation"]["design"] or res["designs"][0]["name"]
-    design = next(d for d in res["designs"] if d["name"] == name)
+    bal = res["recommendation"].get("balancer")  # a balancer matrix holds each design once per balancer
+    design = next(d for d in res["designs"] if d["name"] == name and (bal is None or d.get("balancer") == bal))
     os.makedirs(out_dir, exist_ok=True)
     cfg = router_config(res, design)
     paths = []

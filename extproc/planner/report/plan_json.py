@@ -46,13 +46,16 @@ def design_json(j: Judged) -> dict:
     }
 
 
-def recommendation_json(r: Recommendation) -> dict:
+def recommendation_json(r: Recommendation, balancer: str | None = None) -> dict:
     cf = r.closed_form
     closed = {"alpha": cf.alpha, "rho": cf.rho, "predicted": cf.predicted, "b_short": cf.b_short}
     d = r.design
     return {"design": d.name if d else None, "savings_vs_baseline": d.savings_vs_baseline if d else None,
             "closed_form": closed, "split": d is not None and d.kind == "split", "margin": r.margin,
-            "why": r.why}
+            "why": r.why,
+            "best_single_pool": ({"design": r.best_single_pool.name, "gpus": r.best_single_pool.design.gpus,
+                                  "balancer": balancer} if r.best_single_pool is not None else None),
+            "saving_vs_best_single_pool": r.saving_vs_best_single_pool}
 
 
 def plan_json(res: PlanResult) -> dict:
@@ -72,12 +75,53 @@ def plan_json(res: PlanResult) -> dict:
                    "tolerance": SIZE_TOLERANCE,
                    "gpus": list(space.gpus) or [base_cfg.gpu_key()], "tps": list(space.tps),
                    "max_num_seqs": list(space.seqs), "max_num_batched_tokens": list(space.mbts),
+                   "long_prefill_token_threshold": list(space.lpts),
                    "b_short": [sp.b for sp in res.splits if len(sp.tiers) == 2],
                    "tiers": list(res.tiers) if res.tiers else None, "closed_loop": sorted(res.closed_loop),
                    "candidates": res.candidates},
-        "designs": [design_json(j) for j in res.designs],
-        "recommendation": recommendation_json(res.recommendation),
+        "designs": [{**design_json(j), "balancer": inp.ctx.balancer} for j in res.designs],
+        "recommendation": recommendation_json(res.recommendation, inp.ctx.balancer),
+        # every pool the SLO search sized (not only the ones the designs kept)
+        "sized_candidates": [{"role": o.role, "split": o.split, "balancer": inp.ctx.balancer, **pool_json(p)}
+                             for o, p in res.sized],
     }
+
+
+def matrix_json(plans: list[dict]) -> dict:
+    """One plan.json from the same plan run under several balancers (one
+    plan dict each, `plan_json`): every design of every run, each carrying its
+    ``balancer``; ``balancer_matrix`` {balancer: {design: gpus or None when it
+    misses}}; the recommendation is the cheapest meeting design of all, judged
+    against the strongest realistic single pool (the cheapest meeting
+    homogeneous design under any balancer but the oracle, a named bound only)."""
+    from ..sim.balancers import REALISTIC_BALANCERS
+    out = dict(plans[0])
+    designs = [d for p in plans for d in p["designs"]]
+    ok = [d for d in designs if d["meets_effective"] and d["feasible"]]
+    singles = [d for d in ok if d["kind"] == "homogeneous" and d["balancer"] in REALISTIC_BALANCERS]
+    best_h = min(singles, key=lambda d: d["usd_per_hour"], default=None)
+    best = min(ok, key=lambda d: (d["usd_per_hour"], d["kind"] == "split"), default=None)
+    saving = 1.0 - best["usd_per_hour"] / best_h["usd_per_hour"] if best and best_h else None
+    per_run = {p["balancer"]: p["recommendation"] for p in plans}
+    why = (f"{best['name']} under {best['balancer']} is the cheapest design meeting the per-class targets"
+           + (f"; {saving:.1%} below the best realistic single pool ({best_h['name']} under "
+              f"{best_h['balancer']}, {best_h['gpus']} GPUs)" if saving is not None else "")
+           if best else "no design meets the per-class targets under any balancer")
+    out.update({
+        "balancer": "matrix", "balancers": [p["balancer"] for p in plans], "designs": designs,
+        "balancer_matrix": {p["balancer"]: {d["name"]: (d["gpus"] if d["meets_effective"] and d["feasible"] else None)
+                                            for d in p["designs"]} for p in plans},
+        "sized_candidates": [c for p in plans for c in p.get("sized_candidates", [])],
+        "recommendation": {
+            "design": best["name"] if best else None, "balancer": best["balancer"] if best else None,
+            "savings_vs_baseline": best["savings_vs_baseline"] if best else None,
+            "closed_form": per_run[best["balancer"]]["closed_form"] if best else plans[0]["recommendation"]["closed_form"],
+            "split": bool(best and best["kind"] == "split"), "margin": None, "why": why,
+            "best_single_pool": ({"design": best_h["name"], "gpus": best_h["gpus"], "balancer": best_h["balancer"]}
+                                 if best_h else None),
+            "saving_vs_best_single_pool": saving, "per_balancer": per_run},
+    })
+    return out
 
 
 def write_json(out: str | None, name: str, obj) -> None:

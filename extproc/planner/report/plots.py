@@ -95,6 +95,8 @@ def plot_plan(res: dict, out_dir: str) -> list[str]:
     sw = res.get("slo_realism", {}).get("short_ttft_sweep")
     if sw:
         paths.append(plot_short_ttft_sweep(res, sw, out_dir))
+    if res.get("balancer_matrix"):
+        paths.append(plot_balancer_matrix(res, out_dir))
     return paths
 
 
@@ -116,3 +118,26 @@ def plot_short_ttft_sweep(res: dict, sweep: list[dict], out_dir: str) -> str:
     ax.set_title(f"{res['trace']}: saving vs the short TTFT target", fontsize=9)
     ax.legend(fontsize=7)
     return _save(fig, os.path.join(out_dir, "saving_vs_short_ttft.png"))
+
+
+def plot_balancer_matrix(res: dict, out_dir: str) -> str:
+    """GPUs per design x balancer (blank where the design misses the targets)."""
+    import numpy as np
+    m = res["balancer_matrix"]
+    bals = list(m)
+    names = list(dict.fromkeys(n for b in bals for n in m[b]))
+    g = np.array([[np.nan if m[b].get(n) is None else m[b][n] for b in bals] for n in names], dtype=float)
+    fig, ax = plt.subplots(figsize=(1.6 * len(bals) + 2.5, 0.45 * len(names) + 1.6))
+    ax.imshow(np.ma.masked_invalid(g), cmap="viridis_r", aspect="auto")
+    for i in range(len(names)):
+        for j in range(len(bals)):
+            ax.text(j, i, "miss" if g[i, j] != g[i, j] else f"{g[i, j]:.0f}", ha="center", va="center",
+                    fontsize=8, color="w" if g[i, j] == g[i, j] else "k")
+    ax.set_xticks(range(len(bals)), bals, fontsize=8)
+    ax.set_yticks(range(len(names)), names, fontsize=8)
+    r = res["recommendation"]
+    sv = r.get("saving_vs_best_single_pool")
+    ax.set_title(f"{res['trace']}: GPUs by design x balancer"
+                 + (f"\n{r['design']} ({r.get('balancer')}) saves {sv:.0%} vs the best single pool" if sv is not None
+                    else ""), fontsize=9)
+    return _save(fig, os.path.join(out_dir, "balancer_matrix.png"))

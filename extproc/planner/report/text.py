@@ -57,8 +57,13 @@ def print_plan(res: dict) -> None:
         print(f"  {d['name']}: {d['what']}"
               + (f"; alpha {d['alpha']:.3f} rho {d['rho']:.2f} closed form {d['closed_form_savings']:.1%}"
                  if d["kind"] == "split" and d["rho"] == d["rho"] else ""))
+    print_matrix(res)
     r = res["recommendation"]
     sv = r["savings_vs_baseline"]
+    b = r.get("best_single_pool")
+    if b is not None and r.get("saving_vs_best_single_pool") is not None:
+        print(f"best single pool: {b['design']} under {b['balancer']}, {b['gpus']} GPUs; recommended design "
+              f"saves {r['saving_vs_best_single_pool']:.1%} against it")
     print(f"\nrecommendation: {r['design']}"
           + (f" ({sv:+.1%} vs baseline)" if sv is not None else "") + f": {r['why']}")
     if "slo_realism" in res:
@@ -105,6 +110,19 @@ def print_slo_realism(res: dict) -> None:
         d = x["decomposition"]
         print(f"  decomposition: saving vs baseline {_pct_or_dash(d['saving_vs_baseline'])} = isolation "
               f"{_pct_or_dash(d['isolation'])} + pool configuration {_pct_or_dash(d['configuration'])} ({d['how']})")
+
+
+def print_matrix(res: dict) -> None:
+    """GPUs per design (rows) under each balancer (columns), '-' where it misses."""
+    m = res.get("balancer_matrix")
+    if not m:
+        return
+    bals = list(m)
+    names = list(dict.fromkeys(n for b in bals for n in m[b]))
+    print("\nGPUs by balancer ('-': misses the targets)")
+    print(f"{'design':<18}" + "".join(f"{b:>16}" for b in bals))
+    for n in names:
+        print(f"{n:<18}" + "".join(f"{_fmt(m[b].get(n)):>16}" for b in bals))
 
 
 def print_simulate(spec: FleetSpec, tr: Trace, r: SimResult, s: dict) -> None:

@@ -16,6 +16,11 @@ What balances traffic inside a pool in production is not an oracle:
   between scrapes it adds the requests it has itself sent to the scraped
   queue, so one stale snapshot does not send a whole interval's traffic to
   one instance.
+* ``prefill-aware`` -- least outstanding *estimated prompt* tokens: the
+  router already estimates each request's prompt tokens to pick a pool, so a
+  picker beside it can send a request to the instance with the fewest prompt
+  tokens not yet finished (it knows nothing of output lengths). Unlike
+  ``least-request`` it tells a 100K-token prefill from a short decode.
 * ``oracle-least-work`` -- least outstanding *true* tokens (prompt + true
   output). No real balancer knows output lengths: this is an upper bound, named
   so, never the default.
@@ -26,7 +31,15 @@ from __future__ import annotations
 
 import numpy as np
 
-BALANCERS = ("least-request", "round-robin", "random", "kv-aware", "oracle-least-work")
+BALANCERS = ("least-request", "round-robin", "random", "kv-aware", "prefill-aware", "oracle-least-work")
+
+#: The balancers an operator can run (the planner sizes every design under each);
+#: ``random`` is dominated by round-robin, the oracle is a named bound only.
+REALISTIC_BALANCERS = ("least-request", "round-robin", "kv-aware", "prefill-aware")
+
+#: Balancers whose per-instance work is the estimated prompt tokens (not the
+#: router's whole budget): `fleet.simulate` sets the work estimate for them.
+PROMPT_WORK_BALANCERS = ("prefill-aware",)
 
 #: Default balancer: Envoy's default for the pool clusters this project renders.
 DEFAULT_BALANCER = "least-request"
@@ -99,6 +112,11 @@ class OracleLeastWork(Balancer):
         return w.index(min(w))
 
 
+class PrefillAware(OracleLeastWork):
+    """argmin over outstanding estimated prompt tokens (the work list holds
+    them: `fleet.simulate` feeds prompt estimates for this balancer)."""
+
+
 class KVAware(Balancer):
     def __init__(self, *a, scrape_interval: float = SCRAPE_INTERVAL_S):
         super().__init__(*a)
@@ -136,6 +154,8 @@ def make(name: str, insts: list, work: list, rng: np.random.Generator,
         return Random(insts, work, rng)
     if name == "kv-aware":
         return KVAware(insts, work, rng, scrape_interval=scrape_interval)
+    if name == "prefill-aware":
+        return PrefillAware(insts, work, rng)
     if name == "oracle-least-work":
         return OracleLeastWork(insts, work, rng)
     raise ValueError(f"unknown balancer {name!r}; one of {', '.join(BALANCERS)}")

@@ -121,6 +121,20 @@ def route(trace: Trace, spec: FleetSpec, seed: int = 0) -> tuple[np.ndarray, np.
     return pool, budget
 
 
+def prompt_estimate(trace: Trace, spec: FleetSpec, seed: int = 0) -> np.ndarray:
+    """The router's estimate of each request's prompt tokens (what a
+    prefill-aware picker beside it knows): exact for the oracle router, the
+    same log-normal estimate `route` draws for the noise router, the replayed
+    budget less the output allowance for the estimator."""
+    P = trace.prompt.astype(np.float64)
+    if spec.router == "noise":
+        rng = np.random.default_rng(seed + 7919)  # the draw `route` makes
+        return P * np.exp(rng.normal(0.0, noise_sigma(spec.noise_p90), len(trace)))
+    if spec.router == "estimator" and trace.est_budget is not None:
+        return np.maximum(trace.est_budget.astype(np.float64) - float(np.quantile(trace.output, OUTPUT_QUANTILE)), 1.0)
+    return P
+
+
 def pick_pool(routed: int, hook, t: float, work: float, pools: list) -> int:
     """The router's pool for one request at dispatch time: the tier its
     estimated budget selects (`route`), or, with the closed loop on, what the
@@ -173,6 +187,8 @@ def simulate(trace: Trace, spec: FleetSpec, seed: int = 0, progress: bool = Fals
         raise ValueError(f"unknown balancer {spec.balancer!r}; one of {', '.join(BALANCERS)}")
     if spec.balancer == "oracle-least-work":  # the upper bound knows true lengths
         work_est = (trace.prompt + trace.output).astype(np.float64)
+    elif spec.balancer in balancers.PROMPT_WORK_BALANCERS:
+        work_est = prompt_estimate(trace, spec, seed)
     works: list[list[float]] = []
     pools: list[list[Instance]] = []
     insts: list[Instance] = []

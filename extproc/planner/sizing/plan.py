@@ -66,6 +66,7 @@ class PlanResult:
     candidates: int  # configs pre-sized
     designs: tuple  # of Judged, the baseline first
     recommendation: Recommendation
+    sized: tuple = ()  # every SLO-sized candidate pool: (Owner, SizedPool)
 
 
 def _pick(sized: list[SizedPool], owners: list[Owner], owner: Owner) -> SizedPool | None:
@@ -110,8 +111,9 @@ def split_designs(inp: Inputs, splits: list[SplitTraffic], sized, owners, rho_mu
     return out
 
 
-def _designs(ex: Workers, inp: Inputs, trace: Trace, search: Trace, splits, closed_loop, log) -> tuple[list, int]:
-    """Steps 1-3 of the module doc: (the sized designs, the number of candidates)."""
+def _designs(ex: Workers, inp: Inputs, trace: Trace, search: Trace, splits, closed_loop, log) -> tuple[list, int, tuple]:
+    """Steps 1-3 of the module doc: (the sized designs, the number of candidates,
+    every sized candidate pool with its owner)."""
     cands = candidates(inp, search, splits)
     if log:
         log(f"pre-sizing {len(cands)} candidate configs (throughput runs, {ex.workers} workers)")
@@ -125,7 +127,7 @@ def _designs(ex: Workers, inp: Inputs, trace: Trace, search: Trace, splits, clos
         designs += closed_loop_designs(ex, search, [d for d in designs if d.kind == "split"], inp.ctx,
                                        "spillover" in closed_loop, "adaptive" in closed_loop, inp.router,
                                        inp.noise_p90, log)
-    return designs, len(cands)
+    return designs, len(cands), tuple(zip(owners, sized))
 
 
 def _inputs(model, baseline, slo, space, router, balancer, seeds, noise_p90, price, trace) -> Inputs:
@@ -169,7 +171,7 @@ def plan(trace: Trace, model: str = "llama-3-70b", baseline: Baseline | None = N
     ex = Workers(workers if workers is not None else (os.cpu_count() or 1))
     try:
         splits = route_splits(trace, search, inp, b_shorts, tiers, log)
-        designs, n_cands = _designs(ex, inp, trace, search, splits, closed_loop, log)
+        designs, n_cands, all_sized = _designs(ex, inp, trace, search, splits, closed_loop, log)
         if log:
             log(f"verifying {len(designs)} designs x {len(inp.ctx.seeds)} seeds on {len(trace):,} requests")
         verified = verify_designs(ex, trace, designs, inp.ctx, router, noise_p90, log if verify else None)
@@ -177,4 +179,5 @@ def plan(trace: Trace, model: str = "llama-3-70b", baseline: Baseline | None = N
         ex.close()
     base_cost = verified[0].design.cost
     judged = tuple(Judged.of(v, inp.ctx.tg, inp.ctx.slo, base_cost) for v in verified)
-    return PlanResult(trace, search, inp, tuple(splits), tiers, closed_loop, n_cands, judged, recommend(list(judged)))
+    return PlanResult(trace, search, inp, tuple(splits), tiers, closed_loop, n_cands, judged, recommend(list(judged)),
+                      all_sized)

@@ -18,6 +18,13 @@ from .workers import Workers
 #: Candidates per pool simulated after analytic pre-sizing (cheapest first).
 TOP_K = 1
 
+#: Single-pool candidates sized by the SLO search, plain and with a long-prefill
+#: threshold each: the analytic throughput ranks configs that differ only in
+#: the step budget and the threshold too coarsely to pick one (issue 16 item 2:
+#: only the cheapest by throughput was sized, and a better mitigated pool was
+#: never tried), so the cheapest few of each are sized and the SLO decides.
+HOMOGENEOUS_TOP_K = 2
+
 
 def rate(tr: Trace) -> float:
     """Mean arrival rate (req/s)."""
@@ -79,8 +86,8 @@ def sizing_jobs(inp: Inputs, cands, mus, splits) -> list[tuple[Owner, SizingJob]
     if inp.baseline.instances is None:
         jobs += [(Owner("baseline"), j) for j in _cheapest(cands, mus, "baseline", None)]
     plain = _cheapest(cands, mus, "homogeneous", None, len(cands))
-    chosen = ([j for j in plain if not j.cfg.long_prefill_token_threshold][:TOP_K]
-              + [j for j in plain if j.cfg.long_prefill_token_threshold][:TOP_K])
+    chosen = ([j for j in plain if not j.cfg.long_prefill_token_threshold][:HOMOGENEOUS_TOP_K]
+              + [j for j in plain if j.cfg.long_prefill_token_threshold][:HOMOGENEOUS_TOP_K])
     jobs += [(Owner("homogeneous"), j) for j in chosen]
     for k, sp in enumerate(splits):
         for t in sp.tiers:

@@ -25,6 +25,10 @@ class Recommendation:
     closed_form: ClosedFormNote
     margin: float | None  # split saving beyond seed spread + tolerance (None: no comparison)
     why: str
+    #: the cheapest meeting single pool (under the run's balancer; the oracle
+    #: is never a baseline) and the recommended design's saving against it
+    best_single_pool: Judged | None = None
+    saving_vs_best_single_pool: float | None = None
 
 
 def _closed_form(designs: list[Judged], best_s: Judged | None) -> ClosedFormNote:
@@ -72,4 +76,5 @@ def recommend(designs: list[Judged]) -> Recommendation:
     base = designs[0]
     if base.name == "baseline" and not base.meets_effective:
         why += "; note: the baseline as pinned misses the per-class targets"
-    return Recommendation(d, closed, margin, why)
+    saving = 1.0 - d.usd_per_hour / best_h.usd_per_hour if best_h is not None and best_h.usd_per_hour > 0 else None
+    return Recommendation(d, closed, margin, why, best_h, saving)

@@ -6,7 +6,7 @@ import os
 import tomllib
 from dataclasses import dataclass
 
-from ..sim.hardware import (GPUS, LONG_PREFILL_FRACTION, MAX_NUM_BATCHED_TOKENS, MAX_NUM_SEQS,
+from ..sim.hardware import (GPUS, MAX_NUM_BATCHED_TOKENS, MAX_NUM_SEQS,
                             ConfigError, GPU_MEMORY_UTILIZATION, InstanceConfig, make_config)
 
 #: Candidate B_short values for `--b-short auto`: the 8K-16K range production
@@ -19,9 +19,15 @@ AUTO_B_SHORT = (4096, 8192, 16384, 32768)
 SEARCH_SEQS = (MAX_NUM_SEQS, 128)
 SEARCH_MBTS = (MAX_NUM_BATCHED_TOKENS, 2048)
 
-#: The homogeneous alternative's long-prefill mitigation: a threshold of 4% of
-#: max_model_len (vLLM's suggestion) with 4 concurrent partial prefills.
-MITIGATION_PARTIAL_PREFILLS = 4
+#: The single pool's long-prefill mitigation as vLLM V1 (0.32) runs it:
+#: ``--long-prefill-token-threshold`` caps one request's chunk per step, and
+#: it only takes effect below ``max_num_batched_tokens`` (a chunk is already
+#: capped by the step budget), so a threshold is searched only under each
+#: step budget. V1's scheduler ignores ``--max-num-partial-prefills`` (running
+#: requests first, each chunk capped by the threshold, then waiting requests
+#: while the budget lasts), so the mitigation does not set it. 256-4096 spans
+#: "a prefill chunk costs about one decode step" to half of vLLM's default budget.
+SEARCH_LPTS = (256, 1024, 4096)
 
 
 @dataclass(frozen=True)
@@ -92,6 +98,7 @@ class Space:
     tps: tuple = (None,)  # None = the model's default TP for the GPU
     seqs: tuple = SEARCH_SEQS
     mbts: tuple = SEARCH_MBTS
+    lpts: tuple = SEARCH_LPTS  # long_prefill_token_threshold, searched below each mbt
 
     def configs(self, model: str, base: InstanceConfig, max_model_len: int,
                 mitigation: bool = False) -> list[InstanceConfig]:
@@ -102,22 +109,27 @@ class Space:
             for tp in self.tps:
                 for s in self.seqs:
                     for m in self.mbts:
-                        try:
-                            out.append(_config(model, base, max_model_len, g, tp, s, m, mitigation))
-                        except ConfigError:
-                            continue
+                        for lpt in (self.thresholds(m, max_model_len) if mitigation else (0,)):
+                            try:
+                                out.append(_config(model, base, max_model_len, g, tp, s, m, lpt))
+                            except ConfigError:
+                                continue
         return out
+
+    def thresholds(self, mbt: int, max_model_len: int) -> list[int]:
+        """The thresholds that take effect under step budget mbt: below it
+        (and below max_model_len, else no prompt is ever capped)."""
+        return [int(x) for x in self.lpts if int(x) < min(int(mbt), max_model_len)]
 
 
 def _config(model: str, base: InstanceConfig, max_model_len: int, gpu: str, tp, seqs, mbt,
-            mitigation: bool) -> InstanceConfig:
+            lpt: int = 0) -> InstanceConfig:
     c = make_config(gpu, model, max_model_len, tp, max_num_seqs=int(seqs), max_num_batched_tokens=int(mbt),
                     gpu_memory_utilization=base.gpu_memory_utilization)
     if base.gpu.name == c.gpu.name:  # keep a custom price
         c = c.with_(gpu=base.gpu)
-    if mitigation:
-        c = c.with_(long_prefill_token_threshold=max(base.block_size, int(LONG_PREFILL_FRACTION * max_model_len)),
-                    max_num_partial_prefills=MITIGATION_PARTIAL_PREFILLS)
+    if lpt:
+        c = c.with_(long_prefill_token_threshold=int(lpt))
     return c.validate()
 
 
