@@ -161,6 +161,7 @@ class _GrpcConnection(asyncio.Protocol):
         # bytes the SSL layer handed us before the task resumed (see _handshake_task).
         self._handshake: asyncio.Task | None = None
         self._raw: asyncio.Transport | None = None
+        self._raw_early: bytearray | None = None  # ClientHello bytes read before start_tls (uvloop)
         self._early: bytearray | None = None
 
     # -- asyncio.Protocol ------------------------------------------------------
@@ -233,10 +234,14 @@ class _GrpcConnection(asyncio.Protocol):
 
     async def _handshake_task(self, raw: asyncio.Transport) -> None:
         server = self.server
+        tls = self._loop.create_task(self._loop.start_tls(
+            raw, self, server.ssl_context, server_side=True,
+            ssl_handshake_timeout=server.limits.tls_handshake_timeout_s))
         try:
-            transport = await self._loop.start_tls(raw, self, server.ssl_context, server_side=True,
-                                                   ssl_handshake_timeout=server.limits.tls_handshake_timeout_s)
+            await self._replay_raw(raw)
+            transport = await tls
         except asyncio.CancelledError:  # evicted, or the server stops
+            tls.cancel()
             transport = None
         except ConnectionAbortedError:  # asyncio's handshake timeout
             server.count("tls_handshake_timeouts")
@@ -258,6 +263,38 @@ class _GrpcConnection(asyncio.Protocol):
         early, self._early = self._early, None
         if early:
             self.data_received(bytes(early))
+
+    async def _replay_raw(self, raw: asyncio.Transport) -> None:
+        """Hand the SSL layer the ClientHello bytes that reached us before
+        start_tls took the socket over. uvloop starts reading right after
+        connection_made returns, whatever pause_reading() said in it
+        (uvloop's _call_connection_made), so a ClientHello already on the
+        socket arrives at this protocol as raw bytes (data_received keeps
+        them in _raw_early and pauses); lost, the handshake would stall
+        until its timeout (about half of all TLS connections to the router
+        on uvloop did). start_tls swaps the socket's protocol in its first
+        step and schedules the SSL protocol's connection_made and
+        resume_reading; one loop iteration later (after the step) and one
+        more (after those two, before any new read: the loop reads only
+        between iterations) the bytes are fed to it in their order."""
+        await asyncio.sleep(0)  # start_tls's first step runs (it was scheduled first)
+        early, self._raw_early = self._raw_early, None
+        ssl_protocol = raw.get_protocol()
+        if not early or ssl_protocol is self:
+            return
+        await asyncio.sleep(0)  # the SSL protocol's connection_made and resume_reading run
+        if raw.is_closing():
+            return
+        data = memoryview(bytes(early))
+        if hasattr(ssl_protocol, "buffer_updated"):  # asyncio's and uvloop's SSLProtocol
+            while data:
+                buf = ssl_protocol.get_buffer(len(data))
+                n = min(len(buf), len(data))
+                buf[:n] = data[:n]
+                data = data[n:]
+                ssl_protocol.buffer_updated(n)
+        else:
+            ssl_protocol.data_received(bytes(data))
 
     def _end_handshake(self) -> None:
         """The handshake is over (done, failed, timed out, evicted): its
@@ -377,6 +414,16 @@ class _GrpcConnection(asyncio.Protocol):
 
     def data_received(self, data: bytes) -> None:
         if self.transport is None:
+            raw = self._raw
+            if raw is not None and raw.get_protocol() is self:
+                # TLS, before start_tls took the socket over (uvloop): raw
+                # ClientHello bytes, replayed by _replay_raw; stop reading
+                # until the SSL layer is in place (start_tls resumes).
+                if self._raw_early is None:
+                    self._raw_early = bytearray()
+                self._raw_early += data
+                raw.pause_reading()
+                return
             # TLS: asyncio's SSL layer passes the first decrypted bytes on as
             # the handshake completes, before _handshake_task resumes (one
             # read, at most its 256 KiB buffer); they are replayed from there.
