@@ -62,6 +62,8 @@ HELD_CONNECTIONS = 20
 HELD_STREAMS_PER_CONNECTION = 4_000
 #: Half TLS ClientHellos held open at once (item 2).
 HALF_HELLOS = 6_000
+#: Half handshakes the attacker has connecting at once.
+HALF_HELLO_CONCURRENCY = 64
 #: Rapid reset by reconnecting: 990 HEADERS+RST pairs per connection (under
 #: the router's per-connection burst of 1,000), 272 connections (item 3).
 RESET_PAIRS_PER_CONNECTION = 990
@@ -260,35 +262,33 @@ def half_client_hello(ca: str) -> bytes:
     return hello[: len(hello) // 2]
 
 
-def attack_half_tls(port: int, pki: dict, source: str, n: int, hold_s: float) -> dict:
+async def attack_half_tls(port: int, pki: dict, source: str, n: int, hold_s: float) -> dict:
     half = half_client_hello(pki["ca"])
-    socks, refused = [], 0
-    t0 = time.monotonic()
-    for _ in range(n):
-        s = socket.socket()
-        try:
-            s.bind((source, 0))
-            s.settimeout(5)
-            s.connect(("127.0.0.1", port))
-            s.sendall(half)
-        except OSError:
-            refused += 1
-        socks.append(s)
-        if time.monotonic() - t0 > PHASE_MAX_S / 2:
-            break
-    open_s = time.monotonic() - t0
-    time.sleep(hold_s)
-    closed = 0
-    for s in socks:  # closed by the router (evicted / timed out) reads as EOF or reset
-        try:
-            s.setblocking(False)
-            closed += s.recv(1) == b""
-        except BlockingIOError:
-            pass
-        except OSError:
-            closed += 1
-        s.close()
-    return {"hellos_sent": len(socks) - refused, "connect_or_send_failed": refused, "open_s": round(open_s, 2),
+    loop = asyncio.get_running_loop()
+    writers, failed = [], 0
+    gate = asyncio.Semaphore(HALF_HELLO_CONCURRENCY)
+    t0 = loop.time()
+    end = t0 + PHASE_MAX_S / 2
+
+    async def one():
+        nonlocal failed
+        async with gate:
+            if loop.time() >= end:
+                return
+            try:
+                _r, w = await _open(port, None, source)
+                w.write(half)
+                writers.append((_r, w))
+            except (OSError, asyncio.TimeoutError):
+                failed += 1
+
+    await asyncio.gather(*(one() for _ in range(n)))
+    open_s = loop.time() - t0
+    await asyncio.sleep(hold_s)
+    closed = sum(r.at_eof() or w.is_closing() for r, w in writers)
+    for _r, w in writers:
+        w.close()
+    return {"hellos_sent": len(writers), "connect_failed": failed, "open_s": round(open_s, 2),
             "closed_by_router_at_end": closed}
 
 
@@ -339,7 +339,7 @@ def _attacker(phase: str, kw: dict, conn) -> None:
         if phase == "held":
             res = asyncio.run(attack_held(**kw))
         elif phase == "half_tls":
-            res = attack_half_tls(**kw)
+            res = asyncio.run(attack_half_tls(**kw))
         else:
             res = asyncio.run(attack_rapid_reset(**kw))
     except Exception as e:  # noqa: BLE001 -- reported in the phase's result
@@ -494,6 +494,7 @@ def run(args) -> dict:
 def write_report(report: dict, out: Path) -> None:
     out.mkdir(parents=True, exist_ok=True)
     (out / "report.json").write_text(json.dumps({k: v for k, v in report.items() if k != "series"}, indent=2) + "\n")
+    (out / "series.json").write_text(json.dumps(report["series"]) + "\n")
     b = report["baseline"]
     lines = ["# Attack run (issue 17)", "",
              f"Stack: real Envoy -> router (fast transport, 1 worker, mTLS) -> simulated pools (instant). "

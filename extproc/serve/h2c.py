@@ -33,6 +33,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import dataclasses
+import heapq
 import logging
 import ssl
 import time
@@ -45,7 +46,8 @@ from grpc_health.v1 import health_pb2
 from ..tls import TlsFiles, server_context
 from . import h2frames as h2
 from ..core.machine import State
-from .limits import DRAIN_PING_TIMEOUT_S, H2_ACCEPT_BACKLOG, LOG_PERIOD_S, MAX_DEADLINE_S, MIN_TIMER_S, REQUEST_SWEEP_FRACTION, PeerResets, ServerLimits
+from .limits import (DRAIN_PING_TIMEOUT_S, H2_ACCEPT_BACKLOG, H2_RECLAIM_FRACTION, LOG_PERIOD_S, MAX_DEADLINE_S, MIN_TIMER_S,
+                     REQUEST_SWEEP_FRACTION, PeerResets, ServerLimits)
 from .rpc import (
     DEADLINE_EXCEEDED,
     DEFAULT_HEALTH_SERVICES,
@@ -163,6 +165,7 @@ class _GrpcConnection(asyncio.Protocol):
         self._raw: asyncio.Transport | None = None
         self._raw_early: bytearray | None = None  # ClientHello bytes read before start_tls (uvloop)
         self._early: bytearray | None = None
+        self._tls_charge = 0  # memory budget taken by the established TLS connection (tls_connection_cost_bytes)
 
     # -- asyncio.Protocol ------------------------------------------------------
 
@@ -259,6 +262,9 @@ class _GrpcConnection(asyncio.Protocol):
             raw.abort()
             self._gone()
             return
+        if not self._charge_tls():
+            transport.abort()
+            return
         self._start(transport)
         early, self._early = self._early, None
         if early:
@@ -296,6 +302,32 @@ class _GrpcConnection(asyncio.Protocol):
         else:
             ssl_protocol.data_received(bytes(data))
 
+    def _charge_tls(self) -> bool:
+        """The handshake completed: charge the TLS connection's buffers
+        (tls_connection_cost_bytes) until it closes. Past the TLS connections'
+        share of the budget the longest-idle connection is closed to make
+        room; False (nothing charged) when none is idle."""
+        server = self.server
+        cost = server.limits.tls_connection_cost_bytes
+        if server.tls_mem + cost > server.tls_budget and not server.evict_idle(but=self):
+            server.count("tls_connections_refused")
+            server.warn("tls_connections_refused", "closing TLS connection from %s: %d bytes of the memory budget "
+                        "held by TLS connections (limit %d), none idle", self.peer, server.tls_mem, server.tls_budget)
+            return False
+        self._tls_charge = cost
+        server.tls_mem += cost
+        server.mem_used += cost
+        self.mem_used += cost
+        return True
+
+    def _release_tls(self) -> None:
+        cost, self._tls_charge = self._tls_charge, 0
+        if cost:
+            server = self.server
+            server.tls_mem -= cost
+            server.mem_used -= cost
+            self.mem_used -= cost
+
     def _end_handshake(self) -> None:
         """The handshake is over (done, failed, timed out, evicted): its
         budget charge is returned, once."""
@@ -326,6 +358,7 @@ class _GrpcConnection(asyncio.Protocol):
     def connection_lost(self, exc: Exception | None) -> None:
         self.server._connections.discard(self)
         self._end_handshake()  # (TLS: asyncio reports some failed handshakes here too)
+        self._release_tls()
         if self._drain_timer:
             self._drain_timer.cancel()
         if self._timer:
@@ -400,6 +433,7 @@ class _GrpcConnection(asyncio.Protocol):
         its TLS handshake is still pending)."""
         self.server._connections.discard(self)
         self.server.count("connections_evicted")
+        self._release_tls()  # at once: the close completes an iteration later
         if self.transport is None:
             self._abort_handshake()
             return
@@ -483,7 +517,9 @@ class _GrpcConnection(asyncio.Protocol):
         """Charge a new stream's fixed cost; False (nothing charged) when the
         budget, or this connection's share of it, is already spent."""
         server = self.server
-        if server.mem_used >= server.memory_budget or self.mem_used >= server.connection_budget:
+        if self.mem_used >= server.connection_budget:
+            return False
+        if server.mem_used >= server.memory_budget and not server.reclaim():
             return False
         cost = call.charged = server.stream_cost
         server.mem_used += cost
@@ -788,7 +824,7 @@ class _GrpcConnection(asyncio.Protocol):
             return
         status = (
             health_pb2.HealthCheckResponse.NOT_SERVING
-            if self.server._draining or not self.server.serving or self.server.exhausted
+            if self.server._draining or not self.server.serving or self.server.exhausted()
             else health_pb2.HealthCheckResponse.SERVING
         )
         call.headers_sent = True
@@ -834,6 +870,10 @@ class FastServer:
         self.connection_budget = int(limits.memory_budget_bytes * limits.connection_budget_share)
         self.request_sweep_s = limits.request_timeout_s * REQUEST_SWEEP_FRACTION
         self.mem_used = 0  # bytes of the memory budget in use, all connections
+        self.tls_mem = 0  # of which established TLS connections hold (tls_connection_cost_bytes each)
+        self.tls_budget = int(limits.memory_budget_bytes * limits.tls_connections_budget_share)
+        self.reclaim_batch = max(1, int(limits.memory_budget_bytes * H2_RECLAIM_FRACTION) // limits.stream_cost_bytes)
+        self._reclaim_after = 0.0  # loop time before which a reclaim scan would find nothing new
         #: What the limits did (refused connections, GOAWAYs by code, ...).
         self.counters: collections.Counter[str] = collections.Counter()
         self._warned: dict[str, tuple[float, int]] = {}  # kind -> (last logged, left out since)
@@ -867,24 +907,57 @@ class FastServer:
     def banned(self, peer: str, now: float) -> bool:
         return self._peers.banned(peer, now)
 
-    @property
     def exhausted(self) -> bool:
-        """The memory budget cannot take one more stream: health says
-        NOT_SERVING (Envoy's health checker takes the router out, so its
-        ext_proc fails open at once instead of after a RESOURCE_EXHAUSTED
-        per request) until streams end or time out and return memory; read
-        at each check, so it recovers by itself."""
-        return self.mem_used + self.stream_cost > self.memory_budget
+        """The memory budget cannot take one more stream, even after
+        resetting held streams (``reclaim``): health says NOT_SERVING
+        (Envoy's health checker takes the router out, so its ext_proc fails
+        open at once instead of after a RESOURCE_EXHAUSTED per request) until
+        streams end or time out and return memory; read at each check, so it
+        recovers by itself."""
+        return self.mem_used + self.stream_cost > self.memory_budget and not self.reclaim()
+
+    def reclaim(self) -> bool:
+        """The budget is full: reset up to ``reclaim_batch`` Process streams
+        whose request is still incomplete and that opened at least
+        reclaim_min_age_s ago, the oldest first, across all connections
+        (issue 17: held streams must not switch routing off). True if it
+        freed any. O(open streams), at most once per reclaim_batch new
+        streams, or per reclaim_min_age_s when it finds nothing."""
+        loop = asyncio.get_running_loop()
+        now = loop.time()
+        if now < self._reclaim_after:
+            return False
+        cutoff = now - self.limits.reclaim_min_age_s
+        oldest = heapq.nsmallest(self.reclaim_batch, (
+            (call.opened, call.sid, id(conn), conn, call)
+            for conn in self._connections for call in conn.calls.values()
+            if call.kind == _KIND_PROCESS and call.opened <= cutoff and not call.done and _request_pending(call)),
+            key=lambda t: t[:3])
+        if not oldest:
+            self._reclaim_after = now + self.limits.reclaim_min_age_s
+            return False
+        self.counters["streams_reclaimed"] += len(oldest)
+        self.warn("streams_reclaimed", "memory budget full: resetting the %d oldest gRPC stream(s) whose request "
+                  "is not complete (opened %.1f s ago or more) to make room", len(oldest), self.limits.reclaim_min_age_s)
+        conns = {}
+        for _opened, _sid, _, conn, call in oldest:
+            # (trailers, then RST_STREAM(NO_ERROR) while the peer may still send: _end_call)
+            conn._fail(call, RESOURCE_EXHAUSTED, "router memory budget full: oldest incomplete stream reset")
+            conns[id(conn)] = conn
+        for conn in conns.values():
+            conn._flush()
+        return True
 
     def _connection_closed(self) -> None:
         if not self._connections:
             self._idle.set()
 
-    def evict_idle(self) -> bool:
+    def evict_idle(self, but: "_GrpcConnection | None" = None) -> bool:
         """At the connection cap: close the connection idle the longest (no
-        open stream) to make room, so that sockets held open and silent cannot
-        lock Envoy out until the idle timeout. False if none is idle."""
-        idle = [c for c in self._connections if not c.calls and c.conn.idle]
+        open stream; ``but`` excepted) to make room, so that sockets held open
+        and silent cannot lock Envoy out until the idle timeout. False if
+        none is idle."""
+        idle = [c for c in self._connections if not c.calls and c.conn.idle and c is not but]
         if not idle:
             return False
         min(idle, key=lambda c: c.last_activity).evict()

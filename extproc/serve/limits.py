@@ -208,6 +208,27 @@ H2_MAX_PENDING_HANDSHAKES = 128
 #: exhaust the budget that streams need.
 H2_TLS_HANDSHAKE_COST_BYTES = 320 << 10
 
+#: What one established TLS connection costs the memory budget until it
+#: closes: asyncio's SSLProtocol keeps a 256 KiB read buffer per connection
+#: (sslproto.SSLProtocol.max_size; uvloop's is the same size,
+#: SSL_READ_MAX_SIZE, touched once a peer sends a full one) and OpenSSL its
+#: SSL object, session and BIOs. Measured on this machine: 293 KiB of RSS per
+#: idle TLS connection on the standard loop, 42 KiB on uvloop while nothing
+#: large was read (docs/attack.md); 288 KiB is the
+#: buffer plus 32 KiB of OpenSSL state, the worst case either loop reaches.
+#: Charged when the handshake completes (H2_TLS_HANDSHAKE_COST_BYTES is
+#: returned then), returned when the connection closes.
+H2_TLS_CONNECTION_COST_BYTES = 288 << 10
+
+#: Share of the memory budget established TLS connections may hold together:
+#: half (128 MiB, 455 connections at H2_TLS_CONNECTION_COST_BYTES), so that
+#: idle TLS connections alone never leave streams less than the other half.
+#: A handshake that completes past it makes room by closing the longest-idle
+#: connection (as at H2_MAX_CONNECTIONS), or is closed if none is idle.
+#: Envoy keeps one connection per worker thread: even 16 Envoys x 28 threads
+#: fit.
+H2_TLS_CONNECTIONS_BUDGET_SHARE = 0.5
+
 #: A connection with no open stream and no frame for this long is closed with
 #: GOAWAY(NO_ERROR); Envoy reconnects on its next request (one loopback
 #: handshake). nginx's keepalive_timeout is 75 s, Envoy's upstream
@@ -257,6 +278,36 @@ H2_CONNECTION_BUDGET_SHARE = 0.25
 #: the routing path), so a stream is reset within 1.25x of it.
 H2_REQUEST_TIMEOUT_S = 60.0
 REQUEST_SWEEP_FRACTION = 0.25
+
+#: When the memory budget cannot take one more stream, the streams whose
+#: request is still incomplete and that opened at least this long ago are
+#: ended (gRPC status RESOURCE_EXHAUSTED, then RST_STREAM NO_ERROR), the oldest
+#: first, to make room, instead of refusing the new stream (issue 17: 20
+#: connections x 4,000 held streams filled the budget; the router then refused
+#: every new stream, health went NOT_SERVING and Envoy sent 313 of 313
+#: requests out unrouted). Envoy opens a stream when its request arrives and
+#: sends the request phase within milliseconds (its body once the client sent
+#: it all, BUFFERED mode), so the oldest incomplete streams are held ones, or
+#: the slowest uploads, whose request then goes on unrouted (failure_mode_allow)
+#: as it would at H2_REQUEST_TIMEOUT_S. A stream younger than this is never
+#: reset (Envoy may still be sending its request phase; if all incomplete
+#: streams are that young the new stream is refused as before): 100 ms is
+#: 5-50x the routed latency through Envoy on this machine (p50 5-10 ms, p99
+#: 20-80 ms under load, docs/attack.md) and a tenth of our Envoy message
+#: timeout (extproc.defaults MESSAGE_TIMEOUT_MS, 1 s), short enough that a
+#: flood filling the budget in a burst refuses new streams for at most that
+#: long. The same idea as the eviction of the longest-idle connection at
+#: H2_MAX_CONNECTIONS, and as Envoy's overload manager resetting streams
+#: (envoy.overload_actions.reset_high_memory_stream), oldest-bucket first.
+H2_RECLAIM_MIN_AGE_S = 0.1
+
+#: Streams reset per reclaim, as a fraction of what the budget holds in
+#: streams (1/16: 4,096 at the defaults): one O(open streams) scan makes room
+#: for that many new ones, so under a held-stream flood the scan costs a few
+#: microseconds per stream, not one scan per stream. A scan that finds nothing
+#: old enough is not repeated for H2_RECLAIM_MIN_AGE_S (nothing can be older
+#: before then, except streams already looked at).
+H2_RECLAIM_FRACTION = 1 / 16
 
 #: "Rapid reset by reconnecting" (issue 17): the per-connection reset bucket
 #: above (H2_RESET_BURST) is fresh on every connection, so an attacker
@@ -332,6 +383,9 @@ class ServerLimits:
     tls_handshake_timeout_s: float = H2_TLS_HANDSHAKE_TIMEOUT_S
     max_pending_handshakes: int = H2_MAX_PENDING_HANDSHAKES
     tls_handshake_cost_bytes: int = H2_TLS_HANDSHAKE_COST_BYTES
+    tls_connection_cost_bytes: int = H2_TLS_CONNECTION_COST_BYTES
+    tls_connections_budget_share: float = H2_TLS_CONNECTIONS_BUDGET_SHARE
+    reclaim_min_age_s: float = H2_RECLAIM_MIN_AGE_S
     peer_max_calls: int = GRPCIO_PEER_MAX_CALLS  # grpcio transport only
 
     def connections(self) -> int:
