@@ -156,6 +156,7 @@ class _GrpcConnection(asyncio.Protocol):
         self._sweep: asyncio.TimerHandle | None = None  # request timeout of held streams
         self.mem_used = 0  # bytes of the memory budget this connection holds (its share)
         self.peer = ""  # the peer's address (resets are counted per peer)
+        self.probation = False  # the address was over its resets when we accepted: closed at its first
         self._loop = asyncio.get_running_loop()
         self.last_activity = self._loop.time()
         self._reading_paused = False
@@ -177,10 +178,14 @@ class _GrpcConnection(asyncio.Protocol):
         self.peer = peername[0] if isinstance(peername, tuple) else str(peername)
         tls = server.ssl_context is not None
         if server.banned(self.peer, self._loop.time()):
-            server.count("peer_refused")
-            server.warn("peer_refused", "refusing HTTP/2 connection from %s: too many stream resets", self.peer)
-            self._refuse(transport, tls, "too many stream resets from this address")
-            return
+            # On probation, not refused: the address may be Envoy's too (a
+            # rogue sidecar in its pod), whose health checks and reconnects
+            # must go on; the connection is closed at its first reset of an
+            # unanswered stream instead of after the whole budget.
+            self.probation = True
+            server.count("peer_probation")
+            server.warn("peer_probation", "HTTP/2 connection from %s on probation: too many stream resets from "
+                        "this address; closed at its first", self.peer)
         if len(server._connections) >= server.max_connections and not server.evict_idle():
             # Over the cap, none idle to make room: GOAWAY and close, never an fd exhausted.
             server.count("connections_refused")
@@ -193,6 +198,19 @@ class _GrpcConnection(asyncio.Protocol):
             self._begin_handshake(transport)  # type: ignore[arg-type]
         else:
             self._start(transport)  # type: ignore[arg-type]
+
+    def _reset_limit(self) -> None:
+        """The peer address went over peer_max_resets (or this connection,
+        on probation, reset an unanswered stream): GOAWAY(ENHANCE_YOUR_CALM)."""
+        server = self.server
+        if self.probation:
+            server.count("peer_probation_closed")
+        else:
+            server.count("peer_resets_exceeded")
+            server.warn("peer_resets_exceeded", "closing HTTP/2 connection from %s: more than %d stream resets in "
+                        "%.0f s from this address; its connections are on probation for %.0f s", self.peer,
+                        server.limits.peer_max_resets, server.limits.peer_reset_window_s, server.limits.peer_ban_s)
+        self._close(h2.ENHANCE_YOUR_CALM, "too many stream resets from this address")
 
     def _refuse(self, transport: asyncio.BaseTransport, tls: bool, reason: str) -> None:
         if not tls:  # (a GOAWAY in clear text means nothing to a TLS client)
@@ -479,13 +497,9 @@ class _GrpcConnection(asyncio.Protocol):
                 call = self.calls.pop(ev.stream_id, None)
                 if call is not None:
                     self._abort_call(call)
-                    if ev.remote and not call.headers_sent and self.server.note_reset(self.peer, now):
-                        server = self.server
-                        server.count("peer_resets_exceeded")
-                        server.warn("peer_resets_exceeded", "closing HTTP/2 connection from %s: more than %d "
-                                    "stream resets in %.0f s from this address", self.peer,
-                                    server.limits.peer_max_resets, server.limits.peer_reset_window_s)
-                        self._close(h2.ENHANCE_YOUR_CALM, "too many stream resets from this address")
+                    if ev.remote and not call.headers_sent and (self.server.note_reset(self.peer, now)
+                                                                or self.probation):
+                        self._reset_limit()
                         break
             elif t is h2.ConnectionTerminated:
                 key = f"goaway_{ev.error_code}"

@@ -315,8 +315,14 @@ H2_RECLAIM_FRACTION = 1 / 16
 #: it. Resets of unanswered streams are therefore also counted per peer
 #: address, across its connections, in fixed windows of this many seconds;
 #: past H2_PEER_MAX_RESETS in one window the connection that crossed it gets
-#: GOAWAY(ENHANCE_YOUR_CALM) and new connections from the address are
-#: refused for H2_PEER_BAN_S. 2,000 per 10 s is twice nghttp2's burst for one
+#: GOAWAY(ENHANCE_YOUR_CALM) and, for H2_PEER_BAN_S, new connections from the
+#: address are on probation (fast transport): accepted, but closed with
+#: GOAWAY(ENHANCE_YOUR_CALM) at their first reset of an unanswered stream, so
+#: the attacker gets one pair per connection while Envoy sharing its address
+#: (health checks, reconnects; bench/attack.py --attacker-source 127.0.0.1
+#: saw 0 of 15 new-connection health checks pass when such connections were
+#: refused) is served. The grpcio transport refuses the address's calls
+#: instead (it cannot close a connection). 2,000 per 10 s is twice nghttp2's burst for one
 #: connection and about what its refill allows one connection in the window
 #: (1000 + 33/s x 10 s); Envoy, resetting an unanswered ext_proc stream only
 #: when its downstream request dies within milliseconds, stays far below it

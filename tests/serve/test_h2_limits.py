@@ -852,13 +852,15 @@ def test_rapid_reset_by_reconnecting_is_counted_per_peer(tmp_path):
     """HEADERS+RST pairs below the per-connection burst on each of many
     connections from one address: past peer_max_resets in the window the
     connection gets GOAWAY(ENHANCE_YOUR_CALM) and new connections from the
-    address are refused until the ban ends; a client already connected keeps
-    routing."""
-    per_conn, max_resets, ban = L.H2_RESET_BURST // 2, 2000, 2.0
+    address are on probation until the ban ends: a new connection is served
+    (Envoy may share the address) but closed at its first reset of an
+    unanswered stream; a client already connected keeps routing."""
+    per_conn, max_resets, ban, window = L.H2_RESET_BURST // 2, 2000, 2.0, 8.0
     assert per_conn < L.H2_RESET_BURST
-    with server(tmp_path, peer_max_resets=max_resets, peer_ban_s=ban) as srv:
+    with server(tmp_path, peer_max_resets=max_resets, peer_ban_s=ban, peer_reset_window_s=window) as srv:
         srv.stats()  # the stats channel connects before the ban
         with probe_keeps_latency(srv.port):
+            t_window = time.monotonic()  # (the window starts at the first reset, just after)
             cut_off_after = None
             for n in range(1, 3 * max_resets // per_conn):
                 enc = hpack.Encoder()
@@ -872,11 +874,22 @@ def test_rapid_reset_by_reconnecting_is_counted_per_peer(tmp_path):
                     break
             assert cut_off_after == max_resets // per_conn + 1
             t_ban = time.monotonic()
-            s = connect(srv.port)  # refused at once while banned
+            # On probation: a new connection from the address routes ...
+            with grpc.insecure_channel(f"127.0.0.1:{srv.port}", options=OWN_CONNECTION) as ch:
+                _route_once(pbg.ExternalProcessorStub(ch))
+            # ... and one that resets an unanswered stream is closed at once.
+            enc = hpack.Encoder()
+            s = connect(srv.port)
+            s.sendall(b"".join(headers(enc, 2 * i + 1) + h2.rst_stream_frame(2 * i + 1, h2.CANCEL) for i in range(10)))
             frames, closed = read_until_closed(s, timeout=5)
             assert closed and h2.ENHANCE_YOUR_CALM in goaway_codes(frames)
             s.close()
-        assert srv.counter("peer_resets_exceeded") == 1 and srv.counter("peer_refused") >= 1
-        time.sleep(max(0.0, ban - (time.monotonic() - t_ban)) + 0.2)
-        with grpc.insecure_channel(f"127.0.0.1:{srv.port}", options=OWN_CONNECTION) as ch:
-            _route_once(pbg.ExternalProcessorStub(ch))  # the ban is over
+        st = srv.stats()["counters"]
+        assert st["peer_resets_exceeded"] == 1 and st["peer_probation"] >= 2 and st["peer_probation_closed"] == 1, st
+        time.sleep(max(0.0, ban - (time.monotonic() - t_ban), window - (time.monotonic() - t_window)) + 0.2)
+        s = connect(srv.port)  # the ban and its window are over: a few resets are tolerated again
+        enc = hpack.Encoder()
+        s.sendall(b"".join(headers(enc, 2 * i + 1) + h2.rst_stream_frame(2 * i + 1, h2.CANCEL) for i in range(10)))
+        frames, closed = read_until_closed(s, timeout=0.5)
+        assert not closed and h2.ENHANCE_YOUR_CALM not in goaway_codes(frames), (closed, frames[-3:], srv.stats())
+        s.close()
