@@ -46,7 +46,7 @@ from grpc_health.v1 import health_pb2
 from ..tls import TlsFiles, server_context
 from . import h2frames as h2
 from ..core.machine import State
-from .limits import (DRAIN_PING_TIMEOUT_S, H2_ACCEPT_BACKLOG, H2_RECLAIM_FRACTION, LOG_PERIOD_S, MAX_DEADLINE_S, MIN_TIMER_S,
+from .limits import (DRAIN_PING_TIMEOUT_S, H2_ACCEPT_BACKLOG, H2_PROBATION_SLICE_BYTES, H2_RECLAIM_FRACTION, LOG_PERIOD_S, MAX_DEADLINE_S, MIN_TIMER_S,
                      REQUEST_SWEEP_FRACTION, PeerResets, ServerLimits)
 from .rpc import (
     DEADLINE_EXCEEDED,
@@ -482,6 +482,14 @@ class _GrpcConnection(asyncio.Protocol):
             if self._early is None:
                 self._early = bytearray()
             self._early += data
+            return
+        if self.probation and len(data) > H2_PROBATION_SLICE_BYTES:
+            # Parsed a slice at a time: closed at its first reset, it costs
+            # the parse of one slice, not of its whole read.
+            for i in range(0, len(data), H2_PROBATION_SLICE_BYTES):
+                self.data_received(data[i:i + H2_PROBATION_SLICE_BYTES])
+                if self.conn.closed:
+                    return
             return
         conn = self.conn
         now = self.last_activity = self._loop.time()

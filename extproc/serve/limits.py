@@ -333,6 +333,16 @@ H2_PEER_RESET_WINDOW_S = 10.0
 H2_PEER_MAX_RESETS = 2000
 H2_PEER_BAN_S = 10.0
 
+#: A connection on probation (above) has what it sends parsed this many bytes
+#: at a time, so that closing it at its first reset costs the parse of one
+#: slice (~50 HEADERS+RST pairs), not of its whole read (up to 256 KiB, ~3,000
+#: pairs): bench/attack.py's reconnecting attacker cost the router 1.9 s of CPU
+#: and the client a p99 of 265 ms before, with whole reads parsed. 4 KiB is
+#: one page and a quarter of a default HTTP/2 frame; Envoy on probation pays
+#: one more parse call per 4 KiB (about 1 ms per MiB of body) for at most
+#: H2_PEER_BAN_S.
+H2_PROBATION_SLICE_BYTES = 4 << 10
+
 #: Concurrent calls one peer address may hold on the grpcio transport (issue
 #: 17: grpc.aio has no per-connection memory share, so the per-peer count is
 #: what it can bound): Envoy's ext_proc connections of one host together
