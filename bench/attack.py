@@ -462,7 +462,7 @@ def run(args) -> dict:
             after = proc_sample(pid)
             with open(stack.logs["router"], "rb") as f:
                 f.seek(log_at)
-                warnings = [ln for ln in f.read().decode(errors="replace").splitlines() if "WARNING" in ln]
+                warnings = [ln for ln in f.read().decode(errors="replace").splitlines() if "warning" in ln.lower()]
             ph = {
                 "window": (round(t0, 3), round(t1, 3)),
                 "attacker": attacker,

@@ -19,8 +19,13 @@ Limits (``extproc.serve.limits``, ``ServerLimits`` per server): the flood
 limits of h2frames, fed this shell's clock; reading paused while the write
 buffer is above its high-water mark; connections per worker (the longest-idle
 one evicted first); preface and idle timeouts; and a per-process memory
-budget for open streams and the bodies they hold, past which new streams get
-RESOURCE_EXHAUSTED. ``FastServer.counters`` counts what they did.
+budget for open streams, the bodies they hold and TLS connections, with a
+share per connection; when it is full the oldest streams whose request is
+still incomplete are ended to make room (``FastServer.reclaim``), and only
+if none is old enough do new streams get RESOURCE_EXHAUSTED and health
+NOT_SERVING. Resets of unanswered streams are counted per peer address
+across connections (an address over its limit has its new connections on
+probation). ``FastServer.counters`` counts what they did.
 
 Layout: ``_Call`` is one stream's state, ``_GrpcConnection`` one HTTP/2
 connection (asyncio callbacks in, h2frames events dispatched to the
@@ -1047,8 +1052,9 @@ async def serve_fast(
     preface_timeout_s, idle_timeout_s, memory_budget_bytes,
     write_buffer_high_water, stream_cost_bytes, connection_budget_share,
     request_timeout_s, peer_reset_window_s, peer_max_resets, peer_ban_s,
-    tls_handshake_timeout_s, max_pending_handshakes, tls_handshake_cost_bytes;
-    peer_max_calls is read by the grpcio transport only).
+    tls_handshake_timeout_s, max_pending_handshakes, tls_handshake_cost_bytes,
+    tls_connection_cost_bytes, tls_connections_budget_share,
+    reclaim_min_age_s; peer_max_calls is read by the grpcio transport only).
 
     With ``tls`` the port speaks TLS (``extproc.tls.server_context``: ALPN h2,
     TLS 1.2+, a client certificate required when a client CA is set); the
