@@ -260,14 +260,14 @@ class _GrpcConnection(asyncio.Protocol):
 
     async def _handshake_task(self, raw: asyncio.Transport) -> None:
         server = self.server
-        tls = self._loop.create_task(self._loop.start_tls(
-            raw, self, server.ssl_context, server_side=True,
-            ssl_handshake_timeout=server.limits.tls_handshake_timeout_s))
+        start = self._loop.start_tls(raw, self, server.ssl_context, server_side=True,
+                                     ssl_handshake_timeout=server.limits.tls_handshake_timeout_s)
         try:
-            await self._replay_raw(raw)
-            transport = await tls
+            if self._raw_early is None:
+                transport = await start  # takes the socket over in this step: no byte can come between
+            else:
+                transport = await self._start_tls_replaying(raw, start)
         except asyncio.CancelledError:  # evicted, or the server stops
-            tls.cancel()
             transport = None
         except ConnectionAbortedError:  # asyncio's handshake timeout
             server.count("tls_handshake_timeouts")
@@ -293,37 +293,41 @@ class _GrpcConnection(asyncio.Protocol):
         if early:
             self.data_received(bytes(early))
 
-    async def _replay_raw(self, raw: asyncio.Transport) -> None:
-        """Hand the SSL layer the ClientHello bytes that reached us before
-        start_tls took the socket over. uvloop starts reading right after
+    async def _start_tls_replaying(self, raw: asyncio.Transport, start) -> asyncio.Transport:
+        """start_tls, handing the SSL layer the ClientHello bytes that reached
+        us before it took the socket over. uvloop starts reading right after
         connection_made returns, whatever pause_reading() said in it
         (uvloop's _call_connection_made), so a ClientHello already on the
-        socket arrives at this protocol as raw bytes (data_received keeps
-        them in _raw_early and pauses); lost, the handshake would stall
-        until its timeout (about half of all TLS connections to the router
-        on uvloop did). start_tls swaps the socket's protocol in its first
-        step and schedules the SSL protocol's connection_made and
-        resume_reading; one loop iteration later (after the step) and one
-        more (after those two, before any new read: the loop reads only
-        between iterations) the bytes are fed to it in their order."""
-        await asyncio.sleep(0)  # start_tls's first step runs (it was scheduled first)
-        early, self._raw_early = self._raw_early, None
-        ssl_protocol = raw.get_protocol()
-        if not early or ssl_protocol is self:
-            return
-        await asyncio.sleep(0)  # the SSL protocol's connection_made and resume_reading run
-        if raw.is_closing():
-            return
-        data = memoryview(bytes(early))
-        if hasattr(ssl_protocol, "buffer_updated"):  # asyncio's and uvloop's SSLProtocol
-            while data:
-                buf = ssl_protocol.get_buffer(len(data))
-                n = min(len(buf), len(data))
-                buf[:n] = data[:n]
-                data = data[n:]
-                ssl_protocol.buffer_updated(n)
-        else:
-            ssl_protocol.data_received(bytes(data))
+        socket can arrive at this protocol as raw bytes (data_received keeps
+        them in _raw_early and pauses); lost, the handshake stalls until its
+        timeout (1 to 3 of every 5 TLS connections on uvloop did, Envoy's
+        included). start_tls swaps the socket's protocol in its first step
+        and schedules the SSL protocol's connection_made and resume_reading:
+        run as a task of its own, one loop iteration later (after that step)
+        and one more (after those two, before any new read: the loop reads
+        only between iterations) the bytes are fed to it, in their order.
+        Only connections that lost that race come here."""
+        tls = self._loop.create_task(start)
+        try:
+            await asyncio.sleep(0)  # start_tls's first step (scheduled before this one)
+            await asyncio.sleep(0)  # the SSL protocol's connection_made and resume_reading
+            early, self._raw_early = self._raw_early, None
+            ssl_protocol = raw.get_protocol()
+            if early and ssl_protocol is not self and not raw.is_closing():
+                data = memoryview(bytes(early))
+                if hasattr(ssl_protocol, "buffer_updated"):  # asyncio's and uvloop's SSLProtocol
+                    while data:
+                        buf = ssl_protocol.get_buffer(len(data))
+                        n = min(len(buf), len(data))
+                        buf[:n] = data[:n]
+                        data = data[n:]
+                        ssl_protocol.buffer_updated(n)
+                else:
+                    ssl_protocol.data_received(bytes(data))
+            return await tls
+        except asyncio.CancelledError:
+            tls.cancel()
+            raise
 
     def _charge_tls(self) -> bool:
         """The handshake completed: charge the TLS connection's buffers
@@ -332,7 +336,7 @@ class _GrpcConnection(asyncio.Protocol):
         room; False (nothing charged) when none is idle."""
         server = self.server
         cost = server.limits.tls_connection_cost_bytes
-        if server.tls_mem + cost > server.tls_budget and not server.evict_idle(but=self):
+        if server.tls_mem + cost > server.tls_budget and not server.evict_idle(but=self, handshakes=False):
             server.count("tls_connections_refused")
             server.warn("tls_connections_refused", "closing TLS connection from %s: %d bytes of the memory budget "
                         "held by TLS connections (limit %d), none idle", self.peer, server.tls_mem, server.tls_budget)
@@ -474,7 +478,7 @@ class _GrpcConnection(asyncio.Protocol):
             raw = self._raw
             if raw is not None and raw.get_protocol() is self:
                 # TLS, before start_tls took the socket over (uvloop): raw
-                # ClientHello bytes, replayed by _replay_raw; stop reading
+                # ClientHello bytes, replayed by _start_tls_replaying; stop reading
                 # until the SSL layer is in place (start_tls resumes).
                 if self._raw_early is None:
                     self._raw_early = bytearray()
@@ -979,12 +983,14 @@ class FastServer:
         if not self._connections:
             self._idle.set()
 
-    def evict_idle(self, but: "_GrpcConnection | None" = None) -> bool:
+    def evict_idle(self, but: "_GrpcConnection | None" = None, handshakes: bool = True) -> bool:
         """At the connection cap: close the connection idle the longest (no
-        open stream; ``but`` excepted) to make room, so that sockets held open
-        and silent cannot lock Envoy out until the idle timeout. False if
-        none is idle."""
-        idle = [c for c in self._connections if not c.calls and c.conn.idle and c is not but]
+        open stream, or a TLS handshake still pending; ``but`` excepted) to
+        make room, so that sockets held open and silent cannot lock Envoy out
+        until the idle timeout. ``handshakes=False``: established
+        connections only. False if none is idle."""
+        idle = [c for c in self._connections
+                if not c.calls and c.conn.idle and c is not but and (handshakes or c.transport is not None)]
         if not idle:
             return False
         min(idle, key=lambda c: c.last_activity).evict()
