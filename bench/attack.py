@@ -399,7 +399,9 @@ def run(args) -> dict:
                 "tls_cert_file": pki["server"], "tls_key_file": pki["server_key"], "tls_client_ca_file": pki["ca"]},
         envoy={"router_tls_ca_file": pki["ca"], "router_client_cert_file": pki["client"],
                "router_client_key_file": pki["client_key"]})
-    stack = S.Stack(cfg, workdir=workdir, time_scale=0.0)
+    from extproc.serve.loop import LOOP_ENV, choose
+    env = {LOOP_ENV: args.loop} if args.loop else {}
+    stack = S.Stack(cfg, workdir=workdir, time_scale=0.0, router_env=env)
     print(f"starting the stack in {workdir} ...", flush=True)
     stack.start()
     pid = stack.procs["router"].pid
@@ -430,6 +432,7 @@ def run(args) -> dict:
                             max_s=RESET_MAX_S, concurrency=RESET_CONCURRENCY),
     }
     report = {"config": {"router_port": port, "transport": "fast", "tls": "mTLS (Envoy -> router)",
+                         "router_loop": choose(tls=True, env=env),
                          "attacker_source": args.attacker_source, "client_rate_per_s": args.client_rate,
                          "hold_s": args.hold_s, "scale": scale, "workdir": workdir,
                          "sizes": {k: {a: b for a, b in v.items() if a not in ("pki", "port", "source")}
@@ -508,7 +511,8 @@ def write_report(report: dict, out: Path) -> None:
     (out / "series.json").write_text(json.dumps(report["series"]) + "\n")
     b = report["baseline"]
     lines = ["# Attack run (issue 17)", "",
-             f"Stack: real Envoy -> router (fast transport, 1 worker, mTLS) -> simulated pools (instant). "
+             f"Stack: real Envoy -> router (fast transport on {report['config']['router_loop']}, 1 worker, mTLS) "
+             f"-> simulated pools (instant). "
              f"Client: {report['config']['client_rate_per_s']:.0f} req/s max, one at a time, through Envoy. "
              f"Attacker source {report['config']['attacker_source']}; sizes {json.dumps(report['config']['sizes'])}.", "",
              f"Baseline ({b['seconds']} s): {b['requests']} requests, {b['routed']} routed, p50 {b['p50_ms']} ms, "
@@ -573,6 +577,8 @@ def main(argv=None) -> int:
     ap.add_argument("--client-rate", type=float, default=CLIENT_RATE_PER_S, help="client requests per second at most")
     ap.add_argument("--attacker-source", default="127.0.0.2",
                     help="the attacker's source address (127.0.0.1: Envoy's own address)")
+    ap.add_argument("--loop", choices=("asyncio", "uvloop"),
+                    help="the router's event loop (BUDGET_ROUTER_LOOP; default: the router's own choice for a TLS port)")
     ap.add_argument("--out", default=str(REPO / "out" / "attack"))
     args = ap.parse_args(argv)
     args.phases = [p for p in args.phases.split(",") if p]
