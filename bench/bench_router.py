@@ -108,7 +108,10 @@ def envoy_bootstrap(envoy_port: int, direct_port: int, admin_port: int, router_p
     direct["address"]["socket_address"]["port_value"] = direct_port
     hcm = direct["filter_chains"][0]["filters"][0]["typed_config"]
     hcm["stat_prefix"] = "direct"
-    hcm["http_filters"] = [f for f in hcm["http_filters"] if f["name"] != "envoy.filters.http.ext_proc"]
+    # Without the router's filters: ext_proc, and the buffer filter that only
+    # holds headers for it (see extproc.envoy.bootstrap).
+    hcm["http_filters"] = [f for f in hcm["http_filters"]
+                           if f["name"] not in ("envoy.filters.http.ext_proc", "envoy.filters.http.buffer")]
     # Same route table: without ext_proc nothing sets the routing header, so
     # direct traffic takes the default route (pool_long) to the same pool.
     boot["static_resources"]["listeners"].append(direct)

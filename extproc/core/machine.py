@@ -46,6 +46,7 @@ from envoy.type.v3 import http_status_pb2
 from google.protobuf import struct_pb2
 
 from . import content_coding
+from .. import defaults as D
 from . import policy as P
 from .policy import Decision
 from .port import RouterPort
@@ -128,6 +129,8 @@ TRANSITIONS: dict[tuple[State, Event], State] = {
     (State.REQ_BODY, Event.REFUSED): State.DONE,
     (State.REQ_BODY, Event.ROUTED_WATCHED): State.RESP_HEADERS,
     (State.REQ_BODY, Event.ROUTED): State.DONE,
+    (State.REQ_HEADERS, Event.RESPONSE_SKIPPED): State.DONE,
+    (State.REQ_BODY, Event.RESPONSE_SKIPPED): State.DONE,
     (State.RESP_HEADERS, Event.RESPONSE_READ): State.RESP_BODY,
     (State.RESP_HEADERS, Event.RESPONSE_SKIPPED): State.DONE,
     (State.RESP_BODY, Event.RESPONSE_PART): State.RESP_BODY,
@@ -155,6 +158,27 @@ def _headers_dict(hdrs: pb.HttpHeaders) -> dict[str, str]:
     out: dict[str, str] = {}
     for h in hdrs.headers.headers:
         out[h.key] = h.raw_value.decode("latin-1") if h.raw_value else h.value
+    return out
+
+
+#: Dynamic-metadata key that names the Content-Encoding of a body the router
+#: forwards decoded ("identity"); Envoy's routes copy it into the request.
+CONTENT_ENCODING_METADATA_KEY = "content_encoding"
+
+#: Request attribute expression -> the header name it stands for.
+_ATTRIBUTE_HEADERS = dict(D.EXT_PROC_REQUEST_ATTRIBUTES)
+
+
+def attribute_headers(req: pb.ProcessingRequest) -> dict[str, str]:
+    """The request headers a body message carries as attributes
+    (``ProcessingRequest.attributes``: one Struct per filter, keyed by the
+    filter's name, each field keyed by the attribute expression)."""
+    out: dict[str, str] = {}
+    for attrs in req.attributes.values():
+        for key, value in attrs.fields.items():
+            name = _ATTRIBUTE_HEADERS.get(key)
+            if name is not None and value.WhichOneof("kind") == "string_value":
+                out[name] = value.string_value
     return out
 
 
@@ -210,6 +234,12 @@ class StreamMachine:
             if kind == "request_headers":
                 return self._on_request_headers(req.request_headers)
             if kind == "request_body":
+                if self.state == State.REQ_HEADERS:
+                    # The header phase was skipped: what it gave comes with
+                    # the body, as request attributes.
+                    refused = self._on_attributes(req, req.request_body.end_of_stream)
+                    if refused is not None:
+                        return refused
                 return self._on_request_body(req.request_body)
             if kind == "response_headers":
                 return self._on_response_headers(req.response_headers)
@@ -256,29 +286,51 @@ class StreamMachine:
     def _on_request_headers(self, msg: pb.HttpHeaders) -> tuple[list[pb.ProcessingResponse], bool]:
         if self.state != State.REQ_HEADERS:
             return [_CONTINUE_REQ_HEADERS], False
-        h = _headers_dict(msg)
+        d = self._check_headers(_headers_dict(msg), msg.end_of_stream)
+        if d is None:
+            self._to(Event.HEADERS_CONTINUED)
+            return [_CONTINUE_REQ_HEADERS], False
+        if d.status is not None:
+            return self._refuse(d)
+        return [self._route_headers(d)], True
+
+    def _on_attributes(self, req: pb.ProcessingRequest,
+                       end_of_stream: bool) -> tuple[list[pb.ProcessingResponse], bool] | None:
+        """The request's headers from the body message's attributes (header
+        phase skipped): refused or routed here, or None to go on to the body."""
+        d = self._check_headers(attribute_headers(req), False)
+        if d is None:
+            self._to(Event.HEADERS_CONTINUED)
+            return None
+        if d.status is not None:
+            return self._refuse(d)
+        self.decision = d
+        self._to(Event.HEADERS_ROUTED)
+        return [self._route_body(d, None)], True
+
+    def _check_headers(self, h: dict[str, str], end_of_stream: bool) -> Decision | None:
+        """What the request headers alone decide: a route (not an LLM
+        request), a refusal, or None (read the body)."""
         self.request_headers = h
         self.path = h.get(":path", "")
         self.method = h.get(":method", "")
         router = self.router
-        if msg.end_of_stream or self.method != "POST":
-            d = router.not_llm(f"{self.method or 'request'} without a body" if msg.end_of_stream
-                               else f"method {self.method}")
-            return [self._route_headers(d)], True
+        if end_of_stream or self.method != "POST":
+            return router.not_llm(f"{self.method or 'request'} without a body" if end_of_stream
+                                  else f"method {self.method}")
         length = h.get("content-length")
-        if length is not None and length.isdigit() and int(length) > self.router.stream_settings.max_body_bytes:
-            return self._refuse(router.too_large(int(length)))
+        if length is not None and length.isdigit() and int(length) > router.stream_settings.max_body_bytes:
+            return router.too_large(int(length))
         ctype = h.get("content-type")
         if ctype is not None and ctype != _JSON_TYPE and not is_json_content_type(ctype):
-            return [self._route_headers(router.not_llm(f"content-type {ctype[:64]!r} is not JSON"))], True
+            return router.not_llm(f"content-type {ctype[:64]!r} is not JSON")
         coding = h.get("content-encoding")
         if coding is not None and coding not in content_coding.IDENTITY:
             codings = content_coding.parse_codings(coding)
             if isinstance(codings, content_coding.Unsupported):
-                return self._refuse(router.unsupported_encoding(codings.coding[:64]))
+                return router.unsupported_encoding(codings.coding[:64])
             self.codings = codings
-        self._to(Event.HEADERS_CONTINUED)
-        return [_CONTINUE_REQ_HEADERS], False
+        return None
 
     def _on_request_body(self, msg: pb.HttpBody) -> tuple[list[pb.ProcessingResponse], bool]:
         if self.state != State.REQ_BODY:
@@ -321,6 +373,12 @@ class StreamMachine:
         return [self._route_body(d, mutation)], not keep
 
     def _on_response_headers(self, msg: pb.HttpHeaders) -> tuple[list[pb.ProcessingResponse], bool]:
+        if self.state in (State.REQ_HEADERS, State.REQ_BODY):
+            # A response before the request reached us whole: a request
+            # without a body (header phase skipped) or Envoy's own answer
+            # (a body over its buffer). Nothing to route or learn.
+            self._to(Event.RESPONSE_SKIPPED)
+            return [_CONTINUE_RESP_HEADERS], True
         if self.state != State.RESP_HEADERS:
             return [_CONTINUE_RESP_HEADERS], self.state == State.DONE
         h = _headers_dict(msg)
@@ -423,13 +481,17 @@ class StreamMachine:
         if new_body is not None:
             extra = [_header("content-length", str(len(new_body)))]
         common = self._route_common(d, extra)
+        md = _metadata(self.router.stream_settings.metadata_namespace, d)
         if new_body is not None:
             common.body_mutation.body = new_body
             if self.codings:  # the new body is the decoded one, whatever else changed
                 common.header_mutation.remove_headers.append("content-encoding")
-        return pb.ProcessingResponse(
-            request_body=pb.BodyResponse(response=common),
-            dynamic_metadata=_metadata(self.router.stream_settings.metadata_namespace, d))
+                # Envoy drops a body response's header mutations when the
+                # header phase was skipped; its routes set Content-Encoding
+                # from this key instead (envoy.bootstrap).
+                md.fields[self.router.stream_settings.metadata_namespace].struct_value.fields[
+                    CONTENT_ENCODING_METADATA_KEY].string_value = content_coding.IDENTITY_CODING
+        return pb.ProcessingResponse(request_body=pb.BodyResponse(response=common), dynamic_metadata=md)
 
     def _immediate(self, d: Decision) -> pb.ProcessingResponse:
         assert d.status is not None and d.error is not None
