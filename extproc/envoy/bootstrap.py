@@ -14,19 +14,25 @@ Filter chain (order matters), see envoy/README.md for the why of each part:
 0. An early header mutation of the connection manager removes a client-sent
    routing header before the route is selected, so a client can never pick
    the pool (also when the router is down).
-1. ``envoy.filters.http.ext_proc`` streams headers and the buffered body to the
-   router, which sets the routing header, clears the route cache and writes its
-   decision into dynamic metadata.
-2. ``envoy.filters.http.router`` sends ``<routing header>: <tier>`` to the
-   aggregate cluster ``pool_<tier>_failover`` (``pool_<tier>`` first, then the
-   larger tiers' pools when no endpoint of it is healthy) for every tier but
-   the last, and everything else to the last tier's cluster (``pool_long``
-   with the default two tiers: ``short`` -> ``pool_short_failover``). Pool
-   clusters are health-checked (HTTP ``GET /health``) and
+1. ``envoy.filters.http.ext_proc`` sends the buffered body to the router in one
+   message, with what the router needs of the headers as request attributes
+   (the request-header phase is skipped: one exchange per request); the router
+   writes its decision into dynamic metadata and clears the route cache.
+2. ``envoy.filters.http.buffer`` holds the request headers until the body is
+   in and ext_proc has answered, so the route is picked after the decision.
+3. ``envoy.filters.http.router``: a request whose dynamic metadata names
+   ``pool: <tier>`` goes to the aggregate cluster ``pool_<tier>_failover``
+   (``pool_<tier>`` first, then the larger tiers' pools when no endpoint of it
+   is healthy) for every tier but the last, and everything else to the last
+   tier's cluster (``pool_long`` with the default two tiers); the pool gets
+   ``<routing header>: <tier>``. Two routes come first and are answered
+   without the router: a Content-Length over the body limit (413 before the
+   upload) and a method other than POST (the last pool). Pool clusters are
+   health-checked (HTTP ``GET /health``) and
    ejected on consecutive failures; a request whose upstream connection fails
    before any byte is retried on the next larger pool; Envoy's own local
-   replies that clients see (503 when no pool can serve, 413 for a chunked body
-   over the buffer) are OpenAI-style JSON.
+   replies that clients see (503 when no pool can serve, 413 for a body
+   over the limit) are OpenAI-style JSON.
 """
 
 from __future__ import annotations
@@ -483,9 +489,18 @@ def access_log_format(cfg: C.Config) -> dict[str, str]:
     return fields
 
 
-def _http_filters(cfg: C.Config) -> list[HttpFilter]:
+def ext_proc_config(cfg: C.Config, *, header_phase: bool = False) -> ExternalProcessor:
+    """The ext_proc filter's config. By default one exchange per request: the
+    request-header phase is skipped and what it gave the router comes with the
+    body message (``request_attributes``); this needs the bootstrap's routes
+    (on the router's dynamic metadata) and its buffer filter.
+
+    ``header_phase=True`` is the two-exchange variant (request headers sent)
+    for an Envoy whose routes match the routing header the router sets, which
+    only a header-phase response can set: Istio's VirtualService and Gateway
+    API HTTPRoutes (deploy/kubernetes) cannot match dynamic metadata."""
     ns = cfg.router.metadata_namespace
-    ext_proc = ExternalProcessor(
+    return ExternalProcessor(
         grpc_service=GrpcService(
             envoy_grpc=GrpcServiceEnvoyGrpc(
                 cluster_name=ROUTER_CLUSTER,
@@ -493,12 +508,10 @@ def _http_filters(cfg: C.Config) -> list[HttpFilter]:
             )
         ),
         failure_mode_allow=True,
-        request_attributes=[attribute for attribute, _ in D.EXT_PROC_REQUEST_ATTRIBUTES],
+        request_attributes=[] if header_phase else [attribute for attribute, _ in D.EXT_PROC_REQUEST_ATTRIBUTES],
         processing_mode=ProcessingMode(
-            # One exchange per request: what the header phase gave the router
-            # comes with the body message (request_attributes); see
-            # TOO_LARGE_ROUTE / NOT_POST_ROUTE for what Envoy decides itself.
-            request_header_mode=ProcessingModeHeaderSendMode.SKIP,
+            request_header_mode=ProcessingModeHeaderSendMode.SEND if header_phase
+            else ProcessingModeHeaderSendMode.SKIP,
             request_body_mode=ProcessingModeBodySendMode.BUFFERED,
             request_trailer_mode=ProcessingModeHeaderSendMode.SKIP,
             response_header_mode=ProcessingModeHeaderSendMode.SEND,
@@ -513,12 +526,24 @@ def _http_filters(cfg: C.Config) -> list[HttpFilter]:
             receiving_namespaces=MetadataOptionsMetadataNamespaces(untyped=[ns])
         ),
     )
+
+
+def ext_proc_dict(cfg: C.Config, *, header_phase: bool = False) -> dict[str, Any]:
+    """The ext_proc HTTP filter as the rendered YAML has it."""
+    f = HttpFilter(name=EXT_PROC_FILTER, typed_config=AnyMsg.pack(ext_proc_config(cfg, header_phase=header_phase)))
+    return f.to_dict(casing=betterproto2.Casing.SNAKE)
+
+
+def _http_filters(cfg: C.Config) -> list[HttpFilter]:
     return [
-        HttpFilter(name=EXT_PROC_FILTER, typed_config=AnyMsg.pack(ext_proc)),
+        HttpFilter(name=EXT_PROC_FILTER, typed_config=AnyMsg.pack(ext_proc_config(cfg))),
         # With the header phase skipped, ext_proc lets the request headers go
-        # on at once; this holds them until the whole body is in (and ext_proc
-        # has answered), so the router filter picks the route only after the
-        # router's routing header and clear_route_cache.
+        # on at once (Envoy 1.40 ext_proc.cc decodeHeaders: Continue), and the
+        # router filter would pick the route and start the upstream request
+        # before the body reached the router. The buffer filter holds them
+        # until the whole body is in and ext_proc has answered; the router
+        # filter then matches the route afresh (clear_route_cache). Its limit
+        # is the listener's buffer: a larger chunked body gets Envoy's 413.
         HttpFilter(name=BUFFER_FILTER, typed_config=AnyMsg.pack(Buffer(max_request_bytes=buffer_limit_bytes(cfg)))),
         HttpFilter(name=ROUTER_FILTER, typed_config=AnyMsg.pack(Router())),
     ]
