@@ -166,7 +166,7 @@ def _headers_dict(hdrs: pb.HttpHeaders) -> dict[str, str]:
 CONTENT_ENCODING_METADATA_KEY = "content_encoding"
 
 #: Request attribute expression -> the header name it stands for.
-_ATTRIBUTE_HEADERS = dict(D.EXT_PROC_REQUEST_ATTRIBUTES)
+_ATTRIBUTE_HEADER_ITEMS = tuple(D.EXT_PROC_REQUEST_ATTRIBUTES)
 
 
 def attribute_headers(req: pb.ProcessingRequest) -> dict[str, str]:
@@ -175,24 +175,42 @@ def attribute_headers(req: pb.ProcessingRequest) -> dict[str, str]:
     filter's name, each field keyed by the attribute expression)."""
     out: dict[str, str] = {}
     for attrs in req.attributes.values():
-        for key, value in attrs.fields.items():
-            name = _ATTRIBUTE_HEADERS.get(key)
-            if name is not None and value.WhichOneof("kind") == "string_value":
-                out[name] = value.string_value
+        fields = attrs.fields
+        for key, name in _ATTRIBUTE_HEADER_ITEMS:
+            if key in fields:  # (a lookup in C; iterating the map is Python)
+                value = fields[key]
+                if value.WhichOneof("kind") == "string_value":
+                    out[name] = value.string_value
     return out
 
 
-def _metadata(namespace: str, d: Decision) -> struct_pb2.Struct:
+def _fill_metadata(s: struct_pb2.Struct, namespace: str, d: Decision,
+                   extra: dict[str, object] | None = None) -> None:
     # Field by field: Struct.update() walks Python values generically and
     # costs ~15 us per request; direct assignment costs ~3 us.
-    s = struct_pb2.Struct()
     fields = s.fields[namespace].struct_value.fields
-    for key, value in d.metadata().items():
-        if isinstance(value, str):
+    values = d.metadata()
+    if extra:
+        values.update(extra)
+    for key, value in values.items():
+        if type(value) is str:
             fields[key].string_value = value
         else:
             fields[key].number_value = value
+
+
+def _metadata(namespace: str, d: Decision, extra: dict[str, object] | None = None) -> struct_pb2.Struct:
+    s = struct_pb2.Struct()
+    _fill_metadata(s, namespace, d, extra)
     return s
+
+
+#: (routing header, pool) -> a routed request's response without its
+#: metadata (header mutation, clear_route_cache), serialised: constant per
+#: pool (bounded by the configured pools). Parsing it in C and filling the
+#: metadata in place costs ~5 us less per request than building the
+#: messages field by field.
+_ROUTE_BODY_HEAD: dict[tuple[str, str], bytes] = {}
 
 
 class StreamMachine:
@@ -477,21 +495,31 @@ class StreamMachine:
             dynamic_metadata=_metadata(self.router.stream_settings.metadata_namespace, d))
 
     def _route_body(self, d: Decision, new_body: bytes | None) -> pb.ProcessingResponse:
+        settings = self.router.stream_settings
+        if new_body is None:
+            # The common case (see _ROUTE_BODY_HEAD).
+            key = (settings.routing_header, d.pool)
+            head = _ROUTE_BODY_HEAD.get(key)
+            if head is None:
+                head = _ROUTE_BODY_HEAD[key] = pb.ProcessingResponse(
+                    request_body=pb.BodyResponse(response=self._route_common(d))).SerializeToString()
+            resp = pb.ProcessingResponse.FromString(head)
+            _fill_metadata(resp.dynamic_metadata, settings.metadata_namespace, d)
+            return resp
         extra = None
         if new_body is not None:
             extra = [_header("content-length", str(len(new_body)))]
         common = self._route_common(d, extra)
-        md = _metadata(self.router.stream_settings.metadata_namespace, d)
-        if new_body is not None:
-            common.body_mutation.body = new_body
-            if self.codings:  # the new body is the decoded one, whatever else changed
-                common.header_mutation.remove_headers.append("content-encoding")
-                # Envoy drops a body response's header mutations when the
-                # header phase was skipped; its routes set Content-Encoding
-                # from this key instead (envoy.bootstrap).
-                md.fields[self.router.stream_settings.metadata_namespace].struct_value.fields[
-                    CONTENT_ENCODING_METADATA_KEY].string_value = content_coding.IDENTITY_CODING
-        return pb.ProcessingResponse(request_body=pb.BodyResponse(response=common), dynamic_metadata=md)
+        common.body_mutation.body = new_body
+        md = None
+        if self.codings:  # the new body is the decoded one, whatever else changed
+            common.header_mutation.remove_headers.append("content-encoding")
+            # Envoy drops a body response's header mutations when the
+            # header phase was skipped; its routes set Content-Encoding
+            # from this key instead (envoy.bootstrap).
+            md = {CONTENT_ENCODING_METADATA_KEY: content_coding.IDENTITY_CODING}
+        return pb.ProcessingResponse(request_body=pb.BodyResponse(response=common),
+                                     dynamic_metadata=_metadata(settings.metadata_namespace, d, md))
 
     def _immediate(self, d: Decision) -> pb.ProcessingResponse:
         assert d.status is not None and d.error is not None
