@@ -682,16 +682,31 @@ class _GrpcConnection(asyncio.Protocol):
                 self._refuse_memory(call)
                 return
         if responses:
-            parts = []
-            for r in responses:
-                b = r.SerializeToString()
-                parts.append(len(b).to_bytes(5, "big"))
-                parts.append(b)
+            if len(responses) == 1:
+                b = responses[0].SerializeToString()
+                body = len(b).to_bytes(5, "big") + b
+            else:
+                parts = []
+                for r in responses:
+                    b = r.SerializeToString()
+                    parts.append(len(b).to_bytes(5, "big"))
+                    parts.append(b)
+                body = b"".join(parts)
             conn = self.conn
+            if close and not call.headers_sent and conn.send_response(call.sid, _RESPONSE_HEADERS, body, _TRAILERS_OK):
+                # The whole answer in one go (the common case); the rest of
+                # _end_call's bookkeeping.
+                call.headers_sent = call.done = True
+                call.handler = None
+                self._release(call)
+                if call.timer:
+                    call.timer.cancel()
+                self.calls.pop(call.sid, None)
+                return
             if not call.headers_sent:
                 call.headers_sent = True
                 conn.send_headers(call.sid, _RESPONSE_HEADERS)
-            conn.send_data(call.sid, b"".join(parts))
+            conn.send_data(call.sid, body)
         if close:
             call.handler = None
             self._end_call(call, OK)
