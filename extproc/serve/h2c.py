@@ -102,6 +102,12 @@ def _parse_timeout(value: str) -> float | None:
     return seconds if seconds <= MAX_DEADLINE_S else None
 
 
+#: Header lists whose fields _on_request keeps read, per connection: Envoy
+#: sends one header block for all its ext_proc streams (and one for health
+#: checks); a peer that varies its blocks only clears the table more often.
+HEADERS_READ_ENTRIES = 16
+
+
 # --- per-stream state -------------------------------------------------------------
 
 _KIND_PROCESS = 0
@@ -157,6 +163,8 @@ class _GrpcConnection(asyncio.Protocol):
         self._loop = asyncio.get_running_loop()
         self.last_activity = self._loop.time()
         self._reading_paused = False
+        #: id(header list) -> (the list, what _on_request reads of it).
+        self._headers_read: dict[int, tuple[list, tuple]] = {}
         # TLS only: the handshake task, the TCP transport under it and the
         # bytes the SSL layer handed us before the task resumed (see _handshake_task).
         self._handshake: asyncio.Task | None = None
@@ -521,21 +529,34 @@ class _GrpcConnection(asyncio.Protocol):
 
     def _on_request(self, ev: h2.RequestReceived) -> None:
         sid = ev.stream_id
-        path = method = ctype = encoding = timeout = None
-        meta: dict[str, str] = {}
-        for name, value in ev.headers:
-            if name in TRACE_METADATA:
-                meta[name] = value
-            elif name == ":path":
-                path = value
-            elif name == ":method":
-                method = value
-            elif name == "content-type":
-                ctype = value
-            elif name == "grpc-encoding":
-                encoding = value
-            elif name == "grpc-timeout":
-                timeout = value
+        headers = ev.headers
+        # h2frames hands out one list per distinct header block (its decoded
+        # block cache), and Envoy sends the same block on every stream: what
+        # this loop reads of it is kept with the list itself, and a hit is
+        # that very list (``is``), never just an equal id.
+        hit = self._headers_read.get(id(headers))
+        if hit is not None and hit[0] is headers:
+            path, method, ctype, encoding, timeout, trace = hit[1]
+        else:
+            path = method = ctype = encoding = timeout = None
+            trace: tuple[tuple[str, str], ...] = ()
+            for name, value in headers:
+                if name in TRACE_METADATA:
+                    trace += ((name, value),)
+                elif name == ":path":
+                    path = value
+                elif name == ":method":
+                    method = value
+                elif name == "content-type":
+                    ctype = value
+                elif name == "grpc-encoding":
+                    encoding = value
+                elif name == "grpc-timeout":
+                    timeout = value
+            if len(self._headers_read) >= HEADERS_READ_ENTRIES:
+                self._headers_read.clear()
+            self._headers_read[id(headers)] = (headers, (path, method, ctype, encoding, timeout, trace))
+        meta = dict(trace)
         conn = self.conn
         if method != "POST" or ctype is None or not (ctype == "application/grpc" or ctype.startswith(("application/grpc+", "application/grpc;"))):
             conn.send_headers(sid, _HTTP_415, end_stream=True)
