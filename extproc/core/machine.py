@@ -178,9 +178,9 @@ def attribute_headers(req: pb.ProcessingRequest) -> dict[str, str]:
         fields = attrs.fields
         for key, name in _ATTRIBUTE_HEADER_ITEMS:
             if key in fields:  # (a lookup in C; iterating the map is Python)
-                value = fields[key]
-                if value.WhichOneof("kind") == "string_value":
-                    out[name] = value.string_value
+                value = fields[key].string_value  # "" unless a string
+                if value:
+                    out[name] = value
     return out
 
 
