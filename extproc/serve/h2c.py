@@ -621,9 +621,16 @@ class _GrpcConnection(asyncio.Protocol):
         if call.done:
             return
         buf = call.buf
-        if data:
-            buf += data
         max_bytes = self.server.max_message_bytes
+        n = len(data)
+        if not buf and n > 5 and data[0] == 0 and int.from_bytes(data[1:5], "big") == n - 5 and n - 5 <= max_bytes:
+            # One whole uncompressed message in this DATA frame, nothing
+            # buffered before it (the common case): no copy into the buffer.
+            self._on_message(call, data[5:])
+            if call.done:
+                return
+        elif data:
+            buf += data
         while len(buf) >= 5:
             if buf[0] != 0:
                 if buf[0] == 1 and call.encoding not in (None, "identity"):
@@ -653,12 +660,7 @@ class _GrpcConnection(asyncio.Protocol):
             else:
                 msg = bytes(buf[5 : 5 + length])
                 del buf[: 5 + length]
-            if call.kind == _KIND_PROCESS:
-                self._on_process_message(call, msg)
-            elif call.kind == _KIND_STREAMING:
-                self._on_streaming_message(call, msg)
-            else:
-                call.messages.append(msg)  # type: ignore[union-attr]
+            self._on_message(call, msg)
             if call.done:
                 return
         if end_stream:
@@ -680,6 +682,14 @@ class _GrpcConnection(asyncio.Protocol):
                 self._on_unary(call)
             else:
                 self._on_health(call)
+
+    def _on_message(self, call: _Call, msg: bytes) -> None:
+        if call.kind == _KIND_PROCESS:
+            self._on_process_message(call, msg)
+        elif call.kind == _KIND_STREAMING:
+            self._on_streaming_message(call, msg)
+        else:
+            call.messages.append(msg)  # type: ignore[union-attr]
 
     def _on_process_message(self, call: _Call, msg: bytes) -> None:
         if not msg:
