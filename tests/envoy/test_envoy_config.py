@@ -230,7 +230,7 @@ def test_envoy_and_router_agree_on_what_envoy_decides_for_the_router():
     from extproc.core import policy as P
     from extproc.core.router import Router
 
-    for cfg in (C.Config(), C.Config().replace(router={"max_body_bytes": 1234})):
+    for cfg in (C.Config(), C.Config().replace(router={"max_body_bytes": 1024 * 1024})):
         router = Router(cfg)
         assert E.static_decision(cfg, E.TOO_LARGE_REASON) == router.too_large(None).header_value()
         assert E.static_decision(cfg, E.NOT_POST_REASON) == router.not_llm("method GET").header_value()
@@ -260,7 +260,8 @@ def test_route_timeout_and_dns_choice():
     assert clusters["pool_short"]["type"] == "STRICT_DNS"
     assert clusters["pool_long"]["type"] == "STATIC"
     routes = _hcm(E.to_dict(cfg))["route_config"]["virtual_hosts"][0]["routes"]
-    assert {r["route"]["timeout"] for r in routes} == {"7200s"}
+    # every route to a pool (the first route is the direct 413 of a declared body over the limit)
+    assert "route" not in routes[0] and {r["route"]["timeout"] for r in routes[1:]} == {"7200s"}
 
 
 def test_cli_writes_file_and_checks(tmp_path, capsys):
@@ -273,8 +274,9 @@ def test_cli_writes_file_and_checks(tmp_path, capsys):
 
 
 def test_three_tier_example_renders_one_cluster_and_route_per_tier(capsys):
-    """envoy/three-tiers.toml: pool_<name> per tier, a header route per tier but
-    the last, the last tier as the default; Envoy accepts it (--check)."""
+    """envoy/three-tiers.toml: pool_<name> per tier, a route on the router's
+    metadata per tier but the last, the last tier as the default (and for
+    non-POSTs); Envoy accepts it (--check)."""
     example = ENVOY_DIR / "three-tiers.toml"
     assert E.main(["--config", str(example), "--check"]) == 0
     captured = capsys.readouterr()
@@ -288,10 +290,16 @@ def test_three_tier_example_renders_one_cluster_and_route_per_tier(capsys):
     agg = "pool_short_failover"
     assert clusters[agg]["cluster_type"]["typed_config"]["clusters"] == ["pool_short", "pool_medium", "pool_long"]
     routes = _hcm(doc)["route_config"]["virtual_hosts"][0]["routes"]
-    header = cfg.router.routing_header
-    assert [(r["route"]["cluster"], r["match"].get("headers")) for r in routes] == [
-        ("pool_short_failover", [{"name": header, "string_match": {"exact": "short"}}]),
-        ("pool_medium_failover", [{"name": header, "string_match": {"exact": "medium"}}]),
+    ns = cfg.router.metadata_namespace
+
+    def chosen(pool):
+        return [{"filter": ns, "path": [{"key": "pool"}], "value": {"string_match": {"exact": pool}}}]
+
+    assert [r["name"] for r in routes[:2]] == [E.TOO_LARGE_ROUTE, E.NOT_POST_ROUTE]
+    assert routes[1]["route"]["cluster"] == "pool_long"
+    assert [(r["route"]["cluster"], r["match"].get("dynamic_metadata")) for r in routes[2:]] == [
+        ("pool_short_failover", chosen("short")),
+        ("pool_medium_failover", chosen("medium")),
         ("pool_long", None),
     ]
 
