@@ -7,19 +7,26 @@ the second value is True it ends the stream with gRPC OK, which makes Envoy
 continue the HTTP request without the processor (the cheap way to skip the
 response phase of requests we do not learn from).
 
-Phases of one stream (Envoy config: request headers SEND, request body
-BUFFERED, response headers SEND, response body STREAMED):
+Phases of one stream (Envoy config: request headers SKIP, request body
+BUFFERED, response headers SEND, response body STREAMED; a two-exchange
+config sends the request headers too, and both work):
 
-    request_headers  -> continue; or 413 at once when Content-Length is over
-                        the limit; 415 for a Content-Encoding we cannot
-                        decode; route long and close for non-LLM requests
-                        (also a Content-Type that is not JSON)
-    request_body     -> decode a gzip/deflate body within the body limit
+    request_headers  -> (two-exchange configs) continue; or 413 at once when
+                        Content-Length is over the limit; 415 for a
+                        Content-Encoding we cannot decode; route long and
+                        close for non-LLM requests (also a Content-Type that
+                        is not JSON)
+    request_body     -> first message of the stream (one exchange): the same
+                        header checks, on the headers the message carries as
+                        request attributes (``attribute_headers``); then
+                        decode a gzip/deflate body within the body limit
                         (then forward it decoded); decide: routing header
                         (raw_value) + clear_route_cache + dynamic metadata; or
                         an immediate 400/413; close unless this response is
                         sampled
     response_headers -> note status / content type; close if nothing to learn
+                        (also when no request phase came first: a request
+                        without a body, or Envoy's own answer)
     response_body*   -> scan chunks for usage (never changing them unless we
                         added include_usage ourselves); at end of stream: learn
                         and close
@@ -354,10 +361,11 @@ class StreamMachine:
         if self.state != State.REQ_BODY:
             return [_CONTINUE_REQ_BODY], self.state == State.DONE
         max_body_bytes = self.router.stream_settings.max_body_bytes
-        if msg.body:
-            self.body_size += len(msg.body)
+        part = msg.body  # (each read of a bytes field copies it out of the message: once)
+        if part:
+            self.body_size += len(part)
             if self.body_size <= max_body_bytes:
-                self.body_parts.append(msg.body)
+                self.body_parts.append(part)
         if not msg.end_of_stream:
             # BUFFERED mode sends one message; tolerate a split body anyway.
             self._to(Event.BODY_PART)

@@ -237,6 +237,11 @@ class FrameReader:
 
     def feed(self, data: bytes) -> list[tuple[int, int, int, bytes]]:
         buf = self._buf
+        if not buf and not self._preface and type(data) is bytes:
+            # Nothing left over from the last read (the usual case): frames
+            # are sliced from the read itself (one copy of each payload, not
+            # three), and only an incomplete tail is kept.
+            return self._frames_of(data)
         buf += data
         frames: list[tuple[int, int, int, bytes]] = []
         pos = 0
@@ -263,6 +268,25 @@ class FrameReader:
             pos = end
         if pos:
             del buf[:pos]
+        return frames
+
+    def _frames_of(self, data: bytes) -> list[tuple[int, int, int, bytes]]:
+        frames: list[tuple[int, int, int, bytes]] = []
+        pos = 0
+        n = len(data)
+        max_size = self.max_frame_size
+        while n - pos >= 9:
+            hi, lo, ftype, flags, sid = _unpack_hdr(data, pos)
+            length = (hi << 16) | lo
+            if length > max_size:
+                raise ProtocolError(FRAME_SIZE_ERROR, f"frame of {length} bytes exceeds SETTINGS_MAX_FRAME_SIZE {max_size}")
+            end = pos + 9 + length
+            if end > n:
+                break
+            frames.append((ftype, flags, sid & 0x7FFFFFFF, data[pos + 9 : end]))
+            pos = end
+        if pos < n:
+            self._buf += data[pos:] if pos else data
         return frames
 
     @property
