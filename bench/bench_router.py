@@ -5,7 +5,7 @@ process (bench.router_proc), and one Envoy (1 worker thread) with two
 listeners rendered from the project's bootstrap (extproc.envoy.bootstrap):
 
 * ``ingress`` -- the production chain: ext_proc -> router -> pool;
-* ``direct``  -- the same connection manager without ext_proc (the baseline).
+* ``direct``  -- the same connection manager without ext_proc and the buffer filter that holds requests for it (the baseline).
 
 Then a closed-loop keep-alive HTTP/1.1 load (bench.loadgen) runs for a fixed
 duration at each concurrency against both listeners, and reports p50/p99
