@@ -241,38 +241,30 @@ class FrameReader:
             # Nothing left over from the last read (the usual case): frames
             # are sliced from the read itself (one copy of each payload, not
             # three), and only an incomplete tail is kept.
-            return self._frames_of(data)
+            frames, pos = self._split(data, 0)
+            if pos < len(data):
+                buf += data[pos:] if pos else data
+            return frames
         buf += data
-        frames: list[tuple[int, int, int, bytes]] = []
         pos = 0
         n = len(buf)
         if self._preface:
             if n < len(PREFACE):
                 if not PREFACE.startswith(bytes(buf)):
                     raise ProtocolError(PROTOCOL_ERROR, "invalid connection preface")
-                return frames
+                return []
             if buf[: len(PREFACE)] != PREFACE:
                 raise ProtocolError(PROTOCOL_ERROR, "invalid connection preface")
             self._preface = False
             pos = len(PREFACE)
-        max_size = self.max_frame_size
-        while n - pos >= 9:
-            hi, lo, ftype, flags, sid = _unpack_hdr(buf, pos)
-            length = (hi << 16) | lo
-            if length > max_size:
-                raise ProtocolError(FRAME_SIZE_ERROR, f"frame of {length} bytes exceeds SETTINGS_MAX_FRAME_SIZE {max_size}")
-            end = pos + 9 + length
-            if end > n:
-                break
-            frames.append((ftype, flags, sid & 0x7FFFFFFF, bytes(buf[pos + 9 : end])))
-            pos = end
+        frames, pos = self._split(buf, pos)
         if pos:
             del buf[:pos]
         return frames
 
-    def _frames_of(self, data: bytes) -> list[tuple[int, int, int, bytes]]:
+    def _split(self, data: bytes | bytearray, pos: int) -> tuple[list[tuple[int, int, int, bytes]], int]:
+        """The whole frames in ``data`` from ``pos``, and where the rest begins."""
         frames: list[tuple[int, int, int, bytes]] = []
-        pos = 0
         n = len(data)
         max_size = self.max_frame_size
         while n - pos >= 9:
@@ -283,11 +275,10 @@ class FrameReader:
             end = pos + 9 + length
             if end > n:
                 break
-            frames.append((ftype, flags, sid & 0x7FFFFFFF, data[pos + 9 : end]))
+            payload = data[pos + 9 : end]
+            frames.append((ftype, flags, sid & 0x7FFFFFFF, payload if type(payload) is bytes else bytes(payload)))
             pos = end
-        if pos < n:
-            self._buf += data[pos:] if pos else data
-        return frames
+        return frames, pos
 
     @property
     def buffered(self) -> int:
