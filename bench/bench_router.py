@@ -5,7 +5,7 @@ process (bench.router_proc), and one Envoy (1 worker thread) with two
 listeners rendered from the project's bootstrap (extproc.envoy.bootstrap):
 
 * ``ingress`` -- the production chain: ext_proc -> router -> pool;
-* ``direct``  -- the same connection manager without ext_proc (the baseline).
+* ``direct``  -- the same connection manager without ext_proc and the buffer filter that holds requests for it (the baseline).
 
 Then a closed-loop keep-alive HTTP/1.1 load (bench.loadgen) runs for a fixed
 duration at each concurrency against both listeners, and reports p50/p99
@@ -108,7 +108,10 @@ def envoy_bootstrap(envoy_port: int, direct_port: int, admin_port: int, router_p
     direct["address"]["socket_address"]["port_value"] = direct_port
     hcm = direct["filter_chains"][0]["filters"][0]["typed_config"]
     hcm["stat_prefix"] = "direct"
-    hcm["http_filters"] = [f for f in hcm["http_filters"] if f["name"] != "envoy.filters.http.ext_proc"]
+    # Without the router's filters: ext_proc, and the buffer filter that only
+    # holds headers for it (see extproc.envoy.bootstrap).
+    hcm["http_filters"] = [f for f in hcm["http_filters"]
+                           if f["name"] not in ("envoy.filters.http.ext_proc", "envoy.filters.http.buffer")]
     # Same route table: without ext_proc nothing sets the routing header, so
     # direct traffic takes the default route (pool_long) to the same pool.
     boot["static_resources"]["listeners"].append(direct)

@@ -35,7 +35,7 @@ HEADER = """\
 # Where each piece goes (docs/deploy.md, "Put it in front of your own vLLM pools"):
 #   http_connection_manager.*  -> into your listener's HttpConnectionManager
 #                                 typed_config (merge the lists; keep the
-#                                 http_filters order: ext_proc before router)
+#                                 http_filters order: ext_proc, buffer, router)
 #   listener.per_connection_buffer_limit_bytes -> on that listener
 #   clusters                   -> static_resources.clusters (the router, and
 #                                 the failover cluster: {short}, else {long})

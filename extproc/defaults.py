@@ -151,6 +151,26 @@ ENVOY_BUFFER_BYTES = MAX_BODY_BYTES + BODY_HEADROOM_BYTES
 #: gives a 500); the default body limit's value.
 GRPC_MAX_MESSAGE_BYTES = MAX_BODY_BYTES + BODY_HEADROOM_BYTES
 
+#: What the router reads of a request besides its body, as Envoy's
+#: ext_proc ``request_attributes`` (CEL attribute expressions) -> the header
+#: name the state machine files it under. Envoy skips the request-header
+#: phase (``request_header_mode: SKIP``: one exchange per request instead of
+#: two, issue 19) and sends these with the body message, in
+#: ``ProcessingRequest.attributes[<filter name>]``; a header the client did
+#: not send is left out. Path and method pick the endpoint; content-type and
+#: content-encoding gate parsing and decoding (what the header phase checked);
+#: the request id and W3C trace context go into logs and spans. Envoy >= 1.40
+#: sends request attributes with the first request message, headers or body.
+EXT_PROC_REQUEST_ATTRIBUTES = (
+    ("request.path", ":path"),
+    ("request.method", ":method"),
+    ("request.headers['content-type']", "content-type"),
+    ("request.headers['content-encoding']", "content-encoding"),
+    ("request.id", "x-request-id"),
+    ("request.headers['traceparent']", "traceparent"),
+    ("request.headers['tracestate']", "tracestate"),
+)
+
 #: Envoy's per-message deadline for the processor. Envoy's 200 ms default gives
 #: 504s under a CPU burst on small hosts; 1 s is still far below a first token.
 MESSAGE_TIMEOUT_MS = 1000

@@ -19,7 +19,9 @@ from dataclasses import dataclass
 #: need decoders that are not dependencies: refused with 415.
 GZIP = ("gzip", "x-gzip")
 DEFLATE = ("deflate",)
-IDENTITY = ("", "identity")
+#: The coding of a body sent as it is (RFC 9110 8.4.1).
+IDENTITY_CODING = "identity"
+IDENTITY = ("", IDENTITY_CODING)
 SUPPORTED = GZIP + DEFLATE
 
 #: Codings stacked on one body (``Content-Encoding: gzip, gzip``): each layer

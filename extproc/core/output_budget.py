@@ -39,12 +39,13 @@ def _edge(bucket: int) -> int:
 
 
 class QuantileSketch:
-    __slots__ = ("counts", "total", "samples")
+    __slots__ = ("counts", "total", "samples", "_memo")
 
     def __init__(self) -> None:
         self.counts = [0.0] * N_BUCKETS
         self.total = 0.0
         self.samples = 0
+        self._memo: tuple[int, float, int] | None = None  # (samples, q, quantile)
 
     def add(self, tokens: int) -> None:
         if self.samples and self.samples % 64 == 0:
@@ -57,6 +58,16 @@ class QuantileSketch:
         self.samples += 1
 
     def quantile(self, q: float) -> int:
+        # Asked on every routed request, changed only by add(): the last
+        # answer holds while the sample count (which every add() moves) does.
+        memo = self._memo
+        if memo is not None and memo[0] == self.samples and memo[1] == q:
+            return memo[2]
+        value = self._quantile(q)
+        self._memo = (self.samples, q, value)
+        return value
+
+    def _quantile(self, q: float) -> int:
         target = q * self.total
         acc = 0.0
         for i, c in enumerate(self.counts):

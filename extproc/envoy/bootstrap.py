@@ -14,19 +14,25 @@ Filter chain (order matters), see envoy/README.md for the why of each part:
 0. An early header mutation of the connection manager removes a client-sent
    routing header before the route is selected, so a client can never pick
    the pool (also when the router is down).
-1. ``envoy.filters.http.ext_proc`` streams headers and the buffered body to the
-   router, which sets the routing header, clears the route cache and writes its
-   decision into dynamic metadata.
-2. ``envoy.filters.http.router`` sends ``<routing header>: <tier>`` to the
-   aggregate cluster ``pool_<tier>_failover`` (``pool_<tier>`` first, then the
-   larger tiers' pools when no endpoint of it is healthy) for every tier but
-   the last, and everything else to the last tier's cluster (``pool_long``
-   with the default two tiers: ``short`` -> ``pool_short_failover``). Pool
-   clusters are health-checked (HTTP ``GET /health``) and
+1. ``envoy.filters.http.ext_proc`` sends the buffered body to the router in one
+   message, with what the router needs of the headers as request attributes
+   (the request-header phase is skipped: one exchange per request); the router
+   writes its decision into dynamic metadata and clears the route cache.
+2. ``envoy.filters.http.buffer`` holds the request headers until the body is
+   in and ext_proc has answered, so the route is picked after the decision.
+3. ``envoy.filters.http.router``: a request whose dynamic metadata names
+   ``pool: <tier>`` goes to the aggregate cluster ``pool_<tier>_failover``
+   (``pool_<tier>`` first, then the larger tiers' pools when no endpoint of it
+   is healthy) for every tier but the last, and everything else to the last
+   tier's cluster (``pool_long`` with the default two tiers); the pool gets
+   ``<routing header>: <tier>``. Two routes come first and are answered
+   without the router: a Content-Length over the body limit (413 before the
+   upload) and a method other than POST (the last pool). Pool clusters are
+   health-checked (HTTP ``GET /health``) and
    ejected on consecutive failures; a request whose upstream connection fails
    before any byte is retried on the next larger pool; Envoy's own local
-   replies that clients see (503 when no pool can serve, 413 for a chunked body
-   over the buffer) are OpenAI-style JSON.
+   replies that clients see (503 when no pool can serve, 413 for a body
+   over the limit) are OpenAI-style JSON.
 """
 
 from __future__ import annotations
@@ -91,6 +97,7 @@ from envoy_data_plane.envoy.config.endpoint.v3 import (
 )
 from envoy_data_plane.envoy.config.listener.v3 import Filter, FilterChain, Listener
 from envoy_data_plane.envoy.config.route.v3 import (
+    DirectResponseAction,
     HeaderMatcher,
     RetryPolicy,
     RetryPolicyRetryBackOff,
@@ -104,6 +111,7 @@ from envoy_data_plane.envoy.config.route.v3 import (
 )
 from envoy_data_plane.envoy.extensions.access_loggers.stream.v3 import StdoutAccessLog
 from envoy_data_plane.envoy.extensions.filters.http.ext_proc.v3 import (
+    ExtProcPerRoute,
     ExternalProcessor,
     MetadataOptions,
     MetadataOptionsMetadataNamespaces,
@@ -111,6 +119,7 @@ from envoy_data_plane.envoy.extensions.filters.http.ext_proc.v3 import (
     ProcessingModeBodySendMode,
     ProcessingModeHeaderSendMode,
 )
+from envoy_data_plane.envoy.extensions.filters.http.buffer.v3 import Buffer
 from envoy_data_plane.envoy.extensions.filters.http.router.v3 import Router
 from envoy_data_plane.envoy.config.trace.v3 import OpenTelemetryConfig, TracingHttp
 from envoy_data_plane.envoy.extensions.filters.network.http_connection_manager.v3 import (
@@ -125,7 +134,7 @@ from envoy_data_plane.envoy.extensions.access_loggers.filters.cel.v3 import Expr
 from envoy_data_plane.envoy.extensions.clusters.aggregate.v3 import ClusterConfig as AggregateClusterConfig
 from envoy_data_plane.envoy.extensions.retry.host.previous_hosts.v3 import PreviousHostsPredicate
 from envoy_data_plane.envoy.extensions.retry.priority.previous_priorities.v3 import PreviousPrioritiesConfig
-from envoy_data_plane.envoy.type.v3 import Percent
+from envoy_data_plane.envoy.type.v3 import Int64Range, Percent
 from envoy_data_plane.envoy.extensions.http.early_header_mutation.header_mutation.v3 import (
     HeaderMutation as EarlyHeaderMutation,
 )
@@ -133,7 +142,12 @@ from envoy_data_plane.envoy.extensions.upstreams.http.v3 import (
     HttpProtocolOptions,
     HttpProtocolOptionsExplicitHttpConfig,
 )
-from envoy_data_plane.envoy.type.matcher.v3 import StringMatcher
+from envoy_data_plane.envoy.type.matcher.v3 import (
+    MetadataMatcher,
+    MetadataMatcherPathSegment,
+    StringMatcher,
+    ValueMatcher,
+)
 from envoy_data_plane.envoy.extensions.transport_sockets.tls.v3 import (
     CertificateValidationContext,
     CommonTlsContext,
@@ -161,6 +175,14 @@ ROUTER_CLUSTER = "budget_router"
 #: decision response header. A fixed contract between router and bootstrap,
 #: like the access-log keys below (not an operator setting).
 DECISION_METADATA_KEY = "decision"
+
+#: Key of the chosen pool's name in the router's dynamic metadata: the routes
+#: match on it (see _pool_route).
+POOL_METADATA_KEY = "pool"
+
+#: Key of the Content-Encoding of a body the router forwards decoded
+#: ("identity"; core.machine.CONTENT_ENCODING_METADATA_KEY).
+CONTENT_ENCODING_METADATA_KEY = "content_encoding"
 
 #: Keys of the router's dynamic metadata that the access log prints.
 ACCESS_LOG_METADATA_KEYS = ("pool", "estimate", "budget", "category", "reason")
@@ -300,6 +322,7 @@ STAT_PREFIX = "budget_router_ingress"
 
 EARLY_HEADER_MUTATION = "envoy.http.early_header_mutation.header_mutation"
 EXT_PROC_FILTER = "envoy.filters.http.ext_proc"
+BUFFER_FILTER = "envoy.filters.http.buffer"
 
 #: Envoy's TLS transport socket (extensions/transport_sockets/tls).
 TLS_TRANSPORT_SOCKET = "envoy.transport_sockets.tls"
@@ -316,6 +339,28 @@ CEL_FILTER = "envoy.access_loggers.extension_filters.cel"
 #: The router's own 413s carry ``budget_router_body_too_large`` and keep their
 #: body; only Envoy's plain-text one is rewritten.
 ENVOY_PAYLOAD_TOO_LARGE_DETAILS = "request_payload_too_large"
+
+#: Response-code details of a route's direct response (Envoy's own).
+ENVOY_DIRECT_RESPONSE_DETAILS = "direct_response"
+
+#: Routes Envoy answers without the router. The request-header phase is
+#: skipped (one ext_proc exchange per request), so what the router used to
+#: decide from the headers alone is decided by the route table instead:
+#: a Content-Length over the body limit gets the 413 at once, before the
+#: upload (as the router's header phase did), and a method other than POST
+#: goes to the last pool without a stream to the router (the router routed
+#: it there, reason not_llm). Both carry the decision header the router
+#: gave them, as a constant.
+TOO_LARGE_ROUTE = "body_too_large"
+NOT_POST_ROUTE = "not_post"
+
+#: Reasons of those constant decisions: the router's own reason names
+#: (core.policy R_TOO_LARGE, R_NOT_LLM; a test keeps them equal).
+TOO_LARGE_REASON = "body_too_large"
+NOT_POST_REASON = "not_llm"
+
+#: Largest value an Int64Range end takes (exclusive bound).
+INT64_END = 2**63 - 1
 
 #: Cluster of the OpenTelemetry collector (OTLP/gRPC) for Envoy's own spans.
 OTEL_CLUSTER = "otel_collector"
@@ -444,9 +489,18 @@ def access_log_format(cfg: C.Config) -> dict[str, str]:
     return fields
 
 
-def _http_filters(cfg: C.Config) -> list[HttpFilter]:
+def ext_proc_config(cfg: C.Config, *, header_phase: bool = False) -> ExternalProcessor:
+    """The ext_proc filter's config. By default one exchange per request: the
+    request-header phase is skipped and what it gave the router comes with the
+    body message (``request_attributes``); this needs the bootstrap's routes
+    (on the router's dynamic metadata) and its buffer filter.
+
+    ``header_phase=True`` is the two-exchange variant (request headers sent)
+    for an Envoy whose routes match the routing header the router sets, which
+    only a header-phase response can set: Istio's VirtualService and Gateway
+    API HTTPRoutes (deploy/kubernetes) cannot match dynamic metadata."""
     ns = cfg.router.metadata_namespace
-    ext_proc = ExternalProcessor(
+    return ExternalProcessor(
         grpc_service=GrpcService(
             envoy_grpc=GrpcServiceEnvoyGrpc(
                 cluster_name=ROUTER_CLUSTER,
@@ -454,8 +508,10 @@ def _http_filters(cfg: C.Config) -> list[HttpFilter]:
             )
         ),
         failure_mode_allow=True,
+        request_attributes=[] if header_phase else [attribute for attribute, _ in D.EXT_PROC_REQUEST_ATTRIBUTES],
         processing_mode=ProcessingMode(
-            request_header_mode=ProcessingModeHeaderSendMode.SEND,
+            request_header_mode=ProcessingModeHeaderSendMode.SEND if header_phase
+            else ProcessingModeHeaderSendMode.SKIP,
             request_body_mode=ProcessingModeBodySendMode.BUFFERED,
             request_trailer_mode=ProcessingModeHeaderSendMode.SKIP,
             response_header_mode=ProcessingModeHeaderSendMode.SEND,
@@ -470,8 +526,25 @@ def _http_filters(cfg: C.Config) -> list[HttpFilter]:
             receiving_namespaces=MetadataOptionsMetadataNamespaces(untyped=[ns])
         ),
     )
+
+
+def ext_proc_dict(cfg: C.Config, *, header_phase: bool = False) -> dict[str, Any]:
+    """The ext_proc HTTP filter as the rendered YAML has it."""
+    f = HttpFilter(name=EXT_PROC_FILTER, typed_config=AnyMsg.pack(ext_proc_config(cfg, header_phase=header_phase)))
+    return f.to_dict(casing=betterproto2.Casing.SNAKE)
+
+
+def _http_filters(cfg: C.Config) -> list[HttpFilter]:
     return [
-        HttpFilter(name=EXT_PROC_FILTER, typed_config=AnyMsg.pack(ext_proc)),
+        HttpFilter(name=EXT_PROC_FILTER, typed_config=AnyMsg.pack(ext_proc_config(cfg))),
+        # With the header phase skipped, ext_proc lets the request headers go
+        # on at once (Envoy 1.40 ext_proc.cc decodeHeaders: Continue), and the
+        # router filter would pick the route and start the upstream request
+        # before the body reached the router. The buffer filter holds them
+        # until the whole body is in and ext_proc has answered; the router
+        # filter then matches the route afresh (clear_route_cache). Its limit
+        # is the listener's buffer: a larger chunked body gets Envoy's 413.
+        HttpFilter(name=BUFFER_FILTER, typed_config=AnyMsg.pack(Buffer(max_request_bytes=buffer_limit_bytes(cfg)))),
         HttpFilter(name=ROUTER_FILTER, typed_config=AnyMsg.pack(Router())),
     ]
 
@@ -503,11 +576,33 @@ def _pool_route(cfg: C.Config, pool: C.PoolConfig, *, last: bool) -> Route:
     pool is the default route: it serves every length, so a request the router
     did not classify, router down or timed out, is safe there); a smaller pool's
     route targets its failover cluster."""
-    headers = [] if last else [
-        HeaderMatcher(name=cfg.router.routing_header, string_match=StringMatcher(exact=pool.name))]
+    # The router's choice is matched in its dynamic metadata, not in the
+    # routing header it also sets: with the request-header phase skipped,
+    # Envoy 1.40's ext_proc drops header mutations of a body response (it
+    # holds no headers then), while the metadata and clear_route_cache apply.
+    # The header still reaches the pool (request_headers_to_add), as before.
+    ns = cfg.router.metadata_namespace
+    chosen = [] if last else [MetadataMatcher(
+        filter=ns, path=[MetadataMatcherPathSegment(key=POOL_METADATA_KEY)],
+        value=ValueMatcher(string_match=StringMatcher(exact=pool.name)))]
     return Route(
         name=pool.cluster,
-        match=RouteMatch(prefix="/", headers=headers),
+        match=RouteMatch(prefix="/", dynamic_metadata=chosen),
+        request_headers_to_add=[
+            HeaderValueOption(
+                header=HeaderValue(key=cfg.router.routing_header, value=_md(ns, POOL_METADATA_KEY)),
+                append_action=HeaderValueOptionHeaderAppendAction.OVERWRITE_IF_EXISTS_OR_ADD,
+                keep_empty_value=False,  # the router did not decide: no header
+            ),
+            # A body the router forwards decoded (gzip/deflate undone): its
+            # Content-Encoding becomes identity (the router's own header
+            # mutation is dropped, as above); untouched otherwise.
+            HeaderValueOption(
+                header=HeaderValue(key="content-encoding", value=_md(ns, CONTENT_ENCODING_METADATA_KEY)),
+                append_action=HeaderValueOptionHeaderAppendAction.OVERWRITE_IF_EXISTS_OR_ADD,
+                keep_empty_value=False,
+            ),
+        ],
         route=RouteAction(
             cluster=pool.cluster if last else failover_cluster_name(pool),
             timeout=_s(cfg.envoy.route_timeout_s),  # 0s = no route timeout (SSE)
@@ -515,6 +610,49 @@ def _pool_route(cfg: C.Config, pool: C.PoolConfig, *, last: bool) -> Route:
             retry_policy=_retry_policy(),
         ),
     )
+
+
+def static_decision(cfg: C.Config, reason: str) -> str:
+    """The decision header of a request routed to the last pool with no
+    estimate (what ``Decision.header_value()`` gives for it)."""
+    return f"pool={cfg.pools[-1].name}; est=0; budget=0; margin=0.000; cat=-; reason={reason}"
+
+
+def _without_router() -> dict[str, AnyMsg]:
+    return {EXT_PROC_FILTER: AnyMsg.pack(ExtProcPerRoute(disabled=True))}
+
+
+def _decision_header(cfg: C.Config, value: str) -> HeaderValueOption:
+    return HeaderValueOption(
+        header=HeaderValue(key=cfg.router.decision_header, value=value),
+        append_action=HeaderValueOptionHeaderAppendAction.OVERWRITE_IF_EXISTS_OR_ADD,
+    )
+
+
+def _too_large_route(cfg: C.Config) -> Route:
+    """A Content-Length over the body limit: 413 before the upload (its JSON
+    body comes from local_reply_config), the router not asked."""
+    length = HeaderMatcher(name="content-length", range_match=Int64Range(
+        start=cfg.router.max_body_bytes + 1, end=INT64_END))
+    return Route(
+        name=TOO_LARGE_ROUTE,
+        match=RouteMatch(prefix="/", headers=[length]),
+        direct_response=DirectResponseAction(status=413),
+        typed_per_filter_config=_without_router(),
+        response_headers_to_add=[_decision_header(cfg, static_decision(cfg, TOO_LARGE_REASON))],
+    )
+
+
+def _not_post_route(cfg: C.Config) -> Route:
+    """Not a POST (GET /v1/models, ...): no body to route by, so the last pool
+    (which serves everything), the router not asked."""
+    route = _pool_route(cfg, cfg.pools[-1], last=True)
+    route.name = NOT_POST_ROUTE
+    route.match = RouteMatch(prefix="/", headers=[HeaderMatcher(
+        name=":method", string_match=StringMatcher(exact="POST"), invert_match=True)])
+    route.typed_per_filter_config = _without_router()
+    route.response_headers_to_add = [_decision_header(cfg, static_decision(cfg, NOT_POST_REASON))]
+    return route
 
 
 def _route_config(cfg: C.Config) -> RouteConfiguration:
@@ -526,7 +664,8 @@ def _route_config(cfg: C.Config) -> RouteConfiguration:
             VirtualHost(
                 name="pools",
                 domains=["*"],
-                routes=[_pool_route(cfg, pool, last=i == len(pools) - 1) for i, pool in enumerate(pools)],
+                routes=[_too_large_route(cfg), _not_post_route(cfg),
+                        *(_pool_route(cfg, pool, last=i == len(pools) - 1) for i, pool in enumerate(pools))],
                 response_headers_to_add=[
                     HeaderValueOption(
                         header=HeaderValue(
@@ -569,6 +708,14 @@ def local_reply_config(cfg: C.Config) -> LocalReplyConfig:
             f"Request body is too large: the limit is {cfg.router.max_body_bytes} bytes.",
             "invalid_request_error", "request_too_large"),
     )
+    too_large_declared = ResponseMapper(
+        # A Content-Length over the limit (TOO_LARGE_ROUTE's direct 413): the
+        # router's own wording, with the declared size.
+        filter=_cel(f"response.code == 413 && response.code_details == '{ENVOY_DIRECT_RESPONSE_DETAILS}'"),
+        body_format_override=_json_error(
+            f"Request body is too large: %REQ(CONTENT-LENGTH)% bytes, the limit is {cfg.router.max_body_bytes} bytes.",
+            "invalid_request_error", "request_too_large"),
+    )
     unavailable = ResponseMapper(
         # No healthy endpoint in any pool the request may use, or connecting
         # failed on every try: the router never answers 503 itself.
@@ -577,7 +724,7 @@ def local_reply_config(cfg: C.Config) -> LocalReplyConfig:
             "No model server can take this request right now (%RESPONSE_CODE_DETAILS%). Please retry later.",
             "server_error", "pool_unavailable"),
     )
-    return LocalReplyConfig(mappers=[too_large, unavailable])
+    return LocalReplyConfig(mappers=[too_large, too_large_declared, unavailable])
 
 
 def _strip_routing_header(cfg: C.Config) -> TypedExtensionConfig:

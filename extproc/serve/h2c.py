@@ -109,6 +109,12 @@ def _parse_timeout(value: str) -> float | None:
     return seconds if seconds <= MAX_DEADLINE_S else None
 
 
+#: Header lists whose fields _on_request keeps read, per connection: Envoy
+#: sends one header block for all its ext_proc streams (and one for health
+#: checks); a peer that varies its blocks only clears the table more often.
+HEADERS_READ_ENTRIES = 16
+
+
 # --- per-stream state -------------------------------------------------------------
 
 _KIND_PROCESS = 0
@@ -165,6 +171,8 @@ class _GrpcConnection(asyncio.Protocol):
         self._loop = asyncio.get_running_loop()
         self.last_activity = self._loop.time()
         self._reading_paused = False
+        #: id(header list) -> (the list, what _on_request reads of it).
+        self._headers_read: dict[int, tuple[list, tuple]] = {}
         # TLS only: the handshake task, the TCP transport under it and the
         # bytes the SSL layer handed us before the task resumed (see _handshake_task).
         self._handshake: asyncio.Task | None = None
@@ -635,21 +643,34 @@ class _GrpcConnection(asyncio.Protocol):
 
     def _on_request(self, ev: h2.RequestReceived) -> None:
         sid = ev.stream_id
-        path = method = ctype = encoding = timeout = None
-        meta: dict[str, str] = {}
-        for name, value in ev.headers:
-            if name in TRACE_METADATA:
-                meta[name] = value
-            elif name == ":path":
-                path = value
-            elif name == ":method":
-                method = value
-            elif name == "content-type":
-                ctype = value
-            elif name == "grpc-encoding":
-                encoding = value
-            elif name == "grpc-timeout":
-                timeout = value
+        headers = ev.headers
+        # h2frames hands out one list per distinct header block (its decoded
+        # block cache), and Envoy sends the same block on every stream: what
+        # this loop reads of it is kept with the list itself, and a hit is
+        # that very list (``is``), never just an equal id.
+        hit = self._headers_read.get(id(headers))
+        if hit is not None and hit[0] is headers:
+            path, method, ctype, encoding, timeout, trace = hit[1]
+        else:
+            path = method = ctype = encoding = timeout = None
+            trace: tuple[tuple[str, str], ...] = ()
+            for name, value in headers:
+                if name in TRACE_METADATA:
+                    trace += ((name, value),)
+                elif name == ":path":
+                    path = value
+                elif name == ":method":
+                    method = value
+                elif name == "content-type":
+                    ctype = value
+                elif name == "grpc-encoding":
+                    encoding = value
+                elif name == "grpc-timeout":
+                    timeout = value
+            if len(self._headers_read) >= HEADERS_READ_ENTRIES:
+                self._headers_read.clear()
+            self._headers_read[id(headers)] = (headers, (path, method, ctype, encoding, timeout, trace))
+        meta = dict(trace)
         conn = self.conn
         if method != "POST" or ctype is None or not (ctype == "application/grpc" or ctype.startswith(("application/grpc+", "application/grpc;"))):
             conn.send_headers(sid, _HTTP_415, end_stream=True)
@@ -714,9 +735,16 @@ class _GrpcConnection(asyncio.Protocol):
         if call.done:
             return
         buf = call.buf
-        if data:
-            buf += data
         max_bytes = self.server.max_message_bytes
+        n = len(data)
+        if not buf and n > 5 and data[0] == 0 and int.from_bytes(data[1:5], "big") == n - 5 and n - 5 <= max_bytes:
+            # One whole uncompressed message in this DATA frame, nothing
+            # buffered before it (the common case): no copy into the buffer.
+            self._on_message(call, data[5:])
+            if call.done:
+                return
+        elif data:
+            buf += data
         while len(buf) >= 5:
             if buf[0] != 0:
                 if buf[0] == 1 and call.encoding not in (None, "identity"):
@@ -746,12 +774,7 @@ class _GrpcConnection(asyncio.Protocol):
             else:
                 msg = bytes(buf[5 : 5 + length])
                 del buf[: 5 + length]
-            if call.kind == _KIND_PROCESS:
-                self._on_process_message(call, msg)
-            elif call.kind == _KIND_STREAMING:
-                self._on_streaming_message(call, msg)
-            else:
-                call.messages.append(msg)  # type: ignore[union-attr]
+            self._on_message(call, msg)
             if call.done:
                 return
         if end_stream:
@@ -773,6 +796,14 @@ class _GrpcConnection(asyncio.Protocol):
                 self._on_unary(call)
             else:
                 self._on_health(call)
+
+    def _on_message(self, call: _Call, msg: bytes) -> None:
+        if call.kind == _KIND_PROCESS:
+            self._on_process_message(call, msg)
+        elif call.kind == _KIND_STREAMING:
+            self._on_streaming_message(call, msg)
+        else:
+            call.messages.append(msg)  # type: ignore[union-attr]
 
     def _on_process_message(self, call: _Call, msg: bytes) -> None:
         if not msg:
@@ -796,16 +827,31 @@ class _GrpcConnection(asyncio.Protocol):
                 self._refuse_memory(call)
                 return
         if responses:
-            parts = []
-            for r in responses:
-                b = r.SerializeToString()
-                parts.append(len(b).to_bytes(5, "big"))
-                parts.append(b)
+            if len(responses) == 1:
+                b = responses[0].SerializeToString()
+                body = len(b).to_bytes(5, "big") + b
+            else:
+                parts = []
+                for r in responses:
+                    b = r.SerializeToString()
+                    parts.append(len(b).to_bytes(5, "big"))
+                    parts.append(b)
+                body = b"".join(parts)
             conn = self.conn
+            if close and not call.headers_sent and conn.send_response(call.sid, _RESPONSE_HEADERS, body, _TRAILERS_OK):
+                # The whole answer in one go (the common case); the rest of
+                # _end_call's bookkeeping.
+                call.headers_sent = call.done = True
+                call.handler = None
+                self._release(call)
+                if call.timer:
+                    call.timer.cancel()
+                self.calls.pop(call.sid, None)
+                return
             if not call.headers_sent:
                 call.headers_sent = True
                 conn.send_headers(call.sid, _RESPONSE_HEADERS)
-            conn.send_data(call.sid, b"".join(parts))
+            conn.send_data(call.sid, body)
         if close:
             call.handler = None
             self._end_call(call, OK)

@@ -659,3 +659,112 @@ def test_machine_talks_to_the_router_only_through_its_port(stream):
     gz = M.StreamMachine(_PortOnly(r), lambda: 0.0)
     out, close = gz.receive(req_headers(content_encoding="br;q=1, zstd"))
     assert close and out[0].HasField("immediate_response")
+
+
+# --- one exchange per request: header phase skipped, headers as attributes ---------------
+
+ATTR_FILTER = "envoy.filters.http.ext_proc"
+
+
+def req_body_attrs(body: bytes, eos=True, path=CHAT, method="POST", **headers) -> pb.ProcessingRequest:
+    """A body message as Envoy sends it with request_header_mode SKIP: the
+    request_attributes in a Struct under the filter's name."""
+    from extproc import defaults as D
+    by_header = {name: expr for expr, name in D.EXT_PROC_REQUEST_ATTRIBUTES}
+    req = req_body(body, eos)
+    fields = req.attributes[ATTR_FILTER].fields
+    values = {":path": path, ":method": method, "content-type": "application/json",
+              **{k.replace("_", "-"): v for k, v in headers.items()}}
+    for name, value in values.items():
+        if value is not None:
+            fields[by_header[name]].string_value = value
+    return req
+
+
+def test_body_first_routes_in_one_exchange_like_two():
+    r = confident_router()
+    body = chat_body()
+    m = machine(r, draw=0.99)
+    out, close = m.receive(req_body_attrs(body, x_request_id="rid-1", traceparent="00-ab-cd-01"))
+    assert (out, close) == ([expected_route_body(r, body)], True)
+    assert m.path == CHAT and m.method == "POST" and m.state == M.State.DONE
+    assert m.request_headers["x-request-id"] == "rid-1" and m.request_headers["traceparent"] == "00-ab-cd-01"
+    # the same decision as through the header phase
+    two = machine(r, draw=0.99)
+    two.receive(req_headers())
+    assert two.receive(req_body(body)) == (out, close)
+
+
+def test_attribute_headers_take_known_string_attributes_of_any_filter_name():
+    req = req_body_attrs(b"{}", content_encoding="gzip")
+    req.attributes["envoy.filters.http.ext_proc.other"].fields["request.size"].number_value = 3
+    req.attributes[ATTR_FILTER].fields["request.headers['x-unknown']"].string_value = "nope"
+    assert M.attribute_headers(req) == {":path": CHAT, ":method": "POST", "content-type": "application/json",
+                                        "content-encoding": "gzip"}
+    assert M.attribute_headers(req_body(b"{}")) == {}
+
+
+def test_body_first_not_json_routed_long_in_the_body_response():
+    m = machine()
+    out, close = m.receive(req_body_attrs(chat_body(), content_type="text/plain"))
+    assert close is True and m.decision.reason == "not_llm" and m.state == M.State.DONE
+    common = out[0].request_body.response
+    assert [(h.header.key, h.header.raw_value) for h in common.header_mutation.set_headers] == [("x-budget-pool", b"long")]
+    assert common.clear_route_cache and metadata(out[0])["token_budget_router"]["pool"] == "long"
+
+
+def test_body_first_without_attributes_is_not_a_post_routed_long():
+    m = machine()
+    out, close = m.receive(req_body(chat_body()))
+    assert close is True and m.decision.reason == "not_llm" and m.decision.detail == "method "
+    assert out[0].request_body.response.header_mutation.set_headers[0].header.raw_value == b"long"
+
+
+def test_body_first_unsupported_encoding_415_and_over_limit_413():
+    m = machine()
+    out, close = m.receive(req_body_attrs(b"\x1b\x00", content_encoding="br"))
+    assert close is True and out[0].immediate_response.status.code == 415
+    r = confident_router()
+    big = b"x" * (r.cfg.router.max_body_bytes + 1)
+    m = machine(r)
+    out, close = m.receive(req_body_attrs(big))
+    assert close is True and out[0].immediate_response.status.code == 413
+    assert str(len(big)).encode() in out[0].immediate_response.body
+
+
+def test_body_first_gzip_forwarded_decoded_with_identity_encoding_in_metadata():
+    import gzip
+    r = confident_router()
+    body = chat_body()
+    m = machine(r)
+    out, close = m.receive(req_body_attrs(gzip.compress(body), content_encoding="gzip"))
+    common = out[0].request_body.response
+    assert common.body_mutation.body == body
+    assert list(common.header_mutation.remove_headers) == ["content-encoding"]
+    md = metadata(out[0])["token_budget_router"]
+    assert md[M.CONTENT_ENCODING_METADATA_KEY] == "identity" and md["pool"] == "short"
+    plain = machine(r)
+    assert M.CONTENT_ENCODING_METADATA_KEY not in metadata(plain.receive(req_body_attrs(body))[0][0])["token_budget_router"]
+
+
+def test_body_first_split_body_waits_for_the_end():
+    r = confident_router()
+    body = chat_body()
+    m = machine(r)
+    assert m.receive(req_body_attrs(body[:10], eos=False)) == ([CONT_REQ_BODY], False)
+    assert m.state == M.State.REQ_BODY
+    assert m.receive(req_body(body[10:])) == ([expected_route_body(r, body)], True)
+
+
+@pytest.mark.parametrize("first", ["nothing", "headers"])
+@pytest.mark.parametrize("status", ["200", "413"])
+def test_response_before_the_request_was_routed_closes(first, status):
+    """A request without a body (header phase skipped) or Envoy's own answer
+    (a body over its buffer) shows the processor only a response: continue,
+    close, no decision."""
+    m = machine()
+    if first == "headers":
+        m.receive(req_headers())
+        assert m.state == M.State.REQ_BODY
+    assert m.receive(resp_headers(status=status)) == ([CONT_RESP_HEADERS], True)
+    assert m.state == M.State.DONE and m.decision is None

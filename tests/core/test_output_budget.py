@@ -107,3 +107,12 @@ def test_snapshot_restore_round_trip_and_filter():
     ob3 = make()
     ob3.restore(bad, keep=lambda key: True)
     assert (bad[0]["model"], bad[0]["category"]) not in ob3.sketches
+
+
+def test_quantile_memo_follows_every_add_and_each_q():
+    from extproc.core.output_budget import QuantileSketch
+    sk = QuantileSketch()
+    for i, tokens in enumerate([5, 900, 40, 40, 3000, 7] * 30):
+        sk.add(tokens)
+        for q in (0.5, 0.95, 0.5):
+            assert sk.quantile(q) == sk._quantile(q), (i, q)

@@ -115,11 +115,14 @@ def test_key_settings_present():
     # The client's routing header is removed before routing (not by a filter).
     (early,) = hcm["early_header_mutation_extensions"]
     assert early["typed_config"]["mutations"] == [{"remove": r.routing_header}]
-    assert [f["name"] for f in hcm["http_filters"]] == [E.EXT_PROC_FILTER, E.ROUTER_FILTER]
+    assert [f["name"] for f in hcm["http_filters"]] == [E.EXT_PROC_FILTER, E.BUFFER_FILTER, E.ROUTER_FILTER]
+    assert int(hcm["http_filters"][1]["typed_config"]["max_request_bytes"]) == buf
 
     ext = hcm["http_filters"][0]["typed_config"]
+    # One exchange per request: no header phase, the headers the router reads as attributes.
+    assert ext["request_attributes"] == [a for a, _ in D.EXT_PROC_REQUEST_ATTRIBUTES]
     assert ext["processing_mode"] == {
-        "request_header_mode": "SEND",
+        "request_header_mode": "SKIP",
         "response_header_mode": "SEND",
         "request_body_mode": "BUFFERED",
         "response_body_mode": "STREAMED",
@@ -135,12 +138,32 @@ def test_key_settings_present():
     assert grpc["max_receive_message_length"] == D.GRPC_MAX_MESSAGE_BYTES
 
     (vhost,) = hcm["route_config"]["virtual_hosts"]
-    short_route, long_route = vhost["routes"]
-    assert short_route["match"]["headers"] == [{"name": r.routing_header, "string_match": {"exact": "short"}}]
+    too_large, not_post, short_route, long_route = vhost["routes"]
+    # Answered by Envoy, without the router: a declared body over the limit, and non-POSTs.
+    assert too_large["match"]["headers"] == [{"name": "content-length", "range_match": {
+        "start": str(r.max_body_bytes + 1), "end": str(2**63 - 1)}}]
+    assert too_large["direct_response"] == {"status": 413}
+    assert not_post["match"]["headers"] == [{"name": ":method", "string_match": {"exact": "POST"},
+                                             "invert_match": True}]
+    assert not_post["route"]["cluster"] == "pool_long"
+    for route, reason in ((too_large, "body_too_large"), (not_post, "not_llm")):
+        assert route["typed_per_filter_config"][E.EXT_PROC_FILTER]["disabled"] is True
+        (header,) = route["response_headers_to_add"]
+        assert header["header"] == {"key": r.decision_header, "value": E.static_decision(cfg, reason)}
+    # The router's choice is matched in its dynamic metadata (header mutations
+    # of a body response are dropped without a header phase) and sent on as
+    # the routing header.
+    assert short_route["match"]["dynamic_metadata"] == [{
+        "filter": r.metadata_namespace, "path": [{"key": "pool"}], "value": {"string_match": {"exact": "short"}}}]
     # A short request goes to pool_short while it has a healthy endpoint, else to pool_long.
     assert short_route["route"]["cluster"] == "pool_short_failover"
     assert long_route["match"] == {"prefix": "/"} and long_route["route"]["cluster"] == "pool_long"
     for route in (short_route, long_route):
+        routing, encoding = route["request_headers_to_add"]
+        assert routing["header"] == {"key": r.routing_header, "value": f"%DYNAMIC_METADATA({r.metadata_namespace}:pool)%"}
+        assert encoding["header"] == {"key": "content-encoding",
+                                      "value": f"%DYNAMIC_METADATA({r.metadata_namespace}:content_encoding)%"}
+        assert not routing.get("keep_empty_value") and not encoding.get("keep_empty_value")
         assert route["route"]["timeout"] == "0s"
         assert route["route"]["idle_timeout"] == f"{v.stream_idle_timeout_s}s"
     (decision,) = vhost["response_headers_to_add"]
@@ -165,8 +188,10 @@ def test_key_settings_present():
 
     replies = hcm["local_reply_config"]["mappers"]
     assert [m["body_format_override"]["json_format"]["error"]["code"] for m in replies] == [
-        "request_too_large", "pool_unavailable"]
+        "request_too_large", "request_too_large", "pool_unavailable"]
     assert "request_payload_too_large" in replies[0]["filter"]["extension_filter"]["typed_config"]["expression"]
+    assert "direct_response" in replies[1]["filter"]["extension_filter"]["typed_config"]["expression"]
+    assert "%REQ(CONTENT-LENGTH)% bytes" in replies[1]["body_format_override"]["json_format"]["error"]["message"]
 
     clusters = _clusters(doc)
     assert set(clusters) == {"budget_router", "pool_short", "pool_long", "pool_short_failover"}
@@ -197,13 +222,46 @@ def test_key_settings_present():
         assert c["circuit_breakers"]["thresholds"][0]["max_requests"] > 1024
 
 
+def test_envoy_and_router_agree_on_what_envoy_decides_for_the_router():
+    """What the bootstrap answers or routes without the router, and the
+    metadata keys it routes on, are the router's own (the envoy layer cannot
+    import the core, so they are written twice and checked here)."""
+    from extproc.core import machine as M
+    from extproc.core import policy as P
+    from extproc.core.router import Router
+
+    for cfg in (C.Config(), C.Config().replace(router={"max_body_bytes": 1024 * 1024})):
+        router = Router(cfg)
+        assert E.static_decision(cfg, E.TOO_LARGE_REASON) == router.too_large(None).header_value()
+        assert E.static_decision(cfg, E.NOT_POST_REASON) == router.not_llm("method GET").header_value()
+        assert (E.TOO_LARGE_REASON, E.NOT_POST_REASON) == (P.R_TOO_LARGE, P.R_NOT_LLM)
+        d = router.route("/v1/chat/completions", b'{"model":"m","messages":[{"role":"user","content":"hi"}]}')
+        assert d.metadata()[E.POOL_METADATA_KEY] == d.pool
+        assert d.metadata()[E.DECISION_METADATA_KEY] == d.header_value()
+    assert E.CONTENT_ENCODING_METADATA_KEY == M.CONTENT_ENCODING_METADATA_KEY
+
+
+def test_header_phase_variant_for_header_routing():
+    """header_phase=True: the two-exchange ext_proc for routes that match the
+    routing header (Istio, Gateway API); otherwise the same filter."""
+    cfg = C.Config()
+    one, two = E.ext_proc_dict(cfg)["typed_config"], E.ext_proc_dict(cfg, header_phase=True)["typed_config"]
+    assert two["processing_mode"]["request_header_mode"] == "SEND" and "request_attributes" not in two
+    assert one["processing_mode"]["request_header_mode"] == "SKIP"
+    for d in (one, two):
+        d.pop("request_attributes", None)
+        d["processing_mode"].pop("request_header_mode")
+    assert one == two
+
+
 def test_route_timeout_and_dns_choice():
     cfg = _with_pools(C.Config().replace(envoy={"route_timeout_s": 7200}), ("vllm-short:8000",), ("127.0.0.1:1",))
     clusters = _clusters(E.to_dict(cfg))
     assert clusters["pool_short"]["type"] == "STRICT_DNS"
     assert clusters["pool_long"]["type"] == "STATIC"
     routes = _hcm(E.to_dict(cfg))["route_config"]["virtual_hosts"][0]["routes"]
-    assert {r["route"]["timeout"] for r in routes} == {"7200s"}
+    # every route to a pool (the first route is the direct 413 of a declared body over the limit)
+    assert "route" not in routes[0] and {r["route"]["timeout"] for r in routes[1:]} == {"7200s"}
 
 
 def test_cli_writes_file_and_checks(tmp_path, capsys):
@@ -216,8 +274,9 @@ def test_cli_writes_file_and_checks(tmp_path, capsys):
 
 
 def test_three_tier_example_renders_one_cluster_and_route_per_tier(capsys):
-    """envoy/three-tiers.toml: pool_<name> per tier, a header route per tier but
-    the last, the last tier as the default; Envoy accepts it (--check)."""
+    """envoy/three-tiers.toml: pool_<name> per tier, a route on the router's
+    metadata per tier but the last, the last tier as the default (and for
+    non-POSTs); Envoy accepts it (--check)."""
     example = ENVOY_DIR / "three-tiers.toml"
     assert E.main(["--config", str(example), "--check"]) == 0
     captured = capsys.readouterr()
@@ -231,10 +290,16 @@ def test_three_tier_example_renders_one_cluster_and_route_per_tier(capsys):
     agg = "pool_short_failover"
     assert clusters[agg]["cluster_type"]["typed_config"]["clusters"] == ["pool_short", "pool_medium", "pool_long"]
     routes = _hcm(doc)["route_config"]["virtual_hosts"][0]["routes"]
-    header = cfg.router.routing_header
-    assert [(r["route"]["cluster"], r["match"].get("headers")) for r in routes] == [
-        ("pool_short_failover", [{"name": header, "string_match": {"exact": "short"}}]),
-        ("pool_medium_failover", [{"name": header, "string_match": {"exact": "medium"}}]),
+    ns = cfg.router.metadata_namespace
+
+    def chosen(pool):
+        return [{"filter": ns, "path": [{"key": "pool"}], "value": {"string_match": {"exact": pool}}}]
+
+    assert [r["name"] for r in routes[:2]] == [E.TOO_LARGE_ROUTE, E.NOT_POST_ROUTE]
+    assert routes[1]["route"]["cluster"] == "pool_long"
+    assert [(r["route"]["cluster"], r["match"].get("dynamic_metadata")) for r in routes[2:]] == [
+        ("pool_short_failover", chosen("short")),
+        ("pool_medium_failover", chosen("medium")),
         ("pool_long", None),
     ]
 
@@ -542,8 +607,27 @@ def test_live_stub_router_routes_sets_decision_and_buffers_large_bodies(tmp_path
             assert headers.get(decision, "").startswith("pool=long")
 
             over = b"x" * (max_body + 512 * 1024)  # over the router's limit, under Envoy's buffer
-            status, _, body = _post(cfg, over)
+            # Declared (Content-Length): Envoy's route answers at once, in the router's words.
+            # (httpx reads the early answer even when Envoy closes before the upload ends.)
+            import httpx
+            resp = httpx.post(f"http://127.0.0.1:{cfg.envoy.port}/v1/chat/completions", content=over,
+                              headers={"content-type": "application/json"}, timeout=REQUEST_TIMEOUT_S)
+            status, headers, body = resp.status_code, resp.headers, resp.content
+            assert status == 413 and headers["content-type"] == "application/json", body
+            assert json.loads(body)["error"] == {
+                "message": f"Request body is too large: {len(over)} bytes, the limit is {max_body} bytes.",
+                "type": "invalid_request_error", "param": None, "code": "request_too_large"}
+            assert headers.get(decision) == E.static_decision(cfg, "body_too_large")
+            # Chunked: only the buffered body tells; the processor answers.
+            status, _, body = _post(cfg, iter([over[:1000], over[1000:]]))
             assert (status, body) == (413, b"router: body over max_body_bytes")
+
+            # Not a POST: the last pool, a constant decision, no stream to the processor.
+            before = len(seen)
+            with urllib.request.urlopen(f"http://127.0.0.1:{cfg.envoy.port}/v1/models", timeout=REQUEST_TIMEOUT_S) as r:
+                assert json.loads(r.read())["port"] == long_port
+                assert r.headers.get(decision) == E.static_decision(cfg, "not_llm")
+            assert len(seen) == before
 
             too_big = b"x" * (E.buffer_limit_bytes(cfg) + 1)  # Envoy's own limit
             try:
@@ -558,7 +642,7 @@ def test_live_stub_router_routes_sets_decision_and_buffers_large_bodies(tmp_path
     assert lines[-1]["response_code"] == 413
     assert lines[-1]["response_code_details"] == "request_payload_too_large"
     routed = [line for line in lines if line["response_code"] == 200]
-    assert [line["upstream_cluster"] for line in routed] == ["pool_short_failover"] * 4 + ["pool_long"]
+    assert [line["upstream_cluster"] for line in routed] == ["pool_short_failover"] * 4 + ["pool_long"] * 2
     first = routed[0]
     assert first["pool"] == "short" and first["category"] == "prose" and first["reason"] == "stub"
     assert first["estimate"] == len(small) // 4 and first["budget"] == len(small) // 4 + 100

@@ -404,3 +404,53 @@ def test_max_concurrent_streams():
 )
 def test_encode_headers_roundtrip(headers):
     assert hpack.Decoder().decode(h2.encode_headers(headers)) == headers
+
+
+def _answer_slowly(c: h2.H2ServerConnection, sid: int, hb: bytes, data: bytes, tb: bytes) -> None:
+    c.send_headers(sid, hb)
+    c.send_data(sid, data)
+    c.send_headers(sid, tb, end_stream=True)
+    s = c.streams.get(sid)
+    if s is not None and not s.remote_closed and not s.pending:
+        c.reset_stream(sid, h2.NO_ERROR)
+
+
+@pytest.mark.parametrize("half_closed", [False, True])
+def test_send_response_writes_what_the_four_calls_write(half_closed):
+    """The one-go answer (HEADERS, DATA, trailers, RST_STREAM(NO_ERROR) while
+    the peer still sends) is byte for byte the general path's, with the same
+    windows and stream bookkeeping after it."""
+    hb, tb = h2.encode_headers([(":status", "200")]), h2.encode_headers([("grpc-status", "0")])
+    conns = []
+    for fast in (True, False):
+        enc = hpack.Encoder()
+        c = h2.H2ServerConnection()
+        _open(c, enc)
+        if half_closed:
+            c.receive_data(data_frame(1, b"", end_stream=True))
+        c.data_to_send()
+        if fast:
+            assert c.send_response(1, hb, b"m" * 300, tb) is True
+        else:
+            _answer_slowly(c, 1, hb, b"m" * 300, tb)
+        conns.append((c, c.data_to_send()))
+    (fast, out_fast), (slow, out_slow) = conns
+    assert out_fast == out_slow
+    assert [t for t, _, _, _ in frames_out(out_fast)] == [h2.HEADERS, h2.DATA, h2.HEADERS] + ([] if half_closed else [h2.RST_STREAM])
+    assert (fast.send_window, fast.streams, list(fast._recent_resets)) == (slow.send_window, slow.streams, list(slow._recent_resets))
+    # Envoy's RST_STREAM after the answer, and late trailers, are ignored alike.
+    assert fast.receive_data(h2.rst_stream_frame(1, h2.CANCEL)) == []
+
+
+def test_send_response_declines_what_it_cannot_send_whole():
+    hb, tb = h2.encode_headers([(":status", "200")]), h2.encode_headers([("grpc-status", "0")])
+    enc = hpack.Encoder()
+    c = h2.H2ServerConnection()
+    _open(c, enc, peer_settings=[(h2.SETTINGS_INITIAL_WINDOW_SIZE, 10)])
+    assert c.send_response(1, hb, b"x" * 11, tb) is False  # over the stream window
+    assert c.send_response(3, hb, b"x", tb) is False         # no such stream
+    assert c.data_to_send() == b"" and 1 in c.streams       # nothing sent, nothing changed
+    assert c.send_response(1, hb, b"x" * 10, tb) is True
+    c.receive_data(headers_frame(enc, 3))
+    c.send_headers(3, hb)
+    assert c.send_response(3, hb, b"y", tb) is False         # already answering: the general path
