@@ -69,7 +69,7 @@ def plot_plan(res: dict, out_dir: str) -> list[str]:
     bals = list(dict.fromkeys(d.get("balancer") for d in designs))
     for bal in bals:
         mine = [d for d in designs if d.get("balancer") == bal]
-        sp = sorted((d for d in mine if d["kind"] == "split" and len(d["pools"]) > 1 and d["b_short"]),
+        sp = sorted((d for d in mine if d["kind"] == "split" and d["b_short"]),
                     key=lambda d: d["b_short"])
         tag = f" [{bal}]" if matrix else ""
         if sp:
@@ -92,7 +92,7 @@ def plot_plan(res: dict, out_dir: str) -> list[str]:
             ax.axhline(d["gpus"], color="k", ls=ls, label=f"{d['name']} ({d['gpus']} GPUs)")
     ax.set_xlabel("B_short (tokens)")
     ax.set_ylabel("GPUs")
-    ax.set_title(f"{name}: GPUs at equal per-class SLOs vs B_short")
+    ax.set_title(f"{name}: GPUs at equal per-class SLOs vs B_short", fontsize=9)
     ax.legend(fontsize=7)
     paths.append(_save(fig, os.path.join(out_dir, "cost_vs_b_short.png")))
 
