@@ -30,7 +30,8 @@ TRACES = os.environ.get("TRACES_DIR", os.path.join(ROOT, "..", "shared", "data",
 FILES = ["conversation_trace.jsonl", "AzureLLMInferenceTrace_conv.csv"]
 
 HEADER = ("| trace | GPU | req/s | baseline (sized) | best single pool | best split | split vs best single "
-          "| split vs baseline | recommendation | short idle P99 TTFT (target / idle) |\n|" + "---|" * 10)
+          "| noise (spreads + 2 x tol) | split vs baseline | recommendation | short P99 TTFT target / idle |\n|"
+          + "---|" * 11)
 
 
 def _ok(d: dict) -> bool:
@@ -49,7 +50,8 @@ def summary(res: dict) -> dict:
     ds = res["designs"]
     ok = [d for d in ds if _ok(d)]
     single = min((d for d in ok if d["kind"] == "homogeneous"), key=lambda d: d["usd_per_hour"], default=None)
-    split = min((d for d in ok if d["kind"] == "split"), key=lambda d: d["usd_per_hour"], default=None)
+    split = min((d for d in ok if d["kind"] == "split"), key=lambda d: (d["usd_per_hour"], d["preempt_per_1k"]),
+                default=None)
     bases = [d for d in ds if d["name"] == "baseline" and _ok(d)]
     base = min(bases, key=lambda d: d["usd_per_hour"], default=None)
     return {"single": single, "split": split, "baseline": base,
@@ -67,8 +69,10 @@ def row(res: dict) -> str:
     t = res["slo"]["targets"]["short"]
     rec = f"{r['design']} [{r.get('balancer') or res['balancer']}]" if r["design"] else "none meets"
     gpu = res["designs"][0]["pools"][0]["config"]["gpu"]
+    bs = r.get("best_split")
+    noise = f"{bs['noise']:.1%}" if bs else "-"
     return (f"| {res['trace']} | {gpu} | {res['rate_rps']:.1f} | {_gpus(s['baseline'])} | {_gpus(s['single'])} | "
-            f"{_gpus(s['split'])} | {_pct(s['vs_single'])} | {_pct(s['vs_base'])} | {rec} | "
+            f"{_gpus(s['split'])} | {_pct(s['vs_single'])} | {noise} | {_pct(s['vs_base'])} | {rec} | "
             f"{t['ttft_slo_ms']:,.0f} / {t['idle_ttft_p99_ms']:,.0f} ms |")
 
 
