@@ -71,3 +71,34 @@ def test_matrix_recommends_a_split_only_above_seed_spread_and_tolerance():
     r = matrix_json(plans)["recommendation"]
     assert r["design"] == "split-8192" and r["balancer"] == "kv-aware" and r["split"]
     assert abs(r["saving_vs_best_single_pool"] - 0.5) < 1e-9 and r["best_split"]["margin"] > 0
+
+
+def test_slo_sweep_of_a_matrix_compares_within_the_recommended_balancer():
+    """--slo-sweep re-plans under the recommended balancer; the row at the plan's own
+    targets must be that balancer's designs, not the cheapest of every balancer."""
+    from extproc.planner.report.plan_json import balancer_view, matrix_json
+    from extproc.planner.sizing.slo import SLO
+    from extproc.planner.sizing.slo_sweep import realism
+    tg = {"short": {"idle_ttft_p99_ms": 1.0, "idle_ttft_ratio": 2.0, "tight": False}}
+
+    def plan(bal, base, single, split):
+        p = _plan(bal, [_design("baseline", "homogeneous", base, bal), _design("homogeneous-best", "homogeneous",
+                                                                               single, bal),
+                        dict(_design("split-16384", "split", split, bal), b_short=16384, rho=1.0)])
+        p["recommendation"] = {"design": "split-16384", "closed_form": p["recommendation"]["closed_form"]}
+        p["slo"] = {"targets": tg}
+        return p
+    res = matrix_json([plan("least-request", 760, 504, 356), plan("round-robin", 368, 320, 124),
+                       plan("prefill-aware", 200, 172, 180)])
+    res["slo"] = {"targets": tg}
+    assert res["recommendation"]["balancer"] == "round-robin"
+    view = balancer_view(res, "round-robin")
+    assert {d["balancer"] for d in view["designs"]} == {"round-robin"} and "balancer_matrix" not in view
+    assert balancer_view(view, "round-robin") is view  # not a matrix: as is
+
+    def replan(slo, b_shorts, pinned=False):
+        return plan("round-robin", 368, 320, 124)
+    x = realism(view, SLO(), replan, sweep=True, factors=(1.0,))
+    at = x["sensitivity"]["at_targets"]
+    assert at["baseline_gpus"] == 368 and at["best_single"]["gpus"] == 320 and at["best_split"]["gpus"] == 124
+    assert x["decomposition"]["configuration"] == 0.0  # same balancer on both sides: nothing left over

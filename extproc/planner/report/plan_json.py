@@ -144,6 +144,21 @@ def matrix_json(plans: list[dict]) -> dict:
     return out
 
 
+def balancer_view(res: dict, balancer: str | None) -> dict:
+    """A balancer-matrix plan.json (`matrix_json`) as that balancer's own plan:
+    its designs and its own recommendation, so what is compared with re-plans
+    under that one balancer (`sizing.slo_sweep`) is not mixed with designs
+    sized under the others. Any other plan is returned as is."""
+    if not res.get("balancer_matrix") or balancer not in res["balancer_matrix"]:
+        return res
+    out = {k: v for k, v in res.items() if k not in ("balancer_matrix", "balancers")}
+    out["balancer"] = balancer
+    out["designs"] = [d for d in res["designs"] if d.get("balancer") == balancer]
+    out["recommendation"] = res["recommendation"]["per_balancer"][balancer]
+    out["sized_candidates"] = [c for c in res.get("sized_candidates", []) if c.get("balancer") == balancer]
+    return out
+
+
 def write_json(out: str | None, name: str, obj) -> None:
     """obj as indented JSON in out/name (nothing without out)."""
     if not out:
