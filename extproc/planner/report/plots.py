@@ -143,15 +143,22 @@ def plot_balancer_matrix(res: dict, out_dir: str) -> str:
     g = np.array([[np.nan if m[b].get(n) is None else m[b][n] for b in bals] for n in names], dtype=float)
     fig, ax = plt.subplots(figsize=(1.6 * len(bals) + 2.5, 0.45 * len(names) + 1.6))
     ax.imshow(np.ma.masked_invalid(g), cmap="viridis_r", aspect="auto")
+    lo, hi = (float(np.nanmin(g)), float(np.nanmax(g))) if np.isfinite(g).any() else (0.0, 1.0)
     for i in range(len(names)):
         for j in range(len(bals)):
+            dark = g[i, j] == g[i, j] and (g[i, j] - lo) > 0.5 * (hi - lo)  # viridis_r: large = dark
             ax.text(j, i, "miss" if g[i, j] != g[i, j] else f"{g[i, j]:.0f}", ha="center", va="center",
-                    fontsize=8, color="w" if g[i, j] == g[i, j] else "k")
+                    fontsize=8, color="w" if dark else "k")
     ax.set_xticks(range(len(bals)), bals, fontsize=8)
     ax.set_yticks(range(len(names)), names, fontsize=8)
     r = res["recommendation"]
-    sv = r.get("saving_vs_best_single_pool")
-    ax.set_title(f"{res['trace']}: GPUs by design x balancer"
-                 + (f"\n{r['design']} ({r.get('balancer')}) saves {sv:.0%} vs the best single pool" if sv is not None
-                    else ""), fontsize=9)
+    sv, bs = r.get("saving_vs_best_single_pool"), r.get("best_split")
+    if r.get("split") and sv is not None:
+        sub = f"\n{r['design']} ({r.get('balancer')}) saves {sv:.0%} vs the best single pool"
+    elif r.get("design") and bs:
+        sub = (f"\nkeep one pool: {r['design']} ({r.get('balancer')}); the best split saves "
+               f"{bs['saving_vs_best_single_pool']:.0%}, noise {bs['noise']:.0%}")
+    else:
+        sub = f"\nrecommended: {r.get('design')} ({r.get('balancer')})"
+    ax.set_title(f"{res['trace']}: GPUs by design x balancer" + sub, fontsize=9)
     return _save(fig, os.path.join(out_dir, "balancer_matrix.png"))
