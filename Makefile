@@ -84,7 +84,7 @@ accuracy: $(STAMP)
 
 ## Planner result tables for docs/planner.md (slow: minutes per trace).
 planner-results: $(STAMP)
-	$(PY) bench/planner_results.py
+	$(PY) bench/planner_results.py run
 
 ## The simulator against real vLLM CPU servers (issue 16.7): one mixed trace, three designs,
 ## out/fidelity/fidelity.json + fidelity.png (10-15 min on 2 cores; needs ../shared/data,

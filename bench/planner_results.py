@@ -1,94 +1,148 @@
-"""Docs results: `plan` on the four shared traces, per rate and GPU, at equal
-per-class SLOs (defaults of `budget-router plan`). Slow (minutes per run at
-1,000 req/s); writes one plan.json per run under bench/results/ and prints a
-markdown row per run (the table of docs/planner.md).
+"""Docs results (docs/planner.md, "Results"): `budget-router plan` per trace
+and GPU under every realistic balancer, and the savings table read back from
+the plan.json files it writes.
 
-    PYTHONPATH=. .venv/bin/python bench/planner_results.py [--rates native,1000] [--gpus a100,h200]
-        [--files conversation_trace.jsonl,...] [--workers N] [--b-short auto|N,...]
+    # run (slow: tens of minutes per trace x GPU on 2 shared cores)
+    PYTHONPATH=. .venv/bin/python bench/planner_results.py run [--files conversation_trace.jsonl,...]
+        [--gpus a100,h100] [--balancer realistic] [--workers 2] [--window START:LEN] [--out out/planner-results]
+    # table from any plan.json files (what the docs' table is)
+    PYTHONPATH=. .venv/bin/python bench/planner_results.py table out/planner-results/*/plan.json
+
+`run` calls the project CLI (`python -m extproc.cli plan ... --out DIR --emit
+DIR/emit`), so the table is exactly what an operator's `plan` writes; each
+run's wall time goes to DIR/wall_s.txt. `table` prints one row per plan.json
+(GPUs of the sized baseline, the best realistic single pool and the best
+split, each with its balancer; the saving against the best single pool) and
+the balancer x design matrix of each.
 """
 from __future__ import annotations
 
 import argparse
 import os
+import subprocess
 import sys
 import time
 
 import orjson
 
-sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
-from extproc.planner.report.plan_json import plan_json  # noqa: E402
-from extproc.planner.sizing.plan import plan  # noqa: E402
-from extproc.planner.sizing.space import Baseline  # noqa: E402
-from extproc.planner.sim.traces import load_trace, scale_rate, tile  # noqa: E402
+ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
+TRACES = os.environ.get("TRACES_DIR", os.path.join(ROOT, "..", "shared", "data", "traces"))
+FILES = ["conversation_trace.jsonl", "AzureLLMInferenceTrace_conv.csv"]
 
-TRACES = os.environ.get("TRACES_DIR", os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data", "traces"))
-FILES = ["AzureLLMInferenceTrace_code.csv", "AzureLLMInferenceTrace_conv.csv",
-         "conversation_trace.jsonl", "synthetic_trace.jsonl"]
-#: At 1,000 req/s a trace lasts 4-19 s; it is tiled to this many seconds so the
-#: fleet reaches steady state.
-TILE_S = 60.0
-
-HEADER = ("| trace @ rate | GPU | baseline GPUs | best single pool | best split | split vs baseline | "
-          "split vs best single | spread+tol | closed form (α, ρ) | short P99 TTFT base / split (ms) | "
-          "preempt/1K base / split | recommendation | plan s |\n|" + "---|" * 13)
+HEADER = ("| trace | GPU | req/s | baseline (sized) | best single pool | best split | split vs best single "
+          "| noise (spreads + 2 x tol) | split vs baseline | recommendation | short P99 TTFT target / idle |\n|"
+          + "---|" * 11)
 
 
-def row(res: dict, wall: float) -> str:
-    ds = {d["name"]: d for d in res["designs"]}
-    base = ds["baseline"]
-    homs = [d for d in res["designs"] if d["kind"] == "homogeneous" and d["meets_effective"]]
-    sps = [d for d in res["designs"] if d["kind"] == "split" and d["meets_effective"]]
-    bh = min(homs, key=lambda d: d["usd_per_hour"], default=None)
-    bs = min(sps, key=lambda d: d["usd_per_hour"], default=None)
-    hb = ds.get("homogeneous-best", base)
+def _ok(d: dict) -> bool:
+    return bool(d["meets_effective"] and d["feasible"])
+
+
+def _gpus(d: dict | None, with_balancer: bool = True) -> str:
+    if d is None:
+        return "-"
+    spread = f" ±{d['seed_spread_gpus']}" if d.get("seed_spread_gpus") else ""
+    return f"{d['name']} [{d.get('balancer', '-')}]: {d['gpus']}{spread}" if with_balancer else f"{d['gpus']}{spread}"
+
+
+def summary(res: dict) -> dict:
+    """The figures of one plan.json the table shows."""
+    ds = res["designs"]
+    ok = [d for d in ds if _ok(d)]
+    single = min((d for d in ok if d["kind"] == "homogeneous"), key=lambda d: d["usd_per_hour"], default=None)
+    split = min((d for d in ok if d["kind"] == "split"), key=lambda d: (d["usd_per_hour"], d["preempt_per_1k"]),
+                default=None)
+    bases = [d for d in ds if d["name"] == "baseline" and _ok(d)]
+    base = min(bases, key=lambda d: d["usd_per_hour"], default=None)
+    return {"single": single, "split": split, "baseline": base,
+            "vs_single": None if not (split and single) else 1 - split["usd_per_hour"] / single["usd_per_hour"],
+            "vs_base": None if not (split and base) else 1 - split["usd_per_hour"] / base["usd_per_hour"]}
+
+
+def _pct(x) -> str:
+    return "-" if x is None else f"{x:+.1%}"
+
+
+def row(res: dict) -> str:
+    s = summary(res)
     r = res["recommendation"]
-    cf = r["closed_form"]
-    fmt = lambda d: f"{d['gpus']} (±{d['seed_spread_gpus']})" if d else "-"  # noqa: E731
-    vs_base = f"{1 - bs['usd_per_hour'] / base['usd_per_hour']:+.1%}" if bs else "-"
-    vs_h = f"{1 - bs['usd_per_hour'] / bh['usd_per_hour']:+.1%}" if bs and bh else "-"
-    noise = (f"{((bs['seed_spread_gpus'] + bh['seed_spread_gpus']) / bh['gpus'] + 0.04):.1%}"
-             if bs and bh else "-")
-    cfs = (f"{cf['predicted']:.1%} ({cf['alpha']:.2f}, {cf['rho']:.2f})"
-           if cf["predicted"] is not None and cf["predicted"] == cf["predicted"] else "-")
-    tt = lambda d: f"{d['classes']['short']['ttft_p99_ms']:,.0f}" if d else "-"  # noqa: E731
-    pp = lambda d: f"{d['preempt_per_1k']:.1f}" if d else "-"  # noqa: E731
-    return (f"| {res['trace']} @ {res['rate_rps']:.0f} | {res['designs'][0]['pools'][0]['config']['gpu']} | "
-            f"{fmt(base)} | {fmt(hb)} | {(bs['name'] + ': ' + fmt(bs)) if bs else '-'} | {vs_base} | {vs_h} | "
-            f"{noise} | {cfs} | {tt(base)} / {tt(bs)} | {pp(base)} / {pp(bs)} | {r['design']} | {wall:.0f} |")
+    t = res["slo"]["targets"]["short"]
+    rec = f"{r['design']} [{r.get('balancer') or res['balancer']}]" if r["design"] else "none meets"
+    gpu = res["designs"][0]["pools"][0]["config"]["gpu"]
+    bs = r.get("best_split")
+    noise = f"{bs['noise']:.1%}" if bs else "-"
+    return (f"| {res['trace']} | {gpu} | {res['rate_rps']:.1f} | {_gpus(s['baseline'])} | {_gpus(s['single'])} | "
+            f"{_gpus(s['split'])} | {_pct(s['vs_single'])} | {noise} | {_pct(s['vs_base'])} | {rec} | "
+            f"{t['ttft_slo_ms']:,.0f} / {t['idle_ttft_p99_ms']:,.0f} ms |")
 
 
-def main() -> int:
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--rates", default="native,1000")
-    ap.add_argument("--gpus", default="a100,h200")
-    ap.add_argument("--model", default="llama-3-70b")
-    ap.add_argument("--workers", type=int, default=os.cpu_count())
-    ap.add_argument("--b-short", default="auto", help="auto or N,N,... (fewer candidates: faster)")
-    ap.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results"))
-    ap.add_argument("--files", default=",".join(FILES), help="comma-separated trace files in the traces folder")
-    a = ap.parse_args()
+def matrix(res: dict) -> str:
+    """GPUs per design x balancer ('-': misses the targets on some seed or in steady state)."""
+    m = res.get("balancer_matrix") or {res["balancer"]: {d["name"]: d["gpus"] if _ok(d) else None
+                                                         for d in res["designs"]}}
+    bals = list(m)
+    names = list(dict.fromkeys(n for b in bals for n in m[b]))
+    out = ["| design | " + " | ".join(bals) + " |", "|---|" + "---:|" * len(bals)]
+    for n in names:
+        out.append(f"| {n} | " + " | ".join("-" if m[b].get(n) is None else f"{m[b][n]:,}" for b in bals) + " |")
+    return "\n".join(out)
+
+
+def cmd_table(paths: list[str]) -> int:
+    plans = []
+    for p in paths:
+        with open(p, "rb") as f:
+            plans.append(orjson.loads(f.read()))
+    print(HEADER)
+    for res in plans:
+        print(row(res))
+    for p, res in zip(paths, plans):
+        gpu = res["designs"][0]["pools"][0]["config"]["gpu"]
+        print(f"\n{res['trace']} on {gpu} ({p}): GPUs by design x balancer\n")
+        print(matrix(res))
+    return 0
+
+
+def cmd_run(a) -> int:
     if not os.path.isdir(TRACES):
         print(f"skip: traces folder {TRACES} absent", file=sys.stderr)
         return 0
-    os.makedirs(a.out, exist_ok=True)
-    print(HEADER, flush=True)
-    for rate in a.rates.split(","):
-        for f in a.files.split(","):
-            for gpu in a.gpus.split(","):
-                tr = load_trace(os.path.join(TRACES, f))
-                if rate != "native":
-                    tr = tile(scale_rate(tr, float(rate)), TILE_S)
-                t0 = time.perf_counter()
-                bs = None if a.b_short == "auto" else [int(x) for x in a.b_short.split(",")]
-                res = plan_json(plan(tr, a.model, Baseline(gpu=gpu), b_shorts=bs, workers=a.workers, progress=True))
-                wall = time.perf_counter() - t0
-                res["plan_wall_s"] = wall
-                name = f"{f.split('.')[0]}_{rate}_{gpu}_{a.model}.json"
-                with open(os.path.join(a.out, name), "wb") as fh:
-                    fh.write(orjson.dumps(res, option=orjson.OPT_SERIALIZE_NUMPY | orjson.OPT_INDENT_2,
-                                          default=float))
-                print(row(res, wall), flush=True)
-    return 0
+    done = []
+    for f in a.files.split(","):
+        for gpu in a.gpus.split(","):
+            out = os.path.join(a.out, f"{f.split('.')[0]}_{gpu}")
+            cmd = [sys.executable, "-m", "extproc.cli", "plan", "--trace", os.path.join(TRACES, f), "--gpu", gpu,
+                   "--balancer", a.balancer, "--workers", str(a.workers), "--out", out,
+                   "--emit", os.path.join(out, "emit")]
+            if a.window:
+                cmd += ["--window", a.window]
+            print("$ " + " ".join(cmd), file=sys.stderr, flush=True)
+            t0 = time.perf_counter()
+            rc = subprocess.call(cmd, cwd=ROOT, env={**os.environ, "PYTHONPATH": ROOT})
+            wall = time.perf_counter() - t0
+            if rc != 0:
+                print(f"plan failed (rc {rc}) for {f} on {gpu}", file=sys.stderr)
+                return rc
+            with open(os.path.join(out, "wall_s.txt"), "w") as fh:
+                fh.write(f"{wall:.1f}\n")
+            done.append(os.path.join(out, "plan.json"))
+    return cmd_table(done)
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    r = sub.add_parser("run", help="run `plan` per trace x GPU, then print the table")
+    r.add_argument("--files", default=",".join(FILES), help="comma-separated trace files in the traces folder")
+    r.add_argument("--gpus", default="a100,h100")
+    r.add_argument("--balancer", default="realistic")
+    r.add_argument("--workers", type=int, default=os.cpu_count() or 1)
+    r.add_argument("--window", help="START:LEN seconds of each trace (faster; say so where quoted)")
+    r.add_argument("--out", default=os.path.join(ROOT, "out", "planner-results"))
+    t = sub.add_parser("table", help="the docs' table from plan.json files")
+    t.add_argument("plans", nargs="+")
+    a = ap.parse_args()
+    return cmd_table(a.plans) if a.cmd == "table" else cmd_run(a)
 
 
 if __name__ == "__main__":

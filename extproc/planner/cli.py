@@ -6,7 +6,7 @@ import os
 import sys
 from dataclasses import replace
 
-from .report.plan_json import matrix_json, plan_json, write_json
+from .report.plan_json import balancer_view, matrix_json, plan_json, write_json
 from .report.text import print_plan, print_simulate
 from .sim.balancers import BALANCERS, DEFAULT_BALANCER, REALISTIC_BALANCERS
 from .sim.fleet import ROUTERS, FleetSpec, PoolSpec, simulate
@@ -224,7 +224,9 @@ def _slo_realism(args, tr, res, baseline, slo, space) -> dict:
                               args.search_window, args.workers, args.noise_p90, args.price_per_gpu_hour, False,
                               verify=False))
     log = None if args.no_progress else (lambda m: print(m, file=sys.stderr, flush=True))
-    return realism(res, slo, replan, sweep=args.slo_sweep, log=log)
+    # a balancer matrix: compare the re-plans with the recommended balancer's own designs only
+    return realism(balancer_view(res, res["recommendation"].get("balancer")), slo, replan,
+                   sweep=args.slo_sweep, log=log)
 
 
 def add_parsers(subparsers) -> None:

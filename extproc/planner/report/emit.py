@@ -87,7 +87,10 @@ def emit(res: dict, out_dir: str, design_name: str | None = None) -> list[str]:
     slo = res.get("slo", {})
     write("deployment.json", orjson.dumps({"design": name, "what": design["what"], "pools": pools,
                                            "b_short": cfg.b_short, "limits": design.get("limits", []),
-                                           "model": res["model"], "balancer": res.get("balancer"),
+                                           "model": res["model"],
+                                           # the balancer the design was sized under (a matrix
+                                           # plan's own "balancer" is "matrix", not one to run)
+                                           "balancer": bal or res.get("balancer"),
                                            "router": res.get("router"),
                                            "spillover": bool(design.get("spillover")),
                                            "adaptive": bool(design.get("adaptive")),

@@ -100,13 +100,31 @@ def matrix_json(plans: list[dict]) -> dict:
     ok = [d for d in designs if d["meets_effective"] and d["feasible"]]
     singles = [d for d in ok if d["kind"] == "homogeneous" and d["balancer"] in REALISTIC_BALANCERS]
     best_h = min(singles, key=lambda d: d["usd_per_hour"], default=None)
-    best = min(ok, key=lambda d: (d["usd_per_hour"], d["kind"] == "split"), default=None)
+    # the cheapest meeting split, fewer preemptions first at equal cost (as `recommend`)
+    best_s = min((d for d in ok if d["kind"] == "split"), key=lambda d: (d["usd_per_hour"], d["preempt_per_1k"]),
+                 default=None)
+    best = min(ok, key=lambda d: (d["usd_per_hour"], d["kind"] == "split", d["preempt_per_1k"]), default=None)
+    split_note = None
+    if best_s is not None and best_h is not None:
+        # the rule of `recommend._split_or_not`, across balancers: a split only when its saving
+        # over the best realistic single pool exceeds both seed spreads + 2 x the search tolerance
+        s_save = 1.0 - best_s["usd_per_hour"] / best_h["usd_per_hour"]
+        noise = (best_s["seed_spread_gpus"] + best_h["seed_spread_gpus"]) / max(best_h["gpus"], 1) + 2 * SIZE_TOLERANCE
+        split_note = {"design": best_s["name"], "gpus": best_s["gpus"], "balancer": best_s["balancer"],
+                      "saving_vs_best_single_pool": s_save, "noise": noise, "margin": s_save - noise}
+        if best is best_s and s_save <= noise:
+            best = best_h
     saving = 1.0 - best["usd_per_hour"] / best_h["usd_per_hour"] if best and best_h else None
     per_run = {p["balancer"]: p["recommendation"] for p in plans}
     why = (f"{best['name']} under {best['balancer']} is the cheapest design meeting the per-class targets"
            + (f"; {saving:.1%} below the best realistic single pool ({best_h['name']} under "
               f"{best_h['balancer']}, {best_h['gpus']} GPUs)" if saving is not None else "")
            if best else "no design meets the per-class targets under any balancer")
+    if best is not None and best is best_h and split_note is not None and split_note["saving_vs_best_single_pool"] > 0:
+        why = (f"keep one pool: {best_h['name']} under {best_h['balancer']} ({best_h['gpus']} GPUs); the best split "
+               f"({split_note['design']} under {split_note['balancer']}, {split_note['gpus']} GPUs) saves "
+               f"{split_note['saving_vs_best_single_pool']:.1%}, within seed spread + search tolerance "
+               f"({split_note['noise']:.1%})")
     out.update({
         "balancer": "matrix", "balancers": [p["balancer"] for p in plans], "designs": designs,
         "balancer_matrix": {p["balancer"]: {d["name"]: (d["gpus"] if d["meets_effective"] and d["feasible"] else None)
@@ -116,11 +134,28 @@ def matrix_json(plans: list[dict]) -> dict:
             "design": best["name"] if best else None, "balancer": best["balancer"] if best else None,
             "savings_vs_baseline": best["savings_vs_baseline"] if best else None,
             "closed_form": per_run[best["balancer"]]["closed_form"] if best else plans[0]["recommendation"]["closed_form"],
-            "split": bool(best and best["kind"] == "split"), "margin": None, "why": why,
+            "split": bool(best and best["kind"] == "split"),
+            "margin": split_note["margin"] if split_note else None, "why": why,
+            "best_split": split_note,
             "best_single_pool": ({"design": best_h["name"], "gpus": best_h["gpus"], "balancer": best_h["balancer"]}
                                  if best_h else None),
             "saving_vs_best_single_pool": saving, "per_balancer": per_run},
     })
+    return out
+
+
+def balancer_view(res: dict, balancer: str | None) -> dict:
+    """A balancer-matrix plan.json (`matrix_json`) as that balancer's own plan:
+    its designs and its own recommendation, so what is compared with re-plans
+    under that one balancer (`sizing.slo_sweep`) is not mixed with designs
+    sized under the others. Any other plan is returned as is."""
+    if not res.get("balancer_matrix") or balancer not in res["balancer_matrix"]:
+        return res
+    out = {k: v for k, v in res.items() if k not in ("balancer_matrix", "balancers")}
+    out["balancer"] = balancer
+    out["designs"] = [d for d in res["designs"] if d.get("balancer") == balancer]
+    out["recommendation"] = res["recommendation"]["per_balancer"][balancer]
+    out["sized_candidates"] = [c for c in res.get("sized_candidates", []) if c.get("balancer") == balancer]
     return out
 
 

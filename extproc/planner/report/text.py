@@ -37,13 +37,15 @@ def print_plan(res: dict) -> None:
                   f"{t['idle_ttft_p99_ms']:,.0f} ms, TPOT {t['idle_tpot_p99_ms']:.1f} ms; every design is "
                   f"held to {t['ttft_target_ms']:,.0f} / {t['tpot_target_ms']:.1f} ms instead")
     cls = list(tg)
-    head = f"{'design':<18}{'GPUs':>7}{'$/h':>9}{'spread':>7}"
+    matrix = bool(res.get("balancer_matrix"))  # every design once per balancer: say which
+    head = f"{'design':<18}" + (f"{'balancer':<15}" if matrix else "") + f"{'GPUs':>7}{'$/h':>9}{'spread':>7}"
     for c in cls:
         head += f"{c + ' TTFT99':>14}{c + ' TPOT99':>13}"
     head += f"{'pre/1K':>8}{'rej':>6}{'busy':>6}  meets"
     print(head)
     for d in res["designs"]:
-        row = f"{d['name']:<18}{d['gpus']:>7}{_fmt(d['usd_per_hour'], 0):>9}{d['seed_spread_gpus']:>7}"
+        row = (f"{d['name']:<18}" + (f"{d.get('balancer', ''):<15}" if matrix else "")
+               + f"{d['gpus']:>7}{_fmt(d['usd_per_hour'], 0):>9}{d['seed_spread_gpus']:>7}")
         for c in cls:
             m = d["classes"][c]
             row += f"{_fmt(m['ttft_p99_ms']):>14}{_fmt(m['tpot_p99_ms'], 1):>13}"
@@ -52,9 +54,10 @@ def print_plan(res: dict) -> None:
         print(row)
     for d in res["designs"]:
         if d["prefix_hit_rate"] > 0:
-            print(f"  {d['name']}: prefix cache hit rate {d['prefix_hit_rate']:.1%} of prompt blocks")
+            print(f"  {d['name']}" + (f" [{d.get('balancer')}]" if matrix else "")
+                  + f": prefix cache hit rate {d['prefix_hit_rate']:.1%} of prompt blocks")
     for d in res["designs"]:
-        print(f"  {d['name']}: {d['what']}"
+        print(f"  {d['name']}" + (f" [{d.get('balancer')}]" if matrix else "") + f": {d['what']}"
               + (f"; alpha {d['alpha']:.3f} rho {d['rho']:.2f} closed form {d['closed_form_savings']:.1%}"
                  if d["kind"] == "split" and d["rho"] == d["rho"] else ""))
     print_matrix(res)
@@ -94,7 +97,8 @@ def print_slo_realism(res: dict) -> None:
                                                else ""))
     print("  TPOT as `vllm bench serve` computes it: requests with >= 2 output tokens, (e2e - TTFT)/(tokens - 1); "
           "ITL P99 over every token gap: "
-          + "; ".join(f"{d['name']} {_fmt(d['summary']['fleet'].get('itl_p99_ms'), 1)} ms" for d in res["designs"]))
+          + "; ".join(f"{d['name']}" + (f" [{d.get('balancer')}]" if res.get("balancer_matrix") else "")
+                      + f" {_fmt(d['summary']['fleet'].get('itl_p99_ms'), 1)} ms" for d in res["designs"]))
     if x.get("saving_kind"):
         print(f"  the recommended split has rho {x['recommended_rho']:.2f}: its saving is {x['saving_kind']}"
               + (" (the short pool does no more work per instance; the saving is keeping long prefills out of "
