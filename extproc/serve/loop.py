@@ -21,13 +21,16 @@ LOOP_CHOICES = ("auto", "asyncio", "uvloop")
 #: read before the worker's config is in use; config/loader.NON_CONFIG_ENV).
 LOOP_ENV = "BUDGET_ROUTER_LOOP"
 
-#: "auto" on a TLS ext_proc port means the standard loop: the fast transport
-#: runs the handshake itself with loop.start_tls on the accepted connection
-#: (issue 17: pending handshakes are charged and bounded), and under uvloop
-#: 0.23 that handshake never completed with Envoy as the client (measured:
-#: "no handshake within 10.0 s" for every connection, the stack never became
-#: healthy; asyncio's start_tls completes it). Plain h2c keeps uvloop.
-TLS_AUTO_LOOP = "asyncio"
+#: What "auto" means on a TLS ext_proc port. The fast transport runs the
+#: handshake itself with loop.start_tls on the accepted connection (issue 17:
+#: pending handshakes are charged and bounded). uvloop 0.23 ignores
+#: pause_reading() inside connection_made, so a ClientHello that arrived first
+#: was lost and the handshake stalled to its timeout (measured: Envoy's stack
+#: never became healthy); h2c.py now replays those early bytes to the SSL
+#: layer, and under bench/attack.py's reconnecting rapid reset uvloop kept the
+#: client p99 at 68 ms where asyncio gave 100 ms (docs/attack.md). So TLS
+#: ports take uvloop too; BUDGET_ROUTER_LOOP=asyncio is the way back.
+TLS_AUTO_LOOP = "auto"
 
 
 def choose(tls: bool, env: dict | None = None) -> str:
