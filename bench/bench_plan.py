@@ -16,7 +16,7 @@ import time
 import orjson
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
-from extproc.planner.report.plan_json import plan_json  # noqa: E402
+from extproc.planner.report.plan_json import plan_json, write_json  # noqa: E402
 from extproc.planner.report.text import print_plan  # noqa: E402
 from extproc.planner.sizing.plan import plan  # noqa: E402
 from extproc.planner.sim.traces import load_trace, scale_rate, tile  # noqa: E402
@@ -30,6 +30,7 @@ def main() -> int:
     ap.add_argument("--trace", default=os.path.join(TRACES, "AzureLLMInferenceTrace_conv.csv"))
     ap.add_argument("--workers", type=int, default=os.cpu_count())
     ap.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results", "bench_plan.json"))
+    ap.add_argument("--plan-out", help="also write the full plan.json here (for bench/plan_diff.py)")
     a = ap.parse_args()
     if not os.path.exists(a.trace):
         print(f"skip: {a.trace} absent", file=sys.stderr)
@@ -39,6 +40,8 @@ def main() -> int:
     t0 = time.perf_counter()
     res = plan_json(plan(tr, workers=a.workers, progress=True))
     wall = time.perf_counter() - t0
+    if a.plan_out:
+        write_json(os.path.dirname(a.plan_out) or ".", os.path.basename(a.plan_out), res)
     load1 = os.getloadavg()
     print_plan(res)
     print(f"\nplan wall {wall:.1f} s on {a.workers} workers ({os.cpu_count()} cores); "
