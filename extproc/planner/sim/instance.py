@@ -142,6 +142,7 @@ class Instance:
         self.sum_off = 0
         self.dc = 0
         self.heap: list = []
+        self._pc, self._pc_ok = None, False  # `_plan`'s cached answer, valid while the state is unchanged
         # statistics
         self.kv_int = 0.0  # integral of used blocks over busy time
         self.busy = 0.0
@@ -167,6 +168,7 @@ class Instance:
     def abort(self, s: Seq) -> bool:
         """Drop ``s`` (its client went away; vLLM aborts the request): its slot and
         KV blocks are free for the next step. False if it was not here."""
+        self._pc_ok = False
         if s.rid in self.running:
             self._unlink(s)
         elif s in self.waiting:
@@ -201,6 +203,7 @@ class Instance:
         """A request arrives at time t (the caller has run the instance up to t)."""
         rec = self.rec
         rec.inst[s.rid] = self.iid
+        self._pc_ok = False
         if s.P + s.O > self.max_len:
             rec.rejected[s.rid] = 1
             rec.finish[s.rid] = t
@@ -298,7 +301,16 @@ class Instance:
         return self._shape_s
 
     def _plan(self):
-        """(n, a1, b1, a2, b2) for the pure-decode run possible now, or None."""
+        """(n, a1, b1, a2, b2) for the pure-decode run possible now, or None.
+        Cached until the state changes (`add`, `abort`, a step or a run): the
+        fleet asks for it in `next_event` and again when it runs the instance."""
+        if self._pc_ok:
+            return self._pc
+        p = self._pc = self._plan_now()
+        self._pc_ok = True
+        return p
+
+    def _plan_now(self):
         if self.prefilling or not self.nD or self._admissible():
             return None
         if self._shapes is not None and self.nD not in self._shapes:
@@ -306,17 +318,20 @@ class Instance:
         nD, bs, dc, cnt = self.nD, self.bs, self.dc, self.cnt
         n_fin = self._head_finish() - dc
         full = self.free // nD
-        rem = self.free - full * nD
-        acc = 0
-        j = 0
-        while j < bs:
-            need = cnt[(-(dc + j)) % bs]
-            if acc + need > rem:
-                break
-            acc += need
-            j += 1
-        n_kv = full * bs + j
-        n = n_fin if n_fin < n_kv else n_kv
+        if full * bs >= n_fin:  # the KV cache outlasts the run to the next completion
+            n = n_fin
+        else:
+            rem = self.free - full * nD
+            acc = 0
+            j = 0
+            while j < bs:
+                need = cnt[(-(dc + j)) % bs]
+                if acc + need > rem:
+                    break
+                acc += need
+                j += 1
+            n_kv = full * bs + j
+            n = n_fin if n_fin < n_kv else n_kv
         if n <= 0:
             return None
         S0 = self.sum_off + nD * dc
@@ -351,6 +366,7 @@ class Instance:
         """Execute every step that starts before T (the state ends at a step boundary)."""
         while self.t < T and (self.running or self.waiting):
             p = self._plan()
+            self._pc_ok = False  # whatever runs now changes the state
             if p is None:
                 self._step()
                 continue

@@ -9,9 +9,10 @@ from dataclasses import dataclass, field
 from . import closed_form
 from ..sim.fleet import FleetSpec, simulate
 from ..sim.hardware import InstanceConfig
-from ..sim.metrics import summarize
+from ..sim.metrics import class_of, summarize
+from ..sim.stop import MissRule, over_capacity
 from ..sim.traces import Trace, perturb
-from .steady import verdict
+from .steady import utilization, verdict
 
 
 class Workers:
@@ -64,28 +65,54 @@ class EvalKey:
     seed: int
     boundary: int
     measure_from: float = 0.0
+    stop: tuple | None = None
 
 
 @dataclass(frozen=True)
 class EvalJob:
-    """Simulate `spec` on `trace` perturbed by `seed`; summarize from `measure_from` s."""
+    """Simulate `spec` on `trace` perturbed by `seed`; summarize from `measure_from` s.
+
+    ``stop``: (per-class P99 TTFT targets in ms, in `metrics.CLASSES` order;
+    preemptions per 1K) to end a single-pool run as soon as it surely misses
+    them or is over capacity (`sim.stop`); its summary then carries
+    ``stopped`` and partial figures."""
 
     trace: Trace = field(compare=False, repr=False)
     spec: FleetSpec
     seed: int
     boundary: int
     measure_from: float = 0.0
+    stop: tuple | None = None
 
     @property
     def key(self) -> EvalKey:
-        return EvalKey(self.spec, self.seed, self.boundary, self.measure_from)
+        return EvalKey(self.spec, self.seed, self.boundary, self.measure_from, self.stop)
+
+
+def miss_rule(tr: Trace, job: EvalJob) -> MissRule | None:
+    """The early-exit rule of a single-pool job on its perturbed trace (None: run to the end)."""
+    if job.stop is None or len(job.spec.pools) != 1 or len(tr) == 0:
+        return None
+    ttft_ms, preempt = job.stop
+    p = job.spec.pools[0]
+    on = tr.arrival >= job.measure_from
+    rule = MissRule(tr.arrival, class_of(tr.prompt + tr.output, job.boundary), on,
+                    (tr.prompt + tr.output) > p.cfg.max_model_len, list(ttft_ms), preempt)
+    if on.sum() > 1:  # `steady.verdict`'s capacity check, from the requests alone
+        window_s = float(tr.arrival[on].max() - tr.arrival[on].min())
+        rule.pre = over_capacity(utilization(p.cfg, p.count, tr.prompt[on], tr.output[on], window_s))
+    return rule
 
 
 def evaluate(job: EvalJob) -> dict:
-    """The run's summary with its steady-state verdict (`steady.verdict`) as `steady`."""
-    r = simulate(perturb(job.trace, job.seed), job.spec, seed=job.seed)
+    """The run's summary with its steady-state verdict (`steady.verdict`) as
+    `steady`, and `stopped` when the early-exit rule ended it (`sim.stop`)."""
+    tr = perturb(job.trace, job.seed)
+    r = simulate(tr, job.spec, seed=job.seed, stop=miss_rule(tr, job))
     out = summarize(r, job.boundary, job.measure_from)
     out["steady"] = verdict(r, job.measure_from)
+    if r.stopped is not None:
+        out["stopped"] = r.stopped
     return out
 
 
