@@ -203,8 +203,9 @@ def simulate(trace: Trace, spec: FleetSpec, seed: int = 0, progress: bool = Fals
         w = [0.0] * p.count
         works.append(w)
         row = []
+        fixed: dict = {}  # the pool's step-time memo (`Instance._f`): one config, one table
         for j in range(p.count):
-            inst = Instance(p.cfg, len(insts), rec, w, j, check=check)
+            inst = Instance(p.cfg, len(insts), rec, w, j, check=check, fixed=fixed)
             row.append(inst)
             insts.append(inst)
         pools.append(row)

@@ -86,21 +86,31 @@ def _lin(a: float, b: float, k0: int, k1: int) -> float:
 
 
 def _sum_max(a1: float, b1: float, a2: float, b2: float, n: int) -> float:
-    """sum_{k=0}^{n-1} max(a1 + b1 k, a2 + b2 k)."""
+    """sum_{k=0}^{n-1} max(a1 + b1 k, a2 + b2 k). (`_lin` inlined: this runs
+    for every run of decode steps and every probe of `Instance.run_until`'s
+    search; the arithmetic is `_lin`'s, operation for operation.)"""
     d, e = a1 - a2, b1 - b2
     if e == 0.0:
-        return _lin(a1, b1, 0, n) if d >= 0 else _lin(a2, b2, 0, n)
+        if n <= 0:
+            return 0.0
+        return n * a1 + b1 * n * (n - 1) * 0.5 if d >= 0 else n * a2 + b2 * n * (n - 1) * 0.5
     kx = -d / e  # f1 >= f2  iff  d + e k >= 0
     if e > 0:  # f1 dominates for k >= kx
         c = min(max(int(-(-kx // 1)), 0), n)
-        return _lin(a2, b2, 0, c) + _lin(a1, b1, c, n)
-    c = min(max(int(kx // 1) + 1, 0), n)  # f1 dominates for k <= kx
-    return _lin(a1, b1, 0, c) + _lin(a2, b2, c, n)
+        lo_a, lo_b, hi_a, hi_b = a2, b2, a1, b1
+    else:
+        c = min(max(int(kx // 1) + 1, 0), n)  # f1 dominates for k <= kx
+        lo_a, lo_b, hi_a, hi_b = a1, b1, a2, b2
+    # _lin(lo_a, lo_b, 0, c) + _lin(hi_a, hi_b, c, n)
+    x = c * lo_a + lo_b * c * (c - 1) * 0.5 if c > 0 else 0.0
+    m = n - c
+    y = m * hi_a + hi_b * m * (c + n - 1) * 0.5 if m > 0 else 0.0
+    return x + y
 
 
 class Instance:
     def __init__(self, cfg: InstanceConfig, iid: int, rec: Records, work: list, widx: int,
-                 check: bool = False):
+                 check: bool = False, fixed: dict | None = None):
         cfg.validate()
         self.cfg = cfg
         self.iid = iid
@@ -112,7 +122,9 @@ class Instance:
         self.invFa, self.invBa = c.inv_attn_flops, c.inv_attn_bw
         self.attn, self.kvb = c.attn_flops_per_ctx, c.kv_bytes_per_token
         self.model = cfg.model
-        self._fixed = {}  # tokens -> overhead + all-reduces + GEMM time (hardware.StepCoeffs.fixed)
+        # tokens -> overhead + all-reduces + GEMM time (hardware.StepCoeffs.fixed);
+        # a pure function of the config: the instances of one pool share it (``fixed``)
+        self._fixed = {} if fixed is None else fixed
         # Engines that build a kernel per batch row count (vLLM's CPU build:
         # oneDNN primitives, cpu_profile.SHAPE_CACHE) pay ``_shape_s`` on a step
         # whose token count is not among the last ``_shape_n`` distinct ones.
@@ -374,7 +386,25 @@ class Instance:
             dt = _sum_max(a1, b1, a2, b2, n)
             if T != INF and self.t + dt >= T:
                 D = T - self.t
-                lo, hi = 1, n  # smallest m with S(m) >= D
+                lo, hi = 1, n  # smallest m with S(m) >= D (S increases with m: one answer)
+                # first probes where it must be: every step takes at least the
+                # first one's time, so S(ceil(D / step0)) >= D, and the steps of
+                # a run differ little, so the answer is almost always that or one less
+                g = D / (a1 if a1 > a2 else a2)
+                m = int(g)
+                m = m + 1 if m < g else m
+                m = 1 if m < 1 else n if m > n else m
+                if _sum_max(a1, b1, a2, b2, m) >= D:
+                    hi = m
+                    if m - 1 >= lo:
+                        if _sum_max(a1, b1, a2, b2, m - 1) >= D:
+                            hi = m - 1
+                        else:
+                            lo = m
+                elif m < n:
+                    lo = m + 1
+                else:  # S(n) < D only by rounding (t + S(n) >= T): the search's answer is n
+                    lo = n
                 while lo < hi:
                     mid = (lo + hi) // 2
                     if _sum_max(a1, b1, a2, b2, mid) >= D:
