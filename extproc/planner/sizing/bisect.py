@@ -130,6 +130,7 @@ def size_pool(job: SizingJob, ctx: SizingContext, early_exit: bool = True) -> Si
     runs = _Runs(job, ctx, early_exit)
     cap = max(1, len(tr))
     start = min(cap, max(1, math.ceil(rate / job.mu))) if job.mu > 0 else 1
+    start = job.start or start
     limit = start * MAX_GROWTH
     hi, feasible = search(lambda n: runs.meets(n, seeds[:1]), start, cap, limit)
     if feasible and len(seeds) > 1:

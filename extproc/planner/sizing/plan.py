@@ -40,7 +40,7 @@ from ..sim.balancers import DEFAULT_BALANCER
 from ..sim.traces import Trace
 from .closed_loop import closed_loop_designs
 from .design import Design, Inputs, Judged, SizedPool, SizingContext
-from .presize import Owner, candidates, rate, size_all, sizing_jobs
+from .presize import Owner, candidates, challengers, rate, screen, size_all, sizing_jobs
 from .recommend import Recommendation, recommend
 from .slo import SLO, targets
 from .space import AUTO_B_SHORT, Baseline, Space, check_tiers
@@ -67,6 +67,7 @@ class PlanResult:
     designs: tuple  # of Judged, the baseline first
     recommendation: Recommendation
     sized: tuple = ()  # every SLO-sized candidate pool: (Owner, SizedPool)
+    pruned: tuple = ()  # single-pool candidates screened out (`presize.Pruned`)
 
 
 def _pick(sized: list[SizedPool], owners: list[Owner], owner: Owner) -> SizedPool | None:
@@ -111,9 +112,9 @@ def split_designs(inp: Inputs, splits: list[SplitTraffic], sized, owners, rho_mu
     return out
 
 
-def _designs(ex: Workers, inp: Inputs, trace: Trace, search: Trace, splits, closed_loop, log) -> tuple[list, int, tuple]:
+def _designs(ex: Workers, inp: Inputs, trace: Trace, search: Trace, splits, closed_loop, log) -> tuple:
     """Steps 1-3 of the module doc: (the sized designs, the number of candidates,
-    every sized candidate pool with its owner)."""
+    every sized candidate pool with its owner, the pruned candidates)."""
     cands = candidates(inp, search, splits)
     if log:
         log(f"pre-sizing {len(cands)} candidate configs (throughput runs, {ex.workers} workers)")
@@ -121,13 +122,41 @@ def _designs(ex: Workers, inp: Inputs, trace: Trace, search: Trace, splits, clos
     owned = sizing_jobs(inp, cands, mus, splits)
     owners = [o for o, _ in owned]
     sized = size_all(ex, [j for _, j in owned], inp.ctx, len(search), log)
+    more, pruned = _second_wave(ex, inp, cands, mus, sized, owners, len(search), log)
+    owners += [Owner("homogeneous")] * len(more)
+    sized += more
     rho_mu = {c.split: mu for c, mu in zip(cands, mus) if c.role == "rho"}
     designs = single_pool_designs(inp, trace, sized, owners) + split_designs(inp, splits, sized, owners, rho_mu)
     if closed_loop:  # --spillover / --adaptive: each split again with the router's closed loop on
         designs += closed_loop_designs(ex, search, [d for d in designs if d.kind == "split"], inp.ctx,
                                        "spillover" in closed_loop, "adaptive" in closed_loop, inp.router,
                                        inp.noise_p90, log)
-    return designs, len(cands), tuple(zip(owners, sized))
+    return designs, len(cands), tuple(zip(owners, sized)), tuple(pruned)
+
+
+def _second_wave(ex: Workers, inp: Inputs, cands, mus, sized, owners, n_search: int, log) -> tuple[list, list]:
+    """(more sized single pools, the pruned): every step budget and threshold
+    not sized yet (`presize.challengers`, cheapest estimate first), a batch of
+    one per worker at a time, screened against the best single pool sized so
+    far (`presize.screen`); those that beat it are sized and lower the bar."""
+    singles = [(p, o) for p, o in zip(sized, owners) if o.role in ("homogeneous", "baseline")]
+    best = min((p.cost for p, _ in singles if p.feasible), default=None)
+    if best is None:
+        return [], []
+    todo = challengers(cands, mus, [p.cfg for p, _ in singles])
+    more, pruned = [], []
+    while todo:
+        batch, todo = todo[:ex.workers], todo[ex.workers:]
+        keep, out = screen(ex, batch, best, inp.ctx)
+        pruned += out
+        if keep:
+            got = size_all(ex, keep, inp.ctx, n_search, log)
+            more += got
+            best = min([best] + [p.cost for p in got if p.feasible])
+    if log:
+        log(f"second wave: {len(more) + len(pruned)} more single-pool candidates screened against the best, "
+            f"{len(more)} sized, {len(pruned)} pruned (dominated)")
+    return more, pruned
 
 
 def _inputs(model, baseline, slo, space, router, balancer, seeds, noise_p90, price, trace) -> Inputs:
@@ -171,7 +200,7 @@ def plan(trace: Trace, model: str = "llama-3-70b", baseline: Baseline | None = N
     ex = Workers(workers if workers is not None else (os.cpu_count() or 1))
     try:
         splits = route_splits(trace, search, inp, b_shorts, tiers, log)
-        designs, n_cands, all_sized = _designs(ex, inp, trace, search, splits, closed_loop, log)
+        designs, n_cands, all_sized, pruned = _designs(ex, inp, trace, search, splits, closed_loop, log)
         if log:
             log(f"verifying {len(designs)} designs x {len(inp.ctx.seeds)} seeds on {len(trace):,} requests")
         verified = verify_designs(ex, trace, designs, inp.ctx, router, noise_p90, log if verify else None)
@@ -180,4 +209,4 @@ def plan(trace: Trace, model: str = "llama-3-70b", baseline: Baseline | None = N
     base_cost = verified[0].design.cost
     judged = tuple(Judged.of(v, inp.ctx.tg, inp.ctx.slo, base_cost) for v in verified)
     return PlanResult(trace, search, inp, tuple(splits), tiers, closed_loop, n_cands, judged, recommend(list(judged)),
-                      all_sized)
+                      all_sized, pruned)
