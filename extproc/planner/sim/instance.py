@@ -313,7 +313,7 @@ class Instance:
         return self._shape_s
 
     def _plan(self):
-        """(n, a1, b1, a2, b2) for the pure-decode run possible now, or None.
+        """(n, a1, b1, a2, b2, its duration) for the pure-decode run possible now, or None.
         Cached until the state changes (`add`, `abort`, a step or a run): the
         fleet asks for it in `next_event` and again when it runs the instance."""
         if self._pc_ok:
@@ -353,7 +353,7 @@ class Instance:
         b1 = self.attn * nD * self.invFa
         a2 = f + self.kvb * S0 * self.invBa
         b2 = self.kvb * nD * self.invBa
-        return n, a1, b1, a2, b2
+        return n, a1, b1, a2, b2, _sum_max(a1, b1, a2, b2, n)
 
     def _blocks_needed(self, n: int) -> int:
         bs, dc, cnt = self.bs, self.dc, self.cnt
@@ -365,25 +365,23 @@ class Instance:
     def next_event(self) -> float:
         """When the balancer next needs this instance processed (a completion), or
         self.t if a detailed step is pending; inf when idle."""
-        if self.idle():
+        if not self.running and not self.waiting:
             return INF
-        p = self._plan()
+        p = self._pc if self._pc_ok else self._plan()
         if p is None:
             return self.t
-        n, a1, b1, a2, b2 = p
-        return self.t + _sum_max(a1, b1, a2, b2, n)
+        return self.t + p[5]
 
     # -- simulation ----------------------------------------------------------------
     def run_until(self, T: float) -> None:
         """Execute every step that starts before T (the state ends at a step boundary)."""
         while self.t < T and (self.running or self.waiting):
-            p = self._plan()
+            p = self._pc if self._pc_ok else self._plan()
             self._pc_ok = False  # whatever runs now changes the state
             if p is None:
                 self._step()
                 continue
-            n, a1, b1, a2, b2 = p
-            dt = _sum_max(a1, b1, a2, b2, n)
+            n, a1, b1, a2, b2, dt = p
             if T != INF and self.t + dt >= T:
                 D = T - self.t
                 lo, hi = 1, n  # smallest m with S(m) >= D (S increases with m: one answer)
@@ -413,7 +411,8 @@ class Instance:
                         lo = mid + 1
                 n = lo
                 dt = _sum_max(a1, b1, a2, b2, n)
-            self._shape_cost(self.nD)  # compiled (``_plan``): marks it recently used
+            if self._shapes is not None:
+                self._shape_cost(self.nD)  # compiled (``_plan``): marks it recently used
             need = self._blocks_needed(n)
             used0 = self.total_blocks - self.free
             self.free -= need
@@ -428,7 +427,9 @@ class Instance:
             self.jumps += 1
             if self.total_blocks - self.free > self.peak_used:
                 self.peak_used = self.total_blocks - self.free
-            self._pop_done()
+            h = self.heap
+            if h and h[0][0] <= self.dc:
+                self._pop_done()
             if self.check:
                 self._check()
 
