@@ -120,10 +120,13 @@ def test_default_grid_spans_2k_to_16k_step_budgets():
     assert {2048, 4096, 8192, 16384} <= set(SEARCH_MBTS)
 
 
-def test_screen_count_is_the_largest_count_cheaper_than_the_best():
-    best = cost(CFG, 10)
-    n = screen_count(CFG, best)
-    assert n == 9 and cost(CFG, n) < best <= cost(CFG, n + 1)
+def test_screen_count_is_cheaper_than_the_best_by_more_than_the_tolerance():
+    from extproc.planner.sizing.bisect import SIZE_TOLERANCE
+    for best_n in (10, 100, 740):
+        best = cost(CFG, best_n)
+        n = screen_count(CFG, best)
+        bar = best * (1 - SIZE_TOLERANCE)
+        assert cost(CFG, n) < bar <= cost(CFG, n + 1)
     assert screen_count(CFG, cost(CFG, 1)) == 0
 
 
@@ -139,4 +142,4 @@ def test_pruned_candidates_are_dominated():
     x = res.pruned[0]
     job = SizingJob("all", "all", x.cfg, x.mu, res.search)
     full = size_pool(job, res.inputs.ctx, early_exit=False)
-    assert full.cost >= x.best_cost
+    assert full.count > x.count  # it misses where it was screened: it cannot beat the best by more than 2%

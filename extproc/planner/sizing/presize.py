@@ -11,7 +11,7 @@ from ..sim.fleet import FleetSpec, PoolSpec
 from ..sim.hardware import InstanceConfig
 from ..sim.metrics import CLASSES
 from ..sim.traces import Trace
-from .bisect import size_pool
+from .bisect import SIZE_TOLERANCE, size_pool
 from .design import Inputs, SizedPool, SizingContext, SizingJob
 from .slo import ok
 from .space import cost
@@ -113,10 +113,11 @@ def size_all(ex: Workers, jobs: list[SizingJob], ctx: SizingContext, n_search: i
 
 @dataclass(frozen=True)
 class Pruned:
-    """A single-pool candidate not sized: it misses the targets (seed 0) at
-    the largest count cheaper than the best single pool sized, so (the
-    criterion being monotone in the count, as the search assumes) it cannot
-    be cheaper than that pool."""
+    """A single-pool candidate not sized: it misses the targets on some seed
+    at `screen_count` (cheaper than the best single pool sized by more than
+    the search's 2% resolution), so (the criterion being monotone in the
+    count, as the search assumes) it cannot beat that pool by more than the
+    resolution of the sizes themselves."""
 
     cfg: InstanceConfig
     mu: float
@@ -135,6 +136,9 @@ def challengers(cands: list[Candidate], mus: list[float], sized_cfgs) -> list[Si
     out = []
     for j in _cheapest(cands, mus, "homogeneous", None, len(cands)):
         k = (j.cfg.max_num_batched_tokens, j.cfg.long_prefill_token_threshold)
+        lpt = j.cfg.long_prefill_token_threshold
+        if lpt and len(j.trace) and lpt >= int(j.trace.prompt.max()):
+            continue  # caps no prompt of the traffic: the plain config in effect
         if k not in seen:
             seen.add(k)
             out.append(j)
@@ -142,10 +146,14 @@ def challengers(cands: list[Candidate], mus: list[float], sized_cfgs) -> list[Si
 
 
 def screen_count(cfg: InstanceConfig, best_cost: float) -> int:
-    """The largest instance count of cfg cheaper than best_cost (0: none)."""
+    """The count of cfg a challenger must meet at to be sized: the largest
+    count cheaper than best_cost by more than the search's own resolution
+    (`bisect.SIZE_TOLERANCE`: sizes are found to within 2%, so a candidate
+    within that of the best is not told apart from it) -- 0: none."""
     unit = cost(cfg, 1)
-    n = math.ceil(best_cost / unit) - 1 if unit > 0 else 0
-    while n > 0 and cost(cfg, n) >= best_cost:
+    bar = best_cost * (1.0 - SIZE_TOLERANCE)
+    n = math.ceil(bar / unit) - 1 if unit > 0 else 0
+    while n > 0 and cost(cfg, n) >= bar:
         n -= 1
     return max(n, 0)
 
