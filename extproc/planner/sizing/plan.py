@@ -12,12 +12,16 @@ Designs compared (docs/planner.md):
 
 Every design is sized and judged by the same per-class targets (`slo.py`).
 Method, one module per step:
-1. Analytic pre-sizing (`closed_form.throughput`): each candidate config's
-   sustainable throughput on its pool's traffic; rate / throughput starts the
-   search, and the cheapest candidates by that estimate are simulated.
-2. Monotone bisection on a *seed-averaged* criterion (`bisect.py`): every
-   instance count tried is simulated over all seeds (`traces.perturb`) and the
-   mean per-class P99s decide. Long traces are searched on a window.
+1. Analytic pre-sizing (`closed_form.throughput`: the cost model at a batch
+   the KV cache holds, no thrashing): each candidate config's sustainable
+   throughput on its pool's traffic; rate / throughput starts the search, and
+   the cheapest candidates by that estimate are simulated. A second wave
+   (`presize.challengers`, `presize.screen`) tries every other step budget and
+   threshold of the grid against the best single pool and sizes those that
+   beat it; the rest are reported as pruned.
+2. Monotone bisection (`bisect.py`): a count meets only if it meets on every
+   seed (`traces.perturb`). A run that surely misses ends early (`sim.stop`:
+   same verdict, same path, same sizes). Long traces are searched on a window.
 3. With ``--spillover``/``--adaptive``, each split again with the router's
    closed loop on (`closed_loop.py`).
 4. Each design is simulated on the whole trace for every seed and grown until
