@@ -27,7 +27,8 @@ def _case(n=900, rate=12.0, seed=7):
 
 
 def _stop(ctx):
-    return (tuple(ctx.tg[c]["ttft_target_ms"] for c in CLASSES), ctx.slo.preempt_per_1k)
+    from extproc.planner.sizing.bisect import stop_targets
+    return stop_targets(ctx)
 
 
 def test_early_exit_gives_the_same_size_as_the_full_run():
@@ -78,6 +79,24 @@ def test_miss_rule_order_statistic_bound():
     assert rule.check(0.9, [float("nan")] * n, [0] * n) is None
     # preemptions only grow: past the SLO the run misses
     assert rule.check(0.0, [0.1] * n, [1] * 11 + [0] * (n - 11)) == "preemptions"
+
+
+def test_miss_rule_tpot_counts_unfinished_requests_from_their_first_token():
+    n = 1000
+    out = np.full(n, 11)  # 10 token gaps each
+    rule = MissRule(np.zeros(n), np.zeros(n, dtype=int), np.ones(n, dtype=bool), np.zeros(n, dtype=bool),
+                    [1e9, 1e9], 10.0, out, [100.0, 100.0])
+    ft = [0.1] * n
+    # not finished at t = 1.0: TPOT >= (1.0 - 0.1) / 10 = 90 ms, not surely over 100 ms
+    assert rule.check(1.0, ft, [0] * n, [float("nan")] * n) is None
+    # at t = 1.2 every one is surely over (>= 110 ms)
+    assert rule.check(1.2, ft, [0] * n, [float("nan")] * n) == "tpot class 0"
+    # finished ones count with their own TPOT (50 ms here), so no miss
+    assert rule.check(5.0, ft, [0] * n, [0.6] * n) is None
+    # one-token requests have no TPOT (metrics: requests with >= 2 output tokens)
+    rule1 = MissRule(np.zeros(n), np.zeros(n, dtype=int), np.ones(n, dtype=bool), np.zeros(n, dtype=bool),
+                     [1e9, 1e9], 10.0, np.ones(n, dtype=int), [100.0, 100.0])
+    assert rule1.check(100.0, ft, [0] * n, [float("nan")] * n) is None
 
 
 def test_over_capacity_stops_before_the_first_step():
@@ -143,3 +162,28 @@ def test_pruned_candidates_are_dominated():
     job = SizingJob("all", "all", x.cfg, x.mu, res.search)
     full = size_pool(job, res.inputs.ctx, early_exit=False)
     assert full.count > x.count  # it misses where it was screened: it cannot beat the best by more than 2%
+
+
+def test_a_pool_whose_max_model_len_rejects_nothing_runs_as_the_single_pool():
+    """The cache behind the sizing and the verification (`workers.run_key`,
+    `presize.size_key`): a split's short pool that gets every request is the
+    single pool under another name and max_model_len, so one run serves both,
+    and the summary handed to each is the one its own run would give."""
+    from extproc.planner.sizing.workers import Workers, evaluate_unique
+    tr, ctx = _case(n=400)
+    assert int(tr.total.max()) <= 60000
+    short = Baseline(max_model_len=65536).config("llama-3-70b")
+    specs = [FleetSpec((PoolSpec("all", CFG, 20),)), FleetSpec((PoolSpec("short", short, 20),))]
+    jobs = [EvalJob(tr, sp, 1, ctx.slo.boundary, ctx.warmup) for sp in specs]
+    cache: dict = {}
+    shared = evaluate_unique(Workers(1), jobs, cache)
+    assert len(cache) == 1
+    for got, job in zip(shared, jobs):
+        own = evaluate(job)
+        for s in (got, own):
+            s.pop("sim_wall_s"), s.pop("sim_req_per_s")
+        assert got == own
+    # a max_model_len that rejects some requests is its own run
+    tight = Baseline(max_model_len=8192).config("llama-3-70b")
+    evaluate_unique(Workers(1), [EvalJob(tr, FleetSpec((PoolSpec("short", tight, 20),)), 1, ctx.slo.boundary)], cache)
+    assert len(cache) == 2

@@ -244,7 +244,7 @@ def simulate(trace: Trace, spec: FleetSpec, seed: int = 0, progress: bool = Fals
                 push(heap, (nt, iid, st))
         if i >= next_check:  # every instance is at t: a request not yet served gets its token at t or later
             next_check = i + stop.every
-            stopped = stop.check(t, rec.first_token, rec.preempts)
+            stopped = stop.check(t, rec.first_token, rec.preempts, rec.finish)
             if stopped is not None:
                 break
         p = pick_pool(R[i], hook, t, W[i], pools)
@@ -276,7 +276,7 @@ def simulate(trace: Trace, spec: FleetSpec, seed: int = 0, progress: bool = Fals
         if stopped is not None:
             break
         if stop is not None and k % stop.drain_every == stop.drain_every - 1:
-            stopped = stop.check(t_end, rec.first_token, rec.preempts)
+            stopped = stop.check(t_end, rec.first_token, rec.preempts, rec.finish)
             if stopped is not None:
                 break
         inst.run_until(INF)

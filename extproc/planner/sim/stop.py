@@ -16,6 +16,9 @@ a guess, so the search takes the same path and finds the same sizes:
   statistic is over it, and so is the P99, whatever the rest of the run does.
   n is known up front: every request the pool does not reject on arrival
   (prompt + output > max_model_len) completes.
+* **P99 TPOT**, the same way over the requests with >= 2 output tokens: a
+  request not finished at t finishes at t or later, so its TPOT is at least
+  (t - first token) / (output - 1).
 * **Preemptions.** Preemptions only accumulate: once the measured requests'
   preemptions per 1,000 exceed the SLO, the run misses.
 * **Capacity.** `steady.utilization` depends only on the requests and the
@@ -52,27 +55,30 @@ class MissRule:
     run simulates."""
 
     def __init__(self, arrival: np.ndarray, cls: np.ndarray, measured: np.ndarray,
-                 rejected: np.ndarray, ttft_target_ms: list[float], preempt_per_1k: float):
+                 rejected: np.ndarray, ttft_target_ms: list[float], preempt_per_1k: float,
+                 output: np.ndarray | None = None, tpot_target_ms: list[float] | None = None):
         self.arrival = np.asarray(arrival, dtype=np.float64)
         self.measured = np.asarray(measured, dtype=bool)
         served = self.measured & ~np.asarray(rejected, dtype=bool)
-        self.classes = []  # (mask, target ms, surely-missed count)
-        for k, target in enumerate(ttft_target_ms):
-            m = served & (np.asarray(cls) == k)
-            n = int(m.sum())
-            if n == 0:
-                continue
-            f = int(np.floor(QUANTILE / 100.0 * (n - 1)))
-            self.classes.append((m, float(target), n - f + MARGIN, k))
+        cls = np.asarray(cls)
+        self.classes = [r for k, target in enumerate(ttft_target_ms)
+                        if (r := _rule(served & (cls == k), target, k)) is not None]
+        # TPOT as `metrics._latency` has it: requests with >= 2 output tokens
+        self.tpot = []
+        if output is not None and tpot_target_ms is not None:
+            out = np.asarray(output)
+            self.per_gap = np.maximum(out - 1, 1)
+            self.tpot = [r for k, target in enumerate(tpot_target_ms)
+                         if (r := _rule(served & (cls == k) & (out > 1), target, k)) is not None]
         self.n_measured = int(self.measured.sum())
         self.preempt_per_1k = float(preempt_per_1k)
         self.every = CHECK_EVERY
         self.drain_every = DRAIN_CHECK_EVERY
         self.pre: str | None = None  # a miss known before the run (`over_capacity`): stops it at once
 
-    def check(self, t: float, first_token: list, preempts: list) -> str | None:
+    def check(self, t: float, first_token: list, preempts: list, finish: list | None = None) -> str | None:
         """The rule that surely misses at fleet time t, or None. first_token,
-        preempts: the run's per-request records so far (`instance.Records`)."""
+        preempts, finish: the run's per-request records so far (`instance.Records`)."""
         if self.pre is not None:
             return self.pre
         if self.n_measured:
@@ -85,7 +91,25 @@ class MissRule:
         for m, target, need, k in self.classes:
             if int(np.count_nonzero(1e3 * ttft[m] > target)) >= need:
                 return f"ttft class {k}"
+        if self.tpot and finish is not None:
+            # a request not finished by t finishes at t or later (as for the first
+            # token); one without a first token has no TPOT bound yet (NaN: not counted)
+            fin = np.asarray(finish, dtype=np.float64)
+            tpot = (np.where(np.isfinite(fin), fin, t) - ft) / self.per_gap
+            for m, target, need, k in self.tpot:
+                if int(np.count_nonzero(1e3 * tpot[m] > target)) >= need:
+                    return f"tpot class {k}"
         return None
+
+
+def _rule(mask: np.ndarray, target: float, k: int) -> tuple | None:
+    """(mask, target ms, requests over it that make the P99 surely over, class)
+    for the n requests of mask (None: no request, nothing to miss)."""
+    n = int(mask.sum())
+    if n == 0:
+        return None
+    f = int(np.floor(QUANTILE / 100.0 * (n - 1)))
+    return mask, float(target), n - f + MARGIN, k
 
 
 def over_capacity(utilization: dict) -> str | None:

@@ -58,6 +58,13 @@ def search(good: Callable[[int], bool], start: int, cap: int, limit: int) -> tup
     return narrow(good, lo, hi), True
 
 
+def stop_targets(ctx: SizingContext) -> tuple:
+    """`workers.EvalJob.stop` for this plan's targets: the effective per-class
+    P99 TTFT and TPOT targets (ms) and the preemption SLO."""
+    return (tuple(ctx.tg[c]["ttft_target_ms"] for c in CLASSES),
+            tuple(ctx.tg[c]["tpot_target_ms"] for c in CLASSES), ctx.slo.preempt_per_1k)
+
+
 class _Runs:
     """The simulations of one sizing job, per (count, seed), and the record of
     every count tried (the worst seed's figures: a count meets only if every
@@ -68,8 +75,7 @@ class _Runs:
         self.runs: dict[tuple[int, int], dict] = {}  # (count, seed) -> summary
         self.tried: dict[int, dict] = {}
         # a run that surely misses ends early (`sim.stop`): the search only needs "misses"
-        self.stop = ((tuple(ctx.tg[c]["ttft_target_ms"] for c in CLASSES), ctx.slo.preempt_per_1k)
-                     if early_exit else None)
+        self.stop = stop_targets(ctx) if early_exit else None
 
     def meets(self, n: int, seeds) -> bool:
         """Do n instances meet the targets on every one of these seeds?"""

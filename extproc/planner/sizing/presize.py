@@ -3,20 +3,23 @@ its pool's traffic (`closed_form.throughput`), the cheapest by that estimate
 chosen for sizing, and the sizing of all of them on the worker pool."""
 from __future__ import annotations
 
+import hashlib
 import math
 from dataclasses import dataclass, field, replace
 from functools import partial
+
+import numpy as np
 
 from ..sim.fleet import FleetSpec, PoolSpec
 from ..sim.hardware import InstanceConfig
 from ..sim.metrics import CLASSES
 from ..sim.traces import Trace
-from .bisect import SIZE_TOLERANCE, size_pool
+from .bisect import SIZE_TOLERANCE, size_pool, stop_targets
 from .design import Inputs, SizedPool, SizingContext, SizingJob
 from .slo import ok
 from .space import cost
 from .traffic import SplitTraffic
-from .workers import EvalJob, Workers, evaluate
+from .workers import EvalJob, Workers, evaluate, same_run_cfg
 
 #: Candidates per pool simulated after analytic pre-sizing (cheapest first).
 TOP_K = 1
@@ -100,15 +103,33 @@ def sizing_jobs(inp: Inputs, cands, mus, splits) -> list[tuple[Owner, SizingJob]
     return jobs
 
 
+def fingerprint(tr: Trace) -> bytes:
+    """The requests of a trace (not its name): two traffics with the same
+    fingerprint run the same."""
+    h = hashlib.sha1()
+    for a in (tr.arrival, tr.prompt, tr.output, tr.est_prompt, tr.est_budget, tr.pool_hint):
+        h.update(b"-" if a is None else np.ascontiguousarray(a).tobytes())
+    h.update(b"-" if tr.hashes is None else repr(hash(tuple(tr.hashes.tolist()))).encode())
+    return h.digest()
+
+
+def size_key(j: SizingJob) -> tuple:
+    """A sizing job's result depends on its requests, its config as a run can
+    tell it (`workers.same_run_cfg`), its start: a split's short pool that gets
+    every request is sized once with the single pool of the same config."""
+    return (fingerprint(j.trace), same_run_cfg(j.trace, j.cfg), j.mu, j.start)
+
+
 def size_all(ex: Workers, jobs: list[SizingJob], ctx: SizingContext, n_search: int, log) -> list[SizedPool]:
-    """One sized pool per job, in parallel; the same traffic on the same config is sized once."""
+    """One sized pool per job, in parallel; the same requests on the same config are sized once."""
+    keys = [size_key(j) for j in jobs]
     uniq: dict = {}
-    for j in jobs:
-        uniq.setdefault(j.key, j)
+    for k, j in zip(keys, jobs):
+        uniq.setdefault(k, j)
     if log:
         log(f"sizing {len(uniq)} pools (of {len(jobs)} roles) x {len(ctx.seeds)} seeds on {n_search:,} requests")
     done = dict(zip(uniq, ex.map(partial(size_pool, ctx=ctx), list(uniq.values()), cost=lambda j: len(j.trace))))
-    return [replace(done[j.key], name=j.pool) for j in jobs]
+    return [replace(done[k], name=j.pool, cfg=j.cfg) for k, j in zip(keys, jobs)]
 
 
 @dataclass(frozen=True)
@@ -162,7 +183,7 @@ def _screen(job_n: tuple, ctx: SizingContext) -> tuple[bool, dict | None]:
     """(meets on every seed, the summary of the seed that decided) for `job`
     at n instances: seed after seed, early exit on, stopping at the first miss."""
     job, n = job_n
-    stop = (tuple(ctx.tg[c]["ttft_target_ms"] for c in CLASSES), ctx.slo.preempt_per_1k)
+    stop = stop_targets(ctx)
     spec = FleetSpec((PoolSpec(job.pool, job.cfg, n),), balancer=ctx.balancer)
     s = None
     for x in ctx.seeds:
