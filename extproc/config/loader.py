@@ -29,8 +29,9 @@ ENV_PREFIX = "BUDGET_ROUTER_"
 #: Environment variables under ENV_PREFIX that are not config keys.
 #: ADMIN_TOKEN is a secret (kept out of Config, so `config --show` and
 #: ConfigResult never print it); LOG_FORMAT and LOG_LEVEL are read by logging
-#: setup before any config exists.
-NON_CONFIG_ENV = frozenset({"CONFIG", "ADMIN_TOKEN", "LOG_FORMAT", "LOG_LEVEL"})
+#: setup before any config exists; LOOP (serve/loop.py) picks the event loop
+#: before the worker starts, so it is a process setting, not a config key.
+NON_CONFIG_ENV = frozenset({"CONFIG", "ADMIN_TOKEN", "LOG_FORMAT", "LOG_LEVEL", "LOOP"})
 
 #: Largest config file read (and the only kind: a regular file). A real one is
 #: a few KB; the bound keeps a mistaken path (/dev/zero, a log file) from

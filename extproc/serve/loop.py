@@ -17,6 +17,26 @@ from typing import Any, Coroutine
 #: Environment/CLI choice: "auto" (uvloop if importable), "asyncio", "uvloop".
 LOOP_CHOICES = ("auto", "asyncio", "uvloop")
 
+#: Environment variable that overrides the choice (not a config key: it is
+#: read before the worker's config is in use; config/loader.NON_CONFIG_ENV).
+LOOP_ENV = "BUDGET_ROUTER_LOOP"
+
+#: "auto" on a TLS ext_proc port means the standard loop: the fast transport
+#: runs the handshake itself with loop.start_tls on the accepted connection
+#: (issue 17: pending handshakes are charged and bounded), and under uvloop
+#: 0.23 that handshake never completed with Envoy as the client (measured:
+#: "no handshake within 10.0 s" for every connection, the stack never became
+#: healthy; asyncio's start_tls completes it). Plain h2c keeps uvloop.
+TLS_AUTO_LOOP = "asyncio"
+
+
+def choose(tls: bool, env: dict | None = None) -> str:
+    """The loop a worker runs: the LOOP_ENV override, else "auto", which
+    means TLS_AUTO_LOOP when the ext_proc port speaks TLS."""
+    import os
+    choice = (os.environ if env is None else env).get(LOOP_ENV, "auto")
+    return TLS_AUTO_LOOP if choice == "auto" and tls else choice
+
 
 def loop_factory(choice: str = "auto"):
     """A loop factory for asyncio.Runner, or None for the standard loop."""

@@ -365,3 +365,12 @@ def test_half_tls_handshakes_are_bounded_and_released(tmp_path, pki, limits):
         finally:
             for s in socks:
                 s.close()
+
+
+def test_tls_port_runs_on_the_standard_loop_unless_overridden():
+    from extproc.serve.loop import LOOP_ENV, TLS_AUTO_LOOP, choose
+    assert choose(tls=True, env={}) == TLS_AUTO_LOOP == "asyncio"
+    assert choose(tls=False, env={}) == "auto"
+    assert choose(tls=True, env={LOOP_ENV: "uvloop"}) == "uvloop"
+    # the override is a process setting, not a config key the loader refuses
+    assert C.from_mapping({}, env={LOOP_ENV: "asyncio"}) == C.from_mapping({}, env={})
