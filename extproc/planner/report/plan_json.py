@@ -84,8 +84,9 @@ def plan_json(res: PlanResult) -> dict:
         # every pool the SLO search sized (not only the ones the designs kept)
         "sized_candidates": [{"role": o.role, "split": o.split, "balancer": inp.ctx.balancer, **pool_json(p)}
                              for o, p in res.sized],
-        # single-pool candidates not sized: they miss at the largest count cheaper than the best single pool
-        "pruned_candidates": [{"role": "homogeneous", "balancer": inp.ctx.balancer, "config": x.cfg.to_json(),
+        # candidate pools not sized: they miss where they would beat the best pool of their role by > 2%
+        "pruned_candidates": [{"role": x.owner.role, "split": x.owner.split, "balancer": inp.ctx.balancer,
+                               "config": x.cfg.to_json(),
                                "label": x.cfg.label(), "mu_rps": x.mu, "screened_count": x.count,
                                "best_usd_per_hour": x.best_cost, "screen": x.figures}
                               for x in res.pruned],

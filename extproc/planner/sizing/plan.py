@@ -17,8 +17,8 @@ Method, one module per step:
    throughput on its pool's traffic; rate / throughput starts the search, and
    the cheapest candidates by that estimate are simulated. A second wave
    (`presize.challengers`, `presize.screen`) tries every other step budget and
-   threshold of the grid against the best single pool and sizes those that
-   beat it; the rest are reported as pruned.
+   threshold of the grid against the best pool of each role (the single pool,
+   each split's tier) and sizes those that beat it; the rest are reported as pruned.
 2. Monotone bisection (`bisect.py`): a count meets only if it meets on every
    seed (`traces.perturb`). A run that surely misses ends early (`sim.stop`:
    same verdict, same path, same sizes). Long traces are searched on a window.
@@ -127,8 +127,8 @@ def _designs(ex: Workers, inp: Inputs, trace: Trace, search: Trace, splits, clos
     owners = [o for o, _ in owned]
     sized = size_all(ex, [j for _, j in owned], inp.ctx, len(search), log)
     more, pruned = _second_wave(ex, inp, cands, mus, sized, owners, len(search), log)
-    owners += [Owner("homogeneous")] * len(more)
-    sized += more
+    owners += [o for o, _ in more]
+    sized += [p for _, p in more]
     rho_mu = {c.split: mu for c, mu in zip(cands, mus) if c.role == "rho"}
     designs = single_pool_designs(inp, trace, sized, owners) + split_designs(inp, splits, sized, owners, rho_mu)
     if closed_loop:  # --spillover / --adaptive: each split again with the router's closed loop on
@@ -139,27 +139,38 @@ def _designs(ex: Workers, inp: Inputs, trace: Trace, search: Trace, splits, clos
 
 
 def _second_wave(ex: Workers, inp: Inputs, cands, mus, sized, owners, n_search: int, log) -> tuple[list, list]:
-    """(more sized single pools, the pruned): every step budget and threshold
-    not sized yet (`presize.challengers`, cheapest estimate first), a batch of
-    one per worker at a time, screened against the best single pool sized so
-    far (`presize.screen`); those that beat it are sized and lower the bar."""
-    singles = [(p, o) for p, o in zip(sized, owners) if o.role in ("homogeneous", "baseline")]
-    best = min((p.cost for p, _ in singles if p.feasible), default=None)
-    if best is None:
-        return [], []
-    todo = challengers(cands, mus, [p.cfg for p, _ in singles])
+    """([(owner, more sized pools)], the pruned): per role (the single pool,
+    each split's tier), every step budget and threshold not sized yet
+    (`presize.challengers`, cheapest estimate first), one per role and worker
+    at a time, screened against the best pool sized for the role so far
+    (`presize.screen`); those that beat it are sized and lower the bar."""
+    def group(o: Owner) -> Owner:
+        return Owner("homogeneous") if o.role == "baseline" else o
+    best: dict = {}
+    cfgs: dict = {}
+    for p, o in zip(sized, owners):
+        g = group(o)
+        cfgs.setdefault(g, []).append(p.cfg)
+        if p.feasible:
+            best[g] = min(best.get(g, p.cost), p.cost)
+    queues = {g: challengers(cands, mus, g, cfgs[g]) for g in best}
     more, pruned = [], []
-    while todo:
-        batch, todo = todo[:ex.workers], todo[ex.workers:]
-        keep, out = screen(ex, batch, best, inp.ctx)
+    while any(queues.values()):
+        items = []
+        for g, q in queues.items():
+            take, queues[g] = q[:ex.workers], q[ex.workers:]
+            items += [(g, j, best[g]) for j in take]
+        keep, out = screen(ex, items, inp.ctx)
         pruned += out
         if keep:
-            got = size_all(ex, keep, inp.ctx, n_search, log)
-            more += got
-            best = min([best] + [p.cost for p in got if p.feasible])
+            got = size_all(ex, [j for _, j in keep], inp.ctx, n_search, log)
+            for (g, _), p in zip(keep, got):
+                more.append((g, p))
+                if p.feasible:
+                    best[g] = min(best[g], p.cost)
     if log:
-        log(f"second wave: {len(more) + len(pruned)} more single-pool candidates screened against the best, "
-            f"{len(more)} sized, {len(pruned)} pruned (dominated)")
+        log(f"second wave: {len(more) + len(pruned)} more candidate pools screened against the best of "
+            f"their role, {len(more)} sized, {len(pruned)} pruned (dominated)")
     return more, pruned
 
 

@@ -134,28 +134,29 @@ def size_all(ex: Workers, jobs: list[SizingJob], ctx: SizingContext, n_search: i
 
 @dataclass(frozen=True)
 class Pruned:
-    """A single-pool candidate not sized: it misses the targets on some seed
-    at `screen_count` (cheaper than the best single pool sized by more than
+    """A candidate pool not sized: it misses the targets on some seed at
+    `screen_count` (cheaper than the best pool sized for its role by more than
     the search's 2% resolution), so (the criterion being monotone in the
     count, as the search assumes) it cannot beat that pool by more than the
     resolution of the sizes themselves."""
 
+    owner: Owner
     cfg: InstanceConfig
     mu: float
     count: int  # the count screened (0: one instance already costs as much as the best)
-    best_cost: float  # USD/h of the best single pool sized when screened
+    best_cost: float  # USD/h of the best pool sized for the role when screened
     figures: dict  # the screening run's class P99s and why it missed
 
 
-def challengers(cands: list[Candidate], mus: list[float], sized_cfgs) -> list[SizingJob]:
-    """Single-pool candidates for the second wave: per step budget and
-    threshold (max_num_batched_tokens, long_prefill_token_threshold) not yet
-    sized, the cheapest by the throughput estimate, so every step budget of
-    the grid (2K-16K) and every threshold is tried against the SLO (issue 16
-    item 2) while `screen` keeps the ones that cannot win from a full search."""
+def challengers(cands: list[Candidate], mus: list[float], owner: Owner, sized_cfgs) -> list[SizingJob]:
+    """A role's candidates for the second wave: per step budget and threshold
+    (max_num_batched_tokens, long_prefill_token_threshold) not yet sized, the
+    cheapest by the throughput estimate, so every step budget of the grid
+    (2K-16K) and every threshold is tried against the SLO (issue 16 item 2)
+    while `screen` keeps the ones that cannot win from a full search."""
     seen = {(c.max_num_batched_tokens, c.long_prefill_token_threshold) for c in sized_cfgs}
     out = []
-    for j in _cheapest(cands, mus, "homogeneous", None, len(cands)):
+    for j in _cheapest(cands, mus, owner.role, owner.split, len(cands)):
         k = (j.cfg.max_num_batched_tokens, j.cfg.long_prefill_token_threshold)
         lpt = j.cfg.long_prefill_token_threshold
         if lpt and len(j.trace) and lpt >= int(j.trace.prompt.max()):
@@ -193,22 +194,26 @@ def _screen(job_n: tuple, ctx: SizingContext) -> tuple[bool, dict | None]:
     return True, s
 
 
-def screen(ex: Workers, jobs: list[SizingJob], best_cost: float, ctx: SizingContext) -> tuple[list, list]:
-    """(the jobs worth a full search, each starting at the count screened; the
-    pruned): a job that misses on some seed at the largest count cheaper than
-    the best single pool (`screen_count`) is dominated; one that meets there
-    beats it and is sized."""
-    counts = [screen_count(j.cfg, best_cost) for j in jobs]
-    todo = [(j, n) for j, n in zip(jobs, counts) if n > 0]
-    res = dict(zip((id(j) for j, _ in todo), ex.map(partial(_screen, ctx=ctx), todo, cost=lambda x: x[1])))
+def screen(ex: Workers, items: list[tuple], ctx: SizingContext) -> tuple[list, list]:
+    """items: (owner, job, the best cost sized for the owner's role). Returns
+    ([(owner, job to size, starting at the count screened)], [Pruned]): a job
+    that misses on some seed at `screen_count` is dominated; one that meets
+    there beats the best and is sized. The same run (`size_key`) is screened once."""
+    counts = [screen_count(j.cfg, best) for _, j, best in items]
+    todo: dict = {}
+    for (_, j, _), n in zip(items, counts):
+        if n > 0:
+            todo.setdefault((size_key(j), n), (j, n))
+    res = dict(zip(todo, ex.map(partial(_screen, ctx=ctx), list(todo.values()), cost=lambda x: x[1])))
     keep, pruned = [], []
-    for j, n in zip(jobs, counts):
-        met, s = res.get(id(j), (False, None))
+    for (o, j, best), n in zip(items, counts):
+        met, s = res.get((size_key(j), n), (False, None)) if n > 0 else (False, None)
         if met:
-            keep.append(replace(j, start=n))
+            keep.append((o, replace(j, start=n)))
             continue
         figs = {} if s is None else {"stopped": s.get("stopped"), "steady_ok": bool(s["steady"]["ok"]),
                                      "preempt_per_1k": s["fleet"]["preemptions_per_1k"],
-                                     **{f"{c}_ttft_p99_ms": s["classes"][c]["ttft_p99_ms"] for c in CLASSES}}
-        pruned.append(Pruned(j.cfg, j.mu, n, best_cost, figs))
+                                     **{f"{c}_ttft_p99_ms": s["classes"][c]["ttft_p99_ms"] for c in CLASSES},
+                                     **{f"{c}_tpot_p99_ms": s["classes"][c]["tpot_p99_ms"] for c in CLASSES}}
+        pruned.append(Pruned(o, j.cfg, j.mu, n, best, figs))
     return keep, pruned
