@@ -134,6 +134,7 @@ def size_pool(job: SizingJob, ctx: SizingContext, early_exit: bool = True) -> Si
     tr, seeds = job.trace, ctx.seeds
     rate = len(tr) / max(tr.duration, 1e-9)
     runs = _Runs(job, ctx, early_exit)
+    runs.runs.update(dict(job.seeded))  # the screen's runs at `job.start` (`presize.screen`)
     cap = max(1, len(tr))
     start = min(cap, max(1, math.ceil(rate / job.mu))) if job.mu > 0 else 1
     start = job.start or start

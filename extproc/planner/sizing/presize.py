@@ -180,18 +180,21 @@ def screen_count(cfg: InstanceConfig, best_cost: float) -> int:
     return max(n, 0)
 
 
-def _screen(job_n: tuple, ctx: SizingContext) -> tuple[bool, dict | None]:
-    """(meets on every seed, the summary of the seed that decided) for `job`
-    at n instances: seed after seed, early exit on, stopping at the first miss."""
+def _screen(job_n: tuple, ctx: SizingContext) -> tuple[bool, tuple]:
+    """(meets on every seed, the ((n, seed), summary) runs made) for `job` at
+    n instances: seed after seed, early exit on, stopping at the first miss.
+    The runs are `bisect.size_pool`'s own at that count (same fleet, same
+    early-exit targets), so a job sized afterwards starts with them."""
     job, n = job_n
     stop = stop_targets(ctx)
     spec = FleetSpec((PoolSpec(job.pool, job.cfg, n),), balancer=ctx.balancer)
-    s = None
+    runs = []
     for x in ctx.seeds:
         s = evaluate(EvalJob(job.trace, spec, x, ctx.slo.boundary, ctx.warmup, stop))
+        runs.append(((n, x), s))
         if not ok(s, ctx.tg, ctx.slo):
-            return False, s
-    return True, s
+            return False, tuple(runs)
+    return True, tuple(runs)
 
 
 def screen(ex: Workers, items: list[tuple], ctx: SizingContext) -> tuple[list, list]:
@@ -207,10 +210,11 @@ def screen(ex: Workers, items: list[tuple], ctx: SizingContext) -> tuple[list, l
     res = dict(zip(todo, ex.map(partial(_screen, ctx=ctx), list(todo.values()), cost=lambda x: x[1])))
     keep, pruned = [], []
     for (o, j, best), n in zip(items, counts):
-        met, s = res.get((size_key(j), n), (False, None)) if n > 0 else (False, None)
+        met, runs = res.get((size_key(j), n), (False, ())) if n > 0 else (False, ())
         if met:
-            keep.append((o, replace(j, start=n)))
+            keep.append((o, replace(j, start=n, seeded=runs)))
             continue
+        s = runs[-1][1] if runs else None
         figs = {} if s is None else {"stopped": s.get("stopped"), "steady_ok": bool(s["steady"]["ok"]),
                                      "preempt_per_1k": s["fleet"]["preemptions_per_1k"],
                                      **{f"{c}_ttft_p99_ms": s["classes"][c]["ttft_p99_ms"] for c in CLASSES},
