@@ -160,7 +160,6 @@ def test_pruned_candidates_are_dominated():
     pruned = [x for x in res.pruned if x.owner.role == "homogeneous" and x.count > 0]
     assert pruned, "nothing pruned: the test would test nothing"
     assert all(x.best_cost >= min(p.cost for p in singles if p.feasible) for x in pruned)
-    assert {x.owner.role for x in res.pruned} > {"homogeneous"}  # split tiers are screened too
     x = pruned[0]
     job = SizingJob("all", "all", x.cfg, x.mu, res.search)
     full = size_pool(job, res.inputs.ctx, early_exit=False)
@@ -190,3 +189,13 @@ def test_a_pool_whose_max_model_len_rejects_nothing_runs_as_the_single_pool():
     tight = Baseline(max_model_len=8192).config("llama-3-70b")
     evaluate_unique(Workers(1), [EvalJob(tr, FleetSpec((PoolSpec("short", tight, 20),)), 1, ctx.slo.boundary)], cache)
     assert len(cache) == 2
+
+
+def test_second_wave_screens_split_tiers_when_asked(monkeypatch):
+    """The second wave is per role: a split tier's other step budgets are
+    screened against that tier's best when its role is listed."""
+    from extproc.planner.sizing import plan as P
+    monkeypatch.setattr(P, "SECOND_WAVE_ROLES", ("homogeneous", "short", "long"))
+    tr = synthetic(300, 3, 2500, 200, seed=5, max_total=60000, name="small")
+    res = P.plan(tr, b_shorts=[8192], workers=1, verify=False)
+    assert {x.owner.role for x in res.pruned} | {o.role for o, _ in res.sized[5:]} >= {"short"}

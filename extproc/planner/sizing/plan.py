@@ -17,8 +17,8 @@ Method, one module per step:
    throughput on its pool's traffic; rate / throughput starts the search, and
    the cheapest candidates by that estimate are simulated. A second wave
    (`presize.challengers`, `presize.screen`) tries every other step budget and
-   threshold of the grid against the best pool of each role (the single pool,
-   each split's tier) and sizes those that beat it; the rest are reported as pruned.
+   threshold of the grid against the best single pool (`presize.SECOND_WAVE_ROLES`)
+   and sizes those that beat it; the rest are reported as pruned.
 2. Monotone bisection (`bisect.py`): a count meets only if it meets on every
    seed (`traces.perturb`). A run that surely misses ends early (`sim.stop`:
    same verdict, same path, same sizes). Long traces are searched on a window.
@@ -44,7 +44,7 @@ from ..sim.balancers import DEFAULT_BALANCER
 from ..sim.traces import Trace
 from .closed_loop import closed_loop_designs
 from .design import Design, Inputs, Judged, SizedPool, SizingContext
-from .presize import Owner, candidates, challengers, rate, screen, size_all, sizing_jobs
+from .presize import SECOND_WAVE_ROLES, Owner, candidates, challengers, rate, screen, size_all, sizing_jobs
 from .recommend import Recommendation, recommend
 from .slo import SLO, targets
 from .space import AUTO_B_SHORT, Baseline, Space, check_tiers
@@ -139,8 +139,8 @@ def _designs(ex: Workers, inp: Inputs, trace: Trace, search: Trace, splits, clos
 
 
 def _second_wave(ex: Workers, inp: Inputs, cands, mus, sized, owners, n_search: int, log) -> tuple[list, list]:
-    """([(owner, more sized pools)], the pruned): per role (the single pool,
-    each split's tier), every step budget and threshold not sized yet
+    """([(owner, more sized pools)], the pruned): per role of
+    `presize.SECOND_WAVE_ROLES` (the single pool), every step budget and threshold not sized yet
     (`presize.challengers`, cheapest estimate first), one per role and worker
     at a time, screened against the best pool sized for the role so far
     (`presize.screen`); those that beat it are sized and lower the bar."""
@@ -153,7 +153,7 @@ def _second_wave(ex: Workers, inp: Inputs, cands, mus, sized, owners, n_search: 
         cfgs.setdefault(g, []).append(p.cfg)
         if p.feasible:
             best[g] = min(best.get(g, p.cost), p.cost)
-    queues = {g: challengers(cands, mus, g, cfgs[g]) for g in best}
+    queues = {g: challengers(cands, mus, g, cfgs[g]) for g in best if g.role in SECOND_WAVE_ROLES}
     more, pruned = [], []
     while any(queues.values()):
         items = []

@@ -24,6 +24,13 @@ from .workers import EvalJob, Workers, evaluate, same_run_cfg
 #: Candidates per pool simulated after analytic pre-sizing (cheapest first).
 TOP_K = 1
 
+#: Roles whose other step budgets and thresholds the second wave screens
+#: (`challengers`): the single pool, where issue 16 item 2 found the
+#: mitigation that takes effect never sized. Each split tier's too is supported
+#: ("short", "long", ...) but costs half again the plan's CPU on the Azure conv
+#: bench (measured 202 s -> 303 s, bench/bench_plan.py), past item 8's budget.
+SECOND_WAVE_ROLES = ("homogeneous",)
+
 #: Single-pool candidates sized by the SLO search in the first wave, plain and
 #: with a long-prefill threshold each. The throughput estimate ranks configs
 #: that differ only in the step budget and the threshold too coarsely to pick
