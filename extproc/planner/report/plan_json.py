@@ -84,6 +84,12 @@ def plan_json(res: PlanResult) -> dict:
         # every pool the SLO search sized (not only the ones the designs kept)
         "sized_candidates": [{"role": o.role, "split": o.split, "balancer": inp.ctx.balancer, **pool_json(p)}
                              for o, p in res.sized],
+        # candidate pools not sized: they miss where they would beat the best pool of their role by > 2%
+        "pruned_candidates": [{"role": x.owner.role, "split": x.owner.split, "balancer": inp.ctx.balancer,
+                               "config": x.cfg.to_json(),
+                               "label": x.cfg.label(), "mu_rps": x.mu, "screened_count": x.count,
+                               "best_usd_per_hour": x.best_cost, "screen": x.figures}
+                              for x in res.pruned],
     }
 
 
@@ -130,6 +136,7 @@ def matrix_json(plans: list[dict]) -> dict:
         "balancer_matrix": {p["balancer"]: {d["name"]: (d["gpus"] if d["meets_effective"] and d["feasible"] else None)
                                             for d in p["designs"]} for p in plans},
         "sized_candidates": [c for p in plans for c in p.get("sized_candidates", [])],
+        "pruned_candidates": [c for p in plans for c in p.get("pruned_candidates", [])],
         "recommendation": {
             "design": best["name"] if best else None, "balancer": best["balancer"] if best else None,
             "savings_vs_baseline": best["savings_vs_baseline"] if best else None,

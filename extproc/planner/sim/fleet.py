@@ -161,6 +161,7 @@ class SimResult:
     spilled: int = 0
     wall_s: float = 0.0
     loop: object = None  # the planner.sim.closed_loop.LoopHook, when the closed loop ran
+    stopped: str | None = None  # the `stop.MissRule` that ended the run early (figures partial)
 
 
 def loop_hook(spec: FleetSpec, log: bool = False):
@@ -175,9 +176,11 @@ def loop_hook(spec: FleetSpec, log: bool = False):
 
 
 def simulate(trace: Trace, spec: FleetSpec, seed: int = 0, progress: bool = False,
-             check: bool = False, log: bool = False) -> SimResult:
+             check: bool = False, log: bool = False, stop=None) -> SimResult:
     """Run the fleet on the trace. Pure and deterministic for (trace, spec, seed).
-    ``log``: keep the closed loop's every decision (``result.loop.log``)."""
+    ``log``: keep the closed loop's every decision (``result.loop.log``).
+    ``stop``: a `stop.MissRule`; the run ends as soon as it surely misses
+    (``result.stopped``; a run it does not stop is the same as without it)."""
     import time as _time
     t0 = _time.perf_counter()
     n = len(trace)
@@ -200,8 +203,9 @@ def simulate(trace: Trace, spec: FleetSpec, seed: int = 0, progress: bool = Fals
         w = [0.0] * p.count
         works.append(w)
         row = []
+        fixed: dict = {}  # the pool's step-time memo (`Instance._f`): one config, one table
         for j in range(p.count):
-            inst = Instance(p.cfg, len(insts), rec, w, j, check=check)
+            inst = Instance(p.cfg, len(insts), rec, w, j, check=check, fixed=fixed)
             row.append(inst)
             insts.append(inst)
         pools.append(row)
@@ -223,6 +227,8 @@ def simulate(trace: Trace, spec: FleetSpec, seed: int = 0, progress: bool = Fals
         bar = tqdm(total=n, file=sys.stderr, unit="req", mininterval=0.5, leave=False,
                    desc=f"simulate {spec.instances} inst")
     tick = 0
+    stopped = None
+    next_check = n + 1 if stop is None else 0 if stop.pre is not None else stop.every
     for i in range(n):
         t = arrival[i]
         while heap and heap[0][0] < t:
@@ -236,6 +242,11 @@ def simulate(trace: Trace, spec: FleetSpec, seed: int = 0, progress: bool = Fals
             nt = inst.next_event()
             if nt < INF:
                 push(heap, (nt, iid, st))
+        if i >= next_check:  # every instance is at t: a request not yet served gets its token at t or later
+            next_check = i + stop.every
+            stopped = stop.check(t, rec.first_token, rec.preempts, rec.finish)
+            if stopped is not None:
+                break
         p = pick_pool(R[i], hook, t, W[i], pools)
         j = bals[p].pick(t)
         inst = pools[p][j]
@@ -258,9 +269,16 @@ def simulate(trace: Trace, spec: FleetSpec, seed: int = 0, progress: bool = Fals
     t_end = arrival[-1] if n else 0.0
     win = []
     for inst in insts:
-        inst.run_until(t_end)
+        if stopped is None:
+            inst.run_until(t_end)
         win.append((inst.busy, inst.kv_int))
-    for inst in insts:
+    for k, inst in enumerate(insts):
+        if stopped is not None:
+            break
+        if stop is not None and k % stop.drain_every == stop.drain_every - 1:
+            stopped = stop.check(t_end, rec.first_token, rec.preempts, rec.finish)
+            if stopped is not None:
+                break
         inst.run_until(INF)
     if bar is not None:
         bar.update(tick)
@@ -284,4 +302,4 @@ def simulate(trace: Trace, spec: FleetSpec, seed: int = 0, progress: bool = Fals
                      f(rec.first_token), f(rec.finish), f(rec.first_sched),
                      f(rec.preempts, np.int64), np.frombuffer(bytes(rec.rejected), dtype=np.uint8).astype(bool),
                      f(rec.pool, np.int64), f(rec.inst, np.int64), stats, spilled,
-                     _time.perf_counter() - t0, hook)
+                     _time.perf_counter() - t0, hook, stopped)

@@ -86,21 +86,31 @@ def _lin(a: float, b: float, k0: int, k1: int) -> float:
 
 
 def _sum_max(a1: float, b1: float, a2: float, b2: float, n: int) -> float:
-    """sum_{k=0}^{n-1} max(a1 + b1 k, a2 + b2 k)."""
+    """sum_{k=0}^{n-1} max(a1 + b1 k, a2 + b2 k). (`_lin` inlined: this runs
+    for every run of decode steps and every probe of `Instance.run_until`'s
+    search; the arithmetic is `_lin`'s, operation for operation.)"""
     d, e = a1 - a2, b1 - b2
     if e == 0.0:
-        return _lin(a1, b1, 0, n) if d >= 0 else _lin(a2, b2, 0, n)
+        if n <= 0:
+            return 0.0
+        return n * a1 + b1 * n * (n - 1) * 0.5 if d >= 0 else n * a2 + b2 * n * (n - 1) * 0.5
     kx = -d / e  # f1 >= f2  iff  d + e k >= 0
     if e > 0:  # f1 dominates for k >= kx
         c = min(max(int(-(-kx // 1)), 0), n)
-        return _lin(a2, b2, 0, c) + _lin(a1, b1, c, n)
-    c = min(max(int(kx // 1) + 1, 0), n)  # f1 dominates for k <= kx
-    return _lin(a1, b1, 0, c) + _lin(a2, b2, c, n)
+        lo_a, lo_b, hi_a, hi_b = a2, b2, a1, b1
+    else:
+        c = min(max(int(kx // 1) + 1, 0), n)  # f1 dominates for k <= kx
+        lo_a, lo_b, hi_a, hi_b = a1, b1, a2, b2
+    # _lin(lo_a, lo_b, 0, c) + _lin(hi_a, hi_b, c, n)
+    x = c * lo_a + lo_b * c * (c - 1) * 0.5 if c > 0 else 0.0
+    m = n - c
+    y = m * hi_a + hi_b * m * (c + n - 1) * 0.5 if m > 0 else 0.0
+    return x + y
 
 
 class Instance:
     def __init__(self, cfg: InstanceConfig, iid: int, rec: Records, work: list, widx: int,
-                 check: bool = False):
+                 check: bool = False, fixed: dict | None = None):
         cfg.validate()
         self.cfg = cfg
         self.iid = iid
@@ -112,7 +122,9 @@ class Instance:
         self.invFa, self.invBa = c.inv_attn_flops, c.inv_attn_bw
         self.attn, self.kvb = c.attn_flops_per_ctx, c.kv_bytes_per_token
         self.model = cfg.model
-        self._fixed = {}  # tokens -> overhead + all-reduces + GEMM time (hardware.StepCoeffs.fixed)
+        # tokens -> overhead + all-reduces + GEMM time (hardware.StepCoeffs.fixed);
+        # a pure function of the config: the instances of one pool share it (``fixed``)
+        self._fixed = {} if fixed is None else fixed
         # Engines that build a kernel per batch row count (vLLM's CPU build:
         # oneDNN primitives, cpu_profile.SHAPE_CACHE) pay ``_shape_s`` on a step
         # whose token count is not among the last ``_shape_n`` distinct ones.
@@ -142,6 +154,7 @@ class Instance:
         self.sum_off = 0
         self.dc = 0
         self.heap: list = []
+        self._pc, self._pc_ok = None, False  # `_plan`'s cached answer, valid while the state is unchanged
         # statistics
         self.kv_int = 0.0  # integral of used blocks over busy time
         self.busy = 0.0
@@ -167,6 +180,7 @@ class Instance:
     def abort(self, s: Seq) -> bool:
         """Drop ``s`` (its client went away; vLLM aborts the request): its slot and
         KV blocks are free for the next step. False if it was not here."""
+        self._pc_ok = False
         if s.rid in self.running:
             self._unlink(s)
         elif s in self.waiting:
@@ -201,6 +215,7 @@ class Instance:
         """A request arrives at time t (the caller has run the instance up to t)."""
         rec = self.rec
         rec.inst[s.rid] = self.iid
+        self._pc_ok = False
         if s.P + s.O > self.max_len:
             rec.rejected[s.rid] = 1
             rec.finish[s.rid] = t
@@ -298,7 +313,16 @@ class Instance:
         return self._shape_s
 
     def _plan(self):
-        """(n, a1, b1, a2, b2) for the pure-decode run possible now, or None."""
+        """(n, a1, b1, a2, b2, its duration) for the pure-decode run possible now, or None.
+        Cached until the state changes (`add`, `abort`, a step or a run): the
+        fleet asks for it in `next_event` and again when it runs the instance."""
+        if self._pc_ok:
+            return self._pc
+        p = self._pc = self._plan_now()
+        self._pc_ok = True
+        return p
+
+    def _plan_now(self):
         if self.prefilling or not self.nD or self._admissible():
             return None
         if self._shapes is not None and self.nD not in self._shapes:
@@ -306,17 +330,20 @@ class Instance:
         nD, bs, dc, cnt = self.nD, self.bs, self.dc, self.cnt
         n_fin = self._head_finish() - dc
         full = self.free // nD
-        rem = self.free - full * nD
-        acc = 0
-        j = 0
-        while j < bs:
-            need = cnt[(-(dc + j)) % bs]
-            if acc + need > rem:
-                break
-            acc += need
-            j += 1
-        n_kv = full * bs + j
-        n = n_fin if n_fin < n_kv else n_kv
+        if full * bs >= n_fin:  # the KV cache outlasts the run to the next completion
+            n = n_fin
+        else:
+            rem = self.free - full * nD
+            acc = 0
+            j = 0
+            while j < bs:
+                need = cnt[(-(dc + j)) % bs]
+                if acc + need > rem:
+                    break
+                acc += need
+                j += 1
+            n_kv = full * bs + j
+            n = n_fin if n_fin < n_kv else n_kv
         if n <= 0:
             return None
         S0 = self.sum_off + nD * dc
@@ -326,7 +353,7 @@ class Instance:
         b1 = self.attn * nD * self.invFa
         a2 = f + self.kvb * S0 * self.invBa
         b2 = self.kvb * nD * self.invBa
-        return n, a1, b1, a2, b2
+        return n, a1, b1, a2, b2, _sum_max(a1, b1, a2, b2, n)
 
     def _blocks_needed(self, n: int) -> int:
         bs, dc, cnt = self.bs, self.dc, self.cnt
@@ -338,27 +365,44 @@ class Instance:
     def next_event(self) -> float:
         """When the balancer next needs this instance processed (a completion), or
         self.t if a detailed step is pending; inf when idle."""
-        if self.idle():
+        if not self.running and not self.waiting:
             return INF
-        p = self._plan()
+        p = self._pc if self._pc_ok else self._plan()
         if p is None:
             return self.t
-        n, a1, b1, a2, b2 = p
-        return self.t + _sum_max(a1, b1, a2, b2, n)
+        return self.t + p[5]
 
     # -- simulation ----------------------------------------------------------------
     def run_until(self, T: float) -> None:
         """Execute every step that starts before T (the state ends at a step boundary)."""
         while self.t < T and (self.running or self.waiting):
-            p = self._plan()
+            p = self._pc if self._pc_ok else self._plan()
+            self._pc_ok = False  # whatever runs now changes the state
             if p is None:
                 self._step()
                 continue
-            n, a1, b1, a2, b2 = p
-            dt = _sum_max(a1, b1, a2, b2, n)
+            n, a1, b1, a2, b2, dt = p
             if T != INF and self.t + dt >= T:
                 D = T - self.t
-                lo, hi = 1, n  # smallest m with S(m) >= D
+                lo, hi = 1, n  # smallest m with S(m) >= D (S increases with m: one answer)
+                # first probes where it must be: every step takes at least the
+                # first one's time, so S(ceil(D / step0)) >= D, and the steps of
+                # a run differ little, so the answer is almost always that or one less
+                g = D / (a1 if a1 > a2 else a2)
+                m = int(g)
+                m = m + 1 if m < g else m
+                m = 1 if m < 1 else n if m > n else m
+                if _sum_max(a1, b1, a2, b2, m) >= D:
+                    hi = m
+                    if m - 1 >= lo:
+                        if _sum_max(a1, b1, a2, b2, m - 1) >= D:
+                            hi = m - 1
+                        else:
+                            lo = m
+                elif m < n:
+                    lo = m + 1
+                else:  # S(n) < D only by rounding (t + S(n) >= T): the search's answer is n
+                    lo = n
                 while lo < hi:
                     mid = (lo + hi) // 2
                     if _sum_max(a1, b1, a2, b2, mid) >= D:
@@ -367,7 +411,8 @@ class Instance:
                         lo = mid + 1
                 n = lo
                 dt = _sum_max(a1, b1, a2, b2, n)
-            self._shape_cost(self.nD)  # compiled (``_plan``): marks it recently used
+            if self._shapes is not None:
+                self._shape_cost(self.nD)  # compiled (``_plan``): marks it recently used
             need = self._blocks_needed(n)
             used0 = self.total_blocks - self.free
             self.free -= need
@@ -382,7 +427,9 @@ class Instance:
             self.jumps += 1
             if self.total_blocks - self.free > self.peak_used:
                 self.peak_used = self.total_blocks - self.free
-            self._pop_done()
+            h = self.heap
+            if h and h[0][0] <= self.dc:
+                self._pop_done()
             if self.check:
                 self._check()
 

@@ -6,6 +6,7 @@ import math
 from typing import Callable
 
 from ..sim.fleet import FleetSpec, PoolSpec
+from ..sim.metrics import CLASSES
 from .design import SizedPool, SizingContext, SizingJob
 from .slo import ok
 from .steady import worst
@@ -57,15 +58,24 @@ def search(good: Callable[[int], bool], start: int, cap: int, limit: int) -> tup
     return narrow(good, lo, hi), True
 
 
+def stop_targets(ctx: SizingContext) -> tuple:
+    """`workers.EvalJob.stop` for this plan's targets: the effective per-class
+    P99 TTFT and TPOT targets (ms) and the preemption SLO."""
+    return (tuple(ctx.tg[c]["ttft_target_ms"] for c in CLASSES),
+            tuple(ctx.tg[c]["tpot_target_ms"] for c in CLASSES), ctx.slo.preempt_per_1k)
+
+
 class _Runs:
     """The simulations of one sizing job, per (count, seed), and the record of
     every count tried (the worst seed's figures: a count meets only if every
     seed meets, issue 16 item 4)."""
 
-    def __init__(self, job: SizingJob, ctx: SizingContext):
+    def __init__(self, job: SizingJob, ctx: SizingContext, early_exit: bool = True):
         self.job, self.ctx = job, ctx
         self.runs: dict[tuple[int, int], dict] = {}  # (count, seed) -> summary
         self.tried: dict[int, dict] = {}
+        # a run that surely misses ends early (`sim.stop`): the search only needs "misses"
+        self.stop = stop_targets(ctx) if early_exit else None
 
     def meets(self, n: int, seeds) -> bool:
         """Do n instances meet the targets on every one of these seeds?"""
@@ -73,7 +83,8 @@ class _Runs:
         spec = FleetSpec((PoolSpec(job.pool, job.cfg, n),), balancer=ctx.balancer)
         for x in seeds:
             if (n, x) not in self.runs:
-                self.runs[n, x] = evaluate(EvalJob(job.trace, spec, x, ctx.slo.boundary, ctx.warmup))
+                self.runs[n, x] = evaluate(EvalJob(job.trace, spec, x, ctx.slo.boundary, ctx.warmup,
+                                                   self.stop))
         seed_ok = [ok(self.runs[n, x], ctx.tg, ctx.slo) for x in seeds]
         w = worst([self.runs[n, x] for x in seeds])
         f, met = w["fleet"], all(seed_ok)
@@ -82,6 +93,9 @@ class _Runs:
                          "steady_ok": bool(w.get("steady", {}).get("ok", True)),
                          **{f"{c}_ttft_p99_ms": w["classes"][c]["ttft_p99_ms"] for c in ctx.tg},
                          **{f"{c}_tpot_p99_ms": w["classes"][c]["tpot_p99_ms"] for c in ctx.tg}}
+        stopped = [self.runs[n, x].get("stopped") for x in seeds]
+        if any(stopped):  # the figures of a stopped run are partial (lower bounds)
+            self.tried[n]["early_exit"] = stopped
         return met
 
     def per_seed(self) -> tuple:
@@ -101,14 +115,15 @@ class _Runs:
         return tuple(out)
 
     def cliff(self) -> int | None:
-        """The largest count whose first-seed preemptions exceed the SLO."""
+        """The largest count whose first-seed preemptions exceed the SLO (a run
+        stopped early counts its preemptions so far: a lower bound)."""
         s0, cap = self.ctx.seeds[0], self.ctx.slo.preempt_per_1k
         bad = [n for n in sorted({n for n, _ in self.runs})
                if self.runs[n, s0]["fleet"]["preemptions_per_1k"] > cap]
         return max(bad) if bad else None
 
 
-def size_pool(job: SizingJob, ctx: SizingContext) -> SizedPool:
+def size_pool(job: SizingJob, ctx: SizingContext, early_exit: bool = True) -> SizedPool:
     """Smallest count of `job.cfg` whose per-class P99s meet the targets on every seed.
 
     Phase 1 brackets and bisects on the first seed alone (cheap); phase 2
@@ -118,9 +133,11 @@ def size_pool(job: SizingJob, ctx: SizingContext) -> SizedPool:
     """
     tr, seeds = job.trace, ctx.seeds
     rate = len(tr) / max(tr.duration, 1e-9)
-    runs = _Runs(job, ctx)
+    runs = _Runs(job, ctx, early_exit)
+    runs.runs.update(dict(job.seeded))  # the screen's runs at `job.start` (`presize.screen`)
     cap = max(1, len(tr))
     start = min(cap, max(1, math.ceil(rate / job.mu))) if job.mu > 0 else 1
+    start = job.start or start
     limit = start * MAX_GROWTH
     hi, feasible = search(lambda n: runs.meets(n, seeds[:1]), start, cap, limit)
     if feasible and len(seeds) > 1:

@@ -57,6 +57,8 @@ class SizingJob:
     cfg: InstanceConfig
     mu: float  # analytic throughput of one instance (req/s): the search starts at rate / mu
     trace: Trace = field(compare=False, repr=False)
+    start: int = 0  # a count known to meet on every seed (`presize.screen`): the search starts there
+    seeded: tuple = field(default=(), compare=False, repr=False)  # ((count, seed), summary) runs already made
 
     @property
     def key(self) -> JobKey:

@@ -12,12 +12,16 @@ Designs compared (docs/planner.md):
 
 Every design is sized and judged by the same per-class targets (`slo.py`).
 Method, one module per step:
-1. Analytic pre-sizing (`closed_form.throughput`): each candidate config's
-   sustainable throughput on its pool's traffic; rate / throughput starts the
-   search, and the cheapest candidates by that estimate are simulated.
-2. Monotone bisection on a *seed-averaged* criterion (`bisect.py`): every
-   instance count tried is simulated over all seeds (`traces.perturb`) and the
-   mean per-class P99s decide. Long traces are searched on a window.
+1. Analytic pre-sizing (`closed_form.throughput`: the cost model at a batch
+   the KV cache holds, no thrashing): each candidate config's sustainable
+   throughput on its pool's traffic; rate / throughput starts the search, and
+   the cheapest candidates by that estimate are simulated. A second wave
+   (`presize.challengers`, `presize.screen`) tries every other step budget and
+   threshold of the grid against the best single pool (`presize.SECOND_WAVE_ROLES`)
+   and sizes those that beat it; the rest are reported as pruned.
+2. Monotone bisection (`bisect.py`): a count meets only if it meets on every
+   seed (`traces.perturb`). A run that surely misses ends early (`sim.stop`:
+   same verdict, same path, same sizes). Long traces are searched on a window.
 3. With ``--spillover``/``--adaptive``, each split again with the router's
    closed loop on (`closed_loop.py`).
 4. Each design is simulated on the whole trace for every seed and grown until
@@ -40,7 +44,7 @@ from ..sim.balancers import DEFAULT_BALANCER
 from ..sim.traces import Trace
 from .closed_loop import closed_loop_designs
 from .design import Design, Inputs, Judged, SizedPool, SizingContext
-from .presize import Owner, candidates, rate, size_all, sizing_jobs
+from .presize import SECOND_WAVE_ROLES, Owner, candidates, challengers, rate, screen, size_all, sizing_jobs
 from .recommend import Recommendation, recommend
 from .slo import SLO, targets
 from .space import AUTO_B_SHORT, Baseline, Space, check_tiers
@@ -67,6 +71,7 @@ class PlanResult:
     designs: tuple  # of Judged, the baseline first
     recommendation: Recommendation
     sized: tuple = ()  # every SLO-sized candidate pool: (Owner, SizedPool)
+    pruned: tuple = ()  # single-pool candidates screened out (`presize.Pruned`)
 
 
 def _pick(sized: list[SizedPool], owners: list[Owner], owner: Owner) -> SizedPool | None:
@@ -111,9 +116,9 @@ def split_designs(inp: Inputs, splits: list[SplitTraffic], sized, owners, rho_mu
     return out
 
 
-def _designs(ex: Workers, inp: Inputs, trace: Trace, search: Trace, splits, closed_loop, log) -> tuple[list, int, tuple]:
+def _designs(ex: Workers, inp: Inputs, trace: Trace, search: Trace, splits, closed_loop, log) -> tuple:
     """Steps 1-3 of the module doc: (the sized designs, the number of candidates,
-    every sized candidate pool with its owner)."""
+    every sized candidate pool with its owner, the pruned candidates)."""
     cands = candidates(inp, search, splits)
     if log:
         log(f"pre-sizing {len(cands)} candidate configs (throughput runs, {ex.workers} workers)")
@@ -121,13 +126,52 @@ def _designs(ex: Workers, inp: Inputs, trace: Trace, search: Trace, splits, clos
     owned = sizing_jobs(inp, cands, mus, splits)
     owners = [o for o, _ in owned]
     sized = size_all(ex, [j for _, j in owned], inp.ctx, len(search), log)
+    more, pruned = _second_wave(ex, inp, cands, mus, sized, owners, len(search), log)
+    owners += [o for o, _ in more]
+    sized += [p for _, p in more]
     rho_mu = {c.split: mu for c, mu in zip(cands, mus) if c.role == "rho"}
     designs = single_pool_designs(inp, trace, sized, owners) + split_designs(inp, splits, sized, owners, rho_mu)
     if closed_loop:  # --spillover / --adaptive: each split again with the router's closed loop on
         designs += closed_loop_designs(ex, search, [d for d in designs if d.kind == "split"], inp.ctx,
                                        "spillover" in closed_loop, "adaptive" in closed_loop, inp.router,
                                        inp.noise_p90, log)
-    return designs, len(cands), tuple(zip(owners, sized))
+    return designs, len(cands), tuple(zip(owners, sized)), tuple(pruned)
+
+
+def _second_wave(ex: Workers, inp: Inputs, cands, mus, sized, owners, n_search: int, log) -> tuple[list, list]:
+    """([(owner, more sized pools)], the pruned): per role of
+    `presize.SECOND_WAVE_ROLES` (the single pool), every step budget and threshold not sized yet
+    (`presize.challengers`, cheapest estimate first), one per role and worker
+    at a time, screened against the best pool sized for the role so far
+    (`presize.screen`); those that beat it are sized and lower the bar."""
+    def group(o: Owner) -> Owner:
+        return Owner("homogeneous") if o.role == "baseline" else o
+    best: dict = {}
+    cfgs: dict = {}
+    for p, o in zip(sized, owners):
+        g = group(o)
+        cfgs.setdefault(g, []).append(p.cfg)
+        if p.feasible:
+            best[g] = min(best.get(g, p.cost), p.cost)
+    queues = {g: challengers(cands, mus, g, cfgs[g]) for g in best if g.role in SECOND_WAVE_ROLES}
+    more, pruned = [], []
+    while any(queues.values()):
+        items = []
+        for g, q in queues.items():
+            take, queues[g] = q[:ex.workers], q[ex.workers:]
+            items += [(g, j, best[g]) for j in take]
+        keep, out = screen(ex, items, inp.ctx)
+        pruned += out
+        if keep:
+            got = size_all(ex, [j for _, j in keep], inp.ctx, n_search, log)
+            for (g, _), p in zip(keep, got):
+                more.append((g, p))
+                if p.feasible:
+                    best[g] = min(best[g], p.cost)
+    if log:
+        log(f"second wave: {len(more) + len(pruned)} more candidate pools screened against the best of "
+            f"their role, {len(more)} sized, {len(pruned)} pruned (dominated)")
+    return more, pruned
 
 
 def _inputs(model, baseline, slo, space, router, balancer, seeds, noise_p90, price, trace) -> Inputs:
@@ -171,7 +215,7 @@ def plan(trace: Trace, model: str = "llama-3-70b", baseline: Baseline | None = N
     ex = Workers(workers if workers is not None else (os.cpu_count() or 1))
     try:
         splits = route_splits(trace, search, inp, b_shorts, tiers, log)
-        designs, n_cands, all_sized = _designs(ex, inp, trace, search, splits, closed_loop, log)
+        designs, n_cands, all_sized, pruned = _designs(ex, inp, trace, search, splits, closed_loop, log)
         if log:
             log(f"verifying {len(designs)} designs x {len(inp.ctx.seeds)} seeds on {len(trace):,} requests")
         verified = verify_designs(ex, trace, designs, inp.ctx, router, noise_p90, log if verify else None)
@@ -180,4 +224,4 @@ def plan(trace: Trace, model: str = "llama-3-70b", baseline: Baseline | None = N
     base_cost = verified[0].design.cost
     judged = tuple(Judged.of(v, inp.ctx.tg, inp.ctx.slo, base_cost) for v in verified)
     return PlanResult(trace, search, inp, tuple(splits), tiers, closed_loop, n_cands, judged, recommend(list(judged)),
-                      all_sized)
+                      all_sized, pruned)

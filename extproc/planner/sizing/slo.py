@@ -156,8 +156,10 @@ def class_ok(m: dict, tg: dict) -> bool:
 
 
 def ok(summary: dict, tg: dict, slo: SLO) -> bool:
-    """The design-level criterion every design is sized and judged by."""
-    return (summary["fleet"]["preemptions_per_1k"] <= slo.preempt_per_1k
+    """The design-level criterion every design is sized and judged by (a run
+    the early-exit rule stopped, `sim.stop`, surely misses it)."""
+    return ("stopped" not in summary
+            and summary["fleet"]["preemptions_per_1k"] <= slo.preempt_per_1k
             and steady_ok(summary)  # issue 16 item 3: a pool past capacity never meets
             and all(class_ok(summary["classes"][c], tg[c]) for c in CLASSES))
 

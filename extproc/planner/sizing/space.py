@@ -14,10 +14,12 @@ from ..sim.hardware import (GPUS, MAX_NUM_BATCHED_TOKENS, MAX_NUM_SEQS,
 AUTO_B_SHORT = (4096, 8192, 16384, 32768)
 
 #: Search grid per pool. max_num_seqs: vLLM's 256 default and half of it (less
-#: KV pressure, fewer preemptions). max_num_batched_tokens: vLLM's 8192 default
-#: and 2048 (vLLM's pre-V1 chunked-prefill default: shorter steps, lower TPOT).
+#: KV pressure, fewer preemptions). max_num_batched_tokens: vLLM's 8192 default,
+#: 2048 (vLLM's pre-V1 chunked-prefill default: shorter steps, lower TPOT), 4096
+#: between them and 16384 (fewer, larger prefill chunks: the most prefill
+#: throughput, the longest mixed steps) -- issue 16 item 2's 2K-16K.
 SEARCH_SEQS = (MAX_NUM_SEQS, 128)
-SEARCH_MBTS = (MAX_NUM_BATCHED_TOKENS, 2048)
+SEARCH_MBTS = (MAX_NUM_BATCHED_TOKENS, 2048, 4096, 16384)
 
 #: The single pool's long-prefill mitigation as vLLM V1 (0.32) runs it:
 #: ``--long-prefill-token-threshold`` caps one request's chunk per step, and

@@ -4,14 +4,15 @@ from __future__ import annotations
 
 import multiprocessing as mp
 from concurrent.futures import ProcessPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from . import closed_form
-from ..sim.fleet import FleetSpec, simulate
+from ..sim.fleet import FleetSpec, PoolSpec, simulate
 from ..sim.hardware import InstanceConfig
-from ..sim.metrics import summarize
+from ..sim.metrics import class_of, summarize
+from ..sim.stop import MissRule, over_capacity
 from ..sim.traces import Trace, perturb
-from .steady import verdict
+from .steady import utilization, verdict
 
 
 class Workers:
@@ -64,39 +65,109 @@ class EvalKey:
     seed: int
     boundary: int
     measure_from: float = 0.0
+    stop: tuple | None = None
 
 
 @dataclass(frozen=True)
 class EvalJob:
-    """Simulate `spec` on `trace` perturbed by `seed`; summarize from `measure_from` s."""
+    """Simulate `spec` on `trace` perturbed by `seed`; summarize from `measure_from` s.
+
+    ``stop``: (per-class P99 TTFT and TPOT targets in ms, in `metrics.CLASSES`
+    order; preemptions per 1K) to end a single-pool run as soon as it surely misses
+    them or is over capacity (`sim.stop`); its summary then carries
+    ``stopped`` and partial figures."""
 
     trace: Trace = field(compare=False, repr=False)
     spec: FleetSpec
     seed: int
     boundary: int
     measure_from: float = 0.0
+    stop: tuple | None = None
 
     @property
     def key(self) -> EvalKey:
-        return EvalKey(self.spec, self.seed, self.boundary, self.measure_from)
+        return EvalKey(self.spec, self.seed, self.boundary, self.measure_from, self.stop)
+
+
+def miss_rule(tr: Trace, job: EvalJob) -> MissRule | None:
+    """The early-exit rule of a single-pool job on its perturbed trace (None: run to the end)."""
+    if job.stop is None or len(job.spec.pools) != 1 or len(tr) == 0:
+        return None
+    ttft_ms, tpot_ms, preempt = job.stop
+    p = job.spec.pools[0]
+    on = tr.arrival >= job.measure_from
+    rule = MissRule(tr.arrival, class_of(tr.prompt + tr.output, job.boundary), on,
+                    (tr.prompt + tr.output) > p.cfg.max_model_len, list(ttft_ms), preempt,
+                    tr.output, list(tpot_ms))
+    if on.sum() > 1:  # `steady.verdict`'s capacity check, from the requests alone
+        window_s = float(tr.arrival[on].max() - tr.arrival[on].min())
+        rule.pre = over_capacity(utilization(p.cfg, p.count, tr.prompt[on], tr.output[on], window_s))
+    return rule
 
 
 def evaluate(job: EvalJob) -> dict:
-    """The run's summary with its steady-state verdict (`steady.verdict`) as `steady`."""
-    r = simulate(perturb(job.trace, job.seed), job.spec, seed=job.seed)
+    """The run's summary with its steady-state verdict (`steady.verdict`) as
+    `steady`, and `stopped` when the early-exit rule ended it (`sim.stop`)."""
+    tr = perturb(job.trace, job.seed)
+    r = simulate(tr, job.spec, seed=job.seed, stop=miss_rule(tr, job))
     out = summarize(r, job.boundary, job.measure_from)
     out["steady"] = verdict(r, job.measure_from)
+    if r.stopped is not None:
+        out["stopped"] = r.stopped
+    return out
+
+
+def fits_all(trace: Trace, cfg: InstanceConfig) -> bool:
+    """Every request of the trace fits cfg's max_model_len (none is rejected)."""
+    return len(trace) == 0 or int((trace.prompt + trace.output).max()) <= cfg.max_model_len
+
+
+def same_run_cfg(trace: Trace, cfg: InstanceConfig) -> InstanceConfig:
+    """cfg as far as a run on this trace can tell: max_model_len only rejects
+    requests on arrival (`instance.Instance.add`), so when every request fits
+    it changes nothing in the run and is left out (0) of the cache key."""
+    return cfg.with_(max_model_len=0) if fits_all(trace, cfg) else cfg
+
+
+def run_key(job: EvalJob) -> tuple:
+    """What a run's figures depend on: a single pool's name and a max_model_len
+    that rejects nothing do not (a split's short pool that gets every request
+    runs as the single pool does); the pools' names go back in with `renamed`."""
+    sp = job.spec
+    if len(sp.pools) != 1:
+        return (job.key,)
+    p = sp.pools[0]
+    norm = replace(sp, pools=(PoolSpec("", same_run_cfg(job.trace, p.cfg), p.count),))
+    return (replace(job.key, spec=norm),)
+
+
+def renamed(summary: dict, spec: FleetSpec) -> dict:
+    """A single-pool run's summary as `spec` (same run, another pool name and
+    max_model_len) reports it: the pool's name and the spec's description."""
+    (name,) = summary["pools"]
+    new = spec.pools[0].name
+    out = dict(summary, spec=spec.describe())
+    out["pools"] = {new: summary["pools"][name]}
+    st = summary.get("steady")
+    if st is not None:
+        out["steady"] = dict(st, pools={new: st["pools"][name]})
     return out
 
 
 def evaluate_unique(ex: Workers, jobs: list[EvalJob], cache: dict) -> list[dict]:
-    """`evaluate` over jobs, each distinct (fleet, seed) simulated once: designs
-    that come out the same (the sized baseline is often the best homogeneous
+    """`evaluate` over jobs, each distinct run simulated once (`run_key`):
+    designs that come out the same (the sized baseline is often the best
+    homogeneous pool; a split whose short pool gets every request is that
     pool) share their runs, and a design not grown in a round is not rerun."""
-    todo: dict[EvalKey, EvalJob] = {}
+    todo: dict[tuple, EvalJob] = {}
     for j in jobs:
-        if j.key not in cache and j.key not in todo:
-            todo[j.key] = j
+        k = run_key(j)
+        if k not in cache and k not in todo:
+            todo[k] = j
     for k, r in zip(todo, ex.map(evaluate, list(todo.values()), cost=lambda j: j.spec.instances)):
-        cache[k] = r
-    return [cache[j.key] for j in jobs]
+        cache[k] = (r, todo[k].spec)
+    out = []
+    for j in jobs:
+        r, spec = cache[run_key(j)]
+        out.append(r if spec == j.spec else renamed(r, j.spec))
+    return out
