@@ -2,7 +2,7 @@
 and GPU under every realistic balancer, and the savings table read back from
 the plan.json files it writes.
 
-    # run (slow: tens of minutes per trace x GPU on 2 shared cores)
+    # run (Mooncake conversation --window 0:1200: 147-180 s per GPU on 2 shared cores, docs/planner.md)
     PYTHONPATH=. .venv/bin/python bench/planner_results.py run [--files conversation_trace.jsonl,...]
         [--gpus a100,h100] [--balancer realistic] [--workers 2] [--window START:LEN] [--out out/planner-results]
     # table from any plan.json files (what the docs' table is)
