@@ -348,8 +348,12 @@ def test_half_tls_handshakes_are_bounded_and_released(tmp_path, pki, limits):
             rss1 = srv.rss_kb()
             # asyncio accepts a batch before connection_made enforces the cap and
             # closes evicted sockets an iteration later (L.H2_ACCEPT_BACKLOG);
-            # a few more: the probe's and the health check's connections.
-            assert peak_fds <= fd0 + bound + 2 * L.H2_ACCEPT_BACKLOG + 4, (peak_fds, fd0, bound)
+            # a few more: the probe's and the health check's connections. One
+            # more backlog of slack: on a loaded machine a socket evicted in one
+            # accept batch may still be closing while the next batch is counted
+            # (this check failed ~1 in 3 runs at load 10+ without it); 1,500
+            # unbounded would be ~1,500 descriptors.
+            assert peak_fds <= fd0 + bound + 3 * L.H2_ACCEPT_BACKLOG + 4, (peak_fds, fd0, bound)
             assert stats["connections"] <= bound + 4, stats
             c = stats["counters"]
             assert c.get("connections_evicted", 0) + c.get("tls_handshakes_evicted", 0) >= HALF_HELLOS - bound - 4, c
