@@ -1,6 +1,5 @@
 """Planner v2: equal per-class SLOs, real balancers, pinned baseline, seeds,
 plan.json contract, --emit validated by the real Envoy."""
-import argparse
 import json
 import math
 import os
@@ -10,7 +9,6 @@ import pytest
 
 from extproc.planner.sizing import slo as S
 from extproc.planner.sim.balancers import BALANCERS, REALISTIC_BALANCERS
-from extproc.planner.cli import add_parsers
 from extproc.planner.sim.fleet import FleetSpec, PoolSpec, simulate
 from extproc.planner.sim.hardware import GPUS, MODELS, make_config
 from extproc.planner.sim.metrics import summarize
@@ -20,6 +18,7 @@ from extproc.planner.sizing.space import Baseline, Space, parse_baseline
 from extproc.planner.sim.traces import Trace, perturb, poisson_arrivals, synthetic
 
 from .test_planner import A100, conserve
+from tests.planner.cli_helpers import plan_parser, synthetic_trace
 
 SCHEMA = os.path.join(os.path.dirname(__file__), "..", "schemas", "plan.schema.json")
 SMALL_SPACE = Space(seqs=(256,), mbts=(8192,))
@@ -253,12 +252,8 @@ def test_cli_plan_balancer_matrix(tmp_path, capsys):
     """--balancer realistic: every design under each realistic balancer, the
     verdict against the cheapest meeting single pool of all of them."""
     jsonschema = pytest.importorskip("jsonschema")
-    ap = argparse.ArgumentParser()
-    add_parsers(ap.add_subparsers(dest="cmd"))
-    f = tmp_path / "m.jsonl"
-    rng = np.random.default_rng(1)
-    f.write_text("".join(f'{{"timestamp": {i * 250}, "input_length": {int(rng.integers(100, 20000))}, '
-                         f'"output_length": {int(rng.integers(10, 300))}}}\n' for i in range(200)))
+    ap = plan_parser()
+    f = synthetic_trace(tmp_path / "m.jsonl", 200, seed=1, gap_ms=250, max_output=300)
     out = tmp_path / "p"
     args = ap.parse_args(["plan", "--trace", str(f), "--b-short", "8192", "--max-num-seqs", "256",
                           "--max-num-batched-tokens", "8192", "--seeds", "1", "--workers", "1",
@@ -282,12 +277,8 @@ def test_cli_plan_balancer_matrix(tmp_path, capsys):
 
 def test_cli_plan_json_schema_plots_and_emit(tmp_path, capsys):
     jsonschema = pytest.importorskip("jsonschema")
-    ap = argparse.ArgumentParser()
-    add_parsers(ap.add_subparsers(dest="cmd"))
-    f = tmp_path / "m.jsonl"
-    rng = np.random.default_rng(0)
-    f.write_text("".join(f'{{"timestamp": {i * 250}, "input_length": {int(rng.integers(100, 20000))}, '
-                         f'"output_length": {int(rng.integers(10, 300))}}}\n' for i in range(300)))
+    ap = plan_parser()
+    f = synthetic_trace(tmp_path / "m.jsonl", 300, seed=0, gap_ms=250, max_output=300)
     out, emit_dir = tmp_path / "p", tmp_path / "deploy"
     args = ap.parse_args(["plan", "--trace", str(f), "--b-short", "8192", "--max-num-seqs", "256",
                           "--max-num-batched-tokens", "8192", "--seeds", "3", "--workers", "1",
@@ -406,8 +397,7 @@ def replace_meets(j):
 
 def test_cli_plan_tiers_and_spillover_judged_by_identical_targets(tmp_path, capsys):
     jsonschema = pytest.importorskip("jsonschema")
-    ap = argparse.ArgumentParser()
-    add_parsers(ap.add_subparsers(dest="cmd"))
+    ap = plan_parser()
     tr = small_trace(400)
     tr.prompt[::40] = 50000  # some traffic for the third tier (32K-128K)
     tr.prompt[5::40] = 20000

@@ -11,6 +11,7 @@ from extproc.planner.sim.instance import _sum_max
 from extproc.planner.sim.metrics import summarize
 from extproc.planner.sim.traces import (Trace, TraceError, load_trace, scale_rate, synthetic, tile,
                                     window)
+from tests.planner.cli_helpers import plan_parser, synthetic_trace
 
 A100 = make_config("a100", "llama-3-70b", max_model_len=8192)
 
@@ -226,14 +227,8 @@ def test_rate_scaling_tile_window():
 
 
 def test_simulate_cli_tiers(tmp_path, capsys):
-    import argparse
-    from extproc.planner.cli import add_parsers
-    ap = argparse.ArgumentParser()
-    add_parsers(ap.add_subparsers(dest="cmd"))
-    f = tmp_path / "m.jsonl"
-    rng = np.random.default_rng(0)
-    f.write_text("".join(f'{{"timestamp": {i * 100}, "input_length": {int(rng.integers(100, 20000))}, '
-                         f'"output_length": {int(rng.integers(10, 500))}}}\n' for i in range(400)))
+    ap = plan_parser()
+    f = synthetic_trace(tmp_path / "m.jsonl", 400, seed=0, gap_ms=100, max_output=500)
     args = ap.parse_args(["simulate", "--trace", str(f), "--tiers", "4096,16384,131072", "--counts", "1,1,2",
                           "--spillover", "--adaptive", "--no-progress"])
     assert args.func(args) == 0

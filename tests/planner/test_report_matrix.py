@@ -2,22 +2,16 @@
 rule (a split only above the noise), and the emitted deployment names the
 balancer the recommended design was sized under (not the matrix), so
 `simulate --deployment` re-simulates it as planned."""
-import argparse
 import json
 
-import numpy as np
 
-from extproc.planner.cli import add_parsers
 from extproc.planner.sim.balancers import REALISTIC_BALANCERS
+from tests.planner.cli_helpers import plan_parser, synthetic_trace
 
 
 def test_matrix_emit_carries_the_recommended_balancer_and_resimulates(tmp_path, capsys):
-    ap = argparse.ArgumentParser()
-    add_parsers(ap.add_subparsers(dest="cmd"))
-    f = tmp_path / "m.jsonl"
-    rng = np.random.default_rng(1)
-    f.write_text("".join(f'{{"timestamp": {i * 250}, "input_length": {int(rng.integers(100, 20000))}, '
-                         f'"output_length": {int(rng.integers(10, 300))}}}\n' for i in range(200)))
+    ap = plan_parser()
+    f = synthetic_trace(tmp_path / "m.jsonl", 200, seed=1, gap_ms=250, max_output=300)
     out, dep_dir = tmp_path / "p", tmp_path / "deploy"
     args = ap.parse_args(["plan", "--trace", str(f), "--b-short", "8192", "--max-num-seqs", "256",
                           "--max-num-batched-tokens", "8192", "--seeds", "1", "--workers", "1",

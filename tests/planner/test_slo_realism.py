@@ -2,7 +2,6 @@
 the isolation label, and the bounded re-plans of --slo-sweep."""
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import os
@@ -10,7 +9,6 @@ import os
 import numpy as np
 import pytest
 
-from extproc.planner.cli import add_parsers
 from extproc.planner.sim.fleet import FleetSpec, PoolSpec, simulate
 from extproc.planner.sim.metrics import itl_p99_ms, summarize
 from extproc.planner.sim.traces import Trace
@@ -18,6 +16,7 @@ from extproc.planner.sizing import slo as S
 from extproc.planner.sizing.slo_sweep import RHO_ISOLATION_BAND, saving_kind
 
 from .test_planner import A100
+from tests.planner.cli_helpers import plan_parser, synthetic_trace
 
 SCHEMA = os.path.join(os.path.dirname(__file__), "..", "schemas", "plan.schema.json")
 
@@ -85,12 +84,8 @@ def test_saving_kind_labels_rho_near_one_as_isolation():
 
 def test_cli_plan_slo_sweep(tmp_path, capsys):
     jsonschema = pytest.importorskip("jsonschema")
-    ap = argparse.ArgumentParser()
-    add_parsers(ap.add_subparsers(dest="cmd"))
-    f = tmp_path / "m.jsonl"
-    rng = np.random.default_rng(0)
-    f.write_text("".join(f'{{"timestamp": {i * 250}, "input_length": {int(rng.integers(100, 20000))}, '
-                         f'"output_length": {int(rng.integers(10, 300))}}}\n' for i in range(300)))
+    ap = plan_parser()
+    f = synthetic_trace(tmp_path / "m.jsonl", 300, seed=0, gap_ms=250, max_output=300)
     out = tmp_path / "p"
     args = ap.parse_args(["plan", "--trace", str(f), "--b-short", "8192", "--max-num-seqs", "256",
                           "--max-num-batched-tokens", "8192", "--seeds", "1", "--workers", "1",

@@ -1,19 +1,18 @@
 """Issue 16 items 3 and 4: steady state gates "meets", short traces are tiled
 to a P99 horizon, `simulate --deployment` re-simulates an emitted plan, and a
 design meets only if it meets on every seed."""
-import argparse
 import json
 
 import numpy as np
 import pytest
 
-from extproc.planner.cli import add_parsers
 from extproc.planner.sim.fleet import FleetSpec, PoolSpec, simulate
 from extproc.planner.sim.hardware import make_config
 from extproc.planner.sim.metrics import summarize
 from extproc.planner.sim.traces import P99_MIN_HORIZON_S, cover, synthetic
 from extproc.planner.sizing.slo import SLO, ok, targets
 from extproc.planner.sizing.steady import MAX_UTILIZATION, busy_seconds, p99_horizon_s, verdict, worst
+from tests.planner.cli_helpers import plan_parser, synthetic_trace
 
 CFG = make_config("a100", "llama-3-70b", 32768, 4).validate()
 #: The issue's case made small: a long-prompt pool offered 1.3x what it can
@@ -89,12 +88,8 @@ def test_worst_meets_only_if_every_seed_meets():
 def emitted(tmp_path_factory):
     """A small plan with two seeds, emitted (`plan --emit`)."""
     d = tmp_path_factory.mktemp("steady")
-    f = d / "m.jsonl"
-    rng = np.random.default_rng(0)
-    f.write_text("".join(f'{{"timestamp": {i * 250}, "input_length": {int(rng.integers(100, 20000))}, '
-                         f'"output_length": {int(rng.integers(10, 300))}}}\n' for i in range(240)))
-    ap = argparse.ArgumentParser()
-    add_parsers(ap.add_subparsers(dest="cmd"))
+    f = synthetic_trace(d / "m.jsonl", 240, seed=0, gap_ms=250, max_output=300)
+    ap = plan_parser()
     args = ap.parse_args(["plan", "--trace", str(f), "--b-short", "8192", "--max-num-seqs", "256",
                           "--max-num-batched-tokens", "8192", "--seeds", "2", "--workers", "1",
                           "--slo-ttft-p99-ms", "short=3000,long=60000", "--no-progress", "--p99-horizon", "0",
@@ -150,8 +145,7 @@ def test_simulate_deployment_round_trip(emitted, capsys):
 
 
 def test_simulate_deployment_bad_file(tmp_path, capsys):
-    ap = argparse.ArgumentParser()
-    add_parsers(ap.add_subparsers(dest="cmd"))
+    ap = plan_parser()
     bad = tmp_path / "deployment.json"
     bad.write_text('{"pools": [{"name": "all", "instances": 1}]}')
     tr = tmp_path / "t.jsonl"
