@@ -24,3 +24,10 @@ def synthetic_trace(path: Path, n: int, *, seed: int, gap_ms: int, max_output: i
     path.write_text("".join(f'{{"timestamp": {i * gap_ms}, "input_length": {int(rng.integers(100, 20000))}, '
                             f'"output_length": {int(rng.integers(10, max_output))}}}\n' for i in range(n)))
     return path
+
+
+def small_plan_argv(trace: Path, seeds: int, *extra: str) -> list[str]:
+    """`plan` on ``trace`` with the tests' small fixed search (b_short 8192,
+    256 seqs, step budget 8192), one worker, no progress, then ``extra``."""
+    return ["plan", "--trace", str(trace), "--b-short", "8192", "--max-num-seqs", "256",
+            "--max-num-batched-tokens", "8192", "--seeds", str(seeds), "--workers", "1", "--no-progress", *extra]

@@ -18,7 +18,7 @@ from extproc.planner.sizing.space import Baseline, Space, parse_baseline
 from extproc.planner.sim.traces import Trace, perturb, poisson_arrivals, synthetic
 
 from .test_planner import A100, conserve
-from tests.planner.cli_helpers import plan_parser, synthetic_trace
+from tests.planner.cli_helpers import plan_parser, small_plan_argv, synthetic_trace
 
 SCHEMA = os.path.join(os.path.dirname(__file__), "..", "schemas", "plan.schema.json")
 SMALL_SPACE = Space(seqs=(256,), mbts=(8192,))
@@ -255,9 +255,7 @@ def test_cli_plan_balancer_matrix(tmp_path, capsys):
     ap = plan_parser()
     f = synthetic_trace(tmp_path / "m.jsonl", 200, seed=1, gap_ms=250, max_output=300)
     out = tmp_path / "p"
-    args = ap.parse_args(["plan", "--trace", str(f), "--b-short", "8192", "--max-num-seqs", "256",
-                          "--max-num-batched-tokens", "8192", "--seeds", "1", "--workers", "1",
-                          "--balancer", "realistic", "--no-progress", "--out", str(out)])
+    args = ap.parse_args(small_plan_argv(f, 1, "--balancer", "realistic", "--out", str(out)))
     assert args.func(args) == 0
     assert "GPUs by balancer" in capsys.readouterr().out
     res = json.loads((out / "plan.json").read_text())
@@ -280,10 +278,8 @@ def test_cli_plan_json_schema_plots_and_emit(tmp_path, capsys):
     ap = plan_parser()
     f = synthetic_trace(tmp_path / "m.jsonl", 300, seed=0, gap_ms=250, max_output=300)
     out, emit_dir = tmp_path / "p", tmp_path / "deploy"
-    args = ap.parse_args(["plan", "--trace", str(f), "--b-short", "8192", "--max-num-seqs", "256",
-                          "--max-num-batched-tokens", "8192", "--seeds", "3", "--workers", "1",
-                          "--slo-ttft-p99-ms", "short=3000,long=60000", "--no-progress",
-                          "--out", str(out), "--emit", str(emit_dir)])
+    args = ap.parse_args(small_plan_argv(f, 3, "--slo-ttft-p99-ms", "short=3000,long=60000",
+                          "--out", str(out), "--emit", str(emit_dir)))
     assert args.func(args) == 0
     text = capsys.readouterr().out
     assert "recommendation:" in text and "short TTFT99" in text
@@ -405,9 +401,7 @@ def test_cli_plan_tiers_and_spillover_judged_by_identical_targets(tmp_path, caps
     f.write_text("".join(f'{{"timestamp": {int(a * 1000)}, "input_length": {int(p)}, "output_length": {int(o)}}}\n'
                          for a, p, o in zip(tr.arrival, tr.prompt, tr.output)))
     out = tmp_path / "p"
-    args = ap.parse_args(["plan", "--trace", str(f), "--b-short", "8192", "--max-num-seqs", "256",
-                          "--max-num-batched-tokens", "8192", "--seeds", "2", "--workers", "1",
-                          "--tiers", "8192,32768,131072", "--spillover", "--no-progress", "--out", str(out)])
+    args = ap.parse_args(small_plan_argv(f, 2, "--tiers", "8192,32768,131072", "--spillover", "--out", str(out)))
     assert args.func(args) == 0
     assert "tiers-8192-32768-131072+spillover" in capsys.readouterr().out
     res = json.loads((out / "plan.json").read_text())

@@ -6,17 +6,15 @@ import json
 
 
 from extproc.planner.sim.balancers import REALISTIC_BALANCERS
-from tests.planner.cli_helpers import plan_parser, synthetic_trace
+from tests.planner.cli_helpers import plan_parser, small_plan_argv, synthetic_trace
 
 
 def test_matrix_emit_carries_the_recommended_balancer_and_resimulates(tmp_path, capsys):
     ap = plan_parser()
     f = synthetic_trace(tmp_path / "m.jsonl", 200, seed=1, gap_ms=250, max_output=300)
     out, dep_dir = tmp_path / "p", tmp_path / "deploy"
-    args = ap.parse_args(["plan", "--trace", str(f), "--b-short", "8192", "--max-num-seqs", "256",
-                          "--max-num-batched-tokens", "8192", "--seeds", "1", "--workers", "1",
-                          "--p99-horizon", "0", "--balancer", "realistic", "--no-progress",
-                          "--out", str(out), "--emit", str(dep_dir)])
+    args = ap.parse_args(small_plan_argv(f, 1, "--p99-horizon", "0", "--balancer", "realistic",
+                          "--out", str(out), "--emit", str(dep_dir)))
     assert args.func(args) == 0
     res = json.loads((out / "plan.json").read_text())
     dep = json.loads((dep_dir / "deployment.json").read_text())

@@ -16,7 +16,7 @@ from extproc.planner.sizing import slo as S
 from extproc.planner.sizing.slo_sweep import RHO_ISOLATION_BAND, saving_kind
 
 from .test_planner import A100
-from tests.planner.cli_helpers import plan_parser, synthetic_trace
+from tests.planner.cli_helpers import plan_parser, small_plan_argv, synthetic_trace
 
 SCHEMA = os.path.join(os.path.dirname(__file__), "..", "schemas", "plan.schema.json")
 
@@ -87,9 +87,7 @@ def test_cli_plan_slo_sweep(tmp_path, capsys):
     ap = plan_parser()
     f = synthetic_trace(tmp_path / "m.jsonl", 300, seed=0, gap_ms=250, max_output=300)
     out = tmp_path / "p"
-    args = ap.parse_args(["plan", "--trace", str(f), "--b-short", "8192", "--max-num-seqs", "256",
-                          "--max-num-batched-tokens", "8192", "--seeds", "1", "--workers", "1",
-                          "--no-progress", "--slo-sweep", "--out", str(out)])
+    args = ap.parse_args(small_plan_argv(f, 1, "--slo-sweep", "--out", str(out)))
     assert args.func(args) == 0
     text = capsys.readouterr().out
     assert "SLO realism" in text and "targets x2" in text and "decomposition" in text and "ITL P99" in text

@@ -12,7 +12,7 @@ from extproc.planner.sim.metrics import summarize
 from extproc.planner.sim.traces import P99_MIN_HORIZON_S, cover, synthetic
 from extproc.planner.sizing.slo import SLO, ok, targets
 from extproc.planner.sizing.steady import MAX_UTILIZATION, busy_seconds, p99_horizon_s, verdict, worst
-from tests.planner.cli_helpers import plan_parser, synthetic_trace
+from tests.planner.cli_helpers import plan_parser, small_plan_argv, synthetic_trace
 
 CFG = make_config("a100", "llama-3-70b", 32768, 4).validate()
 #: The issue's case made small: a long-prompt pool offered 1.3x what it can
@@ -90,10 +90,8 @@ def emitted(tmp_path_factory):
     d = tmp_path_factory.mktemp("steady")
     f = synthetic_trace(d / "m.jsonl", 240, seed=0, gap_ms=250, max_output=300)
     ap = plan_parser()
-    args = ap.parse_args(["plan", "--trace", str(f), "--b-short", "8192", "--max-num-seqs", "256",
-                          "--max-num-batched-tokens", "8192", "--seeds", "2", "--workers", "1",
-                          "--slo-ttft-p99-ms", "short=3000,long=60000", "--no-progress", "--p99-horizon", "0",
-                          "--out", str(d / "p"), "--emit", str(d / "deploy")])
+    args = ap.parse_args(small_plan_argv(f, 2, "--slo-ttft-p99-ms", "short=3000,long=60000", "--p99-horizon", "0",
+                          "--out", str(d / "p"), "--emit", str(d / "deploy")))
     assert args.func(args) == 0
     return ap, f, d, json.loads((d / "p" / "plan.json").read_text())
 

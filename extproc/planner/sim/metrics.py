@@ -142,19 +142,29 @@ def meets(m: dict, slo_ttft_p99_ms: float, slo_preempt_per_1k: float) -> bool:
             and m["preemptions_per_1k"] <= slo_preempt_per_1k)
 
 
-def average(summaries: list[dict]) -> dict:
-    """Seed average of summaries: numeric leaves are (NaN-ignoring) means, the
-    rest is taken from the first."""
+def combine(summaries: list[dict], numeric, flags=None) -> dict:
+    """One summary from several (seeds): nested dicts leaf by leaf, numeric
+    leaves by ``numeric`` over the finite values (a NaN-ignoring numpy
+    reducer; NaN if none is finite), bool leaves by ``flags`` over them (the
+    first's when None), the rest from the first."""
     first = summaries[0]
     if len(summaries) == 1:
         return first
     out = {}
     for k, v in first.items():
         if isinstance(v, dict):
-            out[k] = average([s[k] for s in summaries])
-        elif isinstance(v, (int, float)) and not isinstance(v, bool):
+            out[k] = combine([s[k] for s in summaries], numeric, flags)
+        elif isinstance(v, bool):
+            out[k] = v if flags is None else flags(bool(s[k]) for s in summaries)
+        elif isinstance(v, (int, float)):
             xs = np.array([s[k] for s in summaries], dtype=np.float64)
-            out[k] = float(np.nanmean(xs)) if np.isfinite(xs).any() else float("nan")
+            out[k] = float(numeric(xs)) if np.isfinite(xs).any() else float("nan")
         else:
             out[k] = v
     return out
+
+
+def average(summaries: list[dict]) -> dict:
+    """Seed average of summaries: numeric leaves are (NaN-ignoring) means, the
+    rest is taken from the first."""
+    return combine(summaries, np.nanmean)

@@ -19,6 +19,7 @@ from __future__ import annotations
 import numpy as np
 
 from ..sim.hardware import InstanceConfig
+from ..sim.metrics import combine
 
 #: Utilization (offered busy seconds over capacity seconds) above which a pool
 #: is never "meets". The capacity is the cost model's best case (full prefill
@@ -113,21 +114,7 @@ def worst(summaries: list[dict]) -> dict:
     max: latencies, preemptions), flags hold only if they hold on every seed.
     `slo.ok(worst(xs))` is `all(slo.ok(x) for x in xs)`: each criterion is a
     threshold on one leaf."""
-    first = summaries[0]
-    if len(summaries) == 1:
-        return first
-    out = {}
-    for k, v in first.items():
-        if isinstance(v, dict):
-            out[k] = worst([s[k] for s in summaries])
-        elif isinstance(v, bool):
-            out[k] = all(bool(s[k]) for s in summaries)
-        elif isinstance(v, (int, float)):
-            xs = np.array([s[k] for s in summaries], dtype=np.float64)
-            out[k] = float(np.nanmax(xs)) if np.isfinite(xs).any() else float("nan")
-        else:
-            out[k] = v
-    return out
+    return combine(summaries, np.nanmax, all)
 
 
 def p99_horizon_s(ttft_targets_ms) -> float:
