@@ -432,7 +432,7 @@ def run(args) -> dict:
                             max_s=RESET_MAX_S, concurrency=RESET_CONCURRENCY),
     }
     report = {"config": {"router_port": port, "transport": "fast", "tls": "mTLS (Envoy -> router)",
-                         "router_loop": choose(tls=True, env=env),
+                         "router_loop": choose(env),
                          "attacker_source": args.attacker_source, "client_rate_per_s": args.client_rate,
                          "hold_s": args.hold_s, "scale": scale, "workdir": workdir,
                          "sizes": {k: {a: b for a, b in v.items() if a not in ("pki", "port", "source")}

@@ -12,6 +12,7 @@ forces the standard loop (to compare, or to rule uvloop out of a bug).
 from __future__ import annotations
 
 import asyncio
+import os
 from typing import Any, Coroutine
 
 #: Environment/CLI choice: "auto" (uvloop if importable), "asyncio", "uvloop".
@@ -21,24 +22,11 @@ LOOP_CHOICES = ("auto", "asyncio", "uvloop")
 #: read before the worker's config is in use; config/loader.NON_CONFIG_ENV).
 LOOP_ENV = "BUDGET_ROUTER_LOOP"
 
-#: What "auto" means on a TLS ext_proc port. The fast transport runs the
-#: handshake itself with loop.start_tls on the accepted connection (issue 17:
-#: pending handshakes are charged and bounded). uvloop 0.23 ignores
-#: pause_reading() inside connection_made, so a ClientHello that arrived first
-#: was lost and the handshake stalled to its timeout (measured: Envoy's stack
-#: never became healthy); h2c.py now replays those early bytes to the SSL
-#: layer, and under bench/attack.py's reconnecting rapid reset uvloop kept the
-#: client p99 at 68 ms where asyncio gave 100 ms (docs/attack.md). So TLS
-#: ports take uvloop too; BUDGET_ROUTER_LOOP=asyncio is the way back.
-TLS_AUTO_LOOP = "auto"
-
-
-def choose(tls: bool, env: dict | None = None) -> str:
-    """The loop a worker runs: the LOOP_ENV override, else "auto", which
-    means TLS_AUTO_LOOP when the ext_proc port speaks TLS."""
-    import os
-    choice = (os.environ if env is None else env).get(LOOP_ENV, "auto")
-    return TLS_AUTO_LOOP if choice == "auto" and tls else choice
+def choose(env: dict | None = None) -> str:
+    """The loop a worker runs: the LOOP_ENV override, else "auto". TLS ports
+    included: h2c.py replays a ClientHello read before start_tls took the
+    socket over (uvloop 0.23 ignores pause_reading() in connection_made)."""
+    return (os.environ if env is None else env).get(LOOP_ENV, "auto")
 
 
 def loop_factory(choice: str = "auto"):

@@ -308,7 +308,7 @@ def _worker_process(cfg: Config, index: int, config_path: str | None, parent_pid
     # ignored signals would be: start from the defaults.
     if parent_pid is not None and not die_with_parent(parent_pid):
         log.warning("worker %d: no parent-death signal on this platform: stop the supervisor with SIGTERM", index)
-    run_loop(_worker_main(cfg, index, config_path), choose_loop(router_tls(cfg) is not None))
+    run_loop(_worker_main(cfg, index, config_path), choose_loop())
 
 
 def setup_logging(level: str | None = None) -> None:
@@ -337,7 +337,7 @@ def serve(cfg: Config, config_path: str | None = None) -> int:
     if files is not None:
         tls.server_context(files)  # ext_proc port's cert/key/CA readable, PEM, matching
     if cfg.router.workers == 1:
-        run_loop(_worker_main(cfg, 0, config_path), choose_loop(files is not None))
+        run_loop(_worker_main(cfg, 0, config_path), choose_loop())
         return 0
     ctx = mp.get_context("spawn")
     procs: dict[int, mp.Process] = {}

@@ -375,10 +375,9 @@ def test_half_tls_handshakes_are_bounded_and_released(tmp_path, pki, limits):
 
 
 def test_loop_choice_and_its_override():
-    from extproc.serve.loop import LOOP_ENV, TLS_AUTO_LOOP, choose
-    assert choose(tls=True, env={}) == TLS_AUTO_LOOP == "auto"
-    assert choose(tls=False, env={}) == "auto"
-    assert choose(tls=True, env={LOOP_ENV: "asyncio"}) == "asyncio"
-    assert choose(tls=True, env={LOOP_ENV: "uvloop"}) == "uvloop"
+    from extproc.serve.loop import LOOP_ENV, choose
+    assert choose({}) == "auto"  # TLS ports too: uvloop when installed
+    assert choose({LOOP_ENV: "asyncio"}) == "asyncio"
+    assert choose({LOOP_ENV: "uvloop"}) == "uvloop"
     # the override is a process setting, not a config key the loader refuses
     assert C.from_mapping({}, env={LOOP_ENV: "asyncio"}) == C.from_mapping({}, env={})
