@@ -214,17 +214,17 @@ def _slo_realism(args, tr, res, baseline, slo, space) -> dict:
     """plan.json's `slo_realism` (sizing/slo_sweep.py); with --slo-sweep the
     bounded re-plans (targets x2, short-TTFT sweep, identical-config split)."""
     from .sizing.slo_sweep import realism
+    # under --balancer realistic the re-plans use the recommended design's
+    # balancer and are compared with that balancer's own designs only
+    bal = res["recommendation"].get("balancer") or args.balancer
 
     def replan(slo, b_shorts, pinned=False):
         sp = (Space((baseline.gpu,), (baseline.tp,), (baseline.max_num_seqs,), (baseline.max_num_batched_tokens,))
               if pinned else space)
-        # under --balancer realistic the re-plans use the recommended design's balancer
-        bal = res["recommendation"].get("balancer") or args.balancer
         return plan_json(plan(tr, args.model, baseline, slo, b_shorts, sp, args.router, bal, args.seeds,
                               args.search_window, args.workers, args.noise_p90, args.price_per_gpu_hour, False,
                               verify=False))
     log = None if args.no_progress else (lambda m: print(m, file=sys.stderr, flush=True))
-    # a balancer matrix: compare the re-plans with the recommended balancer's own designs only
     return realism(balancer_view(res, res["recommendation"].get("balancer")), slo, replan,
                    sweep=args.slo_sweep, log=log)
 
