@@ -13,7 +13,7 @@ from .sim.fleet import FleetSpec, PoolSpec, SimResult, simulate
 from .sim.hardware import GPUS, MODELS, ConfigError, InstanceConfig, make_config
 from .sim.metrics import CLASSES, summarize
 from .sim.traces import Trace
-from .sizing.slo import CLASS_BOUNDARY, SLO_PREEMPT_PER_1K, SLO_TPOT_P99_MS, SLO_TTFT_P99_MS
+from .sizing.slo import CLASS_BOUNDARY, SLO_PREEMPT_PER_1K, SLO_TPOT_P99_MS, SLO_TTFT_P99_MS, class_ok
 from .sizing.steady import verdict
 
 #: The scheduler knobs of an emitted pool's `config` rebuilt as they were planned.
@@ -75,8 +75,7 @@ def report(dep: dict, tr: Trace, r: SimResult, tg: dict, boundary: int, preempt_
     classes = {}
     for c in CLASSES:
         m, (ttft, tpot) = s["classes"][c], tg[c]
-        lat = m["requests"] == 0 or (m["completed"] > 0 and m["ttft_p99_ms"] <= ttft
-                                     and not (m["tpot_p99_ms"] > tpot))  # NaN (1-token outputs) passes
+        lat = class_ok(m, {"ttft_target_ms": ttft, "tpot_target_ms": tpot})
         classes[c] = {"requests": m["requests"], "ttft_p99_ms": m["ttft_p99_ms"], "tpot_p99_ms": m["tpot_p99_ms"],
                       "ttft_slo_ms": ttft, "tpot_slo_ms": tpot, "meets_latency": bool(lat),
                       "meets": bool(lat and st["ok"])}

@@ -15,6 +15,7 @@ import orjson
 
 from ... import config as C
 from ...envoy.bootstrap import render_yaml
+from .plan_json import balancer_view
 
 #: vLLM's OpenAI server default port.
 VLLM_PORT = 8000
@@ -60,7 +61,7 @@ def router_config(res: dict, design: dict) -> C.Config:
 def emit(res: dict, out_dir: str, design_name: str | None = None) -> list[str]:
     name = design_name or res["recommendation"]["design"] or res["designs"][0]["name"]
     bal = res["recommendation"].get("balancer")  # a balancer matrix holds each design once per balancer
-    design = next(d for d in res["designs"] if d["name"] == name and (bal is None or d.get("balancer") == bal))
+    design = next(d for d in balancer_view(res, bal)["designs"] if d["name"] == name)
     os.makedirs(out_dir, exist_ok=True)
     cfg = router_config(res, design)
     paths = []

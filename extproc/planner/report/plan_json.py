@@ -9,7 +9,7 @@ import orjson
 from ..sizing.bisect import SIZE_TOLERANCE
 from ..sizing.design import Judged, SizedPool
 from ..sizing.plan import PlanResult
-from ..sizing.recommend import Recommendation
+from ..sizing.recommend import Recommendation, split_noise
 
 
 def pool_json(p: SizedPool) -> dict:
@@ -115,7 +115,7 @@ def matrix_json(plans: list[dict]) -> dict:
         # the rule of `recommend._split_or_not`, across balancers: a split only when its saving
         # over the best realistic single pool exceeds both seed spreads + 2 x the search tolerance
         s_save = 1.0 - best_s["usd_per_hour"] / best_h["usd_per_hour"]
-        noise = (best_s["seed_spread_gpus"] + best_h["seed_spread_gpus"]) / max(best_h["gpus"], 1) + 2 * SIZE_TOLERANCE
+        noise = split_noise(best_s["seed_spread_gpus"], best_h["seed_spread_gpus"], best_h["gpus"])
         split_note = {"design": best_s["name"], "gpus": best_s["gpus"], "balancer": best_s["balancer"],
                       "saving_vs_best_single_pool": s_save, "noise": noise, "margin": s_save - noise}
         if best is best_s and s_save <= noise:

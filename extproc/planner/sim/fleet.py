@@ -100,8 +100,7 @@ def route(trace: Trace, spec: FleetSpec, seed: int = 0) -> tuple[np.ndarray, np.
     if spec.router == "oracle":
         budget = P + O
     elif spec.router == "noise":
-        rng = np.random.default_rng(seed + 7919)
-        est = P * np.exp(rng.normal(0.0, noise_sigma(spec.noise_p90), n))
+        est = prompt_estimate(trace, spec, seed)
         m = default_margin(spec.noise_p90) if spec.margin is None else spec.margin
         budget = est * (1 + m) + float(np.quantile(O, OUTPUT_QUANTILE))
     elif spec.router == "estimator":
@@ -128,7 +127,7 @@ def prompt_estimate(trace: Trace, spec: FleetSpec, seed: int = 0) -> np.ndarray:
     budget less the output allowance for the estimator."""
     P = trace.prompt.astype(np.float64)
     if spec.router == "noise":
-        rng = np.random.default_rng(seed + 7919)  # the draw `route` makes
+        rng = np.random.default_rng(seed + 7919)  # `route` routes on this same draw
         return P * np.exp(rng.normal(0.0, noise_sigma(spec.noise_p90), len(trace)))
     if spec.router == "estimator" and trace.est_budget is not None:
         return np.maximum(trace.est_budget.astype(np.float64) - float(np.quantile(trace.output, OUTPUT_QUANTILE)), 1.0)

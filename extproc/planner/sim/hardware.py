@@ -32,10 +32,9 @@ MAX_NUM_BATCHED_TOKENS = 8192
 #: vLLM's ``--long-prefill-token-threshold``: 0 = off (its default with one
 #: partial prefill). When set, a prompt longer than this is prefilled at most
 #: this many tokens per step, leaving the rest of the step's token budget to
-#: other (short) prompts. vLLM's own suggestion when enabling concurrent partial
-#: prefills is 4% of max_model_len (LONG_PREFILL_FRACTION).
+#: other (short) prompts. The planner searches it as its own axis, always
+#: below the step budget (sizing/space.py).
 LONG_PREFILL_TOKEN_THRESHOLD = 0
-LONG_PREFILL_FRACTION = 0.04
 
 #: vLLM's ``--max-num-partial-prefills``: 0 here = no cap (the V1 scheduler
 #: packs as many partial prefills as the token budget allows); N > 0 caps the

@@ -77,18 +77,11 @@ class Seq:
         self.work = work  # balancer's estimate of this request's tokens
 
 
-def _lin(a: float, b: float, k0: int, k1: int) -> float:
-    """sum_{k=k0}^{k1-1} (a + b k)."""
-    n = k1 - k0
-    if n <= 0:
-        return 0.0
-    return n * a + b * n * (k0 + k1 - 1) * 0.5
-
-
 def _sum_max(a1: float, b1: float, a2: float, b2: float, n: int) -> float:
-    """sum_{k=0}^{n-1} max(a1 + b1 k, a2 + b2 k). (`_lin` inlined: this runs
-    for every run of decode steps and every probe of `Instance.run_until`'s
-    search; the arithmetic is `_lin`'s, operation for operation.)"""
+    """sum_{k=0}^{n-1} max(a1 + b1 k, a2 + b2 k): the lower line's arithmetic
+    series below the crossing plus the upper one's above it, written out
+    inline (this runs for every run of decode steps and every probe of
+    `Instance.run_until`'s search)."""
     d, e = a1 - a2, b1 - b2
     if e == 0.0:
         if n <= 0:
@@ -101,7 +94,7 @@ def _sum_max(a1: float, b1: float, a2: float, b2: float, n: int) -> float:
     else:
         c = min(max(int(kx // 1) + 1, 0), n)  # f1 dominates for k <= kx
         lo_a, lo_b, hi_a, hi_b = a1, b1, a2, b2
-    # _lin(lo_a, lo_b, 0, c) + _lin(hi_a, hi_b, c, n)
+    # sum_{k<c} (lo_a + lo_b k) + sum_{c<=k<n} (hi_a + hi_b k)
     x = c * lo_a + lo_b * c * (c - 1) * 0.5 if c > 0 else 0.0
     m = n - c
     y = m * hi_a + hi_b * m * (c + n - 1) * 0.5 if m > 0 else 0.0
@@ -521,7 +514,9 @@ class Instance:
             kv_read += s.computed
         a = self.attn * attn_ctx * self.invFa
         k = self.kvb * kv_read * self.invBa
-        dt = self._f(tokens) + (a if a > k else k) + self._shape_cost(tokens)
+        dt = self._f(tokens) + (a if a > k else k)
+        if self._shapes is not None:  # CPU profiles only: a GPU config compiles no shapes
+            dt += self._shape_cost(tokens)
         used = self.total_blocks - self.free
         self.kv_int += used * dt
         self.busy += dt

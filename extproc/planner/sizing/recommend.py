@@ -38,10 +38,17 @@ def _closed_form(designs: list[Judged], best_s: Judged | None) -> ClosedFormNote
     return ClosedFormNote(src.design.alpha, src.design.rho, src.design.closed_form, src.design.b_short)
 
 
+def split_noise(split_spread_gpus: int, single_spread_gpus: int, single_gpus: int) -> float:
+    """The saving a split must exceed over a single pool to be recommended:
+    both designs' seed spreads relative to the single pool, plus twice the
+    search tolerance (each count is only known within it)."""
+    return (split_spread_gpus + single_spread_gpus) / max(single_gpus, 1) + 2 * SIZE_TOLERANCE
+
+
 def _split_or_not(best_s: Judged, best_h: Judged) -> tuple[Judged, float, str]:
     """Both a split and a single pool meet: the split only above the noise."""
     saving = 1.0 - best_s.usd_per_hour / best_h.usd_per_hour
-    noise = (best_s.seed_spread_gpus + best_h.seed_spread_gpus) / max(best_h.gpus, 1) + 2 * SIZE_TOLERANCE
+    noise = split_noise(best_s.seed_spread_gpus, best_h.seed_spread_gpus, best_h.gpus)
     margin = saving - noise
     if margin > 0:
         return best_s, margin, (f"{best_s.name} costs {saving:.1%} less than the best single pool "
