@@ -53,7 +53,10 @@ if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
 from extproc.serve import h2frames as h2  # noqa: E402
+from extproc.serve.rpc import PROCESS_METHOD  # noqa: E402
 from extproc.tools import stack as S  # noqa: E402
+from extproc.tools.pki import client_hello  # noqa: E402
+from bench.bench_router import cpu_seconds  # noqa: E402
 
 # --- the issue's attack sizes (issue 17, "What failed") ------------------------
 
@@ -103,21 +106,16 @@ SAMPLE_PERIOD_S = 0.25
 #: The target (issue 17, "What I will check").
 TARGET_P99_MS = 100.0
 
-PROCESS = "/envoy.service.ext_proc.v3.ExternalProcessor/Process"
 CHAT = {"model": "demo", "messages": [{"role": "user", "content": "What is the capital of France?"}], "max_tokens": 16}
 
 
 # --- measuring (this process) --------------------------------------------------
 
 
-def proc_sample(pid: int) -> tuple[int, int, float]:
-    """(RSS KiB, open descriptors, CPU seconds) of a process, from /proc."""
-    with open(f"/proc/{pid}/status") as f:
-        rss = next(int(ln.split()[1]) for ln in f if ln.startswith("VmRSS:"))
-    fds = len(os.listdir(f"/proc/{pid}/fd"))
-    with open(f"/proc/{pid}/stat") as f:
-        fields = f.read().rsplit(")", 1)[1].split()
-    return rss, fds, (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+def proc_sample(stack: S.Stack) -> tuple[int, int, float]:
+    """(RSS KiB, open descriptors, CPU seconds) of the stack's router, from /proc."""
+    pid = stack.procs["router"].pid
+    return stack.rss_kb("router"), len(os.listdir(f"/proc/{pid}/fd")), cpu_seconds(pid)
 
 
 class Recorder(threading.Thread):
@@ -184,7 +182,7 @@ def _client_context(pki: dict) -> ssl.SSLContext:
 
 
 def _headers_block() -> bytes:
-    return h2.encode_headers([(":method", "POST"), (":scheme", "https"), (":path", PROCESS),
+    return h2.encode_headers([(":method", "POST"), (":scheme", "https"), (":path", PROCESS_METHOD),
                               (":authority", "router"), ("te", "trailers"), ("content-type", "application/grpc")])
 
 
@@ -255,16 +253,8 @@ async def attack_held(port: int, pki: dict, source: str, conns: int, streams: in
 
 
 def half_client_hello(ca: str) -> bytes:
-    """The first half of a real TLS ClientHello (from an in-memory client)."""
-    ctx = ssl.create_default_context(cafile=ca)
-    ctx.set_alpn_protocols(["h2"])
-    out = ssl.MemoryBIO()
-    obj = ctx.wrap_bio(ssl.MemoryBIO(), out, server_hostname="127.0.0.1")
-    try:
-        obj.do_handshake()
-    except ssl.SSLWantReadError:
-        pass
-    hello = out.read()
+    """The first half of a real TLS ClientHello."""
+    hello = client_hello(ca)
     return hello[: len(hello) // 2]
 
 
@@ -399,12 +389,11 @@ def run(args) -> dict:
                 "tls_cert_file": pki["server"], "tls_key_file": pki["server_key"], "tls_client_ca_file": pki["ca"]},
         envoy={"router_tls_ca_file": pki["ca"], "router_client_cert_file": pki["client"],
                "router_client_key_file": pki["client_key"]})
-    from extproc.serve.loop import LOOP_ENV, choose
-    env = {LOOP_ENV: args.loop} if args.loop else {}
-    stack = S.Stack(cfg, workdir=workdir, time_scale=0.0, router_env=env)
+    from extproc.serve.loop import LOOP_ENV, choose, loop_factory
+    choice = args.loop or choose()  # what the router would pick from this environment
+    stack = S.Stack(cfg, workdir=workdir, time_scale=0.0, router_env={LOOP_ENV: choice})
     print(f"starting the stack in {workdir} ...", flush=True)
     stack.start()
-    pid = stack.procs["router"].pid
     port = cfg.router.port
     creds = grpc.ssl_channel_credentials(root_certificates=open(pki["ca"], "rb").read(),
                                          private_key=open(pki["client_key"], "rb").read(),
@@ -420,7 +409,7 @@ def run(args) -> dict:
 
     client_rec = Recorder(client, 0.0)
     health_rec = Recorder(lambda: health_step(f"127.0.0.1:{port}", creds), HEALTH_PERIOD_S)
-    sampler = Recorder(lambda: proc_sample(pid), SAMPLE_PERIOD_S)
+    sampler = Recorder(lambda: proc_sample(stack), SAMPLE_PERIOD_S)
     scale = args.scale
     phases = {
         "held": dict(port=port, pki=pki, source=args.attacker_source, conns=max(1, round(HELD_CONNECTIONS * scale)),
@@ -432,7 +421,7 @@ def run(args) -> dict:
                             max_s=RESET_MAX_S, concurrency=RESET_CONCURRENCY),
     }
     report = {"config": {"router_port": port, "transport": "fast", "tls": "mTLS (Envoy -> router)",
-                         "router_loop": choose(env),
+                         "router_loop": "uvloop" if loop_factory(choice) else "asyncio",
                          "attacker_source": args.attacker_source, "client_rate_per_s": args.client_rate,
                          "hold_s": args.hold_s, "scale": scale, "workdir": workdir,
                          "sizes": {k: {a: b for a, b in v.items() if a not in ("pki", "port", "source")}
@@ -448,7 +437,7 @@ def run(args) -> dict:
         print(f"baseline: {report['baseline']}", flush=True)
         for name in args.phases:
             time.sleep(QUIET_S)
-            before = proc_sample(pid)
+            before = proc_sample(stack)
             log_at = os.path.getsize(stack.logs["router"])
             print(f"phase {name}: attacking ...", flush=True)
             parent, child = ctx.Pipe(duplex=False)
@@ -460,9 +449,9 @@ def run(args) -> dict:
             p.join(10)
             if p.is_alive():
                 p.kill()
-            during_end = proc_sample(pid)
+            during_end = proc_sample(stack)
             time.sleep(RECOVERY_S)
-            after = proc_sample(pid)
+            after = proc_sample(stack)
             with open(stack.logs["router"], "rb") as f:
                 f.seek(log_at)
                 warnings = [ln for ln in f.read().decode(errors="replace").splitlines() if "warning" in ln.lower()]
@@ -578,7 +567,7 @@ def main(argv=None) -> int:
     ap.add_argument("--attacker-source", default="127.0.0.2",
                     help="the attacker's source address (127.0.0.1: Envoy's own address)")
     ap.add_argument("--loop", choices=("asyncio", "uvloop"),
-                    help="the router's event loop (BUDGET_ROUTER_LOOP; default: the router's own choice for a TLS port)")
+                    help="the router's event loop (BUDGET_ROUTER_LOOP; default: auto, uvloop when installed)")
     ap.add_argument("--out", default=str(REPO / "out" / "attack"))
     args = ap.parse_args(argv)
     args.phases = [p for p in args.phases.split(",") if p]

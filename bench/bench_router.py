@@ -86,7 +86,7 @@ def envoy_bootstrap(envoy_port: int, direct_port: int, admin_port: int, router_p
                     pki: dict | None = None) -> dict:
     """The project's rendered bootstrap plus a ``direct`` listener; with
     ``pki`` (extproc.tools.pki) the ext_proc cluster speaks mTLS."""
-    from extproc.envoy.bootstrap import render_yaml
+    from extproc.envoy.bootstrap import BUFFER_FILTER, EXT_PROC_FILTER, render_yaml
 
     ep = f"127.0.0.1:{pool_port}"
     router_tls = {"tls_cert_file": pki["server"], "tls_key_file": pki["server_key"],
@@ -111,7 +111,7 @@ def envoy_bootstrap(envoy_port: int, direct_port: int, admin_port: int, router_p
     # Without the router's filters: ext_proc, and the buffer filter that only
     # holds headers for it (see extproc.envoy.bootstrap).
     hcm["http_filters"] = [f for f in hcm["http_filters"]
-                           if f["name"] not in ("envoy.filters.http.ext_proc", "envoy.filters.http.buffer")]
+                           if f["name"] not in (EXT_PROC_FILTER, BUFFER_FILTER)]
     # Same route table: without ext_proc nothing sets the routing header, so
     # direct traffic takes the default route (pool_long) to the same pool.
     boot["static_resources"]["listeners"].append(direct)

@@ -47,18 +47,13 @@ from extproc import defaults as D  # noqa: E402
 from extproc.config import load  # noqa: E402
 from extproc.serve import h2frames as h2  # noqa: E402
 from extproc.serve.h2c import FastServer, _GrpcConnection  # noqa: E402
-from extproc.serve.rpc import PROCESS_METHOD  # noqa: E402
+from extproc.envoy.bootstrap import EXT_PROC_FILTER  # noqa: E402
+from extproc.serve.rpc import DEFAULT_HEALTH_SERVICES, PROCESS_METHOD  # noqa: E402
 from extproc.serve.server import Worker, max_message_bytes  # noqa: E402
-
-#: Envoy's ext_proc filter name: the key of ProcessingRequest.attributes.
-EXT_PROC_FILTER = "envoy.filters.http.ext_proc"
 
 #: Envoy's default HTTP/2 stream and connection windows (its
 #: initial_stream_window_size / initial_connection_window_size), 256 MiB.
 ENVOY_WINDOW = 256 * 1024 * 1024
-
-#: HTTP/2 RST_STREAM code Envoy's gRPC client resets an answered stream with.
-RST_CANCEL = 8
 
 
 class CountingTransport:
@@ -150,7 +145,7 @@ def feed_stream(conn: _GrpcConnection, sid: int, reads: list[bytes], response: l
     if sid in conn.calls:
         for m in response:
             conn.data_received(h2.frame(h2.DATA, 0, sid, m))
-    conn.data_received(h2.rst_stream_frame(sid, RST_CANCEL))
+    conn.data_received(h2.rst_stream_frame(sid, h2.CANCEL))
 
 
 async def run(args) -> dict:
@@ -158,7 +153,7 @@ async def run(args) -> dict:
         router={"state_file": tempfile.mkdtemp(prefix="bench-shell-") + "/state.json"},
         telemetry={"prometheus_port": 0})
     worker = Worker(cfg, telemetry=True)
-    server = FastServer(worker.new_stream, max_message_bytes(cfg), ["", "envoy.service.ext_proc.v3.ExternalProcessor"])
+    server = FastServer(worker.new_stream, max_message_bytes(cfg), DEFAULT_HEALTH_SERVICES)
     conn = _GrpcConnection(server)
     transport = CountingTransport()
     conn.connection_made(transport)

@@ -262,7 +262,7 @@ class StreamMachine:
                 if self.state == State.REQ_HEADERS:
                     # The header phase was skipped: what it gave comes with
                     # the body, as request attributes.
-                    refused = self._on_attributes(req, req.request_body.end_of_stream)
+                    refused = self._on_attributes(req)
                     if refused is not None:
                         return refused
                 return self._on_request_body(req.request_body)
@@ -319,8 +319,7 @@ class StreamMachine:
             return self._refuse(d)
         return [self._route_headers(d)], True
 
-    def _on_attributes(self, req: pb.ProcessingRequest,
-                       end_of_stream: bool) -> tuple[list[pb.ProcessingResponse], bool] | None:
+    def _on_attributes(self, req: pb.ProcessingRequest) -> tuple[list[pb.ProcessingResponse], bool] | None:
         """The request's headers from the body message's attributes (header
         phase skipped): refused or routed here, or None to go on to the body."""
         d = self._check_headers(attribute_headers(req), False)
@@ -329,8 +328,7 @@ class StreamMachine:
             return None
         if d.status is not None:
             return self._refuse(d)
-        self.decision = d
-        self._to(Event.HEADERS_ROUTED)
+        self._routed(d)
         return [self._route_body(d, None)], True
 
     def _check_headers(self, h: dict[str, str], end_of_stream: bool) -> Decision | None:
@@ -495,9 +493,13 @@ class StreamMachine:
             hdrs += extra
         return pb.CommonResponse(header_mutation=pb.HeaderMutation(set_headers=hdrs), clear_route_cache=True)
 
-    def _route_headers(self, d: Decision) -> pb.ProcessingResponse:
+    def _routed(self, d: Decision) -> None:
+        """The request headers alone decided its route."""
         self.decision = d
         self._to(Event.HEADERS_ROUTED)
+
+    def _route_headers(self, d: Decision) -> pb.ProcessingResponse:
+        self._routed(d)
         return pb.ProcessingResponse(
             request_headers=pb.HeadersResponse(response=self._route_common(d)),
             dynamic_metadata=_metadata(self.router.stream_settings.metadata_namespace, d))
@@ -514,10 +516,7 @@ class StreamMachine:
             resp = pb.ProcessingResponse.FromString(head)
             _fill_metadata(resp.dynamic_metadata, settings.metadata_namespace, d)
             return resp
-        extra = None
-        if new_body is not None:
-            extra = [_header("content-length", str(len(new_body)))]
-        common = self._route_common(d, extra)
+        common = self._route_common(d, [_header("content-length", str(len(new_body)))])
         common.body_mutation.body = new_body
         md = None
         if self.codings:  # the new body is the decoded one, whatever else changed

@@ -31,7 +31,7 @@ from envoy.service.ext_proc.v3 import external_processor_pb2 as pb
 from grpc_health.v1 import health_pb2
 
 from ..tls import TlsFiles, grpc_server_credentials
-from .limits import LOCAL_MAX_CONCURRENT_STREAMS, PeerResets, ServerLimits
+from .limits import LOCAL_MAX_CONCURRENT_STREAMS, PeerResets, PeriodicWarnings, ServerLimits
 from .rpc import (
     DEFAULT_HEALTH_SERVICES,
     EXT_PROC_SERVICE,
@@ -85,6 +85,7 @@ async def serve_grpcio(
 
     limits = limits or ServerLimits()
     peers = PeerResets(limits)
+    warnings = PeriodicWarnings(log)
     open_calls: collections.Counter[str] = collections.Counter()  # peer address -> open Process calls
     counters: collections.Counter[str] = collections.Counter()
     loop = asyncio.get_running_loop()
@@ -111,8 +112,9 @@ async def serve_grpcio(
                 del open_calls[peer]
             if not answered[0] and (state[0] == 2 or ctx.cancelled()) and peers.note(peer, loop.time()):
                 counters["peer_resets_exceeded"] += 1
-                log.warning("refusing calls from %s for %.0f s: more than %d unanswered calls ended in %.0f s",
-                            peer, limits.peer_ban_s, limits.peer_max_resets, limits.peer_reset_window_s)
+                warnings.warn("peer_resets_exceeded",
+                              "refusing calls from %s for %.0f s: more than %d unanswered calls ended in %.0f s",
+                              peer, limits.peer_ban_s, limits.peer_max_resets, limits.peer_reset_window_s)
             # Known limitation: grpc.aio reports a client cancel that arrives
             # while the handler waits for a request as end-of-requests, and
             # ctx.cancelled() is still False here, so such a stream gets

@@ -41,7 +41,6 @@ import dataclasses
 import heapq
 import logging
 import ssl
-import time
 from typing import Callable, Iterable, Mapping
 from urllib.parse import quote
 
@@ -51,8 +50,8 @@ from grpc_health.v1 import health_pb2
 from ..tls import TlsFiles, server_context
 from . import h2frames as h2
 from ..core.machine import State
-from .limits import (DRAIN_PING_TIMEOUT_S, H2_ACCEPT_BACKLOG, H2_PROBATION_SLICE_BYTES, H2_RECLAIM_FRACTION, LOG_PERIOD_S, MAX_DEADLINE_S, MIN_TIMER_S,
-                     REQUEST_SWEEP_FRACTION, PeerResets, ServerLimits)
+from .limits import (DRAIN_PING_TIMEOUT_S, H2_ACCEPT_BACKLOG, H2_PROBATION_SLICE_BYTES, H2_RECLAIM_FRACTION, MAX_DEADLINE_S, MIN_TIMER_S,
+                     REQUEST_SWEEP_FRACTION, PeerResets, PeriodicWarnings, ServerLimits)
 from .rpc import (
     DEADLINE_EXCEEDED,
     DEFAULT_HEALTH_SERVICES,
@@ -190,7 +189,7 @@ class _GrpcConnection(asyncio.Protocol):
         peername = transport.get_extra_info("peername")
         self.peer = peername[0] if isinstance(peername, tuple) else str(peername)
         tls = server.ssl_context is not None
-        if server.banned(self.peer, self._loop.time()):
+        if server.peers.banned(self.peer, self._loop.time()):
             # On probation, not refused: the address may be Envoy's too (a
             # rogue sidecar in its pod), whose health checks and reconnects
             # must go on; the connection is closed at its first reset of an
@@ -260,9 +259,7 @@ class _GrpcConnection(asyncio.Protocol):
             oldest.evict()
         self._raw = raw
         server._handshakes[self] = None
-        cost = server.limits.tls_handshake_cost_bytes
-        self.mem_used += cost
-        server.mem_used += cost
+        self._charge(server.limits.tls_handshake_cost_bytes)
         raw.pause_reading()  # start_tls resumes it once its SSL layer is in place
         self._handshake = self._loop.create_task(self._handshake_task(raw))
 
@@ -351,17 +348,14 @@ class _GrpcConnection(asyncio.Protocol):
             return False
         self._tls_charge = cost
         server.tls_mem += cost
-        server.mem_used += cost
-        self.mem_used += cost
+        self._charge(cost)
         return True
 
     def _release_tls(self) -> None:
         cost, self._tls_charge = self._tls_charge, 0
         if cost:
-            server = self.server
-            server.tls_mem -= cost
-            server.mem_used -= cost
-            self.mem_used -= cost
+            self.server.tls_mem -= cost
+            self._charge(-cost)
 
     def _end_handshake(self) -> None:
         """The handshake is over (done, failed, timed out, evicted): its
@@ -371,9 +365,7 @@ class _GrpcConnection(asyncio.Protocol):
         self._raw = None
         server = self.server
         server._handshakes.pop(self, None)
-        cost = server.limits.tls_handshake_cost_bytes
-        self.mem_used -= cost
-        server.mem_used -= cost
+        self._charge(-server.limits.tls_handshake_cost_bytes)
 
     def _abort_handshake(self) -> None:
         raw = self._raw
@@ -442,6 +434,12 @@ class _GrpcConnection(asyncio.Protocol):
         self._timer = self._loop.call_later(max(remaining, idle_timeout_s if remaining <= 0 else MIN_TIMER_S),
                                             self._on_timer)
 
+    def _held_calls(self, cutoff: float):
+        """The Process streams opened at or before ``cutoff`` whose request
+        is still incomplete: what the sweep resets and reclaim may end."""
+        return (c for c in self.calls.values()
+                if c.kind == _KIND_PROCESS and c.opened <= cutoff and not c.done and _request_pending(c))
+
     def _on_sweep(self) -> None:
         """Reset the Process streams whose request has not completed within
         request_timeout_s of opening (issue 17: held streams); O(open streams)
@@ -451,8 +449,7 @@ class _GrpcConnection(asyncio.Protocol):
             return
         server = self.server
         cutoff = self._loop.time() - server.limits.request_timeout_s
-        late = [c for c in self.calls.values()
-                if c.kind == _KIND_PROCESS and c.opened <= cutoff and not c.done and _request_pending(c)]
+        late = list(self._held_calls(cutoff))
         if late:
             server.counters["request_timeouts"] += len(late)
             server.warn("request_timeouts", "resetting %d gRPC stream(s): request not complete within %.1f s",
@@ -522,7 +519,7 @@ class _GrpcConnection(asyncio.Protocol):
                 call = self.calls.pop(ev.stream_id, None)
                 if call is not None:
                     self._abort_call(call)
-                    if ev.remote and not call.headers_sent and (self.server.note_reset(self.peer, now)
+                    if ev.remote and not call.headers_sent and (self.server.peers.note(self.peer, now)
                                                                 or self.probation):
                         self._reset_limit()
                         break
@@ -548,7 +545,13 @@ class _GrpcConnection(asyncio.Protocol):
         if conn.closed or ((conn.last_stream_id is not None or conn.peer_goaway) and conn.idle):
             transport.close()
 
-    # -- memory budget: every charge and refund goes through these four -------
+    # -- memory budget: every charge and refund goes through _charge ---------
+
+    def _charge(self, delta: int) -> None:
+        """Add ``delta`` bytes (negative: a refund) to this connection's and
+        the server's memory use: the two always move together."""
+        self.mem_used += delta
+        self.server.mem_used += delta
     # Each charge counts against the process's budget and against this
     # connection's share of it (ServerLimits.connection_budget_share).
 
@@ -561,8 +564,7 @@ class _GrpcConnection(asyncio.Protocol):
         if server.mem_used >= server.memory_budget and not server.reclaim():
             return False
         cost = call.charged = server.stream_cost
-        server.mem_used += cost
-        self.mem_used += cost
+        self._charge(cost)
         return True
 
     def _reserve(self, call: _Call, length: int) -> bool:
@@ -573,8 +575,7 @@ class _GrpcConnection(asyncio.Protocol):
                        or self.mem_used + length > server.connection_budget):
             return False
         delta = length - call.reserved
-        server.mem_used += delta
-        self.mem_used += delta
+        self._charge(delta)
         call.reserved = length
         return True
 
@@ -584,8 +585,7 @@ class _GrpcConnection(asyncio.Protocol):
         charged: _release refunds)."""
         server = self.server
         delta = held - call.held
-        server.mem_used += delta
-        self.mem_used += delta
+        self._charge(delta)
         call.held = held
         return not (delta > 0 and (server.mem_used > server.memory_budget
                                    or self.mem_used > server.connection_budget))
@@ -594,8 +594,7 @@ class _GrpcConnection(asyncio.Protocol):
         """Give the call's share of the memory budget back."""
         if call.reserved or call.held or call.charged:
             total = call.reserved + call.held + call.charged
-            self.server.mem_used -= total
-            self.mem_used -= total
+            self._charge(-total)
             call.reserved = call.held = call.charged = 0
 
     def _abort_call(self, call: _Call) -> None:
@@ -953,8 +952,8 @@ class FastServer:
         self._reclaim_after = 0.0  # loop time before which a reclaim scan would find nothing new
         #: What the limits did (refused connections, GOAWAYs by code, ...).
         self.counters: collections.Counter[str] = collections.Counter()
-        self._warned: dict[str, tuple[float, int]] = {}  # kind -> (last logged, left out since)
-        self._peers = PeerResets(limits)  # resets per peer address, bans (loop time)
+        self._warnings = PeriodicWarnings(log)
+        self.peers = PeerResets(limits)  # resets per peer address, probation (loop time)
         self.unary = dict(unary or {})
         self.streaming = dict(streaming or {})
         self.max_message_bytes = max_message_bytes
@@ -974,15 +973,6 @@ class FastServer:
 
     async def set_serving(self, serving: bool) -> None:
         self.serving = serving
-
-    def note_reset(self, peer: str, now: float) -> bool:
-        """Count a reset of an unanswered stream from ``peer``; True when it
-        is over peer_max_resets in the current window (the peer is then
-        refused new connections for peer_ban_s)."""
-        return self._peers.note(peer, now)
-
-    def banned(self, peer: str, now: float) -> bool:
-        return self._peers.banned(peer, now)
 
     def exhausted(self) -> bool:
         """The memory budget cannot take one more stream, even after
@@ -1007,8 +997,7 @@ class FastServer:
         cutoff = now - self.limits.reclaim_min_age_s
         oldest = heapq.nsmallest(self.reclaim_batch, (
             (call.opened, call.sid, id(conn), conn, call)
-            for conn in self._connections for call in conn.calls.values()
-            if call.kind == _KIND_PROCESS and call.opened <= cutoff and not call.done and _request_pending(call)),
+            for conn in self._connections for call in conn._held_calls(cutoff)),
             key=lambda t: t[:3])
         if not oldest:
             self._reclaim_after = now + self.limits.reclaim_min_age_s
@@ -1047,16 +1036,7 @@ class FastServer:
 
     def warn(self, kind: str, msg: str, *args) -> None:
         """A warning logged at most once per LOG_PERIOD_S per kind."""
-        now = time.monotonic()
-        last, left_out = self._warned.get(kind, (-LOG_PERIOD_S, 0))
-        if now - last < LOG_PERIOD_S:
-            self._warned[kind] = (last, left_out + 1)
-            return
-        self._warned[kind] = (now, 0)
-        if left_out:
-            msg += " (%d more like it not logged)"
-            args += (left_out,)
-        log.warning(msg, *args)
+        self._warnings.warn(kind, msg, *args)
 
     async def stop(self, grace_seconds: float | None = None) -> None:
         """Refuse new connections and streams, let in-flight streams finish for

@@ -30,6 +30,8 @@ may override it.
 
 from __future__ import annotations
 
+import logging
+import time
 from dataclasses import dataclass
 
 # --- Flood limits (enforced by h2frames) ---------------------------------------
@@ -468,3 +470,25 @@ class PeerResets:
             del self._resets[p]
         if len(self._banned) >= H2_MAX_TRACKED_PEERS:
             self._banned = {p: t for p, t in self._banned.items() if t > now}
+
+
+class PeriodicWarnings:
+    """Warnings logged at most once per LOG_PERIOD_S per kind, with the
+    count of those left out, for both transports (an attacker must not turn
+    the router's log into a flood)."""
+
+    def __init__(self, logger: logging.Logger):
+        self.log = logger
+        self._warned: dict[str, tuple[float, int]] = {}  # kind -> (last logged, left out since)
+
+    def warn(self, kind: str, msg: str, *args) -> None:
+        now = time.monotonic()
+        last, left_out = self._warned.get(kind, (-LOG_PERIOD_S, 0))
+        if now - last < LOG_PERIOD_S:
+            self._warned[kind] = (last, left_out + 1)
+            return
+        self._warned[kind] = (now, 0)
+        if left_out:
+            msg += " (%d more like it not logged)"
+            args += (left_out,)
+        self.log.warning(msg, *args)

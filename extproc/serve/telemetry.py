@@ -387,14 +387,12 @@ class ObservedStream:
         tel._in_flight += 1
 
     def receive(self, req):
-        if not self.tel.collected:
+        if self.tel.collected:  # the processing histogram only when a reader collects it
+            t0 = time.perf_counter()
             out = self.machine.receive(req)
-            if out[1]:
-                self._close()
-            return out
-        t0 = time.perf_counter()
-        out = self.machine.receive(req)
-        self.tel.processing.record(time.perf_counter() - t0, {"phase": req.WhichOneof("request") or "unknown"})
+            self.tel.processing.record(time.perf_counter() - t0, {"phase": req.WhichOneof("request") or "unknown"})
+        else:
+            out = self.machine.receive(req)
         if out[1]:
             self._close()
         return out

@@ -2,12 +2,14 @@
 
 ``make_pki(dir)`` writes a CA, a server certificate for 127.0.0.1 and a client
 certificate (extendedKeyUsage clientAuth), each valid for a day, and returns
-their paths. Never for production: the keys are unencrypted and short-lived.
+their paths; ``client_hello(ca)`` is the first flight of a TLS client (for
+handshake floods). Never for production: the keys are unencrypted and short-lived.
 """
 
 from __future__ import annotations
 
 import os
+import ssl
 import subprocess
 
 #: Each openssl call makes at most one 2048-bit RSA key: seconds even on a
@@ -33,3 +35,17 @@ def make_pki(d: str) -> dict[str, str]:
                  "-days", "1", "-extfile", f"{name}.ext", "-out", f"{name}.pem", cwd=d)
     return {k: os.path.join(d, v) for k, v in (("ca", "ca.pem"), ("server", "server.pem"), ("server_key", "server.key"),
                                                 ("client", "client.pem"), ("client_key", "client.key"))}
+
+
+def client_hello(ca: str, server_hostname: str = "127.0.0.1") -> bytes:
+    """The ClientHello (ALPN h2) a real TLS client sends first, made by an
+    in-memory client that trusts ``ca``."""
+    ctx = ssl.create_default_context(cafile=ca)
+    ctx.set_alpn_protocols(["h2"])
+    out = ssl.MemoryBIO()
+    obj = ctx.wrap_bio(ssl.MemoryBIO(), out, server_hostname=server_hostname)
+    try:
+        obj.do_handshake()
+    except ssl.SSLWantReadError:  # waiting for the server's answer: the hello is out
+        return out.read()
+    raise RuntimeError("an in-memory TLS client finished a handshake without a server")

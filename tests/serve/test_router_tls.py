@@ -33,7 +33,7 @@ from extproc.envoy import bootstrap as E
 from extproc.serve import h2frames as h2
 from extproc.serve import limits as L
 from extproc.serve.h2c import serve_fast
-from extproc.tools.pki import make_pki
+from extproc.tools.pki import client_hello, make_pki
 
 from .test_h2_limits import flood_unread_pings, probe_keeps_latency, server
 
@@ -299,13 +299,7 @@ HANDSHAKE_TIMEOUT_S = 2.0
 
 def _half_client_hello(ca: str) -> bytes:
     """The first half of a real TLS ClientHello (from an in-memory client)."""
-    ctx = ssl.create_default_context(cafile=ca)
-    ctx.set_alpn_protocols(["h2"])
-    out = ssl.MemoryBIO()
-    obj = ctx.wrap_bio(ssl.MemoryBIO(), out, server_hostname="localhost")
-    with pytest.raises(ssl.SSLWantReadError):
-        obj.do_handshake()
-    hello = out.read()
+    hello = client_hello(ca, server_hostname="localhost")
     assert hello[0] == 0x16 and len(hello) > 100  # a handshake record
     return hello[: len(hello) // 2]
 
