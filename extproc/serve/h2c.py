@@ -1022,13 +1022,18 @@ class FastServer:
         """At the connection cap: close the connection idle the longest (no
         open stream, or a TLS handshake still pending; ``but`` excepted) to
         make room, so that sockets held open and silent cannot lock Envoy out
-        until the idle timeout. ``handshakes=False``: established
-        connections only. False if none is idle."""
+        until the idle timeout. A pending handshake goes before any
+        established connection: it has never carried a request, while an
+        established one between two requests is only idle for a moment (a
+        client routing one request after another lost its connection to a
+        flood of half ClientHellos newer than its last request).
+        ``handshakes=False``: established connections only. False if none is
+        idle."""
         idle = [c for c in self._connections
                 if not c.calls and c.conn.idle and c is not but and (handshakes or c.transport is not None)]
         if not idle:
             return False
-        min(idle, key=lambda c: c.last_activity).evict()
+        min(idle, key=lambda c: (c.transport is not None, c.last_activity)).evict()
         return True
 
     def count(self, key: str) -> None:
