@@ -10,7 +10,7 @@ inflate Chinese ~4x (../shared/data/README.md).
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 import orjson
 
@@ -28,8 +28,7 @@ _SEP = b"\n"
 NO_MODEL = "-"
 
 
-@dataclass(frozen=True, slots=True)
-class ParsedRequest:
+class ParsedRequest(NamedTuple):  # (immutable; a NamedTuple builds in ~1 us, a frozen dataclass ~4: issue 19)
     path: str
     model: str
     text: bytes              # UTF-8 text the model sees, turns joined by _SEP
@@ -71,8 +70,7 @@ def _dump(obj: Any) -> str:
     return orjson.dumps(obj).decode()
 
 
-@dataclass(frozen=True, slots=True)
-class ChatTexts:
+class ChatTexts(NamedTuple):  # (immutable; a NamedTuple builds in ~1 us, a frozen dataclass ~4: issue 19)
     """The texts a chat request puts before the model, in order."""
 
     texts: list[str]         # contents, names, tool calls, then tool definitions

@@ -309,7 +309,7 @@ class Telemetry:
         if d is not None:
             key = (d.pool, d.category or "-", d.reason)
             self._requests[key] = self._requests.get(key, 0) + 1
-            if m.learned and m.rel_error is not None:
+            if m.learned and m.rel_error is not None and self.collected:  # (see `collected`)
                 self.rel_error.record(abs(m.rel_error), {"category": d.category})
             if m.learned:
                 skey = (self.router.estimator.model_key(d.model), d.category)

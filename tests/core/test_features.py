@@ -146,3 +146,60 @@ def test_calib_categories_agree_with_labels():
     assert share("ja|", CJK) >= 0.9
     assert share("code|code_python", CODE) >= 0.9
     assert share("json|", JSON) >= 0.75
+
+
+# --- the histogram against a pass per class ------------------------------------
+# The features were once one bytes.count / bytes.translate pass per class; the
+# byte histogram that replaced them (issue 19) must give the same vector and
+# category for every text. This is that earlier code, kept as the reference.
+
+def _reference(data: bytes, n_chars: int, n_messages: int, has_tools: bool):
+    upper_b = bytes(range(0x41, 0x5B))
+    letters_b = upper_b + bytes(range(0x61, 0x7B))
+    nb = len(data)
+    ascii_n = nb if nb == n_chars else len(data.translate(None, bytes(range(0x80, 0x100))))
+    letters = nb - len(data.translate(None, letters_b))
+    upper = nb - len(data.translate(None, upper_b)) if letters else 0
+    digits = nb - len(data.translate(None, b"0123456789"))
+    spaces, newlines = data.count(b" "), data.count(b"\n")
+    indents = data.count(b"    ") if spaces else 0
+    punct = max(0, ascii_n - letters - digits - spaces - newlines)
+    nonascii = n_chars - ascii_n
+    kana = data.count(b"\xe3") if nonascii else 0
+    han = nb - len(data.translate(None, bytes(range(0xE4, 0xEA)))) if nonascii else 0
+    other = max(0, nonascii - kana - han) if nonascii else 0
+    vec = (letters, upper, digits, spaces, newlines, indents, punct, kana, han, other, n_messages, 1)
+    n = nb or 1
+    if (kana + han) / (n_chars or 1) >= 0.20:
+        cat = CJK
+    elif has_tools:
+        cat = JSON
+    elif punct / n >= 0.12 and (data.count(b'"') + data.count(b":") + data.count(b"{")) / n >= 0.12:
+        cat = JSON
+    elif (sum(data.count(c) for c in (b"{", b"(", b";", b"=", b"[", b"<")) + 2 * indents) / n >= 0.04:
+        cat = CODE
+    else:
+        cat = PROSE
+    return tuple(float(x) for x in vec), cat
+
+
+@settings(max_examples=400, deadline=None)
+@given(st.text(alphabet=st.sampled_from(list(' \n{}()[];=<>":,.abcXYZ019é漢ひ😀\t')) | st.characters()),
+       st.integers(1, 5), st.booleans())
+def test_histogram_features_match_the_per_class_passes(text, n_messages, has_tools):
+    data = text.encode("utf-8", "surrogatepass")
+    f = features(data, len(text), n_messages, has_tools)
+    assert (f.vector, f.category) == _reference(data, len(text), n_messages, has_tools)
+
+
+def test_histogram_features_match_on_real_prompts():
+    if not os.path.exists(CALIB):
+        pytest.skip("no calib data")
+    with gzip.open(CALIB, "rt") as fh:
+        for n, line in enumerate(fh):
+            if n % 10:  # every tenth: all the subsets (prose, code, zh, ja, json, ...)
+                continue
+            text = json.loads(line)["text"]
+            data = text.encode("utf-8", "surrogatepass")
+            f = features(data, len(text), 1, False)
+            assert (f.vector, f.category) == _reference(data, len(text), 1, False)
