@@ -50,7 +50,7 @@ from grpc_health.v1 import health_pb2
 from ..tls import TlsFiles, server_context
 from . import h2frames as h2
 from ..core.machine import State
-from .limits import (DRAIN_PING_TIMEOUT_S, H2_ACCEPT_BACKLOG, H2_PROBATION_SLICE_BYTES, H2_RECLAIM_FRACTION, MAX_DEADLINE_S, MIN_TIMER_S,
+from .limits import (DRAIN_PING_TIMEOUT_S, H2_ACCEPT_BACKLOG, H2_HEADERS_READ_ENTRIES, H2_PROBATION_SLICE_BYTES, H2_RECLAIM_FRACTION, MAX_DEADLINE_S, MIN_TIMER_S,
                      REQUEST_SWEEP_FRACTION, PeerResets, PeriodicWarnings, ServerLimits)
 from .rpc import (
     DEADLINE_EXCEEDED,
@@ -106,12 +106,6 @@ def _parse_timeout(value: str) -> float | None:
         return None
     seconds = int(value[:-1]) * scale
     return seconds if seconds <= MAX_DEADLINE_S else None
-
-
-#: Header lists whose fields _on_request keeps read, per connection: Envoy
-#: sends one header block for all its ext_proc streams (and one for health
-#: checks); a peer that varies its blocks only clears the table more often.
-HEADERS_READ_ENTRIES = 16
 
 
 # --- per-stream state -------------------------------------------------------------
@@ -666,7 +660,7 @@ class _GrpcConnection(asyncio.Protocol):
                     encoding = value
                 elif name == "grpc-timeout":
                     timeout = value
-            if len(self._headers_read) >= HEADERS_READ_ENTRIES:
+            if len(self._headers_read) >= H2_HEADERS_READ_ENTRIES:
                 self._headers_read.clear()
             self._headers_read[id(headers)] = (headers, (path, method, ctype, encoding, timeout, trace))
         meta = dict(trace)

@@ -335,6 +335,18 @@ H2_PEER_RESET_WINDOW_S = 10.0
 H2_PEER_MAX_RESETS = 2000
 H2_PEER_BAN_S = 10.0
 
+#: Decoded request-header lists whose fields the fast transport keeps read,
+#: per connection (``_GrpcConnection._on_request``; issue 19: reading the
+#: same fields out of the same list on every stream cost ~2 us each). Envoy
+#: sends one header block for all its ext_proc streams of a connection, one
+#: for health checks and one per traced request when tracing is on, and
+#: h2frames hands out one list per distinct block (its own cache), so a
+#: handful of entries hit nearly always. A peer that varies its blocks gets
+#: the table cleared when full: at most 16 entries of ~1 KB each per
+#: connection, the size of nghttp2's default HPACK table (4 KiB) several times
+#: over, never more.
+H2_HEADERS_READ_ENTRIES = 16
+
 #: A connection on probation (above) has what it sends parsed this many bytes
 #: at a time, so that closing it at its first reset costs the parse of one
 #: slice (~50 HEADERS+RST pairs), not of its whole read (up to 256 KiB, ~3,000
