@@ -141,6 +141,13 @@ class Verified:
     design: Design
     summary: dict  # `steady.worst` of the per-seed summaries: it meets only if every seed does
     per_seed: tuple  # per seed: its class P99s and preemptions
+    runs: tuple = field(default=(), compare=False, repr=False)  # per trace verified on: per seed, its summary
+    #: what it was verified on (`horizon.verified_on`): one entry per trace, the plan's first
+    verified_on: tuple = ()
+    #: None: no final horizon was asked for; True: it meets on every horizon
+    #: trace and seed (`horizon.hold`); False: not checked there (it costs at
+    #: least as much as a design of its kind that holds) or misses there
+    held: bool | None = None
 
 
 @dataclass(frozen=True)
@@ -157,6 +164,8 @@ class Judged:
     savings_vs_baseline: float
     seed_spread_gpus: int  # GPUs between the per-seed minimal sizes
     seed_band_gpus: tuple  # (lowest, highest) GPUs over the per-seed minimal sizes
+    verified_on: tuple = ()  # `Verified.verified_on`
+    held: bool | None = None  # `Verified.held`: only a design that is not False may be recommended
 
     @classmethod
     def of(cls, v: Verified, tg: dict, slo: SLO, base_cost: float) -> Judged:
@@ -169,7 +178,7 @@ class Judged:
                               and steady_ok(v.summary)),
                    meets_effective=bool(ok(v.summary, tg, slo)),
                    savings_vs_baseline=1.0 - d.cost / base_cost if base_cost else float("nan"),
-                   seed_spread_gpus=spread, seed_band_gpus=(lo, hi))
+                   seed_spread_gpus=spread, seed_band_gpus=(lo, hi), verified_on=v.verified_on, held=v.held)
 
     @property
     def name(self) -> str:

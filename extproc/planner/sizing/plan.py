@@ -25,8 +25,10 @@ Method, one module per step:
 3. With ``--spillover``/``--adaptive``, each split again with the router's
    closed loop on (`closed_loop.py`).
 4. Each design is simulated on the whole trace for every seed and grown until
-   the seed-averaged criterion holds (`verify.py`); the per-seed minimal sizes
-   from the search give ``seed_spread_gpus``.
+   every seed meets (`verify.py`); the per-seed minimal sizes from the search
+   give ``seed_spread_gpus``. Then the cheapest designs of each kind are checked
+   and grown on the horizon traces (`horizon.py`: the trace before --window and
+   its 2-hour tile), so a plan holds when re-simulated over a longer horizon.
 5. A split is recommended only when its saving over the best homogeneous
    design exceeds the seed spread plus the search tolerance (`recommend.py`).
 
@@ -49,6 +51,7 @@ from .recommend import Recommendation, recommend
 from .slo import SLO, targets
 from .space import AUTO_B_SHORT, Baseline, Space, check_tiers
 from .traffic import SEARCH_WINDOW_S, SplitTraffic, route_splits, search_trace
+from .horizon import hold
 from .verify import verify as verify_designs
 from .workers import ThroughputJob, Workers, throughput
 
@@ -72,6 +75,7 @@ class PlanResult:
     recommendation: Recommendation
     sized: tuple = ()  # every SLO-sized candidate pool: (Owner, SizedPool)
     pruned: tuple = ()  # single-pool candidates screened out (`presize.Pruned`)
+    horizon: tuple = field(default=(), compare=False, repr=False)  # the final check's traces (`horizon.hold`)
 
 
 def _pick(sized: list[SizedPool], owners: list[Owner], owner: Owner) -> SizedPool | None:
@@ -197,10 +201,13 @@ def plan(trace: Trace, model: str = "llama-3-70b", baseline: Baseline | None = N
          router: str = "oracle", balancer: str = DEFAULT_BALANCER, seeds: int = SEEDS,
          search_window: float = SEARCH_WINDOW_S, workers: int | None = None,
          noise_p90: float = 0.10, price: float | None = None, progress: bool = False,
-         verify: bool = True, tiers=None, spillover: bool = False, adaptive: bool = False) -> PlanResult:
+         verify: bool = True, tiers=None, spillover: bool = False, adaptive: bool = False,
+         horizon: tuple = ()) -> PlanResult:
     """Size and compare the designs (module doc). ``tiers`` (context lengths,
     e.g. (8192, 32768, 131072)) adds an N-tier design; ``spillover`` /
-    ``adaptive`` add each split design again with the router's closed loop on."""
+    ``adaptive`` add each split design again with the router's closed loop on;
+    ``horizon``: the traces the cheapest designs must also hold on
+    (`horizon.horizons`; empty: no final check)."""
     log = (lambda m: print(m, file=sys.stderr, flush=True)) if progress else None
     inp = _inputs(model, baseline or Baseline(), slo or SLO(), space or Space(), router, balancer, seeds,
                   noise_p90, price, trace)
@@ -219,9 +226,10 @@ def plan(trace: Trace, model: str = "llama-3-70b", baseline: Baseline | None = N
         if log:
             log(f"verifying {len(designs)} designs x {len(inp.ctx.seeds)} seeds on {len(trace):,} requests")
         verified = verify_designs(ex, trace, designs, inp.ctx, router, noise_p90, log if verify else None)
+        verified = hold(ex, trace, tuple(horizon), verified, inp.ctx, router, noise_p90, log if verify else None)
     finally:
         ex.close()
     base_cost = verified[0].design.cost
     judged = tuple(Judged.of(v, inp.ctx.tg, inp.ctx.slo, base_cost) for v in verified)
     return PlanResult(trace, search, inp, tuple(splits), tiers, closed_loop, n_cands, judged, recommend(list(judged)),
-                      all_sized, pruned)
+                      all_sized, pruned, tuple(horizon))

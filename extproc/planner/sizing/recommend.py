@@ -64,8 +64,9 @@ def _split_or_not(best_s: Judged, best_h: Judged) -> tuple[Judged, float, str]:
 def recommend(designs: list[Judged]) -> Recommendation:
     """The cheapest design meeting the (effective) targets; a split only when it
     beats the best homogeneous design by more than seed spread + tolerance.
-    designs[0] is the baseline."""
-    good = [d for d in designs if d.meets_effective and d.feasible]
+    designs[0] is the baseline. With a final horizon (`horizon.hold`) only
+    designs that hold on it count."""
+    good = [d for d in designs if d.meets_effective and d.feasible and d.held is not False]
     best_h = min((d for d in good if d.kind == "homogeneous"), key=lambda d: d.usd_per_hour, default=None)
     best_s = min((d for d in good if d.kind == "split"), key=lambda d: (d.usd_per_hour, d.preempt_per_1k),
                  default=None)
