@@ -46,7 +46,8 @@ from ..sim.balancers import DEFAULT_BALANCER
 from ..sim.traces import Trace
 from .closed_loop import closed_loop_designs
 from .design import Design, Inputs, Judged, SizedPool, SizingContext
-from .presize import SECOND_WAVE_ROLES, Owner, candidates, challengers, rate, screen, size_all, sizing_jobs
+from .presize import (SECOND_WAVE_ROLES, SECOND_WAVE_SPLITS, Owner, candidates, challengers, rate, screen, size_all,
+                      sizing_jobs)
 from .recommend import Recommendation, recommend
 from .slo import SLO, targets
 from .space import AUTO_B_SHORT, Baseline, Space, check_tiers
@@ -142,9 +143,27 @@ def _designs(ex: Workers, inp: Inputs, trace: Trace, search: Trace, splits, clos
     return designs, len(cands), tuple(zip(owners, sized)), tuple(pruned)
 
 
+def _second_wave_role(g: Owner, best: dict, sized, owners) -> bool:
+    """Whether the second wave screens role g: the single pool, and each tier
+    of the SECOND_WAVE_SPLITS cheapest splits after the first wave (those with
+    every tier meeting first)."""
+    if g.split is None:
+        return g.role in SECOND_WAVE_ROLES
+    if "split" not in SECOND_WAVE_ROLES and g.role not in SECOND_WAVE_ROLES:
+        return False
+    tiers: dict = {}
+    for p, o in zip(sized, owners):
+        if o.split is not None:
+            tiers.setdefault(o.split, {}).setdefault(o.role, []).append(p)
+    def key(k):
+        pools = [min(ps, key=lambda p: (not p.feasible, p.cost)) for ps in tiers[k].values()]
+        return (not all(p.feasible for p in pools), sum(p.cost for p in pools))
+    return g.split in sorted(tiers, key=key)[:SECOND_WAVE_SPLITS]
+
+
 def _second_wave(ex: Workers, inp: Inputs, cands, mus, sized, owners, n_search: int, log) -> tuple[list, list]:
     """([(owner, more sized pools)], the pruned): per role of
-    `presize.SECOND_WAVE_ROLES` (the single pool), every step budget and threshold not sized yet
+    `presize.SECOND_WAVE_ROLES` (the single pool and the cheapest splits' tiers), every step budget and threshold not sized yet
     (`presize.challengers`, cheapest estimate first), one per role and worker
     at a time, screened against the best pool sized for the role so far
     (`presize.screen`); those that beat it are sized and lower the bar."""
@@ -157,7 +176,7 @@ def _second_wave(ex: Workers, inp: Inputs, cands, mus, sized, owners, n_search: 
         cfgs.setdefault(g, []).append(p.cfg)
         if p.feasible:
             best[g] = min(best.get(g, p.cost), p.cost)
-    queues = {g: challengers(cands, mus, g, cfgs[g]) for g in best if g.role in SECOND_WAVE_ROLES}
+    queues = {g: challengers(cands, mus, g, cfgs[g]) for g in best if _second_wave_role(g, best, sized, owners)}
     more, pruned = [], []
     while any(queues.values()):
         items = []

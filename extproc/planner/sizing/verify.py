@@ -27,26 +27,36 @@ def per_seed_figures(sums: list[dict], seeds, tg: dict, slo) -> tuple:
                  for s, x in zip(seeds, sums))
 
 
+def missing_pools(d: Design, summary: dict, ctx: SizingContext) -> list[int]:
+    """The pools of d that miss the targets (or steady state) on their own."""
+    out = []
+    for k, p in enumerate(d.pools):
+        ps = summary["pools"][p.name]
+        st = summary.get("steady", {}).get("pools", {}).get(p.name)
+        if not ok({"fleet": ps, "classes": ps["classes"], **({"steady": st} if st else {})}, ctx.tg, ctx.slo):
+            out.append(k)
+    return out
+
+
 def grow_missing(d: Design, summary: dict, ctx: SizingContext, log, growth: float = VERIFY_GROWTH,
                  where: str = "the whole trace") -> Design | None:
     """The design with every pool that misses the targets on its own grown by
     `growth` (at least one instance); None when no single pool misses."""
     grown = d
-    for k, p in enumerate(d.pools):
-        ps = summary["pools"][p.name]
+    for k in missing_pools(d, summary, ctx):
+        p = d.pools[k]
         st = summary.get("steady", {}).get("pools", {}).get(p.name)
-        if not ok({"fleet": ps, "classes": ps["classes"], **({"steady": st} if st else {})}, ctx.tg, ctx.slo):
-            new = max(p.count + 1, math.ceil(p.count * (1 + growth)))
-            if log:
-                why = "" if st is None or st["ok"] else f" (steady state: utilization {st['utilization']:.2f}, queue grows {st['grows']})"
-                log(f"  verify {d.name}: pool {p.name} misses on {where} on some seed{why}; {p.count} -> {new}")
-            grown = grown.with_count(k, new)
+        new = max(p.count + 1, math.ceil(p.count * (1 + growth)))
+        if log:
+            why = "" if st is None or st["ok"] else f" (steady state: utilization {st['utilization']:.2f}, queue grows {st['grows']})"
+            log(f"  verify {d.name}: pool {p.name} misses on {where} on some seed{why}; {p.count} -> {new}")
+        grown = grown.with_count(k, new)
     return grown if grown is not d else None
 
 
 def verify(ex: Workers, trace: Trace | tuple, designs: list[Design], ctx: SizingContext, router: str,
            noise_p90: float, log, growth: float = VERIFY_GROWTH, rounds: int = VERIFY_ROUNDS,
-           where: str = "the whole trace") -> list[Verified]:
+           where: str = "the whole trace", caches: list | None = None) -> list[Verified]:
     """Simulate every design on the whole trace (or on each of a tuple of
     traces, `horizon.py`) for every seed (in parallel); grow the pools that
     miss their class targets on any seed (and trace) by `growth` until every
@@ -58,7 +68,8 @@ def verify(ex: Workers, trace: Trace | tuple, designs: list[Design], ctx: Sizing
     out: list[Verified | None] = [None] * len(designs)
     todo = [i for i, d in enumerate(designs) if not d.pinned]
     pinned = [i for i, d in enumerate(designs) if d.pinned]
-    caches: list[dict] = [{} for _ in traces]  # one cache per trace (`workers.EvalKey`)
+    if caches is None:
+        caches = [{} for _ in traces]  # one cache per trace (`workers.EvalKey`)
     n = len(ctx.seeds)
     for rnd in range(rounds + 1):
         batch = todo + (pinned if rnd == 0 else [])
