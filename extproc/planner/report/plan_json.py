@@ -42,7 +42,7 @@ def design_json(j: Judged) -> dict:
         "per_seed": list(j.per_seed),
         # the traces it was simulated on, the plan's first, then the final horizon's (`sizing.horizon`)
         "verified_on": list(j.verified_on),
-        "held": j.held,
+        "horizon": j.horizon,
         "alpha": d.alpha, "rho": d.rho,
         "closed_form_savings": d.closed_form,
         "summary": j.summary,
@@ -112,7 +112,8 @@ def matrix_json(plans: list[dict]) -> dict:
     from ..sim.balancers import REALISTIC_BALANCERS
     out = dict(plans[0])
     designs = [d for p in plans for d in p["designs"]]
-    ok = [d for d in designs if d["meets_effective"] and d["feasible"] and d.get("held") is not False]
+    ok = [d for d in designs if d["meets_effective"] and d["feasible"]
+          and d.get("horizon", "off") in ("off", "held")]
     singles = [d for d in ok if d["kind"] == "homogeneous" and d["balancer"] in REALISTIC_BALANCERS]
     best_h = min(singles, key=lambda d: d["usd_per_hour"], default=None)
     # the cheapest meeting split, fewer preemptions first at equal cost (as `recommend`)

@@ -19,11 +19,13 @@ split), cheapest first, until the next design's size on the plan's trace is
 no lower than the cheapest design of its kind that holds (a horizon only ever
 grows a design, so its size on the plan's trace is a lower bound). Each
 design says what it was verified on (`verified_on`) and whether it holds
-(`held`); the recommendation takes only designs that hold.
+(`horizon`: "held", "missed" or "not checked"); the recommendation takes only
+designs that hold.
 """
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 from typing import NamedTuple
 
 import numpy as np
@@ -34,7 +36,7 @@ from .bisect import SIZE_TOLERANCE
 from .design import Design, SizingContext, Verified
 from .slo import ok
 from .steady import steady_ok, worst
-from .verify import missing_pools, verify
+from .verify import missing_pools, per_seed_figures, verify
 from .workers import Workers
 
 #: The longer horizon a plan is checked on: the trace tiled to 2 hours. The
@@ -177,11 +179,11 @@ def hold(ex: Workers, trace: Trace, extra: tuple, verified: list[Verified], ctx:
          noise_p90: float, log) -> list[Verified]:
     """The verified designs (module doc) with the cheapest of each kind
     checked and grown on the horizon traces `extra` (`Horizon`s); each has `verified_on`
-    (the plan's trace first) and `held`."""
+    (the plan's trace first) and `horizon` ("held", "missed", "not checked")."""
     out = [planned_on(v, trace, ctx) for v in verified]
     if not extra:
         return out
-    out = [Verified(v.design, v.summary, v.per_seed, v.runs, v.verified_on, False) for v in out]
+    out = [replace(v, horizon="not checked") for v in out]
     roles = tuple(h.role for h in extra)
     extra = tuple(h.trace for h in extra)
     caches: list = [{} for _ in range(len(extra) + 1)]  # the plan's trace and each horizon's
@@ -203,7 +205,10 @@ def hold(ex: Workers, trace: Trace, extra: tuple, verified: list[Verified], ctx:
                        for t, r, role in zip((trace,) + extra, h.runs, ("planned",) + roles))
             if h.design != v.design:
                 on = (dict(on[0], grown_from_gpus=v.design.gpus),) + on[1:]
-            out[i] = Verified(h.design, h.summary, h.per_seed, h.runs, on, bool(good))
+            # its summary and per-seed figures are the plan's trace's (what plan.json's counts describe);
+            # the horizon's P99s are in verified_on, its verdict in `horizon`
+            out[i] = Verified(h.design, worst(list(h.runs[0])), per_seed_figures(h.runs[0], ctx.seeds, ctx.tg, ctx.slo),
+                              h.runs, on, "held" if good else "missed")
             if log:
                 log(f"horizon: {v.design.name} {'holds' if good else 'does NOT hold'} at {h.design.gpus} GPUs"
                     + (f" (grown from {v.design.gpus})" if h.design != v.design else ""))

@@ -66,7 +66,7 @@ def recommend(designs: list[Judged]) -> Recommendation:
     beats the best homogeneous design by more than seed spread + tolerance.
     designs[0] is the baseline. With a final horizon (`horizon.hold`) only
     designs that hold on it count."""
-    good = [d for d in designs if d.meets_effective and d.feasible and d.held is not False]
+    good = [d for d in designs if d.recommendable]
     best_h = min((d for d in good if d.kind == "homogeneous"), key=lambda d: d.usd_per_hour, default=None)
     best_s = min((d for d in good if d.kind == "split"), key=lambda d: (d.usd_per_hour, d.preempt_per_1k),
                  default=None)
