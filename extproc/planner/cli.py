@@ -224,8 +224,10 @@ def _slo_realism(args, tr, res, baseline, slo, space) -> dict:
     bounded re-plans (targets x2, short-TTFT sweep, identical-config split)."""
     from .sizing.slo_sweep import realism
     # under --balancer realistic the re-plans use the recommended design's
-    # balancer and are compared with that balancer's own designs only
-    bal = res["recommendation"].get("balancer") or args.balancer
+    # balancer (the default one when nothing meets) and are compared with that
+    # balancer's own designs only
+    bal = res["recommendation"].get("balancer") or (DEFAULT_BALANCER if args.balancer == "realistic"
+                                                    else args.balancer)
 
     def replan(slo, b_shorts, pinned=False):
         sp = (Space((baseline.gpu,), (baseline.tp,), (baseline.max_num_seqs,), (baseline.max_num_batched_tokens,))
@@ -234,7 +236,7 @@ def _slo_realism(args, tr, res, baseline, slo, space) -> dict:
                               args.search_window, args.workers, args.noise_p90, args.price_per_gpu_hour, False,
                               verify=False))
     log = None if args.no_progress else (lambda m: print(m, file=sys.stderr, flush=True))
-    return realism(balancer_view(res, res["recommendation"].get("balancer")), slo, replan,
+    return realism(balancer_view(res, bal), slo, replan,
                    sweep=args.slo_sweep, log=log)
 
 

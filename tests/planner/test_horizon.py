@@ -130,3 +130,34 @@ def test_second_wave_screens_the_cheapest_splits_tiers(monkeypatch, n_splits):
     waved = {x.owner.split for x in res.pruned if x.owner.split is not None}
     waved |= {o.split for o, p in res.sized if o.split is not None and p is not first[o.split].get(o.role)}
     assert waved and waved <= cheapest
+
+
+def test_simulate_seed_is_the_plans_seed():
+    """`simulate --deployment --seed N` runs the trace as the plan's seed N
+    sees it (`traces.perturb`), not only another balancer draw."""
+    from extproc.planner.simulate import simulate_deployment
+    from extproc.planner.sim.fleet import FleetSpec, PoolSpec, simulate
+    from extproc.planner.sim.hardware import make_config
+    from extproc.planner.sim.metrics import summarize
+    from extproc.planner.sim.traces import perturb
+    cfg = make_config("a100", "llama-3-70b", 32768, 4).validate()
+    dep = {"design": "d", "pools": [{"name": "all", "instances": 2, "config": cfg.to_json()}],
+           "balancer": "round-robin"}
+    tr = synthetic(300, 2.0, 3000, 100, seed=4, max_total=30000, name="s")
+    got = [simulate_deployment(dep, tr, seed)[0]["classes"]["short"]["ttft_p99_ms"] for seed in (0, 1)]
+    spec = FleetSpec((PoolSpec("all", cfg, 2),), balancer="round-robin")
+    want = [summarize(simulate(perturb(tr, seed), spec, seed=seed), 8192)["classes"]["short"]["ttft_p99_ms"]
+            for seed in (0, 1)]
+    assert got == want and got[0] != got[1]  # round-robin draws nothing: only the trace differs
+
+
+def test_a_split_that_costs_the_same_says_so():
+    """No "-0.0% more" in the verdict."""
+    from types import SimpleNamespace as NS
+    from extproc.planner.sizing.recommend import _split_or_not
+    s = NS(name="split-8192", usd_per_hour=100.0, seed_spread_gpus=0, gpus=40)
+    h = NS(name="homogeneous-best", usd_per_hour=100.0, seed_spread_gpus=0, gpus=40)
+    d, _, why = _split_or_not(s, h)
+    assert d is h and "-0.0%" not in why and "as much as" in why
+    d, _, why = _split_or_not(NS(**{**s.__dict__, "usd_per_hour": 110.0}), h)
+    assert "10.0% more than" in why

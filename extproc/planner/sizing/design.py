@@ -41,28 +41,16 @@ class Inputs:
 
 
 @dataclass(frozen=True)
-class JobKey:
-    """Identity of a sizing job: the same requests on the same config are sized once."""
-
-    traffic: str  # "all" (the whole search window) or "<split>/<pool>"
-    cfg: InstanceConfig
-
-
-@dataclass(frozen=True)
 class SizingJob:
     """Find the smallest count of `cfg` serving `trace` within the targets."""
 
     pool: str  # the name the sized pool gets ("all", "short", "tier1", "long")
-    traffic: str  # JobKey.traffic
+    traffic: str  # "all" (the whole search window) or "<split>/<pool>"
     cfg: InstanceConfig
     mu: float  # analytic throughput of one instance (req/s): the search starts at rate / mu
     trace: Trace = field(compare=False, repr=False)
     start: int = 0  # a count known to meet on every seed (`presize.screen`): the search starts there
     seeded: tuple = field(default=(), compare=False, repr=False)  # ((count, seed), summary) runs already made
-
-    @property
-    def key(self) -> JobKey:
-        return JobKey(self.traffic, self.cfg)
 
 
 @dataclass(frozen=True)

@@ -73,7 +73,7 @@ class Candidate:
     role: str  # "baseline", "homogeneous", a tier's pool name, or "rho" (closed form only)
     split: int | None  # index into the splits, None for single pools
     cfg: InstanceConfig
-    traffic: str  # JobKey.traffic
+    traffic: str  # SizingJob.traffic
     trace: Trace = field(compare=False, repr=False)
 
 
