@@ -113,7 +113,7 @@ def test_step_up_stops_within_the_search_resolution(tmp_path):
     assert v.verified_on == () and len(v.runs) == 2 and all(len(r) == 2 for r in v.runs)
 
 
-@pytest.mark.parametrize("n_splits", [1, 2])
+@pytest.mark.parametrize("n_splits", [1, 3])
 def test_second_wave_screens_the_cheapest_splits_tiers(monkeypatch, n_splits):
     """The split tiers of the SECOND_WAVE_SPLITS cheapest splits after the
     first wave, and only those, are screened (sized or pruned) in the second wave."""
@@ -130,6 +130,19 @@ def test_second_wave_screens_the_cheapest_splits_tiers(monkeypatch, n_splits):
     waved = {x.owner.split for x in res.pruned if x.owner.split is not None}
     waved |= {o.split for o, p in res.sized if o.split is not None and p is not first[o.split].get(o.role)}
     assert waved and waved <= cheapest
+    # a tier's challenger must make its split the cheapest split (`plan._bar`), not only beat its tier:
+    # the bar of a split that is not the cheapest is below its tier's own best
+    top = min(cost, key=cost.get)
+    stricter = 0
+    for x in res.pruned:
+        if x.owner.split is not None:
+            own = first[x.owner.split][x.owner.role].cost
+            assert x.best_cost <= own + 1e-9
+            if cost[x.owner.split][1] > cost[top][1] + 1e-9:
+                others = cost[x.owner.split][1] - own
+                assert x.best_cost <= max(0.0, cost[top][1] - others) + 1e-9 < own
+                stricter += 1
+    assert stricter or n_splits == 1, "no split dearer than the cheapest was screened: the test would test nothing"
 
 
 def test_simulate_seed_is_the_plans_seed():

@@ -37,6 +37,7 @@ typed (`PlanResult`); `report.plan_json` writes it as plan.json.
 """
 from __future__ import annotations
 
+import math
 import os
 import sys
 from dataclasses import dataclass, field, replace
@@ -161,11 +162,30 @@ def _second_wave_role(g: Owner, best: dict, sized, owners) -> bool:
     return g.split in sorted(tiers, key=key)[:SECOND_WAVE_SPLITS]
 
 
+def _bar(g: Owner, best: dict, groups) -> float:
+    """The cost a second-wave challenger for role g must beat (by the search's
+    resolution, `presize.screen_count`): the best pool of its role; for a
+    split's tier also the cost that would make its split cheaper than the
+    cheapest split so far (the split's other tiers at their best), since only
+    the cheapest meeting split reaches the verdict. A split with a tier that
+    meets nowhere keeps its role's bar."""
+    if g.split is None:
+        return best[g]
+    totals: dict = {}
+    for o in groups:  # every sized tier of every split
+        if o.split is not None:
+            totals[o.split] = totals.get(o.split, 0.0) + best.get(o, float("inf"))
+    if math.isinf(totals[g.split]):
+        return best[g]
+    return max(0.0, min(best[g], min(totals.values()) - (totals[g.split] - best[g])))
+
+
 def _second_wave(ex: Workers, inp: Inputs, cands, mus, sized, owners, n_search: int, log) -> tuple[list, list]:
     """([(owner, more sized pools)], the pruned): per role of
     `presize.SECOND_WAVE_ROLES` (the single pool and the cheapest splits' tiers), every step budget and threshold not sized yet
     (`presize.challengers`, cheapest estimate first), one per role and worker
-    at a time, screened against the best pool sized for the role so far
+    at a time, screened against the best pool sized for the role so far (a
+    split's tier: against what makes its split the cheapest, `_bar`)
     (`presize.screen`); those that beat it are sized and lower the bar."""
     def group(o: Owner) -> Owner:
         return Owner("homogeneous") if o.role == "baseline" else o
@@ -182,7 +202,7 @@ def _second_wave(ex: Workers, inp: Inputs, cands, mus, sized, owners, n_search: 
         items = []
         for g, q in queues.items():
             take, queues[g] = q[:ex.workers], q[ex.workers:]
-            items += [(g, j, best[g]) for j in take]
+            items += [(g, j, _bar(g, best, cfgs)) for j in take]
         keep, out = screen(ex, items, inp.ctx)
         pruned += out
         if keep:
