@@ -120,16 +120,19 @@ def test_second_wave_screens_the_cheapest_splits_tiers(monkeypatch, n_splits):
     from extproc.planner.sizing import plan as P
     monkeypatch.setattr(P, "SECOND_WAVE_SPLITS", n_splits)
     tr = synthetic(400, 3, 2500, 200, seed=5, max_total=60000, name="small")
-    res = P.plan(tr, b_shorts=[4096, 8192, 16384], workers=1, verify=False)
+    # 65536: every request is short, so that split is the single pool (its tier gets the whole traffic)
+    res = P.plan(tr, b_shorts=[4096, 8192, 16384, 65536], workers=1, verify=False)
+    assert int(tr.total.max()) <= 65536 and [sp.b for sp in res.splits][3] == 65536
     first = {}
     for o, p in res.sized:
-        if o.split is not None:
+        if o.split is not None and o.split != 3:
             first.setdefault(o.split, {}).setdefault(o.role, p)  # the first wave's pool of each tier comes first
     cost = {k: (not all(p.feasible for p in t.values()), sum(p.cost for p in t.values())) for k, t in first.items()}
     cheapest = set(sorted(cost, key=cost.get)[:n_splits])
     waved = {x.owner.split for x in res.pruned if x.owner.split is not None}
-    waved |= {o.split for o, p in res.sized if o.split is not None and p is not first[o.split].get(o.role)}
-    assert waved and waved <= cheapest
+    waved |= {o.split for o, p in res.sized if o.split is not None and p is not first.get(o.split, {}).get(o.role, p)}
+    assert [o.role for o, _ in res.sized if o.split == 3] == ["short"]  # its one pool, sized once, never waved
+    assert waved and waved <= cheapest and 3 not in waved
     # a tier's challenger must make its split the cheapest split (`plan._bar`), not only beat its tier:
     # the bar of a split that is not the cheapest is below its tier's own best
     top = min(cost, key=cost.get)

@@ -144,17 +144,20 @@ def _designs(ex: Workers, inp: Inputs, trace: Trace, search: Trace, splits, clos
     return designs, len(cands), tuple(zip(owners, sized)), tuple(pruned)
 
 
-def _second_wave_role(g: Owner, best: dict, sized, owners) -> bool:
+def _second_wave_role(g: Owner, best: dict, sized, owners, whole: set) -> bool:
     """Whether the second wave screens role g: the single pool, and each tier
     of the SECOND_WAVE_SPLITS cheapest splits after the first wave (those with
-    every tier meeting first)."""
+    every tier meeting first). A split with a tier that gets every request
+    (`whole`: its split indices) is the single pool under another
+    max_model_len, whose step budgets and thresholds the single pool's own
+    second wave tries: it is left out."""
     if g.split is None:
         return g.role in SECOND_WAVE_ROLES
-    if "split" not in SECOND_WAVE_ROLES and g.role not in SECOND_WAVE_ROLES:
+    if "split" not in SECOND_WAVE_ROLES and g.role not in SECOND_WAVE_ROLES or g.split in whole:
         return False
     tiers: dict = {}
     for p, o in zip(sized, owners):
-        if o.split is not None:
+        if o.split is not None and o.split not in whole:
             tiers.setdefault(o.split, {}).setdefault(o.role, []).append(p)
     def key(k):
         pools = [min(ps, key=lambda p: (not p.feasible, p.cost)) for ps in tiers[k].values()]
@@ -196,7 +199,9 @@ def _second_wave(ex: Workers, inp: Inputs, cands, mus, sized, owners, n_search: 
         cfgs.setdefault(g, []).append(p.cfg)
         if p.feasible:
             best[g] = min(best.get(g, p.cost), p.cost)
-    queues = {g: challengers(cands, mus, g, cfgs[g]) for g in best if _second_wave_role(g, best, sized, owners)}
+    whole = {c.split for c in cands if c.split is not None and c.role != "rho" and len(c.trace) == n_search}
+    queues = {g: challengers(cands, mus, g, cfgs[g]) for g in best
+              if _second_wave_role(g, best, sized, owners, whole)}
     more, pruned = [], []
     while any(queues.values()):
         items = []
