@@ -142,7 +142,8 @@ def step_up(ex: Workers, traces: tuple, d: Design, ctx: SizingContext, router: s
             lo[k] = c
             cur = cur.with_count(k, max(c + 1, math.ceil(c * (1 + f))))
         if log:
-            log(f"  horizon {d.name}: {', '.join(f'{cur.pools[k].name} {lo[k]} -> {cur.pools[k].count}' for k in miss)}")
+            grew = ", ".join(f"{cur.pools[k].name} {lo[k]} -> {cur.pools[k].count}" for k in miss)
+            log(f"  horizon {d.name}: {grew}")
         f *= 2
         v = run(cur)
     if not ok(v.summary, ctx.tg, ctx.slo):

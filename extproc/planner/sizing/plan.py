@@ -185,7 +185,8 @@ def _bar(g: Owner, best: dict, groups) -> float:
 
 def _second_wave(ex: Workers, inp: Inputs, cands, mus, sized, owners, n_search: int, log) -> tuple[list, list]:
     """([(owner, more sized pools)], the pruned): per role of
-    `presize.SECOND_WAVE_ROLES` (the single pool and the cheapest splits' tiers), every step budget and threshold not sized yet
+    `presize.SECOND_WAVE_ROLES` (the single pool and the cheapest splits'
+    tiers, `_second_wave_role`), every step budget and threshold not sized yet
     (`presize.challengers`, cheapest estimate first), one per role and worker
     at a time, screened against the best pool sized for the role so far (a
     split's tier: against what makes its split the cheapest, `_bar`)
