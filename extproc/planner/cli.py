@@ -16,6 +16,7 @@ from .sim.traces import TraceError, cover, load_trace, scale_rate, tile, window
 from .sizing.plan import SEARCH_WINDOW_S, SEEDS, plan
 from .sizing.slo import (CLASS_BOUNDARY, SLO, SLO_PREEMPT_PER_1K, SLO_TPOT_P99_MS, SLO_TTFT_P99_MS,
                          parse_classes)
+from .sizing.horizon import VERIFY_HORIZON_S, horizons
 from .sizing.steady import p99_horizon_s
 from .sizing.space import AUTO_B_SHORT, SEARCH_MBTS, SEARCH_SEQS, Space, parse_baseline, tier_names
 
@@ -54,7 +55,8 @@ def _horizon(args, tr, ttft_ms) -> tuple:
     return tr, note
 
 
-def _load(args):
+def _load(args, whole: bool = False):
+    """The trace as the options shape it; ``whole``: (it before --window, it)."""
     tr = load_trace(args.trace, args.format, rate=args.rate, seed=args.seed, columns=args.columns)
     if tr.report and tr.report.bad:
         print(tr.report.summary(), file=sys.stderr)
@@ -62,15 +64,16 @@ def _load(args):
         tr = scale_rate(tr, args.rate)
     if args.duration:
         tr = tile(tr, args.duration)
+    full = tr
     if args.window:
         a, b = (float(x) for x in args.window.split(":"))
         tr = window(tr, a, b)
-    return tr
+    return (full, tr) if whole else tr
 
 
 def cmd_plan(args) -> int:
     try:
-        tr = _load(args)
+        full, tr = _load(args, whole=True)
         bs = None if args.b_short == "auto" else [int(x) for x in args.b_short.split(",") if x.strip()]
         baseline = parse_baseline(args.baseline, gpu=args.gpu)
         if args.tp and baseline.tp is None:
@@ -87,11 +90,17 @@ def cmd_plan(args) -> int:
             if g not in GPUS:
                 raise ConfigError(f"--search-gpus {g!r}: known {', '.join(GPUS)}")
         tr, _ = _horizon(args, tr, slo.ttft_ms)
+        extra = horizons(full, tr, args.verify_horizon)
+        if extra and not args.no_progress:
+            print("final check: the cheapest designs must also hold on "
+                  + " and ".join(f"the {h.role} trace ({len(h.trace):,} requests, {h.trace.duration:.0f} s)"
+                                 for h in extra),
+                  file=sys.stderr)
         bals = REALISTIC_BALANCERS if args.balancer == "realistic" else (args.balancer,)
         runs = [plan_json(plan(tr, args.model, baseline, slo, bs, space, args.router, b, args.seeds,
                                args.search_window, args.workers, args.noise_p90, args.price_per_gpu_hour,
                                not args.no_progress, tiers=_ints(args.tiers, "--tiers") if args.tiers else None,
-                               spillover=args.spillover, adaptive=args.adaptive)) for b in bals]
+                               spillover=args.spillover, adaptive=args.adaptive, horizon=extra)) for b in bals]
         res = matrix_json(runs) if len(runs) > 1 else runs[0]
         res["slo_realism"] = _slo_realism(args, tr, res, baseline, slo, space)
     except (TraceError, ConfigError, ValueError) as e:
@@ -215,8 +224,10 @@ def _slo_realism(args, tr, res, baseline, slo, space) -> dict:
     bounded re-plans (targets x2, short-TTFT sweep, identical-config split)."""
     from .sizing.slo_sweep import realism
     # under --balancer realistic the re-plans use the recommended design's
-    # balancer and are compared with that balancer's own designs only
-    bal = res["recommendation"].get("balancer") or args.balancer
+    # balancer (the default one when nothing meets) and are compared with that
+    # balancer's own designs only
+    bal = res["recommendation"].get("balancer") or (DEFAULT_BALANCER if args.balancer == "realistic"
+                                                    else args.balancer)
 
     def replan(slo, b_shorts, pinned=False):
         sp = (Space((baseline.gpu,), (baseline.tp,), (baseline.max_num_seqs,), (baseline.max_num_batched_tokens,))
@@ -225,7 +236,7 @@ def _slo_realism(args, tr, res, baseline, slo, space) -> dict:
                               args.search_window, args.workers, args.noise_p90, args.price_per_gpu_hour, False,
                               verify=False))
     log = None if args.no_progress else (lambda m: print(m, file=sys.stderr, flush=True))
-    return realism(balancer_view(res, res["recommendation"].get("balancer")), slo, replan,
+    return realism(balancer_view(res, bal), slo, replan,
                    sweep=args.slo_sweep, log=log)
 
 
@@ -258,6 +269,10 @@ def add_parsers(subparsers) -> None:
     p.add_argument("--seeds", type=int, default=SEEDS, help="seeds per design (arrival jitter, sampling)")
     p.add_argument("--workers", type=int, help="processes (default: every core)")
     p.add_argument("--search-window", type=float, default=SEARCH_WINDOW_S)
+    p.add_argument("--verify-horizon", type=float, default=VERIFY_HORIZON_S, metavar="S",
+                   help="final check: the cheapest designs of each kind must also meet on the whole trace "
+                        "(before --window) and on it tiled to S seconds, grown until they do "
+                        f"(default {VERIFY_HORIZON_S:.0f}; 0: off)")
     p.add_argument("--slo-sweep", action="store_true",
                    help="re-size the best split at targets x2, at a few short TTFT targets and with both pools "
                         "on the baseline's config (isolation vs configuration); one bounded plan per point")

@@ -12,7 +12,7 @@ from .sim.balancers import DEFAULT_BALANCER
 from .sim.fleet import FleetSpec, PoolSpec, SimResult, simulate
 from .sim.hardware import GPUS, MODELS, ConfigError, InstanceConfig, make_config
 from .sim.metrics import CLASSES, summarize
-from .sim.traces import Trace
+from .sim.traces import Trace, perturb
 from .sizing.slo import CLASS_BOUNDARY, SLO_PREEMPT_PER_1K, SLO_TPOT_P99_MS, SLO_TTFT_P99_MS, class_ok
 from .sizing.steady import verdict
 
@@ -90,9 +90,12 @@ def report(dep: dict, tr: Trace, r: SimResult, tg: dict, boundary: int, preempt_
 def simulate_deployment(dep: dict, tr: Trace, seed: int = 0, ttft_ms: dict | None = None,
                         tpot_ms: dict | None = None, router: str | None = None, balancer: str | None = None,
                         notice: str | None = None, progress: bool = False) -> tuple[dict, FleetSpec, SimResult]:
-    """(simulate.json, the fleet, the run) for the deployment on `tr`."""
+    """(simulate.json, the fleet, the run) for the deployment on `tr` as the
+    planner's seed `seed` sees it (`traces.perturb`: seed 0 is the trace as
+    recorded, others jitter arrivals and shuffle within blocks), so seed N
+    here is the plan's seed N."""
     spec = fleet_spec(dep, router, balancer)
-    r = simulate(tr, spec, seed=seed, progress=progress)
+    r = simulate(perturb(tr, seed), spec, seed=seed, progress=progress)
     boundary = int(dep.get("class_boundary") or CLASS_BOUNDARY)
     pre = dep.get("preempt_per_1k")
     pre = SLO_PREEMPT_PER_1K if pre is None or (isinstance(pre, float) and math.isnan(pre)) else float(pre)

@@ -39,7 +39,7 @@ def test_sizing_never_imports_report():
                 assert "report" not in (n.module or ""), f"{p.name} imports {n.module}"
 
 
-@pytest.mark.parametrize("cls", [D.SizingContext, D.JobKey, D.SizingJob, D.SizedPool, D.Design, D.Verified,
+@pytest.mark.parametrize("cls", [D.SizingContext, D.SizingJob, D.SizedPool, D.Design, D.Verified,
                                  D.Judged, D.Inputs])
 def test_design_data_is_frozen(cls):
     assert dataclasses.is_dataclass(cls) and cls.__dataclass_params__.frozen
@@ -53,7 +53,11 @@ def test_cache_keys_are_values():
     tr = synthetic(30, 2, 500, 20, seed=1)
     ja, jb, jc = (EvalJob(tr, s, 0, 8192) for s in (a, b, c))
     assert ja.key == jb.key and hash(ja.key) == hash(jb.key) and ja.key != jc.key
-    assert D.JobKey("all", cfg) == D.JobKey("all", make_config("a100", "llama-3-70b", max_model_len=8192))
+    # the sizing's own key (`presize.size_key`): same requests, same config as a run can tell it
+    from extproc.planner.sizing.presize import size_key
+    ka, kb = (size_key(D.SizingJob("all", "all", c, 1.0, tr)) for c in (cfg, make_config("a100", "llama-3-70b",
+                                                                                          max_model_len=8192)))
+    assert ka == kb and hash(ka) == hash(kb)
     # equal keys share one simulation; a different fleet is simulated
     cache: dict = {}
     ra, rb, rc = evaluate_unique(Workers(1), [ja, jb, jc], cache)

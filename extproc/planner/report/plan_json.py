@@ -40,6 +40,9 @@ def design_json(j: Judged) -> dict:
         "gpu_busy": f["gpu_busy"], "kv_util": f["kv_util"], "prefix_hit_rate": f["prefix_hit_rate"],
         "preemption_cliff_instances": {p.name: p.cliff for p in d.pools},
         "per_seed": list(j.per_seed),
+        # the traces it was simulated on, the plan's first, then the final horizon's (`sizing.horizon`)
+        "verified_on": list(j.verified_on),
+        "horizon": j.horizon,
         "alpha": d.alpha, "rho": d.rho,
         "closed_form_savings": d.closed_form,
         "summary": j.summary,
@@ -80,6 +83,12 @@ def plan_json(res: PlanResult) -> dict:
                    "tiers": list(res.tiers) if res.tiers else None, "closed_loop": sorted(res.closed_loop),
                    "candidates": res.candidates},
         "designs": [{**design_json(j), "balancer": inp.ctx.balancer} for j in res.designs],
+        # the final check (`sizing.horizon`): the traces the cheapest designs of each kind must hold on
+        "horizon": {"traces": [{"role": h.role, "trace": h.trace.name, "requests": len(h.trace),
+                                "duration_s": h.trace.duration} for h in res.horizon],
+                    "rule": ("the cheapest meeting designs of each kind, re-simulated on every seed of each "
+                             "trace and grown until they meet; only designs that hold are recommended")
+                    if res.horizon else "off"},
         "recommendation": recommendation_json(res.recommendation, inp.ctx.balancer),
         # every pool the SLO search sized (not only the ones the designs kept)
         "sized_candidates": [{"role": o.role, "split": o.split, "balancer": inp.ctx.balancer, **pool_json(p)}
@@ -103,7 +112,8 @@ def matrix_json(plans: list[dict]) -> dict:
     from ..sim.balancers import REALISTIC_BALANCERS
     out = dict(plans[0])
     designs = [d for p in plans for d in p["designs"]]
-    ok = [d for d in designs if d["meets_effective"] and d["feasible"]]
+    ok = [d for d in designs if d["meets_effective"] and d["feasible"]
+          and d.get("horizon", "off") in ("off", "held")]
     singles = [d for d in ok if d["kind"] == "homogeneous" and d["balancer"] in REALISTIC_BALANCERS]
     best_h = min(singles, key=lambda d: d["usd_per_hour"], default=None)
     # the cheapest meeting split, fewer preemptions first at equal cost (as `recommend`)

@@ -60,6 +60,7 @@ def print_plan(res: dict) -> None:
         print(f"  {d['name']}" + (f" [{d.get('balancer')}]" if matrix else "") + f": {d['what']}"
               + (f"; alpha {d['alpha']:.3f} rho {d['rho']:.2f} closed form {d['closed_form_savings']:.1%}"
                  if d["kind"] == "split" and d["rho"] == d["rho"] else ""))
+    print_horizon(res)
     print_matrix(res)
     r = res["recommendation"]
     sv = r["savings_vs_baseline"]
@@ -114,6 +115,26 @@ def print_slo_realism(res: dict) -> None:
         d = x["decomposition"]
         print(f"  decomposition: saving vs baseline {_pct_or_dash(d['saving_vs_baseline'])} = isolation "
               f"{_pct_or_dash(d['isolation'])} + pool configuration {_pct_or_dash(d['configuration'])} ({d['how']})")
+
+
+def print_horizon(res: dict) -> None:
+    """The final check (`sizing.horizon`): what each checked design was verified on and how it went."""
+    h = res.get("horizon") or {}
+    if not h.get("traces"):
+        return
+    print("\nfinal check on " + " and ".join(f"the {t['role']} trace ({t['requests']:,} requests, "
+                                             f"{t['duration_s']:.0f} s)" for t in h["traces"])
+          + ", every seed (the cheapest designs of each kind; the others cost at least as much as one that holds):")
+    matrix = bool(res.get("balancer_matrix"))
+    for d in res["designs"]:
+        if d.get("horizon") in ("held", "missed"):
+            planned = d["verified_on"][0]
+            grown = planned.get("grown_from_gpus")
+            p99 = ", ".join(f"{v['role']} short TTFT P99 {_fmt(v['classes']['short']['ttft_p99_ms'])} ms"
+                            for v in d["verified_on"])
+            print(f"  {d['name']}" + (f" [{d.get('balancer')}]" if matrix else "")
+                  + f": {d['horizon']} at {d['gpus']} GPUs" + (f" (grown from {grown})" if grown else "")
+                  + f"; {p99}")
 
 
 def print_matrix(res: dict) -> None:

@@ -5,11 +5,11 @@ from __future__ import annotations
 
 from dataclasses import replace
 
-from ..sim.metrics import average
 from ..sim.traces import Trace
 from .bisect import DOWN, narrow
 from .design import Design, SizingContext
 from .slo import ok
+from .steady import worst
 from .workers import EvalJob, Workers, evaluate_unique
 
 #: Shrink steps (x DOWN each) of the first tier when the router's closed loop
@@ -38,7 +38,7 @@ def closed_loop_designs(ex: Workers, search: Trace, splits: list[Design], ctx: S
                         spillover: bool, adaptive: bool, router: str, noise_p90: float, log) -> list[Design]:
     """Each split design of 2+ pools again with the router's closed loop on,
     as `fleet.loop_hook` runs it: its first tier shrunk while the whole fleet
-    (seed average, search window) meets every class target; `verify` then
+    (every seed, search window) meets every class target; `verify` then
     checks the whole trace and grows any pool that misses."""
     tag = "+".join(k for k, on in (("spillover", spillover), ("adaptive", adaptive)) if on)
     out = []
@@ -51,7 +51,7 @@ def closed_loop_designs(ex: Workers, search: Trace, splits: list[Design], ctx: S
         def meets(n: int, nd=nd) -> bool:  # the fleet, its first tier at n instances
             spec = nd.with_count(0, n).spec(router, noise_p90, ctx.balancer)
             jobs = [EvalJob(search, spec, x, ctx.slo.boundary, ctx.warmup) for x in ctx.seeds]
-            return ok(average(evaluate_unique(ex, jobs, {})), ctx.tg, ctx.slo)
+            return ok(worst(evaluate_unique(ex, jobs, {})), ctx.tg, ctx.slo)
 
         n = _shrink_first(meets, d.pools[0].count)
         if log and n != d.pools[0].count:

@@ -41,28 +41,16 @@ class Inputs:
 
 
 @dataclass(frozen=True)
-class JobKey:
-    """Identity of a sizing job: the same requests on the same config are sized once."""
-
-    traffic: str  # "all" (the whole search window) or "<split>/<pool>"
-    cfg: InstanceConfig
-
-
-@dataclass(frozen=True)
 class SizingJob:
     """Find the smallest count of `cfg` serving `trace` within the targets."""
 
     pool: str  # the name the sized pool gets ("all", "short", "tier1", "long")
-    traffic: str  # JobKey.traffic
+    traffic: str  # "all" (the whole search window) or "<split>/<pool>"
     cfg: InstanceConfig
     mu: float  # analytic throughput of one instance (req/s): the search starts at rate / mu
     trace: Trace = field(compare=False, repr=False)
     start: int = 0  # a count known to meet on every seed (`presize.screen`): the search starts there
     seeded: tuple = field(default=(), compare=False, repr=False)  # ((count, seed), summary) runs already made
-
-    @property
-    def key(self) -> JobKey:
-        return JobKey(self.traffic, self.cfg)
 
 
 @dataclass(frozen=True)
@@ -141,6 +129,13 @@ class Verified:
     design: Design
     summary: dict  # `steady.worst` of the per-seed summaries: it meets only if every seed does
     per_seed: tuple  # per seed: its class P99s and preemptions
+    runs: tuple = field(default=(), compare=False, repr=False)  # per trace verified on: per seed, its summary
+    #: what it was verified on (`horizon.hold`): one entry per trace, the plan's first
+    verified_on: tuple = ()
+    #: the final check (`horizon.hold`): "off" (none asked for), "held" (meets
+    #: on every horizon trace and seed), "missed" (does not, even grown),
+    #: "not checked" (it costs at least as much as a design of its kind that holds)
+    horizon: str = "off"
 
 
 @dataclass(frozen=True)
@@ -157,6 +152,14 @@ class Judged:
     savings_vs_baseline: float
     seed_spread_gpus: int  # GPUs between the per-seed minimal sizes
     seed_band_gpus: tuple  # (lowest, highest) GPUs over the per-seed minimal sizes
+    verified_on: tuple = ()  # `Verified.verified_on`
+    horizon: str = "off"  # `Verified.horizon`: only "off" or "held" may be recommended
+
+    @property
+    def recommendable(self) -> bool:
+        """Meets what it was sized to, every pool's search found a count, and
+        it holds on the final check's horizon when there is one."""
+        return self.meets_effective and self.feasible and self.horizon in ("off", "held")
 
     @classmethod
     def of(cls, v: Verified, tg: dict, slo: SLO, base_cost: float) -> Judged:
@@ -166,10 +169,10 @@ class Judged:
         return cls(d, v.summary, v.per_seed, classes,
                    meets=bool(all(c["meets"] for c in classes.values())
                               and f["preemptions_per_1k"] <= slo.preempt_per_1k
-                              and steady_ok(v.summary)),
-                   meets_effective=bool(ok(v.summary, tg, slo)),
+                              and steady_ok(v.summary) and v.horizon != "missed"),
+                   meets_effective=bool(ok(v.summary, tg, slo) and v.horizon != "missed"),
                    savings_vs_baseline=1.0 - d.cost / base_cost if base_cost else float("nan"),
-                   seed_spread_gpus=spread, seed_band_gpus=(lo, hi))
+                   seed_spread_gpus=spread, seed_band_gpus=(lo, hi), verified_on=v.verified_on, horizon=v.horizon)
 
     @property
     def name(self) -> str:

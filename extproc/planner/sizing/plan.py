@@ -25,8 +25,10 @@ Method, one module per step:
 3. With ``--spillover``/``--adaptive``, each split again with the router's
    closed loop on (`closed_loop.py`).
 4. Each design is simulated on the whole trace for every seed and grown until
-   the seed-averaged criterion holds (`verify.py`); the per-seed minimal sizes
-   from the search give ``seed_spread_gpus``.
+   every seed meets (`verify.py`); the per-seed minimal sizes from the search
+   give ``seed_spread_gpus``. Then the cheapest designs of each kind are checked
+   and grown on the horizon traces (`horizon.py`: the trace before --window and
+   its 2-hour tile), so a plan holds when re-simulated over a longer horizon.
 5. A split is recommended only when its saving over the best homogeneous
    design exceeds the seed spread plus the search tolerance (`recommend.py`).
 
@@ -35,6 +37,7 @@ typed (`PlanResult`); `report.plan_json` writes it as plan.json.
 """
 from __future__ import annotations
 
+import math
 import os
 import sys
 from dataclasses import dataclass, field, replace
@@ -44,11 +47,13 @@ from ..sim.balancers import DEFAULT_BALANCER
 from ..sim.traces import Trace
 from .closed_loop import closed_loop_designs
 from .design import Design, Inputs, Judged, SizedPool, SizingContext
-from .presize import SECOND_WAVE_ROLES, Owner, candidates, challengers, rate, screen, size_all, sizing_jobs
+from .presize import (SECOND_WAVE_ROLES, SECOND_WAVE_SPLITS, Owner, candidates, challengers, rate, screen, size_all,
+                      sizing_jobs)
 from .recommend import Recommendation, recommend
 from .slo import SLO, targets
 from .space import AUTO_B_SHORT, Baseline, Space, check_tiers
 from .traffic import SEARCH_WINDOW_S, SplitTraffic, route_splits, search_trace
+from .horizon import hold
 from .verify import verify as verify_designs
 from .workers import ThroughputJob, Workers, throughput
 
@@ -72,6 +77,7 @@ class PlanResult:
     recommendation: Recommendation
     sized: tuple = ()  # every SLO-sized candidate pool: (Owner, SizedPool)
     pruned: tuple = ()  # single-pool candidates screened out (`presize.Pruned`)
+    horizon: tuple = field(default=(), compare=False, repr=False)  # the final check's traces (`horizon.hold`)
 
 
 def _pick(sized: list[SizedPool], owners: list[Owner], owner: Owner) -> SizedPool | None:
@@ -138,11 +144,52 @@ def _designs(ex: Workers, inp: Inputs, trace: Trace, search: Trace, splits, clos
     return designs, len(cands), tuple(zip(owners, sized)), tuple(pruned)
 
 
+def _second_wave_role(g: Owner, best: dict, sized, owners, whole: set) -> bool:
+    """Whether the second wave screens role g: the single pool, and each tier
+    of the SECOND_WAVE_SPLITS cheapest splits after the first wave (those with
+    every tier meeting first). A split with a tier that gets every request
+    (`whole`: its split indices) is the single pool under another
+    max_model_len, whose step budgets and thresholds the single pool's own
+    second wave tries: it is left out."""
+    if g.split is None:
+        return g.role in SECOND_WAVE_ROLES
+    if "split" not in SECOND_WAVE_ROLES and g.role not in SECOND_WAVE_ROLES or g.split in whole:
+        return False
+    tiers: dict = {}
+    for p, o in zip(sized, owners):
+        if o.split is not None and o.split not in whole:
+            tiers.setdefault(o.split, {}).setdefault(o.role, []).append(p)
+    def key(k):
+        pools = [min(ps, key=lambda p: (not p.feasible, p.cost)) for ps in tiers[k].values()]
+        return (not all(p.feasible for p in pools), sum(p.cost for p in pools))
+    return g.split in sorted(tiers, key=key)[:SECOND_WAVE_SPLITS]
+
+
+def _bar(g: Owner, best: dict, groups) -> float:
+    """The cost a second-wave challenger for role g must beat (by the search's
+    resolution, `presize.screen_count`): the best pool of its role; for a
+    split's tier also the cost that would make its split cheaper than the
+    cheapest split so far (the split's other tiers at their best), since only
+    the cheapest meeting split reaches the verdict. A split with a tier that
+    meets nowhere keeps its role's bar."""
+    if g.split is None:
+        return best[g]
+    totals: dict = {}
+    for o in groups:  # every sized tier of every split
+        if o.split is not None:
+            totals[o.split] = totals.get(o.split, 0.0) + best.get(o, float("inf"))
+    if math.isinf(totals[g.split]):
+        return best[g]
+    return max(0.0, min(best[g], min(totals.values()) - (totals[g.split] - best[g])))
+
+
 def _second_wave(ex: Workers, inp: Inputs, cands, mus, sized, owners, n_search: int, log) -> tuple[list, list]:
     """([(owner, more sized pools)], the pruned): per role of
-    `presize.SECOND_WAVE_ROLES` (the single pool), every step budget and threshold not sized yet
+    `presize.SECOND_WAVE_ROLES` (the single pool and the cheapest splits'
+    tiers, `_second_wave_role`), every step budget and threshold not sized yet
     (`presize.challengers`, cheapest estimate first), one per role and worker
-    at a time, screened against the best pool sized for the role so far
+    at a time, screened against the best pool sized for the role so far (a
+    split's tier: against what makes its split the cheapest, `_bar`)
     (`presize.screen`); those that beat it are sized and lower the bar."""
     def group(o: Owner) -> Owner:
         return Owner("homogeneous") if o.role == "baseline" else o
@@ -153,13 +200,15 @@ def _second_wave(ex: Workers, inp: Inputs, cands, mus, sized, owners, n_search: 
         cfgs.setdefault(g, []).append(p.cfg)
         if p.feasible:
             best[g] = min(best.get(g, p.cost), p.cost)
-    queues = {g: challengers(cands, mus, g, cfgs[g]) for g in best if g.role in SECOND_WAVE_ROLES}
+    whole = {c.split for c in cands if c.split is not None and c.role != "rho" and len(c.trace) == n_search}
+    queues = {g: challengers(cands, mus, g, cfgs[g]) for g in best
+              if _second_wave_role(g, best, sized, owners, whole)}
     more, pruned = [], []
     while any(queues.values()):
         items = []
         for g, q in queues.items():
             take, queues[g] = q[:ex.workers], q[ex.workers:]
-            items += [(g, j, best[g]) for j in take]
+            items += [(g, j, _bar(g, best, cfgs)) for j in take]
         keep, out = screen(ex, items, inp.ctx)
         pruned += out
         if keep:
@@ -197,10 +246,13 @@ def plan(trace: Trace, model: str = "llama-3-70b", baseline: Baseline | None = N
          router: str = "oracle", balancer: str = DEFAULT_BALANCER, seeds: int = SEEDS,
          search_window: float = SEARCH_WINDOW_S, workers: int | None = None,
          noise_p90: float = 0.10, price: float | None = None, progress: bool = False,
-         verify: bool = True, tiers=None, spillover: bool = False, adaptive: bool = False) -> PlanResult:
+         verify: bool = True, tiers=None, spillover: bool = False, adaptive: bool = False,
+         horizon: tuple = ()) -> PlanResult:
     """Size and compare the designs (module doc). ``tiers`` (context lengths,
     e.g. (8192, 32768, 131072)) adds an N-tier design; ``spillover`` /
-    ``adaptive`` add each split design again with the router's closed loop on."""
+    ``adaptive`` add each split design again with the router's closed loop on;
+    ``horizon``: the traces the cheapest designs must also hold on
+    (`horizon.horizons`; empty: no final check)."""
     log = (lambda m: print(m, file=sys.stderr, flush=True)) if progress else None
     inp = _inputs(model, baseline or Baseline(), slo or SLO(), space or Space(), router, balancer, seeds,
                   noise_p90, price, trace)
@@ -219,9 +271,10 @@ def plan(trace: Trace, model: str = "llama-3-70b", baseline: Baseline | None = N
         if log:
             log(f"verifying {len(designs)} designs x {len(inp.ctx.seeds)} seeds on {len(trace):,} requests")
         verified = verify_designs(ex, trace, designs, inp.ctx, router, noise_p90, log if verify else None)
+        verified = hold(ex, trace, tuple(horizon), verified, inp.ctx, router, noise_p90, log if verify else None)
     finally:
         ex.close()
     base_cost = verified[0].design.cost
     judged = tuple(Judged.of(v, inp.ctx.tg, inp.ctx.slo, base_cost) for v in verified)
     return PlanResult(trace, search, inp, tuple(splits), tiers, closed_loop, n_cands, judged, recommend(list(judged)),
-                      all_sized, pruned)
+                      all_sized, pruned, tuple(horizon))

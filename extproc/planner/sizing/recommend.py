@@ -55,7 +55,8 @@ def _split_or_not(best_s: Judged, best_h: Judged) -> tuple[Judged, float, str]:
                                 f"({best_h.name}) at equal per-class SLOs, {margin:.1%} above seed spread "
                                 f"+ search tolerance ({noise:.1%})")
     if saving <= 0:
-        return best_h, margin, (f"the best split ({best_s.name}) costs {-saving:.1%} more than {best_h.name} "
+        more = "as much as" if abs(saving) < 5e-4 else f"{-saving:.1%} more than"
+        return best_h, margin, (f"the best split ({best_s.name}) costs {more} {best_h.name} "
                                 f"at equal per-class SLOs: keep one pool")
     return best_h, margin, (f"the best split ({best_s.name}) saves {saving:.1%} over {best_h.name}, within "
                             f"seed spread + search tolerance ({noise:.1%}): keep one pool")
@@ -64,8 +65,9 @@ def _split_or_not(best_s: Judged, best_h: Judged) -> tuple[Judged, float, str]:
 def recommend(designs: list[Judged]) -> Recommendation:
     """The cheapest design meeting the (effective) targets; a split only when it
     beats the best homogeneous design by more than seed spread + tolerance.
-    designs[0] is the baseline."""
-    good = [d for d in designs if d.meets_effective and d.feasible]
+    designs[0] is the baseline. With a final horizon (`horizon.hold`) only
+    designs that hold on it count."""
+    good = [d for d in designs if d.recommendable]
     best_h = min((d for d in good if d.kind == "homogeneous"), key=lambda d: d.usd_per_hour, default=None)
     best_s = min((d for d in good if d.kind == "split"), key=lambda d: (d.usd_per_hour, d.preempt_per_1k),
                  default=None)

@@ -159,15 +159,30 @@ def evaluate_unique(ex: Workers, jobs: list[EvalJob], cache: dict) -> list[dict]
     designs that come out the same (the sized baseline is often the best
     homogeneous pool; a split whose short pool gets every request is that
     pool) share their runs, and a design not grown in a round is not rerun."""
-    todo: dict[tuple, EvalJob] = {}
-    for j in jobs:
-        k = run_key(j)
-        if k not in cache and k not in todo:
-            todo[k] = j
-    for k, r in zip(todo, ex.map(evaluate, list(todo.values()), cost=lambda j: j.spec.instances)):
-        cache[k] = (r, todo[k].spec)
+    return evaluate_many(ex, [(jobs, cache)])[0]
+
+
+def evaluate_many(ex: Workers, groups: list[tuple[list[EvalJob], dict]]) -> list[list[dict]]:
+    """`evaluate_unique` for several (jobs, cache) groups -- one per trace, each
+    trace with its own cache (`EvalKey` leaves the trace out) -- in one map over
+    the workers, so the runs on several traces share the cores."""
+    todo: list[dict[tuple, EvalJob]] = []
+    for jobs, cache in groups:
+        t: dict[tuple, EvalJob] = {}
+        for j in jobs:
+            k = run_key(j)
+            if k not in cache and k not in t:
+                t[k] = j
+        todo.append(t)
+    flat = [(g, k, j) for g, t in enumerate(todo) for k, j in t.items()]
+    for (g, k, j), r in zip(flat, ex.map(evaluate, [j for _, _, j in flat],
+                                         cost=lambda j: j.spec.instances * len(j.trace))):
+        groups[g][1][k] = (r, j.spec)
     out = []
-    for j in jobs:
-        r, spec = cache[run_key(j)]
-        out.append(r if spec == j.spec else renamed(r, j.spec))
+    for jobs, cache in groups:
+        res = []
+        for j in jobs:
+            r, spec = cache[run_key(j)]
+            res.append(r if spec == j.spec else renamed(r, j.spec))
+        out.append(res)
     return out
