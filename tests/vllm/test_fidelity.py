@@ -53,6 +53,6 @@ def test_simulator_tracks_a_real_vllm_server(fidelity_server):
     real, sim = c["real"], c["sim"]
     assert real["requests"] == sim["requests"] == REQUESTS, (real, sim)
     ratios = {m: sim[m] / real[m] for m in F.METRICS}
-    print(f"\n[fidelity] load {c['load_at_replay']['load1']:.1f}; sim/real {ratios}")
+    print(f"\n[fidelity] load {c['load']['at_replay']['load1']:.1f}; sim/real {ratios}")
     bad = {m: round(r, 2) for m, r in ratios.items() if not BAND[0] <= r <= BAND[1]}
     assert not bad, f"sim/real outside {BAND}: {bad}; real {real}; sim {sim}; profile {c['calibration']}"

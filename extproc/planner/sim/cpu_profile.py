@@ -32,8 +32,9 @@ Pure: the fit is a function of the measured samples (no I/O, no clock).
 """
 from __future__ import annotations
 
+import bisect
 import itertools
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -106,13 +107,75 @@ CPU_MODELS: dict[str, Model] = {"tiny-qwen2": TINY_QWEN2}
 SHAPE_CACHE = 32
 
 
+@dataclass(frozen=True, eq=False)
+class HostShare:
+    """A neighbour instance on the same host: while it computes, this
+    instance's steps take ``1 + slowdown`` times as long.
+
+    Two vLLM CPU servers on one small machine share more than their bound
+    worker cores: each server's engine core and API server are unbound and
+    busy-wait (vLLM 0.32's shared-memory queue spins ``sched_yield`` for 1 s
+    after each message), so when both servers compute, each one's scheduler,
+    output processing and streaming queue behind the other's worker. The
+    slowdown is measured (``extproc.tools.fidelity``: each server timed alone
+    and again while its neighbour serves its own share of the trace), not
+    fitted to a replay. ``neighbour_busy``: the neighbour's compute intervals
+    (sorted, disjoint), from a simulation of it; ``log``: this instance's steps
+    (start, end), appended by ``Instance`` so the caller can iterate the pair
+    to a fixed point (``fidelity.sim_times``). One ``HostShare`` per instance."""
+
+    slowdown: float
+    neighbour_busy: tuple = ()
+    log: list = field(default_factory=list)
+
+    def __post_init__(self):
+        if self.slowdown < 0:
+            raise ValueError("a neighbour cannot make steps faster")
+        iv = sorted(self.neighbour_busy)
+        starts, ends, cum, acc = [], [], [0.0], 0.0
+        for a, b in iv:
+            if starts and a < ends[-1]:
+                raise ValueError("neighbour_busy intervals overlap")
+            starts.append(a)
+            ends.append(b)
+            acc += b - a
+            cum.append(acc)
+        object.__setattr__(self, "_iv", (starts, ends, cum))
+
+    def _busy_before(self, t: float) -> float:
+        starts, ends, cum = self._iv
+        i = bisect.bisect_right(starts, t) - 1
+        if i < 0:
+            return 0.0
+        return cum[i] + min(t, ends[i]) - starts[i]
+
+    def factor(self, t: float, dt: float) -> float:
+        """Step-time multiplier of a step that would take ``dt`` alone from
+        ``t``: 1 + slowdown x the share of [t, t + dt] the neighbour computes."""
+        if dt <= 0 or not self.slowdown:
+            return 1.0
+        return 1.0 + self.slowdown * (self._busy_before(t + dt) - self._busy_before(t)) / dt
+
+    def busy_intervals(self, gap: float = 1e-9) -> tuple:
+        """This instance's logged steps merged into compute intervals."""
+        out: list = []
+        for a, b in sorted(self.log):
+            if out and a <= out[-1][1] + gap:
+                out[-1][1] = max(out[-1][1], b)
+            else:
+                out.append([a, b])
+        return tuple((a, b) for a, b in out)
+
+
 @dataclass(frozen=True)
 class CPUInstanceConfig(InstanceConfig):
     """A vLLM CPU server: KV cache given in tokens (``--kv-cache-memory-bytes``),
-    step time from a measured profile."""
+    step time from a measured profile; ``host_share``: a neighbour on the same
+    host (None: the instance has its host to itself)."""
 
     profile: CPUProfile | None = None
     kv_cache_tokens: int = 0
+    host_share: HostShare | None = None
 
     @property
     def kv_bytes_total(self) -> float:

@@ -124,6 +124,9 @@ class Instance:
         sc = getattr(cfg, "shape_cache", None)
         self._shape_n, self._shape_s = sc if sc else (0, 0.0)
         self._shapes: OrderedDict[int, None] | None = OrderedDict() if sc else None
+        # A neighbour on the same host (cpu_profile.HostShare, CPU configs only):
+        # every step is timed on its own (no decode-run jumps) and logged.
+        self._host = getattr(cfg, "host_share", None)
         self.bs = cfg.block_size
         self.total_blocks = cfg.num_blocks
         self.free = self.total_blocks
@@ -316,7 +319,7 @@ class Instance:
         return p
 
     def _plan_now(self):
-        if self.prefilling or not self.nD or self._admissible():
+        if self.prefilling or not self.nD or self._admissible() or self._host is not None:
             return None
         if self._shapes is not None and self.nD not in self._shapes:
             return None  # its first step builds the shape: a detailed step
@@ -517,6 +520,9 @@ class Instance:
         dt = self._f(tokens) + (a if a > k else k)
         if self._shapes is not None:  # CPU profiles only: a GPU config compiles no shapes
             dt += self._shape_cost(tokens)
+        if self._host is not None:  # a neighbour computing on the same host slows the step
+            dt *= self._host.factor(self.t, dt)
+            self._host.log.append((self.t, self.t + dt))
         used = self.total_blocks - self.free
         self.kv_int += used * dt
         self.busy += dt
