@@ -94,7 +94,7 @@ class Server:
     max_num_seqs: int
     kv_tokens: int
     lpt: int = 0
-    cpus: str = "0"  # VLLM_CPU_OMP_THREADS_BIND: the core its worker computes on
+    cpus: str = "0"  # the core of all its processes (sched_setaffinity) and its worker's OMP thread
 
     def pool(self, port: int) -> V.VLLMPool:
         return V.VLLMPool("127.0.0.1", port, self.max_model_len, self.max_num_seqs, self.kv_tokens,
@@ -113,16 +113,21 @@ class Design:
     b_short: int | None = None
 
 
-#: The designs. The split's two workers compute on different cores (a fleet's
-#: servers do not share hardware); the single servers use core 0 alone. Each
-#: server is three processes (API server, engine core, worker); only the
-#: worker is bound. Confining a whole server to one core (taskset) was tried
-#: on 2026-12-05: decode steps doubled (22 vs 11 ms) and the replay's
-#: streaming then competes with the worker in a way timings alone do not show
-#: (single threshold-off TTFT P90 sim/real 0.60, TPOT P90 0.63). The split's
-#: servers therefore still share the machine's two cores through their
-#: unbound processes, which the simulator (independent instances) does not
-#: model.
+#: The designs, in one placement: every server is wholly on one core (all
+#: three processes -- API server, engine core, worker -- by sched_setaffinity,
+#: and the worker's OMP thread by VLLM_CPU_OMP_THREADS_BIND), as a fleet's
+#: instance has its own hardware: the single servers on core 0, the split's
+#: short server on core 0 and long server on core 1; the replay client is not
+#: bound. Binding only the worker (until 2026-12-06) let each server's engine
+#: core and API server run on the other core: free for a single server, but
+#: in the split the two servers' unbound processes (which busy-wait: vLLM's
+#: shared-memory queue spins 1 s after each message) fought both workers
+#: for the two cores, and the split's replay ran 2-10x slower than its
+#: servers timed alone (docs/planner.md, "The simulator against the real
+#: engine"). Confined, a server times the same alone as before (decode 10-11
+#: ms a step) and the split's servers meet only through what the host shares
+#: (caches, memory bandwidth, the client), which the neighbour timings
+#: measure (cpu_profile.HostShare).
 DESIGNS = (
     Design("single-lpt-off", (Server("single", SINGLE_LEN, SINGLE_SEQS, SINGLE_KV),)),
     Design("single-lpt-on", (Server("single", SINGLE_LEN, SINGLE_SEQS, SINGLE_KV, LPT_ON),)),
@@ -587,8 +592,12 @@ class Running:
         for k, v in V.env().items():
             if v is None:
                 env.pop(k, None)
+        cpus = {int(c) for c in server.cpus.split(",")}
+
+        def pin():  # in the child before exec: the API server, engine core and worker inherit it
+            os.sched_setaffinity(0, cpus)
         p = subprocess.Popen(server.pool(port).argv(V.model_dir()), stdout=log, stderr=subprocess.STDOUT,
-                             stdin=subprocess.DEVNULL, env=env, start_new_session=True)
+                             stdin=subprocess.DEVNULL, env=env, start_new_session=True, preexec_fn=pin)
         log.close()
         self.procs.append(p)
         return p
@@ -691,13 +700,13 @@ async def run_design(design: Design, ports: list[int], tr: Trace | None, base: T
     server_of = route(tr, design)
     load0, ticks0 = load_note(), cpu_ticks(sessions)
     log(f"[{design.name}] replaying {len(tr)} requests over {tr.duration:.0f} s (load {load0['load1']:.1f})")
-    t_start = time.monotonic()
+    t_start, cpu_start = time.monotonic(), time.process_time()
 
     def progress(done, n):
         if done % 50 == 0 or done == n:
             log(f"  {done}/{n} done, {time.monotonic() - t_start:.0f} s")
     ttft, e2e, late = await replay(tr, server_of, ports, rng, progress)
-    wall = time.monotonic() - t_start
+    wall, client_cpu = time.monotonic() - t_start, time.process_time() - cpu_start
     foreign = foreign_share(ticks0, cpu_ticks(sessions))
     real = latency(ttft, e2e, tr.output)
     # The load moves: the servers are timed again after the replay and the
@@ -730,7 +739,7 @@ async def run_design(design: Design, ports: list[int], tr: Trace | None, base: T
             "load": {"before": load_before, "at_replay": load0, "after": load_after,
                      "foreign_cpu_share_replay": foreign, "foreign_cpu_share_design": foreign_all,
                      "quiet": quiet},
-            "replay_wall_s": wall,
+            "replay_wall_s": wall, "replay_client_cpu_s": client_cpu,
             "per_request": {k: [None if not np.isfinite(x) else round(float(x), 5) for x in a]
                             for k, a in (("real_ttft_s", ttft), ("real_e2e_s", e2e),
                                          ("sim_ttft_s", sim_ttft), ("sim_e2e_s", sim_e2e))}}

@@ -45,16 +45,17 @@ def test_fit_recovers_the_terms_it_was_made_from():
 
 
 def test_fit_keeps_every_term_non_negative():
-    feats = [CP.prefill_features(n, 512) for n in (32, 512, 1024, 3072)] + [CP.decode_features(1, 64, 32)]
-    secs = [0.02, 0.02, 0.021, 0.019, 0.03]  # flat: no per-token or context cost visible
+    feats = [CP.prefill_features(n, 512) for n in (32, 512, 1024, 3072)]
+    feats += [CP.decode_features(1, 64, 32), CP.decode_features(8, 64, 32)]
+    secs = [0.02, 0.02, 0.021, 0.019, 0.03, 0.028]  # flat: no per-token or context cost visible
     got = CP.fit(feats, secs)
     assert min(getattr(got, k) for k in CP.TERMS) >= 0.0
     with pytest.raises(ValueError):
         CP.fit(feats[:3], secs[:3])
 
 
-def test_fit_recovers_the_new_shape_cost_from_never_run_sizes():
-    prof = CP.CPUProfile(0.008, 20e-6, 25e-9, 0.009, new_shape_s=0.012)
+def test_fit_recovers_the_new_shape_and_per_sequence_costs():
+    prof = CP.CPUProfile(0.008, 20e-6, 25e-9, 0.009, new_shape_s=0.012, per_seq_s=0.0004)
     feats = [CP.prefill_features(n, 512) for n in (32, 512, 1024, 3072, 7680)]
     feats += [CP.decode_features(b, 64, 32) for b in (1, 4, 8)]
     feats += [CP.prefill_features(n, 512, new_shapes=1) for n in (130, 390)]
@@ -143,3 +144,27 @@ def test_the_fidelity_trace(traces_dir):
     ia = np.diff(tr.arrival)
     assert ia.std() / ia.mean() > 1.5  # bursts (Poisson has CV 1)
     assert (F.route(tr, F.DESIGNS[2]) == 1).sum() >= 20  # the split's long server gets real work
+
+
+def test_every_request_scheduled_in_a_step_pays_the_per_sequence_cost():
+    """A decode batch of b pays per_seq_s b times a step (the fit's decode
+    feature); a step of the threshold-on design with two partial prefills
+    pays it twice."""
+    seq = 0.0005
+    prof = CP.CPUProfile(0.008, 20e-6, 25e-9, 0.009, per_seq_s=seq)
+    c = CP.cpu_config("tiny-qwen2", 8192, profile=prof, kv_tokens=32768, max_num_seqs=8,
+                      enable_prefix_caching=False, max_num_batched_tokens=512)
+    b, p, o = 8, 64, 32
+    r = run(c, [0.0] * b, [p] * b, [o] * b)
+    tpot = (r.finish - r.first_token) / (o - 1)
+    assert np.allclose(tpot, CP.predict(prof, CP.decode_features(b, p, o)), rtol=0.01)
+    r0 = run(cfg(), [0.0] * b, [p] * b, [o] * b)  # the same profile without the term
+    assert np.allclose(tpot - (r0.finish - r0.first_token) / (o - 1), b * seq, rtol=0.01)
+    lone = run(c, [0.0], [2048], [1]).first_token[0]
+    assert lone == pytest.approx(CP.predict(prof, CP.prefill_features(2048, 512)) - prof.request_overhead_s)
+    two = run(CP.cpu_config("tiny-qwen2", 8192, profile=prof, kv_tokens=32768, max_num_seqs=8,
+                            enable_prefix_caching=False, max_num_batched_tokens=512,
+                            long_prefill_token_threshold=128), [0.0, 0.0], [1024, 1024], [1, 1])
+    two0 = run(cfg(long_prefill_token_threshold=128), [0.0, 0.0], [1024, 1024], [1, 1])
+    # both prompts prefill side by side in chunks of 128: 8 steps of two requests each
+    assert two.first_token[1] - two0.first_token[1] == pytest.approx(8 * 2 * seq, rel=1e-6)

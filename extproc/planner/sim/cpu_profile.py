@@ -11,6 +11,11 @@ fidelity``) with four terms:
 * ``per_ctx_s``        -- each (query token, attended context token) pair:
   a decode token over a context of L adds L, a prefill chunk of x tokens
   after c computed tokens adds x*c + x*x/2 (the instance model's ``attn_ctx``).
+* ``per_seq_s``        -- each request scheduled in the step (decode or
+  prefill chunk): its input preparation, sampling, and the engine core's and
+  API server's per-request output processing and streaming. Decode batches
+  time it (a batch of 8 costs more than 8 tokens of GEMM); a step of the
+  threshold-on design carries several partial prefills and pays it for each.
 * ``request_overhead_s`` -- per request, outside the engine: HTTP, the
   OpenAI server's input processing and output streaming. It shifts every
   request's TTFT by a constant (a constant delay on every arrival leaves the
@@ -26,7 +31,9 @@ fidelity``) with four terms:
 
 A profile maps onto ``hardware.StepCoeffs`` exactly: ``per_token`` = per-token
 cost, no GEMM term, ``inv_attn_flops`` 1 s per unit with ``attn_flops_per_ctx``
-= per-pair cost and no memory term, so ``Instance`` runs it unchanged.
+= per-pair cost and no memory term, so ``Instance`` runs it unchanged; the
+per-sequence and new-shape terms are read by ``Instance`` from the config
+(``CPUInstanceConfig.per_seq_s``, ``shape_cache``): GPU configs have neither.
 
 Pure: the fit is a function of the measured samples (no I/O, no clock).
 """
@@ -69,10 +76,11 @@ class CPUProfile:
     per_ctx_s: float
     request_overhead_s: float
     new_shape_s: float = 0.0
+    per_seq_s: float = 0.0
     source: str = ""
 
-    def step_time(self, tokens: int, attn_ctx: float) -> float:
-        return self.step_overhead_s + self.per_token_s * tokens + self.per_ctx_s * attn_ctx
+    def step_time(self, tokens: int, attn_ctx: float, seqs: int = 1) -> float:
+        return self.step_overhead_s + self.per_token_s * tokens + self.per_ctx_s * attn_ctx + self.per_seq_s * seqs
 
     def coeffs(self, model: Model) -> StepCoeffs:
         """The profile as the instance model's step coefficients (no memory term)."""
@@ -84,7 +92,7 @@ class CPUProfile:
     def to_json(self) -> dict:
         return {"step_overhead_ms": 1e3 * self.step_overhead_s, "per_token_us": 1e6 * self.per_token_s,
                 "per_ctx_ns": 1e9 * self.per_ctx_s, "request_overhead_ms": 1e3 * self.request_overhead_s,
-                "new_shape_ms": 1e3 * self.new_shape_s}
+                "new_shape_ms": 1e3 * self.new_shape_s, "per_seq_ms": 1e3 * self.per_seq_s}
 
 
 #: Profiles by model key. Measured by ``make fidelity`` on 2026-12-05 on the
@@ -185,6 +193,11 @@ class CPUInstanceConfig(InstanceConfig):
         return self.profile.coeffs(self.model)
 
     @property
+    def per_seq_s(self) -> float:
+        """Step time per request scheduled in the step, read by ``Instance``."""
+        return self.profile.per_seq_s
+
+    @property
     def shape_cache(self) -> tuple[int, float] | None:
         """(LRU size, seconds per step at a new batch token count), read by
         ``Instance``; GPU configs have none (CUDA graphs / cuBLAS pay no
@@ -219,7 +232,8 @@ def cpu_config(model: str, max_model_len: int | None = None, profile: CPUProfile
 # --- fitting ---------------------------------------------------------------------
 
 def prefill_features(prompt: int, mbt: int, new_shapes: int = 0) -> tuple[float, ...]:
-    """(requests, steps, tokens, attention pairs, steps at a new token count) of
+    """(requests, steps, tokens, attention pairs, steps at a new token count,
+    requests scheduled summed over the steps) of
     one request prefilled alone in chunks of ``mbt`` tokens (vLLM V1 chunked
     prefill; a lone request takes the whole budget even with a long-prefill
     threshold); ``new_shapes``: how many of its steps ran a row count the
@@ -230,22 +244,22 @@ def prefill_features(prompt: int, mbt: int, new_shapes: int = 0) -> tuple[float,
         pairs += x * done + x * x * 0.5
         done += x
         steps += 1
-    return 1.0, float(steps), float(prompt), pairs, float(new_shapes)
+    return 1.0, float(steps), float(prompt), pairs, float(new_shapes), float(steps)
 
 
 def decode_features(batch: int, prompt: int, output: int) -> tuple[float, ...]:
     """The mean decode step of ``batch`` requests of ``prompt`` tokens decoding
     ``output`` tokens together (what their TPOT measures)."""
-    return 0.0, 1.0, float(batch), batch * (prompt + output / 2.0), 0.0
+    return 0.0, 1.0, float(batch), batch * (prompt + output / 2.0), 0.0, float(batch)
 
 
 #: Names of the fitted terms, in feature order.
-TERMS = ("request_overhead_s", "step_overhead_s", "per_token_s", "per_ctx_s", "new_shape_s")
+TERMS = ("request_overhead_s", "step_overhead_s", "per_token_s", "per_ctx_s", "new_shape_s", "per_seq_s")
 
 
 def fit(features: list[tuple[float, ...]], seconds: list[float], source: str = "") -> CPUProfile:
     """Least squares in relative error with every term >= 0 (all subsets of the
-    terms are solved; the best non-negative one wins: exact for 5 terms)."""
+    terms are solved; the best non-negative one wins: exact for 6 terms)."""
     X = np.asarray(features, dtype=np.float64)
     y = np.asarray(seconds, dtype=np.float64)
     if X.ndim != 2 or X.shape[1] != len(TERMS) or len(y) != len(X) or len(y) < len(TERMS):
@@ -266,10 +280,11 @@ def fit(features: list[tuple[float, ...]], seconds: list[float], source: str = "
                 best, best_err = coef, err
     return CPUProfile(request_overhead_s=float(best[0]), step_overhead_s=float(best[1]),
                       per_token_s=float(best[2]), per_ctx_s=float(best[3]), new_shape_s=float(best[4]),
-                      source=source)
+                      per_seq_s=float(best[5]), source=source)
 
 
 def predict(profile: CPUProfile, features: tuple[float, ...]) -> float:
     f = features
     return (profile.request_overhead_s * f[0] + profile.step_overhead_s * f[1]
-            + profile.per_token_s * f[2] + profile.per_ctx_s * f[3] + profile.new_shape_s * f[4])
+            + profile.per_token_s * f[2] + profile.per_ctx_s * f[3] + profile.new_shape_s * f[4]
+            + profile.per_seq_s * f[5])

@@ -127,6 +127,8 @@ class Instance:
         # A neighbour on the same host (cpu_profile.HostShare, CPU configs only):
         # every step is timed on its own (no decode-run jumps) and logged.
         self._host = getattr(cfg, "host_share", None)
+        # Step time per request scheduled in the step (CPU profiles; 0 on GPU configs).
+        self._per_seq = getattr(cfg, "per_seq_s", 0.0)
         self.bs = cfg.block_size
         self.total_blocks = cfg.num_blocks
         self.free = self.total_blocks
@@ -344,7 +346,7 @@ class Instance:
             return None
         S0 = self.sum_off + nD * dc
         # step k of the run: fixed(nD) + max(attention FLOPs, KV reads), both linear in k
-        f = self._f(nD)
+        f = self._f(nD) + self._per_seq * nD
         a1 = f + self.attn * S0 * self.invFa
         b1 = self.attn * nD * self.invFa
         a2 = f + self.kvb * S0 * self.invBa
@@ -517,7 +519,7 @@ class Instance:
             kv_read += s.computed
         a = self.attn * attn_ctx * self.invFa
         k = self.kvb * kv_read * self.invBa
-        dt = self._f(tokens) + (a if a > k else k)
+        dt = self._f(tokens) + (a if a > k else k) + self._per_seq * (nD + len(chunks))
         if self._shapes is not None:  # CPU profiles only: a GPU config compiles no shapes
             dt += self._shape_cost(tokens)
         if self._host is not None:  # a neighbour computing on the same host slows the step
