@@ -177,6 +177,8 @@ HOST_TOL = 0.005
 #: than FOREIGN_CPU_MAX is flagged not quiet, and so is the run.
 START_LOAD_MAX = 1.0
 FOREIGN_CPU_MAX = 0.05
+#: How often --wait-quiet looks at the load (the 1-minute average moves ~8% in 5 s).
+LOAD_POLL_S = 5.0
 
 #: Token ids of the random prompts: inside Qwen's BPE ranks, no special tokens.
 #: Every prompt is fresh, so prefix caching never hits (the simulator runs
@@ -834,6 +836,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--stretch", type=float, default=None,
                     help="factor on the arrival times (default: the first design's, for TARGET_UTILISATION)")
+    ap.add_argument("--wait-quiet", type=float, default=0.0, metavar="S",
+                    help=f"wait up to S seconds for the 1-minute load to fall to {START_LOAD_MAX}")
     ap.add_argument("--allow-load", action="store_true",
                     help=f"run even when the 1-minute load is above {START_LOAD_MAX} (the result is flagged)")
     args = ap.parse_args(argv)
@@ -841,7 +845,9 @@ def main(argv: list[str] | None = None) -> int:
     if missing:
         print(missing, file=sys.stderr)
         return 2
-    load = os.getloadavg()[0]
+    deadline = time.monotonic() + args.wait_quiet
+    while (load := os.getloadavg()[0]) > START_LOAD_MAX and time.monotonic() < deadline:
+        time.sleep(LOAD_POLL_S)
     if load > START_LOAD_MAX and not args.allow_load:
         print(f"the machine is busy (1-minute load {load:.1f} > {START_LOAD_MAX}): timings would measure other "
               "users' jobs; run when it is quiet, or pass --allow-load", file=sys.stderr)
