@@ -9,15 +9,20 @@ fleet + instance) with the same settings, for three designs:
 * ``split``: a short server (2,048 tokens) and a long one (8,192), requests
   routed by their true budget (prompt + max_tokens) at 2,048.
 
-Before each design's replay its servers are timed alone (prefill sizes at
-whole multiples of the step budget, decode batches) and a CPU profile
-(``planner.sim.cpu_profile``) is fitted to those timings: the machine is
-shared and its load moves, so the profile is measured in the same run, next
-to the replay it predicts. The simulator never sees the replay's timings.
+Every server runs wholly on one core (see DESIGNS). Before each design's
+replay its servers are timed alone (prefill sizes at whole multiples of the
+step budget, decode batches) and a CPU profile (``planner.sim.cpu_profile``)
+is fitted to those timings, taken again after the replay: the profile is
+measured in the same run, next to the replay it predicts. The split's
+servers are also timed while the other one computes, which gives each its
+neighbour slowdown (``cpu_profile.HostShare``). The simulator never sees the
+replay's timings.
 
 Writes ``OUT/fidelity.json`` {"configs": [{"name", "real": {...}, "sim":
-{...}, "ratio": {...}, "profile": {...}}], "ranking_agrees", ...} and
-``OUT/fidelity.png``. Traffic goes to 127.0.0.1 only; every request, every
+{...}, "ratio": {...}, "calibration": [...], "neighbour": [...], "load":
+{"before", "after", "foreign_cpu_share_replay", "quiet", ...}}],
+"ranking_agrees", "quiet", ...} and ``OUT/fidelity.png``. A run refuses to
+start on a busy machine (START_LOAD_MAX) unless ``--allow-load``. Traffic goes to 127.0.0.1 only; every request, every
 replay and the whole run are bounded in time, and the request count is fixed.
 
     python -m extproc.tools.fidelity --out out/fidelity
