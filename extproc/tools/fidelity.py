@@ -789,7 +789,9 @@ def plot(doc: dict, path: str) -> None:
     ax.set_title("TTFT CDF per request")
     ax.legend(fontsize=7)
     fig.suptitle(f"Simulator vs real vLLM {V.VLLM_VERSION} CPU, {len(cfgs[0]['per_request']['real_ttft_s'])} requests, "
-                 f"load {doc['load_start']['load1']:.1f} on {doc['load_start']['cpus']} CPUs at start")
+                 f"load {doc['load_start']['load1']:.1f} on {doc['load_start']['cpus']} CPUs at start; other users' "
+                 f"CPU up to {100 * max(c['load']['foreign_cpu_share_design'] for c in cfgs):.0f}% of the machine"
+                 + ("" if doc.get("quiet") else " (NOT QUIET)"))
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
