@@ -157,6 +157,12 @@ DECODE_REPEATS = 4
 #: replay's mixed steps run counts like these; timings at repeated sizes never do.
 COLD_PROMPTS = (128, 384)
 COLD_JITTER = 64
+#: A prompt (one of CALIB_PROMPTS: compiled) sent after the server sat idle
+#: WAKE_GAP_S, longer than vLLM's 1 s of spinning (cpu_profile.IDLE_SPIN_S):
+#: it pays the wake-up (cpu_profile ``wake_s``); WAKE_REPEATS per timing block.
+WAKE_PROMPT = 512
+WAKE_GAP_S = 1.5
+WAKE_REPEATS = 4
 
 #: The split's neighbour slowdown (cpu_profile.HostShare): each server is
 #: timed again at these points while every other server of the design serves
@@ -433,11 +439,12 @@ class Calibration:
     shared_prompts: tuple = SHARED_PROMPTS
     shared_batches: tuple = SHARED_BATCHES
     shared_repeats: int = SHARED_REPEATS
+    wake: int = WAKE_REPEATS
 
     def shared(self) -> "Calibration":
-        """The points timed while the neighbours compute (no warm-up, no new shapes)."""
+        """The points timed while the neighbours compute (no warm-up, new shapes or wake-ups)."""
         return Calibration(prompts=self.shared_prompts, repeats=self.shared_repeats, batches=self.shared_batches,
-                           decode_repeats=max(1, self.shared_repeats // 2), cold=())
+                           decode_repeats=max(1, self.shared_repeats // 2), cold=(), wake=0)
 
 
 async def time_alone(port: int, rng: np.random.Generator, cal: Calibration = Calibration(),
@@ -448,7 +455,8 @@ async def time_alone(port: int, rng: np.random.Generator, cal: Calibration = Cal
     request at a new size is slower); sizes are interleaved across repeats.
     Prompts longer than the server takes (with one output token) are replaced
     by its longest. "cold" prompts run a token count this server has not run
-    (``used``: the counts already drawn for it)."""
+    (``used``: the counts already drawn for it); "wake" ones {tokens: [TTFT s]}
+    follow WAKE_GAP_S of idleness."""
     used = set() if used is None else used
 
     def fresh(center: int) -> int:
@@ -465,7 +473,12 @@ async def time_alone(port: int, rng: np.random.Generator, cal: Calibration = Cal
                                    for _ in range(b)])
     used.update(prompts)
     used.update(cal.batches)
-    out: dict = {"prefill": {}, "decode": {}, "cold": {}}
+    out: dict = {"prefill": {}, "decode": {}, "cold": {}, "wake": {}}
+    for _ in range(cal.wake):
+        await asyncio.sleep(WAKE_GAP_S)
+        n = min(WAKE_PROMPT, max_model_len - 1)
+        t, _, _ = await completion(port, _body(_ids(rng, n), 1))
+        out["wake"].setdefault(n, []).append(t)
     for _ in range(cal.repeats):
         for n in prompts:
             t, _, _ = await completion(port, _body(_ids(rng, n), 1))
@@ -520,10 +533,10 @@ NEIGHBOUR_RAMP_S = 1.0
 
 
 def merge(*timings: dict) -> dict:
-    out: dict = {"prefill": {}, "decode": {}, "cold": {}}
+    out: dict = {"prefill": {}, "decode": {}, "cold": {}, "wake": {}}
     for t in timings:
         for kind in out:
-            for k, v in t[kind].items():
+            for k, v in t.get(kind, {}).items():
                 out[kind].setdefault(k, []).extend(v)
     return out
 
@@ -545,6 +558,10 @@ def fit_profile(timings: dict, source: str) -> tuple[CP.CPUProfile, list]:
         feats.append(CP.prefill_features(n, MBT, new_shapes=1))
         secs.append(float(np.median([t for _, t in v])))
         rows.append({"kind": "new-shape prefill", "tokens": n, "samples": len(v), "median_ms": 1e3 * secs[-1]})
+    for n, v in sorted(timings.get("wake", {}).items()):
+        feats.append(CP.prefill_features(n, MBT, woken=True))
+        secs.append(float(np.median(v)))
+        rows.append({"kind": "woken prefill", "tokens": n, "samples": len(v), "median_ms": 1e3 * secs[-1]})
     prof = CP.fit(feats, secs, source)
     for f, r in zip(feats, rows):
         r["fit_ms"] = 1e3 * CP.predict(prof, f)

@@ -16,6 +16,13 @@ fidelity``) with four terms:
   API server's per-request output processing and streaming. Decode batches
   time it (a batch of 8 costs more than 8 tokens of GEMM); a step of the
   threshold-on design carries several partial prefills and pays it for each.
+* ``wake_s``           -- the first step after the server sat idle for more
+  than IDLE_SPIN_S: vLLM 0.32's engine core and worker busy-wait on their
+  shared-memory queue for 1 s after each message
+  (``shm_broadcast.SpinCondition(busy_loop_s=1)``), then sleep on a socket;
+  waking them costs this (measured: a 300-token prompt 46 ms after a 1.5-3 s
+  gap, 34-36 ms after 0-0.8 s). Calibration back to back never pays it; a
+  replay's requests after a quiet gap do.
 * ``request_overhead_s`` -- per request, outside the engine: HTTP, the
   OpenAI server's input processing and output streaming. It shifts every
   request's TTFT by a constant (a constant delay on every arrival leaves the
@@ -77,6 +84,7 @@ class CPUProfile:
     request_overhead_s: float
     new_shape_s: float = 0.0
     per_seq_s: float = 0.0
+    wake_s: float = 0.0
     source: str = ""
 
     def step_time(self, tokens: int, attn_ctx: float, seqs: int = 1) -> float:
@@ -92,7 +100,8 @@ class CPUProfile:
     def to_json(self) -> dict:
         return {"step_overhead_ms": 1e3 * self.step_overhead_s, "per_token_us": 1e6 * self.per_token_s,
                 "per_ctx_ns": 1e9 * self.per_ctx_s, "request_overhead_ms": 1e3 * self.request_overhead_s,
-                "new_shape_ms": 1e3 * self.new_shape_s, "per_seq_ms": 1e3 * self.per_seq_s}
+                "new_shape_ms": 1e3 * self.new_shape_s, "per_seq_ms": 1e3 * self.per_seq_s,
+                "wake_ms": 1e3 * self.wake_s}
 
 
 #: Profiles by model key. Measured by ``make fidelity`` on 2026-12-05 on the
@@ -113,6 +122,11 @@ CPU_MODELS: dict[str, Model] = {"tiny-qwen2": TINY_QWEN2}
 #: ``primitive_cache_size`` vLLM 0.32 passes for unquantized linear layers on
 #: CPU (model_executor/layers/utils.py ``create_onednn_mm(weight, 32)``).
 SHAPE_CACHE = 32
+
+#: Seconds vLLM 0.32's engine core and worker keep spinning on their
+#: shared-memory queue after a message before they sleep on a socket
+#: (distributed/device_communicators/shm_broadcast.py ``busy_loop_s=1``).
+IDLE_SPIN_S = 1.0
 
 
 @dataclass(frozen=True, eq=False)
@@ -198,6 +212,12 @@ class CPUInstanceConfig(InstanceConfig):
         return self.profile.per_seq_s
 
     @property
+    def idle_wake(self) -> tuple[float, float] | None:
+        """(idle seconds after which the engine sleeps, seconds its first step
+        then pays), read by ``Instance``; GPU configs have none."""
+        return (IDLE_SPIN_S, self.profile.wake_s) if self.profile.wake_s > 0 else None
+
+    @property
     def shape_cache(self) -> tuple[int, float] | None:
         """(LRU size, seconds per step at a new batch token count), read by
         ``Instance``; GPU configs have none (CUDA graphs / cuBLAS pay no
@@ -231,35 +251,36 @@ def cpu_config(model: str, max_model_len: int | None = None, profile: CPUProfile
 
 # --- fitting ---------------------------------------------------------------------
 
-def prefill_features(prompt: int, mbt: int, new_shapes: int = 0) -> tuple[float, ...]:
+def prefill_features(prompt: int, mbt: int, new_shapes: int = 0, woken: bool = False) -> tuple[float, ...]:
     """(requests, steps, tokens, attention pairs, steps at a new token count,
-    requests scheduled summed over the steps) of
+    requests scheduled summed over the steps, 1 if it woke an idle engine) of
     one request prefilled alone in chunks of ``mbt`` tokens (vLLM V1 chunked
     prefill; a lone request takes the whole budget even with a long-prefill
     threshold); ``new_shapes``: how many of its steps ran a row count the
-    engine had not compiled (the caller knows: it chose the sizes)."""
+    engine had not compiled, ``woken``: it arrived after the engine sat idle
+    over IDLE_SPIN_S (the caller knows both: it chose sizes and gaps)."""
     steps, pairs, done = 0, 0.0, 0
     while done < prompt:
         x = min(mbt, prompt - done)
         pairs += x * done + x * x * 0.5
         done += x
         steps += 1
-    return 1.0, float(steps), float(prompt), pairs, float(new_shapes), float(steps)
+    return 1.0, float(steps), float(prompt), pairs, float(new_shapes), float(steps), float(woken)
 
 
 def decode_features(batch: int, prompt: int, output: int) -> tuple[float, ...]:
     """The mean decode step of ``batch`` requests of ``prompt`` tokens decoding
     ``output`` tokens together (what their TPOT measures)."""
-    return 0.0, 1.0, float(batch), batch * (prompt + output / 2.0), 0.0, float(batch)
+    return 0.0, 1.0, float(batch), batch * (prompt + output / 2.0), 0.0, float(batch), 0.0
 
 
 #: Names of the fitted terms, in feature order.
-TERMS = ("request_overhead_s", "step_overhead_s", "per_token_s", "per_ctx_s", "new_shape_s", "per_seq_s")
+TERMS = ("request_overhead_s", "step_overhead_s", "per_token_s", "per_ctx_s", "new_shape_s", "per_seq_s", "wake_s")
 
 
 def fit(features: list[tuple[float, ...]], seconds: list[float], source: str = "") -> CPUProfile:
     """Least squares in relative error with every term >= 0 (all subsets of the
-    terms are solved; the best non-negative one wins: exact for 6 terms)."""
+    terms are solved; the best non-negative one wins: exact for 7 terms)."""
     X = np.asarray(features, dtype=np.float64)
     y = np.asarray(seconds, dtype=np.float64)
     if X.ndim != 2 or X.shape[1] != len(TERMS) or len(y) != len(X) or len(y) < len(TERMS):
@@ -280,11 +301,11 @@ def fit(features: list[tuple[float, ...]], seconds: list[float], source: str = "
                 best, best_err = coef, err
     return CPUProfile(request_overhead_s=float(best[0]), step_overhead_s=float(best[1]),
                       per_token_s=float(best[2]), per_ctx_s=float(best[3]), new_shape_s=float(best[4]),
-                      per_seq_s=float(best[5]), source=source)
+                      per_seq_s=float(best[5]), wake_s=float(best[6]), source=source)
 
 
 def predict(profile: CPUProfile, features: tuple[float, ...]) -> float:
     f = features
     return (profile.request_overhead_s * f[0] + profile.step_overhead_s * f[1]
             + profile.per_token_s * f[2] + profile.per_ctx_s * f[3] + profile.new_shape_s * f[4]
-            + profile.per_seq_s * f[5])
+            + profile.per_seq_s * f[5] + profile.wake_s * f[6])

@@ -129,6 +129,11 @@ class Instance:
         self._host = getattr(cfg, "host_share", None)
         # Step time per request scheduled in the step (CPU profiles; 0 on GPU configs).
         self._per_seq = getattr(cfg, "per_seq_s", 0.0)
+        # An engine idle over ``_sleep_after`` s sleeps; its next step pays ``_wake_s``
+        # (vLLM's CPU build: cpu_profile.IDLE_SPIN_S; GPU configs: none).
+        iw = getattr(cfg, "idle_wake", None)
+        self._sleep_after, self._wake_s = iw if iw else (INF, 0.0)
+        self._wake = 0.0  # what the next step pays for waking the engine
         self.bs = cfg.block_size
         self.total_blocks = cfg.num_blocks
         self.free = self.total_blocks
@@ -222,6 +227,8 @@ class Instance:
             return
         if self.t < t:
             # Idle (or caught up): the next step starts when the request arrives.
+            if not self.running and not self.waiting and t - self.t > self._sleep_after:
+                self._wake = self._wake_s
             self.t = t
         self.waiting.append(s)
 
@@ -519,7 +526,8 @@ class Instance:
             kv_read += s.computed
         a = self.attn * attn_ctx * self.invFa
         k = self.kvb * kv_read * self.invBa
-        dt = self._f(tokens) + (a if a > k else k) + self._per_seq * (nD + len(chunks))
+        dt = self._f(tokens) + (a if a > k else k) + self._per_seq * (nD + len(chunks)) + self._wake
+        self._wake = 0.0
         if self._shapes is not None:  # CPU profiles only: a GPU config compiles no shapes
             dt += self._shape_cost(tokens)
         if self._host is not None:  # a neighbour computing on the same host slows the step
