@@ -206,6 +206,11 @@ RATIO_BAND = (0.8, 1.25)
 METRICS = ("ttft_p50_ms", "ttft_p90_ms", "tpot_p50_ms", "tpot_p90_ms")
 #: Designs are ranked by this metric (what SLO sizing compares).
 RANK_METRIC = "ttft_p90_ms"
+#: Two designs whose real figures differ by less than this share are a tie
+#: for ``ranking_agrees_beyond_ties`` (reported beside the strict
+#: ``ranking_agrees``, never instead of it): the same server's medians moved
+#: 2-15% between runs 10-25 min apart (/work/shared/notes/real-engine-timing.md).
+RANK_TIE = 0.10
 
 
 def build_trace(data_dir: str = DATA, n: int = N_REQUESTS, arrival_start: int = ARRIVAL_START,
@@ -370,10 +375,22 @@ def compare(configs: list[dict]) -> dict:
     ratios = [r for c in configs for r in c["ratio"].values()]
     return {"configs": configs,
             "ranking_agrees": rank[RANK_METRIC]["real"] == rank[RANK_METRIC]["sim"],
+            "ranking_agrees_beyond_ties": orders_agree(configs, RANK_METRIC, RANK_TIE),
+            "rank_tie": RANK_TIE,
             "ranking_metric": RANK_METRIC, "rankings": rank,
             "ratio_band": list(RATIO_BAND),
             "all_ratios_in_band": all(RATIO_BAND[0] <= r <= RATIO_BAND[1] for r in ratios),
             "ratio_min": min(ratios), "ratio_max": max(ratios)}
+
+
+def orders_agree(configs: list[dict], metric: str, tie: float) -> bool:
+    """Every pair of designs the real run separates by more than ``tie`` (b
+    above a by that share) is in the same order in the simulation."""
+    for a in configs:
+        for b in configs:
+            if b["real"][metric] > (1.0 + tie) * a["real"][metric] and not b["sim"][metric] > a["sim"][metric]:
+                return False
+    return True
 
 
 # --- the shell: servers, HTTP, timing ------------------------------------------
@@ -885,7 +902,8 @@ def main(argv: list[str] | None = None) -> int:
     for c in doc["configs"]:
         print(f"{c['name']:>15}: " + "  ".join(f"{m} {c['real'][m]:.1f}/{c['sim'][m]:.1f} ({c['ratio'][m]:.2f})"
                                                for m in METRICS))
-    print(f"ranking by {doc['ranking_metric']} agrees: {doc['ranking_agrees']}; ratios "
+    print(f"ranking by {doc['ranking_metric']} agrees: {doc['ranking_agrees']} (beyond {100 * RANK_TIE:.0f}% ties: "
+          f"{doc['ranking_agrees_beyond_ties']}); ratios "
           f"{doc['ratio_min']:.2f}-{doc['ratio_max']:.2f} (target {RATIO_BAND[0]}-{RATIO_BAND[1]}); {path}")
     if not doc["quiet"]:
         print("NOT QUIET: other users' processes took more than "

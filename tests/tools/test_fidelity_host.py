@@ -108,3 +108,17 @@ def test_foreign_share_is_what_this_run_did_not_use():
     assert F.foreign_share(t0, t1) == pytest.approx(0.25, abs=0.01)
     snap = F.cpu_ticks(set())
     assert snap[1] >= snap[2] >= 0
+
+
+def test_ranking_beyond_ties_ignores_only_pairs_the_real_run_does_not_separate():
+    def c(name, real, sim):
+        return {"name": name, "real": {"x": real}, "sim": {"x": sim}}
+    near = [c("a", 501.0, 505.0), c("b", 531.0, 484.0), c("s", 288.0, 293.0)]  # a, b 6% apart
+    assert F.orders_agree(near, "x", 0.10)
+    assert not F.orders_agree(near, "x", 0.05)
+    apart = [c("a", 500.0, 505.0), c("b", 800.0, 484.0)]  # 60% apart, the simulation reverses them
+    assert not F.orders_agree(apart, "x", 0.10)
+    m = {"requests": 1, "ttft_p50_ms": 1.0, "ttft_p90_ms": 1.0, "tpot_p50_ms": 1.0, "tpot_p90_ms": 1.0}
+    doc = F.compare([{"name": "a", "real": dict(m), "sim": dict(m)},
+                     {"name": "b", "real": {**m, "ttft_p90_ms": 1.05}, "sim": {**m, "ttft_p90_ms": 0.9}}])
+    assert doc["ranking_agrees"] is False and doc["ranking_agrees_beyond_ties"] is True
