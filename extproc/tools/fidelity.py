@@ -863,7 +863,9 @@ async def main_async(args) -> dict:
     doc["trace"] = {"requests": len(base), "arrivals": f"{ARRIVAL_TRACE}[{ARRIVAL_START}:]",
                     "lengths": f"{LENGTH_TRACE}[{LENGTH_START}:]", "output_cap": OUTPUT_CAP,
                     "prompt_max": int(base.prompt.max()), "prompt_p50": float(np.median(base.prompt)),
-                    "interarrival_cv": float(np.std(np.diff(base.arrival)) / np.mean(np.diff(base.arrival)))}
+                    "interarrival_cv": float(np.std(np.diff(base.arrival)) / np.mean(np.diff(base.arrival))),
+                    "stretch": float(tr.duration / base.duration) if tr is not None and base.duration else None,
+                    "replay_s": float(tr.duration) if tr is not None else None}
     doc["load_end"] = load_note()
     return doc
 
