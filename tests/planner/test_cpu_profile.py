@@ -45,19 +45,22 @@ def test_fit_recovers_the_terms_it_was_made_from():
 
 
 def test_fit_keeps_every_term_non_negative():
-    feats = [CP.prefill_features(n, 512) for n in (32, 512, 1024, 3072)] + [CP.decode_features(1, 64, 32)]
-    secs = [0.02, 0.02, 0.021, 0.019, 0.03]  # flat: no per-token or context cost visible
+    feats = [CP.prefill_features(n, 512) for n in (32, 512, 1024, 3072)]
+    feats += [CP.decode_features(1, 64, 32), CP.decode_features(8, 64, 32)]
+    feats += [CP.prefill_features(512, 512, woken=True)]
+    secs = [0.02, 0.02, 0.021, 0.019, 0.03, 0.028, 0.018]  # flat: no per-token or context cost visible
     got = CP.fit(feats, secs)
     assert min(getattr(got, k) for k in CP.TERMS) >= 0.0
     with pytest.raises(ValueError):
         CP.fit(feats[:3], secs[:3])
 
 
-def test_fit_recovers_the_new_shape_cost_from_never_run_sizes():
-    prof = CP.CPUProfile(0.008, 20e-6, 25e-9, 0.009, new_shape_s=0.012)
+def test_fit_recovers_the_new_shape_per_sequence_and_wake_costs():
+    prof = CP.CPUProfile(0.008, 20e-6, 25e-9, 0.009, new_shape_s=0.012, per_seq_s=0.0004, wake_s=0.01)
     feats = [CP.prefill_features(n, 512) for n in (32, 512, 1024, 3072, 7680)]
     feats += [CP.decode_features(b, 64, 32) for b in (1, 4, 8)]
     feats += [CP.prefill_features(n, 512, new_shapes=1) for n in (130, 390)]
+    feats += [CP.prefill_features(512, 512, woken=True)]
     got = CP.fit(feats, [CP.predict(prof, f) for f in feats])
     for k in CP.TERMS:
         assert getattr(got, k) == pytest.approx(getattr(prof, k), rel=1e-6)
@@ -143,3 +146,45 @@ def test_the_fidelity_trace(traces_dir):
     ia = np.diff(tr.arrival)
     assert ia.std() / ia.mean() > 1.5  # bursts (Poisson has CV 1)
     assert (F.route(tr, F.DESIGNS[2]) == 1).sum() >= 20  # the split's long server gets real work
+
+
+def test_every_request_scheduled_in_a_step_pays_the_per_sequence_cost():
+    """A decode batch of b pays per_seq_s b times a step (the fit's decode
+    feature); a step of the threshold-on design with two partial prefills
+    pays it twice."""
+    seq = 0.0005
+    prof = CP.CPUProfile(0.008, 20e-6, 25e-9, 0.009, per_seq_s=seq)
+    c = CP.cpu_config("tiny-qwen2", 8192, profile=prof, kv_tokens=32768, max_num_seqs=8,
+                      enable_prefix_caching=False, max_num_batched_tokens=512)
+    b, p, o = 8, 64, 32
+    r = run(c, [0.0] * b, [p] * b, [o] * b)
+    tpot = (r.finish - r.first_token) / (o - 1)
+    assert np.allclose(tpot, CP.predict(prof, CP.decode_features(b, p, o)), rtol=0.01)
+    r0 = run(cfg(), [0.0] * b, [p] * b, [o] * b)  # the same profile without the term
+    assert np.allclose(tpot - (r0.finish - r0.first_token) / (o - 1), b * seq, rtol=0.01)
+    lone = run(c, [0.0], [2048], [1]).first_token[0]
+    assert lone == pytest.approx(CP.predict(prof, CP.prefill_features(2048, 512)) - prof.request_overhead_s)
+    two = run(CP.cpu_config("tiny-qwen2", 8192, profile=prof, kv_tokens=32768, max_num_seqs=8,
+                            enable_prefix_caching=False, max_num_batched_tokens=512,
+                            long_prefill_token_threshold=128), [0.0, 0.0], [1024, 1024], [1, 1])
+    two0 = run(cfg(long_prefill_token_threshold=128), [0.0, 0.0], [1024, 1024], [1, 1])
+    # both prompts prefill side by side in chunks of 128: 8 steps of two requests each
+    assert two.first_token[1] - two0.first_token[1] == pytest.approx(8 * 2 * seq, rel=1e-6)
+
+
+def test_a_request_after_an_idle_second_pays_the_wake_cost_once():
+    """vLLM's engine sleeps after IDLE_SPIN_S idle: the first step after pays
+    wake_s; a request arriving sooner, or joining a busy engine, does not."""
+    wake = 0.01
+    prof = CP.CPUProfile(0.008, 20e-6, 25e-9, 0.009, wake_s=wake)
+    c = CP.cpu_config("tiny-qwen2", 8192, profile=prof, kv_tokens=32768, max_num_seqs=8,
+                      enable_prefix_caching=False, max_num_batched_tokens=512)
+    base = run(cfg(), [0.0], [300], [1]).first_token[0]
+    gap = CP.IDLE_SPIN_S
+    r = run(c, [0.0, 0.5 * gap, 2.5 * gap, 2.5 * gap + 0.001], [300, 300, 300, 300], [1, 1, 1, 1])
+    ttft = r.first_token - r.arrival
+    assert ttft[0] == pytest.approx(base) and ttft[1] == pytest.approx(base)  # start, and 0.5 s idle
+    assert ttft[2] == pytest.approx(base + wake)  # after 2.5 s idle
+    assert ttft[3] > ttft[2] - 0.001  # queued behind it, the wake paid once (in the step before its own)
+    assert r.finish[3] - r.arrival[2] == pytest.approx(2 * base + wake, rel=1e-6)
+    assert getattr(make_config("h100", next(iter(MODELS))), "idle_wake", None) is None

@@ -40,19 +40,25 @@ def fidelity_server(tmp_path_factory, tier_clock):
     run = F.Running()
     port = free_ports(1)[0]
     try:
-        run.wait(run.start(SERVER, port, str(tmp_path_factory.mktemp("fidelity"))), port)
-        yield port
+        proc = run.start(SERVER, port, str(tmp_path_factory.mktemp("fidelity")))
+        run.wait(proc, port)
+        yield port, proc.pid
     finally:
         run.stop()
 
 
 def test_simulator_tracks_a_real_vllm_server(fidelity_server):
+    port, session = fidelity_server
     design = F.Design("single-lpt-on", (SERVER,))
-    c = asyncio.run(F.run_design(design, [fidelity_server], None, F.burst_trace(REQUESTS, seed=1),
-                                 np.random.default_rng(1), cal=QUICK))
+    c = asyncio.run(F.run_design(design, [port], None, F.burst_trace(REQUESTS, seed=1),
+                                 np.random.default_rng(1), cal=QUICK, sessions={session}))
     real, sim = c["real"], c["sim"]
     assert real["requests"] == sim["requests"] == REQUESTS, (real, sim)
     ratios = {m: sim[m] / real[m] for m in F.METRICS}
-    print(f"\n[fidelity] load {c['load_at_replay']['load1']:.1f}; sim/real {ratios}")
+    load = c["load"]
+    print(f"\n[fidelity] load {load['at_replay']['load1']:.1f}, other users' CPU "
+          f"{100 * load['foreign_cpu_share_replay']:.0f}% during the replay; sim/real {ratios}")
+    assert load["before"]["uptime"] and load["after"]["uptime"]
+    assert 0.0 <= load["foreign_cpu_share_replay"] <= 1.0
     bad = {m: round(r, 2) for m, r in ratios.items() if not BAND[0] <= r <= BAND[1]}
     assert not bad, f"sim/real outside {BAND}: {bad}; real {real}; sim {sim}; profile {c['calibration']}"

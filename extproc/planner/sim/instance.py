@@ -124,6 +124,16 @@ class Instance:
         sc = getattr(cfg, "shape_cache", None)
         self._shape_n, self._shape_s = sc if sc else (0, 0.0)
         self._shapes: OrderedDict[int, None] | None = OrderedDict() if sc else None
+        # A neighbour on the same host (cpu_profile.HostShare, CPU configs only):
+        # every step is timed on its own (no decode-run jumps) and logged.
+        self._host = getattr(cfg, "host_share", None)
+        # Step time per request scheduled in the step (CPU profiles; 0 on GPU configs).
+        self._per_seq = getattr(cfg, "per_seq_s", 0.0)
+        # An engine idle over ``_sleep_after`` s sleeps; its next step pays ``_wake_s``
+        # (vLLM's CPU build: cpu_profile.IDLE_SPIN_S; GPU configs: none).
+        iw = getattr(cfg, "idle_wake", None)
+        self._sleep_after, self._wake_s = iw if iw else (INF, 0.0)
+        self._wake = 0.0  # what the next step pays for waking the engine
         self.bs = cfg.block_size
         self.total_blocks = cfg.num_blocks
         self.free = self.total_blocks
@@ -217,6 +227,8 @@ class Instance:
             return
         if self.t < t:
             # Idle (or caught up): the next step starts when the request arrives.
+            if not self.running and not self.waiting and t - self.t > self._sleep_after:
+                self._wake = self._wake_s
             self.t = t
         self.waiting.append(s)
 
@@ -316,7 +328,7 @@ class Instance:
         return p
 
     def _plan_now(self):
-        if self.prefilling or not self.nD or self._admissible():
+        if self.prefilling or not self.nD or self._admissible() or self._host is not None:
             return None
         if self._shapes is not None and self.nD not in self._shapes:
             return None  # its first step builds the shape: a detailed step
@@ -341,7 +353,7 @@ class Instance:
             return None
         S0 = self.sum_off + nD * dc
         # step k of the run: fixed(nD) + max(attention FLOPs, KV reads), both linear in k
-        f = self._f(nD)
+        f = self._f(nD) + self._per_seq * nD
         a1 = f + self.attn * S0 * self.invFa
         b1 = self.attn * nD * self.invFa
         a2 = f + self.kvb * S0 * self.invBa
@@ -514,9 +526,13 @@ class Instance:
             kv_read += s.computed
         a = self.attn * attn_ctx * self.invFa
         k = self.kvb * kv_read * self.invBa
-        dt = self._f(tokens) + (a if a > k else k)
+        dt = self._f(tokens) + (a if a > k else k) + self._per_seq * (nD + len(chunks)) + self._wake
+        self._wake = 0.0
         if self._shapes is not None:  # CPU profiles only: a GPU config compiles no shapes
             dt += self._shape_cost(tokens)
+        if self._host is not None:  # a neighbour computing on the same host slows the step
+            dt *= self._host.factor(self.t, dt)
+            self._host.log.append((self.t, self.t + dt))
         used = self.total_blocks - self.free
         self.kv_int += used * dt
         self.busy += dt
